@@ -1,0 +1,85 @@
+"""Defaults for every run. Recipes import this and override what differs.
+
+Every key here can be set from the command line: `--config.train.steps=100`. A key that does not
+exist is an error (the config is locked), so a typo never becomes a silent default.
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+  del arg
+  c = ml_collections.ConfigDict()
+
+  # The model's shape (models/config.py: ModelConfig). Defaults are Llama-3-8B's.
+  c.model = ml_collections.ConfigDict(dict(
+      vocab_size=128256,  # 0: take it from the tokenizer
+      d_model=4096,
+      n_layers=32,
+      n_heads=32,
+      n_kv_heads=8,
+      head_dim=0,  # 0: d_model // n_heads
+      d_ff=14336,
+      max_seq_len=8192,
+      norm_eps=1e-5,
+      rope_theta=500000.0,
+      rope_scaling="none",  # none | linear | dynamic | llama3
+      rope_factor=1.0,
+      rope_original_max_len=8192,
+      rope_low_freq_factor=1.0,
+      rope_high_freq_factor=4.0,
+      qkv_bias=False,
+      tie_embeddings=False,
+      sliding_window=0,
+      init_std=0.02,
+      remat="none",  # none | full | dots | dots_no_batch
+      attention_impl="xla",  # xla
+  ))
+
+  # Where tokens come from.
+  c.data = ml_collections.ConfigDict(dict(
+      source="stdlib",  # the Python standard library's source: real text on every machine
+      max_chars=4_000_000,  # characters of training text to read
+      eval_percent=5.0,  # share of files held out for eval
+      tokenizer="",  # path to a SentencePiece .model; "" trains one on the corpus
+      tokenizer_vocab_size=4096,  # when training a tokenizer
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=1000,
+      batch_size=8,  # global, in sequences
+      seq_len=512,
+      grad_accum=1,  # microbatches per step, accumulated inside the step
+      lr=3e-4,
+      lr_schedule="cosine",  # cosine | linear | constant (after warmup)
+      warmup_steps=100,
+      min_lr_ratio=0.1,
+      weight_decay=0.1,
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      clip_norm=1.0,  # global-norm clipping; 0 turns it off
+      seed=0,
+      log_every=10,
+      eval_every=200,  # 0: only at the end
+      eval_batches=8,
+      checkpoint_every=500,  # 0: only at the end
+      keep_checkpoints=3,
+      stop_after_steps=0,  # >0: stop (with a checkpoint) once this step is reached; rerun to go on
+      sample_prompt="def ",
+      sample_tokens=64,
+      sample_temperature=0.8,
+      peak_tflops=0.0,  # per device, for MFU; 0: data sheet for known chips, measured on CPU
+  ))
+
+  c.precision = ml_collections.ConfigDict(dict(
+      compute_dtype="float32",  # float32 | bfloat16
+      param_dtype="float32",  # master weights and optimizer state
+  ))
+
+  # Device mesh: axis sizes (-1 = all devices left over) and the sharding strategy.
+  c.mesh = ml_collections.ConfigDict(dict(
+      data=-1, fsdp=1, expert=1, sequence=1, tensor=1,
+      strategy="dp",  # dp | fsdp
+  ))
+  return c

@@ -1,0 +1,96 @@
+"""ModelConfig: the shape of a decoder language model, and nothing about how it is trained.
+
+One frozen dataclass covers the Llama family (Llama 1/2/3, Mistral, Qwen2): the differences
+between them are values here (qkv bias, tied embeddings, rope scaling, sliding window), not
+code paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+ROPE_SCALINGS = ("none", "linear", "dynamic", "llama3")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLS = ("xla",)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int = 32000
+  d_model: int = 4096
+  n_layers: int = 32
+  n_heads: int = 32
+  n_kv_heads: int = 8
+  head_dim: int = 0  # 0: d_model // n_heads
+  d_ff: int = 14336
+  max_seq_len: int = 8192  # positions the model was built (or pretrained) for
+  norm_eps: float = 1e-5
+  rope_theta: float = 500000.0
+  rope_scaling: str = "none"  # one of ROPE_SCALINGS
+  rope_factor: float = 1.0
+  rope_original_max_len: int = 8192  # dynamic / llama3: the pretraining context length
+  rope_low_freq_factor: float = 1.0  # llama3 only
+  rope_high_freq_factor: float = 4.0  # llama3 only
+  qkv_bias: bool = False  # Qwen2
+  tie_embeddings: bool = False
+  sliding_window: int = 0  # Mistral: attend to at most this many previous tokens (0: off)
+  init_std: float = 0.02
+  remat: str = "none"  # one of REMAT_POLICIES
+  attention_impl: str = "xla"  # one of ATTENTION_IMPLS
+
+  def __post_init__(self):
+    if self.head_dim == 0:
+      object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+    problems = []
+    if self.n_heads % self.n_kv_heads:
+      problems.append(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+    if self.head_dim % 2:
+      problems.append(f"head_dim={self.head_dim} must be even for rotary embeddings")
+    for name, allowed in (("rope_scaling", ROPE_SCALINGS), ("remat", REMAT_POLICIES),
+                          ("attention_impl", ATTENTION_IMPLS)):
+      if getattr(self, name) not in allowed:
+        problems.append(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
+      if getattr(self, name) <= 0:
+        problems.append(f"{name}={getattr(self, name)} must be positive")
+    if problems:
+      raise ValueError("; ".join(problems))
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f"unknown model keys: {', '.join(unknown)}")
+    return cls(**d)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def num_params(self, include_embeddings: bool = True) -> int:
+    """Exact parameter count of `models.decoder.Decoder` built from this config."""
+    d, f, h, k, hd = self.d_model, self.d_ff, self.n_heads, self.n_kv_heads, self.head_dim
+    attn = d * h * hd + 2 * d * k * hd + h * hd * d
+    if self.qkv_bias:
+      attn += h * hd + 2 * k * hd
+    per_layer = attn + 3 * d * f + 2 * d  # two RMSNorm scales
+    total = self.n_layers * per_layer + d  # final norm
+    if include_embeddings:
+      total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
+    elif not self.tie_embeddings:
+      total += self.vocab_size * d  # the output head is a matmul: it counts as compute
+    return total
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls plus attention scores, causal halved.
+
+    N excludes the input embedding lookup (a gather, not a matmul). Attention costs
+    2 matmuls (QK^T and PV) of 2*T*h*hd FLOPs each per token forward, times 3 for
+    forward + backward, halved because a causal mask skips half the pairs.
+    """
+    n = self.num_params(include_embeddings=False)
+    if self.tie_embeddings:
+      n += self.vocab_size * self.d_model  # tied head still does the logits matmul
+    attn = 6 * self.n_layers * seq_len * self.n_heads * self.head_dim
+    return 6 * n + attn

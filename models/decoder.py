@@ -1,0 +1,83 @@
+"""The decoder: embeddings, a scan over identical blocks, final norm, logits.
+
+Layers are created with `nnx.vmap`, so each parameter of a block is stored once with a leading
+`layers` axis, and applied with `jax.lax.scan`: compile time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.config import ModelConfig
+from models.layers import MLP, Attention, RMSNorm, attention_mask, param, rope_tables
+from parallel.rules import constrain
+
+BTD = ("batch", "length", "embed")
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Block(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs)
+    self.attn = Attention(cfg, rngs)
+    self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x_btd, cos, sin, mask):
+    x_btd = x_btd + self.attn(self.attn_norm(x_btd), cos, sin, mask)
+    x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
+    return constrain(x_btd, BTD)
+
+
+class Decoder(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
+
+    @nnx.split_rngs(splits=cfg.n_layers)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_blocks(rngs):
+      return Block(cfg, rngs)
+
+    self.layers = make_blocks(rngs)
+    self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs)
+    if not cfg.tie_embeddings:
+      self.head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
+
+  def hidden(self, tokens_bt, positions_bt=None, segment_ids_bt=None):
+    """Final-norm hidden states (batch, length, embed) in the parameters' dtype."""
+    b, t = tokens_bt.shape
+    if positions_bt is None:
+      positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if segment_ids_bt is None:
+      segment_ids_bt = jnp.ones((b, t), jnp.int32)
+    cos, sin = rope_tables(self.cfg, positions_bt)
+    mask = attention_mask(segment_ids_bt, self.cfg.sliding_window)
+
+    x = constrain(jnp.take(self.embed[...], tokens_bt, axis=0), BTD)
+    graphdef, layer_state = nnx.split(self.layers)
+
+    def one_layer(x, state):
+      return nnx.merge(graphdef, state)(x, cos, sin, mask), None
+
+    if self.cfg.remat != "none":
+      one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[self.cfg.remat],
+                                 prevent_cse=False)
+    x, _ = jax.lax.scan(one_layer, x, layer_state)
+    return self.final_norm(x)
+
+  def logits(self, h_btd):
+    """float32 logits (batch, length, vocab); the matmul accumulates in float32."""
+    w = self.embed[...].T if self.cfg.tie_embeddings else self.head[...]
+    out = jnp.einsum("btd,dv->btv", h_btd, w, preferred_element_type=jnp.float32)
+    return constrain(out, ("batch", "length", "vocab"))
+
+  def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None):
+    return self.logits(self.hidden(tokens_bt, positions_bt, segment_ids_bt))

@@ -1,0 +1,166 @@
+"""Building blocks of a Llama-family decoder: RMSNorm, rotary embeddings, attention, SwiGLU MLP.
+
+Every parameter carries logical axis names (`out_sharding`); `parallel/rules.py` maps them to a
+mesh. Parameters are stored in whatever dtype the trainer gives them; a layer computes in the dtype
+of its inputs and parameters, except norms and softmax, which run in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.config import ModelConfig
+from parallel.rules import constrain
+
+
+def param(rngs: nnx.Rngs, shape, axes, std: float | None, dtype=jnp.float32) -> nnx.Param:
+  """A parameter: normal(0, std) (ones when std is None, zeros when std == 0) with logical axes.
+
+  `eager_sharding=False`: the trainer places parameters itself, through `jit(out_shardings=...)`.
+  """
+  if std is None:
+    value = jnp.ones(shape, dtype)
+  elif std == 0:
+    value = jnp.zeros(shape, dtype)
+  else:
+    value = std * jax.random.normal(rngs.params(), shape, dtype)
+  return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, dim: int, eps: float, rngs: nnx.Rngs):
+    self.eps = eps
+    self.scale = param(rngs, (dim,), ("embed",), std=None)
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary position embeddings
+# ----------------------------------------------------------------------------------------------
+
+
+def rope_inv_freq(cfg: ModelConfig, seq_len: int) -> jax.Array:
+  """Inverse frequencies (head_dim // 2,) after the configured scaling.
+
+  linear: positions divided by `rope_factor`.
+  dynamic (NTK-aware): when `seq_len` exceeds `rope_original_max_len`, the base grows to
+    theta * (factor * seq_len / original - (factor - 1)) ** (d / (d - 2)).
+  llama3 (Llama 3.1): wavelengths longer than original / low_freq_factor are divided by
+    `rope_factor`, shorter than original / high_freq_factor kept, smoothly blended between.
+  """
+  d = cfg.head_dim
+  theta = cfg.rope_theta
+  if cfg.rope_scaling == "dynamic" and seq_len > cfg.rope_original_max_len:
+    ratio = cfg.rope_factor * seq_len / cfg.rope_original_max_len - (cfg.rope_factor - 1)
+    theta = theta * ratio ** (d / (d - 2))
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  if cfg.rope_scaling == "linear":
+    inv_freq = inv_freq / cfg.rope_factor
+  elif cfg.rope_scaling == "llama3":
+    orig, factor = cfg.rope_original_max_len, cfg.rope_factor
+    low_wavelen = orig / cfg.rope_low_freq_factor
+    high_wavelen = orig / cfg.rope_high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (orig / wavelen - cfg.rope_low_freq_factor) / (
+        cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    inv_freq = jnp.where(wavelen > low_wavelen, inv_freq / factor,
+                         jnp.where(wavelen < high_wavelen, inv_freq, blended))
+  return inv_freq
+
+
+def rope_tables(cfg: ModelConfig, positions_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """cos and sin, each (batch, length, head_dim) in float32, for the half-split convention."""
+  inv_freq = rope_inv_freq(cfg, positions_bt.shape[1])
+  angles = positions_bt.astype(jnp.float32)[..., None] * inv_freq  # (b, t, head_dim/2)
+  angles = jnp.concatenate([angles, angles], axis=-1)
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x_bthd, cos_btd, sin_btd):
+  x = x_bthd.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  out = x * cos_btd[:, :, None, :] + rotated * sin_btd[:, :, None, :]
+  return out.astype(x_bthd.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------
+
+
+def attention_mask(segment_ids_bt: jax.Array, sliding_window: int = 0) -> jax.Array:
+  """Boolean (batch, 1, 1, q_len, k_len): causal, within one segment, inside the window.
+
+  Rows of a packed batch hold several examples; segment ids keep attention inside each.
+  """
+  t = segment_ids_bt.shape[1]
+  q_idx = jnp.arange(t)[:, None]
+  k_idx = jnp.arange(t)[None, :]
+  mask = k_idx <= q_idx
+  if sliding_window:
+    mask &= q_idx - k_idx < sliding_window
+  same = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
+  return (mask[None] & same)[:, None, None]
+
+
+def dot_product_attention(q_bthd, k_bskd, v_bskd, mask):
+  """Grouped-query attention without repeating K/V: query heads are viewed as (kv_heads, group)."""
+  b, t, h, d = q_bthd.shape
+  kv = k_bskd.shape[2]
+  q = q_bthd.reshape(b, t, kv, h // kv, d)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k_bskd, preferred_element_type=jnp.float32)
+  scores = scores / math.sqrt(d)
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_bskd.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v_bskd)
+  return out.reshape(b, t, h, d)
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, h, k, hd, std = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.init_std
+    self.q = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), std)
+    self.k = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), std)
+    self.v = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), std)
+    self.o = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"),
+                   std / math.sqrt(2 * cfg.n_layers))
+    if cfg.qkv_bias:
+      self.q_bias = param(rngs, (h, hd), ("heads", "head_dim"), std=0)
+      self.k_bias = param(rngs, (k, hd), ("kv_heads", "head_dim"), std=0)
+      self.v_bias = param(rngs, (k, hd), ("kv_heads", "head_dim"), std=0)
+
+  def __call__(self, x_btd, cos, sin, mask):
+    q = jnp.einsum("btd,dhk->bthk", x_btd, self.q[...])
+    k = jnp.einsum("btd,dhk->bthk", x_btd, self.k[...])
+    v = jnp.einsum("btd,dhk->bthk", x_btd, self.v[...])
+    if self.cfg.qkv_bias:
+      q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    out = dot_product_attention(q, k, v, mask)
+    return jnp.einsum("bthk,hkd->btd", out, self.o[...])
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, f, std = cfg.d_model, cfg.d_ff, cfg.init_std
+    self.gate = param(rngs, (d, f), ("embed", "mlp"), std)
+    self.up = param(rngs, (d, f), ("embed", "mlp"), std)
+    self.down = param(rngs, (f, d), ("mlp", "embed"), std / math.sqrt(2 * cfg.n_layers))
+
+  def __call__(self, x_btd):
+    h = jax.nn.silu(x_btd @ self.gate[...]) * (x_btd @ self.up[...])
+    h = constrain(h, ("batch", "length", "mlp"))
+    return h @ self.down[...]

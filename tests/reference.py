@@ -1,0 +1,66 @@
+"""A plain-jnp Llama forward pass, written independently of `models/` for parity tests.
+
+Loops over layers, repeats K/V heads explicitly, builds the mask densely and applies RoPE by
+the textbook formula with rotate-half. Reads the same parameter dict layout as the model.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def rms_norm(x, w, eps):
+  return x / jnp.sqrt(jnp.mean(x**2, axis=-1, keepdims=True) + eps) * w
+
+
+def rotate_half(x):
+  h = x.shape[-1] // 2
+  return jnp.concatenate([-x[..., h:], x[..., :h]], axis=-1)
+
+
+def rope(x_bthd, positions_bt, inv_freq):
+  ang = positions_bt[:, :, None].astype(np.float32) * inv_freq[None, None, :]
+  emb = jnp.concatenate([ang, ang], -1)[:, :, None, :]
+  return x_bthd * jnp.cos(emb) + rotate_half(x_bthd) * jnp.sin(emb)
+
+
+def plain_inv_freq(head_dim, theta):
+  return 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+
+
+def forward(params, cfg, tokens, positions=None, segment_ids=None, inv_freq=None):
+  b, t = tokens.shape
+  positions = np.broadcast_to(np.arange(t), (b, t)) if positions is None else positions
+  segment_ids = np.ones((b, t), np.int32) if segment_ids is None else segment_ids
+  hd = cfg.head_dim
+  inv_freq = plain_inv_freq(hd, cfg.rope_theta) if inv_freq is None else inv_freq
+  i = np.arange(t)
+  allowed = (i[None, :] <= i[:, None])
+  if cfg.sliding_window:
+    allowed = allowed & (i[:, None] - i[None, :] < cfg.sliding_window)
+  allowed = allowed[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])  # (b, t, t)
+  x = params["embed"][tokens]
+  L = params["layers"]
+  for l in range(cfg.n_layers):
+    p = jax.tree.map(lambda a: a[l], L)
+    h = rms_norm(x, p["attn_norm"]["scale"], cfg.norm_eps)
+    q = jnp.einsum("btd,dhk->bthk", h, p["attn"]["q"])
+    k = jnp.einsum("btd,dhk->bthk", h, p["attn"]["k"])
+    v = jnp.einsum("btd,dhk->bthk", h, p["attn"]["v"])
+    if cfg.qkv_bias:
+      q, k, v = q + p["attn"]["q_bias"], k + p["attn"]["k_bias"], v + p["attn"]["v_bias"]
+    q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
+    rep = cfg.n_heads // cfg.n_kv_heads
+    k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd)
+    s = jnp.where(allowed[:, None], s, -jnp.inf)
+    a = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), v)
+    x = x + jnp.einsum("bthk,hkd->btd", a, p["attn"]["o"])
+    h = rms_norm(x, p["mlp_norm"]["scale"], cfg.norm_eps)
+    g = h @ p["mlp"]["gate"]
+    x = x + ((g * jax.nn.sigmoid(g)) * (h @ p["mlp"]["up"])) @ p["mlp"]["down"]
+  x = rms_norm(x, params["final_norm"]["scale"], cfg.norm_eps)
+  head = params["embed"].T if cfg.tie_embeddings else params["head"]
+  return x @ head

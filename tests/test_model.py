@@ -1,0 +1,132 @@
+"""The decoder against an independent plain-jnp reference, and its structural promises."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import reference
+from models import Decoder, ModelConfig
+from models.layers import rope_inv_freq
+from parallel.rules import LOGICAL_AXES
+from trainer import state as state_lib
+
+SMALL = dict(vocab_size=97, d_model=48, n_layers=3, n_heads=6, n_kv_heads=3, d_ff=80,
+             max_seq_len=64, rope_theta=10000.0)
+
+
+def build(**overrides):
+  cfg = ModelConfig(**{**SMALL, **overrides})
+  model = Decoder(cfg, nnx.Rngs(0))
+  params = nnx.to_pure_dict(nnx.split(model)[1])
+  # Non-trivial norms and biases so that every parameter matters in the comparison.
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: x + 0.1 * jax.random.normal(jax.random.PRNGKey(len(str(path))), x.shape)
+      if str(path[-1]) in ("['scale']", "['q_bias']", "['k_bias']", "['v_bias']") else x, params)
+  return cfg, params
+
+
+def tokens(b=2, t=13, vocab=97, seed=0):
+  return np.asarray(jax.random.randint(jax.random.PRNGKey(seed), (b, t), 0, vocab))
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"n_kv_heads": 1},  # MQA
+    {"n_kv_heads": 6},  # MHA
+    {"qkv_bias": True},  # Qwen2
+    {"tie_embeddings": True},
+    {"sliding_window": 4},  # Mistral
+    {"head_dim": 10},  # head_dim != d_model / n_heads
+])
+def test_forward_matches_plain_jnp_reference(overrides):
+  cfg, params = build(**overrides)
+  tok = tokens()
+  ours = state_lib.model_handle(cfg).bind(params)(tok)
+  ref = reference.forward(params, cfg, tok)
+  np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_segments_match_separate_sequences():
+  cfg, params = build()
+  a, b = tokens(1, 7, seed=1), tokens(1, 6, seed=2)
+  packed = np.concatenate([a, b], 1)
+  seg = np.array([[1] * 7 + [2] * 6])
+  pos = np.array([list(range(7)) + list(range(6))])
+  model = state_lib.model_handle(cfg).bind(params)
+  out = model(packed, pos, seg)
+  np.testing.assert_allclose(out[:, :7], model(a), atol=1e-5)
+  np.testing.assert_allclose(out[:, 7:], model(b), atol=1e-5)
+  np.testing.assert_allclose(out, reference.forward(params, cfg, packed, pos, seg), atol=1e-5)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
+def test_remat_policies_change_nothing_numerically(remat):
+  cfg, params = build()
+  tok = tokens()
+
+  def loss(params, cfg):
+    return jnp.mean(state_lib.model_handle(cfg).bind(params)(tok) ** 2)
+
+  base_val, base_grad = jax.value_and_grad(loss)(params, cfg)
+  val, grad = jax.value_and_grad(loss)(params, ModelConfig(**{**SMALL, "remat": remat}))
+  np.testing.assert_allclose(val, base_val, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grad, base_grad)
+
+
+def test_every_parameter_has_logical_axes_and_count_matches():
+  for overrides in ({}, {"qkv_bias": True, "tie_embeddings": True}):
+    cfg = ModelConfig(**{**SMALL, **overrides})
+    handle = state_lib.model_handle(cfg)
+    shapes = handle.abstract_params()
+    axes = handle.axes
+    flat_shapes = jax.tree_util.tree_leaves_with_path(shapes)
+    for path, shape in flat_shapes:
+      names = axes
+      for key in path:
+        names = names[key.key]
+      assert len(names) == len(shape.shape), path
+      assert all(n in LOGICAL_AXES for n in names), (path, names)
+    assert sum(s.size for _, s in flat_shapes) == cfg.num_params()
+  assert handle.axes["layers"]["mlp"]["gate"] == ("layers", "embed", "mlp")
+
+
+@pytest.mark.parametrize("scaling,extra,seq_len", [
+    ("linear", {"factor": 4.0}, 64),
+    ("dynamic", {"factor": 2.0}, 100),  # beyond the original length: the base grows
+    ("dynamic", {"factor": 2.0}, 16),  # within it: unchanged
+    ("llama3", {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32}, 64),
+])
+def test_rope_scaling_matches_transformers(scaling, extra, seq_len):
+  pytest.importorskip("torch")
+  from transformers import LlamaConfig
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+  hf = LlamaConfig(hidden_size=64, num_attention_heads=2, max_position_embeddings=32,
+                   rope_parameters={"rope_type": scaling, "rope_theta": 10000.0, **extra})
+  kwargs = {"seq_len": seq_len} if scaling == "dynamic" else {}
+  expected = ROPE_INIT_FUNCTIONS[scaling](hf, "cpu", **kwargs)[0].numpy()
+  ours = rope_inv_freq(ModelConfig(
+      vocab_size=10, d_model=64, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=8, rope_theta=10000.0,
+      rope_scaling=scaling, rope_factor=extra["factor"],
+      rope_original_max_len=extra.get("original_max_position_embeddings", 32),
+      rope_low_freq_factor=extra.get("low_freq_factor", 1.0),
+      rope_high_freq_factor=extra.get("high_freq_factor", 4.0)), seq_len)
+  np.testing.assert_allclose(ours, expected, rtol=1e-6)
+
+
+def test_scaled_rope_reaches_the_forward_pass():
+  cfg, params = build(rope_scaling="linear", rope_factor=4.0)
+  tok = tokens()
+  inv = reference.plain_inv_freq(cfg.head_dim, cfg.rope_theta) / 4.0
+  ours = state_lib.model_handle(cfg).bind(params)(tok)
+  np.testing.assert_allclose(ours, reference.forward(params, cfg, tok, inv_freq=inv), atol=1e-5)
+
+
+def test_bad_shapes_are_rejected_with_the_field_named():
+  with pytest.raises(ValueError, match="n_heads=6 is not a multiple of n_kv_heads=4"):
+    ModelConfig(**{**SMALL, "n_kv_heads": 4})
+  with pytest.raises(ValueError, match="remat='some'"):
+    ModelConfig(**{**SMALL, "remat": "some"})

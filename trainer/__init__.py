@@ -1,0 +1,1 @@
+"""Training loop, optimizer, checkpoints, metrics and command-line entry points."""

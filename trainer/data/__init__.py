@@ -1,0 +1,1 @@
+"""Host-side data: corpora, tokenizers and grain pipelines."""

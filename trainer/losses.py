@@ -1,0 +1,20 @@
+"""Loss functions. Each returns a sum and a count so that microbatches and devices combine
+exactly: the mean over a batch is sum(sums) / sum(counts), whatever the split."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def token_nll(logits_btv: jax.Array, targets_bt: jax.Array) -> jax.Array:
+  """Negative log-likelihood of each target token, float32 (batch, length)."""
+  logits = logits_btv.astype(jnp.float32)
+  target_logit = jnp.take_along_axis(logits, targets_bt[..., None], axis=-1)[..., 0]
+  return jax.nn.logsumexp(logits, axis=-1) - target_logit
+
+
+def lm_loss(logits_btv, targets_bt, weights_bt) -> tuple[jax.Array, jax.Array]:
+  """(sum of weighted token NLL, sum of weights)."""
+  nll = token_nll(logits_btv, targets_bt)
+  return jnp.sum(nll * weights_bt), jnp.sum(weights_bt)

@@ -1,0 +1,108 @@
+"""Entry point: python -m trainer.main --config=configs/RECIPE.py[:ARG] [--config.KEY=VALUE ...]
+[--workdir=DIR] [--verbose]
+
+A mistake in the command line or the config (unknown key, bad value, sizes that do not fit)
+prints one line on stderr and exits with code 2; `--verbose` shows the traceback too.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from trainer.validate import UserError
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+DEFAULT_CONFIG = os.path.join(_REPO, "configs", "tiny.py")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, f"Recipe file (configs/*.py[:arg]); default {DEFAULT_CONFIG}.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Where checkpoints, metrics, the tokenizer and config.json go. Rerunning with "
+    "the same workdir resumes. Default: runs/<recipe name>.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks for user errors.")
+
+USER_ERROR_EXIT = 2
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(USER_ERROR_EXIT)
+
+
+def _load_recipe(spec: str):
+  """The ConfigDict a `--config=FILE[:ARG]` names, loaded the way config_flags loads it."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise UserError(f"--config={spec}: no such file")
+  module_spec = importlib.util.spec_from_file_location("_recipe", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def _check_override_keys(config, argv: list[str]) -> None:
+  """Every --config.KEY=VALUE must name an existing key: say which one does not, and the nearest."""
+  for a in argv:
+    if not a.startswith("--config."):
+      continue
+    key = a[len("--config."):].split("=", 1)[0]
+    node, walked = config, []
+    for part in key.split("."):
+      if not hasattr(node, "keys") or part not in node:
+        options = [".".join(walked + [k]) for k in node.keys()] if hasattr(node, "keys") else []
+        near = difflib.get_close_matches(".".join(walked + [part]), options, n=1)
+        hint = f"; did you mean {near[0]}?" if near else ""
+        raise UserError(f"unknown config key {key}{hint}")
+      node, walked = node[part], walked + [part]
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, but a bad flag, config file or config key is one line on stderr and exit
+  code 2. The config file is user code: any exception while loading it is a user error."""
+  specs = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
+  if not specs:
+    argv = [argv[0], f"--config={DEFAULT_CONFIG}", *argv[1:]]
+  try:
+    _check_override_keys(_load_recipe(specs[-1] if specs else DEFAULT_CONFIG), argv[1:])
+    return flags.FLAGS(argv)
+  except Exception as e:  # noqa: BLE001 -- reported in one line, or raised with --verbose
+    if "--verbose" in argv:
+      raise
+    message = " ".join(str(e).replace("\\n", " ").split()).strip("'\"")
+    _fail(message or type(e).__name__)
+  return []
+
+
+def default_workdir(config_arg: str) -> str:
+  name = os.path.splitext(os.path.basename(config_arg.split(":")[0]))[0]
+  return os.path.join("runs", name)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    _fail(f"unexpected arguments {' '.join(argv[1:])}; settings go in --config.KEY=VALUE")
+  import jax  # after flag parsing, so that --help is fast
+
+  from trainer import train
+
+  if not _VERBOSE.value:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/jaxtrain/xla"))
+  workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
+  try:
+    train.run(_CONFIG.value, workdir)
+  except UserError as e:
+    if _VERBOSE.value:
+      raise
+    _fail(str(e))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

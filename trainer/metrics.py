@@ -1,0 +1,87 @@
+"""Where numbers go: a progress bar on stderr, `metrics.jsonl` and TensorBoard event files in the
+workdir. Also the peak FLOP/s used for MFU."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+
+# Dense bf16 peak FLOP/s per device, from the vendors' data sheets.
+_PEAK_BF16 = {
+    "h100": 989e12, "h200": 989e12, "h800": 989e12, "a100": 312e12, "a800": 312e12,
+    "l4": 121e12, "a10": 125e12, "v100": 125e12,
+    "tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5p": 459e12,
+    "tpu v5": 459e12, "tpu v6 lite": 918e12, "tpu v6e": 918e12,
+}
+
+
+def measured_matmul_flops(n: int = 1024, reps: int = 3) -> float:
+  """FLOP/s of an f32 n x n matmul on the default device: the practical peak of a CPU."""
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(reps):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n**3 / best
+
+
+def peak_flops_per_device(override_tflops: float = 0.0) -> tuple[float, str]:
+  """(FLOP/s, where the figure came from). A config override wins; then the data-sheet table;
+  on CPUs (and unknown chips) a measured matmul."""
+  if override_tflops > 0:
+    return override_tflops * 1e12, "config train.peak_tflops"
+  kind = jax.devices()[0].device_kind.lower()
+  for name, flops in sorted(_PEAK_BF16.items(), key=lambda kv: -len(kv[0])):
+    if name in kind:
+      return flops, f"data sheet ({kind})"
+  return measured_matmul_flops(), f"measured f32 matmul ({kind})"
+
+
+class MetricsWriter:
+  """Writes one JSON object per logged step and the same scalars to TensorBoard."""
+
+  SHOWN = ("loss", "eval_loss", "tokens_per_sec", "mfu")
+
+  def __init__(self, workdir: str, total_steps: int, start_step: int, enabled: bool = True):
+    self.enabled = enabled
+    self.shown: dict[str, str] = {}
+    self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                    mininterval=1.0, disable=not enabled, smoothing=0.1)
+    if enabled:
+      self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+      self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def advance(self, n: int = 1) -> None:
+    self.bar.update(n)
+
+  def write(self, step: int, scalars: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    clean = {k: float(np.asarray(v)) for k, v in scalars.items()}
+    self.jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
+    for k, v in clean.items():
+      self.tb.add_scalar(k, v, int(step))
+    self.shown.update({k: f"{clean[k]:.4g}" for k in self.SHOWN if k in clean})
+    self.bar.set_postfix(self.shown, refresh=False)
+
+  def note(self, text: str) -> None:
+    """A line on stderr that does not break the progress bar."""
+    if self.enabled:
+      self.bar.write(text, file=self.bar.fp)
+
+  def close(self) -> None:
+    self.bar.close()
+    if self.enabled:
+      self.jsonl.close()
+      self.tb.close()

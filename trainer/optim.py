@@ -1,0 +1,43 @@
+"""The optax chain: global-norm clipping, AdamW with decoupled weight decay masked off norms and
+biases, and a learning-rate schedule of linear warmup then cosine, linear or constant."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def schedule(tc) -> optax.Schedule:
+  """`tc` is the `train` section of the run config."""
+  warmup = min(tc.warmup_steps, tc.steps)
+  decay_steps = max(tc.steps - warmup, 1)
+  peak, floor = tc.lr, tc.lr * tc.min_lr_ratio
+  if tc.lr_schedule == "cosine":
+    decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=tc.min_lr_ratio)
+  elif tc.lr_schedule == "linear":
+    decay = optax.linear_schedule(peak, floor, decay_steps)
+  elif tc.lr_schedule == "constant":
+    decay = optax.constant_schedule(peak)
+  else:
+    raise ValueError(f"train.lr_schedule={tc.lr_schedule!r} is not one of {', '.join(SCHEDULES)}")
+  if warmup == 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def decay_mask(params):
+  """True where weight decay applies: every parameter except norm scales and biases."""
+  def decays(path, _):
+    name = str(getattr(path[-1], "key", path[-1]))
+    return not (name == "scale" or name.endswith("bias"))
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(tc) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  sched = schedule(tc)
+  adamw = optax.adamw(sched, b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay,
+                      mask=decay_mask)
+  tx = optax.chain(optax.clip_by_global_norm(tc.clip_norm), adamw) if tc.clip_norm > 0 else adamw
+  return tx, sched

@@ -1,0 +1,236 @@
+"""The training loop, top to bottom: config -> mesh -> data -> model and state -> steps -> loop.
+
+`run(cfg, workdir)` is the whole job. Rerunning it with the same workdir resumes from the newest
+checkpoint (parameters, optimizer, step, rng and the data iterator's position).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import parallel
+from trainer import checkpoint as ckpt_lib
+from trainer import generate, metrics as metrics_lib, optim, state as state_lib, step as step_lib
+from trainer.data import pipeline, stdlib_corpus
+from trainer.data.tokenizer import Tokenizer
+from trainer.validate import UserError, check_config, check_mesh, model_config
+
+BATCH_KEYS = ("inputs", "targets", "weights", "positions", "segment_ids")
+
+
+def _log(text: str) -> None:
+  if jax.process_index() == 0:
+    print(text, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Workdir
+# ----------------------------------------------------------------------------------------------
+
+
+def prepare_workdir(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_test")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f"--workdir={workdir} is not writable: {e.strerror}") from None
+
+
+def write_run_config(cfg, mcfg, mesh_sizes: dict[str, int], workdir: str) -> None:
+  """config.json: the run config with everything resolved (vocab size, head_dim, mesh sizes).
+
+  A workdir whose checkpoints belong to a different model is refused rather than overwritten."""
+  resolved = json.loads(cfg.to_json())
+  resolved["model"] = mcfg.to_dict()
+  resolved["mesh"].update(mesh_sizes)
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path) and os.path.isdir(os.path.join(workdir, "checkpoints")):
+    with open(path) as f:
+      saved = json.load(f).get("model", {})
+    diff = sorted(k for k, v in resolved["model"].items() if saved.get(k) != v)
+    if diff:
+      raise UserError(f"--workdir={workdir} holds checkpoints of a different model (model.{diff[0]}"
+                      f" was {saved.get(diff[0])!r}, now {resolved['model'][diff[0]]!r}); use a "
+                      "new workdir or the same model config")
+  if jax.process_index() == 0:
+    with open(path + ".tmp", "w") as f:
+      json.dump(resolved, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+
+def load_data(cfg, workdir: str) -> tuple[Tokenizer, np.ndarray, np.ndarray]:
+  """Tokenizer (trained once per workdir, then reused) and the train and eval token streams."""
+  d = cfg.data
+  train_docs, eval_docs = stdlib_corpus.load_documents(d.max_chars, d.eval_percent)
+  tok_path = os.path.join(workdir, "tokenizer.model")
+  if d.tokenizer:
+    try:
+      tokenizer = Tokenizer.load(d.tokenizer)
+    except (OSError, RuntimeError) as e:
+      raise UserError(f"config key data.tokenizer: cannot read {d.tokenizer} as a "
+                      f"SentencePiece model ({e})") from None
+  elif os.path.exists(tok_path):
+    tokenizer = Tokenizer.load(tok_path)
+  else:
+    tokenizer = Tokenizer.train(train_docs, d.tokenizer_vocab_size)
+  if jax.process_index() == 0:
+    tokenizer.save(tok_path)
+  train = pipeline.token_stream(tokenizer.encode_batch(train_docs), tokenizer.eos_id, tokenizer.bos_id)
+  evals = pipeline.token_stream(tokenizer.encode_batch(eval_docs), tokenizer.eos_id, tokenizer.bos_id)
+  return tokenizer, train, evals
+
+
+def to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+  """Host-local numpy batch -> global jax arrays laid out by `sharding`."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
+          for k in BATCH_KEYS}
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+
+
+def run(cfg, workdir: str) -> dict[str, Any]:
+  """Train as the config says. Returns the final metrics (also written to metrics.jsonl)."""
+  t_start = time.time()
+  check_config(cfg)
+  tc = cfg.train
+  compute_dtype = jnp.dtype(cfg.precision.compute_dtype)
+  param_dtype = jnp.dtype(cfg.precision.param_dtype)
+
+  # --- Mesh and sharding rules ----------------------------------------------------------------
+  mesh_sizes = check_mesh(cfg, jax.device_count())
+  mesh = parallel.make_mesh(dict(cfg.mesh))
+  rules = parallel.preset(cfg.mesh.strategy)
+  batch_sharding = parallel.sharding(("batch", "length"), mesh, rules)
+
+  # --- Data -----------------------------------------------------------------------------------
+  prepare_workdir(workdir)
+  tokenizer, train_stream, eval_stream = load_data(cfg, workdir)
+  mcfg = model_config(cfg, tokenizer.vocab_size)
+  if mcfg.vocab_size < tokenizer.vocab_size:
+    raise UserError(f"config key model.vocab_size: {mcfg.vocab_size} is smaller than the "
+                    f"tokenizer's {tokenizer.vocab_size} pieces")
+  write_run_config(cfg, mcfg, mesh_sizes, workdir)
+  try:
+    train_ds = pipeline.lm_dataset(train_stream, tc.seq_len, tc.batch_size, seed=tc.seed)
+    eval_ds = pipeline.lm_dataset(eval_stream, tc.seq_len, tc.batch_size, seed=0, shuffle=False,
+                                  repeat=False)
+  except ValueError as e:
+    raise UserError(f"config key data.max_chars / train.batch_size: {e}") from None
+  eval_batches = [eval_ds[i] for i in range(min(tc.eval_batches, len(eval_ds)))]
+  train_iter = iter(train_ds.to_iter_dataset())
+
+  # --- Model, optimizer, state ----------------------------------------------------------------
+  handle = state_lib.model_handle(mcfg)
+  tx, schedule = optim.make_optimizer(tc)
+  p_shardings = state_lib.param_shardings(handle, mesh, rules)
+  abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, param_dtype),
+                                 handle.abstract_params())
+  shardings = state_lib.state_shardings(tx, abstract_params, p_shardings, mesh)
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), tc.keep_checkpoints)
+  latest = checkpointer.latest_step()
+  if latest is None:
+    params = state_lib.init_params(handle, tc.seed, p_shardings, param_dtype)
+    state = state_lib.init_state(tx, params, tc.seed, shardings)
+    start_step = 0
+  else:
+    abstract = state_lib.abstract_state(tx, abstract_params, tc.seed, shardings)
+    state, data_state = checkpointer.restore(latest, abstract)
+    train_iter.set_state(data_state)
+    start_step = latest
+    _log(f"resumed from {checkpointer.directory} at step {latest}")
+  n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+  _log(f"model: {n_params / 1e6:.2f}M parameters, vocab {mcfg.vocab_size}; mesh "
+       f"{dict(mesh.shape)}; {len(train_stream) / 1e6:.2f}M train tokens")
+
+  # --- Compiled steps -------------------------------------------------------------------------
+  train_step = jax.jit(
+      step_lib.make_train_step(handle, tx, schedule, compute_dtype, tc.grad_accum),
+      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+      donate_argnums=0)
+  eval_step = jax.jit(step_lib.make_eval_step(handle, compute_dtype),
+                      in_shardings=(p_shardings, batch_sharding))
+
+  def evaluate(params) -> float:
+    with parallel.activate(mesh, rules):
+      sums = [eval_step(params, to_global(b, batch_sharding)) for b in eval_batches]
+    total, count = (float(sum(s[i] for s in sums)) for i in (0, 1))
+    return total / max(count, 1.0)
+
+  # --- Loop -----------------------------------------------------------------------------------
+  end_step = min(tc.steps, tc.stop_after_steps) if tc.stop_after_steps else tc.steps
+  peak, peak_source = metrics_lib.peak_flops_per_device(tc.peak_tflops)
+  flops_per_token = mcfg.flops_per_token(tc.seq_len)
+  writer = metrics_lib.MetricsWriter(workdir, tc.steps, start_step, enabled=jax.process_index() == 0)
+  writer.note(f"MFU against {peak / 1e12:.3g} TFLOP/s per device ({peak_source})")
+  last: dict[str, float] = {}
+  t_log, tokens_since = time.perf_counter(), 0.0
+  step = start_step
+  try:
+    for step in range(start_step + 1, end_step + 1):
+      batch = to_global(next(train_iter), batch_sharding)
+      with parallel.activate(mesh, rules):
+        state, m = train_step(state, batch)
+      if step == start_step + 1:
+        jax.block_until_ready(m)
+        writer.note(f"first step (compile included): {time.perf_counter() - t_log:.1f}s")
+        t_log = time.perf_counter()
+      else:
+        tokens_since += tc.batch_size * tc.seq_len
+      writer.advance()
+      if step % tc.log_every == 0 or step == end_step:
+        m = jax.device_get(m)
+        elapsed = time.perf_counter() - t_log
+        tps = tokens_since / elapsed if tokens_since and elapsed > 0 else 0.0
+        last = {"loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
+                "tokens_per_sec": tps, "mfu": tps * flops_per_token / (peak * jax.device_count())}
+        if not np.isfinite(m["loss"]):
+          writer.note(f"step {step}: loss is {m['loss']}")
+        writer.write(step, last)
+        t_log, tokens_since = time.perf_counter(), 0.0
+      if tc.eval_every and step % tc.eval_every == 0 and step != end_step:
+        writer.write(step, {"eval_loss": evaluate(state["params"])})
+      if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step != end_step:
+        checkpointer.save(step, state, train_iter.get_state())
+    if step > start_step or latest is None:
+      checkpointer.save(step, state, train_iter.get_state())
+    eval_loss = evaluate(state["params"])
+    writer.write(step, {"eval_loss": eval_loss})
+    last = {**last, "eval_loss": eval_loss}
+  finally:
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+
+  # --- Report ---------------------------------------------------------------------------------
+  if step < tc.steps:
+    _log(f"stopped at step {step} of {tc.steps} (train.stop_after_steps); rerun the same "
+         "command to continue")
+  elif tc.sample_tokens:
+    prompt = tokenizer.encode(tc.sample_prompt)
+    with parallel.activate(mesh, rules):
+      ids = generate.sample(handle, state["params"], [tokenizer.bos_id] + prompt, tc.sample_tokens,
+                            buffer_len=tc.seq_len, temperature=tc.sample_temperature, seed=tc.seed,
+                            stop_ids=(tokenizer.eos_id,), compute_dtype=compute_dtype)
+    _log("sample:\n" + tc.sample_prompt + tokenizer.decode(ids))
+  _log(f"done: step {step}, loss {float(last.get('loss', float('nan'))):.4f}, eval loss "
+       f"{eval_loss:.4f}, {time.time() - t_start:.0f}s in all; workdir {workdir}")
+  return {"step": step, **{k: float(v) for k, v in last.items()}, "state": state}
+

@@ -1,0 +1,89 @@
+"""Checks of the run config before anything expensive starts.
+
+A problem the user can fix raises `UserError` with one line that names the config key, what is
+wrong and what would be right; `trainer.main` prints it and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import os
+
+from models.config import ModelConfig
+from parallel import mesh as mesh_lib
+from parallel import rules as rules_lib
+from trainer.optim import SCHEDULES
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+PARAM_DTYPES = ("float32", "bfloat16")
+DATA_SOURCES = ("stdlib",)
+
+
+class UserError(Exception):
+  """An error in what the user asked for, not in the program."""
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+  if not ok:
+    raise UserError(f"config key {key}: {message}")
+
+
+def check_config(cfg) -> None:
+  t, p, d = cfg.train, cfg.precision, cfg.data
+  for key in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_batches",
+              "keep_checkpoints"):
+    _require(t[key] > 0, f"train.{key}", f"must be positive, got {t[key]}")
+  for key in ("eval_every", "checkpoint_every", "stop_after_steps", "warmup_steps",
+              "sample_tokens", "weight_decay", "clip_norm", "peak_tflops"):
+    _require(t[key] >= 0, f"train.{key}", f"must be >= 0, got {t[key]}")
+  _require(t.lr > 0, "train.lr", f"must be positive, got {t.lr}")
+  _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
+  _require(t.lr_schedule in SCHEDULES, "train.lr_schedule",
+           f"{t.lr_schedule!r} is not one of {', '.join(SCHEDULES)}")
+  _require(t.batch_size % t.grad_accum == 0, "train.grad_accum",
+           f"{t.grad_accum} does not divide train.batch_size={t.batch_size}")
+  _require(p.compute_dtype in COMPUTE_DTYPES, "precision.compute_dtype",
+           f"{p.compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
+  _require(p.param_dtype in PARAM_DTYPES, "precision.param_dtype",
+           f"{p.param_dtype!r} is not one of {', '.join(PARAM_DTYPES)}")
+  _require(d.source in DATA_SOURCES, "data.source",
+           f"{d.source!r} is not one of {', '.join(DATA_SOURCES)}")
+  _require(0 < d.eval_percent < 100, "data.eval_percent", f"must be in (0, 100), got {d.eval_percent}")
+  _require(d.max_chars > 0, "data.max_chars", f"must be positive, got {d.max_chars}")
+  if d.tokenizer:
+    _require(os.path.isfile(d.tokenizer), "data.tokenizer", f"no file at {d.tokenizer}")
+  else:
+    _require(d.tokenizer_vocab_size >= 260, "data.tokenizer_vocab_size",
+             f"must be at least 260 (256 byte pieces + specials), got {d.tokenizer_vocab_size}")
+  try:
+    rules_lib.preset(cfg.mesh.strategy)
+  except ValueError as e:
+    raise UserError(f"config key {e}") from None
+  model_config(cfg, vocab_size=max(cfg.model.vocab_size, 1))  # shape checks, before any data
+
+
+def model_config(cfg, vocab_size: int) -> ModelConfig:
+  """The ModelConfig of this run, with `vocab_size` filled in when the config says 0."""
+  fields = dict(cfg.model)
+  if fields["vocab_size"] == 0:
+    fields["vocab_size"] = vocab_size
+  try:
+    mc = ModelConfig.from_dict(fields)
+  except ValueError as e:
+    raise UserError(f"config key model.{e}") from None
+  _require(cfg.train.seq_len <= mc.max_seq_len, "train.seq_len",
+           f"{cfg.train.seq_len} is beyond the model's {mc.max_seq_len} positions "
+           "(model.max_seq_len)")
+  return mc
+
+
+def check_mesh(cfg, n_devices: int) -> dict[str, int]:
+  try:
+    sizes = mesh_lib.resolve_axis_sizes(dict(cfg.mesh), n_devices)
+  except ValueError as e:
+    raise UserError(f"config key mesh: {e}") from None
+  dp = sizes["data"] * sizes["fsdp"]
+  micro = cfg.train.batch_size // cfg.train.grad_accum
+  _require(micro % dp == 0, "train.batch_size",
+           f"the microbatch of {micro} sequences (batch_size / grad_accum) does not split over "
+           f"the {dp} data-parallel devices (mesh.data x mesh.fsdp)")
+  return sizes
