@@ -1,0 +1,53 @@
+"""The command line: user errors are one line on stderr and exit code 2, never a traceback."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(*args, workdir):
+  proc = subprocess.run([sys.executable, "-m", "trainer.main", *args, f"--workdir={workdir}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("args,named", [
+    (["--config.train.stepz=3"], "train.stepz"),
+    (["--config.trainn.steps=3"], "trainn.steps"),
+    (["--config.train.steps=abc"], "train.steps"),
+    (["--config.train.steps=0"], "train.steps"),
+    (["--config.precision.compute_dtype=float8"], "precision.compute_dtype"),
+    (["--config.model.remat=sometimes"], "remat"),
+    (["--config.model.attention_impl=magic"], "attention_impl"),
+    (["--config.model.n_kv_heads=3"], "n_kv_heads"),
+    (["--config.mesh.data=3"], "mesh"),
+    (["--config.train.batch_size=12"], "train.batch_size"),  # 12 rows over 8 devices
+    (["--config.train.grad_accum=3"], "train.grad_accum"),
+    (["--config.train.seq_len=4096"], "train.seq_len"),
+    (["--config.data.tokenizer=/nonexistent/tok.model"], "data.tokenizer"),
+    (["--config=configs/nope.py"], "configs/nope.py"),
+    (["--workdr=/tmp/x"], "workdr"),
+])
+def test_user_errors_exit_2_with_one_line(args, named, tmp_path):
+  code, out, err = run_main(*args, workdir=str(tmp_path / "w"))
+  assert code == 2, err
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), err
+  assert named in lines[0], lines[0]
+  assert "Traceback" not in err
+
+
+def test_unwritable_workdir(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a folder")
+  code, _, err = run_main("--config.train.steps=1", workdir=str(blocker / "sub"))
+  assert code == 2 and "--workdir" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_verbose_shows_the_traceback(tmp_path):
+  code, _, err = run_main("--config.train.steps=0", "--verbose", workdir=str(tmp_path / "w"))
+  assert code != 0 and "Traceback" in err and "train.steps" in err
