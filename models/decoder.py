@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig
-from models.layers import MLP, Attention, RMSNorm, attention_mask, param, rope_tables
+from models.layers import MLP, Attention, RMSNorm, attention_mask, dense, param, rope_tables
 from parallel.rules import constrain
 
 BTD = ("batch", "length", "embed")
@@ -76,7 +76,7 @@ class Decoder(nnx.Module):
   def logits(self, h_btd):
     """float32 logits (batch, length, vocab); the matmul accumulates in float32."""
     w = self.embed[...].T if self.cfg.tie_embeddings else self.head[...]
-    out = jnp.einsum("btd,dv->btv", h_btd, w, preferred_element_type=jnp.float32)
+    out = dense(h_btd, w, out_dtype=jnp.float32)
     return constrain(out, ("batch", "length", "vocab"))
 
   def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None):
