@@ -80,6 +80,8 @@ def get_config(arg=None):
   # Device mesh: axis sizes (-1 = all devices left over) and the sharding strategy.
   c.mesh = ml_collections.ConfigDict(dict(
       data=-1, fsdp=1, expert=1, sequence=1, tensor=1,
-      strategy="dp",  # dp | fsdp
+      strategy="dp",  # dp | zero1 | zero2 | fsdp | fsdp_tp | fsdp_tp_sp (parallel/rules.py)
+      rules="",  # overrides on top of the preset: "embed=fsdp,mlp=tensor,batch=data+fsdp"
+      offload_optimizer=False,  # keep optimizer state in host memory between steps
   ))
   return c

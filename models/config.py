@@ -12,7 +12,7 @@ from typing import Any
 
 ROPE_SCALINGS = ("none", "linear", "dynamic", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_IMPLS = ("xla",)
+ATTENTION_IMPLS = ("xla", "ring")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,8 +30,8 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x_btd, cos, sin, mask):
-    x_btd = x_btd + self.attn(self.attn_norm(x_btd), cos, sin, mask)
+  def __call__(self, x_btd, cos, sin, positions_bt, segment_ids_bt, mask):
+    x_btd = x_btd + self.attn(self.attn_norm(x_btd), cos, sin, positions_bt, segment_ids_bt, mask)
     x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
     return constrain(x_btd, BTD)
 
@@ -59,13 +59,16 @@ class Decoder(nnx.Module):
     if segment_ids_bt is None:
       segment_ids_bt = jnp.ones((b, t), jnp.int32)
     cos, sin = rope_tables(self.cfg, positions_bt)
-    mask = attention_mask(segment_ids_bt, self.cfg.sliding_window)
+    mask = None
+    if self.cfg.attention_impl == "xla":
+      mask = attention_mask(positions_bt, segment_ids_bt, positions_bt, segment_ids_bt,
+                            self.cfg.sliding_window)
 
     x = constrain(jnp.take(self.embed[...], tokens_bt, axis=0), BTD)
     graphdef, layer_state = nnx.split(self.layers)
 
     def one_layer(x, state):
-      return nnx.merge(graphdef, state)(x, cos, sin, mask), None
+      return nnx.merge(graphdef, state)(x, cos, sin, positions_bt, segment_ids_bt, mask), None
 
     if self.cfg.remat != "none":
       one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[self.cfg.remat],

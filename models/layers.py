@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig
+from parallel.ring_attention import ring_attention
 from parallel.rules import constrain
 
 
@@ -98,19 +99,17 @@ def apply_rope(x_bthd, cos_btd, sin_btd):
 # ----------------------------------------------------------------------------------------------
 
 
-def attention_mask(segment_ids_bt: jax.Array, sliding_window: int = 0) -> jax.Array:
-  """Boolean (batch, 1, 1, q_len, k_len): causal, within one segment, inside the window.
+def attention_mask(pos_q, seg_q, pos_k, seg_k, sliding_window: int = 0) -> jax.Array:
+  """Boolean (batch, 1, 1, q_len, k_len): same segment, causal by position, inside the window.
 
-  Rows of a packed batch hold several examples; segment ids keep attention inside each.
+  Rows of a packed batch hold several examples; segment ids keep attention inside each. Using
+  positions rather than array indices keeps the mask right when the sequence is reordered
+  (load-balanced ring attention).
   """
-  t = segment_ids_bt.shape[1]
-  q_idx = jnp.arange(t)[:, None]
-  k_idx = jnp.arange(t)[None, :]
-  mask = k_idx <= q_idx
+  mask = (seg_q[:, :, None] == seg_k[:, None, :]) & (pos_k[:, None, :] <= pos_q[:, :, None])
   if sliding_window:
-    mask &= q_idx - k_idx < sliding_window
-  same = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
-  return (mask[None] & same)[:, None, None]
+    mask &= pos_q[:, :, None] - pos_k[:, None, :] < sliding_window
+  return mask[:, None, None]
 
 
 def dense(x, w, n_in: int = 1, out_dtype=None):
@@ -124,9 +123,11 @@ def dense(x, w, n_in: int = 1, out_dtype=None):
   return y.reshape(*lead, *w.shape[n_in:])
 
 
-def dot_product_attention(q_bthd, k_bskd, v_bskd, mask):
-  """Grouped-query attention without repeating K/V.
+def attention_block(q_bthd, k_bskd, v_bskd, mask):
+  """Grouped-query attention without repeating K/V: (out, lse), both float32.
 
+  out (batch, q_len, heads, head_dim) is normalised; lse (batch, q_len, heads) is the log of the
+  softmax denominator, so that blocks over different keys combine exactly (ring attention).
   The query heads of each KV head are folded into the query length, so both products are plain
   batched matmuls over (batch, kv_heads): (group * q_len, d) x (d, k_len).
   """
@@ -139,9 +140,15 @@ def dot_product_attention(q_bthd, k_bskd, v_bskd, mask):
   scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
   scores = scores.reshape(b, kv, g, t, s) / math.sqrt(d)
   scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, g * t, s)
-  out = jnp.einsum("bkqs,bksd->bkqd", probs, v)
-  return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+  lse = jax.nn.logsumexp(scores, axis=-1)  # (b, kv, g, t)
+  probs = jnp.exp(scores - lse[..., None]).astype(v.dtype).reshape(b, kv, g * t, s)
+  out = jnp.einsum("bkqs,bksd->bkqd", probs, v, preferred_element_type=jnp.float32)
+  out = out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+  return out, lse.transpose(0, 3, 1, 2).reshape(b, t, h)
+
+
+def dot_product_attention(q_bthd, k_bskd, v_bskd, mask):
+  return attention_block(q_bthd, k_bskd, v_bskd, mask)[0].astype(q_bthd.dtype)
 
 
 class Attention(nnx.Module):
@@ -158,15 +165,23 @@ class Attention(nnx.Module):
       self.k_bias = param(rngs, (k, hd), ("kv_heads", "head_dim"), std=0)
       self.v_bias = param(rngs, (k, hd), ("kv_heads", "head_dim"), std=0)
 
-  def __call__(self, x_btd, cos, sin, mask):
+  def __call__(self, x_btd, cos, sin, positions_bt, segment_ids_bt, mask):
     q = dense(x_btd, self.q[...])  # (b, t, heads, head_dim)
     k = dense(x_btd, self.k[...])  # (b, t, kv_heads, head_dim)
     v = dense(x_btd, self.v[...])
     if self.cfg.qkv_bias:
       q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = dot_product_attention(q, k, v, mask)
+    if self.cfg.attention_impl == "ring":
+      out = ring_attention(self._ring_block, q, k, v, positions_bt, segment_ids_bt)
+    else:
+      out = dot_product_attention(q, k, v, mask)
     return dense(out, self.o[...], n_in=2)
+
+
+  def _ring_block(self, q, k, v, pos_q, seg_q, pos_k, seg_k):
+    return attention_block(q, k, v, attention_mask(pos_q, seg_q, pos_k, seg_k,
+                                                   self.cfg.sliding_window))
 
 
 class MLP(nnx.Module):

@@ -1,14 +1,17 @@
 """Logical axis names -> mesh axes.
 
 Model code names every dimension with a logical name (`batch, length, embed, heads, kv_heads,
-head_dim, mlp, vocab, expert, layers`). A strategy is a rules table mapping each logical name to
-a mesh axis (or a tuple of axes, or None for replicated). Nothing else in the project knows how
-an array is laid out.
+head_dim, mlp, vocab, expert, layers`). A rules table maps each logical name to a mesh axis (or a
+tuple of axes, or None for replicated). A strategy is three tables: for parameters, for their
+gradients and for optimizer state; ZeRO-1/2 differ from plain data parallelism only there.
+Nothing else in the project knows how an array is laid out.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import threading
 from typing import Sequence
 
@@ -20,48 +23,121 @@ LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "ml
 
 Rules = dict[str, str | tuple[str, ...] | None]
 
-# Both `data` and `fsdp` split the batch: fsdp is data parallelism whose state is sharded too.
-_BATCH = ("data", "fsdp")
+# Activations: the batch is split over every data-parallel axis (fsdp is data parallelism whose
+# state is sharded too); the sequence over `sequence` (context parallelism). A mesh axis of size 1
+# drops out, so these rules cost nothing when the axis is not used.
+_ACTIVATIONS: Rules = {"batch": ("data", "fsdp"), "length": "sequence"}
+# Megatron tensor parallelism: heads and the MLP hidden split (column-parallel q/k/v/gate/up,
+# row-parallel o/down), the vocabulary split (embedding and logits).
+_TENSOR: Rules = {"heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"}
+# ZeRO: state sharded over all data-parallel devices along the model dimension.
+_ZERO: Rules = {"embed": ("data", "fsdp")}
 
 
-def dp() -> Rules:
-  """Plain data parallelism: the batch is split, every parameter is replicated."""
-  return {"batch": _BATCH}
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+  params: Rules
+  grads: Rules
+  opt_state: Rules
+  activations: Rules
 
 
-def fsdp() -> Rules:
-  """ZeRO-3: parameters (and so gradients and optimizer state) sharded over `fsdp`."""
-  return {"batch": _BATCH, "embed": "fsdp"}
+def _same(rules: Rules) -> Strategy:
+  return Strategy(rules, rules, rules, rules)
 
 
-PRESETS = {"dp": dp, "fsdp": fsdp}
+def dp() -> Strategy:
+  """Data parallel: batch split, everything else replicated."""
+  return _same(dict(_ACTIVATIONS))
 
 
-def preset(name: str) -> Rules:
+def zero1() -> Strategy:
+  """ZeRO-1: optimizer state sharded over the data-parallel devices."""
+  base = dict(_ACTIVATIONS)
+  return Strategy(base, base, {**base, **_ZERO}, base)
+
+
+def zero2() -> Strategy:
+  """ZeRO-2: gradients and optimizer state sharded; parameters replicated."""
+  base = dict(_ACTIVATIONS)
+  return Strategy(base, {**base, **_ZERO}, {**base, **_ZERO}, base)
+
+
+def fsdp() -> Strategy:
+  """ZeRO-3 / FSDP: parameters, gradients and optimizer state sharded over `fsdp`."""
+  return _same({**_ACTIVATIONS, "embed": "fsdp"})
+
+
+def fsdp_tp() -> Strategy:
+  """FSDP over `fsdp` plus Megatron tensor parallelism over `tensor`."""
+  return _same({**_ACTIVATIONS, "embed": "fsdp", **_TENSOR})
+
+
+def fsdp_tp_sp() -> Strategy:
+  """fsdp_tp plus Megatron sequence parallelism: between blocks (where the residual stream is
+  not split by heads) the sequence is split over `tensor` too."""
+  return _same({**_ACTIVATIONS, "embed": "fsdp", **_TENSOR, "length": ("sequence", "tensor")})
+
+
+PRESETS = {"dp": dp, "zero1": zero1, "zero2": zero2, "fsdp": fsdp, "fsdp_tp": fsdp_tp,
+           "fsdp_tp_sp": fsdp_tp_sp}
+
+
+def parse_rules(text: str) -> Rules:
+  """'embed=fsdp,mlp=tensor,vocab=' -> {'embed': 'fsdp', 'mlp': 'tensor', 'vocab': None};
+  several axes join with '+': 'batch=data+fsdp'."""
+  out: Rules = {}
+  for item in filter(None, (s.strip() for s in text.split(","))):
+    name, sep, axes = item.partition("=")
+    name = name.strip()
+    if not sep or name not in LOGICAL_AXES:
+      raise ValueError(f"mesh.rules: {item!r} is not NAME=AXIS with NAME one of "
+                       f"{', '.join(LOGICAL_AXES)}")
+    parts = tuple(a.strip() for a in axes.split("+") if a.strip())
+    out[name] = None if not parts else parts[0] if len(parts) == 1 else parts
+  return out
+
+
+def strategy(name: str, overrides: str = "") -> Strategy:
+  """A preset by name, with `mesh.rules` overrides applied to every table."""
   if name not in PRESETS:
     raise ValueError(f"mesh.strategy={name!r} is not one of {', '.join(PRESETS)}")
-  return PRESETS[name]()
+  s = PRESETS[name]()
+  extra = parse_rules(overrides)
+  if not extra:
+    return s
+  return Strategy(*({**table, **extra} for table in dataclasses.astuple(s)))
 
 
-def spec(names: Sequence[str | None], rules: Rules, mesh: Mesh | None = None) -> P:
-  """PartitionSpec for a tuple of logical names. A mesh axis is used at most once per array;
-  axes of size 1 are dropped so that specs stay readable."""
+def spec(names: Sequence[str | None], rules: Rules, mesh: Mesh | None = None,
+         shape: Sequence[int] | None = None) -> P:
+  """PartitionSpec for a tuple of logical names.
+
+  A mesh axis is used at most once per array; `length` is served last, so that an axis it shares
+  with another name (sequence parallelism over `tensor`) goes to the other name first. Axes of
+  size 1 are dropped, and with `shape` given an axis that does not divide its dimension is
+  dropped too (that dimension stays whole rather than failing).
+  """
   used: set[str] = set()
-  out = []
-  for name in names:
-    axes = rules.get(name) if name is not None else None
+  out: list = [None] * len(names)
+  order = sorted(range(len(names)), key=lambda i: names[i] == "length")
+  for i in order:
+    axes = rules.get(names[i]) if names[i] is not None else None
     if axes is None:
-      out.append(None)
       continue
     axes = (axes,) if isinstance(axes, str) else tuple(axes)
     axes = tuple(a for a in axes if a not in used and (mesh is None or mesh.shape[a] > 1))
+    if shape is not None and mesh is not None:
+      while axes and shape[i] % math.prod(mesh.shape[a] for a in axes):
+        axes = axes[:-1]
     used.update(axes)
-    out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    out[i] = None if not axes else axes[0] if len(axes) == 1 else axes
   return P(*out)
 
 
-def sharding(names: Sequence[str | None], mesh: Mesh, rules: Rules) -> NamedSharding:
-  return NamedSharding(mesh, spec(names, rules, mesh))
+def sharding(names: Sequence[str | None], mesh: Mesh, rules: Rules,
+             shape: Sequence[int] | None = None) -> NamedSharding:
+  return NamedSharding(mesh, spec(names, rules, mesh, shape))
 
 
 # Activation constraints: the trainer activates (mesh, rules) around tracing the model; outside
@@ -79,9 +155,13 @@ def activate(mesh: Mesh, rules: Rules):
     _ctx.value = prev
 
 
+def active() -> tuple[Mesh, Rules] | None:
+  return getattr(_ctx, "value", None)
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-  active = getattr(_ctx, "value", None)
-  if active is None:
+  current = active()
+  if current is None:
     return x
-  mesh, rules = active
-  return jax.lax.with_sharding_constraint(x, sharding(names, mesh, rules))
+  mesh, rules = current
+  return jax.lax.with_sharding_constraint(x, sharding(names, mesh, rules, x.shape))

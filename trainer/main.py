@@ -27,6 +27,11 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Where checkpoints, metrics, the tokenizer and config.json go. Rerunning with "
     "the same workdir resumes. Default: runs/<recipe name>.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks for user errors.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator", None, "Multi-process: HOST:PORT of process 0. Not needed under SLURM or on "
+    "Cloud TPU, where the environment says it.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: how many.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this one's index.")
 
 USER_ERROR_EXIT = 2
 
@@ -90,7 +95,13 @@ def main(argv: list[str]) -> None:
     _fail(f"unexpected arguments {' '.join(argv[1:])}; settings go in --config.KEY=VALUE")
   import jax  # after flag parsing, so that --help is fast
 
+  from parallel import distributed
   from trainer import train
+
+  try:
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except ValueError as e:
+    _fail(str(e))
 
   if not _VERBOSE.value:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO

@@ -59,8 +59,9 @@ def is_axes(x) -> bool:
 
 
 def param_shardings(handle: ModelHandle, mesh: Mesh, rules: rules_lib.Rules) -> Params:
-  return jax.tree.map(lambda names: rules_lib.sharding(names, mesh, rules), handle.axes,
-                      is_leaf=is_axes)
+  """A NamedSharding per parameter (or per same-shaped gradient or optimizer moment)."""
+  return jax.tree.map(lambda names, x: rules_lib.sharding(names, mesh, rules, x.shape),
+                      handle.axes, handle.abstract_params(), is_leaf=is_axes)
 
 
 def cast_floating(tree, dtype):
@@ -79,15 +80,25 @@ def init_params(handle: ModelHandle, seed: int, shardings: Params | None = None,
   return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
 
 
-def state_shardings(tx: optax.GradientTransformation, abstract_params: Params,
-                    p_shardings: Params, mesh: Mesh) -> dict[str, Any]:
-  """Shardings of the whole train state: optimizer moments follow their parameter."""
+def opt_state_shardings(tx: optax.GradientTransformation, abstract_params: Params,
+                        moment_shardings: Params, mesh: Mesh) -> Any:
+  """Optimizer state shardings: each moment like `moment_shardings` of its parameter, scalars
+  (step counts) replicated."""
   replicated = NamedSharding(mesh, P())
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  opt = optax.tree_utils.tree_map_params(
-      tx, lambda _, s: s, abstract_opt, p_shardings,
+  return optax.tree_utils.tree_map_params(
+      tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params), moment_shardings,
       transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, NamedSharding))
-  return {"step": replicated, "params": p_shardings, "opt_state": opt, "rng": replicated}
+
+
+def state_shardings(p_shardings: Params, opt_shardings: Any, mesh: Mesh) -> dict[str, Any]:
+  replicated = NamedSharding(mesh, P())
+  return {"step": replicated, "params": p_shardings, "opt_state": opt_shardings,
+          "rng": replicated}
+
+
+def with_memory_kind(shardings, kind: str):
+  return jax.tree.map(lambda s: s.with_memory_kind(kind), shardings,
+                      is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
 def new_state(tx, params: Params, seed: int) -> dict[str, Any]:

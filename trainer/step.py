@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from parallel import ring_attention
 from trainer import losses
 from trainer.state import ModelHandle, cast_floating
 
@@ -31,6 +32,10 @@ def split_microbatches(batch: Batch, n: int) -> Batch:
 
 def make_loss_fn(handle: ModelHandle, compute_dtype) -> Callable:
   def loss_fn(params, batch: Batch):
+    n = ring_attention.sequence_parallel_size()
+    if handle.cfg.attention_impl == "ring" and n > 1:  # load balance: see parallel/ring_attention
+      order = ring_attention.zigzag_order(batch["inputs"].shape[1], n)
+      batch = {k: v[:, order] for k, v in batch.items()}
     model = handle.bind(cast_floating(params, compute_dtype))
     logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
     return losses.lm_loss(logits, batch["targets"], batch["weights"])
@@ -38,8 +43,19 @@ def make_loss_fn(handle: ModelHandle, compute_dtype) -> Callable:
 
 
 def make_train_step(handle: ModelHandle, tx: optax.GradientTransformation, schedule,
-                    compute_dtype, grad_accum: int) -> Callable:
-  grad_fn = jax.value_and_grad(make_loss_fn(handle, compute_dtype), has_aux=True)
+                    compute_dtype, grad_accum: int, grad_shardings=None,
+                    opt_device_shardings=None) -> Callable:
+  """`grad_shardings`: where gradients live (ZeRO-2 shards them, so the data-parallel sum is a
+  reduce-scatter rather than an all-reduce); None leaves it to the compiler.
+  `opt_device_shardings`: when the optimizer state rests in host memory (offload), where it is
+  brought for the update; the step's out_shardings send it back."""
+  value_and_grad = jax.value_and_grad(make_loss_fn(handle, compute_dtype), has_aux=True)
+
+  def grad_fn(params, batch):
+    out, grads = value_and_grad(params, batch)
+    if grad_shardings is not None:
+      grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
+    return out, grads
 
   def train_step(state: dict[str, Any], batch: Batch):
     params = state["params"]
@@ -51,13 +67,18 @@ def make_train_step(handle: ModelHandle, tx: optax.GradientTransformation, sched
         acc_grads, acc_loss, acc_count = carry
         return (jax.tree.map(jnp.add, acc_grads, grads), acc_loss + loss_sum, acc_count + count), None
       zeros = jax.tree.map(jnp.zeros_like, params)
+      if grad_shardings is not None:
+        zeros = jax.lax.with_sharding_constraint(zeros, grad_shardings)
       (grads, loss_sum, count), _ = jax.lax.scan(
           accumulate, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
           split_microbatches(batch, grad_accum))
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads)
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    opt_state = state["opt_state"]
+    if opt_device_shardings is not None:
+      opt_state = jax.device_put(opt_state, opt_device_shardings)
+    updates, opt_state = tx.update(grads, opt_state, params)
     new_state = {
         "step": state["step"] + 1,
         "params": optax.apply_updates(params, updates),

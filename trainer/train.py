@@ -6,14 +6,17 @@ checkpoint (parameters, optimizer, step, rng and the data iterator's position).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import sys
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 import parallel
 from trainer import checkpoint as ckpt_lib
@@ -38,7 +41,7 @@ def _log(text: str) -> None:
 def prepare_workdir(workdir: str) -> None:
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
+    probe = os.path.join(workdir, f".write_test.{jax.process_index()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
@@ -86,13 +89,30 @@ def load_data(cfg, workdir: str) -> tuple[Tokenizer, np.ndarray, np.ndarray]:
                       f"SentencePiece model ({e})") from None
   elif os.path.exists(tok_path):
     tokenizer = Tokenizer.load(tok_path)
-  else:
+  elif jax.process_index() == 0:
     tokenizer = Tokenizer.train(train_docs, d.tokenizer_vocab_size)
   if jax.process_index() == 0:
     tokenizer.save(tok_path)
+  if jax.process_count() > 1:  # every process uses the tokenizer process 0 trained or loaded
+    multihost_utils.sync_global_devices("tokenizer saved")
+    tokenizer = Tokenizer.load(tok_path)
   train = pipeline.token_stream(tokenizer.encode_batch(train_docs), tokenizer.eos_id, tokenizer.bos_id)
   evals = pipeline.token_stream(tokenizer.encode_batch(eval_docs), tokenizer.eos_id, tokenizer.bos_id)
   return tokenizer, train, evals
+
+
+def offload_kind(cfg) -> str | None:
+  """The memory kind optimizer state rests in between steps, or None. A backend without host
+  memory says so in one line and the state stays in device memory."""
+  if not cfg.mesh.offload_optimizer:
+    return None
+  kinds = {m.kind for m in jax.devices()[0].addressable_memories()}
+  if "pinned_host" not in kinds:
+    print(f"note: mesh.offload_optimizer: {jax.default_backend()} devices have no pinned_host "
+          f"memory ({', '.join(sorted(kinds))}); optimizer state stays in device memory",
+          file=sys.stderr)
+    return None
+  return "pinned_host"
 
 
 def to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
@@ -102,23 +122,74 @@ def to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Model, optimizer, shardings and the compiled steps
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Plan:
+  """Everything about a run that follows from the config and the mesh, before any data."""
+  handle: state_lib.ModelHandle
+  tx: Any
+  mesh: Any
+  rules: parallel.rules.Rules  # for activations
+  batch_sharding: Any
+  shardings: dict[str, Any]  # of the train state
+  abstract_state: dict[str, Any]  # ShapeDtypeStructs with shardings: a restore target
+  train_step: Any  # jitted
+  eval_step: Any  # jitted
+  compute_dtype: Any
+  param_dtype: Any
+
+
+def plan(cfg, mcfg, mesh) -> Plan:
+  tc = cfg.train
+  compute_dtype = jnp.dtype(cfg.precision.compute_dtype)
+  param_dtype = jnp.dtype(cfg.precision.param_dtype)
+  strategy = parallel.strategy(cfg.mesh.strategy, cfg.mesh.rules)
+  batch_sharding = parallel.sharding(("batch", "length"), mesh, strategy.activations)
+  handle = state_lib.model_handle(mcfg)
+  tx, schedule = optim.make_optimizer(tc)
+  p_shardings = state_lib.param_shardings(handle, mesh, strategy.params)
+  g_shardings = state_lib.param_shardings(handle, mesh, strategy.grads)
+  abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, param_dtype),
+                                 handle.abstract_params())
+  opt_shardings = state_lib.opt_state_shardings(
+      tx, abstract_params, state_lib.param_shardings(handle, mesh, strategy.opt_state), mesh)
+  opt_device_shardings = None
+  offload = offload_kind(cfg)
+  if offload:
+    opt_device_shardings = opt_shardings
+    opt_shardings = state_lib.with_memory_kind(opt_shardings, offload)
+  shardings = state_lib.state_shardings(p_shardings, opt_shardings, mesh)
+  train_step = jax.jit(
+      step_lib.make_train_step(handle, tx, schedule, compute_dtype, tc.grad_accum, g_shardings,
+                               opt_device_shardings),
+      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+      donate_argnums=0)
+  eval_step = jax.jit(step_lib.make_eval_step(handle, compute_dtype),
+                      in_shardings=(p_shardings, batch_sharding))
+  return Plan(handle, tx, mesh, strategy.activations, batch_sharding, shardings,
+              state_lib.abstract_state(tx, abstract_params, tc.seed, shardings), train_step,
+              eval_step, compute_dtype, param_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------
 
 
-def run(cfg, workdir: str) -> dict[str, Any]:
-  """Train as the config says. Returns the final metrics (also written to metrics.jsonl)."""
+def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
+  """Train as the config says, on `devices` (default: all). Returns the final metrics (also
+  written to metrics.jsonl) and the final state."""
   t_start = time.time()
   check_config(cfg)
   tc = cfg.train
-  compute_dtype = jnp.dtype(cfg.precision.compute_dtype)
-  param_dtype = jnp.dtype(cfg.precision.param_dtype)
 
   # --- Mesh and sharding rules ----------------------------------------------------------------
-  mesh_sizes = check_mesh(cfg, jax.device_count())
-  mesh = parallel.make_mesh(dict(cfg.mesh))
-  rules = parallel.preset(cfg.mesh.strategy)
-  batch_sharding = parallel.sharding(("batch", "length"), mesh, rules)
+  devices = jax.devices() if devices is None else devices
+  mesh_sizes = check_mesh(cfg, len(devices))
+  mesh = parallel.make_mesh(mesh_sizes, devices)
 
   # --- Data -----------------------------------------------------------------------------------
   prepare_workdir(workdir)
@@ -128,31 +199,27 @@ def run(cfg, workdir: str) -> dict[str, Any]:
     raise UserError(f"config key model.vocab_size: {mcfg.vocab_size} is smaller than the "
                     f"tokenizer's {tokenizer.vocab_size} pieces")
   write_run_config(cfg, mcfg, mesh_sizes, workdir)
+  shard = (jax.process_index(), jax.process_count())  # each process reads only its rows
   try:
-    train_ds = pipeline.lm_dataset(train_stream, tc.seq_len, tc.batch_size, seed=tc.seed)
+    train_ds = pipeline.lm_dataset(train_stream, tc.seq_len, tc.batch_size, seed=tc.seed,
+                                   shard=shard)
     eval_ds = pipeline.lm_dataset(eval_stream, tc.seq_len, tc.batch_size, seed=0, shuffle=False,
-                                  repeat=False)
+                                  repeat=False, shard=shard)
   except ValueError as e:
     raise UserError(f"config key data.max_chars / train.batch_size: {e}") from None
   eval_batches = [eval_ds[i] for i in range(min(tc.eval_batches, len(eval_ds)))]
   train_iter = iter(train_ds.to_iter_dataset())
 
   # --- Model, optimizer, state ----------------------------------------------------------------
-  handle = state_lib.model_handle(mcfg)
-  tx, schedule = optim.make_optimizer(tc)
-  p_shardings = state_lib.param_shardings(handle, mesh, rules)
-  abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, param_dtype),
-                                 handle.abstract_params())
-  shardings = state_lib.state_shardings(tx, abstract_params, p_shardings, mesh)
+  pl = plan(cfg, mcfg, mesh)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), tc.keep_checkpoints)
   latest = checkpointer.latest_step()
   if latest is None:
-    params = state_lib.init_params(handle, tc.seed, p_shardings, param_dtype)
-    state = state_lib.init_state(tx, params, tc.seed, shardings)
+    params = state_lib.init_params(pl.handle, tc.seed, pl.shardings["params"], pl.param_dtype)
+    state = state_lib.init_state(pl.tx, params, tc.seed, pl.shardings)
     start_step = 0
   else:
-    abstract = state_lib.abstract_state(tx, abstract_params, tc.seed, shardings)
-    state, data_state = checkpointer.restore(latest, abstract)
+    state, data_state = checkpointer.restore(latest, pl.abstract_state)
     train_iter.set_state(data_state)
     start_step = latest
     _log(f"resumed from {checkpointer.directory} at step {latest}")
@@ -160,17 +227,10 @@ def run(cfg, workdir: str) -> dict[str, Any]:
   _log(f"model: {n_params / 1e6:.2f}M parameters, vocab {mcfg.vocab_size}; mesh "
        f"{dict(mesh.shape)}; {len(train_stream) / 1e6:.2f}M train tokens")
 
-  # --- Compiled steps -------------------------------------------------------------------------
-  train_step = jax.jit(
-      step_lib.make_train_step(handle, tx, schedule, compute_dtype, tc.grad_accum),
-      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-      donate_argnums=0)
-  eval_step = jax.jit(step_lib.make_eval_step(handle, compute_dtype),
-                      in_shardings=(p_shardings, batch_sharding))
 
   def evaluate(params) -> float:
-    with parallel.activate(mesh, rules):
-      sums = [eval_step(params, to_global(b, batch_sharding)) for b in eval_batches]
+    with parallel.activate(mesh, pl.rules):
+      sums = [pl.eval_step(params, to_global(b, pl.batch_sharding)) for b in eval_batches]
     total, count = (float(sum(s[i] for s in sums)) for i in (0, 1))
     return total / max(count, 1.0)
 
@@ -185,9 +245,9 @@ def run(cfg, workdir: str) -> dict[str, Any]:
   step = start_step
   try:
     for step in range(start_step + 1, end_step + 1):
-      batch = to_global(next(train_iter), batch_sharding)
-      with parallel.activate(mesh, rules):
-        state, m = train_step(state, batch)
+      batch = to_global(next(train_iter), pl.batch_sharding)
+      with parallel.activate(mesh, pl.rules):
+        state, m = pl.train_step(state, batch)
       if step == start_step + 1:
         jax.block_until_ready(m)
         writer.note(f"first step (compile included): {time.perf_counter() - t_log:.1f}s")
@@ -200,7 +260,7 @@ def run(cfg, workdir: str) -> dict[str, Any]:
         elapsed = time.perf_counter() - t_log
         tps = tokens_since / elapsed if tokens_since and elapsed > 0 else 0.0
         last = {"loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
-                "tokens_per_sec": tps, "mfu": tps * flops_per_token / (peak * jax.device_count())}
+                "tokens_per_sec": tps, "mfu": tps * flops_per_token / (peak * len(devices))}
         if not np.isfinite(m["loss"]):
           writer.note(f"step {step}: loss is {m['loss']}")
         writer.write(step, last)
@@ -225,10 +285,10 @@ def run(cfg, workdir: str) -> dict[str, Any]:
          "command to continue")
   elif tc.sample_tokens:
     prompt = tokenizer.encode(tc.sample_prompt)
-    with parallel.activate(mesh, rules):
-      ids = generate.sample(handle, state["params"], [tokenizer.bos_id] + prompt, tc.sample_tokens,
+    with parallel.activate(mesh, pl.rules):
+      ids = generate.sample(pl.handle, state["params"], [tokenizer.bos_id] + prompt, tc.sample_tokens,
                             buffer_len=tc.seq_len, temperature=tc.sample_temperature, seed=tc.seed,
-                            stop_ids=(tokenizer.eos_id,), compute_dtype=compute_dtype)
+                            stop_ids=(tokenizer.eos_id,), compute_dtype=pl.compute_dtype)
     _log("sample:\n" + tc.sample_prompt + tokenizer.decode(ids))
   _log(f"done: step {step}, loss {float(last.get('loss', float('nan'))):.4f}, eval loss "
        f"{eval_loss:.4f}, {time.time() - t_start:.0f}s in all; workdir {workdir}")

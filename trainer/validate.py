@@ -55,7 +55,7 @@ def check_config(cfg) -> None:
     _require(d.tokenizer_vocab_size >= 260, "data.tokenizer_vocab_size",
              f"must be at least 260 (256 byte pieces + specials), got {d.tokenizer_vocab_size}")
   try:
-    rules_lib.preset(cfg.mesh.strategy)
+    rules_lib.strategy(cfg.mesh.strategy, cfg.mesh.rules)
   except ValueError as e:
     raise UserError(f"config key {e}") from None
   model_config(cfg, vocab_size=max(cfg.model.vocab_size, 1))  # shape checks, before any data
@@ -86,4 +86,8 @@ def check_mesh(cfg, n_devices: int) -> dict[str, int]:
   _require(micro % dp == 0, "train.batch_size",
            f"the microbatch of {micro} sequences (batch_size / grad_accum) does not split over "
            f"the {dp} data-parallel devices (mesh.data x mesh.fsdp)")
+  if cfg.model.attention_impl == "ring" and cfg.train.seq_len % (2 * sizes["sequence"]):
+    raise UserError(f"config key train.seq_len: ring attention over mesh.sequence="
+                    f"{sizes['sequence']} needs it divisible by {2 * sizes['sequence']}, got "
+                    f"{cfg.train.seq_len}")
   return sizes

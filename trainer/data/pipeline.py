@@ -47,8 +47,15 @@ def num_windows(stream: np.ndarray, seq_len: int) -> int:
 
 
 def lm_dataset(stream: np.ndarray, seq_len: int, batch_size: int, *, seed: int,
-               shuffle: bool = True, repeat: bool = True) -> grain.MapDataset:
-  """Batches of `batch_size` windows. Raises ValueError if the stream is shorter than a batch."""
+               shuffle: bool = True, repeat: bool = True,
+               shard: tuple[int, int] = (0, 1)) -> grain.MapDataset:
+  """Batches of `batch_size` windows. Raises ValueError if the stream is shorter than a batch.
+
+  With `shard=(index, count)` this process reads only every count-th window from `index` and
+  batches `batch_size // count` of them: the processes' batches i together hold exactly the
+  windows of the single-process batch i.
+  """
+  index, count = shard
   n = num_windows(stream, seq_len)
   if n < batch_size:
     raise ValueError(f"the token stream ({len(stream)} tokens) holds {n} windows of "
@@ -58,4 +65,6 @@ def lm_dataset(stream: np.ndarray, seq_len: int, batch_size: int, *, seed: int,
     ds = ds.shuffle(seed=seed)
   if repeat:
     ds = ds.repeat()
-  return ds.map(_Window(stream, seq_len)).batch(batch_size, drop_remainder=True)
+  if count > 1:
+    ds = ds[index::count]
+  return ds.map(_Window(stream, seq_len)).batch(batch_size // count, drop_remainder=True)
