@@ -64,7 +64,11 @@ class Decoder(nnx.Module):
       mask = attention_mask(positions_bt, segment_ids_bt, positions_bt, segment_ids_bt,
                             self.cfg.sliding_window)
 
-    x = constrain(jnp.take(self.embed[...], tokens_bt, axis=0), BTD)
+    # Gather the table's model dimension first (as FSDP does for any weight it uses), keeping
+    # the vocabulary split: a lookup into a table split along both leaves the partitioner only
+    # a full rematerialisation to reach the batch-split output.
+    table = constrain(self.embed[...], ("vocab", None))
+    x = constrain(jnp.take(table, tokens_bt, axis=0), BTD)
     graphdef, layer_state = nnx.split(self.layers)
 
     def one_layer(x, state):
