@@ -194,3 +194,33 @@ def test_each_process_reads_only_its_share():
     rows = {tuple(r) for r in whole[step]["inputs"]}
     shares = [{tuple(r) for r in p[step]["inputs"]} for p in parts]
     assert len(shares[0]) == len(shares[1]) == 4 and shares[0] | shares[1] == rows
+
+
+def test_offload_without_host_memory_says_so_in_one_line(monkeypatch, capsys):
+  class Memory:
+    kind = "device"
+
+  class Device:
+    def addressable_memories(self):
+      return [Memory()]
+
+  monkeypatch.setattr(train.jax, "devices", lambda: [Device()])
+  c = small_run.config()
+  c.mesh.offload_optimizer = True
+  assert train.offload_kind(c) is None
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "mesh.offload_optimizer" in err[0] and "pinned_host" in err[0]
+
+
+def test_cluster_environment_detection(monkeypatch):
+  from parallel import distributed
+  for var in ("SLURM_NTASKS", "SLURM_PROCID", "TPU_WORKER_HOSTNAMES",
+              "MEGASCALE_COORDINATOR_ADDRESS"):
+    monkeypatch.delenv(var, raising=False)
+  assert distributed.cluster_environment() is None
+  distributed.initialize()  # a single process: nothing to do
+  monkeypatch.setenv("SLURM_NTASKS", "4")
+  monkeypatch.setenv("SLURM_PROCID", "1")
+  assert distributed.cluster_environment() == "slurm"
+  with pytest.raises(ValueError, match="--num_processes"):
+    distributed.initialize("127.0.0.1:1234")
