@@ -36,12 +36,27 @@ def get_config(arg=None):
       attention_impl="xla",  # xla
   ))
 
-  # Where tokens come from.
+  # Where tokens come from (trainer/data/).
   c.data = ml_collections.ConfigDict(dict(
-      source="stdlib",  # the Python standard library's source: real text on every machine
-      max_chars=4_000_000,  # characters of training text to read
-      eval_percent=5.0,  # share of files held out for eval
-      tokenizer="",  # path to a SentencePiece .model; "" trains one on the corpus
+      source="stdlib",  # stdlib: the Python standard library's source (offline, real text) | files
+      max_chars=4_000_000,  # stdlib: characters of training text to read
+      train_files="",  # files: paths, folders or globs, comma-separated; each entry a dataset
+      eval_files="",  # files: "" holds out eval_percent of every training dataset
+      train_weights="",  # mixture weights, one per train_files entry; "": by size
+      eval_percent=5.0,  # share held out for eval
+      format="text",  # text | chat (messages) | preference (prompt/chosen/rejected)
+      text_field="text",  # the record fields holding each part, as your data names them
+      messages_field="messages",
+      prompt_field="prompt",
+      chosen_field="chosen",
+      rejected_field="rejected",
+      template="chatml",  # chat: llama3 | chatml | gemma | plain
+      packing="concat",  # none (pad each example) | concat (no padding) | greedy (best fit)
+      pack_group=512,  # greedy: examples buffered per packing group
+      truncation="split",  # longer than a row: split | truncate | drop (counted)
+      skip_bad_records=False,  # a malformed record is skipped and counted instead of an error
+      num_threads=2,  # grain reader threads
+      tokenizer="",  # a SentencePiece .model or HF tokenizer.json (or a folder); "": train one
       tokenizer_vocab_size=4096,  # when training a tokenizer
   ))
 
@@ -63,6 +78,7 @@ def get_config(arg=None):
       log_every=10,
       eval_every=200,  # 0: only at the end
       eval_batches=8,
+      eval_exact_match=0,  # chat data: held-out examples scored by exact match of the reply
       checkpoint_every=500,  # 0: only at the end
       keep_checkpoints=3,
       stop_after_steps=0,  # >0: stop (with a checkpoint) once this step is reached; rerun to go on

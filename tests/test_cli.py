@@ -51,3 +51,18 @@ def test_unwritable_workdir(tmp_path):
 def test_verbose_shows_the_traceback(tmp_path):
   code, _, err = run_main("--config.train.steps=0", "--verbose", workdir=str(tmp_path / "w"))
   assert code != 0 and "Traceback" in err and "train.steps" in err
+
+
+@pytest.mark.parametrize("lines,extra,named", [
+    (['{"messages": []}', "{oops"], [], "bad.jsonl:2"),
+    (['{"content": "x"}'], [], "'messages'"),
+    ([], [], "no records"),
+    (['{"messages": []}'], ["--config.data.template=vicuna"], "data.template"),
+    (['{"messages": []}'], ["--config.data.packing=tight"], "data.packing"),
+])
+def test_data_errors_exit_2_with_one_line(lines, extra, named, tmp_path):
+  path = tmp_path / "bad.jsonl"
+  path.write_text("".join(l + "\n" for l in lines))
+  code, _, err = run_main("--config=configs/sft_chat.py", f"--config.data.train_files={path}",
+                          *extra, workdir=str(tmp_path / "w"))
+  assert code == 2 and len(err.strip().splitlines()) == 1 and named in err, err

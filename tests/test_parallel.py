@@ -187,9 +187,12 @@ def test_two_processes_match_one_and_resume_across_them(tmp_path):
 
 def test_each_process_reads_only_its_share():
   from trainer.data import pipeline
-  stream = np.arange(4000, dtype=np.int32)
-  whole = pipeline.lm_dataset(stream, 16, 8, seed=3)
-  parts = [pipeline.lm_dataset(stream, 16, 8, seed=3, shard=(i, 2)) for i in range(2)]
+  examples = [np.arange(i, i + 10 + i % 7, dtype=np.int32) for i in range(300)]
+  rows = pipeline.PackedRows([(examples, [np.ones(len(e), np.float32) for e in examples])], [1.0],
+                             seq_len=16, mode="concat", truncation="split", seed=3, shuffle=True,
+                             group=64, stats={})
+  whole = pipeline.batches(rows, 8)
+  parts = [pipeline.batches(rows, 8, shard=(i, 2)) for i in range(2)]
   for step in range(5):
     rows = {tuple(r) for r in whole[step]["inputs"]}
     shares = [{tuple(r) for r in p[step]["inputs"]} for p in parts]

@@ -51,7 +51,7 @@ def peak_flops_per_device(override_tflops: float = 0.0) -> tuple[float, str]:
 class MetricsWriter:
   """Writes one JSON object per logged step and the same scalars to TensorBoard."""
 
-  SHOWN = ("loss", "eval_loss", "tokens_per_sec", "mfu")
+  SHOWN = ("loss", "eval_loss", "eval_exact_match", "tokens_per_sec", "mfu")
 
   def __init__(self, workdir: str, total_steps: int, start_step: int, enabled: bool = True):
     self.enabled = enabled

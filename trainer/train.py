@@ -13,6 +13,7 @@ import sys
 import time
 from typing import Any
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,9 +21,8 @@ from jax.experimental import multihost_utils
 
 import parallel
 from trainer import checkpoint as ckpt_lib
-from trainer import generate, metrics as metrics_lib, optim, state as state_lib, step as step_lib
-from trainer.data import pipeline, stdlib_corpus
-from trainer.data.tokenizer import Tokenizer
+from trainer import evaluate as evaluate_lib, generate, metrics as metrics_lib, optim, state as state_lib, step as step_lib
+from trainer.data import pipeline
 from trainer.validate import UserError, check_config, check_mesh, model_config
 
 BATCH_KEYS = ("inputs", "targets", "weights", "positions", "segment_ids")
@@ -74,31 +74,6 @@ def write_run_config(cfg, mcfg, mesh_sizes: dict[str, int], workdir: str) -> Non
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
-
-
-def load_data(cfg, workdir: str) -> tuple[Tokenizer, np.ndarray, np.ndarray]:
-  """Tokenizer (trained once per workdir, then reused) and the train and eval token streams."""
-  d = cfg.data
-  train_docs, eval_docs = stdlib_corpus.load_documents(d.max_chars, d.eval_percent)
-  tok_path = os.path.join(workdir, "tokenizer.model")
-  if d.tokenizer:
-    try:
-      tokenizer = Tokenizer.load(d.tokenizer)
-    except (OSError, RuntimeError) as e:
-      raise UserError(f"config key data.tokenizer: cannot read {d.tokenizer} as a "
-                      f"SentencePiece model ({e})") from None
-  elif os.path.exists(tok_path):
-    tokenizer = Tokenizer.load(tok_path)
-  elif jax.process_index() == 0:
-    tokenizer = Tokenizer.train(train_docs, d.tokenizer_vocab_size)
-  if jax.process_index() == 0:
-    tokenizer.save(tok_path)
-  if jax.process_count() > 1:  # every process uses the tokenizer process 0 trained or loaded
-    multihost_utils.sync_global_devices("tokenizer saved")
-    tokenizer = Tokenizer.load(tok_path)
-  train = pipeline.token_stream(tokenizer.encode_batch(train_docs), tokenizer.eos_id, tokenizer.bos_id)
-  evals = pipeline.token_stream(tokenizer.encode_batch(eval_docs), tokenizer.eos_id, tokenizer.bos_id)
-  return tokenizer, train, evals
 
 
 def offload_kind(cfg) -> str | None:
@@ -193,22 +168,22 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
 
   # --- Data -----------------------------------------------------------------------------------
   prepare_workdir(workdir)
-  tokenizer, train_stream, eval_stream = load_data(cfg, workdir)
+  leader = jax.process_index() == 0
+  sync = lambda: multihost_utils.sync_global_devices("tokenizer") if jax.process_count() > 1 else None
+  data = pipeline.build(cfg, workdir, leader, sync)
+  tokenizer, data_stats = data.tokenizer, data.stats
   mcfg = model_config(cfg, tokenizer.vocab_size)
   if mcfg.vocab_size < tokenizer.vocab_size:
     raise UserError(f"config key model.vocab_size: {mcfg.vocab_size} is smaller than the "
                     f"tokenizer's {tokenizer.vocab_size} pieces")
   write_run_config(cfg, mcfg, mesh_sizes, workdir)
   shard = (jax.process_index(), jax.process_count())  # each process reads only its rows
-  try:
-    train_ds = pipeline.lm_dataset(train_stream, tc.seq_len, tc.batch_size, seed=tc.seed,
-                                   shard=shard)
-    eval_ds = pipeline.lm_dataset(eval_stream, tc.seq_len, tc.batch_size, seed=0, shuffle=False,
-                                  repeat=False, shard=shard)
-  except ValueError as e:
-    raise UserError(f"config key data.max_chars / train.batch_size: {e}") from None
+  train_ds = pipeline.batches(data.train, tc.batch_size, shard=shard)
+  eval_ds = pipeline.batches(data.eval, tc.batch_size, shard=shard, repeat=False)
   eval_batches = [eval_ds[i] for i in range(min(tc.eval_batches, len(eval_ds)))]
-  train_iter = iter(train_ds.to_iter_dataset())
+  train_iter = iter(train_ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.data.num_threads)))
+  _log("data: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                            for k, v in sorted(data_stats.items())))
 
   # --- Model, optimizer, state ----------------------------------------------------------------
   pl = plan(cfg, mcfg, mesh)
@@ -225,14 +200,19 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
     _log(f"resumed from {checkpointer.directory} at step {latest}")
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   _log(f"model: {n_params / 1e6:.2f}M parameters, vocab {mcfg.vocab_size}; mesh "
-       f"{dict(mesh.shape)}; {len(train_stream) / 1e6:.2f}M train tokens")
+       f"{dict(mesh.shape)}")
 
 
-  def evaluate(params) -> float:
+  def evaluate(params) -> dict[str, float]:
     with parallel.activate(mesh, pl.rules):
       sums = [pl.eval_step(params, to_global(b, pl.batch_sharding)) for b in eval_batches]
-    total, count = (float(sum(s[i] for s in sums)) for i in (0, 1))
-    return total / max(count, 1.0)
+      total, count = (float(sum(s[i] for s in sums)) for i in (0, 1))
+      out = {"eval_loss": total / max(count, 1.0)}
+      if tc.eval_exact_match and data.template is not None:
+        out["eval_exact_match"] = evaluate_lib.chat_exact_match(
+            pl.handle, params, tokenizer, data.template, data.eval_records[:tc.eval_exact_match],
+            buffer_len=tc.seq_len, compute_dtype=pl.compute_dtype)
+    return out
 
   # --- Loop -----------------------------------------------------------------------------------
   end_step = min(tc.steps, tc.stop_after_steps) if tc.stop_after_steps else tc.steps
@@ -244,6 +224,10 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
   t_log, tokens_since = time.perf_counter(), 0.0
   step = start_step
   try:
+    if start_step == 0 and tc.eval_exact_match and data.template is not None:
+      before = evaluate(state["params"])  # the baseline the run improves on
+      writer.write(0, before)
+      writer.note(f"before training: {before}")
     for step in range(start_step + 1, end_step + 1):
       batch = to_global(next(train_iter), pl.batch_sharding)
       with parallel.activate(mesh, pl.rules):
@@ -253,27 +237,28 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
         writer.note(f"first step (compile included): {time.perf_counter() - t_log:.1f}s")
         t_log = time.perf_counter()
       else:
-        tokens_since += tc.batch_size * tc.seq_len
+        tokens_since += tc.batch_size * tc.seq_len  # positions, padding included
       writer.advance()
       if step % tc.log_every == 0 or step == end_step:
         m = jax.device_get(m)
         elapsed = time.perf_counter() - t_log
         tps = tokens_since / elapsed if tokens_since and elapsed > 0 else 0.0
         last = {"loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
-                "tokens_per_sec": tps, "mfu": tps * flops_per_token / (peak * len(devices))}
+                "tokens_per_sec": tps, "mfu": tps * flops_per_token / (peak * len(devices)),
+                "padding_ratio": data_stats["padding_ratio"]}
         if not np.isfinite(m["loss"]):
           writer.note(f"step {step}: loss is {m['loss']}")
         writer.write(step, last)
         t_log, tokens_since = time.perf_counter(), 0.0
       if tc.eval_every and step % tc.eval_every == 0 and step != end_step:
-        writer.write(step, {"eval_loss": evaluate(state["params"])})
+        writer.write(step, evaluate(state["params"]))
       if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step != end_step:
         checkpointer.save(step, state, train_iter.get_state())
     if step > start_step or latest is None:
       checkpointer.save(step, state, train_iter.get_state())
-    eval_loss = evaluate(state["params"])
-    writer.write(step, {"eval_loss": eval_loss})
-    last = {**last, "eval_loss": eval_loss}
+    final_eval = evaluate(state["params"])
+    writer.write(step, final_eval)
+    last = {**last, **final_eval}
   finally:
     checkpointer.wait()
     checkpointer.close()
@@ -283,14 +268,15 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
   if step < tc.steps:
     _log(f"stopped at step {step} of {tc.steps} (train.stop_after_steps); rerun the same "
          "command to continue")
-  elif tc.sample_tokens:
+  elif tc.sample_tokens and data.template is None:
     prompt = tokenizer.encode(tc.sample_prompt)
     with parallel.activate(mesh, pl.rules):
       ids = generate.sample(pl.handle, state["params"], [tokenizer.bos_id] + prompt, tc.sample_tokens,
                             buffer_len=tc.seq_len, temperature=tc.sample_temperature, seed=tc.seed,
                             stop_ids=(tokenizer.eos_id,), compute_dtype=pl.compute_dtype)
     _log("sample:\n" + tc.sample_prompt + tokenizer.decode(ids))
-  _log(f"done: step {step}, loss {float(last.get('loss', float('nan'))):.4f}, eval loss "
-       f"{eval_loss:.4f}, {time.time() - t_start:.0f}s in all; workdir {workdir}")
+  evals = ", ".join(f"{k} {v:.4f}" for k, v in final_eval.items())
+  _log(f"done: step {step}, loss {float(last.get('loss', float('nan'))):.4f}, {evals}, "
+       f"{time.time() - t_start:.0f}s in all; workdir {workdir}")
   return {"step": step, **{k: float(v) for k, v in last.items()}, "state": state}
 

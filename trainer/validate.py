@@ -11,15 +11,15 @@ import os
 from models.config import ModelConfig
 from parallel import mesh as mesh_lib
 from parallel import rules as rules_lib
+from trainer.data.packing import MODES, TRUNCATION
+from trainer.data.sources import FORMATS
+from trainer.data.templates import TEMPLATES
+from trainer.errors import UserError
 from trainer.optim import SCHEDULES
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 PARAM_DTYPES = ("float32", "bfloat16")
-DATA_SOURCES = ("stdlib",)
-
-
-class UserError(Exception):
-  """An error in what the user asked for, not in the program."""
+DATA_SOURCES = ("stdlib", "files")
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -32,7 +32,7 @@ def check_config(cfg) -> None:
   for key in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_batches",
               "keep_checkpoints"):
     _require(t[key] > 0, f"train.{key}", f"must be positive, got {t[key]}")
-  for key in ("eval_every", "checkpoint_every", "stop_after_steps", "warmup_steps",
+  for key in ("eval_every", "checkpoint_every", "eval_exact_match", "stop_after_steps", "warmup_steps",
               "sample_tokens", "weight_decay", "clip_norm", "peak_tflops"):
     _require(t[key] >= 0, f"train.{key}", f"must be >= 0, got {t[key]}")
   _require(t.lr > 0, "train.lr", f"must be positive, got {t.lr}")
@@ -49,8 +49,17 @@ def check_config(cfg) -> None:
            f"{d.source!r} is not one of {', '.join(DATA_SOURCES)}")
   _require(0 < d.eval_percent < 100, "data.eval_percent", f"must be in (0, 100), got {d.eval_percent}")
   _require(d.max_chars > 0, "data.max_chars", f"must be positive, got {d.max_chars}")
+  _require(d.source != "files" or bool(d.train_files), "data.train_files",
+           "data.source=files needs data.train_files (paths, folders or globs)")
+  _require(d.format in FORMATS, "data.format", f"{d.format!r} is not one of {', '.join(FORMATS)}")
+  _require(d.template in TEMPLATES, "data.template",
+           f"{d.template!r} is not one of {', '.join(TEMPLATES)}")
+  _require(d.packing in MODES, "data.packing", f"{d.packing!r} is not one of {', '.join(MODES)}")
+  _require(d.truncation in TRUNCATION, "data.truncation",
+           f"{d.truncation!r} is not one of {', '.join(TRUNCATION)}")
+  _require(d.pack_group > 0, "data.pack_group", f"must be positive, got {d.pack_group}")
   if d.tokenizer:
-    _require(os.path.isfile(d.tokenizer), "data.tokenizer", f"no file at {d.tokenizer}")
+    _require(os.path.exists(d.tokenizer), "data.tokenizer", f"no file at {d.tokenizer}")
   else:
     _require(d.tokenizer_vocab_size >= 260, "data.tokenizer_vocab_size",
              f"must be at least 260 (256 byte pieces + specials), got {d.tokenizer_vocab_size}")

@@ -1,70 +1,207 @@
-"""grain pipelines that turn token streams into training batches.
+"""From config to batches: records -> tokens (+ chat template and loss mask) -> packed rows ->
+grain batches.
 
-Language-model pretraining reads fixed windows of `seq_len + 1` tokens from one long stream of
-documents joined by EOS; a batch holds `inputs`, `targets` (inputs shifted by one), `weights`
-(1 where the target counts), `positions` and `segment_ids`. Shuffling is a grain index shuffle,
-fresh every epoch, so the iterator's whole state is one integer that travels with checkpoints.
+Everything is deterministic and random-access. Examples are tokenized once; each epoch shuffles
+them (and draws the mixture of datasets by weight) with a seed derived from (seed, epoch), packs
+them into rows, and row i of the endless stream is found by its epoch. The iterator's whole state
+is therefore one integer, saved with every checkpoint, and process p of P reads rows p, p+P, ...
+only: together the processes' batches hold exactly the single-process batch.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+import os
+import zlib
+from typing import Any, Sequence
 
 import grain
 import numpy as np
 
+from trainer.data import packing, sources, stdlib_corpus, templates
+from trainer.data import tokenizer as tokenizer_lib
+from trainer.data.sources import DataError
 
-def token_stream(docs_ids: Sequence[Sequence[int]], eos_id: int, bos_id: int | None = None) -> np.ndarray:
-  """One int32 array: [bos] doc0 eos [bos] doc1 eos ..."""
-  parts = []
-  for ids in docs_ids:
-    if bos_id is not None:
-      parts.append([bos_id])
-    parts += [ids, [eos_id]]
-  return np.concatenate([np.asarray(p, np.int32) for p in parts]) if parts else np.zeros(0, np.int32)
+_ENDLESS = 2**62
+Examples = tuple[list[np.ndarray], list[np.ndarray]]  # token ids, loss masks
 
 
-class _Window:
-  """Window i of the stream as an example dict (a class, not a lambda, so grain can name it)."""
+# ----------------------------------------------------------------------------------------------
+# Records -> examples
+# ----------------------------------------------------------------------------------------------
 
-  def __init__(self, stream: np.ndarray, seq_len: int):
-    self.stream, self.seq_len = stream, seq_len
+
+def tokenize(records: Sequence[dict[str, Any]], fmt: str, tokenizer,
+             template: templates.Template | None) -> Examples:
+  """Text: [BOS] text [EOS], every token learned. Chat: the template, assistant turns learned."""
+  if fmt == "text":
+    encoded = tokenizer.encode_batch([r["text"] for r in records])
+    ids = [np.asarray([tokenizer.bos_id, *e, tokenizer.eos_id], np.int32) for e in encoded]
+    masks = [np.concatenate([[0.0], np.ones(len(x) - 1)]).astype(np.float32) for x in ids]
+    return ids, masks
+  if fmt == "chat":
+    out = [templates.encode_chat(template, tokenizer, r["messages"]) for r in records]
+    return [i for i, _ in out], [m for _, m in out]
+  raise DataError(f"data.format={fmt!r} records are read (prompt/chosen/rejected) but only the "
+                  "preference objectives consume them; train.objective has none yet")
+
+
+class PackedRows:
+  """Row i of an endless stream of epochs; each epoch is the mixture of the datasets' pieces,
+  shuffled, packed. Callable on a row index (a grain map function)."""
+
+  def __init__(self, datasets: Sequence[Examples], weights: Sequence[float], seq_len: int,
+               mode: str, truncation: str, seed: int, shuffle: bool, group: int, stats: dict):
+    self.seq_len, self.mode, self.seed, self.shuffle, self.group = seq_len, mode, seed, shuffle, group
+    self.ids = [x for ids, _ in datasets for x in ids]
+    self.masks = [m for _, masks in datasets for m in masks]
+    self.pieces, offset = [], 0
+    for ids, _ in datasets:  # pieces per dataset, example indices made global
+      fitted = packing.fit_examples([len(x) for x in ids], seq_len, truncation, stats)
+      self.pieces.append([(ex + offset, s, e) for ex, s, e in fitted])
+      offset += len(ids)
+    if not any(self.pieces):
+      raise DataError(f"no example has 2 or more tokens after data.truncation={truncation}")
+    w = np.asarray(weights, np.float64)
+    total = sum(len(p) for p in self.pieces)
+    self.counts = [int(round(total * x / w.sum())) if p else 0 for x, p in zip(w, self.pieces)]
+    self.plans: list[list[list[packing.Piece]]] = []
+    self.starts = [0]  # first global row of each planned epoch
+
+  def _epoch(self, e: int) -> list[list[packing.Piece]]:
+    rng = np.random.default_rng([self.seed, e])
+    order = []
+    for d, (pieces, count) in enumerate(zip(self.pieces, self.counts)):
+      if count == 0:
+        continue
+      # the dataset's pieces, cycled as often as its weight asks, freshly shuffled each cycle
+      taken = []
+      for c in range(-(-count // len(pieces))):
+        perm = (np.random.default_rng([self.seed, e, d, c]).permutation(len(pieces))
+                if self.shuffle else np.arange(len(pieces)))
+        taken += [pieces[k] for k in perm]
+      order += taken[:count]
+    if self.shuffle and len(self.pieces) > 1:
+      order = [order[k] for k in rng.permutation(len(order))]
+    return packing.plan_rows(order, self.seq_len, self.mode, self.group)
+
+  def epoch(self, e: int) -> list[list[packing.Piece]]:
+    while len(self.plans) <= e:
+      self.plans.append(self._epoch(len(self.plans)))
+      self.starts.append(self.starts[-1] + len(self.plans[-1]))
+    return self.plans[e]
 
   def __call__(self, i: int) -> dict[str, np.ndarray]:
-    start = int(i) * self.seq_len
-    chunk = self.stream[start:start + self.seq_len + 1]
-    return {
-        "inputs": chunk[:-1],
-        "targets": chunk[1:],
-        "weights": np.ones(self.seq_len, np.float32),
-        "positions": np.arange(self.seq_len, dtype=np.int32),
-        "segment_ids": np.ones(self.seq_len, np.int32),
-    }
+    i, e = int(i), 0
+    while True:
+      rows = self.epoch(e)
+      if i < self.starts[e + 1]:
+        return packing.assemble(rows[i - self.starts[e]], self.ids, self.masks, self.seq_len)
+      e += 1
 
 
-def num_windows(stream: np.ndarray, seq_len: int) -> int:
-  return max(0, (len(stream) - 1) // seq_len)
-
-
-def lm_dataset(stream: np.ndarray, seq_len: int, batch_size: int, *, seed: int,
-               shuffle: bool = True, repeat: bool = True,
-               shard: tuple[int, int] = (0, 1)) -> grain.MapDataset:
-  """Batches of `batch_size` windows. Raises ValueError if the stream is shorter than a batch.
-
-  With `shard=(index, count)` this process reads only every count-th window from `index` and
-  batches `batch_size // count` of them: the processes' batches i together hold exactly the
-  windows of the single-process batch i.
-  """
+def batches(rows: PackedRows, batch_size: int, *, shard: tuple[int, int] = (0, 1),
+            repeat: bool = True) -> grain.MapDataset:
+  """Batches of `batch_size` rows (this process's `batch_size // count` of them)."""
   index, count = shard
-  n = num_windows(stream, seq_len)
+  n = _ENDLESS if repeat else len(rows.epoch(0))
   if n < batch_size:
-    raise ValueError(f"the token stream ({len(stream)} tokens) holds {n} windows of "
-                     f"{seq_len + 1} tokens, fewer than one batch of {batch_size}")
+    raise DataError(f"the data fills {n} rows of {rows.seq_len} positions, fewer than one batch "
+                    f"of {batch_size}")
   ds = grain.MapDataset.range(n)
-  if shuffle:
-    ds = ds.shuffle(seed=seed)
-  if repeat:
-    ds = ds.repeat()
   if count > 1:
     ds = ds[index::count]
-  return ds.map(_Window(stream, seq_len)).batch(batch_size // count, drop_remainder=True)
+  return ds.map(rows).batch(batch_size // count, drop_remainder=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config -> tokenizer, train and eval rows
+# ----------------------------------------------------------------------------------------------
+
+
+def _split_eval(records: list, eval_percent: float) -> tuple[list, list]:
+  held = [zlib.crc32(str(i).encode()) % 1000 < eval_percent * 10 for i in range(len(records))]
+  return ([r for r, h in zip(records, held) if not h], [r for r, h in zip(records, held) if h])
+
+
+def _records(cfg, stats: dict) -> tuple[list[list[dict]], list[list[dict]]]:
+  d = cfg.data
+  if d.source == "stdlib":
+    train_docs, eval_docs = stdlib_corpus.load_documents(d.max_chars, d.eval_percent)
+    return [[{"text": t} for t in train_docs]], [[{"text": t} for t in eval_docs]]
+  fields = {k: d[f"{k}_field"] for k in ("text", "messages", "prompt", "chosen", "rejected")}
+  train = sources.load_datasets(d.train_files, d.format, fields, d.skip_bad_records, stats)
+  if d.eval_files:
+    evals = sources.load_datasets(d.eval_files, d.format, fields, d.skip_bad_records, stats)
+  else:  # hold out a share of every training dataset
+    splits = [_split_eval(ds, d.eval_percent) for ds in train]
+    train, evals = [t for t, _ in splits], [e for _, e in splits if e]
+    if not all(train) or not evals:
+      raise DataError(f"data.eval_percent={d.eval_percent} leaves a split empty; give "
+                      "data.eval_files or more records")
+  return train, evals
+
+
+def _training_text(records: list[dict], template: templates.Template | None) -> list[str]:
+  if template is None:
+    return [r["text"] for r in records]
+  return ["".join(t for t, _ in template.render(r["messages"])) for r in records]
+
+
+@dataclasses.dataclass
+class Data:
+  tokenizer: Any
+  template: templates.Template | None  # chat data only
+  train: PackedRows
+  eval: PackedRows
+  eval_records: list[dict]  # the held-out records themselves (for generation-based evals)
+  stats: dict[str, Any]  # counts (truncated, dropped, bad records...) and the padding ratio
+
+
+def build(cfg, workdir: str, is_leader: bool, sync=lambda: None) -> Data:
+  """Tokenizer, template, train and eval rows of the run.
+
+  The leader trains (or copies) the tokenizer into the workdir; after `sync()` every process
+  loads that one file, so all agree on it.
+  """
+  d, t = cfg.data, cfg.train
+  stats: dict[str, Any] = {}
+  template = templates.get(d.template) if d.format == "chat" else None
+  train_records, eval_records = _records(cfg, stats)
+  if d.tokenizer:
+    try:
+      tokenizer = tokenizer_lib.load(d.tokenizer)
+    except Exception as e:  # noqa: BLE001 -- any failure to read it is the user's file
+      raise DataError(f"config key data.tokenizer: cannot read {d.tokenizer} ({e})") from None
+    if is_leader:  # a copy beside the checkpoints
+      tokenizer.save(os.path.join(workdir, tokenizer_lib.file_name(tokenizer)))
+  else:  # trained once per workdir by the leader, then read by every process
+    saved = os.path.join(workdir, "tokenizer.model")
+    if is_leader and not os.path.exists(saved):
+      tokenizer_lib.Tokenizer.train(
+          [x for ds in train_records for x in _training_text(ds, template)],
+          d.tokenizer_vocab_size, specials=template.specials if template else ()).save(saved)
+    sync()
+    tokenizer = tokenizer_lib.Tokenizer.load(saved)
+  if template is not None:
+    try:
+      template.stop_id(tokenizer)
+    except ValueError as e:
+      raise DataError(f"config key data.template: {e}") from None
+
+  weights = [float(w) for w in d.train_weights.split(",")] if d.train_weights else \
+      [len(ds) for ds in train_records]
+  if len(weights) != len(train_records) or min(weights) <= 0:
+    raise DataError(f"config key data.train_weights: {d.train_weights!r} must be one positive "
+                    f"weight per dataset in data.train_files ({len(train_records)})")
+  common = dict(seq_len=t.seq_len, mode=d.packing, truncation=d.truncation, group=d.pack_group)
+  train = PackedRows([tokenize(r, d.format, tokenizer, template) for r in train_records], weights,
+                     seed=t.seed, shuffle=True, stats=stats, **common)
+  eval_stats: dict[str, Any] = {}
+  evals = PackedRows([tokenize(r, d.format, tokenizer, template) for r in eval_records],
+                     [len(r) for r in eval_records], seed=0, shuffle=False, stats=eval_stats,
+                     **common)
+  stats["padding_ratio"] = packing.padding_ratio(train.epoch(0), t.seq_len)
+  stats["train_examples"] = sum(len(r) for r in train_records)
+  stats["eval_examples"] = sum(len(r) for r in eval_records)
+  return Data(tokenizer, template, train, evals, [r for ds in eval_records for r in ds], stats)

@@ -1,14 +1,19 @@
-"""Tokenizers. SentencePiece, trained on the run's corpus or loaded from a `.model` file.
+"""Tokenizers: SentencePiece (trained on the run's corpus, or a `.model` file) and Hugging Face
+`tokenizer.json` files (through the `tokenizers` package), behind one small interface:
+`encode` (no BOS/EOS added), `decode`, `bos_id`, `eos_id`, `vocab_size`.
 
-The trained model keeps code intact: no normalisation, whitespace runs are pieces of their own,
-newlines are a symbol, and any character outside the vocabulary falls back to its UTF-8 bytes,
-so decode(encode(text)) == text.
+A SentencePiece model trained here keeps code intact: no normalisation, whitespace runs are
+pieces of their own, newlines are a symbol, digits are split one by one, and any character
+outside the vocabulary falls back to its UTF-8 bytes, so decode(encode(text)) == text. Chat
+templates' special tokens can be added as single pieces.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
+import shutil
 from typing import Iterable, Sequence
 
 import sentencepiece as spm
@@ -25,14 +30,16 @@ class Tokenizer:
       return cls(f.read())
 
   @classmethod
-  def train(cls, texts: Iterable[str], vocab_size: int, max_sentences: int = 300_000) -> "Tokenizer":
+  def train(cls, texts: Iterable[str], vocab_size: int, max_sentences: int = 300_000,
+            specials: Sequence[str] = ()) -> "Tokenizer":
     lines = (line for text in texts for line in text.split("\n") if line.strip())
     out = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=lines, model_writer=out, vocab_size=vocab_size, model_type="bpe",
         normalization_rule_name="identity", remove_extra_whitespaces=False,
         split_by_whitespace=True, allow_whitespace_only_pieces=True, byte_fallback=True,
-        user_defined_symbols=["\n"], input_sentence_size=max_sentences,
+        split_digits=True, add_dummy_prefix=False,
+        user_defined_symbols=["\n", *specials], input_sentence_size=max_sentences,
         shuffle_input_sentence=True, character_coverage=0.9995, num_threads=os.cpu_count() or 1,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
     return cls(out.getvalue())
@@ -63,3 +70,66 @@ class Tokenizer:
 
   def decode(self, ids: Sequence[int]) -> str:
     return self.sp.decode(list(ids))
+
+
+class HFTokenizer:
+  """A Hugging Face `tokenizer.json`; BOS/EOS from the `tokenizer_config.json` beside it when
+  there is one, else from the tokens the Llama, Qwen and Gemma families use."""
+
+  _BOS = ("<|begin_of_text|>", "<s>", "<bos>")
+  _EOS = ("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>")
+
+  def __init__(self, path: str):
+    from tokenizers import Tokenizer as _HF
+    self.path = path
+    self.tok = _HF.from_file(path)
+    config = {}
+    config_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+    if os.path.exists(config_path):
+      with open(config_path) as f:
+        config = json.load(f)
+    self.bos_id = self._special(config.get("bos_token"), self._BOS)
+    self.eos_id = self._special(config.get("eos_token"), self._EOS)
+
+  def _special(self, configured, candidates) -> int:
+    if isinstance(configured, dict):
+      configured = configured.get("content")
+    for token in ([configured] if configured else []) + list(candidates):
+      i = self.tok.token_to_id(token)
+      if i is not None:
+        return i
+    return -1
+
+  @property
+  def vocab_size(self) -> int:
+    return self.tok.get_vocab_size()
+
+  def encode(self, text: str) -> list[int]:
+    return self.tok.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self.tok.decode(list(ids), skip_special_tokens=False)
+
+  def save(self, path: str) -> None:
+    """Copies the file beside the run (as tokenizer.json)."""
+    shutil.copyfile(self.path, path)
+
+
+def load(path: str):
+  """A `.model` (SentencePiece), a `tokenizer.json`, or a folder holding either."""
+  if os.path.isdir(path):
+    for name in ("tokenizer.json", "tokenizer.model"):
+      if os.path.exists(os.path.join(path, name)):
+        return load(os.path.join(path, name))
+    raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {path}")
+  if path.endswith(".json"):
+    return HFTokenizer(path)
+  return Tokenizer.load(path)
+
+
+def file_name(tokenizer) -> str:
+  """Where a run keeps its tokenizer in the workdir."""
+  return "tokenizer.json" if isinstance(tokenizer, HFTokenizer) else "tokenizer.model"

@@ -1,0 +1,259 @@
+"""The data pipeline: sources, tokenizers, chat templates, packing, mixtures, resume, errors."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import ModelConfig
+from trainer import losses, state as state_lib
+from trainer.data import packing, pipeline, sources, stdlib_corpus, templates
+from trainer.data import tokenizer as tokenizer_lib
+from trainer.data.sources import DataError
+
+import small_run
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"}]
+
+
+def write_jsonl(path, records):
+  with open(path, "w") as f:
+    for r in records:
+      f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+  return str(path)
+
+
+# --- sources --------------------------------------------------------------------------------
+
+
+def test_every_source_kind_and_path_form(tmp_path):
+  write_jsonl(tmp_path / "a.jsonl", [{"body": "one"}, {"body": "two"}])
+  (tmp_path / "docs").mkdir()
+  (tmp_path / "docs" / "x.txt").write_text("three")
+  (tmp_path / "docs" / "y.md").write_text("four")
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  pq.write_table(pa.table({"body": ["five", "six"]}), tmp_path / "b.parquet")
+  from array_record.python.array_record_module import ArrayRecordWriter
+  w = ArrayRecordWriter(str(tmp_path / "c.arrayrecord"), "group_size:1")
+  w.write(json.dumps({"body": "seven"}).encode())
+  w.close()
+  spec = f"{tmp_path}/a.jsonl, {tmp_path}/docs, {tmp_path}/*.parquet, {tmp_path}/c.arrayrecord"
+  ds = sources.load_datasets(spec, "text", {"text": "body"}, False, {})
+  texts = [[r["text"] for r in d] for d in ds]
+  assert texts == [["one", "two"], ["three", "four"], ["five", "six"], ["seven"]]
+
+
+def test_malformed_line_names_file_and_line_or_is_skipped_and_counted(tmp_path):
+  path = write_jsonl(tmp_path / "bad.jsonl", [{"text": "a"}, "{not json", {"text": "b"}])
+  with pytest.raises(DataError, match=r"bad.jsonl:2: malformed JSON"):
+    sources.load_datasets(path, "text", {}, False, {})
+  stats = {}
+  ds = sources.load_datasets(path, "text", {}, True, stats)
+  assert [r["text"] for r in ds[0]] == ["a", "b"] and stats["bad_records"] == 1
+
+
+def test_missing_field_and_empty_data_are_errors(tmp_path):
+  path = write_jsonl(tmp_path / "a.jsonl", [{"content": "x"}])
+  with pytest.raises(DataError, match="no field 'text'.*data.text_field"):
+    sources.load_datasets(path, "text", {}, False, {})
+  with pytest.raises(DataError, match="no records"):
+    sources.load_datasets(write_jsonl(tmp_path / "e.jsonl", []), "text", {}, False, {})
+  with pytest.raises(DataError, match="no data files match"):
+    sources.load_datasets(str(tmp_path / "nothing*.jsonl"), "text", {}, False, {})
+
+
+def test_preference_fields_are_mapped(tmp_path):
+  path = write_jsonl(tmp_path / "p.jsonl", [{"q": "1+1", "good": "2", "bad": "3"}])
+  ds = sources.load_datasets(path, "preference", {"prompt": "q", "chosen": "good",
+                                                  "rejected": "bad"}, False, {})
+  assert ds == [[{"prompt": "1+1", "chosen": "2", "rejected": "3"}]]
+
+
+# --- tokenizers and templates ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def spm():
+  texts = stdlib_corpus.load_documents(200_000, 5)[0]
+  specials = tuple(s for t in templates.TEMPLATES.values() for s in t.specials)
+  return tokenizer_lib.Tokenizer.train(texts, 600, specials=specials)
+
+
+EXPECTED = {
+    "llama3": "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+              "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant"
+              "<|end_header_id|>\n\nHello!<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
+              "2+2?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n4<|eot_id|>",
+    "chatml": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+              "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
+              "<|im_start|>assistant\n4<|im_end|>\n",
+    "gemma": "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
+             "Hello!<end_of_turn>\n<start_of_turn>user\n2+2?<end_of_turn>\n<start_of_turn>model\n"
+             "4<end_of_turn>\n",
+}
+LEARNED = {"llama3": "Hello!<|eot_id|>4<|eot_id|>", "chatml": "Hello!<|im_end|>\n4<|im_end|>\n",
+           "gemma": "Hello!<end_of_turn>\n4<end_of_turn>\n"}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_template_renders_the_family_format_and_masks_all_but_replies(name, spm):
+  t = templates.get(name)
+  assert "".join(text for text, _ in t.render(CHAT)) == EXPECTED[name]
+  ids, mask = templates.encode_chat(t, spm, CHAT)
+  assert spm.decode(ids.tolist()) == EXPECTED[name]
+  assert spm.decode(ids[mask == 1].tolist()) == LEARNED[name]
+  assert ids[mask == 1][-1 if name == "llama3" else -2] == t.stop_id(spm)
+
+
+def test_plain_template_ends_replies_with_eos(spm):
+  t = templates.get("plain")
+  ids, mask = templates.encode_chat(t, spm, CHAT)
+  assert ids[0] == spm.bos_id
+  learned = ids[mask == 1].tolist()
+  assert learned.count(spm.eos_id) == 2 and learned[-1] == spm.eos_id
+  prompt, _ = templates.encode_chat(t, spm, CHAT[:-1], add_generation_prompt=True)
+  assert spm.decode(prompt.tolist()).endswith("User: 2+2?\n\nAssistant: ")
+
+
+def test_unknown_template_is_an_error():
+  with pytest.raises(ValueError, match="data.template='vicuna'"):
+    templates.get("vicuna")
+
+
+def test_hf_tokenizer_json(tmp_path):
+  from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+  tok = Tokenizer(models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.train_from_iterator(["hello world", "hello there"] * 50, trainers.BpeTrainer(
+      vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  from tokenizers import decoders
+  tok.decoder = decoders.ByteLevel()
+  tok.save(str(tmp_path / "tokenizer.json"))
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+  loaded = tokenizer_lib.load(str(tmp_path))
+  assert (loaded.bos_id, loaded.eos_id) == (1, 2)
+  assert loaded.decode(loaded.encode("hello world")) == "hello world"
+  assert loaded.vocab_size == tok.get_vocab_size()
+
+
+def test_sentencepiece_keeps_code_exact(spm):
+  code = "def f(x):\n    return x ** 2  # 12345 é\n"
+  assert spm.decode(spm.encode(code)) == code
+  assert [spm.sp.id_to_piece(i) for i in spm.encode("123")] == ["1", "2", "3"]
+
+
+# --- packing --------------------------------------------------------------------------------
+
+
+def pairs_of(rows, ids, seq_len):
+  """Every (input, target) pair the rows train on, with the example it came from."""
+  seen = []
+  for row in rows:
+    b = packing.assemble(row, ids, [np.ones(len(x), np.float32) for x in ids], seq_len)
+    for seg in set(b["segment_ids"].tolist()) - {0}:
+      at = b["segment_ids"] == seg
+      assert b["positions"][at].tolist() == list(range(at.sum()))  # restart per example
+      seen += list(zip(b["inputs"][at].tolist(), b["targets"][at].tolist()))
+  return sorted(seen)
+
+
+@pytest.mark.parametrize("mode", packing.MODES)
+def test_packing_covers_every_token_pair_once(mode):
+  rng = np.random.default_rng(0)
+  ids = [rng.integers(0, 1000, rng.integers(2, 30)).astype(np.int32) for _ in range(200)]
+  seq_len = 64
+  pieces = packing.fit_examples([len(x) for x in ids], seq_len, "split", {})
+  rows = packing.plan_rows(pieces, seq_len, mode, group=200)
+  expected = sorted(p for x in ids for p in zip(x[:-1].tolist(), x[1:].tolist()))
+  assert pairs_of(rows, ids, seq_len) == expected
+  waste = packing.padding_ratio(rows, seq_len)
+  if mode == "concat":
+    assert all(sum(e - s - 1 for _, s, e in r) == seq_len for r in rows[:-1])
+  # only the last row is ever part-empty when packing
+  assert {"none": waste > 0.7, "concat": waste < 1 / len(rows), "greedy": waste < 1 / len(rows)}[mode]
+
+
+def test_truncation_policies_are_counted():
+  lengths = [5, 40, 100]
+  for policy, counts in (("truncate", {"truncated": 2}), ("drop", {"dropped": 2}),
+                         ("split", {"split": 2})):
+    stats = {}
+    pieces = packing.fit_examples(lengths, 16, policy, stats)
+    assert {k: v for k, v in stats.items() if k != "tokens_cut"} == counts
+    assert all(e - s <= 17 for _, s, e in pieces)
+
+
+def test_packed_row_gives_each_example_its_own_loss():
+  cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
+                    max_seq_len=64, rope_theta=10000.0)
+  handle = state_lib.model_handle(cfg)
+  model = handle.bind(state_lib.init_params(handle, seed=0))
+  rng = np.random.default_rng(1)
+  ids = [rng.integers(0, 50, n).astype(np.int32) for n in (9, 14, 6)]
+  masks = [np.ones(len(x), np.float32) for x in ids]
+  row = packing.assemble([(i, 0, len(x)) for i, x in enumerate(ids)], ids, masks, 32)
+  b = {k: jnp.asarray(v)[None] for k, v in row.items()}
+  nll = losses.token_nll(model(b["inputs"], b["positions"], b["segment_ids"]), b["targets"])[0]
+  for seg, x in enumerate(ids, 1):
+    alone = losses.token_nll(model(jnp.asarray(x[None, :-1])), jnp.asarray(x[None, 1:]))[0]
+    np.testing.assert_allclose(nll[row["segment_ids"] == seg], alone, atol=1e-5)
+
+
+# --- mixtures and resume --------------------------------------------------------------------
+
+
+def make_rows(datasets, weights, seed=0, mode="greedy"):
+  exs = [([np.full(n, d, np.int32) for n in lens], [np.ones(n, np.float32) for n in lens])
+         for d, lens in enumerate(datasets)]
+  return pipeline.PackedRows(exs, weights, seq_len=16, mode=mode, truncation="split", seed=seed,
+                             shuffle=True, group=32, stats={})
+
+
+def test_mixture_follows_weights_and_is_deterministic():
+  rows = make_rows([[6] * 100, [6] * 100], [3.0, 1.0])
+  tokens = np.concatenate([rows(i)["inputs"][rows(i)["segment_ids"] > 0]
+                           for i in range(len(rows.epoch(0)))])
+  share = (tokens == 0).mean()
+  assert share == pytest.approx(0.75, abs=0.01)
+  again = make_rows([[6] * 100, [6] * 100], [3.0, 1.0])
+  for i in range(60):  # into the second epoch too
+    np.testing.assert_array_equal(rows(i)["inputs"], again(i)["inputs"])
+  other_seed = make_rows([[6] * 100, [6] * 100], [3.0, 1.0], seed=1)
+  assert any(not np.array_equal(rows(i)["inputs"], other_seed(i)["inputs"]) for i in range(10))
+
+
+def test_iterator_state_resumes_at_the_next_batch():
+  rows = make_rows([list(range(2, 40)) * 5], [1.0])
+  ds = pipeline.batches(rows, 4)
+  it = iter(ds.to_iter_dataset())
+  for _ in range(7):
+    next(it)
+  state = it.get_state()
+  expected = [next(it)["inputs"] for _ in range(30)]  # crosses into later epochs
+  resumed = iter(ds.to_iter_dataset())
+  resumed.set_state(state)
+  for want in expected:
+    np.testing.assert_array_equal(next(resumed)["inputs"], want)
+
+
+def test_sft_run_learns_only_replies(tmp_path):
+  from trainer import train
+  records = [{"messages": [{"role": "user", "content": f"Say {w}"},
+                           {"role": "assistant", "content": w}]} for w in ("yes", "no") * 40]
+  path = write_jsonl(tmp_path / "chat.jsonl", records)
+  cfg = small_run.config(steps=30, eval_exact_match=20, sample_tokens=0)
+  cfg.data.update(source="files", format="chat", template="chatml", packing="greedy",
+                  truncation="truncate", train_files=path, tokenizer_vocab_size=300,
+                  eval_percent=25.0)
+  out = train.run(cfg, str(tmp_path / "run"))
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    evals = [l for l in map(json.loads, f) if "eval_exact_match" in l]
+  assert evals[0]["step"] == 0 and evals[-1]["step"] == 30
+  assert out["eval_exact_match"] >= 0.0 and out["padding_ratio"] < 0.5
