@@ -1,7 +1,8 @@
 """Supervised fine-tuning on a jsonl chat file: loss on assistant turns only.
 
-The default data is the generated task set in data/arith_chat (two-number addition and word
-reversal, checkable answers); held-out exact-match accuracy is measured before and after.
+The default data is the generated task set in data/arith_chat (repeating and reversing random
+words, adding two numbers; checkable answers); held-out exact-match accuracy is measured before
+training and at every eval (0.0 -> 0.95 in about 5 minutes on a 2-core CPU, BENCHMARKS.md).
 
 python -m trainer.main --config=configs/sft_chat.py --workdir=/tmp/sft
 python -m trainer.main --config=configs/sft_chat.py --config.data.train_files=my.jsonl \
@@ -24,7 +25,7 @@ def get_config(arg=None):
   c.data.update(source="files", format="chat", template="chatml", packing="greedy",
                 truncation="truncate", train_files=os.path.join(_DATA, "train.jsonl"),
                 eval_files=os.path.join(_DATA, "eval.jsonl"), tokenizer_vocab_size=400)
-  c.train.update(steps=800, batch_size=32, seq_len=64, lr=2e-3, warmup_steps=50,
-                 log_every=20, eval_every=200, eval_batches=2, checkpoint_every=200,
+  c.train.update(steps=1500, batch_size=32, seq_len=64, lr=1e-3, warmup_steps=50,
+                 log_every=20, eval_every=500, eval_batches=2, checkpoint_every=500,
                  eval_exact_match=200, sample_tokens=0, weight_decay=0.0)
   return c

@@ -26,12 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = dict(steps=3, log_every=1, eval_every=0, checkpoint_every=0, sample_tokens=0)
 
 CASES = {
-    "dp8": dict(data=8, strategy="dp"),
-    "zero1 dp8": dict(data=8, strategy="zero1"),
-    "zero2 dp8": dict(data=8, strategy="zero2"),
-    "fsdp8": dict(data=1, fsdp=8, strategy="fsdp"),
-    "fsdp4 x tp2": dict(data=1, fsdp=4, tensor=2, strategy="fsdp_tp"),
-    "dp2 x fsdp2 x tp2": dict(data=2, fsdp=2, tensor=2, strategy="fsdp_tp"),
+    **memory_bench.CASES,  # dp8, zero1 dp8, zero2 dp8, fsdp8, fsdp4 x tp2, dp2 x fsdp2 x tp2
     "dp2 x fsdp2 x tp2 + sp": dict(data=2, fsdp=2, tensor=2, strategy="fsdp_tp_sp"),
     "fsdp2 x sp4 ring": dict(data=1, fsdp=2, sequence=4, strategy="fsdp"),
 }

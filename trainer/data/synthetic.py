@@ -1,6 +1,7 @@
 """Generated chat tasks with checkable answers, for the SFT demo and tests.
 
-Two tasks: adding two numbers below 100, and reversing a short lowercase word. Each record is
+Three tasks of rising difficulty: repeating a short random lowercase word, reversing one, and
+adding two numbers below 100. Each record is
 {"messages": [system?, user, assistant]}; the answer is exact, so held-out accuracy is measured by
 exact match of the generated reply.
 
@@ -18,12 +19,15 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 def example(rng: random.Random) -> dict:
-  if rng.random() < 0.5:
+  task = rng.randrange(3)
+  word = "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 6)))
+  if task == 0:
+    user, answer = f"Repeat the word {word}.", word
+  elif task == 1:
+    user, answer = f"Reverse the word {word}.", word[::-1]
+  else:
     a, b = rng.randrange(100), rng.randrange(100)
     user, answer = f"What is {a} + {b}?", str(a + b)
-  else:
-    word = "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 6)))
-    user, answer = f"Reverse the word {word}.", word[::-1]
   messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
   if rng.random() < 0.3:
     messages.insert(0, {"role": "system", "content": "Answer with the result only."})
