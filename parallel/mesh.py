@@ -49,6 +49,3 @@ def make_mesh(sizes: Mapping[str, int], devices=None) -> Mesh:
     grid = np.asarray(devices).reshape(shape)
   return Mesh(grid, AXES)
 
-
-def data_parallel_size(mesh: Mesh) -> int:
-  return mesh.shape["data"] * mesh.shape["fsdp"]

@@ -1,9 +1,7 @@
 """The data pipeline: sources, tokenizers, chat templates, packing, mixtures, resume, errors."""
 
 import json
-import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -172,7 +172,7 @@ def test_two_processes_match_one_and_resume_across_them(tmp_path):
   assert "resumed" in proc.stdout
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     two = {l["step"]: l["loss"] for l in map(json.loads, f) if "loss" in l}
-  one = train.run(config(dict(data=-1), steps=6, log_every=1), str(tmp_path / "one"))
+  train.run(config(dict(data=-1), steps=6, log_every=1), str(tmp_path / "one"))
   with open(str(tmp_path / "one" / "metrics.jsonl")) as f:
     ref = {l["step"]: l["loss"] for l in map(json.loads, f) if "loss" in l}
   assert sorted(two) == list(range(1, 7))
