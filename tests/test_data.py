@@ -255,3 +255,12 @@ def test_sft_run_learns_only_replies(tmp_path):
     evals = [l for l in map(json.loads, f) if "eval_exact_match" in l]
   assert evals[0]["step"] == 0 and evals[-1]["step"] == 30
   assert out["eval_exact_match"] >= 0.0 and out["padding_ratio"] < 0.5
+
+
+def test_a_short_eval_set_is_topped_up_with_padding_rows():
+  rows = make_rows([[10, 12, 9]], [1.0], mode="none")  # 3 rows
+  ds = pipeline.batches(rows, 8, repeat=False)
+  assert len(ds) == 1
+  b = ds[0]
+  assert (b["weights"].sum(1) > 0).tolist() == [True] * 3 + [False] * 5
+  assert (b["segment_ids"][3:] == 0).all()

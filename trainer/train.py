@@ -21,7 +21,8 @@ from jax.experimental import multihost_utils
 
 import parallel
 from trainer import checkpoint as ckpt_lib
-from trainer import evaluate as evaluate_lib, generate, metrics as metrics_lib, optim, state as state_lib, step as step_lib
+from trainer import evaluate as evaluate_lib, generate, metrics as metrics_lib, optim
+from trainer import state as state_lib, step as step_lib
 from trainer.data import pipeline
 from trainer.validate import UserError, check_config, check_mesh, model_config
 
@@ -49,6 +50,10 @@ def prepare_workdir(workdir: str) -> None:
     raise UserError(f"--workdir={workdir} is not writable: {e.strerror}") from None
 
 
+# Model keys that change how the model runs, not what it is: a checkpoint restores across them.
+_EXECUTION_CHOICES = {"remat", "attention_impl", "init_std"}
+
+
 def write_run_config(cfg, mcfg, mesh_sizes: dict[str, int], workdir: str) -> None:
   """config.json: the run config with everything resolved (vocab size, head_dim, mesh sizes).
 
@@ -60,7 +65,8 @@ def write_run_config(cfg, mcfg, mesh_sizes: dict[str, int], workdir: str) -> Non
   if os.path.exists(path) and os.path.isdir(os.path.join(workdir, "checkpoints")):
     with open(path) as f:
       saved = json.load(f).get("model", {})
-    diff = sorted(k for k, v in resolved["model"].items() if saved.get(k) != v)
+    diff = sorted(k for k, v in resolved["model"].items()
+                  if saved.get(k) != v and k not in _EXECUTION_CHOICES)
     if diff:
       raise UserError(f"--workdir={workdir} holds checkpoints of a different model (model.{diff[0]}"
                       f" was {saved.get(diff[0])!r}, now {resolved['model'][diff[0]]!r}); use a "
@@ -72,7 +78,7 @@ def write_run_config(cfg, mcfg, mesh_sizes: dict[str, int], workdir: str) -> Non
 
 
 # ----------------------------------------------------------------------------------------------
-# Data
+# Placement: where the optimizer state rests, how host batches become global arrays
 # ----------------------------------------------------------------------------------------------
 
 
@@ -201,7 +207,6 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   _log(f"model: {n_params / 1e6:.2f}M parameters, vocab {mcfg.vocab_size}; mesh "
        f"{dict(mesh.shape)}")
-
 
   def evaluate(params) -> dict[str, float]:
     with parallel.activate(mesh, pl.rules):

@@ -92,7 +92,10 @@ class PackedRows:
     return self.plans[e]
 
   def __call__(self, i: int) -> dict[str, np.ndarray]:
+    """Row i; past the end of a finite (`batches(repeat=False)`) pass, an all-padding row."""
     i, e = int(i), 0
+    if i < 0:
+      return packing.assemble([], self.ids, self.masks, self.seq_len)
     while True:
       rows = self.epoch(e)
       if i < self.starts[e + 1]:
@@ -100,15 +103,26 @@ class PackedRows:
       e += 1
 
 
+class _Padded:
+  """Row indices of one pass, topped up to whole batches with all-padding rows (index -1)."""
+
+  def __init__(self, n: int):
+    self.n = n
+
+  def __call__(self, i: int) -> int:
+    return int(i) if i < self.n else -1
+
+
 def batches(rows: PackedRows, batch_size: int, *, shard: tuple[int, int] = (0, 1),
             repeat: bool = True) -> grain.MapDataset:
-  """Batches of `batch_size` rows (this process's `batch_size // count` of them)."""
+  """Batches of `batch_size` rows (this process's `batch_size // count` of them): endless, or
+  one pass over the first epoch with the last batch topped up by padding rows (weight 0)."""
   index, count = shard
-  n = _ENDLESS if repeat else len(rows.epoch(0))
-  if n < batch_size:
-    raise DataError(f"the data fills {n} rows of {rows.seq_len} positions, fewer than one batch "
-                    f"of {batch_size}")
-  ds = grain.MapDataset.range(n)
+  if repeat:
+    ds = grain.MapDataset.range(_ENDLESS)
+  else:
+    n = len(rows.epoch(0))
+    ds = grain.MapDataset.range(-(-n // batch_size) * batch_size).map(_Padded(n))
   if count > 1:
     ds = ds[index::count]
   return ds.map(rows).batch(batch_size // count, drop_remainder=True)
