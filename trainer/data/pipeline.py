@@ -10,6 +10,7 @@ only: together the processes' batches hold exactly the single-process batch.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import os
 import zlib
@@ -93,14 +94,13 @@ class PackedRows:
 
   def __call__(self, i: int) -> dict[str, np.ndarray]:
     """Row i; past the end of a finite (`batches(repeat=False)`) pass, an all-padding row."""
-    i, e = int(i), 0
+    i = int(i)
     if i < 0:
       return packing.assemble([], self.ids, self.masks, self.seq_len)
-    while True:
-      rows = self.epoch(e)
-      if i < self.starts[e + 1]:
-        return packing.assemble(rows[i - self.starts[e]], self.ids, self.masks, self.seq_len)
-      e += 1
+    while self.starts[-1] <= i:  # plan epochs up to the one holding row i
+      self.epoch(len(self.plans))
+    e = bisect.bisect_right(self.starts, i) - 1
+    return packing.assemble(self.plans[e][i - self.starts[e]], self.ids, self.masks, self.seq_len)
 
 
 class _Padded:
