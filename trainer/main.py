@@ -78,7 +78,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     _check_override_keys(_load_recipe(specs[-1] if specs else DEFAULT_CONFIG), argv[1:])
     return flags.FLAGS(argv)
   except Exception as e:  # noqa: BLE001 -- reported in one line, or raised with --verbose
-    if "--verbose" in argv:
+    if any(a in ("--verbose", "--verbose=true", "--verbose=True") for a in argv):
       raise
     message = " ".join(str(e).replace("\\n", " ").split()).strip("'\"")
     _fail(message or type(e).__name__)
@@ -93,7 +93,7 @@ def default_workdir(config_arg: str) -> str:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     _fail(f"unexpected arguments {' '.join(argv[1:])}; settings go in --config.KEY=VALUE")
-  import jax  # after flag parsing, so that --help is fast
+  import jax
 
   from parallel import distributed
   from trainer import train
