@@ -1,0 +1,96 @@
+"""FlashMask vectors against masks written out densely from their definitions, and the tile
+classification against the dense mask."""
+
+import numpy as np
+import pytest
+
+from models.kernels import flashmask as fm
+
+
+def tril(n):
+  return np.tril(np.ones((n, n), bool))
+
+
+def test_causal_and_sliding_window():
+  n = 13
+  np.testing.assert_array_equal(fm.causal(2, n).dense(), np.broadcast_to(tril(n), (2, n, n)))
+  i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+  np.testing.assert_array_equal(fm.sliding_window(1, n, 4).dense()[0], (j <= i) & (i - j < 4))
+
+
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_document_mask_equals_segment_rule(is_causal):
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    n = int(rng.integers(5, 40))
+    seg = np.sort(rng.integers(0, 5, (3, n)), axis=1)
+    seg[:, -int(rng.integers(0, 4)):] = 0 if rng.random() < 0.5 else seg[:, -1:]  # padding tail
+    i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+    want = seg[:, :, None] == seg[:, None, :]
+    # consecutive runs, not equal ids: padding after a segment of id 0 is a new run
+    runs = np.concatenate([np.zeros((3, 1), int), np.cumsum(np.diff(seg, axis=1) != 0, 1)], 1)
+    want = runs[:, :, None] == runs[:, None, :]
+    if is_causal:
+      want &= j <= i
+    np.testing.assert_array_equal(fm.document(seg, is_causal).dense(), want)
+
+
+def test_shared_prompt_answers_see_prompt_and_themselves():
+  p, answers, n = 4, [3, 5, 2], 17
+  m = fm.shared_prompt(p, answers, n).dense()[0]
+  owner = np.full(n, -2)
+  owner[:p] = -1
+  s = p
+  for k, length in enumerate(answers):
+    owner[s:s + length] = k
+    s += length
+  end = s
+  i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+  in_group = (i < end) & (j < end)
+  want = in_group & (j <= i) & ((owner[None, :] == -1) | (owner[None, :] == owner[:, None]))
+  want |= (i >= end) & (j >= end) & (j <= i)  # trailing padding, causal among itself
+  np.testing.assert_array_equal(m, want)
+
+
+def test_prefix_lm():
+  n = 10
+  m = fm.prefix_lm(np.array([0, 4]), n).dense()
+  i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+  np.testing.assert_array_equal(m[0], j <= i)
+  np.testing.assert_array_equal(m[1], (j <= i) | (j < 4))
+
+
+def test_user_vectors_are_checked():
+  with pytest.raises(ValueError, match="start <= end"):
+    fm.from_vectors([[3]], [[2]], [[0]], [[0]])
+  with pytest.raises(ValueError, match="one shape"):
+    fm.from_vectors([[3, 3]], [[3]], [[0]], [[0]])
+
+
+def random_mask(rng, b, n):
+  a = np.sort(rng.integers(0, n + 1, (2, b, n)), axis=0)
+  c = np.sort(rng.integers(0, n + 1, (2, b, n)), axis=0)
+  return fm.from_vectors(a[0], a[1], c[0], c[1])
+
+
+@pytest.mark.parametrize("kind", ["causal", "document", "shared", "prefix", "window", "random"])
+def test_tile_kinds_agree_with_the_dense_mask(kind):
+  rng = np.random.default_rng(1)
+  n, bq, bk = 50, 8, 16  # 50 is not a multiple of either block
+  mask = {"causal": lambda: fm.causal(2, n),
+          "document": lambda: fm.document(np.sort(rng.integers(0, 4, (2, n)), 1)),
+          "shared": lambda: fm.shared_prompt(10, [12, 9, 15], n),
+          "prefix": lambda: fm.prefix_lm(np.array([7, 30]), n),
+          "window": lambda: fm.sliding_window(2, n, 9),
+          "random": lambda: random_mask(rng, 3, n)}[kind]()
+  dense = mask.dense()
+  kinds = fm.tile_kinds(mask, n, bq, bk)
+  for qb in range(kinds.shape[1]):
+    for kb in range(kinds.shape[2]):
+      tile = dense[:, qb * bq:(qb + 1) * bq, kb * bk:(kb + 1) * bk]
+      want = np.where(~tile.any((1, 2)), fm.SKIP, np.where(tile.all((1, 2)), fm.FULL, fm.PARTIAL))
+      np.testing.assert_array_equal(kinds[:, qb, kb], want, err_msg=f"tile {qb},{kb}")
+  if kind != "random":  # structured masks leave tiles to skip; causal also whole tiles to keep
+    assert (kinds == fm.SKIP).any()
+  if kind == "causal":
+    assert (kinds == fm.FULL).any()
