@@ -178,7 +178,6 @@ class Attention(nnx.Module):
       out = dot_product_attention(q, k, v, mask)
     return dense(out, self.o[...], n_in=2)
 
-
   def _ring_block(self, q, k, v, pos_q, seg_q, pos_k, seg_k):
     return attention_block(q, k, v, attention_mask(pos_q, seg_q, pos_k, seg_k,
                                                    self.cfg.sliding_window))

@@ -215,6 +215,7 @@ def build(cfg, workdir: str, is_leader: bool, sync=lambda: None) -> Data:
   evals = PackedRows([tokenize(r, d.format, tokenizer, template) for r in eval_records],
                      [len(r) for r in eval_records], seed=0, shuffle=False, stats=eval_stats,
                      **common)
+  stats.update({f"eval_{k}": v for k, v in eval_stats.items()})  # e.g. eval_truncated
   stats["padding_ratio"] = packing.padding_ratio(train.epoch(0), t.seq_len)
   stats["train_examples"] = sum(len(r) for r in train_records)
   stats["eval_examples"] = sum(len(r) for r in eval_records)
