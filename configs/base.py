@@ -33,7 +33,7 @@ def get_config(arg=None):
       sliding_window=0,
       init_std=0.02,
       remat="none",  # none | full | dots | dots_no_batch
-      attention_impl="xla",  # xla
+      attention_impl="xla",  # xla | pallas (FlashMask kernel) | cudnn (NVIDIA GPUs) | ring
   ))
 
   # Where tokens come from (trainer/data/).

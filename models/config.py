@@ -12,7 +12,7 @@ from typing import Any
 
 ROPE_SCALINGS = ("none", "linear", "dynamic", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_IMPLS = ("xla", "ring")
+ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "ring")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +37,7 @@ class ModelConfig:
   sliding_window: int = 0  # Mistral: attend to at most this many previous tokens (0: off)
   init_std: float = 0.02
   remat: str = "none"  # one of REMAT_POLICIES
-  attention_impl: str = "xla"  # one of ATTENTION_IMPLS
+  attention_impl: str = "xla"  # one of ATTENTION_IMPLS (models/layers.py `attention_inputs`)
 
   def __post_init__(self):
     if self.head_dim == 0:

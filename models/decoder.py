@@ -11,7 +11,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig
-from models.layers import MLP, Attention, RMSNorm, attention_mask, dense, param, rope_tables
+from models.layers import MLP, Attention, RMSNorm, attention_inputs, dense, param, rope_tables
+from parallel import ring_attention
 from parallel.rules import constrain
 
 BTD = ("batch", "length", "embed")
@@ -30,8 +31,8 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x_btd, cos, sin, positions_bt, segment_ids_bt, mask):
-    x_btd = x_btd + self.attn(self.attn_norm(x_btd), cos, sin, positions_bt, segment_ids_bt, mask)
+  def __call__(self, x_btd, cos, sin, mask):
+    x_btd = x_btd + self.attn(self.attn_norm(x_btd), cos, sin, mask)
     x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
     return constrain(x_btd, BTD)
 
@@ -59,10 +60,8 @@ class Decoder(nnx.Module):
     if segment_ids_bt is None:
       segment_ids_bt = jnp.ones((b, t), jnp.int32)
     cos, sin = rope_tables(self.cfg, positions_bt)
-    mask = None
-    if self.cfg.attention_impl == "xla":
-      mask = attention_mask(positions_bt, segment_ids_bt, positions_bt, segment_ids_bt,
-                            self.cfg.sliding_window)
+    order = ring_attention.layout(t) if self.cfg.attention_impl == "ring" else None
+    mask = attention_inputs(self.cfg, positions_bt, segment_ids_bt, order)
 
     # Gather the table's model dimension first (as FSDP does for any weight it uses), keeping
     # the vocabulary split: a lookup into a table split along both leaves the partitioner only
@@ -72,7 +71,7 @@ class Decoder(nnx.Module):
     graphdef, layer_state = nnx.split(self.layers)
 
     def one_layer(x, state):
-      return nnx.merge(graphdef, state)(x, cos, sin, positions_bt, segment_ids_bt, mask), None
+      return nnx.merge(graphdef, state)(x, cos, sin, mask), None
 
     if self.cfg.remat != "none":
       one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[self.cfg.remat],

@@ -11,9 +11,12 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from models.config import ModelConfig
+from models.kernels import flashmask as fm
+from models.kernels.flash_attention import flash_attention
 from parallel.ring_attention import ring_attention
 from parallel.rules import constrain
 
@@ -165,22 +168,65 @@ class Attention(nnx.Module):
       self.k_bias = param(rngs, (k, hd), ("kv_heads", "head_dim"), std=0)
       self.v_bias = param(rngs, (k, hd), ("kv_heads", "head_dim"), std=0)
 
-  def __call__(self, x_btd, cos, sin, positions_bt, segment_ids_bt, mask):
+  def __call__(self, x_btd, cos, sin, mask):
+    """`mask` is what `attention_inputs` built for the configured attention_impl."""
     q = dense(x_btd, self.q[...])  # (b, t, heads, head_dim)
     k = dense(x_btd, self.k[...])  # (b, t, kv_heads, head_dim)
     v = dense(x_btd, self.v[...])
     if self.cfg.qkv_bias:
       q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if self.cfg.attention_impl == "ring":
-      out = ring_attention(self._ring_block, q, k, v, positions_bt, segment_ids_bt)
-    else:
+    impl = self.cfg.attention_impl
+    if impl == "xla":
       out = dot_product_attention(q, k, v, mask)
+    elif impl == "pallas":
+      out = flash_attention(q, k, v, mask)[0]
+    elif impl == "cudnn":
+      window = self.cfg.sliding_window
+      out = jax.nn.dot_product_attention(
+          q, k, v, mask=mask, is_causal=True, implementation="cudnn",
+          local_window_size=(window - 1, 0) if window else None)
+    else:  # ring
+      out = ring_attention(_ring_block, _ring_visible, q, k, v, *mask)
     return dense(out, self.o[...], n_in=2)
 
-  def _ring_block(self, q, k, v, pos_q, seg_q, pos_k, seg_k):
-    return attention_block(q, k, v, attention_mask(pos_q, seg_q, pos_k, seg_k,
-                                                   self.cfg.sliding_window))
+
+def attention_inputs(cfg: ModelConfig, positions_bt, segment_ids_bt, order=None):
+  """The mask in the form `cfg.attention_impl` takes, built once for all layers.
+
+  xla: dense booleans from positions and segment ids. pallas: FlashMask vectors, O(length), from
+  the segment ids (positions count up by one inside each segment, as the data pipeline makes
+  them). cudnn: its causal flag and window plus a dense same-segment mask. ring: the global row
+  index of every query and the FlashMask vectors of every key, both in the ring's `order`.
+  """
+  impl, window = cfg.attention_impl, cfg.sliding_window
+  if impl == "xla":
+    return attention_mask(positions_bt, segment_ids_bt, positions_bt, segment_ids_bt, window)
+  if impl == "pallas":
+    return fm.from_segments(segment_ids_bt, window)
+  if impl == "cudnn":
+    return (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])[:, None]
+  b, t = segment_ids_bt.shape
+  order = np.arange(t) if order is None else np.asarray(order)
+  natural = fm.from_segments(segment_ids_bt[:, np.argsort(order)], window)
+  rows = jnp.broadcast_to(jnp.asarray(order, jnp.int32), (b, t))
+  return (rows,), tuple(getattr(natural, f)[:, order] for f in ("lts", "lte", "uts", "ute"))
+
+
+def _ring_mask(q_aux, k_aux, q_len):
+  """A ring block's FlashMask: the keys' bands over global rows, renumbered for this contiguous
+  chunk of queries."""
+  (rows,) = q_aux
+  return fm.shift_rows(fm.FlashMask(*k_aux), rows[0, 0], q_len)
+
+
+def _ring_block(q, k, v, q_aux, k_aux):
+  return flash_attention(q, k, v, _ring_mask(q_aux, k_aux, q.shape[1]), out_dtype=jnp.float32)
+
+
+def _ring_visible(q_aux, k_aux):
+  q_len, k_len = q_aux[0].shape[1], k_aux[0].shape[1]
+  return jnp.any(fm.tile_kinds(_ring_mask(q_aux, k_aux, q_len), q_len, q_len, k_len) != fm.SKIP)
 
 
 class MLP(nnx.Module):

@@ -8,12 +8,15 @@ trainable sequence length grows with the number of devices.
 Load balance: with a causal mask, device i of a plain split would do i + 1 blocks of work. The
 trainer reorders the sequence "zigzag" (`zigzag_order`): the sequence is cut into 2n chunks and
 device i holds chunks i and 2n - 1 - i, so every device holds one early and one late chunk. Each
-device works on half-chunk pairs and skips those whose keys all come after its queries; every
-device then does the same amount of work. The mask itself is computed from positions, so the
-reordering changes nothing numerically.
+device works on half-chunk pairs and skips those none of whose keys its queries may see (with a
+causal mask: keys all after the queries); every device then does the same amount of work. Masks
+are defined in the original order, so the reordering changes nothing numerically.
 
-The per-block computation is passed in (`block_fn`), so the same ring drives the XLA block and,
-later, a Pallas kernel.
+The per-block computation is passed in (`block_fn`): the model uses the Pallas FlashMask kernel
+(models/kernels/flash_attention.py), whose masks are key-column bands over global query rows;
+each query half-chunk is contiguous in the original order, so a block only renumbers the bands
+for its rows (`flashmask.shift_rows`). Whatever travels with the keys (`k_aux`: their mask
+vectors) moves around the ring with them.
 """
 
 from __future__ import annotations
@@ -28,8 +31,11 @@ from parallel import rules as rules_lib
 
 AXIS = "sequence"
 
-# block_fn(q, k, v, pos_q, seg_q, pos_k, seg_k) -> (out float32 (b, t, h, d), lse float32 (b, t, h))
+# block_fn(q, k, v, q_aux, k_aux) -> (out float32 (b, t, h, d), lse float32 (b, t, h)), where
+# q_aux and k_aux are tuples of (b, t) arrays that belong to the queries and to the keys.
 BlockFn = Callable[..., tuple[jax.Array, jax.Array]]
+# visible_fn(q_aux, k_aux) -> bool scalar: False when no query of the block sees any of its keys.
+VisibleFn = Callable[..., jax.Array]
 
 
 def zigzag_order(length: int, n: int) -> np.ndarray:
@@ -46,56 +52,64 @@ def sequence_parallel_size() -> int:
   return 1 if active is None else active[0].shape[AXIS]
 
 
+def layout(length: int) -> np.ndarray:
+  """The order ring attention runs the sequence in under the active mesh (identity without
+  sequence parallelism). The trainer reorders batches by it; the model reads it to place masks."""
+  n = sequence_parallel_size()
+  return zigzag_order(length, n) if n > 1 else np.arange(length)
+
+
 def _combine(o, lse, o_blk, lse_blk):
   new = jnp.logaddexp(lse, lse_blk)
   return (o * jnp.exp(lse - new)[..., None] + o_blk * jnp.exp(lse_blk - new)[..., None]), new
 
 
-def ring_attention(block_fn: BlockFn, q, k, v, positions, segment_ids):
-  """q (batch, length, heads, head_dim), k/v (batch, length, kv_heads, head_dim), positions and
-  segment ids (batch, length); the length already in the order it is sharded in."""
+def ring_attention(block_fn: BlockFn, visible_fn: VisibleFn, q, k, v, q_aux, k_aux):
+  """q (batch, length, heads, head_dim), k/v (batch, length, kv_heads, head_dim), q_aux/k_aux
+  tuples of (batch, length) arrays; the length already in the order it is sharded in (`layout`)."""
   active = rules_lib.active()
   if active is None or active[0].shape[AXIS] == 1:
-    out, _ = block_fn(q, k, v, positions, segment_ids, positions, segment_ids)
+    out, _ = block_fn(q, k, v, q_aux, k_aux)
     return out.astype(q.dtype)
   mesh, rules = active
   n = mesh.shape[AXIS]
   q_spec = rules_lib.spec(("batch", "length", "heads", "head_dim"), rules, mesh, q.shape)
   kv_spec = rules_lib.spec(("batch", "length", "kv_heads", "head_dim"), rules, mesh, k.shape)
-  s_spec = rules_lib.spec(("batch", "length"), rules, mesh, positions.shape)
+  s_spec = rules_lib.spec(("batch", "length"), rules, mesh, q_aux[0].shape)
   if q_spec[1] != AXIS or kv_spec[1] != AXIS:
     raise ValueError(f"ring attention needs the length split over exactly '{AXIS}', got {q_spec[1]}")
   if q_spec[2] != kv_spec[2]:
     raise ValueError(f"ring attention: query heads are split over {q_spec[2]} but KV heads over "
                      f"{kv_spec[2]}; make n_kv_heads divisible by mesh.tensor")
-  halves = 2 if q.shape[1] % (2 * n) == 0 else 1
+  halves = 2  # a device's two zigzag chunks, each contiguous in the original order
   block = jax.checkpoint(block_fn)  # recompute scores in the backward pass: O(length/n) memory
+  split = lambda x: jnp.split(x, halves, axis=1)
+  split_aux = lambda aux: list(zip(*(split(a) for a in aux)))  # per half: a tuple of arrays
 
-  def local(q, k, v, pos_q, seg_q, pos_k, seg_k):
-    split = lambda x: jnp.split(x, halves, axis=1)
-    q_parts, pq_parts, sq_parts = split(q), split(pos_q), split(seg_q)
+  def local(q, k, v, q_aux, k_aux):
+    q_parts, q_aux_parts = split(q), split_aux(q_aux)
     b, t, h, d = q.shape
     o = [jnp.zeros((b, t // halves, h, d), jnp.float32) for _ in range(halves)]
     lse = [jnp.full((b, t // halves, h), jnp.finfo(jnp.float32).min) for _ in range(halves)]
 
     def hop(carry, _):
-      o, lse, k, v, pos_k, seg_k = carry
+      o, lse, k, v, k_aux = carry
       o, lse = list(o), list(lse)
-      for j, (kj, vj, pkj, skj) in enumerate(zip(split(k), split(v), split(pos_k), split(seg_k))):
+      for kj, vj, aux_j in zip(split(k), split(v), split_aux(k_aux)):
         for i in range(halves):
-          def attend(o_i, lse_i, i=i, kj=kj, vj=vj, pkj=pkj, skj=skj):
-            o_blk, lse_blk = block(q_parts[i], kj, vj, pq_parts[i], sq_parts[i], pkj, skj)
+          def attend(o_i, lse_i, i=i, kj=kj, vj=vj, aux_j=aux_j):
+            o_blk, lse_blk = block(q_parts[i], kj, vj, q_aux_parts[i], aux_j)
             return _combine(o_i, lse_i, o_blk, lse_blk)
-          visible = jnp.min(pkj) <= jnp.max(pq_parts[i])  # causal: some key not after a query
-          o[i], lse[i] = jax.lax.cond(visible, attend, lambda a, b: (a, b), o[i], lse[i])
+          o[i], lse[i] = jax.lax.cond(visible_fn(q_aux_parts[i], aux_j), attend,
+                                      lambda a, b: (a, b), o[i], lse[i])
       perm = [(s, (s + 1) % n) for s in range(n)]
-      k, v, pos_k, seg_k = (jax.lax.ppermute(x, AXIS, perm) for x in (k, v, pos_k, seg_k))
-      return (o, lse, k, v, pos_k, seg_k), None
+      k, v, k_aux = (jax.lax.ppermute(x, AXIS, perm) for x in (k, v, k_aux))
+      return (o, lse, k, v, k_aux), None
 
-    (o, lse, *_), _ = jax.lax.scan(hop, (o, lse, k, v, pos_k, seg_k), None, length=n)
+    (o, lse, *_), _ = jax.lax.scan(hop, (o, lse, k, v, k_aux), None, length=n)
     return jnp.concatenate(o, axis=1).astype(q.dtype)
 
+  aux_specs = lambda aux: tuple(s_spec for _ in aux)
   return jax.shard_map(
-      local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, s_spec, s_spec, s_spec, s_spec),
-      out_specs=q_spec, check_vma=False)(q, k, v, positions, segment_ids, positions, segment_ids)
-
+      local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, aux_specs(q_aux), aux_specs(k_aux)),
+      out_specs=q_spec, check_vma=False)(q, k, v, tuple(q_aux), tuple(k_aux))

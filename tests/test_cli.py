@@ -23,6 +23,7 @@ def run_main(*args, workdir):
     (["--config.precision.compute_dtype=float8"], "precision.compute_dtype"),
     (["--config.model.remat=sometimes"], "remat"),
     (["--config.model.attention_impl=magic"], "attention_impl"),
+    (["--config.model.attention_impl=cudnn"], "cudnn runs on NVIDIA GPUs only"),
     (["--config.model.n_kv_heads=3"], "n_kv_heads"),
     (["--config.mesh.data=3"], "mesh"),
     (["--config.train.batch_size=12"], "train.batch_size"),  # 12 rows over 8 devices

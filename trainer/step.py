@@ -32,9 +32,8 @@ def split_microbatches(batch: Batch, n: int) -> Batch:
 
 def make_loss_fn(handle: ModelHandle, compute_dtype) -> Callable:
   def loss_fn(params, batch: Batch):
-    n = ring_attention.sequence_parallel_size()
-    if handle.cfg.attention_impl == "ring" and n > 1:  # load balance: see parallel/ring_attention
-      order = ring_attention.zigzag_order(batch["inputs"].shape[1], n)
+    if handle.cfg.attention_impl == "ring" and ring_attention.sequence_parallel_size() > 1:
+      order = ring_attention.layout(batch["inputs"].shape[1])  # load balance
       batch = {k: v[:, order] for k, v in batch.items()}
     model = handle.bind(cast_floating(params, compute_dtype))
     logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])

@@ -24,7 +24,7 @@ from trainer import checkpoint as ckpt_lib
 from trainer import evaluate as evaluate_lib, generate, metrics as metrics_lib, optim
 from trainer import state as state_lib, step as step_lib
 from trainer.data import pipeline
-from trainer.validate import UserError, check_config, check_mesh, model_config
+from trainer.validate import UserError, check_backend, check_config, check_mesh, model_config
 
 BATCH_KEYS = ("inputs", "targets", "weights", "positions", "segment_ids")
 
@@ -169,6 +169,7 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
 
   # --- Mesh and sharding rules ----------------------------------------------------------------
   devices = jax.devices() if devices is None else devices
+  check_backend(cfg, devices[0].platform)
   mesh_sizes = check_mesh(cfg, len(devices))
   mesh = parallel.make_mesh(mesh_sizes, devices)
 

@@ -85,6 +85,15 @@ def model_config(cfg, vocab_size: int) -> ModelConfig:
   return mc
 
 
+def check_backend(cfg, backend: str) -> None:
+  """Options this backend (jax.default_backend()) cannot run: one line, never a silent fallback."""
+  if cfg.model.attention_impl == "cudnn":
+    _require(backend == "gpu", "model.attention_impl",
+             f"cudnn runs on NVIDIA GPUs only, this run's backend is {backend}; use xla or pallas")
+    _require(cfg.precision.compute_dtype != "float32", "model.attention_impl",
+             "cudnn flash attention needs precision.compute_dtype=bfloat16")
+
+
 def check_mesh(cfg, n_devices: int) -> dict[str, int]:
   try:
     sizes = mesh_lib.resolve_axis_sizes(dict(cfg.mesh), n_devices)

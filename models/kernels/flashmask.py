@@ -5,19 +5,27 @@ the upper band [uts[j], ute[j]). Four int32 vectors of the key length describe c
 (packing), shared-prompt, prefix-LM and sliding-window masks, and their combinations: O(N)
 memory where a dense mask is O(N^2). "No band" is an empty interval (start == end).
 
-`tile_kinds` classifies (query block, key block) tiles from the vectors alone: fully masked
-(the kernel skips it), fully visible (no mask work), or partial.
+`tile_kinds` classifies (query block, key block) tiles from per-key-block minima and maxima of
+the vectors, O(N / block) numbers: fully masked (the kernel skips it), fully visible (no mask
+work), or partial. It is what the Pallas kernel uses; `tile_kinds_exact` looks at every column
+and is the yardstick for how much the min/max summary leaves on the table.
+
+The builders below are numpy (host side, data pipelines); `from_segments` is jnp, for masks
+built inside a jitted model from its segment ids.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 SKIP, PARTIAL, FULL = 0, 1, 2
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class FlashMask:
   """Each field int32 (batch, keys). Rows run over queries 0..q_len-1."""
@@ -38,6 +46,13 @@ class FlashMask:
 def _vectors(b: int, n: int):
   return (np.full((b, n), n, np.int32), np.full((b, n), n, np.int32), np.zeros((b, n), np.int32),
           np.zeros((b, n), np.int32))
+
+
+def full(batch: int, n: int, q_len: int | None = None) -> FlashMask:
+  """No mask: every row sees every key (bidirectional attention)."""
+  q_len = n if q_len is None else q_len
+  empty = np.full((batch, n), q_len, np.int32)
+  return FlashMask(empty, empty.copy(), np.zeros_like(empty), np.zeros_like(empty))
 
 
 def causal(batch: int, n: int) -> FlashMask:
@@ -109,8 +124,60 @@ def from_vectors(lts, lte, uts, ute) -> FlashMask:
   return FlashMask(*arrays)
 
 
-def tile_kinds(mask: FlashMask, q_len: int, block_q: int, block_k: int) -> np.ndarray:
-  """(batch, q_blocks, k_blocks) of SKIP / PARTIAL / FULL, from the vectors alone.
+def from_segments(segment_ids: jax.Array, sliding_window: int = 0) -> FlashMask:
+  """jnp: the causal document mask of packed rows (as `document`), optionally also limited to a
+  sliding window of `sliding_window` keys. Runs in O(N) inside jit: each key finds the end of its
+  segment with a reversed cumulative minimum."""
+  seg = jnp.asarray(segment_ids)
+  b, n = seg.shape
+  idx = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+  starts_next = jnp.concatenate([seg[:, 1:] != seg[:, :-1], jnp.ones((b, 1), bool)], axis=1)
+  # end of the segment of key j: the first index k > j where a new segment starts (or n)
+  boundary = jnp.where(starts_next, idx + 1, n)
+  seg_end = jax.lax.cummin(boundary, axis=1, reverse=True)
+  lts = seg_end if not sliding_window else jnp.minimum(seg_end, idx + sliding_window)
+  return FlashMask(lts.astype(jnp.int32), jnp.full((b, n), n, jnp.int32),
+                   jnp.zeros((b, n), jnp.int32), idx)
+
+
+def shift_rows(mask: FlashMask, offset, q_len: int) -> FlashMask:
+  """The bands seen from query rows offset .. offset + q_len - 1, renumbered from 0: how a block of
+  ring attention turns a mask over the whole sequence into one over its contiguous chunk."""
+  clip = lambda x: jnp.clip(x - offset, 0, q_len).astype(jnp.int32)
+  return FlashMask(clip(mask.lts), clip(mask.lte), clip(mask.uts), clip(mask.ute))
+
+
+def tile_kinds(mask: FlashMask, q_len: int, block_q: int, block_k: int) -> jax.Array:
+  """(batch, q_blocks, k_blocks) of SKIP / PARTIAL / FULL from per-key-block min/max (jnp).
+
+  A tile is SKIP when one band covers its row block in every column (max start <= first row and
+  min end >= last row + 1), FULL when in every column each band misses the row block or is
+  empty (min start >= row block end, or max end <= first row). Conservative: what it calls SKIP or
+  FULL is exactly that; a tile hidden only by the two bands together, or by different bands in
+  different columns, is called PARTIAL and masked in the kernel. Keys are padded to whole blocks
+  with columns hidden from every row.
+  """
+  b, n = mask.lts.shape
+  nq, nk = -(-q_len // block_q), -(-n // block_k)
+  pad = nk * block_k - n
+
+  def blocks(x, fill):
+    x = jnp.pad(jnp.asarray(x, jnp.int32), ((0, 0), (0, pad)), constant_values=fill)
+    return x.reshape(b, nk, block_k)[:, None]  # (b, 1, nk, block_k)
+
+  lts, lte = blocks(mask.lts, 0), blocks(mask.lte, nq * block_q)
+  uts, ute = blocks(mask.uts, 0), blocks(mask.ute, 0)
+  r0 = (jnp.arange(nq, dtype=jnp.int32) * block_q)[None, :, None]  # (1, nq, 1)
+  r1 = r0 + block_q
+  mn, mx = lambda x: x.min(-1), lambda x: x.max(-1)
+  skip = ((mx(lts) <= r0) & (mn(lte) >= r1)) | ((mx(uts) <= r0) & (mn(ute) >= r1))
+  lower_clear = (mn(lts) >= r1) | (mx(lte) <= r0)
+  upper_clear = (mn(uts) >= r1) | (mx(ute) <= r0)
+  return jnp.where(skip, SKIP, jnp.where(lower_clear & upper_clear, FULL, PARTIAL)).astype(jnp.int8)
+
+
+def tile_kinds_exact(mask: FlashMask, q_len: int, block_q: int, block_k: int) -> np.ndarray:
+  """(batch, q_blocks, k_blocks) of SKIP / PARTIAL / FULL, looking at every column (numpy).
 
   A column hides a row block [r0, r1) when one band covers it, or the two bands together do
   (they touch or overlap); it leaves it whole when neither band meets it. A tile is SKIP when all

@@ -1,0 +1,322 @@
+"""Flash attention in Pallas, masked by FlashMask column bands, with a custom VJP.
+
+    out, lse = flash_attention(q, k, v, mask)
+
+q (batch, q_len, heads, head_dim); k, v (batch, k_len, kv_heads, head_dim) with heads a
+multiple of kv_heads (GQA/MQA: query head h reads KV head h // group through the BlockSpec index
+map, so K and V are never repeated). `mask` is a `FlashMask` over these rows and keys, or None for
+full (non-causal) attention. out is normalised, lse (batch, q_len, heads) float32 is the log of the
+softmax denominator (-inf for a row that sees no key; its output is 0).
+
+The work is cut into (block_q x block_k) tiles. Before the kernels run, the tiles are classified
+from per-key-block minima and maxima of the mask vectors (`flashmask.tile_kinds`): a fully
+masked tile is never loaded, a fully visible one is computed without building its mask, only
+partial tiles evaluate the bands. Each grid program also gets the first and last tile it needs,
+so a causal row block loops over the keys up to its diagonal only.
+
+Three kernels, all with an inner loop over tiles (FlashAttention-2):
+  forward  grid (batch, heads, query blocks): online softmax over key blocks.
+  dq       grid (batch, heads, query blocks): recompute the probabilities, accumulate dq.
+  dk, dv   grid (batch, kv_heads, key blocks): loop over the query heads of the group and the
+           query blocks, accumulate dk and dv, so GQA gradients need no atomic adds.
+Lengths that are not a multiple of the blocks are padded; padded keys are masked out by the
+vectors, padded query rows are dropped. A head_dim that is not a power of two is zero-padded
+(Triton needs power-of-two tiles); the scale uses the real head_dim.
+
+On a GPU the kernels lower through Triton, on a TPU through Mosaic, elsewhere (CPU) they run in
+Pallas' interpreter, which is how the tests check them against a dense reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from models.kernels import flashmask as fm
+
+_NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # "masked" score: finite, so no inf - inf
+
+
+def _pow2_at_least(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+def default_block(length: int) -> int:
+  """128, or the smallest power of two >= 16 that covers a shorter sequence."""
+  return min(128, max(16, _pow2_at_least(length)))
+
+
+def _visible(rows, lts, lte, uts, ute):
+  """(block_q, block_k) booleans of one tile from the band vectors of its key columns."""
+  r = rows[:, None]
+  return ~(((r >= lts[None, :]) & (r < lte[None, :])) | ((r >= uts[None, :]) & (r < ute[None, :])))
+
+
+def _scores(q, k, scale, softcap):
+  """float32 scores of a tile and, with a soft-cap, tanh(raw / cap) for the backward pass."""
+  s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  s = s * scale
+  if softcap:
+    t = jnp.tanh(s / softcap)
+    return softcap * t, t
+  return s, None
+
+
+def _tile_loop(kinds_ref, bounds_ref, body, carry):
+  """Run body(tile, carry, masked) over this program's tiles: SKIP tiles cost a scalar read."""
+
+  def step(j, carry):
+    kind = kinds_ref[j]
+    return jax.lax.cond(
+        kind == fm.SKIP, lambda c: c,
+        lambda c: jax.lax.cond(kind == fm.FULL, functools.partial(body, j, masked=False),
+                               functools.partial(body, j, masked=True), c), carry)
+
+  return jax.lax.fori_loop(bounds_ref[0], bounds_ref[1], step, carry)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels. Refs carry one program's blocks; names follow the math (q, k, v, do, lse, delta).
+# ----------------------------------------------------------------------------------------------
+
+
+def _forward_kernel(kinds_ref, bounds_ref, lts_ref, lte_ref, uts_ref, ute_ref, q_ref, k_ref, v_ref,
+                    o_ref, lse_ref, *, scale, softcap, block_q, block_k):
+  q = q_ref[...]
+  rows = pl.program_id(2) * block_q + jax.lax.broadcasted_iota(jnp.int32, (block_q,), 0)
+
+  def tile(j, carry, masked):
+    o, m, l = carry
+    cols = pl.ds(j * block_k, block_k)
+    s, _ = _scores(q, k_ref[cols, :], scale, softcap)
+    if masked:
+      vis = _visible(rows, lts_ref[cols], lte_ref[cols], uts_ref[cols], ute_ref[cols])
+      s = jnp.where(vis, s, _NEG)
+    m_new = jnp.maximum(m, s.max(axis=1))
+    p = jnp.exp(s - m_new[:, None])
+    if masked:
+      p = jnp.where(vis, p, 0.0)
+    alpha = jnp.exp(m - m_new)
+    v = v_ref[cols, :]
+    o = o * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return o, m_new, l * alpha + p.sum(axis=1)
+
+  init = (jnp.zeros(q.shape, jnp.float32), jnp.full((block_q,), _NEG, jnp.float32),
+          jnp.zeros((block_q,), jnp.float32))
+  o, m, l = _tile_loop(kinds_ref, bounds_ref, tile, init)
+  seen = l > 0
+  o_ref[...] = (o / jnp.where(seen, l, 1.0)[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+
+
+def _probs_and_dscores(q, k, v, do, lse, delta, rows, vectors, scale, softcap, masked):
+  """Recomputed probabilities p and d(loss)/d(raw scaled scores) of one tile."""
+  s, t = _scores(q, k, scale, softcap)
+  p = jnp.exp(s - lse[:, None])  # lse = +inf for rows that see nothing: p = 0
+  if masked:
+    p = jnp.where(_visible(rows, *vectors), p, 0.0)
+  dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  ds = p * (dp - delta[:, None])
+  if softcap:
+    ds = ds * (1.0 - t * t)
+  return p, ds
+
+
+def _dq_kernel(kinds_ref, bounds_ref, lts_ref, lte_ref, uts_ref, ute_ref, q_ref, k_ref, v_ref,
+               do_ref, lse_ref, delta_ref, dq_ref, *, scale, softcap, block_q, block_k):
+  q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+  rows = pl.program_id(2) * block_q + jax.lax.broadcasted_iota(jnp.int32, (block_q,), 0)
+
+  def tile(j, dq, masked):
+    cols = pl.ds(j * block_k, block_k)
+    k = k_ref[cols, :]
+    vectors = (lts_ref[cols], lte_ref[cols], uts_ref[cols], ute_ref[cols])
+    _, ds = _probs_and_dscores(q, k, v_ref[cols, :], do, lse, delta, rows, vectors, scale,
+                               softcap, masked)
+    return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
+  dq = _tile_loop(kinds_ref, bounds_ref, tile, jnp.zeros(q.shape, jnp.float32))
+  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(kinds_ref, bounds_ref, lts_ref, lte_ref, uts_ref, ute_ref, q_ref, k_ref, v_ref,
+                do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, scale, softcap, block_q, block_k,
+                group):
+  k, v = k_ref[...], v_ref[...]
+  vectors = (lts_ref[...], lte_ref[...], uts_ref[...], ute_ref[...])
+
+  def head(h, carry):
+    def tile(i, carry, masked):
+      dk, dv = carry
+      rows_at = pl.ds(i * block_q, block_q)
+      rows = i * block_q + jax.lax.broadcasted_iota(jnp.int32, (block_q,), 0)
+      q, do = q_ref[h, rows_at, :], do_ref[h, rows_at, :]
+      p, ds = _probs_and_dscores(q, k, v, do, lse_ref[h, rows_at], delta_ref[h, rows_at], rows,
+                                 vectors, scale, softcap, masked)
+      contract_rows = (((0,), (0,)), ((), ()))
+      dv = dv + jax.lax.dot_general(p.astype(do.dtype), do, contract_rows,
+                                    preferred_element_type=jnp.float32)
+      dk = dk + jax.lax.dot_general(ds.astype(q.dtype), q, contract_rows,
+                                    preferred_element_type=jnp.float32)
+      return dk, dv
+
+    return _tile_loop(kinds_ref, bounds_ref, tile, carry)
+
+  zeros = jnp.zeros(k.shape, jnp.float32)
+  dk, dv = jax.lax.fori_loop(0, group, head, (zeros, zeros))
+  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Wrappers: layout (batch, heads, length, head_dim) inside, padding, tile plans.
+# ----------------------------------------------------------------------------------------------
+
+
+def _tile_bounds(kinds):
+  """For each row of tiles (..., n): [first, last + 1) of its non-SKIP tiles, (0, 0) if none."""
+  n = kinds.shape[-1]
+  live = kinds != fm.SKIP
+  idx = jnp.arange(n, dtype=jnp.int32)
+  first = jnp.min(jnp.where(live, idx, n), axis=-1)
+  last = jnp.max(jnp.where(live, idx + 1, 0), axis=-1)
+  return jnp.stack([jnp.minimum(first, last), last], axis=-1).astype(jnp.int32)
+
+
+def _pad(x, axis, size):
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, widths)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
+def _flash(q, k, v, vectors, scale, softcap, block_q, block_k, interpret, out_dtype):
+  return _forward(q, k, v, vectors, scale, softcap, block_q, block_k, interpret, out_dtype)[0]
+
+
+def _plan(vectors, q_len, block_q, block_k):
+  kinds = fm.tile_kinds(fm.FlashMask(*vectors), q_len, block_q, block_k).astype(jnp.int32)
+  return kinds, _tile_bounds(kinds)
+
+
+def _mask_specs(cols, index_map):
+  return [pl.BlockSpec((None, cols), index_map)] * 4
+
+
+def _forward(q, k, v, vectors, scale, softcap, block_q, block_k, interpret, out_dtype):
+  b, h, t, d = q.shape
+  kv, s = k.shape[1], k.shape[2]
+  group, nq = h // kv, t // block_q
+  kinds, bounds = _plan(vectors, t, block_q, block_k)
+  kernel = functools.partial(_forward_kernel, scale=scale, softcap=softcap, block_q=block_q,
+                             block_k=block_k)
+  q_spec = pl.BlockSpec((None, None, block_q, d), lambda b_, h_, i: (b_, h_, i, 0))
+  kv_spec = pl.BlockSpec((None, None, s, d), lambda b_, h_, i: (b_, h_ // group, 0, 0))
+  out, lse = pl.pallas_call(
+      kernel,
+      grid=(b, h, nq),
+      in_specs=[pl.BlockSpec((None, None, kinds.shape[-1]), lambda b_, h_, i: (b_, i, 0)),
+                pl.BlockSpec((None, None, 2), lambda b_, h_, i: (b_, i, 0)),
+                *_mask_specs(s, lambda b_, h_, i: (b_, 0)), q_spec, kv_spec, kv_spec],
+      out_specs=[q_spec, pl.BlockSpec((None, None, block_q), lambda b_, h_, i: (b_, h_, i))],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, out_dtype),
+                 jax.ShapeDtypeStruct((b, h, t), jnp.float32)],
+      interpret=interpret,
+      name="flashmask_attention_forward",
+  )(kinds, bounds, *vectors, q, k, v)
+  return (out, lse), (q, k, v, vectors, out, lse)
+
+
+def _flash_fwd(q, k, v, vectors, scale, softcap, block_q, block_k, interpret, out_dtype):
+  return _forward(q, k, v, vectors, scale, softcap, block_q, block_k, interpret, out_dtype)
+
+
+def _flash_bwd(scale, softcap, block_q, block_k, interpret, out_dtype, residuals, cotangents):
+  q, k, v, vectors, out, lse = residuals
+  do, dlse = cotangents
+  b, h, t, d = q.shape
+  kv, s = k.shape[1], k.shape[2]
+  group, nq, nk = h // kv, t // block_q, s // block_k
+  # d(lse)/d(scores) is the probabilities, so an lse cotangent only shifts delta.
+  delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1) - dlse
+  lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse)  # rows that see nothing: p = exp(-inf) = 0
+  kinds, bounds = _plan(vectors, t, block_q, block_k)
+  do = do.astype(q.dtype)
+  common = dict(scale=scale, softcap=softcap, block_q=block_q, block_k=block_k)
+
+  q_spec = pl.BlockSpec((None, None, block_q, d), lambda b_, h_, i: (b_, h_, i, 0))
+  row_spec = pl.BlockSpec((None, None, block_q), lambda b_, h_, i: (b_, h_, i))
+  kv_full = pl.BlockSpec((None, None, s, d), lambda b_, h_, i: (b_, h_ // group, 0, 0))
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, **common),
+      grid=(b, h, nq),
+      in_specs=[pl.BlockSpec((None, None, nk), lambda b_, h_, i: (b_, i, 0)),
+                pl.BlockSpec((None, None, 2), lambda b_, h_, i: (b_, i, 0)),
+                *_mask_specs(s, lambda b_, h_, i: (b_, 0)),
+                q_spec, kv_full, kv_full, q_spec, row_spec, row_spec],
+      out_specs=q_spec,
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      interpret=interpret,
+      name="flashmask_attention_dq",
+  )(kinds, bounds, *vectors, q, k, v, do, lse, delta)
+
+  kinds_t = kinds.transpose(0, 2, 1)  # (b, key blocks, query blocks)
+  kv_spec = pl.BlockSpec((None, None, block_k, d), lambda b_, g_, j: (b_, g_, j, 0))
+  q_group = pl.BlockSpec((None, group, t, d), lambda b_, g_, j: (b_, g_, 0, 0))
+  rows_group = pl.BlockSpec((None, group, t), lambda b_, g_, j: (b_, g_, 0))
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, group=group, **common),
+      grid=(b, kv, nk),
+      in_specs=[pl.BlockSpec((None, None, nq), lambda b_, g_, j: (b_, j, 0)),
+                pl.BlockSpec((None, None, 2), lambda b_, g_, j: (b_, j, 0)),
+                *_mask_specs(block_k, lambda b_, g_, j: (b_, j)),
+                q_group, kv_spec, kv_spec, q_group, rows_group, rows_group],
+      out_specs=[kv_spec, kv_spec],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      interpret=interpret,
+      name="flashmask_attention_dkv",
+  )(kinds_t, _tile_bounds(kinds_t), *vectors, q, k, v, do, lse, delta)
+  return dq, dk, dv, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def flash_attention(q, k, v, mask: fm.FlashMask | None = None, *, softcap: float = 0.0,
+                    block_q: int | None = None, block_k: int | None = None,
+                    interpret: bool | None = None, out_dtype=None) -> tuple[jax.Array, jax.Array]:
+  """(out (batch, q_len, heads, head_dim) in `out_dtype` (default q's), lse (batch, q_len, heads)
+  float32).
+
+  `mask` vectors are (batch, k_len) over query rows 0..q_len-1; None: every row sees every key.
+  `softcap`: scores become softcap * tanh(scores / softcap) (Gemma 2); 0 is off.
+  `interpret`: run in Pallas' interpreter; default: on a CPU backend.
+  """
+  b, t, h, d = q.shape
+  s, kv = k.shape[1], k.shape[2]
+  if h % kv or k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
+    raise ValueError(f"flash_attention: q {q.shape} with k {k.shape} and v {v.shape}: need "
+                     "(batch, length, heads, head_dim) with heads a multiple of kv_heads")
+  if mask is None:
+    mask = fm.full(b, s, t)
+  if mask.lts.shape != (b, s):
+    raise ValueError(f"flash_attention: mask vectors {mask.lts.shape} do not match the keys {(b, s)}")
+  block_q = block_q or default_block(t)
+  block_k = block_k or default_block(s)
+  if interpret is None:
+    interpret = jax.default_backend() == "cpu"
+  t_pad, s_pad, d_pad = -(-t // block_q) * block_q, -(-s // block_k) * block_k, _pow2_at_least(d)
+
+  # Padded key columns are hidden from every row; padded rows see what the bands leave them.
+  hide = lambda x, value: jnp.pad(jnp.asarray(x, jnp.int32), ((0, 0), (0, s_pad - s)),
+                                  constant_values=value)
+  vectors = (hide(mask.lts, 0), hide(mask.lte, t_pad), hide(mask.uts, 0), hide(mask.ute, 0))
+  q_, k_, v_ = (_pad(_pad(x, 1, n), 3, d_pad).transpose(0, 2, 1, 3)
+                for x, n in ((q, t_pad), (k, s_pad), (v, s_pad)))
+  out, lse = _flash(q_, k_, v_, vectors, 1.0 / math.sqrt(d), float(softcap), block_q, block_k,
+                    interpret, jnp.dtype(out_dtype or q.dtype))
+  return out.transpose(0, 2, 1, 3)[:, :t, :, :d], lse.transpose(0, 2, 1)[:, :t]

@@ -1,0 +1,213 @@
+"""The Pallas FlashMask kernel (interpreted on CPU) against dense plain-jnp attention: outputs, lse
+and gradients dq, dk, dv, over mask kinds, GQA ratios, odd lengths and head sizes, bf16."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models.kernels import flashmask as fm
+from models.kernels.flash_attention import flash_attention
+
+
+def dense_attention(q, k, v, allowed, softcap=0.0):
+  """Plain jnp: K/V repeated per query head, the (b, t, s) boolean mask applied to the scores.
+  A row that sees no key gives 0 and lse -inf."""
+  b, t, h, d = q.shape
+  g = h // k.shape[2]
+  q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+  k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+  s = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(d)
+  if softcap:
+    s = softcap * jnp.tanh(s / softcap)
+  allowed = jnp.asarray(allowed)[:, None]
+  m = jnp.max(jnp.where(allowed, s, -jnp.inf), axis=-1, keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.where(allowed, jnp.exp(s - m), 0.0)
+  l = p.sum(-1, keepdims=True)
+  seen = l > 0
+  out = jnp.einsum("bhts,bshd->bthd", p / jnp.where(seen, l, 1.0), v)
+  lse = jnp.where(seen, jnp.log(jnp.where(seen, l, 1.0)) + m, -jnp.inf)[..., 0]
+  return out, lse.transpose(0, 2, 1)
+
+
+def random_vectors(rng, b, n):
+  a = np.sort(rng.integers(0, n + 1, (2, b, n)), axis=0)
+  c = np.sort(rng.integers(0, n + 1, (2, b, n)), axis=0)
+  return fm.from_vectors(a[0], a[1], c[0], c[1])
+
+
+def random_segments(rng, b, n):
+  """Packed rows: documents of random lengths, then a padding tail of id 0."""
+  seg = np.zeros((b, n), np.int32)
+  for r in range(b):
+    at, k = 0, 1
+    while at < n - int(rng.integers(0, 6)):
+      length = int(rng.integers(1, n // 2))
+      seg[r, at:at + length] = k
+      at, k = at + length, k + 1
+  return seg
+
+
+def make_mask(kind, rng, b, n):
+  if kind == "full":
+    return fm.full(b, n)
+  if kind == "causal":
+    return fm.causal(b, n)
+  if kind == "document":
+    return fm.document(random_segments(rng, b, n))
+  if kind == "bidirectional_document":
+    return fm.document(random_segments(rng, b, n), is_causal=False)
+  if kind == "shared_prompt":
+    return fm.shared_prompt(n // 4, [n // 3, n // 5, 3], n, batch=b)
+  if kind == "prefix_lm":
+    return fm.prefix_lm(rng.integers(0, n, b), n)
+  if kind == "sliding_window":
+    return fm.sliding_window(b, n, 7)
+  if kind == "random":
+    return random_vectors(rng, b, n)
+  raise ValueError(kind)
+
+
+def compare(q, k, v, mask, atol, softcap=0.0, block_q=16, block_k=16, seed=0, d_scale=1.0):
+  """Outputs, lse and the gradients of a random linear function of both (cotangents normal
+  times d_scale: bf16 tests keep gradients near 1, where 2e-2 is a few bf16 steps)."""
+  rng = np.random.default_rng(seed)
+  allowed = np.asarray(mask.dense(q.shape[1]))
+  d_out = d_scale * jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+  d_lse = d_scale * jnp.asarray(rng.standard_normal(q.shape[:3]), jnp.float32)
+
+  def loss(attend):
+    def f(q, k, v):
+      out, lse = attend(q, k, v)
+      lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+      return jnp.sum(out.astype(jnp.float32) * d_out) + jnp.sum(lse * d_lse), (out, lse)
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))
+
+  ours = loss(lambda q, k, v: flash_attention(q, k, v, mask, softcap=softcap, block_q=block_q,
+                                              block_k=block_k))(q, k, v)
+  want = loss(lambda q, k, v: dense_attention(q, k, v, allowed, softcap))(q, k, v)
+  (_, (out, lse)), grads = ours
+  (_, (want_out, want_lse)), want_grads = want
+  assert out.dtype == q.dtype
+  np.testing.assert_allclose(np.asarray(out, np.float32), want_out, atol=atol, rtol=0)
+  np.testing.assert_allclose(lse, want_lse, atol=atol, rtol=0)
+  for name, g, w in zip(("dq", "dk", "dv"), grads, want_grads):
+    assert g.dtype == q.dtype
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), atol=atol,
+                               rtol=0, err_msg=name)
+
+
+def qkv(rng, b, t, h, kv, d, dtype=jnp.float32, s=None):
+  s = t if s is None else s
+  return tuple(jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)
+               for shape in ((b, t, h, d), (b, s, kv, d), (b, s, kv, d)))
+
+
+KINDS = ["full", "causal", "document", "bidirectional_document", "shared_prompt", "prefix_lm",
+         "sliding_window", "random"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_mask_kind_f32(kind):
+  rng = np.random.default_rng(KINDS.index(kind))
+  b, n = 2, int(rng.integers(40, 70))  # not a multiple of the 16-wide blocks
+  group = [1, 2, 4, 8][KINDS.index(kind) % 4]
+  q, k, v = qkv(rng, b, n, 2 * group, 2, 16)
+  compare(q, k, v, make_mask(kind, rng, b, n), atol=1e-5, seed=KINDS.index(kind))
+
+
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+def test_gqa_ratios_on_packed_rows(group):
+  rng = np.random.default_rng(10 + group)
+  b, n, kv = 3, 45, 8 // group
+  q, k, v = qkv(rng, b, n, 8, kv, 8)
+  compare(q, k, v, fm.document(random_segments(rng, b, n)), atol=1e-5, block_q=16, block_k=32)
+
+
+def test_head_dim_not_a_power_of_two_and_uneven_blocks():
+  rng = np.random.default_rng(20)
+  q, k, v = qkv(rng, 1, 37, 6, 3, 24)  # head_dim 24 is zero-padded to 32 inside
+  compare(q, k, v, fm.causal(1, 37), atol=1e-5, block_q=32, block_k=16)
+
+
+def test_soft_cap():
+  rng = np.random.default_rng(21)
+  q, k, v = qkv(rng, 2, 33, 4, 2, 16)
+  q = q * 4  # large scores, so the cap bends them
+  compare(q, k, v, fm.sliding_window(2, 33, 9), atol=1e-5, softcap=5.0)
+
+
+@pytest.mark.parametrize("kind", ["causal", "document", "shared_prompt"])
+def test_bfloat16(kind):
+  rng = np.random.default_rng(30 + len(kind))
+  b, n = 2, 50
+  q, k, v = qkv(rng, b, n, 4, 2, 32, jnp.bfloat16)
+  compare(q, k, v, make_mask(kind, rng, b, n), atol=2e-2, d_scale=0.2)
+
+
+def test_segments_mask_in_jnp_equals_numpy_builders():
+  rng = np.random.default_rng(40)
+  seg = random_segments(rng, 4, 57)
+  np.testing.assert_array_equal(np.asarray(fm.from_segments(seg).dense()),
+                                fm.document(seg).dense())
+  window = np.asarray(fm.from_segments(seg, sliding_window=5).dense())
+  i, j = np.arange(57)[:, None], np.arange(57)[None, :]
+  np.testing.assert_array_equal(window, fm.document(seg).dense() & (i - j < 5))
+  np.testing.assert_array_equal(np.asarray(fm.from_segments(np.ones((1, 9))).dense()),
+                                fm.causal(1, 9).dense())
+
+
+def test_skipped_tiles_are_never_read():
+  """Keys 32..47 are hidden from every row: their tile is SKIP everywhere, so NaN there must not
+  reach any output or gradient (masking alone would give 0 * NaN = NaN through p @ v)."""
+  rng = np.random.default_rng(50)
+  n = 64
+  mask = fm.causal(1, n)
+  hidden = np.zeros(n, bool)
+  hidden[32:48] = True
+  mask = fm.from_vectors(np.where(hidden, 0, mask.lts), np.where(hidden, n, mask.lte),
+                         mask.uts, mask.ute)
+  q, k, v = qkv(rng, 1, n, 2, 1, 16)
+  k, v = k.at[:, 32:48].set(jnp.nan), v.at[:, 32:48].set(jnp.nan)
+  kinds = np.asarray(fm.tile_kinds(mask, n, 16, 16))
+  assert (kinds[0, :, 2] == fm.SKIP).all()
+  out, grads = jax.value_and_grad(
+      lambda q, k, v: flash_attention(q, k, v, mask, block_q=16, block_k=16)[0].sum(),
+      argnums=(0, 1, 2))(q, k, v)
+  assert np.isfinite(out)
+  assert np.isfinite(grads[0]).all()
+  for g in grads[1:]:
+    assert np.isfinite(np.delete(np.asarray(g), np.arange(32, 48), axis=1)).all()
+
+
+def test_bad_shapes_are_clear_errors():
+  q, k, v = qkv(np.random.default_rng(0), 1, 8, 3, 2, 8)
+  with pytest.raises(ValueError, match="multiple of kv_heads"):
+    flash_attention(q, k, v)
+  q, k, v = qkv(np.random.default_rng(0), 1, 8, 4, 2, 8)
+  with pytest.raises(ValueError, match="do not match the keys"):
+    flash_attention(q, k, v, fm.causal(1, 9))
+
+
+def test_tiny_config_trains_the_same_with_pallas_and_xla(tmp_path):
+  """configs/tiny.py (4 layers, d=256, GQA 4:2, packed rows of 128) for 4 steps in float32:
+  the Pallas kernel gives the XLA path's losses (rtol 1e-5)."""
+  from configs import tiny
+  from trainer import train
+
+  losses = {}
+  for impl in ("xla", "pallas"):
+    c = tiny.get_config()
+    c.model.attention_impl = impl
+    c.data.max_chars = 200_000
+    c.train.update(steps=4, log_every=1, eval_every=0, checkpoint_every=0, sample_tokens=0)
+    workdir = str(tmp_path / impl)
+    train.run(c, workdir)
+    with open(f"{workdir}/metrics.jsonl") as f:
+      losses[impl] = [json.loads(l)["loss"] for l in f if '"loss"' in l]
+  assert len(losses["xla"]) == 4
+  np.testing.assert_allclose(losses["pallas"], losses["xla"], rtol=1e-5)
+  assert losses["xla"][-1] < losses["xla"][0]
