@@ -211,3 +211,33 @@ def test_tiny_config_trains_the_same_with_pallas_and_xla(tmp_path):
   assert len(losses["xla"]) == 4
   np.testing.assert_allclose(losses["pallas"], losses["xla"], rtol=1e-5)
   assert losses["xla"][-1] < losses["xla"][0]
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_kernels_lower_for_gpu_triton_and_tpu_mosaic(platform):
+  """No GPU or TPU here: check that forward and backward lower through Triton (GPU) and Mosaic
+  (TPU, for an abstract v5p) with odd shapes: padded lengths and head_dim, GQA 7, a soft-cap.
+  Compiling and running on the devices is the device benchmark's job."""
+  import contextlib
+  from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+
+  context = contextlib.nullcontext()
+  if platform == "tpu":
+    device = AbstractDevice(device_kind="TPU v5p", num_cores=1, platform="tpu")
+    context = jax.sharding.use_abstract_mesh(
+        AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=device))
+  backend = {"cuda": "gpu"}.get(platform, platform)
+  b, t, h, kv, d = 2, 300, 14, 2, 80
+  q = jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((b, t, kv, d), jnp.bfloat16)
+  seg = jax.ShapeDtypeStruct((b, t), jnp.int32)
+
+  def grads(q, k, v, seg):
+    mask = fm.from_segments(seg, sliding_window=17)
+    loss = lambda q, k, v: flash_attention(q, k, v, mask, softcap=50.0, backend=backend)[0].sum()
+    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  with context:
+    text = jax.jit(grads).trace(q, k, k, seg).lower(lowering_platforms=(platform,)).as_text()
+  kernel_call = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}[platform]
+  assert text.count(kernel_call) == 3  # forward (for the residuals), dq, dk/dv

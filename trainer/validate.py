@@ -87,6 +87,10 @@ def model_config(cfg, vocab_size: int) -> ModelConfig:
 
 def check_backend(cfg, backend: str) -> None:
   """Options this backend (jax.default_backend()) cannot run: one line, never a silent fallback."""
+  if cfg.model.attention_impl in ("pallas", "ring"):
+    _require(backend in ("cpu", "gpu", "tpu"), "model.attention_impl",
+             f"{cfg.model.attention_impl} runs the Pallas kernel, which has no lowering for "
+             f"backend {backend}; use xla")
   if cfg.model.attention_impl == "cudnn":
     _require(backend == "gpu", "model.attention_impl",
              f"cudnn runs on NVIDIA GPUs only, this run's backend is {backend}; use xla or pallas")

@@ -35,6 +35,8 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
 
 from models.kernels import flashmask as fm
 
@@ -51,9 +53,8 @@ def default_block(length: int) -> int:
 
 
 def _visible(rows, lts, lte, uts, ute):
-  """(block_q, block_k) booleans of one tile from the band vectors of its key columns."""
-  r = rows[:, None]
-  return ~(((r >= lts[None, :]) & (r < lte[None, :])) | ((r >= uts[None, :]) & (r < ute[None, :])))
+  """(block_q, block_k) booleans of one tile: rows (block_q, 1), band vectors (1, block_k)."""
+  return ~(((rows >= lts) & (rows < lte)) | ((rows >= uts) & (rows < ute)))
 
 
 def _scores(q, k, scale, softcap):
@@ -66,61 +67,73 @@ def _scores(q, k, scale, softcap):
   return s, None
 
 
-def _tile_loop(kinds_ref, bounds_ref, body, carry):
-  """Run body(tile, carry, masked) over this program's tiles: SKIP tiles cost a scalar read."""
+def _rows(block, size):
+  return block * size + jax.lax.broadcasted_iota(jnp.int32, (size, 1), 0)
+
+
+def _tile_loop(kinds_ref, bounds_ref, where, body, carry):
+  """Run body(tile, carry, masked) over the tiles of this program's row (or column) of tiles.
+
+  kinds_ref and bounds_ref are whole arrays (scalar memory on TPU); `where` = (batch, block)
+  picks this program's row of them. SKIP tiles cost a scalar read; FULL ones build no mask.
+  """
+  b, i = where
 
   def step(j, carry):
-    kind = kinds_ref[j]
+    kind = kinds_ref[b, i, j]
     return jax.lax.cond(
         kind == fm.SKIP, lambda c: c,
         lambda c: jax.lax.cond(kind == fm.FULL, functools.partial(body, j, masked=False),
                                functools.partial(body, j, masked=True), c), carry)
 
-  return jax.lax.fori_loop(bounds_ref[0], bounds_ref[1], step, carry)
+  return jax.lax.fori_loop(bounds_ref[b, i, 0], bounds_ref[b, i, 1], step, carry)
 
 
 # ----------------------------------------------------------------------------------------------
 # Kernels. Refs carry one program's blocks; names follow the math (q, k, v, do, lse, delta).
+# Everything in a kernel is 2-D (row vectors (n, 1), column vectors (1, n)) as Mosaic wants.
 # ----------------------------------------------------------------------------------------------
 
 
 def _forward_kernel(kinds_ref, bounds_ref, lts_ref, lte_ref, uts_ref, ute_ref, q_ref, k_ref, v_ref,
                     o_ref, lse_ref, *, scale, softcap, block_q, block_k):
   q = q_ref[...]
-  rows = pl.program_id(2) * block_q + jax.lax.broadcasted_iota(jnp.int32, (block_q,), 0)
+  i = pl.program_id(2)
+  rows = _rows(i, block_q)
 
   def tile(j, carry, masked):
     o, m, l = carry
-    cols = pl.ds(j * block_k, block_k)
+    cols = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
     s, _ = _scores(q, k_ref[cols, :], scale, softcap)
     if masked:
-      vis = _visible(rows, lts_ref[cols], lte_ref[cols], uts_ref[cols], ute_ref[cols])
+      vis = _visible(rows, lts_ref[:, cols], lte_ref[:, cols], uts_ref[:, cols], ute_ref[:, cols])
       s = jnp.where(vis, s, _NEG)
-    m_new = jnp.maximum(m, s.max(axis=1))
-    p = jnp.exp(s - m_new[:, None])
+    m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
+    p = jnp.exp(s - m_new)
     if masked:
       p = jnp.where(vis, p, 0.0)
     alpha = jnp.exp(m - m_new)
     v = v_ref[cols, :]
-    o = o * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return o, m_new, l * alpha + p.sum(axis=1)
+    o = o * alpha + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return o, m_new, l * alpha + p.sum(axis=1, keepdims=True)
 
-  init = (jnp.zeros(q.shape, jnp.float32), jnp.full((block_q,), _NEG, jnp.float32),
-          jnp.zeros((block_q,), jnp.float32))
-  o, m, l = _tile_loop(kinds_ref, bounds_ref, tile, init)
+  init = (jnp.zeros(q.shape, jnp.float32), jnp.full((block_q, 1), _NEG, jnp.float32),
+          jnp.zeros((block_q, 1), jnp.float32))
+  o, m, l = _tile_loop(kinds_ref, bounds_ref, (pl.program_id(0), i), tile, init)
   seen = l > 0
-  o_ref[...] = (o / jnp.where(seen, l, 1.0)[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+  l = jnp.where(seen, l, 1.0)
+  o_ref[...] = (o / l).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(seen, m + jnp.log(l), -jnp.inf)
 
 
 def _probs_and_dscores(q, k, v, do, lse, delta, rows, vectors, scale, softcap, masked):
   """Recomputed probabilities p and d(loss)/d(raw scaled scores) of one tile."""
   s, t = _scores(q, k, scale, softcap)
-  p = jnp.exp(s - lse[:, None])  # lse = +inf for rows that see nothing: p = 0
+  p = jnp.exp(s - lse)  # lse = +inf for rows that see nothing: p = 0
   if masked:
     p = jnp.where(_visible(rows, *vectors), p, 0.0)
   dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-  ds = p * (dp - delta[:, None])
+  ds = p * (dp - delta)
   if softcap:
     ds = ds * (1.0 - t * t)
   return p, ds
@@ -129,17 +142,19 @@ def _probs_and_dscores(q, k, v, do, lse, delta, rows, vectors, scale, softcap, m
 def _dq_kernel(kinds_ref, bounds_ref, lts_ref, lte_ref, uts_ref, ute_ref, q_ref, k_ref, v_ref,
                do_ref, lse_ref, delta_ref, dq_ref, *, scale, softcap, block_q, block_k):
   q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
-  rows = pl.program_id(2) * block_q + jax.lax.broadcasted_iota(jnp.int32, (block_q,), 0)
+  i = pl.program_id(2)
+  rows = _rows(i, block_q)
 
   def tile(j, dq, masked):
-    cols = pl.ds(j * block_k, block_k)
+    cols = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
     k = k_ref[cols, :]
-    vectors = (lts_ref[cols], lte_ref[cols], uts_ref[cols], ute_ref[cols])
+    vectors = (lts_ref[:, cols], lte_ref[:, cols], uts_ref[:, cols], ute_ref[:, cols])
     _, ds = _probs_and_dscores(q, k, v_ref[cols, :], do, lse, delta, rows, vectors, scale,
                                softcap, masked)
     return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
-  dq = _tile_loop(kinds_ref, bounds_ref, tile, jnp.zeros(q.shape, jnp.float32))
+  dq = _tile_loop(kinds_ref, bounds_ref, (pl.program_id(0), i), tile,
+                  jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
@@ -148,15 +163,15 @@ def _dkv_kernel(kinds_ref, bounds_ref, lts_ref, lte_ref, uts_ref, ute_ref, q_ref
                 group):
   k, v = k_ref[...], v_ref[...]
   vectors = (lts_ref[...], lte_ref[...], uts_ref[...], ute_ref[...])
+  where = (pl.program_id(0), pl.program_id(2))
 
   def head(h, carry):
     def tile(i, carry, masked):
       dk, dv = carry
-      rows_at = pl.ds(i * block_q, block_q)
-      rows = i * block_q + jax.lax.broadcasted_iota(jnp.int32, (block_q,), 0)
-      q, do = q_ref[h, rows_at, :], do_ref[h, rows_at, :]
-      p, ds = _probs_and_dscores(q, k, v, do, lse_ref[h, rows_at], delta_ref[h, rows_at], rows,
-                                 vectors, scale, softcap, masked)
+      at = pl.ds(pl.multiple_of(i * block_q, block_q), block_q)
+      q, do = q_ref[h, at, :], do_ref[h, at, :]
+      p, ds = _probs_and_dscores(q, k, v, do, lse_ref[h, at, :], delta_ref[h, at, :],
+                                 _rows(i, block_q), vectors, scale, softcap, masked)
       contract_rows = (((0,), (0,)), ((), ()))
       dv = dv + jax.lax.dot_general(p.astype(do.dtype), do, contract_rows,
                                     preferred_element_type=jnp.float32)
@@ -164,7 +179,7 @@ def _dkv_kernel(kinds_ref, bounds_ref, lts_ref, lte_ref, uts_ref, ute_ref, q_ref
                                     preferred_element_type=jnp.float32)
       return dk, dv
 
-    return _tile_loop(kinds_ref, bounds_ref, tile, carry)
+    return _tile_loop(kinds_ref, bounds_ref, where, tile, carry)
 
   zeros = jnp.zeros(k.shape, jnp.float32)
   dk, dv = jax.lax.fori_loop(0, group, head, (zeros, zeros))
@@ -194,91 +209,105 @@ def _pad(x, axis, size):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
-def _flash(q, k, v, vectors, scale, softcap, block_q, block_k, interpret, out_dtype):
-  return _forward(q, k, v, vectors, scale, softcap, block_q, block_k, interpret, out_dtype)[0]
+def _flash(q, k, v, vectors, scale, softcap, block_q, block_k, backend, out_dtype):
+  return _forward(q, k, v, vectors, scale, softcap, block_q, block_k, backend, out_dtype)[0]
 
 
 def _plan(vectors, q_len, block_q, block_k):
-  kinds = fm.tile_kinds(fm.FlashMask(*vectors), q_len, block_q, block_k).astype(jnp.int32)
+  mask = fm.FlashMask(*(x[:, 0] for x in vectors))
+  kinds = fm.tile_kinds(mask, q_len, block_q, block_k).astype(jnp.int32)
   return kinds, _tile_bounds(kinds)
 
 
-def _mask_specs(cols, index_map):
-  return [pl.BlockSpec((None, cols), index_map)] * 4
+def _lowering(backend: str, head_dim: int) -> dict:
+  """pallas_call arguments per backend: Pallas' interpreter on CPU, Triton on NVIDIA/AMD GPUs
+  (jax's default there is Mosaic GPU, which wants another kernel style), Mosaic on TPU."""
+  if backend == "cpu":
+    return dict(interpret=True)
+  if backend == "gpu":
+    return dict(compiler_params=pltriton.CompilerParams(num_warps=4 if head_dim <= 64 else 8,
+                                                        num_stages=2))
+  if backend == "tpu":
+    return dict(compiler_params=pltpu.CompilerParams(
+        dimension_semantics=("parallel", "parallel", "arbitrary")))
+  raise ValueError(f"flash_attention: no Pallas lowering for backend {backend!r}")
 
 
-def _forward(q, k, v, vectors, scale, softcap, block_q, block_k, interpret, out_dtype):
+def _whole(backend):
+  """A whole small int32 array read by scalar: tile kinds and bounds (SMEM on TPU)."""
+  return pl.BlockSpec(memory_space=pltpu.SMEM) if backend == "tpu" else pl.BlockSpec()
+
+
+def _forward(q, k, v, vectors, scale, softcap, block_q, block_k, backend, out_dtype):
   b, h, t, d = q.shape
   kv, s = k.shape[1], k.shape[2]
-  group, nq = h // kv, t // block_q
+  group = h // kv
   kinds, bounds = _plan(vectors, t, block_q, block_k)
   kernel = functools.partial(_forward_kernel, scale=scale, softcap=softcap, block_q=block_q,
                              block_k=block_k)
   q_spec = pl.BlockSpec((None, None, block_q, d), lambda b_, h_, i: (b_, h_, i, 0))
+  row_spec = pl.BlockSpec((None, None, block_q, 1), lambda b_, h_, i: (b_, h_, i, 0))
   kv_spec = pl.BlockSpec((None, None, s, d), lambda b_, h_, i: (b_, h_ // group, 0, 0))
+  mask_spec = pl.BlockSpec((None, 1, s), lambda b_, h_, i: (b_, 0, 0))
   out, lse = pl.pallas_call(
       kernel,
-      grid=(b, h, nq),
-      in_specs=[pl.BlockSpec((None, None, kinds.shape[-1]), lambda b_, h_, i: (b_, i, 0)),
-                pl.BlockSpec((None, None, 2), lambda b_, h_, i: (b_, i, 0)),
-                *_mask_specs(s, lambda b_, h_, i: (b_, 0)), q_spec, kv_spec, kv_spec],
-      out_specs=[q_spec, pl.BlockSpec((None, None, block_q), lambda b_, h_, i: (b_, h_, i))],
+      grid=(b, h, t // block_q),
+      in_specs=[_whole(backend), _whole(backend), *[mask_spec] * 4, q_spec, kv_spec, kv_spec],
+      out_specs=[q_spec, row_spec],
       out_shape=[jax.ShapeDtypeStruct(q.shape, out_dtype),
-                 jax.ShapeDtypeStruct((b, h, t), jnp.float32)],
-      interpret=interpret,
+                 jax.ShapeDtypeStruct((b, h, t, 1), jnp.float32)],
       name="flashmask_attention_forward",
+      **_lowering(backend, d),
   )(kinds, bounds, *vectors, q, k, v)
   return (out, lse), (q, k, v, vectors, out, lse)
 
 
-def _flash_fwd(q, k, v, vectors, scale, softcap, block_q, block_k, interpret, out_dtype):
-  return _forward(q, k, v, vectors, scale, softcap, block_q, block_k, interpret, out_dtype)
+def _flash_fwd(q, k, v, vectors, scale, softcap, block_q, block_k, backend, out_dtype):
+  return _forward(q, k, v, vectors, scale, softcap, block_q, block_k, backend, out_dtype)
 
 
-def _flash_bwd(scale, softcap, block_q, block_k, interpret, out_dtype, residuals, cotangents):
+def _flash_bwd(scale, softcap, block_q, block_k, backend, out_dtype, residuals, cotangents):
   q, k, v, vectors, out, lse = residuals
   do, dlse = cotangents
   b, h, t, d = q.shape
   kv, s = k.shape[1], k.shape[2]
-  group, nq, nk = h // kv, t // block_q, s // block_k
+  group = h // kv
   # d(lse)/d(scores) is the probabilities, so an lse cotangent only shifts delta.
-  delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1) - dlse
+  delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True) - dlse
   lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse)  # rows that see nothing: p = exp(-inf) = 0
   kinds, bounds = _plan(vectors, t, block_q, block_k)
   do = do.astype(q.dtype)
   common = dict(scale=scale, softcap=softcap, block_q=block_q, block_k=block_k)
 
   q_spec = pl.BlockSpec((None, None, block_q, d), lambda b_, h_, i: (b_, h_, i, 0))
-  row_spec = pl.BlockSpec((None, None, block_q), lambda b_, h_, i: (b_, h_, i))
+  row_spec = pl.BlockSpec((None, None, block_q, 1), lambda b_, h_, i: (b_, h_, i, 0))
   kv_full = pl.BlockSpec((None, None, s, d), lambda b_, h_, i: (b_, h_ // group, 0, 0))
+  mask_full = pl.BlockSpec((None, 1, s), lambda b_, h_, i: (b_, 0, 0))
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, **common),
-      grid=(b, h, nq),
-      in_specs=[pl.BlockSpec((None, None, nk), lambda b_, h_, i: (b_, i, 0)),
-                pl.BlockSpec((None, None, 2), lambda b_, h_, i: (b_, i, 0)),
-                *_mask_specs(s, lambda b_, h_, i: (b_, 0)),
+      grid=(b, h, t // block_q),
+      in_specs=[_whole(backend), _whole(backend), *[mask_full] * 4,
                 q_spec, kv_full, kv_full, q_spec, row_spec, row_spec],
       out_specs=q_spec,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      interpret=interpret,
       name="flashmask_attention_dq",
+      **_lowering(backend, d),
   )(kinds, bounds, *vectors, q, k, v, do, lse, delta)
 
   kinds_t = kinds.transpose(0, 2, 1)  # (b, key blocks, query blocks)
   kv_spec = pl.BlockSpec((None, None, block_k, d), lambda b_, g_, j: (b_, g_, j, 0))
   q_group = pl.BlockSpec((None, group, t, d), lambda b_, g_, j: (b_, g_, 0, 0))
-  rows_group = pl.BlockSpec((None, group, t), lambda b_, g_, j: (b_, g_, 0))
+  rows_group = pl.BlockSpec((None, group, t, 1), lambda b_, g_, j: (b_, g_, 0, 0))
+  mask_cols = pl.BlockSpec((None, 1, block_k), lambda b_, g_, j: (b_, 0, j))
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, group=group, **common),
-      grid=(b, kv, nk),
-      in_specs=[pl.BlockSpec((None, None, nq), lambda b_, g_, j: (b_, j, 0)),
-                pl.BlockSpec((None, None, 2), lambda b_, g_, j: (b_, j, 0)),
-                *_mask_specs(block_k, lambda b_, g_, j: (b_, j)),
+      grid=(b, kv, s // block_k),
+      in_specs=[_whole(backend), _whole(backend), *[mask_cols] * 4,
                 q_group, kv_spec, kv_spec, q_group, rows_group, rows_group],
       out_specs=[kv_spec, kv_spec],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      interpret=interpret,
       name="flashmask_attention_dkv",
+      **_lowering(backend, d),
   )(kinds_t, _tile_bounds(kinds_t), *vectors, q, k, v, do, lse, delta)
   return dq, dk, dv, None
 
@@ -288,13 +317,13 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def flash_attention(q, k, v, mask: fm.FlashMask | None = None, *, softcap: float = 0.0,
                     block_q: int | None = None, block_k: int | None = None,
-                    interpret: bool | None = None, out_dtype=None) -> tuple[jax.Array, jax.Array]:
+                    backend: str | None = None, out_dtype=None) -> tuple[jax.Array, jax.Array]:
   """(out (batch, q_len, heads, head_dim) in `out_dtype` (default q's), lse (batch, q_len, heads)
   float32).
 
   `mask` vectors are (batch, k_len) over query rows 0..q_len-1; None: every row sees every key.
   `softcap`: scores become softcap * tanh(scores / softcap) (Gemma 2); 0 is off.
-  `interpret`: run in Pallas' interpreter; default: on a CPU backend.
+  `backend`: "gpu" (Triton), "tpu" (Mosaic) or "cpu" (Pallas' interpreter); default: jax's.
   """
   b, t, h, d = q.shape
   s, kv = k.shape[1], k.shape[2]
@@ -307,16 +336,16 @@ def flash_attention(q, k, v, mask: fm.FlashMask | None = None, *, softcap: float
     raise ValueError(f"flash_attention: mask vectors {mask.lts.shape} do not match the keys {(b, s)}")
   block_q = block_q or default_block(t)
   block_k = block_k or default_block(s)
-  if interpret is None:
-    interpret = jax.default_backend() == "cpu"
+  backend = backend or jax.default_backend()
   t_pad, s_pad, d_pad = -(-t // block_q) * block_q, -(-s // block_k) * block_k, _pow2_at_least(d)
 
   # Padded key columns are hidden from every row; padded rows see what the bands leave them.
   hide = lambda x, value: jnp.pad(jnp.asarray(x, jnp.int32), ((0, 0), (0, s_pad - s)),
                                   constant_values=value)
-  vectors = (hide(mask.lts, 0), hide(mask.lte, t_pad), hide(mask.uts, 0), hide(mask.ute, 0))
+  vectors = tuple(x[:, None, :] for x in (hide(mask.lts, 0), hide(mask.lte, t_pad),
+                                          hide(mask.uts, 0), hide(mask.ute, 0)))  # (b, 1, keys)
   q_, k_, v_ = (_pad(_pad(x, 1, n), 3, d_pad).transpose(0, 2, 1, 3)
                 for x, n in ((q, t_pad), (k, s_pad), (v, s_pad)))
   out, lse = _flash(q_, k_, v_, vectors, 1.0 / math.sqrt(d), float(softcap), block_q, block_k,
-                    interpret, jnp.dtype(out_dtype or q.dtype))
-  return out.transpose(0, 2, 1, 3)[:, :t, :, :d], lse.transpose(0, 2, 1)[:, :t]
+                    backend, jnp.dtype(out_dtype or q.dtype))
+  return out.transpose(0, 2, 1, 3)[:, :t, :, :d], lse[..., 0].transpose(0, 2, 1)[:, :t]
