@@ -182,13 +182,18 @@ class Attention(nnx.Module):
     elif impl == "pallas":
       out = flash_attention(q, k, v, mask)[0]
     elif impl == "cudnn":
-      window = self.cfg.sliding_window
-      out = jax.nn.dot_product_attention(
-          q, k, v, mask=mask, is_causal=True, implementation="cudnn",
-          local_window_size=(window - 1, 0) if window else None)
+      out = library_attention(q, k, v, mask, self.cfg.sliding_window, "cudnn")
     else:  # ring
       out = ring_attention(_ring_block, _ring_visible, q, k, v, *mask)
     return dense(out, self.o[...], n_in=2)
+
+
+def library_attention(q, k, v, same_segment, sliding_window: int, implementation: str):
+  """jax.nn.dot_product_attention with our mask: causal, inside segments (`same_segment`
+  (batch, 1, q_len, k_len)), at most `sliding_window` keys back (0: off)."""
+  window = (sliding_window - 1, 0) if sliding_window else None
+  return jax.nn.dot_product_attention(q, k, v, mask=same_segment, is_causal=True,
+                                      local_window_size=window, implementation=implementation)
 
 
 def attention_inputs(cfg: ModelConfig, positions_bt, segment_ids_bt, order=None):

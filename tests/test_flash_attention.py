@@ -241,3 +241,23 @@ def test_kernels_lower_for_gpu_triton_and_tpu_mosaic(platform):
     text = jax.jit(grads).trace(q, k, k, seg).lower(lowering_platforms=(platform,)).as_text()
   kernel_call = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}[platform]
   assert text.count(kernel_call) == 3  # forward (for the residuals), dq, dk/dv
+
+
+def test_cudnn_path_arguments_mean_our_mask():
+  """The cudnn path passes jax.nn.dot_product_attention a segment mask, the causal flag and a
+  window; with implementation="xla" (no GPU here) that call equals our own attention."""
+  from models.config import ModelConfig
+  from models.layers import attention_inputs, dot_product_attention, library_attention
+
+  rng = np.random.default_rng(60)
+  b, n = 2, 40
+  seg = jnp.asarray(random_segments(rng, b, n))
+  pos = jnp.asarray([[int((seg[r, :i + 1] == seg[r, i]).sum()) - 1 for i in range(n)]
+                     for r in range(b)])  # counting up inside each segment
+  q, k, v = qkv(rng, b, n, 4, 2, 16)
+  for window in (0, 6):
+    cfg = dict(vocab_size=8, d_model=64, n_heads=4, n_kv_heads=2, sliding_window=window)
+    same_segment = attention_inputs(ModelConfig(**cfg, attention_impl="cudnn"), pos, seg)
+    got = library_attention(q, k, v, same_segment, window, "xla")
+    want = dot_product_attention(q, k, v, attention_inputs(ModelConfig(**cfg), pos, seg))
+    np.testing.assert_allclose(got, want, atol=1e-5)
