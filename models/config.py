@@ -1,8 +1,8 @@
 """ModelConfig: the shape of a decoder language model, and nothing about how it is trained.
 
-One frozen dataclass covers the Llama family (Llama 1/2/3, Mistral, Qwen2): the differences
-between them are values here (qkv bias, tied embeddings, rope scaling, sliding window), not
-code paths.
+One frozen dataclass covers the Llama family (Llama 1/2/3, Mistral, Qwen2) and Gemma 1/2: the
+differences between them are values here (qkv bias, tied embeddings, rope scaling, sliding
+windows, norm offset, GeGLU, embedding scale, soft-caps, sandwich norms), not code paths.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from typing import Any
 ROPE_SCALINGS = ("none", "linear", "dynamic", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "ring")
+FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gemma2")  # the Hugging Face layout on export
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +37,15 @@ class ModelConfig:
   qkv_bias: bool = False  # Qwen2
   tie_embeddings: bool = False
   sliding_window: int = 0  # Mistral: attend to at most this many previous tokens (0: off)
+  sliding_window_layers: tuple[int, ...] = ()  # layers that use it (Gemma 2: even); (): all
+  family: str = "llama"  # one of FAMILIES
+  norm_offset: bool = False  # Gemma: RMSNorm scales by (1 + weight), weights start at 0
+  mlp_activation: str = "silu"  # one of MLP_ACTIVATIONS (Gemma: gelu_tanh, i.e. GeGLU)
+  embed_scale: bool = False  # Gemma: embeddings times sqrt(d_model)
+  query_scale: float = 0.0  # attention scores scale; 0: head_dim ** -0.5 (Gemma 2: its own)
+  attn_softcap: float = 0.0  # Gemma 2: scores -> cap * tanh(scores / cap); 0: off
+  logit_softcap: float = 0.0  # Gemma 2: the same on the output logits
+  post_norms: bool = False  # Gemma 2: also normalise attention and MLP outputs (sandwich)
   init_std: float = 0.02
   remat: str = "none"  # one of REMAT_POLICIES
   attention_impl: str = "xla"  # one of ATTENTION_IMPLS (models/layers.py `attention_inputs`)
@@ -42,18 +53,23 @@ class ModelConfig:
   def __post_init__(self):
     if self.head_dim == 0:
       object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+    object.__setattr__(self, "sliding_window_layers", tuple(int(i) for i in self.sliding_window_layers))
     problems = []
     if self.n_heads % self.n_kv_heads:
       problems.append(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
     if self.head_dim % 2:
       problems.append(f"head_dim={self.head_dim} must be even for rotary embeddings")
     for name, allowed in (("rope_scaling", ROPE_SCALINGS), ("remat", REMAT_POLICIES),
-                          ("attention_impl", ATTENTION_IMPLS)):
+                          ("attention_impl", ATTENTION_IMPLS), ("family", FAMILIES),
+                          ("mlp_activation", MLP_ACTIVATIONS)):
       if getattr(self, name) not in allowed:
         problems.append(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
       if getattr(self, name) <= 0:
         problems.append(f"{name}={getattr(self, name)} must be positive")
+    bad_layers = [i for i in self.sliding_window_layers if not 0 <= i < self.n_layers]
+    if bad_layers:
+      problems.append(f"sliding_window_layers={bad_layers} are not layers of {self.n_layers}")
     if problems:
       raise ValueError("; ".join(problems))
 
@@ -65,6 +81,15 @@ class ModelConfig:
       raise ValueError(f"unknown model keys: {', '.join(unknown)}")
     return cls(**d)
 
+  def layer_windows(self) -> list[int]:
+    """The sliding window of each layer (0: global attention)."""
+    local = set(self.sliding_window_layers) or set(range(self.n_layers))
+    return [self.sliding_window if i in local else 0 for i in range(self.n_layers)]
+
+  @property
+  def scale(self) -> float:
+    return self.query_scale or self.head_dim ** -0.5
+
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
@@ -74,7 +99,7 @@ class ModelConfig:
     attn = d * h * hd + 2 * d * k * hd + h * hd * d
     if self.qkv_bias:
       attn += h * hd + 2 * k * hd
-    per_layer = attn + 3 * d * f + 2 * d  # two RMSNorm scales
+    per_layer = attn + 3 * d * f + (4 if self.post_norms else 2) * d  # RMSNorm scales
     total = self.n_layers * per_layer + d  # final norm
     if include_embeddings:
       total += self.vocab_size * d * (1 if self.tie_embeddings else 2)

@@ -25,15 +25,24 @@ REMAT_POLICIES = {
 
 
 class Block(nnx.Module):
+  """Pre-norm residual block; with `post_norms` (Gemma 2) the attention and MLP outputs are
+  normalised too before they join the residual stream."""
+
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs)
+    norm = lambda: RMSNorm(cfg.d_model, cfg.norm_eps, rngs, offset=cfg.norm_offset)
+    self.attn_norm = norm()
     self.attn = Attention(cfg, rngs)
-    self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs)
+    self.mlp_norm = norm()
     self.mlp = MLP(cfg, rngs)
+    if cfg.post_norms:
+      self.post_attn_norm, self.post_mlp_norm = norm(), norm()
+    self.post_norms = cfg.post_norms
 
   def __call__(self, x_btd, cos, sin, mask):
-    x_btd = x_btd + self.attn(self.attn_norm(x_btd), cos, sin, mask)
-    x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
+    h = self.attn(self.attn_norm(x_btd), cos, sin, mask)
+    x_btd = x_btd + (self.post_attn_norm(h) if self.post_norms else h)
+    h = self.mlp(self.mlp_norm(x_btd))
+    x_btd = x_btd + (self.post_mlp_norm(h) if self.post_norms else h)
     return constrain(x_btd, BTD)
 
 
@@ -48,7 +57,7 @@ class Decoder(nnx.Module):
       return Block(cfg, rngs)
 
     self.layers = make_blocks(rngs)
-    self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs)
+    self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs, offset=cfg.norm_offset)
     if not cfg.tie_embeddings:
       self.head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
 
@@ -61,28 +70,41 @@ class Decoder(nnx.Module):
       segment_ids_bt = jnp.ones((b, t), jnp.int32)
     cos, sin = rope_tables(self.cfg, positions_bt)
     order = ring_attention.layout(t) if self.cfg.attention_impl == "ring" else None
-    mask = attention_inputs(self.cfg, positions_bt, segment_ids_bt, order)
+    windows = self.cfg.layer_windows()
+    # One mask for all layers, or (Gemma 2) a global and a local one, picked per layer.
+    masks = {w: attention_inputs(self.cfg, positions_bt, segment_ids_bt, w, order)
+             for w in sorted(set(windows))}
+    local = jnp.asarray([w > 0 for w in windows])
 
     # Gather the table's model dimension first (as FSDP does for any weight it uses), keeping
     # the vocabulary split: a lookup into a table split along both leaves the partitioner only
     # a full rematerialisation to reach the batch-split output.
     table = constrain(self.embed[...], ("vocab", None))
     x = constrain(jnp.take(table, tokens_bt, axis=0), BTD)
+    if self.cfg.embed_scale:
+      x = x * jnp.asarray(self.cfg.d_model ** 0.5, x.dtype)
     graphdef, layer_state = nnx.split(self.layers)
 
-    def one_layer(x, state):
+    def one_layer(x, xs):
+      state, is_local = xs
+      mask = next(iter(masks.values()))
+      if len(masks) == 2:
+        pick = lambda a, b: jnp.where(is_local, a, b)
+        mask = jax.tree.map(pick, masks[max(masks)], masks[0])
       return nnx.merge(graphdef, state)(x, cos, sin, mask), None
 
     if self.cfg.remat != "none":
       one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[self.cfg.remat],
                                  prevent_cse=False)
-    x, _ = jax.lax.scan(one_layer, x, layer_state)
+    x, _ = jax.lax.scan(one_layer, x, (layer_state, local))
     return self.final_norm(x)
 
   def logits(self, h_btd):
     """float32 logits (batch, length, vocab); the matmul accumulates in float32."""
     w = self.embed[...].T if self.cfg.tie_embeddings else self.head[...]
     out = dense(h_btd, w, out_dtype=jnp.float32)
+    if self.cfg.logit_softcap:
+      out = self.cfg.logit_softcap * jnp.tanh(out / self.cfg.logit_softcap)
     return constrain(out, ("batch", "length", "vocab"))
 
   def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None):

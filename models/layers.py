@@ -7,6 +7,7 @@ of its inputs and parameters, except norms and softmax, which run in float32.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -36,14 +37,17 @@ def param(rngs: nnx.Rngs, shape, axes, std: float | None, dtype=jnp.float32) -> 
 
 
 class RMSNorm(nnx.Module):
-  def __init__(self, dim: int, eps: float, rngs: nnx.Rngs):
-    self.eps = eps
-    self.scale = param(rngs, (dim,), ("embed",), std=None)
+  """x / rms(x) * scale; with `offset` (Gemma) * (1 + scale), the scale starting at 0."""
+
+  def __init__(self, dim: int, eps: float, rngs: nnx.Rngs, offset: bool = False):
+    self.eps, self.offset = eps, offset
+    self.scale = param(rngs, (dim,), ("embed",), std=0 if offset else None)
 
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+    scale = self.scale[...].astype(jnp.float32)
+    return (x32 * (1.0 + scale if self.offset else scale)).astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,9 +130,11 @@ def dense(x, w, n_in: int = 1, out_dtype=None):
   return y.reshape(*lead, *w.shape[n_in:])
 
 
-def attention_block(q_bthd, k_bskd, v_bskd, mask):
+def attention_block(q_bthd, k_bskd, v_bskd, mask, scale=None, softcap=0.0):
   """Grouped-query attention without repeating K/V: (out, lse), both float32.
 
+  Scores are q.k * scale (default head_dim ** -0.5), then softcap * tanh(scores / softcap) when
+  `softcap` is set (Gemma 2).
   out (batch, q_len, heads, head_dim) is normalised; lse (batch, q_len, heads) is the log of the
   softmax denominator, so that blocks over different keys combine exactly (ring attention).
   The query heads of each KV head are folded into the query length, so both products are plain
@@ -141,7 +147,9 @@ def attention_block(q_bthd, k_bskd, v_bskd, mask):
   k = k_bskd.transpose(0, 2, 1, 3)  # (b, kv, s, d)
   v = v_bskd.transpose(0, 2, 1, 3)
   scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
-  scores = scores.reshape(b, kv, g, t, s) / math.sqrt(d)
+  scores = scores.reshape(b, kv, g, t, s) * (d ** -0.5 if scale is None else scale)
+  if softcap:
+    scores = softcap * jnp.tanh(scores / softcap)
   scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   lse = jax.nn.logsumexp(scores, axis=-1)  # (b, kv, g, t)
   probs = jnp.exp(scores - lse[..., None]).astype(v.dtype).reshape(b, kv, g * t, s)
@@ -150,8 +158,8 @@ def attention_block(q_bthd, k_bskd, v_bskd, mask):
   return out, lse.transpose(0, 3, 1, 2).reshape(b, t, h)
 
 
-def dot_product_attention(q_bthd, k_bskd, v_bskd, mask):
-  return attention_block(q_bthd, k_bskd, v_bskd, mask)[0].astype(q_bthd.dtype)
+def dot_product_attention(q_bthd, k_bskd, v_bskd, mask, scale=None, softcap=0.0):
+  return attention_block(q_bthd, k_bskd, v_bskd, mask, scale, softcap)[0].astype(q_bthd.dtype)
 
 
 class Attention(nnx.Module):
@@ -176,41 +184,42 @@ class Attention(nnx.Module):
     if self.cfg.qkv_bias:
       q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    impl = self.cfg.attention_impl
+    cfg = self.cfg
+    impl, scale, cap = cfg.attention_impl, cfg.scale, cfg.attn_softcap
     if impl == "xla":
-      out = dot_product_attention(q, k, v, mask)
+      out = dot_product_attention(q, k, v, mask, scale, cap)
     elif impl == "pallas":
-      out = flash_attention(q, k, v, mask)[0]
+      out = flash_attention(q, k, v, mask, scale=scale, softcap=cap)[0]
     elif impl == "cudnn":
-      out = library_attention(q, k, v, mask, self.cfg.sliding_window, "cudnn")
+      out = library_attention(q, k, v, mask, scale, "cudnn")
     else:  # ring
-      out = ring_attention(_ring_block, _ring_visible, q, k, v, *mask)
+      block = functools.partial(_ring_block, scale=scale, softcap=cap)
+      out = ring_attention(block, _ring_visible, q, k, v, *mask)
     return dense(out, self.o[...], n_in=2)
 
 
-def library_attention(q, k, v, same_segment, sliding_window: int, implementation: str):
-  """jax.nn.dot_product_attention with our mask: causal, inside segments (`same_segment`
-  (batch, 1, q_len, k_len)), at most `sliding_window` keys back (0: off)."""
-  window = (sliding_window - 1, 0) if sliding_window else None
-  return jax.nn.dot_product_attention(q, k, v, mask=same_segment, is_causal=True,
-                                      local_window_size=window, implementation=implementation)
+def library_attention(q, k, v, mask, scale, implementation: str):
+  """jax.nn.dot_product_attention (cudnn on GPUs) with our dense (batch, 1, q_len, k_len) mask,
+  which is causal, so the causal flag (work skipping for cuDNN) changes nothing."""
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True,
+                                      implementation=implementation)
 
 
-def attention_inputs(cfg: ModelConfig, positions_bt, segment_ids_bt, order=None):
-  """The mask in the form `cfg.attention_impl` takes, built once for all layers.
+def attention_inputs(cfg: ModelConfig, positions_bt, segment_ids_bt, window: int, order=None):
+  """The mask in the form `cfg.attention_impl` takes, built once for the layers with this
+  sliding `window` (0: none).
 
-  xla: dense booleans from positions and segment ids. pallas: FlashMask vectors, O(length), from
-  the segment ids (positions count up by one inside each segment, as the data pipeline makes
-  them). cudnn: its causal flag and window plus a dense same-segment mask. ring: the global row
-  index of every query and the FlashMask vectors of every key, both in the ring's `order`.
+  xla and cudnn: dense booleans from positions and segment ids. pallas: FlashMask vectors,
+  O(length), from the segment ids (positions count up by one inside each segment, as the data
+  pipeline makes them). ring: the global row index of every query and the FlashMask vectors of
+  every key, both in the ring's `order`.
   """
-  impl, window = cfg.attention_impl, cfg.sliding_window
-  if impl == "xla":
-    return attention_mask(positions_bt, segment_ids_bt, positions_bt, segment_ids_bt, window)
+  impl = cfg.attention_impl
+  if impl in ("xla", "cudnn"):
+    mask = attention_mask(positions_bt, segment_ids_bt, positions_bt, segment_ids_bt, window)
+    return mask if impl == "xla" else mask[:, 0]
   if impl == "pallas":
     return fm.from_segments(segment_ids_bt, window)
-  if impl == "cudnn":
-    return (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])[:, None]
   b, t = segment_ids_bt.shape
   order = np.arange(t) if order is None else np.asarray(order)
   natural = fm.from_segments(segment_ids_bt[:, np.argsort(order)], window)
@@ -225,8 +234,9 @@ def _ring_mask(q_aux, k_aux, q_len):
   return fm.shift_rows(fm.FlashMask(*k_aux), rows[0, 0], q_len)
 
 
-def _ring_block(q, k, v, q_aux, k_aux):
-  return flash_attention(q, k, v, _ring_mask(q_aux, k_aux, q.shape[1]), out_dtype=jnp.float32)
+def _ring_block(q, k, v, q_aux, k_aux, scale, softcap):
+  return flash_attention(q, k, v, _ring_mask(q_aux, k_aux, q.shape[1]), scale=scale,
+                         softcap=softcap, out_dtype=jnp.float32)
 
 
 def _ring_visible(q_aux, k_aux):
@@ -235,15 +245,18 @@ def _ring_visible(q_aux, k_aux):
 
 
 class MLP(nnx.Module):
-  """SwiGLU: down(silu(gate(x)) * up(x))."""
+  """Gated: down(act(gate(x)) * up(x)); act silu (SwiGLU) or tanh-approximated gelu (GeGLU)."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.activation = cfg.mlp_activation
     d, f, std = cfg.d_model, cfg.d_ff, cfg.init_std
     self.gate = param(rngs, (d, f), ("embed", "mlp"), std)
     self.up = param(rngs, (d, f), ("embed", "mlp"), std)
     self.down = param(rngs, (f, d), ("mlp", "embed"), std / math.sqrt(2 * cfg.n_layers))
 
   def __call__(self, x_btd):
-    h = jax.nn.silu(dense(x_btd, self.gate[...])) * dense(x_btd, self.up[...])
+    gate = dense(x_btd, self.gate[...])
+    gate = jax.nn.silu(gate) if self.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+    h = gate * dense(x_btd, self.up[...])
     h = constrain(h, ("batch", "length", "mlp"))
     return dense(h, self.down[...])

@@ -96,6 +96,8 @@ def check_backend(cfg, backend: str) -> None:
              f"cudnn runs on NVIDIA GPUs only, this run's backend is {backend}; use xla or pallas")
     _require(cfg.precision.compute_dtype != "float32", "model.attention_impl",
              "cudnn flash attention needs precision.compute_dtype=bfloat16")
+    _require(not cfg.model.attn_softcap, "model.attention_impl",
+             "cudnn has no attention soft-cap (model.attn_softcap); use pallas or xla")
 
 
 def check_mesh(cfg, n_devices: int) -> dict[str, int]:

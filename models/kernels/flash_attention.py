@@ -30,7 +30,6 @@ Pallas' interpreter, which is how the tests check them against a dense reference
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -315,13 +314,15 @@ def _flash_bwd(scale, softcap, block_q, block_k, backend, out_dtype, residuals, 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def flash_attention(q, k, v, mask: fm.FlashMask | None = None, *, softcap: float = 0.0,
+def flash_attention(q, k, v, mask: fm.FlashMask | None = None, *, scale: float | None = None,
+                    softcap: float = 0.0,
                     block_q: int | None = None, block_k: int | None = None,
                     backend: str | None = None, out_dtype=None) -> tuple[jax.Array, jax.Array]:
   """(out (batch, q_len, heads, head_dim) in `out_dtype` (default q's), lse (batch, q_len, heads)
   float32).
 
   `mask` vectors are (batch, k_len) over query rows 0..q_len-1; None: every row sees every key.
+  `scale`: scores are q.k * scale, default head_dim ** -0.5.
   `softcap`: scores become softcap * tanh(scores / softcap) (Gemma 2); 0 is off.
   `backend`: "gpu" (Triton), "tpu" (Mosaic) or "cpu" (Pallas' interpreter); default: jax's.
   """
@@ -346,6 +347,7 @@ def flash_attention(q, k, v, mask: fm.FlashMask | None = None, *, softcap: float
                                           hide(mask.uts, 0), hide(mask.ute, 0)))  # (b, 1, keys)
   q_, k_, v_ = (_pad(_pad(x, 1, n), 3, d_pad).transpose(0, 2, 1, 3)
                 for x, n in ((q, t_pad), (k, s_pad), (v, s_pad)))
-  out, lse = _flash(q_, k_, v_, vectors, 1.0 / math.sqrt(d), float(softcap), block_q, block_k,
+  scale = d ** -0.5 if scale is None else scale
+  out, lse = _flash(q_, k_, v_, vectors, float(scale), float(softcap), block_q, block_k,
                     backend, jnp.dtype(out_dtype or q.dtype))
   return out.transpose(0, 2, 1, 3)[:, :t, :, :d], lse[..., 0].transpose(0, 2, 1)[:, :t]
