@@ -42,6 +42,7 @@ def get_config(arg=None):
       post_norms=False,  # Gemma 2: RMSNorm on attention and MLP outputs too
       init_std=0.02,
       remat="none",  # none | full | dots | dots_no_batch
+      init_from="",  # "hf:DIR": start from a Hugging Face folder (its shape, weights, tokenizer)
       attention_impl="xla",  # xla | pallas (FlashMask kernel) | cudnn (NVIDIA GPUs) | ring
   ))
 

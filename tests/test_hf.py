@@ -46,3 +46,53 @@ def test_import_matches_transformers_and_export_reloads(family, tmp_path):
 def test_unsupported_architecture_is_one_line(tmp_path):
   with pytest.raises(hf.UnsupportedModel, match="architectures=\\['GPT2LMHeadModel'\\]"):
     hf.config_from_hf({"architectures": ["GPT2LMHeadModel"]})
+
+
+def test_train_export_reload_and_continue(tmp_path):
+  """Train a few steps, `python -m trainer.export --format=hf`: transformers computes the loss
+  our trainer computes on the same batch, and its tokenizer encodes as ours; then a run with
+  `model.init_from=hf:DIR` starts from those weights."""
+  import json
+  import subprocess
+  import sys
+
+  import jax
+  import small_run
+  from trainer import export, losses, train
+  from trainer.data import tokenizer as tokenizer_lib
+
+  workdir, out = str(tmp_path / "run"), str(tmp_path / "hf")
+  train.run(small_run.config(steps=30, eval_every=0, checkpoint_every=0, sample_tokens=0,
+                             log_every=1), workdir)
+  proc = subprocess.run([sys.executable, "-m", "trainer.export", f"--workdir={workdir}",
+                         "--format=hf", f"--out={out}"], capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout == ""
+
+  _, mcfg, params, step = export.load_run(workdir)
+  assert step == 30
+  tokens = np.random.default_rng(1).integers(0, mcfg.vocab_size, (3, 21))
+  logits = state_lib.model_handle(mcfg).bind(params)(tokens[:, :-1])
+  total, count = losses.lm_loss(logits, tokens[:, 1:], np.ones((3, 20), np.float32))
+  ours = float(total / count)
+  model = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+  with torch.no_grad():
+    theirs = float(model(torch.tensor(tokens), labels=torch.tensor(tokens)).loss)
+  assert abs(ours - theirs) <= 1e-5 * ours, (ours, theirs)
+
+  text = "def mean(xs):\n    return sum(xs) / len(xs)  # 2024"
+  hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+  assert hf_tok.encode(text, add_special_tokens=False) == \
+      tokenizer_lib.load(workdir + "/tokenizer.model").encode(text)
+
+  cont = small_run.config(steps=1, eval_every=0, checkpoint_every=0, sample_tokens=0, log_every=1)
+  cont.model.init_from = f"hf:{out}"
+  result = train.run(cont, str(tmp_path / "continued"))
+  with open(str(tmp_path / "continued" / "config.json")) as f:
+    assert json.load(f)["model"]["d_model"] == mcfg.d_model
+  with open(workdir + "/metrics.jsonl") as f:
+    losses_1 = [json.loads(l)["loss"] for l in f if '"loss"' in l]
+  # it starts where the first run ended, not from scratch
+  assert result["loss"] < losses_1[0] - 0.5 and abs(result["loss"] - losses_1[-1]) < 0.3
+  jax.clear_caches()

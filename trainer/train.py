@@ -20,11 +20,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 import parallel
+from models import hf
 from trainer import checkpoint as ckpt_lib
 from trainer import evaluate as evaluate_lib, generate, metrics as metrics_lib, optim
 from trainer import state as state_lib, step as step_lib
 from trainer.data import pipeline
-from trainer.validate import UserError, check_backend, check_config, check_mesh, model_config
+from trainer.validate import (UserError, check_backend, check_config, check_mesh, init_folder,
+                              model_config)
 
 BATCH_KEYS = ("inputs", "targets", "weights", "positions", "segment_ids")
 
@@ -196,7 +198,14 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
   pl = plan(cfg, mcfg, mesh)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), tc.keep_checkpoints)
   latest = checkpointer.latest_step()
-  if latest is None:
+  init = init_folder(cfg)
+  if latest is None and init is not None:
+    _log(f"loading {init}")
+    params = hf.load(init, pl.shardings["params"], pl.param_dtype, remat=mcfg.remat,
+                     attention_impl=mcfg.attention_impl)[1]
+    state = state_lib.init_state(pl.tx, params, tc.seed, pl.shardings)
+    start_step = 0
+  elif latest is None:
     params = state_lib.init_params(pl.handle, tc.seed, pl.shardings["params"], pl.param_dtype)
     state = state_lib.init_state(pl.tx, params, tc.seed, pl.shardings)
     start_step = 0

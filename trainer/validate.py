@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from models import hf
 from models.config import ModelConfig
 from parallel import mesh as mesh_lib
 from parallel import rules as rules_lib
@@ -70,15 +71,38 @@ def check_config(cfg) -> None:
   model_config(cfg, vocab_size=max(cfg.model.vocab_size, 1))  # shape checks, before any data
 
 
+def init_folder(cfg) -> str | None:
+  """The Hugging Face folder of `model.init_from=hf:DIR`, checked; None when not set."""
+  source = cfg.model.get("init_from", "")
+  if not source:
+    return None
+  _require(source.startswith("hf:"), "model.init_from",
+           f"{source!r} is not of the form hf:DIR (a Hugging Face model folder)")
+  folder = source[3:]
+  _require(os.path.exists(os.path.join(folder, "config.json")), "model.init_from",
+           f"no config.json in {folder}")
+  return folder
+
+
 def model_config(cfg, vocab_size: int) -> ModelConfig:
-  """The ModelConfig of this run, with `vocab_size` filled in when the config says 0."""
-  fields = dict(cfg.model)
+  """The ModelConfig of this run, with `vocab_size` filled in when the config says 0. With
+  `model.init_from=hf:DIR` the shape is the Hugging Face model's; only the execution choices
+  (remat, attention_impl) come from the config."""
+  fields = {k: v for k, v in cfg.model.items() if k != "init_from"}
   if fields["vocab_size"] == 0:
     fields["vocab_size"] = vocab_size
-  try:
-    mc = ModelConfig.from_dict(fields)
-  except ValueError as e:
-    raise UserError(f"config key model.{e}") from None
+  folder = init_folder(cfg)
+  if folder is not None:
+    try:
+      mc = hf.config_from_hf(hf.read_config(folder), remat=fields["remat"],
+                             attention_impl=fields["attention_impl"])
+    except (ValueError, KeyError) as e:
+      raise UserError(f"config key model.init_from: {folder}: {e}") from None
+  else:
+    try:
+      mc = ModelConfig.from_dict(fields)
+    except ValueError as e:
+      raise UserError(f"config key model.{e}") from None
   _require(cfg.train.seq_len <= mc.max_seq_len, "train.seq_len",
            f"{cfg.train.seq_len} is beyond the model's {mc.max_seq_len} positions "
            "(model.max_seq_len)")

@@ -182,11 +182,14 @@ def build(cfg, workdir: str, is_leader: bool, sync=lambda: None) -> Data:
   stats: dict[str, Any] = {}
   template = templates.get(d.template) if d.format == "chat" else None
   train_records, eval_records = _records(cfg, stats)
-  if d.tokenizer:
+  init = cfg.model.get("init_from", "")
+  source = d.tokenizer or (init[3:] if init.startswith("hf:") else "")
+  if source:  # given, or the Hugging Face model's own
+    key = "data.tokenizer" if d.tokenizer else "model.init_from"
     try:
-      tokenizer = tokenizer_lib.load(d.tokenizer)
+      tokenizer = tokenizer_lib.load(source)
     except Exception as e:  # noqa: BLE001 -- any failure to read it is the user's file
-      raise DataError(f"config key data.tokenizer: cannot read {d.tokenizer} ({e})") from None
+      raise DataError(f"config key {key}: cannot read a tokenizer from {source} ({e})") from None
     if is_leader:  # a copy beside the checkpoints
       tokenizer.save(os.path.join(workdir, tokenizer_lib.file_name(tokenizer)))
   else:  # trained once per workdir by the leader, then read by every process

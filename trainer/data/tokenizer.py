@@ -113,9 +113,15 @@ class HFTokenizer:
   def decode(self, ids: Sequence[int]) -> str:
     return self.tok.decode(list(ids), skip_special_tokens=False)
 
+  FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
   def save(self, path: str) -> None:
-    """Copies the file beside the run (as tokenizer.json)."""
+    """Copies tokenizer.json to `path`, and its configuration files beside it."""
     shutil.copyfile(self.path, path)
+    for name in self.FILES:
+      src = os.path.join(os.path.dirname(self.path), name)
+      if os.path.exists(src):
+        shutil.copyfile(src, os.path.join(os.path.dirname(path), name))
 
 
 def load(path: str):

@@ -1,0 +1,108 @@
+"""Write a trained model out of its workdir.
+
+python -m trainer.export --workdir=DIR --format=hf --out=DIR [--step=N] [--dtype=bfloat16]
+
+--format=hf: a Hugging Face folder (config.json, safetensors sharded above 2 GiB, the tokenizer
+files) that transformers' AutoModelForCausalLM loads. The checkpoint (latest, or --step) is
+restored onto this machine's devices, split over them (FSDP), and written one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import ml_collections
+from absl import app, flags, logging
+
+FORMATS = ("hf",)
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "the training run's folder")
+_FORMAT = flags.DEFINE_enum("format", "hf", FORMATS, "what to write")
+_OUT = flags.DEFINE_string("out", None, "folder to write")
+_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
+                           "weight dtype (default: the run's parameter dtype)")
+
+
+def load_run(workdir: str, step: int | None = None):
+  """(run config, ModelConfig, params, step) from a workdir's config.json and checkpoint."""
+  import jax  # noqa: PLC0415 -- after absl has parsed flags
+
+  import parallel  # noqa: PLC0415
+  from models.config import ModelConfig  # noqa: PLC0415
+  from trainer import checkpoint as ckpt_lib, train  # noqa: PLC0415
+  from trainer.errors import UserError  # noqa: PLC0415
+
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise UserError(f"--workdir={workdir} has no config.json: not a training run's folder")
+  with open(path) as f:
+    resolved = json.load(f)
+  cfg = ml_collections.ConfigDict(resolved)
+  mcfg = ModelConfig.from_dict(resolved["model"])
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1000,
+                                       async_save=False)
+  steps = checkpointer.manager.all_steps()
+  if not steps:
+    raise UserError(f"--workdir={workdir} has no checkpoints yet")
+  step = max(steps) if step is None else step
+  if step not in steps:
+    raise UserError(f"--step={step}: the checkpoints in {workdir} are at steps {sorted(steps)}")
+  sizes = {"data": 1, "fsdp": jax.device_count(), "tensor": 1, "sequence": 1, "expert": 1}
+  cfg.mesh.update(sizes)
+  cfg.mesh.strategy = "fsdp"
+  cfg.mesh.rules = ""
+  mesh = parallel.make_mesh(sizes)
+  pl = train.plan(cfg, mcfg, mesh)
+  state, _ = checkpointer.restore(step, pl.abstract_state)
+  checkpointer.close()
+  return cfg, mcfg, state["params"], step
+
+
+def copy_tokenizer(workdir: str, out: str) -> list[str]:
+  """The run's tokenizer files, as transformers' AutoTokenizer reads them."""
+  import shutil  # noqa: PLC0415
+
+  from trainer.data import tokenizer as tokenizer_lib  # noqa: PLC0415
+
+  copied = []
+  for name in ("tokenizer.json", "tokenizer.model", *tokenizer_lib.HFTokenizer.FILES):
+    if os.path.exists(os.path.join(workdir, name)):
+      shutil.copyfile(os.path.join(workdir, name), os.path.join(out, name))
+      copied.append(name)
+  if "tokenizer.model" in copied and "tokenizer_config.json" not in copied:
+    tok = tokenizer_lib.Tokenizer.load(os.path.join(workdir, "tokenizer.model"))
+    piece = tok.sp.id_to_piece
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+      json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": piece(tok.bos_id),
+                 "eos_token": piece(tok.eos_id), "add_bos_token": False, "add_eos_token": False,
+                 "add_prefix_space": False, "legacy": False}, f, indent=1)
+    copied.append("tokenizer_config.json")
+  return copied
+
+
+def main(argv):
+  del argv
+  from trainer.errors import UserError  # noqa: PLC0415
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
+  try:
+    if not _WORKDIR.value or not _OUT.value:
+      raise UserError("--workdir and --out are required")
+    cfg, mcfg, params, step = load_run(_WORKDIR.value, _STEP.value)
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from models import hf  # noqa: PLC0415
+    dtype = jnp.dtype(_DTYPE.value or cfg.precision.param_dtype)
+    files = hf.save(_OUT.value, mcfg, params, dtype)
+    files += copy_tokenizer(_WORKDIR.value, _OUT.value)
+    print(f"wrote step {step} of {_WORKDIR.value} to {_OUT.value}: {', '.join(files)}",
+          file=sys.stderr)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)
