@@ -11,7 +11,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig
-from models.layers import MLP, Attention, RMSNorm, attention_inputs, dense, param, rope_tables
+from models.layers import (MLP, Attention, RMSNorm, attention_inputs, attention_mask, dense, param,
+                           rope_tables)
 from parallel import ring_attention
 from parallel.rules import constrain
 
@@ -38,12 +39,15 @@ class Block(nnx.Module):
       self.post_attn_norm, self.post_mlp_norm = norm(), norm()
     self.post_norms = cfg.post_norms
 
-  def __call__(self, x_btd, cos, sin, mask):
-    h = self.attn(self.attn_norm(x_btd), cos, sin, mask)
+  def __call__(self, x_btd, cos, sin, mask, kv_cache=None):
+    h = self.attn(self.attn_norm(x_btd), cos, sin, mask, kv_cache)
+    if kv_cache is not None:
+      h, kv_cache = h
     x_btd = x_btd + (self.post_attn_norm(h) if self.post_norms else h)
     h = self.mlp(self.mlp_norm(x_btd))
     x_btd = x_btd + (self.post_mlp_norm(h) if self.post_norms else h)
-    return constrain(x_btd, BTD)
+    x_btd = constrain(x_btd, BTD)
+    return x_btd if kv_cache is None else (x_btd, kv_cache)
 
 
 class Decoder(nnx.Module):
@@ -61,19 +65,31 @@ class Decoder(nnx.Module):
     if not cfg.tie_embeddings:
       self.head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
 
-  def hidden(self, tokens_bt, positions_bt=None, segment_ids_bt=None):
-    """Final-norm hidden states (batch, length, embed) in the parameters' dtype."""
+  def hidden(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache=None, start=0):
+    """Final-norm hidden states (batch, length, embed) in the parameters' dtype.
+
+    With `cache` (from `init_cache`): decoding. The tokens are written at cache slots
+    [start, start + length) and attend to every filled slot of their segment; returns
+    (hidden, cache). Decoding always runs the xla attention (one query row at a time).
+    """
     b, t = tokens_bt.shape
     if positions_bt is None:
       positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if segment_ids_bt is None:
       segment_ids_bt = jnp.ones((b, t), jnp.int32)
     cos, sin = rope_tables(self.cfg, positions_bt)
-    order = ring_attention.layout(t) if self.cfg.attention_impl == "ring" else None
     windows = self.cfg.layer_windows()
-    # One mask for all layers, or (Gemma 2) a global and a local one, picked per layer.
-    masks = {w: attention_inputs(self.cfg, positions_bt, segment_ids_bt, w, order)
-             for w in sorted(set(windows))}
+    if cache is not None:
+      cache = dict(cache)
+      for name, new in (("positions", positions_bt), ("segment_ids", segment_ids_bt)):
+        cache[name] = jax.lax.dynamic_update_slice_in_dim(cache[name], new, start, 1)
+      masks = {w: attention_mask(positions_bt, segment_ids_bt, cache["positions"],
+                                 cache["segment_ids"], w) for w in sorted(set(windows))}
+    else:
+      order = ring_attention.layout(t) if self.cfg.attention_impl == "ring" else None
+      # One mask for all layers, or (Gemma 2) a global and a local one, picked per layer.
+      masks = {w: attention_inputs(self.cfg, positions_bt, segment_ids_bt, w, order)
+               for w in sorted(set(windows))}
     local = jnp.asarray([w > 0 for w in windows])
 
     # Gather the table's model dimension first (as FSDP does for any weight it uses), keeping
@@ -86,18 +102,33 @@ class Decoder(nnx.Module):
     graphdef, layer_state = nnx.split(self.layers)
 
     def one_layer(x, xs):
-      state, is_local = xs
+      state, is_local, kv = xs
       mask = next(iter(masks.values()))
       if len(masks) == 2:
         pick = lambda a, b: jnp.where(is_local, a, b)
         mask = jax.tree.map(pick, masks[max(masks)], masks[0])
-      return nnx.merge(graphdef, state)(x, cos, sin, mask), None
+      block = nnx.merge(graphdef, state)
+      if kv is None:
+        return block(x, cos, sin, mask), None
+      return block(x, cos, sin, mask, (*kv, start))
 
-    if self.cfg.remat != "none":
+    if self.cfg.remat != "none" and cache is None:
       one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[self.cfg.remat],
                                  prevent_cse=False)
-    x, _ = jax.lax.scan(one_layer, x, (layer_state, local))
-    return self.final_norm(x)
+    kv = None if cache is None else (cache["k"], cache["v"])
+    x, new_kv = jax.lax.scan(one_layer, x, (layer_state, local, kv))
+    if cache is None:
+      return self.final_norm(x)
+    cache["k"], cache["v"] = new_kv
+    return self.final_norm(x), cache
+
+  def init_cache(self, batch: int, length: int, dtype=jnp.float32) -> dict:
+    """An empty KV cache of `length` slots: keys and values per layer, and the position and
+    segment of each slot (segment -1: empty, seen by no query)."""
+    c = self.cfg
+    kv = jnp.zeros((c.n_layers, batch, length, c.n_kv_heads, c.head_dim), dtype)
+    return {"k": kv, "v": kv, "positions": jnp.zeros((batch, length), jnp.int32),
+            "segment_ids": jnp.full((batch, length), -1, jnp.int32)}
 
   def logits(self, h_btd):
     """float32 logits (batch, length, vocab); the matmul accumulates in float32."""

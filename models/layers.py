@@ -176,8 +176,12 @@ class Attention(nnx.Module):
       self.k_bias = param(rngs, (k, hd), ("kv_heads", "head_dim"), std=0)
       self.v_bias = param(rngs, (k, hd), ("kv_heads", "head_dim"), std=0)
 
-  def __call__(self, x_btd, cos, sin, mask):
-    """`mask` is what `attention_inputs` built for the configured attention_impl."""
+  def __call__(self, x_btd, cos, sin, mask, kv_cache=None):
+    """`mask` is what `attention_inputs` built for the configured attention_impl.
+
+    With `kv_cache` = (k (b, S, kv_heads, hd), v, start): decoding. The new keys and values are
+    written at cache slots [start, start + t) and the queries attend over the whole cache, with
+    `mask` a dense (b, 1, 1, t, S) mask over those slots; returns (out, (k, v))."""
     q = dense(x_btd, self.q[...])  # (b, t, heads, head_dim)
     k = dense(x_btd, self.k[...])  # (b, t, kv_heads, head_dim)
     v = dense(x_btd, self.v[...])
@@ -186,6 +190,13 @@ class Attention(nnx.Module):
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     cfg = self.cfg
     impl, scale, cap = cfg.attention_impl, cfg.scale, cfg.attn_softcap
+    if kv_cache is not None:
+      k_cache, v_cache, start = kv_cache
+      k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start, 1)
+      v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, 1)
+      out = dot_product_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask,
+                                  scale, cap)
+      return dense(out, self.o[...], n_in=2), (k_cache, v_cache)
     if impl == "xla":
       out = dot_product_attention(q, k, v, mask, scale, cap)
     elif impl == "pallas":

@@ -86,6 +86,23 @@ def test_train_export_reload_and_continue(tmp_path):
   assert hf_tok.encode(text, add_special_tokens=False) == \
       tokenizer_lib.load(workdir + "/tokenizer.model").encode(text)
 
+  # Generation from the command line prints only the continuation: transformers' greedy one.
+  ours_tok = tokenizer_lib.load(workdir + "/tokenizer.model")
+  prompt = "def "
+  ids = [ours_tok.bos_id] + ours_tok.encode(prompt)
+  with torch.no_grad():
+    hf_ids = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
+                            eos_token_id=ours_tok.eos_id, pad_token_id=0)[0, len(ids):].tolist()
+  if ours_tok.eos_id in hf_ids:
+    hf_ids = hf_ids[:hf_ids.index(ours_tok.eos_id)]
+  for source in (f"--hf={out}", f"--workdir={workdir}"):
+    proc = subprocess.run([sys.executable, "-m", "trainer.generate", source, f"--prompt={prompt}",
+                           "--max_new_tokens=12", "--temperature=0"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ours_tok.decode(hf_ids) + "\n", (proc.stdout, hf_ids)
+    assert "tokens/s" in proc.stderr
+
   cont = small_run.config(steps=1, eval_every=0, checkpoint_every=0, sample_tokens=0, log_every=1)
   cont.model.init_from = f"hf:{out}"
   result = train.run(cont, str(tmp_path / "continued"))

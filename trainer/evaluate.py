@@ -24,7 +24,7 @@ def chat_exact_match(handle, params, tokenizer, template: templates.Template,
   if not prompts:
     return float("nan")
   kwargs = {} if compute_dtype is None else {"compute_dtype": compute_dtype}
-  outs = generate.sample_batch(handle, params, prompts, max_new_tokens, buffer_len=buffer_len,
-                               stop_ids=(template.stop_id(tokenizer),), **kwargs)
+  outs = generate.generate(handle, params, prompts, max_new_tokens, max_len=buffer_len,
+                           stop_ids=(template.stop_id(tokenizer),), **kwargs)
   hits = sum(tokenizer.decode(o).strip() == a for o, a in zip(outs, answers))
   return hits / len(prompts)

@@ -18,12 +18,6 @@ from absl import app, flags, logging
 
 FORMATS = ("hf",)
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "the training run's folder")
-_FORMAT = flags.DEFINE_enum("format", "hf", FORMATS, "what to write")
-_OUT = flags.DEFINE_string("out", None, "folder to write")
-_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
-_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
-                           "weight dtype (default: the run's parameter dtype)")
 
 
 def load_run(workdir: str, step: int | None = None):
@@ -88,21 +82,32 @@ def main(argv):
   from trainer.errors import UserError  # noqa: PLC0415
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
   try:
-    if not _WORKDIR.value or not _OUT.value:
+    if not flags.FLAGS.workdir or not flags.FLAGS.out:
       raise UserError("--workdir and --out are required")
-    cfg, mcfg, params, step = load_run(_WORKDIR.value, _STEP.value)
+    cfg, mcfg, params, step = load_run(flags.FLAGS.workdir, flags.FLAGS.step)
     import jax.numpy as jnp  # noqa: PLC0415
 
     from models import hf  # noqa: PLC0415
-    dtype = jnp.dtype(_DTYPE.value or cfg.precision.param_dtype)
-    files = hf.save(_OUT.value, mcfg, params, dtype)
-    files += copy_tokenizer(_WORKDIR.value, _OUT.value)
-    print(f"wrote step {step} of {_WORKDIR.value} to {_OUT.value}: {', '.join(files)}",
+    dtype = jnp.dtype(flags.FLAGS.dtype or cfg.precision.param_dtype)
+    files = hf.save(flags.FLAGS.out, mcfg, params, dtype)
+    files += copy_tokenizer(flags.FLAGS.workdir, flags.FLAGS.out)
+    print(f"wrote step {step} of {flags.FLAGS.workdir} to {flags.FLAGS.out}: {', '.join(files)}",
           file=sys.stderr)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 
 
+def _define_flags():
+  """Only when run as a program: the CLIs share flag names."""
+  flags.DEFINE_string("workdir", None, "the training run's folder")
+  flags.DEFINE_enum("format", "hf", FORMATS, "what to write")
+  flags.DEFINE_string("out", None, "folder to write")
+  flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
+  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
+                    "weight dtype (default: the run's parameter dtype)")
+
+
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

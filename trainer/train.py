@@ -286,9 +286,10 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
   elif tc.sample_tokens and data.template is None:
     prompt = tokenizer.encode(tc.sample_prompt)
     with parallel.activate(mesh, pl.rules):
-      ids = generate.sample(pl.handle, state["params"], [tokenizer.bos_id] + prompt, tc.sample_tokens,
-                            buffer_len=tc.seq_len, temperature=tc.sample_temperature, seed=tc.seed,
-                            stop_ids=(tokenizer.eos_id,), compute_dtype=pl.compute_dtype)
+      ids = generate.generate(pl.handle, state["params"], [[tokenizer.bos_id] + prompt],
+                              tc.sample_tokens, max_len=tc.seq_len,
+                              temperature=tc.sample_temperature, seed=tc.seed,
+                              stop_ids=(tokenizer.eos_id,), compute_dtype=pl.compute_dtype)[0]
     _log("sample:\n" + tc.sample_prompt + tokenizer.decode(ids))
   evals = ", ".join(f"{k} {v:.4f}" for k, v in final_eval.items())
   _log(f"done: step {step}, loss {float(last.get('loss', float('nan'))):.4f}, {evals}, "
