@@ -61,7 +61,7 @@ def write_run_config(cfg, mcfg, mesh_sizes: dict[str, int], workdir: str) -> Non
 
   A workdir whose checkpoints belong to a different model is refused rather than overwritten."""
   resolved = json.loads(cfg.to_json())
-  resolved["model"] = mcfg.to_dict()
+  resolved["model"] = json.loads(json.dumps(mcfg.to_dict()))  # tuples as lists, as read back
   resolved["mesh"].update(mesh_sizes)
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path) and os.path.isdir(os.path.join(workdir, "checkpoints")):
