@@ -18,6 +18,8 @@ from flax import nnx
 from models.config import ModelConfig
 from models.kernels import flashmask as fm
 from models.kernels.flash_attention import flash_attention
+from parallel import ring_attention as ring_attention_lib
+from parallel import rules as rules_lib
 from parallel.ring_attention import ring_attention
 from parallel.rules import constrain
 
@@ -199,8 +201,10 @@ class Attention(nnx.Module):
       return dense(out, self.o[...], n_in=2), (k_cache, v_cache)
     if impl == "xla":
       out = dot_product_attention(q, k, v, mask, scale, cap)
-    elif impl == "pallas":
-      out = flash_attention(q, k, v, mask, scale=scale, softcap=cap)[0]
+    elif impl == "pallas" or (impl == "ring" and ring_attention_lib.sequence_parallel_size() == 1):
+      if impl == "ring":  # no ring to run: the keys' vectors in natural order are the mask
+        mask = fm.FlashMask(*mask[1])
+      out = partitioned_flash_attention(q, k, v, mask, scale, cap)
     elif impl == "cudnn":
       out = library_attention(q, k, v, mask, scale, "cudnn")
     else:  # ring
@@ -214,6 +218,35 @@ def library_attention(q, k, v, mask, scale, implementation: str):
   which is causal, so the causal flag (work skipping for cuDNN) changes nothing."""
   return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True,
                                       implementation=implementation)
+
+
+def partitioned_flash_attention(q, k, v, mask: fm.FlashMask, scale, softcap, backend=None):
+  """The Pallas kernel under the active mesh: a `shard_map` over batch and heads, since XLA
+  cannot partition a Mosaic call (TPU) and would replicate a Triton one (GPU). Each device runs
+  the kernel on its rows and heads; sequences stay whole (splitting them is `ring`'s job)."""
+  active = rules_lib.active()
+  if active is None:
+    return flash_attention(q, k, v, mask, scale=scale, softcap=softcap, backend=backend)[0]
+  mesh, rules = active
+  q_spec = rules_lib.spec(("batch", "length", "heads", "head_dim"), rules, mesh, q.shape)
+  kv_spec = rules_lib.spec(("batch", "length", "kv_heads", "head_dim"), rules, mesh, k.shape)
+  if q_spec[1] is not None or kv_spec[1] is not None:
+    raise ValueError("attention_impl=pallas keeps each sequence on one device; with the length "
+                     "split over the mesh (mesh.sequence > 1) use attention_impl=ring")
+  if q_spec[2] != kv_spec[2]:
+    raise ValueError(f"pallas attention: query heads are split over {q_spec[2]} but KV heads over "
+                     f"{kv_spec[2]}; make n_kv_heads divisible by mesh.tensor")
+  if q_spec[3] is not None:
+    raise ValueError("pallas attention needs whole heads on each device (head_dim unsplit)")
+  vec_spec = jax.sharding.PartitionSpec(q_spec[0], None)
+
+  def local(q, k, v, *vectors):
+    return flash_attention(q, k, v, fm.FlashMask(*vectors), scale=scale, softcap=softcap,
+                           backend=backend)[0]
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, *[vec_spec] * 4),
+                       out_specs=q_spec, check_vma=False)(
+                           q, k, v, mask.lts, mask.lte, mask.uts, mask.ute)
 
 
 def attention_inputs(cfg: ModelConfig, positions_bt, segment_ids_bt, window: int, order=None):

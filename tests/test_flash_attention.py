@@ -71,27 +71,29 @@ def make_mask(kind, rng, b, n):
   raise ValueError(kind)
 
 
-def compare(q, k, v, mask, atol, softcap=0.0, block_q=16, block_k=16, seed=0, d_scale=1.0):
+def compare(q, k, v, mask, atol, softcap=0.0, block_q=16, block_k=16, seed=0, d_scale=1.0,
+            out_dtype=None):
   """Outputs, lse and the gradients of a random linear function of both (cotangents normal
   times d_scale: bf16 tests keep gradients near 1, where 2e-2 is a few bf16 steps)."""
   rng = np.random.default_rng(seed)
-  allowed = np.asarray(mask.dense(q.shape[1]))
+  allowed = np.asarray((mask or fm.full(q.shape[0], k.shape[1])).dense(q.shape[1]))
   d_out = d_scale * jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
   d_lse = d_scale * jnp.asarray(rng.standard_normal(q.shape[:3]), jnp.float32)
 
   def loss(attend):
     def f(q, k, v):
       out, lse = attend(q, k, v)
-      lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
-      return jnp.sum(out.astype(jnp.float32) * d_out) + jnp.sum(lse * d_lse), (out, lse)
+      finite_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)  # rows that see no key: -inf
+      return jnp.sum(out.astype(jnp.float32) * d_out) + jnp.sum(finite_lse * d_lse), (out, lse)
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))
 
   ours = loss(lambda q, k, v: flash_attention(q, k, v, mask, softcap=softcap, block_q=block_q,
-                                              block_k=block_k))(q, k, v)
+                                              block_k=block_k, out_dtype=out_dtype))(q, k, v)
   want = loss(lambda q, k, v: dense_attention(q, k, v, allowed, softcap))(q, k, v)
   (_, (out, lse)), grads = ours
   (_, (want_out, want_lse)), want_grads = want
-  assert out.dtype == q.dtype
+  assert out.dtype == (out_dtype or q.dtype)
+  np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(want_lse))
   np.testing.assert_allclose(np.asarray(out, np.float32), want_out, atol=atol, rtol=0)
   np.testing.assert_allclose(lse, want_lse, atol=atol, rtol=0)
   for name, g, w in zip(("dq", "dk", "dv"), grads, want_grads):
@@ -125,6 +127,23 @@ def test_gqa_ratios_on_packed_rows(group):
   b, n, kv = 3, 45, 8 // group
   q, k, v = qkv(rng, b, n, 8, kv, 8)
   compare(q, k, v, fm.document(random_segments(rng, b, n)), atol=1e-5, block_q=16, block_k=32)
+
+
+def test_rows_that_see_nothing_keys_unlike_queries_and_default_blocks():
+  """Rows 10..19 see no key (output 0, lse -inf, no NaN in any gradient); 30 queries over 45 keys;
+  no mask with the default 128-wide blocks over 150 tokens; bf16 in, float32 out (as the ring
+  runs it)."""
+  rng = np.random.default_rng(22)
+  lts, lte = np.full((2, 45), 10), np.full((2, 45), 20)
+  uts, ute = np.zeros((2, 45), int), np.where(np.arange(45) > 25, np.arange(45) - 15, 0)[None]
+  mask = fm.from_vectors(lts, lte, uts, np.broadcast_to(ute, (2, 45)))
+  assert not mask.dense(30)[:, 10:20].any()
+  q, k, v = qkv(rng, 2, 30, 4, 2, 16, s=45)
+  compare(q, k, v, mask, atol=1e-5)
+  q, k, v = qkv(rng, 1, 150, 2, 1, 16)
+  compare(q, k, v, None, atol=1e-5, block_q=None, block_k=None)
+  q, k, v = qkv(rng, 2, 50, 4, 2, 32, jnp.bfloat16)
+  compare(q, k, v, fm.causal(2, 50), atol=2e-2, d_scale=0.2, out_dtype=jnp.float32)
 
 
 def test_head_dim_not_a_power_of_two_and_uneven_blocks():
@@ -262,3 +281,31 @@ def test_cudnn_path_arguments_mean_our_mask():
     want = dot_product_attention(q, k, v, attention_inputs(ModelConfig(**cfg), pos, seg, window),
                                  0.25)
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_pallas_attention_partitions_over_a_tpu_mesh():
+  """XLA cannot partition a Mosaic kernel: on a mesh the model wraps it in shard_map over batch
+  and heads. Lowered for an abstract 4-chip TPU v5p mesh (data 2 x tensor 2)."""
+  from jax.sharding import AbstractDevice, AbstractMesh, AxisType, NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from models.layers import partitioned_flash_attention
+  from parallel import rules as rules_lib
+
+  device = AbstractDevice(device_kind="TPU v5p", num_cores=1, platform="tpu")
+  axes = ("data", "fsdp", "expert", "sequence", "tensor")
+  mesh = AbstractMesh((2, 1, 1, 1, 2), axes, (AxisType.Auto,) * 5, abstract_device=device)
+  rules = rules_lib.strategy("fsdp_tp", "batch=data").activations
+  q = jax.ShapeDtypeStruct((4, 256, 8, 128), jnp.bfloat16,
+                           sharding=NamedSharding(mesh, P("data", None, "tensor")))
+  kv = jax.ShapeDtypeStruct((4, 256, 2, 128), jnp.bfloat16,
+                            sharding=NamedSharding(mesh, P("data", None, "tensor")))
+  seg = jax.ShapeDtypeStruct((4, 256), jnp.int32, sharding=NamedSharding(mesh, P("data")))
+
+  def attend(q, k, v, seg):
+    with rules_lib.activate(mesh, rules):
+      return partitioned_flash_attention(q, k, v, fm.from_segments(seg), None, 0.0, "tpu")
+
+  with jax.sharding.use_abstract_mesh(mesh):
+    text = jax.jit(attend).trace(q, kv, kv, seg).lower(lowering_platforms=("tpu",)).as_text()
+  assert "tpu_custom_call" in text and "sdy.manual_computation" in text

@@ -338,13 +338,24 @@ def flash_attention(q, k, v, mask: fm.FlashMask | None = None, *, scale: float |
   block_q = block_q or default_block(t)
   block_k = block_k or default_block(s)
   backend = backend or jax.default_backend()
-  t_pad, s_pad, d_pad = -(-t // block_q) * block_q, -(-s // block_k) * block_k, _pow2_at_least(d)
+  t_pad, s_pad = -(-t // block_q) * block_q, -(-s // block_k) * block_k
+  d_pad = max(16, _pow2_at_least(d))  # Triton's dot wants power-of-two tiles of at least 16
+  for name, block in (("block_q", block_q), ("block_k", block_k)):
+    if block < 16 or block & (block - 1):
+      raise ValueError(f"flash_attention: {name}={block} must be a power of two >= 16")
+  if backend == "tpu" and block_k % 128 and block_k != s_pad:
+    raise ValueError(f"flash_attention: on TPU block_k={block_k} must be a multiple of 128 or "
+                     "cover all keys")
 
-  # Padded key columns are hidden from every row; padded rows see what the bands leave them.
-  hide = lambda x, value: jnp.pad(jnp.asarray(x, jnp.int32), ((0, 0), (0, s_pad - s)),
-                                  constant_values=value)
-  vectors = tuple(x[:, None, :] for x in (hide(mask.lts, 0), hide(mask.lte, t_pad),
-                                          hide(mask.uts, 0), hide(mask.ute, 0)))  # (b, 1, keys)
+  # Padded key columns are hidden from every row by both bands, and band ends at the last row
+  # move to the padded end, so that padded rows and columns never spoil a tile's min/max.
+  def vector(x, pad_value):
+    x = jnp.asarray(x, jnp.int32)
+    x = jnp.where(x >= t, t_pad, x)
+    return jnp.pad(x, ((0, 0), (0, s_pad - s)), constant_values=pad_value)[:, None, :]
+
+  vectors = (vector(mask.lts, 0), vector(mask.lte, t_pad), vector(mask.uts, 0),
+             vector(mask.ute, t_pad))  # (b, 1, keys)
   q_, k_, v_ = (_pad(_pad(x, 1, n), 3, d_pad).transpose(0, 2, 1, 3)
                 for x, n in ((q, t_pad), (k, s_pad), (v, s_pad)))
   scale = d ** -0.5 if scale is None else scale
