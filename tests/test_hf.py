@@ -113,3 +113,37 @@ def test_train_export_reload_and_continue(tmp_path):
   # it starts where the first run ended, not from scratch
   assert result["loss"] < losses_1[0] - 0.5 and abs(result["loss"] - losses_1[-1]) < 0.3
   jax.clear_caches()
+
+
+def test_load_streams_into_shardings(tmp_path):
+  """Loaded straight into FSDP shardings over 8 devices: each array arrives split, with the
+  values of a single-device load."""
+  import jax
+  import parallel
+  from parallel import rules as rules_lib
+
+  hf_models.make("qwen2", str(tmp_path / "hf"))
+  cfg, whole = hf.load(str(tmp_path / "hf"))
+  mesh = parallel.make_mesh(dict(data=1, fsdp=8))
+  shardings = state_lib.param_shardings(state_lib.model_handle(cfg), mesh, rules_lib.fsdp().params)
+  _, split = hf.load(str(tmp_path / "hf"), shardings)
+  q = split["layers"]["attn"]["q"]
+  assert q.sharding == shardings["layers"]["attn"]["q"]
+  assert len({str(s.index) for s in q.addressable_shards}) == 8
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), split, whole)
+
+
+def test_init_from_an_unsupported_model_is_one_line(tmp_path):
+  import json
+  import subprocess
+  import sys
+
+  folder = tmp_path / "gpt2"
+  folder.mkdir()
+  (folder / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+  proc = subprocess.run([sys.executable, "-m", "trainer.main", f"--config.model.init_from=hf:{folder}",
+                         f"--workdir={tmp_path / 'run'}"], capture_output=True, text=True,
+                        timeout=300, cwd=str(__import__("pathlib").Path(__file__).parent.parent))
+  assert proc.returncode == 2
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and "GPT2LMHeadModel" in lines[0] and "model.init_from" in lines[0], lines
