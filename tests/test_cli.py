@@ -24,6 +24,8 @@ def run_main(*args, workdir):
     (["--config.model.remat=sometimes"], "remat"),
     (["--config.model.attention_impl=magic"], "attention_impl"),
     (["--config.model.attention_impl=cudnn"], "cudnn runs on NVIDIA GPUs only"),
+    (["--config.model.attention_impl=pallas", "--config.mesh.data=2", "--config.mesh.sequence=4"],
+     "use attention_impl=ring"),
     (["--config.model.n_kv_heads=3"], "n_kv_heads"),
     (["--config.mesh.data=3"], "mesh"),
     (["--config.train.batch_size=12"], "train.batch_size"),  # 12 rows over 8 devices

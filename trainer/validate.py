@@ -134,6 +134,10 @@ def check_mesh(cfg, n_devices: int) -> dict[str, int]:
   _require(micro % dp == 0, "train.batch_size",
            f"the microbatch of {micro} sequences (batch_size / grad_accum) does not split over "
            f"the {dp} data-parallel devices (mesh.data x mesh.fsdp)")
+  if cfg.model.attention_impl in ("pallas", "cudnn") and sizes["sequence"] > 1:
+    raise UserError(f"config key model.attention_impl: {cfg.model.attention_impl} keeps each "
+                    f"sequence on one device, but mesh.sequence={sizes['sequence']} splits it; "
+                    "use attention_impl=ring")
   if cfg.model.attention_impl == "ring" and cfg.train.seq_len % (2 * sizes["sequence"]):
     raise UserError(f"config key train.seq_len: ring attention over mesh.sequence="
                     f"{sizes['sequence']} needs it divisible by {2 * sizes['sequence']}, got "
