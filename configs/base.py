@@ -46,6 +46,20 @@ def get_config(arg=None):
       attention_impl="xla",  # xla | pallas (FlashMask kernel) | cudnn (NVIDIA GPUs) | ring
   ))
 
+  # Parameter-efficient fine-tuning (models/peft): which weights train.
+  c.peft = ml_collections.ConfigDict(dict(
+      method="none",  # none (full fine-tuning) | lora | dora | vera | ia3 | bitfit
+      targets="all-linear",  # regex over module names (attn.q or q_proj, ...) | all-linear
+      rank=8,
+      alpha=16.0,  # LoRA scale alpha / rank (alpha / sqrt(rank) with rslora)
+      rslora=False,
+      init="default",  # default (A uniform, B 0) | gaussian | pissa (top-r SVD of W)
+      lora_plus_scale=1.0,  # LoRA+: B's learning rate is this times A's
+      vera_rank=256,
+      vera_d_initial=0.1,
+      ia3_targets="k_proj|v_proj|down_proj",  # ia3 scales these (down_proj on its input side)
+  ))
+
   # Where tokens come from (trainer/data/).
   c.data = ml_collections.ConfigDict(dict(
       source="stdlib",  # stdlib: the Python standard library's source (offline, real text) | files

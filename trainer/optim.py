@@ -35,9 +35,26 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(tc) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(tc, labels=None, lora_plus_scale: float = 1.0
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """`labels` (a params-shaped tree of "trainable" / "lora_b" / "frozen", or a function of the
+  params giving one; PEFT): frozen parameters get zero updates and no optimizer state, and their
+  gradients are dropped before clipping, so the compiler never computes them. "lora_b" learns
+  `lora_plus_scale` times faster (LoRA+)."""
   sched = schedule(tc)
-  adamw = optax.adamw(sched, b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay,
-                      mask=decay_mask)
-  tx = optax.chain(optax.clip_by_global_norm(tc.clip_norm), adamw) if tc.clip_norm > 0 else adamw
+
+  def adamw(lr):
+    return optax.adamw(lr, b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay,
+                       mask=decay_mask)
+
+  clip = [optax.clip_by_global_norm(tc.clip_norm)] if tc.clip_norm > 0 else []
+  if labels is None:
+    return optax.chain(*clip, adamw(sched)), sched
+  zero, keep = optax.set_to_zero(), optax.identity()
+  scaled = lambda step: sched(step) * lora_plus_scale
+  tx = optax.chain(
+      optax.multi_transform({"frozen": zero, "trainable": keep, "lora_b": keep}, labels),
+      *clip,
+      optax.multi_transform({"frozen": zero, "trainable": adamw(sched), "lora_b": adamw(scaled)},
+                            labels))
   return tx, sched

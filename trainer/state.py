@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from models import Decoder, ModelConfig
+from models.peft import Peft
 from parallel import rules as rules_lib
 
 Params = dict[str, Any]
@@ -31,18 +32,24 @@ class ModelHandle:
   graphdef: Any
   template: Any  # nnx.State of ShapeDtypeStruct
   axes: Params  # logical axis names of each parameter, same tree as the params
+  peft: Peft | None = None  # adapters, stored under params["peft"]
 
   def abstract_params(self) -> Params:
-    return nnx.to_pure_dict(self.template)
+    params = nnx.to_pure_dict(self.template)
+    if self.peft is not None and self.peft.method != "bitfit":
+      params["peft"] = self.peft.abstract()
+    return params
 
   def bind(self, params: Params) -> Decoder:
-    """The module with these parameters. The template is copied, never modified."""
+    """The module with these parameters (adapters folded in). The template is never modified."""
+    if self.peft is not None:
+      params = self.peft.apply(params)
     state = jax.tree.map(lambda x: x, self.template)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(self.graphdef, state)
 
 
-def model_handle(cfg: ModelConfig) -> ModelHandle:
+def model_handle(cfg: ModelConfig, peft: Peft | None = None) -> ModelHandle:
   abstract = nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0)))
   graphdef, template = nnx.split(abstract)
   axes: Params = {}
@@ -51,7 +58,9 @@ def model_handle(cfg: ModelConfig) -> ModelHandle:
     for key in path[:-1]:
       node = node.setdefault(key, {})
     node[path[-1]] = tuple(variable.get_metadata()["out_sharding"])
-  return ModelHandle(cfg, graphdef, template, axes)
+  if peft is not None and peft.method != "bitfit":
+    axes["peft"] = peft.axes()
+  return ModelHandle(cfg, graphdef, template, axes, peft)
 
 
 def is_axes(x) -> bool:
@@ -70,24 +79,55 @@ def cast_floating(tree, dtype):
 
 
 def init_params(handle: ModelHandle, seed: int, shardings: Params | None = None,
-                dtype=jnp.float32) -> Params:
-  """Initialise directly into the target shardings: no host holds the whole model."""
+                dtype=jnp.float32, base: Params | None = None) -> Params:
+  """Initialise directly into the target shardings: no host holds the whole model. `base`:
+  model weights to start from (e.g. a Hugging Face import) instead of random ones; adapters are
+  added to either when the handle has PEFT."""
+  model_shardings = None if shardings is None else {k: v for k, v in shardings.items()
+                                                    if k != "peft"}
+  if base is None:
+    def init(key):
+      params = nnx.to_pure_dict(nnx.split(Decoder(handle.cfg, nnx.Rngs(params=key)))[1])
+      return cast_floating(params, dtype)
+    base = jax.jit(init, out_shardings=model_shardings)(jax.random.PRNGKey(seed))
+  if handle.peft is None:
+    return base
 
-  def init(key):
-    params = nnx.to_pure_dict(nnx.split(Decoder(handle.cfg, nnx.Rngs(params=key)))[1])
-    return cast_floating(params, dtype)
+  def add_adapters(base, key):
+    new_base, adapters = handle.peft.init(base, key)
+    return cast_floating({**new_base, **({"peft": adapters} if adapters else {})}, dtype)
 
-  return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
+  return jax.jit(add_adapters, out_shardings=shardings, donate_argnums=0)(
+      base, jax.random.PRNGKey(seed + 7))
 
 
 def opt_state_shardings(tx: optax.GradientTransformation, abstract_params: Params,
                         moment_shardings: Params, mesh: Mesh) -> Any:
-  """Optimizer state shardings: each moment like `moment_shardings` of its parameter, scalars
-  (step counts) replicated."""
+  """Optimizer state shardings: each moment like `moment_shardings` of its parameter, the rest
+  (step counts) replicated. A moment is recognised by its key path ending with its parameter's
+  path and having its shape, which also holds inside masked (PEFT) states, where frozen
+  parameters have no moments at all."""
   replicated = NamedSharding(mesh, P())
-  return optax.tree_utils.tree_map_params(
-      tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params), moment_shardings,
-      transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, NamedSharding))
+  by_path = {}
+  for path, (x, s) in jax.tree_util.tree_flatten_with_path(
+      jax.tree.map(lambda x, s: (x, s), abstract_params, moment_shardings,
+                   is_leaf=lambda x: isinstance(x, NamedSharding)),
+      is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2)[0]:
+    by_path[_keys(path)] = (x.shape, s)
+
+  def pick(path, leaf):
+    keys = _keys(path)
+    for start in range(len(keys)):
+      hit = by_path.get(keys[start:])
+      if hit is not None and hit[0] == leaf.shape:
+        return hit[1]
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(pick, jax.eval_shape(tx.init, abstract_params))
+
+
+def _keys(path) -> tuple:
+  return tuple(str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))) for p in path)
 
 
 def state_shardings(p_shardings: Params, opt_shardings: Any, mesh: Mesh) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 
 import parallel
 from models import hf
+from models import peft as peft_lib
 from trainer import checkpoint as ckpt_lib
 from trainer import evaluate as evaluate_lib, generate, metrics as metrics_lib, optim
 from trainer import state as state_lib, step as step_lib
@@ -131,8 +132,10 @@ def plan(cfg, mcfg, mesh) -> Plan:
   param_dtype = jnp.dtype(cfg.precision.param_dtype)
   strategy = parallel.strategy(cfg.mesh.strategy, cfg.mesh.rules)
   batch_sharding = parallel.sharding(("batch", "length"), mesh, strategy.activations)
-  handle = state_lib.model_handle(mcfg)
-  tx, schedule = optim.make_optimizer(tc)
+  peft = peft_lib.Peft.from_config(cfg.peft, mcfg)
+  handle = state_lib.model_handle(mcfg, peft)
+  labels = None if peft is None else peft.labels(handle.abstract_params())
+  tx, schedule = optim.make_optimizer(tc, labels, cfg.peft.lora_plus_scale)
   p_shardings = state_lib.param_shardings(handle, mesh, strategy.params)
   g_shardings = state_lib.param_shardings(handle, mesh, strategy.grads)
   abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, param_dtype),
@@ -199,14 +202,15 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), tc.keep_checkpoints)
   latest = checkpointer.latest_step()
   init = init_folder(cfg)
-  if latest is None and init is not None:
-    _log(f"loading {init}")
-    params = hf.load(init, pl.shardings["params"], pl.param_dtype, remat=mcfg.remat,
+  if latest is None:
+    base = None
+    if init is not None:
+      _log(f"loading {init}")
+      model_shardings = {k: v for k, v in pl.shardings["params"].items() if k != "peft"}
+      base = hf.load(init, model_shardings, pl.param_dtype, remat=mcfg.remat,
                      attention_impl=mcfg.attention_impl)[1]
-    state = state_lib.init_state(pl.tx, params, tc.seed, pl.shardings)
-    start_step = 0
-  elif latest is None:
-    params = state_lib.init_params(pl.handle, tc.seed, pl.shardings["params"], pl.param_dtype)
+    params = state_lib.init_params(pl.handle, tc.seed, pl.shardings["params"], pl.param_dtype,
+                                   base=base)
     state = state_lib.init_state(pl.tx, params, tc.seed, pl.shardings)
     start_step = 0
   else:
@@ -217,6 +221,10 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   _log(f"model: {n_params / 1e6:.2f}M parameters, vocab {mcfg.vocab_size}; mesh "
        f"{dict(mesh.shape)}")
+  if pl.handle.peft is not None:
+    trainable, total = peft_lib.count(state["params"], pl.handle.peft.labels(state["params"]))
+    _log(f"peft {cfg.peft.method}: {trainable:,} trainable parameters of {total:,} "
+         f"({trainable / total:.3%})")
 
   def evaluate(params) -> dict[str, float]:
     with parallel.activate(mesh, pl.rules):

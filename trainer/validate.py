@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from models import hf
+from models import peft as peft_lib
 from models.config import ModelConfig
 from parallel import mesh as mesh_lib
 from parallel import rules as rules_lib
@@ -68,7 +69,11 @@ def check_config(cfg) -> None:
     rules_lib.strategy(cfg.mesh.strategy, cfg.mesh.rules)
   except ValueError as e:
     raise UserError(f"config key {e}") from None
-  model_config(cfg, vocab_size=max(cfg.model.vocab_size, 1))  # shape checks, before any data
+  mc = model_config(cfg, vocab_size=max(cfg.model.vocab_size, 1))  # shape checks, before data
+  try:
+    peft_lib.Peft.from_config(cfg.peft, mc)
+  except ValueError as e:
+    raise UserError(f"config key {e}") from None
 
 
 def init_folder(cfg) -> str | None:

@@ -1,0 +1,263 @@
+"""Parameter-efficient fine-tuning in weight space: adapters live beside the base weights in the
+params tree (under "peft"), and `Peft.apply` folds them into the weights the model multiplies by.
+
+    peft = Peft.from_config(run_config.peft, model_config)
+    base, adapters = peft.init(base_params, key)          # PiSSA also rewrites the base
+    model_params = peft.apply({**base, "peft": adapters})  # what the decoder runs with
+    labels = peft.labels(params)                           # optax.multi_transform labels
+
+Methods (per targeted linear map W, seen as (in, out) per layer):
+  lora    W + s * A @ B, A (in, r), B (r, out); s = alpha / r, or alpha / sqrt(r) (rsLoRA).
+          init: A uniform(+-1/sqrt(in)) and B = 0 (default), A normal(1/r) (gaussian), or PiSSA
+          (A, B from the top-r singular triplets of W, W replaced by the residual).
+  dora    m * V / ||V||, V = W + s * A @ B, the norm per output column (not differentiated, as
+          in the DoRA paper and PEFT), m initialised to ||W||.
+  vera    W + (A_s[:in]^T * d) @ (B_s[:, :out]... * b): A_s (r, max_in), B_s (max_out, r) random,
+          frozen and shared by every layer and module; d (r) and b (out) train per layer.
+  ia3     W * l: l scales the output features of k and v, the input features of down (PEFT's
+          "feedforward" modules), starting at 1.
+  bitfit  the base model's biases train, nothing else (models with biases: Qwen2).
+Folding in weight space is exact for all of them and costs one (in x r) @ (r x out) per
+targeted matrix and step; LoRA dropout, which acts on activations, is not available here.
+
+Targets are matched on module names: ours ("attn.q", "mlp.down") or Hugging Face's ("q_proj",
+"down_proj"), by a regular expression (full match), or "all-linear".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.config import ModelConfig
+
+METHODS = ("none", "lora", "dora", "vera", "ia3", "bitfit")
+INITS = ("default", "gaussian", "pissa")
+
+# (module, weight): (Hugging Face module name, number of input dims in our layout)
+LINEAR = {("attn", "q"): ("q_proj", 1), ("attn", "k"): ("k_proj", 1), ("attn", "v"): ("v_proj", 1),
+          ("attn", "o"): ("o_proj", 2), ("mlp", "gate"): ("gate_proj", 1),
+          ("mlp", "up"): ("up_proj", 1), ("mlp", "down"): ("down_proj", 1)}
+IA3_FEEDFORWARD = ("down_proj",)
+TRAINABLE, FROZEN, LORA_B = "trainable", "frozen", "lora_b"
+
+
+def _dims(mcfg: ModelConfig, module: str, name: str) -> tuple[int, int]:
+  """(in, out) of a targeted weight, flattened as the adapter sees it."""
+  d, f, h, kv, hd = mcfg.d_model, mcfg.d_ff, mcfg.n_heads, mcfg.n_kv_heads, mcfg.head_dim
+  return {"q": (d, h * hd), "k": (d, kv * hd), "v": (d, kv * hd), "o": (h * hd, d),
+          "gate": (d, f), "up": (d, f), "down": (f, d)}[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class Peft:
+  method: str
+  targets: tuple[tuple[str, str], ...]  # (module, weight) pairs, e.g. ("attn", "q")
+  mcfg: ModelConfig
+  rank: int = 8
+  alpha: float = 16.0
+  rslora: bool = False
+  init_kind: str = "default"
+  vera_rank: int = 256
+  vera_d_initial: float = 0.1
+  lora_plus_scale: float = 1.0
+
+  @classmethod
+  def from_config(cls, pc, mcfg: ModelConfig) -> "Peft | None":
+    """From the run config's `peft` section; None for method "none"."""
+    if pc.method == "none":
+      return None
+    if pc.method not in METHODS:
+      raise ValueError(f"peft.method={pc.method!r} is not one of {', '.join(METHODS)}")
+    if pc.init not in INITS:
+      raise ValueError(f"peft.init={pc.init!r} is not one of {', '.join(INITS)}")
+    if pc.method in ("lora", "dora") and pc.rank < 1:
+      raise ValueError(f"peft.rank={pc.rank} must be positive")
+    targets = select_targets(pc.targets if pc.method != "ia3" else pc.ia3_targets)
+    if not targets and pc.method != "bitfit":
+      raise ValueError(f"peft.targets={pc.targets!r} matches no linear module; names: "
+                       + ", ".join(f"{m}.{n} ({hf})" for (m, n), (hf, _) in LINEAR.items()))
+    if pc.method == "bitfit" and not mcfg.qkv_bias:
+      raise ValueError("peft.method=bitfit trains biases, and this model has none")
+    return cls(pc.method, targets, mcfg, pc.rank, pc.alpha, pc.rslora, pc.init, pc.vera_rank,
+               pc.vera_d_initial, pc.lora_plus_scale)
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+  # --- parameters --------------------------------------------------------------------------
+
+  def _shapes(self) -> dict[str, Any]:
+    """name -> (shape, logical axes) of every adapter array (tree as stored under "peft")."""
+    L, r, out = self.mcfg.n_layers, self.rank, {}
+    for module, name in self.targets:
+      n_in, n_out = _dims(self.mcfg, module, name)
+      if self.method in ("lora", "dora"):
+        entry = {"lora_a": ((L, n_in, r), ("layers", None, None)),
+                 "lora_b": ((L, r, n_out), ("layers", None, None))}
+        if self.method == "dora":
+          entry["magnitude"] = ((L, n_out), ("layers", None))
+      elif self.method == "vera":
+        entry = {"lambda_d": ((L, self.vera_rank), ("layers", None)),
+                 "lambda_b": ((L, n_out), ("layers", None))}
+      else:  # ia3
+        size = n_in if LINEAR[(module, name)][0] in IA3_FEEDFORWARD else n_out
+        entry = {"ia3": ((L, size), ("layers", None))}
+      out.setdefault(module, {})[name] = entry
+    if self.method == "vera":
+      dims = [_dims(self.mcfg, m, n) for m, n in self.targets]
+      out["vera_shared"] = {"a": ((self.vera_rank, max(i for i, _ in dims)), (None, None)),
+                            "b": ((max(o for _, o in dims), self.vera_rank), (None, None))}
+    return out
+
+  def axes(self) -> dict[str, Any]:
+    return jax.tree.map(lambda x: x[1], self._shapes(), is_leaf=_is_spec)
+
+  def abstract(self, dtype=jnp.float32) -> dict[str, Any]:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x[0], dtype), self._shapes(),
+                        is_leaf=_is_spec)
+
+  def init(self, base: dict, key: jax.Array) -> tuple[dict, dict]:
+    """(base, adapters): adapters as PEFT initialises them; PiSSA also returns the residual
+    base. Runs under jit (shapes are static)."""
+    adapters: dict[str, Any] = {}
+    if self.method == "bitfit":
+      return base, adapters
+    base = jax.tree.map(lambda x: x, base)  # shallow copies we may rewrite
+    keys = iter(jax.random.split(key, 2 * len(self.targets) + 2))
+    for module, name in self.targets:
+      n_in, n_out = _dims(self.mcfg, module, name)
+      w = base["layers"][module][name]
+      L = w.shape[0]
+      entry: dict[str, jax.Array] = {}
+      if self.method in ("lora", "dora"):
+        if self.init_kind == "pissa":
+          a, b, residual = _pissa(w.reshape(L, n_in, n_out).astype(jnp.float32), self.rank,
+                                  self.scale)
+          base["layers"][module] = {**base["layers"][module],
+                                    name: residual.reshape(w.shape).astype(w.dtype)}
+        else:
+          ka = next(keys)
+          if self.init_kind == "gaussian":
+            a = jax.random.normal(ka, (L, n_in, self.rank)) / self.rank
+          else:  # kaiming-uniform with a = sqrt(5), PEFT's default: bound 1 / sqrt(in)
+            bound = 1.0 / math.sqrt(n_in)
+            a = jax.random.uniform(ka, (L, n_in, self.rank), minval=-bound, maxval=bound)
+          b = jnp.zeros((L, self.rank, n_out))
+        entry = {"lora_a": a, "lora_b": b}
+        if self.method == "dora":
+          w2 = base["layers"][module][name].reshape(L, n_in, n_out).astype(jnp.float32)
+          entry["magnitude"] = jnp.linalg.norm(w2 + self.scale * a @ b, axis=1)
+      elif self.method == "vera":
+        entry = {"lambda_d": jnp.full((L, self.vera_rank), self.vera_d_initial),
+                 "lambda_b": jnp.zeros((L, n_out))}
+      else:  # ia3
+        (shape, _), = self._shapes()[module][name].values()
+        entry = {"ia3": jnp.ones(shape)}
+      adapters.setdefault(module, {})[name] = entry
+    if self.method == "vera":
+      (a_shape, _), (b_shape, _) = self._shapes()["vera_shared"].values()
+      adapters["vera_shared"] = {"a": _kaiming(next(keys), a_shape),
+                                 "b": _kaiming(next(keys), b_shape)}
+    return base, adapters
+
+  # --- the forward weights -----------------------------------------------------------------
+
+  def apply(self, params: dict) -> dict:
+    """Model parameters with the adapters folded in (the input may omit "peft": no-op)."""
+    adapters = params.get("peft")
+    base = {k: v for k, v in params.items() if k != "peft"}
+    if adapters is None or self.method == "bitfit":
+      return base
+    layers = {m: dict(v) if isinstance(v, dict) else v for m, v in base["layers"].items()}
+    for module, name in self.targets:
+      w = layers[module][name]
+      layers[module][name] = self._fold(module, name, w, adapters[module][name], adapters)
+    return {**base, "layers": layers}
+
+  def _fold(self, module, name, w, entry, adapters):
+    n_in, n_out = _dims(self.mcfg, module, name)
+    L = w.shape[0]
+    w2 = w.reshape(L, n_in, n_out)
+    dtype = w.dtype
+    if self.method in ("lora", "dora"):
+      a, b = entry["lora_a"].astype(dtype), entry["lora_b"].astype(dtype)
+      w2 = w2 + jnp.asarray(self.scale, dtype) * (a @ b)
+      if self.method == "dora":
+        norm = jax.lax.stop_gradient(jnp.linalg.norm(w2.astype(jnp.float32), axis=1))
+        w2 = w2 * (entry["magnitude"] / norm).astype(dtype)[:, None, :]
+    elif self.method == "vera":
+      shared = adapters["vera_shared"]
+      a = shared["a"][:, :n_in].T.astype(dtype)  # (in, r)
+      b = shared["b"][:n_out].T.astype(dtype)  # (r, out)
+      d, bb = entry["lambda_d"].astype(dtype), entry["lambda_b"].astype(dtype)
+      w2 = w2 + jnp.einsum("ir,lr,ro,lo->lio", a, d, b, bb)
+    else:  # ia3
+      scale = entry["ia3"].astype(dtype)
+      feedforward = LINEAR[(module, name)][0] in IA3_FEEDFORWARD
+      w2 = w2 * (scale[:, :, None] if feedforward else scale[:, None, :])
+    return w2.reshape(w.shape)
+
+  def merge(self, params: dict) -> dict:
+    """The base weights with the adapters folded in for good (for export)."""
+    return self.apply(params)
+
+  # --- what trains ---------------------------------------------------------------------------
+
+  def labels(self, params: dict) -> dict:
+    """TRAINABLE / LORA_B (LoRA+: a larger learning rate) / FROZEN for every leaf."""
+    def label(path, _):
+      keys = [str(getattr(p, "key", p)) for p in path]
+      if self.method == "bitfit":
+        return TRAINABLE if keys[-1].endswith("_bias") else FROZEN
+      if keys[0] != "peft" or keys[1] == "vera_shared":
+        return FROZEN
+      return LORA_B if keys[-1] == "lora_b" and self.lora_plus_scale != 1.0 else TRAINABLE
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def _is_spec(x) -> bool:
+  return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], tuple)
+
+
+def _kaiming(key, shape):
+  """PyTorch's kaiming_uniform_(a=sqrt(5)) of an (out, in) matrix: bound 1 / sqrt(in)."""
+  bound = 1.0 / math.sqrt(shape[1])
+  return jax.random.uniform(key, shape, minval=-bound, maxval=bound)
+
+
+def _pissa(w, rank: int, scale: float):
+  """PiSSA per layer: w (L, in, out) = U S Vt; A = U_r sqrt(S_r / s), B = sqrt(S_r / s) Vt_r,
+  residual w - s A B (PEFT's `init_lora_weights="pissa"`, transposed to our layout)."""
+  u, sv, vt = jnp.linalg.svd(w, full_matrices=False)
+  root = jnp.sqrt(sv[:, :rank] / scale)
+  a = u[:, :, :rank] * root[:, None, :]
+  b = root[:, :, None] * vt[:, :rank, :]
+  return a, b, w - scale * a @ b
+
+
+def select_targets(spec: str) -> tuple[tuple[str, str], ...]:
+  """(module, weight) pairs whose names (ours, "attn.q", or Hugging Face's, "q_proj") fully
+  match the regular expression `spec`; "all-linear" is every one."""
+  if spec == "all-linear":
+    return tuple(LINEAR)
+  try:
+    pattern = re.compile(spec)
+  except re.error as e:
+    raise ValueError(f"peft.targets={spec!r} is not a regular expression ({e})") from None
+  return tuple(k for k, (hf, _) in LINEAR.items()
+               if pattern.fullmatch(f"{k[0]}.{k[1]}") or pattern.fullmatch(hf))
+
+
+def count(params: dict, labels: dict) -> tuple[int, int]:
+  """(trainable, total) parameter counts; VeRA's frozen shared projections count as total."""
+  sizes = jax.tree.leaves(jax.tree.map(lambda x, l: (int(np.prod(x.shape)), l != FROZEN),
+                                       params, labels), is_leaf=lambda x: isinstance(x, tuple))
+  return sum(s for s, t in sizes if t), sum(s for s, _ in sizes)

@@ -1,0 +1,100 @@
+"""Adapters in Hugging Face PEFT's format: adapter_config.json + adapter_model.safetensors.
+
+    write(folder, peft, params)          # HF PEFT's PeftModel.from_pretrained(base, folder) loads it
+    adapters = read(folder, peft)        # the same tensors back into our tree
+
+Names follow PEFT for a *ForCausalLM base: base_model.model.model.layers.{i}.self_attn.q_proj.
+lora_A.weight (r, in), lora_B.weight (out, r), lora_magnitude_vector (out) for DoRA,
+vera_lambda_d (r) / vera_lambda_b (out) with the shared base_model.vera_A (r, max_in) and
+vera_B (max_out, r), ia3_l (out, 1) or, for feed-forward modules, (1, in). Ours are the
+transposes, stacked over layers (models/peft/__init__.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from models import safetensors_io
+from models.peft import IA3_FEEDFORWARD, LINEAR, Peft, _dims
+
+PREFIX = "base_model.model.model.layers.{i}."
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+_SCOPE = {"attn": "self_attn", "mlp": "mlp"}
+
+
+def _module(module: str, name: str) -> str:
+  return f"{_SCOPE[module]}.{LINEAR[(module, name)][0]}"
+
+
+def _pairs(peft: Peft):
+  """(our module, weight, layer, PEFT name prefix, our leaf, PEFT leaf, to PEFT, from PEFT)."""
+  for module, name in peft.targets:
+    n_in, n_out = _dims(peft.mcfg, module, name)
+    for i in range(peft.mcfg.n_layers):
+      at = PREFIX.format(i=i) + _module(module, name) + "."
+      if peft.method in ("lora", "dora"):
+        yield module, name, i, at + "lora_A.weight", "lora_a", lambda a: a.T, lambda t: t.T
+        yield module, name, i, at + "lora_B.weight", "lora_b", lambda b: b.T, lambda t: t.T
+        if peft.method == "dora":
+          yield module, name, i, at + "lora_magnitude_vector", "magnitude", lambda m: m, lambda t: t
+      elif peft.method == "vera":
+        yield module, name, i, at + "vera_lambda_d", "lambda_d", lambda x: x, lambda t: t
+        yield module, name, i, at + "vera_lambda_b", "lambda_b", lambda x: x, lambda t: t
+      elif peft.method == "ia3":
+        ff = LINEAR[(module, name)][0] in IA3_FEEDFORWARD
+        yield (module, name, i, at + "ia3_l", "ia3",
+               (lambda x: x[None, :]) if ff else (lambda x: x[:, None]), lambda t: t.reshape(-1))
+
+
+def adapter_config(peft: Peft) -> dict:
+  modules = sorted({LINEAR[t][0] for t in peft.targets})
+  common = {"target_modules": modules, "base_model_name_or_path": None, "task_type": "CAUSAL_LM",
+            "inference_mode": True, "fan_in_fan_out": False, "modules_to_save": None}
+  if peft.method in ("lora", "dora"):
+    return {**common, "peft_type": "LORA", "r": peft.rank, "lora_alpha": peft.alpha,
+            "lora_dropout": 0.0, "use_rslora": peft.rslora, "use_dora": peft.method == "dora",
+            "bias": "none", "init_lora_weights": True}
+  if peft.method == "vera":
+    return {**common, "peft_type": "VERA", "r": peft.vera_rank, "d_initial": peft.vera_d_initial,
+            "projection_prng_key": 0, "save_projection": True, "vera_dropout": 0.0, "bias": "none"}
+  if peft.method == "ia3":
+    ff = sorted({LINEAR[t][0] for t in peft.targets} & set(IA3_FEEDFORWARD))
+    return {**common, "peft_type": "IA3", "feedforward_modules": ff, "init_ia3_weights": True}
+  raise ValueError(f"peft.method={peft.method} has no Hugging Face PEFT format here")
+
+
+def write(folder: str, peft: Peft, params: dict, dtype=np.float32) -> list[str]:
+  os.makedirs(folder, exist_ok=True)
+  adapters = params["peft"]
+  tensors = []
+  for module, name, i, key, leaf, to_peft, _ in _pairs(peft):
+    value = np.asarray(adapters[module][name][leaf][i], np.float32)
+    tensors.append((key, np.asarray(to_peft(value), dtype)))
+  if peft.method == "vera":
+    tensors += [("base_model.vera_A", np.asarray(adapters["vera_shared"]["a"], dtype)),
+                ("base_model.vera_B", np.asarray(adapters["vera_shared"]["b"], dtype))]
+  safetensors_io.write(os.path.join(folder, WEIGHTS), tensors)
+  with open(os.path.join(folder, CONFIG), "w") as f:
+    json.dump(adapter_config(peft), f, indent=1)
+  return [CONFIG, WEIGHTS]
+
+
+def read(folder: str, peft: Peft) -> dict:
+  """Adapters from a PEFT folder, for a `peft` of the same method and targets."""
+  tensors = safetensors_io.SafetensorsFile(os.path.join(folder, WEIGHTS))
+  layers: dict = {}
+  for module, name, i, key, leaf, _, from_peft in _pairs(peft):
+    layers.setdefault((module, name, leaf), {})[i] = from_peft(np.asarray(tensors.get(key),
+                                                                          np.float32))
+  adapters: dict = {}
+  for (module, name, leaf), by_layer in layers.items():
+    stacked = np.stack([by_layer[i] for i in range(peft.mcfg.n_layers)])
+    adapters.setdefault(module, {}).setdefault(name, {})[leaf] = stacked
+  if peft.method == "vera":
+    adapters["vera_shared"] = {"a": np.asarray(tensors.get("base_model.vera_A"), np.float32),
+                               "b": np.asarray(tensors.get("base_model.vera_B"), np.float32)}
+  return adapters

@@ -1,0 +1,108 @@
+"""PEFT methods against Hugging Face PEFT (torch CPU) with identical weights, the PEFT file
+format both ways, PiSSA's initialisation, and training end to end."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft as hf_peft
+import pytest
+import torch
+import transformers
+
+import hf_models
+import small_run
+from configs import base as base_config
+from models import hf
+from models.peft import Peft, hf_format
+from trainer import state as state_lib
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CASES = {  # name: (HF PEFT config, our peft config section)
+    "lora": (lambda: hf_peft.LoraConfig(r=4, lora_alpha=8, target_modules=ALL),
+             dict(method="lora", rank=4, alpha=8.0)),
+    "rslora": (lambda: hf_peft.LoraConfig(r=4, lora_alpha=8, use_rslora=True,
+                                          target_modules=["q_proj", "o_proj", "up_proj"]),
+               dict(method="lora", rank=4, alpha=8.0, rslora=True, targets="q_proj|o_proj|up_proj")),
+    "dora": (lambda: hf_peft.LoraConfig(r=4, lora_alpha=8, use_dora=True,
+                                        target_modules=["q_proj", "v_proj", "down_proj"]),
+             dict(method="dora", rank=4, alpha=8.0, targets="attn.(q|v)|mlp.down")),
+    "vera": (lambda: hf_peft.VeraConfig(r=8, target_modules=["q_proj", "down_proj"]),
+             dict(method="vera", vera_rank=8, targets="q_proj|down_proj")),
+    "ia3": (lambda: hf_peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                      feedforward_modules=["down_proj"]),
+            dict(method="ia3")),
+}
+TOKENS = np.random.default_rng(0).integers(0, 97, (2, 15))
+
+
+def peft_section(**overrides):
+  section = base_config.get_config().peft
+  section.update(**overrides)
+  return section
+
+
+def logits_of(model):
+  with torch.no_grad():
+    return model(torch.tensor(TOKENS)).logits.float().numpy()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_equals_hf_peft_and_files_go_both_ways(case, tmp_path):
+  hf_config, ours = CASES[case]
+  base_model = hf_models.make("llama", str(tmp_path / "base"))
+  model = hf_peft.get_peft_model(base_model, hf_config())
+  torch.manual_seed(1)
+  with torch.no_grad():  # adapters away from their identity initialisation
+    for name, p in model.named_parameters():
+      if p.requires_grad:
+        p.add_(0.3 * torch.randn_like(p))
+  model.eval()
+  want = logits_of(model)
+  model.save_pretrained(str(tmp_path / "theirs"))
+
+  cfg, params = hf.load(str(tmp_path / "base"))
+  peft = Peft.from_config(peft_section(**ours), cfg)
+  params = {**params, "peft": hf_format.read(str(tmp_path / "theirs"), peft)}
+  handle = state_lib.model_handle(cfg, peft)
+  got = np.asarray(handle.bind(params)(TOKENS))
+  without = np.asarray(state_lib.model_handle(cfg).bind(
+      {k: v for k, v in params.items() if k != "peft"})(TOKENS))
+  assert np.abs(got - without).max() > 1.0  # the adapters matter in this comparison
+  assert np.abs(got - want).max() <= 1e-4, np.abs(got - want).max()
+
+  # our PEFT-format export loads onto the original base in HF PEFT ...
+  hf_format.write(str(tmp_path / "ours"), peft, params)
+  fresh = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"),
+                                                            attn_implementation="eager")
+  reloaded = hf_peft.PeftModel.from_pretrained(fresh, str(tmp_path / "ours")).eval()
+  assert np.abs(logits_of(reloaded) - got).max() <= 1e-4
+  # ... and the merged weights as a plain Hugging Face model give the same logits again
+  hf.save(str(tmp_path / "merged"), cfg, peft.merge(params))
+  merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"),
+                                                             attn_implementation="eager").eval()
+  assert np.abs(logits_of(merged) - got).max() <= 1e-4
+
+
+def test_pissa_init_equals_hf_peft_up_to_signs(tmp_path):
+  base_model = hf_models.make("llama", str(tmp_path / "base"))
+  cfg, params = hf.load(str(tmp_path / "base"))
+  model = hf_peft.get_peft_model(base_model, hf_peft.LoraConfig(
+      r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights="pissa"))
+  theirs = {n: p.detach().numpy() for n, p in model.named_parameters()}
+  peft = Peft.from_config(peft_section(method="lora", rank=4, alpha=8.0, init="pissa",
+                                       targets="q_proj|down_proj"), cfg)
+  new_base, adapters = peft.init(params, jax.random.PRNGKey(0))
+  for (module, name), hf_name in (((("attn", "q")), "self_attn.q_proj"),
+                                  (("mlp", "down"), "mlp.down_proj")):
+    for i in range(cfg.n_layers):
+      at = f"base_model.model.model.layers.{i}.{hf_name}."
+      a, b = np.asarray(adapters[module][name]["lora_a"][i]), np.asarray(
+          adapters[module][name]["lora_b"][i])
+      a_t, b_t = theirs[at + "lora_A.default.weight"].T, theirs[at + "lora_B.default.weight"].T
+      signs = np.sign(np.sum(a * a_t, axis=0))  # each singular pair may flip as a whole
+      np.testing.assert_allclose(a * signs, a_t, atol=1e-4)
+      np.testing.assert_allclose(b * signs[:, None], b_t, atol=1e-4)
+      w = np.asarray(new_base["layers"][module][name][i]).reshape(a.shape[0], -1)
+      np.testing.assert_allclose(w, theirs[at + "base_layer.weight"].T, atol=1e-4)
