@@ -70,7 +70,8 @@ def test_train_export_reload_and_continue(tmp_path):
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout == ""
 
-  _, mcfg, params, step = export.load_run(workdir)
+  _, handle, params, step = export.load_run(workdir)
+  mcfg = handle.cfg
   assert step == 30
   tokens = np.random.default_rng(1).integers(0, mcfg.vocab_size, (3, 21))
   logits = state_lib.model_handle(mcfg).bind(params)(tokens[:, :-1])

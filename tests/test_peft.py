@@ -106,3 +106,63 @@ def test_pissa_init_equals_hf_peft_up_to_signs(tmp_path):
       np.testing.assert_allclose(b * signs[:, None], b_t, atol=1e-4)
       w = np.asarray(new_base["layers"][module][name][i]).reshape(a.shape[0], -1)
       np.testing.assert_allclose(w, theirs[at + "base_layer.weight"].T, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+  """The smoke model with qkv biases (Qwen2 layout, so BitFit has something to train) after 40
+  steps on the stdlib, exported as a Hugging Face folder; and a narrow text dataset (one
+  function template, random numbers) for the adapters to learn."""
+  from trainer import export, train
+  root = tmp_path_factory.mktemp("peft")
+  c = small_run.config(steps=40, eval_every=0, checkpoint_every=0, sample_tokens=0)
+  c.model.update(qkv_bias=True, family="qwen2")
+  train.run(c, str(root / "pre"))
+  _, handle, params, _ = export.load_run(str(root / "pre"))
+  hf.save(str(root / "base"), handle.cfg, params)
+  export.copy_tokenizer(str(root / "pre"), str(root / "base"))
+  rng = np.random.default_rng(0)
+  with open(root / "narrow.jsonl", "w") as f:
+    for a, b in rng.integers(0, 100, (600, 2)):
+      f.write(json.dumps({"text": f"def add_{a}_{b}(x):\n    return x + {a} + {b}\n"}) + "\n")
+  return root
+
+
+@pytest.mark.parametrize("name,section,lr,steps", [
+    ("lora", dict(method="lora"), 2e-2, 20),
+    ("pissa_rslora_loraplus", dict(method="lora", init="pissa", rslora=True, lora_plus_scale=4.0),
+     1e-3, 20),
+    ("dora", dict(method="dora"), 3e-2, 20),
+    ("vera", dict(method="vera", vera_rank=32), 1e-1, 20),
+    ("ia3", dict(method="ia3"), 1e-1, 20),
+    ("bitfit", dict(method="bitfit"), 1e-1, 40),  # 384 biases in all: it learns slowly
+])
+def test_each_method_trains_only_its_parameters(pretrained, name, section, lr, steps):
+  from models import peft as peft_lib
+  from trainer import train
+  c = small_run.config(steps=steps, eval_every=0, checkpoint_every=0, sample_tokens=0,
+                       log_every=1, lr=lr, warmup_steps=2)
+  c.model.init_from = f"hf:{pretrained / 'base'}"
+  c.data.update(source="files", train_files=str(pretrained / "narrow.jsonl"), format="text")
+  c.peft.update(**section)
+  workdir = pretrained / name
+  out = train.run(c, str(workdir))
+  with open(workdir / "metrics.jsonl") as f:
+    losses = [json.loads(l)["loss"] for l in f if '"loss"' in l]
+  assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.04, losses
+
+  params, opt_state = out["state"]["params"], out["state"]["opt_state"]
+  cfg, base = hf.load(str(pretrained / "base"))
+  peft = Peft.from_config(peft_section(**section), cfg)
+  labels = peft.labels(params)
+  trainable, total = peft_lib.count(params, labels)
+  assert 0 < trainable < total / 5
+  # Adam keeps two moments for what trains, nothing for frozen weights (a few step counters)
+  moments = sum(x.size for x in jax.tree.leaves(opt_state))
+  assert 2 * trainable <= moments <= 2 * trainable + 16
+  if section.get("init") != "pissa":  # frozen base weights are untouched (PiSSA's hold a residual)
+    for path in (("layers", "attn", "q"), ("layers", "mlp", "down"), ("embed",)):
+      got, want = params, base
+      for k in path:
+        got, want = got[k], want[k]
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -1,10 +1,13 @@
 """Write a trained model out of its workdir.
 
-python -m trainer.export --workdir=DIR --format=hf --out=DIR [--step=N] [--dtype=bfloat16]
+python -m trainer.export --workdir=DIR --format=hf|peft --out=DIR [--step=N] [--dtype=bfloat16]
 
 --format=hf: a Hugging Face folder (config.json, safetensors sharded above 2 GiB, the tokenizer
-files) that transformers' AutoModelForCausalLM loads. The checkpoint (latest, or --step) is
-restored onto this machine's devices, split over them (FSDP), and written one tensor at a time.
+files) that transformers' AutoModelForCausalLM loads; PEFT adapters are merged into the weights.
+--format=peft: the adapters alone (adapter_config.json + adapter_model.safetensors) for HF
+PEFT's PeftModel.from_pretrained(original base, DIR); LoRA, rsLoRA, PiSSA, DoRA, VeRA, IA3.
+The checkpoint (latest, or --step) is restored onto this machine's devices, split over them
+(FSDP), and written one tensor at a time.
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ import sys
 import ml_collections
 from absl import app, flags, logging
 
-FORMATS = ("hf",)
+FORMATS = ("hf", "peft")
 
 
 
 def load_run(workdir: str, step: int | None = None):
-  """(run config, ModelConfig, params, step) from a workdir's config.json and checkpoint."""
+  """(run config, ModelHandle, params, step) from a workdir's config.json and checkpoint; the
+  handle's `cfg` is the ModelConfig, its `peft` the adapters' description (or None)."""
   import jax  # noqa: PLC0415 -- after absl has parsed flags
 
   import parallel  # noqa: PLC0415
@@ -52,7 +56,7 @@ def load_run(workdir: str, step: int | None = None):
   pl = train.plan(cfg, mcfg, mesh)
   state, _ = checkpointer.restore(step, pl.abstract_state)
   checkpointer.close()
-  return cfg, mcfg, state["params"], step
+  return cfg, pl.handle, state["params"], step
 
 
 def copy_tokenizer(workdir: str, out: str) -> list[str]:
@@ -84,12 +88,20 @@ def main(argv):
   try:
     if not flags.FLAGS.workdir or not flags.FLAGS.out:
       raise UserError("--workdir and --out are required")
-    cfg, mcfg, params, step = load_run(flags.FLAGS.workdir, flags.FLAGS.step)
+    cfg, handle, params, step = load_run(flags.FLAGS.workdir, flags.FLAGS.step)
     import jax.numpy as jnp  # noqa: PLC0415
 
     from models import hf  # noqa: PLC0415
+    from models.peft import hf_format  # noqa: PLC0415
     dtype = jnp.dtype(flags.FLAGS.dtype or cfg.precision.param_dtype)
-    files = hf.save(flags.FLAGS.out, mcfg, params, dtype)
+    if flags.FLAGS.format == "peft":
+      if handle.peft is None or handle.peft.method not in ("lora", "dora", "vera", "ia3"):
+        raise UserError("--format=peft needs a run with peft.method lora, dora, vera or ia3; "
+                        "use --format=hf for the whole model")
+      files = hf_format.write(flags.FLAGS.out, handle.peft, params, dtype)
+    else:
+      model_params = handle.peft.merge(params) if handle.peft is not None else params
+      files = hf.save(flags.FLAGS.out, handle.cfg, model_params, dtype)
     files += copy_tokenizer(flags.FLAGS.workdir, flags.FLAGS.out)
     print(f"wrote step {step} of {flags.FLAGS.workdir} to {flags.FLAGS.out}: {', '.join(files)}",
           file=sys.stderr)

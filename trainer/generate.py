@@ -146,11 +146,12 @@ def main(argv):
     if bool(flags.FLAGS.workdir) == bool(flags.FLAGS.hf):
       raise UserError("give exactly one of --workdir and --hf")
     if flags.FLAGS.workdir:
-      _, mcfg, params, _ = export.load_run(flags.FLAGS.workdir, flags.FLAGS.step)
+      _, handle, params, _ = export.load_run(flags.FLAGS.workdir, flags.FLAGS.step)
       tokenizer = tokenizer_lib.load(flags.FLAGS.workdir)
     else:
       try:
         mcfg, params = hf.load(flags.FLAGS.hf)
+        handle = state_lib.model_handle(mcfg)
         tokenizer = tokenizer_lib.load(flags.FLAGS.hf)
       except (OSError, ValueError) as e:
         raise UserError(f"--hf={flags.FLAGS.hf}: {e}") from None
@@ -159,7 +160,6 @@ def main(argv):
     sys.exit(2)
   bos = [tokenizer.bos_id] if tokenizer.bos_id >= 0 else []
   prompt = bos + tokenizer.encode(flags.FLAGS.prompt)
-  handle = state_lib.model_handle(mcfg)
   t0 = time.perf_counter()
   f = flags.FLAGS
   ids = generate(handle, params, [prompt], f.max_new_tokens, temperature=f.temperature,

@@ -9,7 +9,9 @@ params tree (under "peft"), and `Peft.apply` folds them into the weights the mod
 Methods (per targeted linear map W, seen as (in, out) per layer):
   lora    W + s * A @ B, A (in, r), B (r, out); s = alpha / r, or alpha / sqrt(r) (rsLoRA).
           init: A uniform(+-1/sqrt(in)) and B = 0 (default), A normal(1/r) (gaussian), or PiSSA
-          (A, B from the top-r singular triplets of W, W replaced by the residual).
+          (A, B from the top-r singular triplets of W, W replaced by the residual; the initial
+          A, B stay beside them, frozen, so that an export can express the change against the
+          original W).
   dora    m * V / ||V||, V = W + s * A @ B, the norm per output column (not differentiated, as
           in the DoRA paper and PEFT), m initialised to ||W||.
   vera    W + (A_s[:in]^T * d) @ (B_s[:, :out]... * b): A_s (r, max_in), B_s (max_out, r) random,
@@ -77,6 +79,8 @@ class Peft:
       raise ValueError(f"peft.method={pc.method!r} is not one of {', '.join(METHODS)}")
     if pc.init not in INITS:
       raise ValueError(f"peft.init={pc.init!r} is not one of {', '.join(INITS)}")
+    if pc.init == "pissa" and pc.method != "lora":
+      raise ValueError(f"peft.init=pissa is for method lora, not {pc.method}")
     if pc.method in ("lora", "dora") and pc.rank < 1:
       raise ValueError(f"peft.rank={pc.rank} must be positive")
     targets = select_targets(pc.targets if pc.method != "ia3" else pc.ia3_targets)
@@ -104,6 +108,8 @@ class Peft:
                  "lora_b": ((L, r, n_out), ("layers", None, None))}
         if self.method == "dora":
           entry["magnitude"] = ((L, n_out), ("layers", None))
+        if self.init_kind == "pissa":  # kept frozen: exporting to PEFT needs the start point
+          entry["lora_a_init"], entry["lora_b_init"] = entry["lora_a"], entry["lora_b"]
       elif self.method == "vera":
         entry = {"lambda_d": ((L, self.vera_rank), ("layers", None)),
                  "lambda_b": ((L, n_out), ("layers", None))}
@@ -152,6 +158,8 @@ class Peft:
             a = jax.random.uniform(ka, (L, n_in, self.rank), minval=-bound, maxval=bound)
           b = jnp.zeros((L, self.rank, n_out))
         entry = {"lora_a": a, "lora_b": b}
+        if self.init_kind == "pissa":
+          entry.update(lora_a_init=a, lora_b_init=b)
         if self.method == "dora":
           w2 = base["layers"][module][name].reshape(L, n_in, n_out).astype(jnp.float32)
           entry["magnitude"] = jnp.linalg.norm(w2 + self.scale * a @ b, axis=1)
@@ -217,7 +225,7 @@ class Peft:
       keys = [str(getattr(p, "key", p)) for p in path]
       if self.method == "bitfit":
         return TRAINABLE if keys[-1].endswith("_bias") else FROZEN
-      if keys[0] != "peft" or keys[1] == "vera_shared":
+      if keys[0] != "peft" or keys[1] == "vera_shared" or keys[-1].endswith("_init"):
         return FROZEN
       return LORA_B if keys[-1] == "lora_b" and self.lora_plus_scale != 1.0 else TRAINABLE
     return jax.tree_util.tree_map_with_path(label, params)

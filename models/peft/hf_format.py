@@ -51,11 +51,16 @@ def _pairs(peft: Peft):
 
 
 def adapter_config(peft: Peft) -> dict:
+  """PEFT's adapter_config.json. A PiSSA adapter is written as a plain LoRA of twice the rank
+  (see `write`), with alpha raised to keep the same scale."""
   modules = sorted({LINEAR[t][0] for t in peft.targets})
   common = {"target_modules": modules, "base_model_name_or_path": None, "task_type": "CAUSAL_LM",
             "inference_mode": True, "fan_in_fan_out": False, "modules_to_save": None}
   if peft.method in ("lora", "dora"):
-    return {**common, "peft_type": "LORA", "r": peft.rank, "lora_alpha": peft.alpha,
+    pissa = peft.init_kind == "pissa"
+    rank = 2 * peft.rank if pissa else peft.rank
+    alpha = peft.alpha * ((2 ** 0.5 if peft.rslora else 2.0) if pissa else 1.0)
+    return {**common, "peft_type": "LORA", "r": rank, "lora_alpha": alpha,
             "lora_dropout": 0.0, "use_rslora": peft.rslora, "use_dora": peft.method == "dora",
             "bias": "none", "init_lora_weights": True}
   if peft.method == "vera":
@@ -68,11 +73,20 @@ def adapter_config(peft: Peft) -> dict:
 
 
 def write(folder: str, peft: Peft, params: dict, dtype=np.float32) -> list[str]:
+  """The adapters as PEFT files, to be loaded onto the original base model. PiSSA trains
+  against a residual base W - s*A0@B0; as PEFT's own conversion does, it is written as the
+  rank-2r LoRA [A, A0] @ [B; -B0], whose product is the change s*(A@B - A0@B0) from W."""
   os.makedirs(folder, exist_ok=True)
   adapters = params["peft"]
+  pissa = peft.init_kind == "pissa" and peft.method in ("lora", "dora")
   tensors = []
   for module, name, i, key, leaf, to_peft, _ in _pairs(peft):
-    value = np.asarray(adapters[module][name][leaf][i], np.float32)
+    entry = adapters[module][name]
+    value = np.asarray(entry[leaf][i], np.float32)
+    if pissa and leaf == "lora_a":
+      value = np.concatenate([value, np.asarray(entry["lora_a_init"][i], np.float32)], axis=1)
+    elif pissa and leaf == "lora_b":
+      value = np.concatenate([value, -np.asarray(entry["lora_b_init"][i], np.float32)], axis=0)
     tensors.append((key, np.asarray(to_peft(value), dtype)))
   if peft.method == "vera":
     tensors += [("base_model.vera_A", np.asarray(adapters["vera_shared"]["a"], dtype)),
