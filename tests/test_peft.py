@@ -166,3 +166,37 @@ def test_each_method_trains_only_its_parameters(pretrained, name, section, lr, s
       for k in path:
         got, want = got[k], want[k]
       np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("section", [dict(method="lora", init="pissa", rslora=True),
+                                     dict(method="dora")], ids=["pissa", "dora"])
+def test_exports_load_in_hf_peft_and_transformers(pretrained, section, tmp_path):
+  """After a few steps: `trainer.export --format=peft` loads onto the *original* base in HF PEFT
+  (PiSSA converted to a plain LoRA against it), `--format=hf` holds the merged weights; both give
+  our logits."""
+  import subprocess
+  import sys
+  from trainer import export, train
+  c = small_run.config(steps=4, eval_every=0, checkpoint_every=0, sample_tokens=0, lr=1e-2)
+  c.model.init_from = f"hf:{pretrained / 'base'}"
+  c.peft.update(**section)
+  workdir = tmp_path / "run"
+  train.run(c, str(workdir))
+  _, handle, params, _ = export.load_run(str(workdir))
+  ours = np.asarray(handle.bind(params)(TOKENS % handle.cfg.vocab_size))
+  for fmt in ("peft", "hf"):
+    out = tmp_path / fmt
+    proc = subprocess.run([sys.executable, "-m", "trainer.export", f"--workdir={workdir}",
+                           f"--format={fmt}", f"--out={out}"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    if fmt == "peft":
+      base_model = transformers.AutoModelForCausalLM.from_pretrained(
+          str(pretrained / "base"), attn_implementation="eager")
+      model = hf_peft.PeftModel.from_pretrained(base_model, str(out)).eval()
+    else:
+      model = transformers.AutoModelForCausalLM.from_pretrained(
+          str(out), attn_implementation="eager").eval()
+    with torch.no_grad():
+      theirs = model(torch.tensor(TOKENS % handle.cfg.vocab_size)).logits.numpy()
+    assert np.abs(theirs - ours).max() <= 1e-4, (fmt, np.abs(theirs - ours).max())
