@@ -102,6 +102,7 @@ def get_config(arg=None):
       log_every=10,
       eval_every=200,  # 0: only at the end
       eval_batches=8,
+      neftune_alpha=0.0,  # NEFTune: noise alpha / sqrt(length * d_model) on input embeddings (5)
       eval_exact_match=0,  # chat data: held-out examples scored by exact match of the reply
       checkpoint_every=500,  # 0: only at the end
       keep_checkpoints=3,

@@ -25,6 +25,13 @@ REMAT_POLICIES = {
 }
 
 
+def neftune(x_btd, key, alpha: float):
+  """NEFTune (arXiv 2310.05914): uniform(-1, 1) noise scaled by alpha / sqrt(length * d)."""
+  _, t, d = x_btd.shape
+  noise = jax.random.uniform(key, x_btd.shape, jnp.float32, -1.0, 1.0) * (alpha / (t * d) ** 0.5)
+  return x_btd + noise.astype(x_btd.dtype)
+
+
 class Block(nnx.Module):
   """Pre-norm residual block; with `post_norms` (Gemma 2) the attention and MLP outputs are
   normalised too before they join the residual stream."""
@@ -65,8 +72,12 @@ class Decoder(nnx.Module):
     if not cfg.tie_embeddings:
       self.head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
 
-  def hidden(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache=None, start=0):
+  def hidden(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache=None, start=0,
+             embed_noise=None):
     """Final-norm hidden states (batch, length, embed) in the parameters' dtype.
+
+    `embed_noise` = (rng, alpha): NEFTune, uniform(-1, 1) * alpha / sqrt(length * d_model) added
+    to the input embeddings (the trainer passes it in training steps only).
 
     With `cache` (from `init_cache`): decoding. The tokens are written at cache slots
     [start, start + length) and attend to every filled slot of their segment; returns
@@ -99,6 +110,8 @@ class Decoder(nnx.Module):
     x = constrain(jnp.take(table, tokens_bt, axis=0), BTD)
     if self.cfg.embed_scale:
       x = x * jnp.asarray(self.cfg.d_model ** 0.5, x.dtype)
+    if embed_noise is not None:
+      x = neftune(x, *embed_noise)
     graphdef, layer_state = nnx.split(self.layers)
 
     def one_layer(x, xs):

@@ -200,3 +200,29 @@ def test_exports_load_in_hf_peft_and_transformers(pretrained, section, tmp_path)
     with torch.no_grad():
       theirs = model(torch.tensor(TOKENS % handle.cfg.vocab_size)).logits.numpy()
     assert np.abs(theirs - ours).max() <= 1e-4, (fmt, np.abs(theirs - ours).max())
+
+
+def test_neftune_noise_scale_and_training_only(tmp_path):
+  from models.decoder import neftune
+  from trainer import step as step_lib
+  x = jnp.zeros((4, 50, 64))
+  noise = np.asarray(neftune(x, jax.random.PRNGKey(0), 5.0))
+  bound = 5.0 / np.sqrt(50 * 64)
+  assert np.abs(noise).max() <= bound and np.abs(noise).max() > 0.99 * bound
+  assert abs(noise.std() - bound / np.sqrt(3)) < 0.02 * bound  # uniform on [-bound, bound]
+
+  cfg, params = hf.load(str(hf_models_folder(tmp_path)))
+  handle = state_lib.model_handle(cfg)
+  batch = {"inputs": TOKENS[:, :-1], "targets": TOKENS[:, 1:],
+           "weights": np.ones((2, 14), np.float32),
+           "positions": np.broadcast_to(np.arange(14), (2, 14)), "segment_ids": np.ones((2, 14), int)}
+  plain = step_lib.make_loss_fn(handle, jnp.float32)(params, batch)
+  noisy_fn = step_lib.make_loss_fn(handle, jnp.float32, neftune_alpha=5.0)
+  assert float(noisy_fn(params, batch, jax.random.PRNGKey(1))[0]) != float(plain[0])
+  assert float(noisy_fn(params, batch)[0]) == float(plain[0])  # no rng (eval): no noise
+  assert float(step_lib.make_eval_step(handle, jnp.float32)(params, batch)[0]) == float(plain[0])
+
+
+def hf_models_folder(tmp_path):
+  hf_models.make("llama", str(tmp_path / "base"))
+  return tmp_path / "base"

@@ -30,50 +30,84 @@ def split_microbatches(batch: Batch, n: int) -> Batch:
   return jax.tree.map(split, batch)
 
 
-def make_loss_fn(handle: ModelHandle, compute_dtype) -> Callable:
-  def loss_fn(params, batch: Batch):
+def make_loss_fn(handle: ModelHandle, compute_dtype, neftune_alpha: float = 0.0) -> Callable:
+  """loss_fn(params, batch, rng=None) -> (sum of token losses, token count). With
+  `neftune_alpha` and an rng, NEFTune noise is added to the input embeddings."""
+  def loss_fn(params, batch: Batch, rng=None):
     if handle.cfg.attention_impl == "ring" and ring_attention.sequence_parallel_size() > 1:
       order = ring_attention.layout(batch["inputs"].shape[1])  # load balance
       batch = {k: v[:, order] for k, v in batch.items()}
     model = handle.bind(cast_floating(params, compute_dtype))
-    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-    return losses.lm_loss(logits, batch["targets"], batch["weights"])
+    noise = (rng, neftune_alpha) if neftune_alpha and rng is not None else None
+    hidden = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"],
+                          embed_noise=noise)
+    return losses.lm_loss(model.logits(hidden), batch["targets"], batch["weights"])
   return loss_fn
 
 
 def make_train_step(handle: ModelHandle, tx: optax.GradientTransformation, schedule,
                     compute_dtype, grad_accum: int, grad_shardings=None,
-                    opt_device_shardings=None) -> Callable:
+                    opt_device_shardings=None, labels=None, neftune_alpha: float = 0.0
+                    ) -> Callable:
   """`grad_shardings`: where gradients live (ZeRO-2 shards them, so the data-parallel sum is a
   reduce-scatter rather than an all-reduce); None leaves it to the compiler.
   `opt_device_shardings`: when the optimizer state rests in host memory (offload), where it is
-  brought for the update; the step's out_shardings send it back."""
-  value_and_grad = jax.value_and_grad(make_loss_fn(handle, compute_dtype), has_aux=True)
+  brought for the update; the step's out_shardings send it back.
+  `labels` (PEFT): gradients are taken with respect to the non-"frozen" leaves only, so frozen
+  weights cost no weight-gradient matmuls, no accumulation buffers and no part in the norm.
+  `neftune_alpha`: NEFTune noise on the input embeddings (training only)."""
+  loss_fn = make_loss_fn(handle, compute_dtype, neftune_alpha)
+  train_mask = None if labels is None else [l != "frozen" for l in jax.tree.leaves(labels)]
 
-  def grad_fn(params, batch):
-    out, grads = value_and_grad(params, batch)
-    if grad_shardings is not None:
-      grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
-    return out, grads
+  def grad_fn(params, batch, rng):
+    """((loss sum, count), gradients): a list over the trainable leaves, in tree order."""
+    flat, treedef = jax.tree.flatten(params)
+    mask = train_mask or [True] * len(flat)
+
+    def of_trainable(trainable, batch):
+      it = iter(trainable)
+      return loss_fn(treedef.unflatten([next(it) if m else x for x, m in zip(flat, mask)]),
+                     batch, rng)
+
+    out, grads = jax.value_and_grad(of_trainable, has_aux=True)(
+        [x for x, m in zip(flat, mask) if m], batch)
+    return out, constrain(grads)
+
+  def constrain(trainable_grads):
+    if grad_shardings is None:
+      return trainable_grads
+    mask = train_mask or [True] * len(trainable_grads)
+    shardings = [s for s, m in zip(jax.tree.leaves(grad_shardings), mask) if m]
+    return jax.lax.with_sharding_constraint(trainable_grads, shardings)
+
+  def full_tree(params, trainable_grads):
+    """The gradient tree the optimizer expects: zeros where frozen (which it never reads)."""
+    flat, treedef = jax.tree.flatten(params)
+    it = iter(trainable_grads)
+    mask = train_mask or [True] * len(flat)
+    return treedef.unflatten([next(it) if m else jnp.zeros_like(x) for x, m in zip(flat, mask)])
 
   def train_step(state: dict[str, Any], batch: Batch):
     params = state["params"]
+    rng = jax.random.fold_in(state["rng"], 1)  # noise of this step (NEFTune)
     if grad_accum == 1:
-      (loss_sum, count), grads = grad_fn(params, batch)
+      (loss_sum, count), grads = grad_fn(params, batch, rng)
     else:
-      def accumulate(carry, micro):
-        (loss_sum, count), grads = grad_fn(params, micro)
+      def accumulate(carry, xs):
+        micro, i = xs
+        (loss_sum, count), grads = grad_fn(params, micro, jax.random.fold_in(rng, i))
         acc_grads, acc_loss, acc_count = carry
         return (jax.tree.map(jnp.add, acc_grads, grads), acc_loss + loss_sum, acc_count + count), None
-      zeros = jax.tree.map(jnp.zeros_like, params)
-      if grad_shardings is not None:
-        zeros = jax.lax.with_sharding_constraint(zeros, grad_shardings)
+      shapes = jax.eval_shape(lambda p, b, r: grad_fn(p, b, r)[1], params,
+                              jax.tree.map(lambda x: x[:x.shape[0] // grad_accum], batch), rng)
+      zeros = constrain(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
       (grads, loss_sum, count), _ = jax.lax.scan(
           accumulate, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
-          split_microbatches(batch, grad_accum))
+          (split_microbatches(batch, grad_accum), jnp.arange(grad_accum)))
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads)
     grad_norm = optax.tree.norm(grads)
+    grads = full_tree(params, grads)
     opt_state = state["opt_state"]
     if opt_device_shardings is not None:
       opt_state = jax.device_put(opt_state, opt_device_shardings)
@@ -95,6 +129,6 @@ def make_eval_step(handle: ModelHandle, compute_dtype) -> Callable:
   loss_fn = make_loss_fn(handle, compute_dtype)
 
   def eval_step(params, batch: Batch):
-    return loss_fn(params, batch)
+    return loss_fn(params, batch)  # no rng: no NEFTune noise
 
   return eval_step

@@ -150,7 +150,7 @@ def plan(cfg, mcfg, mesh) -> Plan:
   shardings = state_lib.state_shardings(p_shardings, opt_shardings, mesh)
   train_step = jax.jit(
       step_lib.make_train_step(handle, tx, schedule, compute_dtype, tc.grad_accum, g_shardings,
-                               opt_device_shardings),
+                               opt_device_shardings, labels, tc.neftune_alpha),
       in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
       donate_argnums=0)
   eval_step = jax.jit(step_lib.make_eval_step(handle, compute_dtype),

@@ -35,7 +35,7 @@ def check_config(cfg) -> None:
               "keep_checkpoints"):
     _require(t[key] > 0, f"train.{key}", f"must be positive, got {t[key]}")
   for key in ("eval_every", "checkpoint_every", "eval_exact_match", "stop_after_steps", "warmup_steps",
-              "sample_tokens", "weight_decay", "clip_norm", "peak_tflops"):
+              "sample_tokens", "weight_decay", "clip_norm", "peak_tflops", "neftune_alpha"):
     _require(t[key] >= 0, f"train.{key}", f"must be >= 0, got {t[key]}")
   _require(t.lr > 0, "train.lr", f"must be positive, got {t.lr}")
   _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
