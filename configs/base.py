@@ -58,6 +58,7 @@ def get_config(arg=None):
       vera_rank=256,
       vera_d_initial=0.1,
       ia3_targets="k_proj|v_proj|down_proj",  # ia3 scales these (down_proj on its input side)
+      base_quant="none",  # nf4: targeted base weights stored in 4 bits (QLoRA)
   ))
 
   # Where tokens come from (trainer/data/).

@@ -73,11 +73,15 @@ class Decoder(nnx.Module):
       self.head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
 
   def hidden(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache=None, start=0,
-             embed_noise=None):
+             embed_noise=None, layer_params=None, layer_fn=None):
     """Final-norm hidden states (batch, length, embed) in the parameters' dtype.
 
     `embed_noise` = (rng, alpha): NEFTune, uniform(-1, 1) * alpha / sqrt(length * d_model) added
     to the input embeddings (the trainer passes it in training steps only).
+
+    `layer_params`, `layer_fn` (PEFT): the scan runs over `layer_params` (any tree with a leading
+    layer axis: stored weights, adapters) and `layer_fn` turns each layer's slice into that
+    layer's parameters, inside the scan, so only one layer's folded weights exist at a time.
 
     With `cache` (from `init_cache`): decoding. The tokens are written at cache slots
     [start, start + length) and attend to every filled slot of their segment; returns
@@ -120,6 +124,10 @@ class Decoder(nnx.Module):
       if len(masks) == 2:
         pick = lambda a, b: jnp.where(is_local, a, b)
         mask = jax.tree.map(pick, masks[max(masks)], masks[0])
+      if layer_fn is not None:
+        filled = jax.tree.map(lambda v: v, layer_state)
+        nnx.replace_by_pure_dict(filled, layer_fn(state))
+        state = filled
       block = nnx.merge(graphdef, state)
       if kv is None:
         return block(x, cos, sin, mask), None
@@ -129,7 +137,8 @@ class Decoder(nnx.Module):
       one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[self.cfg.remat],
                                  prevent_cse=False)
     kv = None if cache is None else (cache["k"], cache["v"])
-    x, new_kv = jax.lax.scan(one_layer, x, (layer_state, local, kv))
+    layers_in = layer_state if layer_fn is None else layer_params
+    x, new_kv = jax.lax.scan(one_layer, x, (layers_in, local, kv))
     if cache is None:
       return self.final_norm(x)
     cache["k"], cache["v"] = new_kv

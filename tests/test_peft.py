@@ -136,6 +136,7 @@ def pretrained(tmp_path_factory):
     ("vera", dict(method="vera", vera_rank=32), 1e-1, 20),
     ("ia3", dict(method="ia3"), 1e-1, 20),
     ("bitfit", dict(method="bitfit"), 1e-1, 40),  # 384 biases in all: it learns slowly
+    ("qlora", dict(method="lora", base_quant="nf4"), 2e-2, 20),
 ])
 def test_each_method_trains_only_its_parameters(pretrained, name, section, lr, steps):
   from models import peft as peft_lib
@@ -160,7 +161,11 @@ def test_each_method_trains_only_its_parameters(pretrained, name, section, lr, s
   # Adam keeps two moments for what trains, nothing for frozen weights (a few step counters)
   moments = sum(x.size for x in jax.tree.leaves(opt_state))
   assert 2 * trainable <= moments <= 2 * trainable + 16
-  if section.get("init") != "pissa":  # frozen base weights are untouched (PiSSA's hold a residual)
+  if section.get("base_quant") == "nf4":  # QLoRA: the targeted weights are stored in 4 bits
+    q = params["layers"]["attn"]["q"]
+    assert q["nf4_codes"].dtype == jnp.uint8
+    assert sum(x.nbytes for x in jax.tree.leaves(q)) * 8 / base["layers"]["attn"]["q"].size < 4.7
+  elif section.get("init") != "pissa":  # frozen base weights untouched (PiSSA's: a residual)
     for path in (("layers", "attn", "q"), ("layers", "mlp", "down"), ("embed",)):
       got, want = params, base
       for k in path:
@@ -226,3 +231,47 @@ def test_neftune_noise_scale_and_training_only(tmp_path):
 def hf_models_folder(tmp_path):
   hf_models.make("llama", str(tmp_path / "base"))
   return tmp_path / "base"
+
+
+def test_nf4_round_trip_against_a_numpy_reference():
+  from models.peft import quant
+  rng = np.random.default_rng(3)
+  w = rng.standard_normal((2, 128, 24)).astype(np.float32) * 0.02
+  q = quant.quantize(jnp.asarray(w))
+  back = np.asarray(quant.dequantize(q))
+  # reference: per block of 64 inputs and output column, nearest NF4 level of w / absmax
+  blocks = w.reshape(2, 2, 64, 24)
+  absmax = np.abs(blocks).max(axis=2, keepdims=True)
+  scale = absmax.max(axis=1, keepdims=True)
+  absmax_d = np.ceil(absmax / scale * 255) / 255 * scale  # the double-quantized maxima
+  codes = np.abs(blocks / absmax_d - quant.NF4[:, None, None, None, None]).argmin(axis=0)
+  want = (quant.NF4[codes] * absmax_d).reshape(w.shape)
+  np.testing.assert_allclose(back, want, atol=1e-7)
+  assert q["nf4_codes"].dtype == np.uint8 and q["nf4_codes"].shape == (2, 64, 24)
+  assert np.abs(back - w).max() <= 0.14 * np.abs(w).max()  # half the widest level gap
+  stored = sum(x.nbytes for x in jax.tree.leaves(q))
+  assert stored * 8 / w.size < 4.7  # 4 bits + 8/64 + a float per column
+
+
+def test_qlora_forward_equals_lora_on_the_dequantized_weights(tmp_path):
+  from models.peft import quant
+  from models import ModelConfig
+  cfg = ModelConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+                    max_seq_len=64)  # NF4 blocks: input sizes in multiples of 64
+  base = state_lib.init_params(state_lib.model_handle(cfg), seed=0)
+  q_peft = Peft.from_config(peft_section(method="lora", base_quant="nf4", rank=4,
+                                         targets="mlp.down|mlp.up"), cfg)
+  q_handle = state_lib.model_handle(cfg, q_peft)
+  params = state_lib.init_params(q_handle, seed=0, base=jax.tree.map(jnp.copy, base))
+  params["peft"] = jax.tree.map(lambda x: x + 0.05, params["peft"])  # B != 0
+  assert quant.is_quantized(params["layers"]["mlp"]["down"])
+  got = q_handle.bind(params)(TOKENS % cfg.vocab_size)
+  # the same with the dequantized weights as an ordinary float base
+  plain = Peft.from_config(peft_section(method="lora", rank=4, targets="mlp.down|mlp.up"), cfg)
+  float_base = jax.tree.map(lambda x: x, base)
+  for name in ("down", "up"):
+    stored = params["layers"]["mlp"][name]
+    float_base["layers"]["mlp"][name] = quant.dequantize(stored).reshape(base["layers"]["mlp"][name].shape)
+  want = state_lib.model_handle(cfg, plain).bind({**float_base, "peft": params["peft"]})(
+      TOKENS % cfg.vocab_size)
+  np.testing.assert_allclose(got, want, atol=1e-5)

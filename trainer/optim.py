@@ -52,9 +52,10 @@ def make_optimizer(tc, labels=None, lora_plus_scale: float = 1.0
     return optax.chain(*clip, adamw(sched)), sched
   zero, keep = optax.set_to_zero(), optax.identity()
   scaled = lambda step: sched(step) * lora_plus_scale
+  trains = jax.tree.map(lambda label: label != "frozen", labels)
   tx = optax.chain(
       optax.multi_transform({"frozen": zero, "trainable": keep, "lora_b": keep}, labels),
-      *clip,
+      *[optax.masked(c, trains) for c in clip],  # the norm of what trains only
       optax.multi_transform({"frozen": zero, "trainable": adamw(sched), "lora_b": adamw(scaled)},
                             labels))
   return tx, sched

@@ -36,17 +36,59 @@ class ModelHandle:
 
   def abstract_params(self) -> Params:
     params = nnx.to_pure_dict(self.template)
-    if self.peft is not None and self.peft.method != "bitfit":
-      params["peft"] = self.peft.abstract()
+    if self.peft is not None:
+      params, _ = self.peft.base_abstract(params, None)
+      if self.peft.method != "bitfit":
+        params["peft"] = self.peft.abstract()
     return params
 
-  def bind(self, params: Params) -> Decoder:
-    """The module with these parameters (adapters folded in). The template is never modified."""
-    if self.peft is not None:
-      params = self.peft.apply(params)
+  def bind(self, params: Params):
+    """The module with these parameters. With PEFT, a `PeftModel`: the same methods, with
+    adapters folded into each layer's weights inside the decoder's scan. The template is never
+    modified."""
     state = jax.tree.map(lambda x: x, self.template)
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(self.graphdef, state)
+    if self.peft is None:
+      nnx.replace_by_pure_dict(state, params)
+      return nnx.merge(self.graphdef, state)
+    outside = {k: v for k, v in params.items() if k not in ("layers", "peft")}
+    nnx.replace_by_pure_dict(state, _fill(nnx.to_pure_dict(self.template), outside))
+    return PeftModel(nnx.merge(self.graphdef, state), self.peft, params)
+
+
+class PeftModel:
+  """A decoder whose layer weights are folded from stored weights and adapters layer by layer
+  (`Peft.fold_layer`): the full set of merged weights never exists at once."""
+
+  def __init__(self, decoder: Decoder, peft: Peft, params: Params):
+    self.decoder, self.cfg = decoder, decoder.cfg
+    adapters = params.get("peft", {})
+    shared = adapters.get("vera_shared")
+    layer_adapters = {m: v for m, v in adapters.items() if m != "vera_shared"}
+    self._layers = (params["layers"], layer_adapters)
+    self._fold = lambda xs: peft.fold_layer(xs[0], xs[1], shared)
+
+  def hidden(self, *args, **kwargs):
+    return self.decoder.hidden(*args, layer_params=self._layers, layer_fn=self._fold, **kwargs)
+
+  def logits(self, h):
+    return self.decoder.logits(h)
+
+  def init_cache(self, *args, **kwargs):
+    return self.decoder.init_cache(*args, **kwargs)
+
+  def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None):
+    return self.logits(self.hidden(tokens_bt, positions_bt, segment_ids_bt))
+
+
+def _fill(template: Params, values: Params) -> Params:
+  """`template` with the entries of `values` put in (the layers keep their abstract shapes)."""
+  out = {}
+  for k, v in template.items():
+    if k in values:
+      out[k] = _fill(v, values[k]) if isinstance(v, dict) else values[k]
+    else:
+      out[k] = v
+  return out
 
 
 def model_handle(cfg: ModelConfig, peft: Peft | None = None) -> ModelHandle:
@@ -58,8 +100,10 @@ def model_handle(cfg: ModelConfig, peft: Peft | None = None) -> ModelHandle:
     for key in path[:-1]:
       node = node.setdefault(key, {})
     node[path[-1]] = tuple(variable.get_metadata()["out_sharding"])
-  if peft is not None and peft.method != "bitfit":
-    axes["peft"] = peft.axes()
+  if peft is not None:
+    _, axes = peft.base_abstract(nnx.to_pure_dict(template), axes)
+    if peft.method != "bitfit":
+      axes["peft"] = peft.axes()
   return ModelHandle(cfg, graphdef, template, axes, peft)
 
 
@@ -79,12 +123,14 @@ def cast_floating(tree, dtype):
 
 
 def init_params(handle: ModelHandle, seed: int, shardings: Params | None = None,
-                dtype=jnp.float32, base: Params | None = None) -> Params:
+                dtype=jnp.float32, base: Params | None = None,
+                model_shardings: Params | None = None) -> Params:
   """Initialise directly into the target shardings: no host holds the whole model. `base`:
   model weights to start from (e.g. a Hugging Face import) instead of random ones; adapters are
-  added to either when the handle has PEFT."""
-  model_shardings = None if shardings is None else {k: v for k, v in shardings.items()
-                                                    if k != "peft"}
+  added to either when the handle has PEFT (whose stored layout `shardings` describes, while
+  `model_shardings` places the plain model's weights before that)."""
+  if handle.peft is None:
+    model_shardings = shardings
   if base is None:
     def init(key):
       params = nnx.to_pure_dict(nnx.split(Decoder(handle.cfg, nnx.Rngs(params=key)))[1])

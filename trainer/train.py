@@ -124,6 +124,7 @@ class Plan:
   eval_step: Any  # jitted
   compute_dtype: Any
   param_dtype: Any
+  model_shardings: Any  # of the plain model's parameters (before PEFT storage), for loading
 
 
 def plan(cfg, mcfg, mesh) -> Plan:
@@ -137,6 +138,7 @@ def plan(cfg, mcfg, mesh) -> Plan:
   labels = None if peft is None else peft.labels(handle.abstract_params())
   tx, schedule = optim.make_optimizer(tc, labels, cfg.peft.lora_plus_scale)
   p_shardings = state_lib.param_shardings(handle, mesh, strategy.params)
+  model_shardings = state_lib.param_shardings(state_lib.model_handle(mcfg), mesh, strategy.params)
   g_shardings = state_lib.param_shardings(handle, mesh, strategy.grads)
   abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, param_dtype),
                                  handle.abstract_params())
@@ -157,7 +159,7 @@ def plan(cfg, mcfg, mesh) -> Plan:
                       in_shardings=(p_shardings, batch_sharding))
   return Plan(handle, tx, mesh, strategy.activations, batch_sharding, shardings,
               state_lib.abstract_state(tx, abstract_params, tc.seed, shardings), train_step,
-              eval_step, compute_dtype, param_dtype)
+              eval_step, compute_dtype, param_dtype, model_shardings)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,11 +208,10 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
     base = None
     if init is not None:
       _log(f"loading {init}")
-      model_shardings = {k: v for k, v in pl.shardings["params"].items() if k != "peft"}
-      base = hf.load(init, model_shardings, pl.param_dtype, remat=mcfg.remat,
+      base = hf.load(init, pl.model_shardings, pl.param_dtype, remat=mcfg.remat,
                      attention_impl=mcfg.attention_impl)[1]
     params = state_lib.init_params(pl.handle, tc.seed, pl.shardings["params"], pl.param_dtype,
-                                   base=base)
+                                   base=base, model_shardings=pl.model_shardings)
     state = state_lib.init_state(pl.tx, params, tc.seed, pl.shardings)
     start_step = 0
   else:

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.config import ModelConfig
+from models.peft import quant
 
 METHODS = ("none", "lora", "dora", "vera", "ia3", "bitfit")
 INITS = ("default", "gaussian", "pissa")
@@ -69,6 +70,7 @@ class Peft:
   vera_rank: int = 256
   vera_d_initial: float = 0.1
   lora_plus_scale: float = 1.0
+  base_quant: str = "none"  # "nf4": targeted base weights stored as NF4 (QLoRA)
 
   @classmethod
   def from_config(cls, pc, mcfg: ModelConfig) -> "Peft | None":
@@ -81,6 +83,10 @@ class Peft:
       raise ValueError(f"peft.init={pc.init!r} is not one of {', '.join(INITS)}")
     if pc.init == "pissa" and pc.method != "lora":
       raise ValueError(f"peft.init=pissa is for method lora, not {pc.method}")
+    if pc.base_quant not in ("none", "nf4"):
+      raise ValueError(f"peft.base_quant={pc.base_quant!r} is not one of none, nf4")
+    if pc.base_quant == "nf4" and (pc.method not in ("lora", "dora") or pc.init == "pissa"):
+      raise ValueError("peft.base_quant=nf4 (QLoRA) goes with method lora or dora, not PiSSA")
     if pc.method in ("lora", "dora") and pc.rank < 1:
       raise ValueError(f"peft.rank={pc.rank} must be positive")
     targets = select_targets(pc.targets if pc.method != "ia3" else pc.ia3_targets)
@@ -89,8 +95,12 @@ class Peft:
                        + ", ".join(f"{m}.{n} ({hf})" for (m, n), (hf, _) in LINEAR.items()))
     if pc.method == "bitfit" and not mcfg.qkv_bias:
       raise ValueError("peft.method=bitfit trains biases, and this model has none")
-    return cls(pc.method, targets, mcfg, pc.rank, pc.alpha, pc.rslora, pc.init, pc.vera_rank,
-               pc.vera_d_initial, pc.lora_plus_scale)
+    peft = cls(pc.method, targets, mcfg, pc.rank, pc.alpha, pc.rslora, pc.init, pc.vera_rank,
+               pc.vera_d_initial, pc.lora_plus_scale, pc.base_quant)
+    if peft.base_quant == "nf4":
+      for module, name in targets:
+        quant.check(_dims(mcfg, module, name)[0], f"{module}.{name}")
+    return peft
 
   @property
   def scale(self) -> float:
@@ -125,6 +135,26 @@ class Peft:
 
   def axes(self) -> dict[str, Any]:
     return jax.tree.map(lambda x: x[1], self._shapes(), is_leaf=_is_spec)
+
+  def base_abstract(self, abstract: dict, axes: dict | None) -> tuple[dict, dict | None]:
+    """The model's abstract params and (when given) axes with NF4-stored targets in place of the
+    weights. The codes keep the weight's first input and first output axis names (flattened)."""
+    if self.base_quant != "nf4":
+      return abstract, axes
+    abstract = _copy(abstract)
+    axes = None if axes is None else _copy(axes)
+    for module, name in self.targets:
+      n_in, n_out = _dims(self.mcfg, module, name)
+      w = abstract["layers"][module][name]
+      abstract["layers"][module][name] = quant.abstract((w.shape[0], n_in, n_out))
+      if axes is None:
+        continue
+      names = axes["layers"][module][name]
+      in_axis, out_axis = names[1], names[1 + LINEAR[(module, name)][1]]
+      axes["layers"][module][name] = {"nf4_codes": ("layers", in_axis, out_axis),
+                                      "nf4_absmax": ("layers", None, out_axis),
+                                      "nf4_scale": ("layers", None, out_axis)}
+    return abstract, axes
 
   def abstract(self, dtype=jnp.float32) -> dict[str, Any]:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x[0], dtype), self._shapes(),
@@ -174,44 +204,79 @@ class Peft:
       (a_shape, _), (b_shape, _) = self._shapes()["vera_shared"].values()
       adapters["vera_shared"] = {"a": _kaiming(next(keys), a_shape),
                                  "b": _kaiming(next(keys), b_shape)}
+    if self.base_quant == "nf4":
+      for module, name in self.targets:
+        n_in, n_out = _dims(self.mcfg, module, name)
+        w = base["layers"][module][name]
+        q = quant.quantize(w.reshape(w.shape[0], n_in, n_out))
+        base["layers"][module] = {**base["layers"][module], name: q}
+        if self.method == "dora":  # the magnitude of what the forward pass will see
+          entry = adapters[module][name]
+          w2 = quant.dequantize(q) + self.scale * entry["lora_a"] @ entry["lora_b"]
+          entry["magnitude"] = jnp.linalg.norm(w2, axis=1)
     return base, adapters
 
   # --- the forward weights -----------------------------------------------------------------
 
   def apply(self, params: dict) -> dict:
-    """Model parameters with the adapters folded in (the input may omit "peft": no-op)."""
-    adapters = params.get("peft")
+    """Model parameters with the adapters folded in, every layer at once (export, merging).
+    The trainer folds layer by layer inside the decoder's scan instead (`fold_layer`)."""
     base = {k: v for k, v in params.items() if k != "peft"}
-    if adapters is None or self.method == "bitfit":
+    if self.method == "bitfit" or ("peft" not in params and self.base_quant == "none"):
       return base
-    layers = {m: dict(v) if isinstance(v, dict) else v for m, v in base["layers"].items()}
-    for module, name in self.targets:
-      w = layers[module][name]
-      layers[module][name] = self._fold(module, name, w, adapters[module][name], adapters)
-    return {**base, "layers": layers}
+    adapters = params.get("peft", {})
+    layer_adapters = {m: v for m, v in adapters.items() if m != "vera_shared"}
+    shared = adapters.get("vera_shared")
+    fold = lambda layer, a: self.fold_layer(layer, a, shared)
+    return {**base, "layers": jax.vmap(fold)(base["layers"], layer_adapters)}
 
-  def _fold(self, module, name, w, entry, adapters):
+  def fold_layer(self, layer: dict, adapters: dict, shared: dict | None = None) -> dict:
+    """One layer's parameters (no layer axis) with its adapters folded into the targeted weights
+    and NF4-stored weights dequantized."""
+    if self.method == "bitfit":
+      return layer
+    layer = {m: dict(v) if isinstance(v, dict) else v for m, v in layer.items()}
+    for module, name in self.targets:
+      w = layer[module][name]
+      entry = adapters.get(module, {}).get(name) if adapters else None
+      layer[module][name] = self._fold(module, name, w, entry, shared)
+    return layer
+
+  def _fold(self, module, name, w, entry, shared):
     n_in, n_out = _dims(self.mcfg, module, name)
-    L = w.shape[0]
-    w2 = w.reshape(L, n_in, n_out)
-    dtype = w.dtype
+    in_dims, _ = LINEAR[(module, name)]
+    if quant.is_quantized(w):
+      dtype = entry["lora_a"].dtype if entry is not None and "lora_a" in entry else jnp.float32
+      w2 = quant.dequantize(w, dtype)
+      shape = self._weight_shape(module, name)
+    else:
+      dtype, shape = w.dtype, w.shape
+      w2 = w.reshape(n_in, n_out)
+    if entry is None:
+      return w2.reshape(shape)
     if self.method in ("lora", "dora"):
       a, b = entry["lora_a"].astype(dtype), entry["lora_b"].astype(dtype)
       w2 = w2 + jnp.asarray(self.scale, dtype) * (a @ b)
       if self.method == "dora":
-        norm = jax.lax.stop_gradient(jnp.linalg.norm(w2.astype(jnp.float32), axis=1))
-        w2 = w2 * (entry["magnitude"] / norm).astype(dtype)[:, None, :]
+        norm = jax.lax.stop_gradient(jnp.linalg.norm(w2.astype(jnp.float32), axis=0))
+        w2 = w2 * (entry["magnitude"] / norm).astype(dtype)[None, :]
     elif self.method == "vera":
-      shared = adapters["vera_shared"]
       a = shared["a"][:, :n_in].T.astype(dtype)  # (in, r)
       b = shared["b"][:n_out].T.astype(dtype)  # (r, out)
       d, bb = entry["lambda_d"].astype(dtype), entry["lambda_b"].astype(dtype)
-      w2 = w2 + jnp.einsum("ir,lr,ro,lo->lio", a, d, b, bb)
+      w2 = w2 + (a * d[None, :]) @ (b * bb[None, :])
     else:  # ia3
       scale = entry["ia3"].astype(dtype)
       feedforward = LINEAR[(module, name)][0] in IA3_FEEDFORWARD
-      w2 = w2 * (scale[:, :, None] if feedforward else scale[:, None, :])
-    return w2.reshape(w.shape)
+      w2 = w2 * (scale[:, None] if feedforward else scale[None, :])
+    return w2.reshape(shape)
+
+  def _weight_shape(self, module, name) -> tuple[int, ...]:
+    """The per-layer shape of a targeted weight in the model (without the layer axis)."""
+    c = self.mcfg
+    d, f, h, kv, hd = c.d_model, c.d_ff, c.n_heads, c.n_kv_heads, c.head_dim
+    return {"q": (d, h, hd), "k": (d, kv, hd), "v": (d, kv, hd), "o": (h, hd, d),
+            "gate": (d, f), "up": (d, f), "down": (f, d)}[name]
 
   def merge(self, params: dict) -> dict:
     """The base weights with the adapters folded in for good (for export)."""
@@ -229,6 +294,10 @@ class Peft:
         return FROZEN
       return LORA_B if keys[-1] == "lora_b" and self.lora_plus_scale != 1.0 else TRAINABLE
     return jax.tree_util.tree_map_with_path(label, params)
+
+
+def _copy(tree):
+  return {k: _copy(v) if isinstance(v, dict) else v for k, v in tree.items()}
 
 
 def _is_spec(x) -> bool:
