@@ -275,3 +275,22 @@ def test_qlora_forward_equals_lora_on_the_dequantized_weights(tmp_path):
   want = state_lib.model_handle(cfg, plain).bind({**float_base, "peft": params["peft"]})(
       TOKENS % cfg.vocab_size)
   np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_qlora_stops_and_resumes_bit_identically(pretrained, tmp_path):
+  """The 4-bit codes survive a checkpoint as integers: stop at step 2, resume to 4, same
+  adapters as 4 steps in one go."""
+  from trainer import train
+
+  def config(**extra):
+    c = small_run.config(steps=4, eval_every=0, checkpoint_every=2, sample_tokens=0, lr=1e-2,
+                         **extra)
+    c.model.init_from = f"hf:{pretrained / 'base'}"
+    c.peft.update(method="lora", base_quant="nf4")
+    return c
+
+  whole = train.run(config(), str(tmp_path / "whole"))
+  train.run(config(stop_after_steps=2), str(tmp_path / "split"))
+  resumed = train.run(config(), str(tmp_path / "split"))
+  assert resumed["state"]["params"]["layers"]["attn"]["q"]["nf4_codes"].dtype == jnp.uint8
+  jax.tree.map(np.testing.assert_array_equal, resumed["state"]["params"], whole["state"]["params"])

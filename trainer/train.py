@@ -140,8 +140,10 @@ def plan(cfg, mcfg, mesh) -> Plan:
   p_shardings = state_lib.param_shardings(handle, mesh, strategy.params)
   model_shardings = state_lib.param_shardings(state_lib.model_handle(mcfg), mesh, strategy.params)
   g_shardings = state_lib.param_shardings(handle, mesh, strategy.grads)
-  abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, param_dtype),
-                                 handle.abstract_params())
+  abstract_params = jax.tree.map(  # stored integers (NF4 codes) keep their dtype
+      lambda x: jax.ShapeDtypeStruct(
+          x.shape, param_dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype),
+      handle.abstract_params())
   opt_shardings = state_lib.opt_state_shardings(
       tx, abstract_params, state_lib.param_shardings(handle, mesh, strategy.opt_state), mesh)
   opt_device_shardings = None
