@@ -31,6 +31,7 @@ METHODS = {
     "QLoRA r=16 (NF4 base)": dict(method="lora", rank=16, alpha=32.0, base_quant="nf4"),
     "DoRA r=16": dict(method="dora", rank=16, alpha=32.0),
     "IA3": dict(method="ia3"),
+    "LISA, 2 of 8 layers at a time": dict(method="lisa", lisa_activated_layers=2),
 }
 
 

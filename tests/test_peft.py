@@ -294,3 +294,36 @@ def test_qlora_stops_and_resumes_bit_identically(pretrained, tmp_path):
   resumed = train.run(config(), str(tmp_path / "split"))
   assert resumed["state"]["params"]["layers"]["attn"]["q"]["nf4_codes"].dtype == jnp.uint8
   jax.tree.map(np.testing.assert_array_equal, resumed["state"]["params"], whole["state"]["params"])
+
+
+def test_lisa_trains_k_layers_at_a_time_with_their_moments_only(pretrained, tmp_path):
+  """LISA, 1 of the 2 layers at a time: loss falls; with one draw (interval > steps) exactly one
+  layer and the outside parameters change; Adam's moments cover the outside parameters and one
+  layer, not both."""
+  from trainer import train
+
+  def run(name, steps, interval, lr):
+    c = small_run.config(steps=steps, eval_every=0, checkpoint_every=0, sample_tokens=0,
+                         log_every=1, lr=lr, warmup_steps=2)
+    c.model.init_from = f"hf:{pretrained / 'base'}"
+    c.data.update(source="files", train_files=str(pretrained / "narrow.jsonl"), format="text")
+    c.peft.update(method="lisa", lisa_activated_layers=1, lisa_step_interval=interval)
+    out = train.run(c, str(tmp_path / name))
+    with open(tmp_path / name / "metrics.jsonl") as f:
+      return out, [json.loads(l)["loss"] for l in f if '"loss"' in l]
+
+  out, losses = run("learn", 20, 5, 3e-3)
+  assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.1, losses
+
+  out, _ = run("once", 3, 100, 3e-3)
+  _, base = hf.load(str(pretrained / "base"))
+  params, layers = out["state"]["params"], np.asarray(out["state"]["lisa_layers"])
+  assert layers.shape == (1,)
+  q, q0 = np.asarray(params["layers"]["attn"]["q"]), np.asarray(base["layers"]["attn"]["q"])
+  changed = [i for i in range(2) if not np.array_equal(q[i], q0[i])]
+  assert changed == layers.tolist()
+  assert not np.array_equal(np.asarray(params["embed"]), np.asarray(base["embed"]))
+  per_layer = sum(x[0].size for x in jax.tree.leaves(base["layers"]))
+  outside = sum(x.size for k, v in base.items() if k != "layers" for x in jax.tree.leaves(v))
+  moments = sum(x.size for x in jax.tree.leaves(out["state"]["opt_state"]))
+  assert 2 * (outside + per_layer) <= moments <= 2 * (outside + per_layer) + 16

@@ -176,10 +176,13 @@ def _keys(path) -> tuple:
   return tuple(str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))) for p in path)
 
 
-def state_shardings(p_shardings: Params, opt_shardings: Any, mesh: Mesh) -> dict[str, Any]:
+def state_shardings(p_shardings: Params, opt_shardings: Any, mesh: Mesh,
+                    lisa_k: int = 0) -> dict[str, Any]:
   replicated = NamedSharding(mesh, P())
-  return {"step": replicated, "params": p_shardings, "opt_state": opt_shardings,
-          "rng": replicated}
+  out = {"step": replicated, "params": p_shardings, "opt_state": opt_shardings, "rng": replicated}
+  if lisa_k:
+    out["lisa_layers"] = replicated
+  return out
 
 
 def with_memory_kind(shardings, kind: str):
@@ -187,18 +190,27 @@ def with_memory_kind(shardings, kind: str):
                       is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
-def new_state(tx, params: Params, seed: int) -> dict[str, Any]:
-  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-          "rng": jax.random.PRNGKey(seed + 1)}
+def new_state(tx, params: Params, seed: int, lisa_k: int = 0) -> dict[str, Any]:
+  """`lisa_k`: LISA's optimizer works on k layers at a time (trainer/lisa.py)."""
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "rng": jax.random.PRNGKey(seed + 1)}
+  if lisa_k:
+    from trainer import lisa  # noqa: PLC0415 -- lisa imports step, which imports this module
+    state["opt_state"] = lisa.init_opt_state(tx, params, lisa_k)
+    state["lisa_layers"] = jnp.arange(lisa_k, dtype=jnp.int32)
+  else:
+    state["opt_state"] = tx.init(params)
+  return state
 
 
-def init_state(tx, params: Params, seed: int, shardings: dict[str, Any]) -> dict[str, Any]:
-  return jax.jit(lambda p: new_state(tx, p, seed), out_shardings=shardings,
+def init_state(tx, params: Params, seed: int, shardings: dict[str, Any],
+               lisa_k: int = 0) -> dict[str, Any]:
+  return jax.jit(lambda p: new_state(tx, p, seed, lisa_k), out_shardings=shardings,
                  donate_argnums=0)(params)
 
 
-def abstract_state(tx, abstract_params: Params, seed: int, shardings: dict[str, Any]):
+def abstract_state(tx, abstract_params: Params, seed: int, shardings: dict[str, Any],
+                   lisa_k: int = 0):
   """ShapeDtypeStructs of the train state, carrying their shardings (a restore target)."""
-  shapes = jax.eval_shape(lambda p: new_state(tx, p, seed), abstract_params)
+  shapes = jax.eval_shape(lambda p: new_state(tx, p, seed, lisa_k), abstract_params)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       shapes, shardings)

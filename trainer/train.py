@@ -24,7 +24,7 @@ from models import hf
 from models import peft as peft_lib
 from trainer import checkpoint as ckpt_lib
 from trainer import evaluate as evaluate_lib, generate, metrics as metrics_lib, optim
-from trainer import state as state_lib, step as step_lib
+from trainer import lisa, state as state_lib, step as step_lib
 from trainer.data import pipeline
 from trainer.validate import (UserError, check_backend, check_config, check_mesh, init_folder,
                               model_config)
@@ -144,23 +144,32 @@ def plan(cfg, mcfg, mesh) -> Plan:
       lambda x: jax.ShapeDtypeStruct(
           x.shape, param_dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype),
       handle.abstract_params())
-  opt_shardings = state_lib.opt_state_shardings(
-      tx, abstract_params, state_lib.param_shardings(handle, mesh, strategy.opt_state), mesh)
+  moment_shardings = state_lib.param_shardings(handle, mesh, strategy.opt_state)
+  lisa_k = cfg.peft.lisa_activated_layers if cfg.peft.method == "lisa" else 0
+  if lisa_k:  # the optimizer sees LISA's view: outside parameters and k active layers
+    opt_shardings = state_lib.opt_state_shardings(
+        tx, jax.eval_shape(lambda p: lisa.view(p, jnp.arange(lisa_k)), abstract_params),
+        lisa.view_shardings(moment_shardings), mesh)
+  else:
+    opt_shardings = state_lib.opt_state_shardings(tx, abstract_params, moment_shardings, mesh)
   opt_device_shardings = None
   offload = offload_kind(cfg)
   if offload:
     opt_device_shardings = opt_shardings
     opt_shardings = state_lib.with_memory_kind(opt_shardings, offload)
-  shardings = state_lib.state_shardings(p_shardings, opt_shardings, mesh)
-  train_step = jax.jit(
-      step_lib.make_train_step(handle, tx, schedule, compute_dtype, tc.grad_accum, g_shardings,
-                               opt_device_shardings, labels, tc.neftune_alpha),
-      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-      donate_argnums=0)
+  shardings = state_lib.state_shardings(p_shardings, opt_shardings, mesh, lisa_k)
+  if lisa_k:
+    step_fn = lisa.make_train_step(handle, tx, schedule, compute_dtype, tc.grad_accum, lisa_k,
+                                   cfg.peft.lisa_step_interval, tc.neftune_alpha)
+  else:
+    step_fn = step_lib.make_train_step(handle, tx, schedule, compute_dtype, tc.grad_accum,
+                                       g_shardings, opt_device_shardings, labels, tc.neftune_alpha)
+  train_step = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
+                       out_shardings=(shardings, None), donate_argnums=0)
   eval_step = jax.jit(step_lib.make_eval_step(handle, compute_dtype),
                       in_shardings=(p_shardings, batch_sharding))
   return Plan(handle, tx, mesh, strategy.activations, batch_sharding, shardings,
-              state_lib.abstract_state(tx, abstract_params, tc.seed, shardings), train_step,
+              state_lib.abstract_state(tx, abstract_params, tc.seed, shardings, lisa_k), train_step,
               eval_step, compute_dtype, param_dtype, model_shardings)
 
 
@@ -214,7 +223,8 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
                      attention_impl=mcfg.attention_impl)[1]
     params = state_lib.init_params(pl.handle, tc.seed, pl.shardings["params"], pl.param_dtype,
                                    base=base, model_shardings=pl.model_shardings)
-    state = state_lib.init_state(pl.tx, params, tc.seed, pl.shardings)
+    state = state_lib.init_state(pl.tx, params, tc.seed, pl.shardings,
+                                 cfg.peft.lisa_activated_layers if cfg.peft.method == "lisa" else 0)
     start_step = 0
   else:
     state, data_state = checkpointer.restore(latest, pl.abstract_state)
@@ -226,8 +236,12 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
        f"{dict(mesh.shape)}")
   if pl.handle.peft is not None:
     trainable, total = peft_lib.count(state["params"], pl.handle.peft.labels(state["params"]))
+  elif cfg.peft.method == "lisa":
+    trainable = sum(x.size for x in jax.tree.leaves(lisa.view(state["params"], state["lisa_layers"])))
+    total = n_params
+  if cfg.peft.method != "none":
     _log(f"peft {cfg.peft.method}: {trainable:,} trainable parameters of {total:,} "
-         f"({trainable / total:.3%})")
+         f"({trainable / total:.3%}) at a time")
 
   def evaluate(params) -> dict[str, float]:
     with parallel.activate(mesh, pl.rules):

@@ -40,7 +40,7 @@ import numpy as np
 from models.config import ModelConfig
 from models.peft import quant
 
-METHODS = ("none", "lora", "dora", "vera", "ia3", "bitfit")
+METHODS = ("none", "lora", "dora", "vera", "ia3", "bitfit", "lisa")  # lisa: trainer/lisa.py
 INITS = ("default", "gaussian", "pissa")
 
 # (module, weight): (Hugging Face module name, number of input dims in our layout)
@@ -79,6 +79,13 @@ class Peft:
       return None
     if pc.method not in METHODS:
       raise ValueError(f"peft.method={pc.method!r} is not one of {', '.join(METHODS)}")
+    if pc.method == "lisa":  # full-parameter training of a few layers: no adapters
+      if not 0 < pc.lisa_activated_layers <= mcfg.n_layers:
+        raise ValueError(f"peft.lisa_activated_layers={pc.lisa_activated_layers} must be in "
+                         f"1..{mcfg.n_layers} (model.n_layers)")
+      if pc.lisa_step_interval < 1:
+        raise ValueError(f"peft.lisa_step_interval={pc.lisa_step_interval} must be positive")
+      return None
     if pc.init not in INITS:
       raise ValueError(f"peft.init={pc.init!r} is not one of {', '.join(INITS)}")
     if pc.init == "pissa" and pc.method != "lora":
