@@ -327,3 +327,18 @@ def test_lisa_trains_k_layers_at_a_time_with_their_moments_only(pretrained, tmp_
   outside = sum(x.size for k, v in base.items() if k != "layers" for x in jax.tree.leaves(v))
   moments = sum(x.size for x in jax.tree.leaves(out["state"]["opt_state"]))
   assert 2 * (outside + per_layer) <= moments <= 2 * (outside + per_layer) + 16
+
+
+def test_generation_with_adapters_equals_the_merged_model(tmp_path):
+  """KV-cache decoding folds the adapters layer by layer as training does: the same tokens as
+  the merged model."""
+  from trainer import generate as gen
+  cfg, base = hf.load(str(hf_models_folder(tmp_path)))
+  peft = Peft.from_config(peft_section(method="dora", rank=4, alpha=8.0), cfg)
+  handle = state_lib.model_handle(cfg, peft)
+  params = state_lib.init_params(handle, seed=0, base=base)
+  params["peft"] = jax.tree.map(lambda x: x + 0.1, params["peft"])
+  prompts = [[5, 9, 2], [1, 2, 3, 4, 5, 6]]
+  ours = gen.generate(handle, params, prompts, 8)
+  merged = gen.generate(state_lib.model_handle(cfg), peft.merge(params), prompts, 8)
+  assert ours == merged
