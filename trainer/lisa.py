@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from trainer.step import Batch, make_loss_fn, split_microbatches
+from trainer.step import Batch, make_loss_fn, mean_gradients
 
 
 def view(params: dict, layers: jax.Array) -> dict:
@@ -73,20 +73,10 @@ def make_train_step(handle, tx: optax.GradientTransformation, schedule, compute_
       return jax.value_and_grad(lambda t: loss_fn(merge(params, t, layers), micro, rng),
                                 has_aux=True)(trainable)
 
-    if grad_accum == 1:
-      (loss_sum, count), grads = grads_of(trainable, batch, rng)
-    else:
-      def accumulate(carry, xs):
-        micro, i = xs
-        (loss_sum, count), grads = grads_of(trainable, micro, jax.random.fold_in(rng, i))
-        acc, acc_loss, acc_count = carry
-        return (jax.tree.map(jnp.add, acc, grads), acc_loss + loss_sum, acc_count + count), None
-      zeros = jax.tree.map(jnp.zeros_like, trainable)
-      (grads, loss_sum, count), _ = jax.lax.scan(
-          accumulate, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
-          (split_microbatches(batch, grad_accum), jnp.arange(grad_accum)))
+    loss_sum, count, grads = mean_gradients(
+        lambda micro, r: grads_of(trainable, micro, r), batch, rng, grad_accum,
+        lambda: jax.tree.map(jnp.zeros_like, trainable))
     denom = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     new_state = {
         "step": step + 1,

@@ -30,6 +30,24 @@ def split_microbatches(batch: Batch, n: int) -> Batch:
   return jax.tree.map(split, batch)
 
 
+def mean_gradients(grad_fn: Callable, batch: Batch, rng, grad_accum: int, zeros: Callable):
+  """(loss sum, token count, gradients / count) over `grad_accum` microbatches, accumulated in a
+  scan. grad_fn(microbatch, rng) -> ((loss sum, count), gradients); zeros() the accumulator."""
+  if grad_accum == 1:
+    (loss_sum, count), grads = grad_fn(batch, rng)
+  else:
+    def accumulate(carry, xs):
+      micro, i = xs
+      (loss_sum, count), grads = grad_fn(micro, jax.random.fold_in(rng, i))
+      acc_grads, acc_loss, acc_count = carry
+      return (jax.tree.map(jnp.add, acc_grads, grads), acc_loss + loss_sum, acc_count + count), None
+    (grads, loss_sum, count), _ = jax.lax.scan(
+        accumulate, (zeros(), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
+        (split_microbatches(batch, grad_accum), jnp.arange(grad_accum)))
+  denom = jnp.maximum(count, 1.0)
+  return loss_sum, count, jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads)
+
+
 def make_loss_fn(handle: ModelHandle, compute_dtype, neftune_alpha: float = 0.0) -> Callable:
   """loss_fn(params, batch, rng=None) -> (sum of token losses, token count). With
   `neftune_alpha` and an rng, NEFTune noise is added to the input embeddings."""
@@ -90,22 +108,15 @@ def make_train_step(handle: ModelHandle, tx: optax.GradientTransformation, sched
   def train_step(state: dict[str, Any], batch: Batch):
     params = state["params"]
     rng = jax.random.fold_in(state["rng"], 1)  # noise of this step (NEFTune)
-    if grad_accum == 1:
-      (loss_sum, count), grads = grad_fn(params, batch, rng)
-    else:
-      def accumulate(carry, xs):
-        micro, i = xs
-        (loss_sum, count), grads = grad_fn(params, micro, jax.random.fold_in(rng, i))
-        acc_grads, acc_loss, acc_count = carry
-        return (jax.tree.map(jnp.add, acc_grads, grads), acc_loss + loss_sum, acc_count + count), None
+
+    def zeros():
       shapes = jax.eval_shape(lambda p, b, r: grad_fn(p, b, r)[1], params,
                               jax.tree.map(lambda x: x[:x.shape[0] // grad_accum], batch), rng)
-      zeros = constrain(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
-      (grads, loss_sum, count), _ = jax.lax.scan(
-          accumulate, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
-          (split_microbatches(batch, grad_accum), jnp.arange(grad_accum)))
+      return constrain(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+
+    loss_sum, count, grads = mean_gradients(lambda micro, r: grad_fn(params, micro, r), batch,
+                                            rng, grad_accum, zeros)
     denom = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads)
     grad_norm = optax.tree.norm(grads)
     grads = full_tree(params, grads)
     opt_state = state["opt_state"]
