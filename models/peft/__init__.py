@@ -1,9 +1,10 @@
 """Parameter-efficient fine-tuning in weight space: adapters live beside the base weights in the
-params tree (under "peft"), and `Peft.apply` folds them into the weights the model multiplies by.
+params tree (under "peft"), and are folded into the weights the model multiplies by.
 
     peft = Peft.from_config(run_config.peft, model_config)
-    base, adapters = peft.init(base_params, key)          # PiSSA also rewrites the base
-    model_params = peft.apply({**base, "peft": adapters})  # what the decoder runs with
+    base, adapters = peft.init(base_params, key)          # PiSSA and QLoRA also rewrite the base
+    layer = peft.fold_layer(layer_params, layer_adapters)  # per layer, inside the decoder's scan
+    merged = peft.merge({**base, "peft": adapters})        # all layers at once (export)
     labels = peft.labels(params)                           # optax.multi_transform labels
 
 Methods (per targeted linear map W, seen as (in, out) per layer):
@@ -14,13 +15,17 @@ Methods (per targeted linear map W, seen as (in, out) per layer):
           original W).
   dora    m * V / ||V||, V = W + s * A @ B, the norm per output column (not differentiated, as
           in the DoRA paper and PEFT), m initialised to ||W||.
-  vera    W + (A_s[:in]^T * d) @ (B_s[:, :out]... * b): A_s (r, max_in), B_s (max_out, r) random,
-          frozen and shared by every layer and module; d (r) and b (out) train per layer.
+  vera    W + (A^T diag(d)) @ (B^T diag(b)), with A = A_s[:, :in] and B = B_s[:out]: A_s (r, max_in)
+          and B_s (max_out, r) random, frozen, shared by every layer and module; d (r) and
+          b (out) train per layer.
   ia3     W * l: l scales the output features of k and v, the input features of down (PEFT's
           "feedforward" modules), starting at 1.
   bitfit  the base model's biases train, nothing else (models with biases: Qwen2).
-Folding in weight space is exact for all of them and costs one (in x r) @ (r x out) per
-targeted matrix and step; LoRA dropout, which acts on activations, is not available here.
+  QLoRA   (`base_quant="nf4"`, with lora or dora): the targeted base weights are stored as NF4
+          (models/peft/quant.py) and dequantized layer by layer before the fold.
+LISA trains whole layers and lives in trainer/lisa.py. Folding in weight space is exact for all
+of the above and costs one (in x r) @ (r x out) per targeted matrix and step; LoRA dropout,
+which acts on activations, is not available here.
 
 Targets are matched on module names: ours ("attn.q", "mlp.down") or Hugging Face's ("q_proj",
 "down_proj"), by a regular expression (full match), or "all-linear".
