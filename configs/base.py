@@ -48,7 +48,7 @@ def get_config(arg=None):
 
   # Parameter-efficient fine-tuning (models/peft): which weights train.
   c.peft = ml_collections.ConfigDict(dict(
-      method="none",  # none (full fine-tuning) | lora | dora | vera | ia3 | bitfit | lisa
+      method="none",  # none (full fine-tuning) | lora | dora | vera | ia3 | bitfit | adapter | lisa
       targets="all-linear",  # regex over module names (attn.q or q_proj, ...) | all-linear
       rank=8,
       alpha=16.0,  # LoRA scale alpha / rank (alpha / sqrt(rank) with rslora)
@@ -59,6 +59,7 @@ def get_config(arg=None):
       vera_d_initial=0.1,
       ia3_targets="k_proj|v_proj|down_proj",  # ia3 scales these (down_proj on its input side)
       base_quant="none",  # nf4: targeted base weights stored in 4 bits (QLoRA)
+      adapter_dim=16,  # adapter: Houlsby bottleneck size
       lisa_activated_layers=2,  # lisa: layers that train at a time (+ embeddings, head)
       lisa_step_interval=20,  # lisa: steps between redrawing them
   ))

@@ -32,6 +32,12 @@ def neftune(x_btd, key, alpha: float):
   return x_btd + noise.astype(x_btd.dtype)
 
 
+def bottleneck(h_btd, p):
+  """A Houlsby adapter: h + up(gelu(down(h)))."""
+  z = jax.nn.gelu(dense(h_btd, p["down"].astype(h_btd.dtype)) + p["down_bias"].astype(h_btd.dtype))
+  return h_btd + dense(z, p["up"].astype(h_btd.dtype)) + p["up_bias"].astype(h_btd.dtype)
+
+
 class Block(nnx.Module):
   """Pre-norm residual block; with `post_norms` (Gemma 2) the attention and MLP outputs are
   normalised too before they join the residual stream."""
@@ -46,12 +52,17 @@ class Block(nnx.Module):
       self.post_attn_norm, self.post_mlp_norm = norm(), norm()
     self.post_norms = cfg.post_norms
 
-  def __call__(self, x_btd, cos, sin, mask, kv_cache=None):
+  def __call__(self, x_btd, cos, sin, mask, kv_cache=None, adapters=None):
+    """`adapters` (PEFT): Houlsby bottlenecks {"attn": ..., "mlp": ...} on the two outputs."""
     h = self.attn(self.attn_norm(x_btd), cos, sin, mask, kv_cache)
     if kv_cache is not None:
       h, kv_cache = h
+    if adapters is not None:
+      h = bottleneck(h, adapters["attn"])
     x_btd = x_btd + (self.post_attn_norm(h) if self.post_norms else h)
     h = self.mlp(self.mlp_norm(x_btd))
+    if adapters is not None:
+      h = bottleneck(h, adapters["mlp"])
     x_btd = x_btd + (self.post_mlp_norm(h) if self.post_norms else h)
     x_btd = constrain(x_btd, BTD)
     return x_btd if kv_cache is None else (x_btd, kv_cache)
@@ -80,8 +91,9 @@ class Decoder(nnx.Module):
     to the input embeddings (the trainer passes it in training steps only).
 
     `layer_params`, `layer_fn` (PEFT): the scan runs over `layer_params` (any tree with a leading
-    layer axis: stored weights, adapters) and `layer_fn` turns each layer's slice into that
-    layer's parameters, inside the scan, so only one layer's folded weights exist at a time.
+    layer axis: stored weights, adapters) and `layer_fn` turns each layer's slice into (that
+    layer's parameters, its Houlsby adapters or None), inside the scan, so only one layer's
+    folded weights exist at a time.
 
     With `cache` (from `init_cache`): decoding. The tokens are written at cache slots
     [start, start + length) and attend to every filled slot of their segment; returns
@@ -124,14 +136,16 @@ class Decoder(nnx.Module):
       if len(masks) == 2:
         pick = lambda a, b: jnp.where(is_local, a, b)
         mask = jax.tree.map(pick, masks[max(masks)], masks[0])
+      adapters = None
       if layer_fn is not None:
         filled = jax.tree.map(lambda v: v, layer_state)
-        nnx.replace_by_pure_dict(filled, layer_fn(state))
+        params, adapters = layer_fn(state)
+        nnx.replace_by_pure_dict(filled, params)
         state = filled
       block = nnx.merge(graphdef, state)
       if kv is None:
-        return block(x, cos, sin, mask), None
-      return block(x, cos, sin, mask, (*kv, start))
+        return block(x, cos, sin, mask, adapters=adapters), None
+      return block(x, cos, sin, mask, (*kv, start), adapters=adapters)
 
     if self.cfg.remat != "none" and cache is None:
       one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[self.cfg.remat],

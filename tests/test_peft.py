@@ -137,6 +137,7 @@ def pretrained(tmp_path_factory):
     ("ia3", dict(method="ia3"), 1e-1, 20),
     ("bitfit", dict(method="bitfit"), 1e-1, 40),  # 384 biases in all: it learns slowly
     ("qlora", dict(method="lora", base_quant="nf4"), 2e-2, 20),
+    ("houlsby", dict(method="adapter", adapter_dim=8), 1e-2, 20),
 ])
 def test_each_method_trains_only_its_parameters(pretrained, name, section, lr, steps):
   from models import peft as peft_lib
@@ -342,3 +343,16 @@ def test_generation_with_adapters_equals_the_merged_model(tmp_path):
   ours = gen.generate(handle, params, prompts, 8)
   merged = gen.generate(state_lib.model_handle(cfg), peft.merge(params), prompts, 8)
   assert ours == merged
+
+
+def test_houlsby_adapters_start_as_the_identity(tmp_path):
+  cfg, base = hf.load(str(hf_models_folder(tmp_path)))
+  peft = Peft.from_config(peft_section(method="adapter", adapter_dim=4), cfg)
+  handle = state_lib.model_handle(cfg, peft)
+  params = state_lib.init_params(handle, seed=0, base=jax.tree.map(jnp.copy, base))
+  want = state_lib.model_handle(cfg).bind(base)(TOKENS)
+  np.testing.assert_allclose(handle.bind(params)(TOKENS), want, atol=1e-6)
+  params["peft"]["adapter"]["mlp"]["up"] = params["peft"]["adapter"]["mlp"]["up"] + 0.1
+  assert np.abs(np.asarray(handle.bind(params)(TOKENS)) - np.asarray(want)).max() > 1e-2
+  with pytest.raises(ValueError, match="cannot be merged"):
+    peft.merge(params)

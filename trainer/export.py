@@ -100,6 +100,9 @@ def main(argv):
                         "use --format=hf for the whole model")
       files = hf_format.write(flags.FLAGS.out, handle.peft, params, dtype)
     else:
+      if handle.peft is not None and handle.peft.method == "adapter":
+        raise UserError("Houlsby adapters act on activations and cannot be merged into a "
+                        "Hugging Face model; there is no export for them yet")
       model_params = handle.peft.merge(params) if handle.peft is not None else params
       files = hf.save(flags.FLAGS.out, handle.cfg, model_params, dtype)
     files += copy_tokenizer(flags.FLAGS.workdir, flags.FLAGS.out)

@@ -63,9 +63,10 @@ class PeftModel:
     self.decoder, self.cfg = decoder, decoder.cfg
     adapters = params.get("peft", {})
     shared = adapters.get("vera_shared")
-    layer_adapters = {m: v for m, v in adapters.items() if m != "vera_shared"}
-    self._layers = (params["layers"], layer_adapters)
-    self._fold = lambda xs: peft.fold_layer(xs[0], xs[1], shared)
+    layer_adapters = {m: v for m, v in adapters.items() if m not in ("vera_shared", "adapter")}
+    self._layers = (params["layers"], layer_adapters, adapters.get("adapter"))
+    # per layer: (its parameters with adapters folded in, its Houlsby adapters or None)
+    self._fold = lambda xs: (peft.fold_layer(xs[0], xs[1], shared), xs[2])
 
   def hidden(self, *args, **kwargs):
     return self.decoder.hidden(*args, layer_params=self._layers, layer_fn=self._fold, **kwargs)

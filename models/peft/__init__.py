@@ -21,6 +21,9 @@ Methods (per targeted linear map W, seen as (in, out) per layer):
   ia3     W * l: l scales the output features of k and v, the input features of down (PEFT's
           "feedforward" modules), starting at 1.
   bitfit  the base model's biases train, nothing else (models with biases: Qwen2).
+  adapter Houlsby bottleneck adapters: h + up(gelu(down(h))) on the attention and on the MLP
+          output of every block, before the residual sum; up starts at 0 (identity). These act on
+          activations: the decoder applies them (models/decoder.py Block), nothing is folded.
   QLoRA   (`base_quant="nf4"`, with lora or dora): the targeted base weights are stored as NF4
           (models/peft/quant.py) and dequantized layer by layer before the fold.
 LISA trains whole layers and lives in trainer/lisa.py. Folding in weight space is exact for all
@@ -45,7 +48,7 @@ import numpy as np
 from models.config import ModelConfig
 from models.peft import quant
 
-METHODS = ("none", "lora", "dora", "vera", "ia3", "bitfit", "lisa")  # lisa: trainer/lisa.py
+METHODS = ("none", "lora", "dora", "vera", "ia3", "bitfit", "adapter", "lisa")  # lisa: trainer/lisa.py
 INITS = ("default", "gaussian", "pissa")
 
 # (module, weight): (Hugging Face module name, number of input dims in our layout)
@@ -76,6 +79,7 @@ class Peft:
   vera_d_initial: float = 0.1
   lora_plus_scale: float = 1.0
   base_quant: str = "none"  # "nf4": targeted base weights stored as NF4 (QLoRA)
+  adapter_dim: int = 16  # Houlsby adapters' bottleneck
 
   @classmethod
   def from_config(cls, pc, mcfg: ModelConfig) -> "Peft | None":
@@ -101,14 +105,17 @@ class Peft:
       raise ValueError("peft.base_quant=nf4 (QLoRA) goes with method lora or dora, not PiSSA")
     if pc.method in ("lora", "dora") and pc.rank < 1:
       raise ValueError(f"peft.rank={pc.rank} must be positive")
-    targets = select_targets(pc.targets if pc.method != "ia3" else pc.ia3_targets)
-    if not targets and pc.method != "bitfit":
+    targets = () if pc.method == "adapter" else select_targets(
+        pc.targets if pc.method != "ia3" else pc.ia3_targets)
+    if pc.method == "adapter" and pc.adapter_dim < 1:
+      raise ValueError(f"peft.adapter_dim={pc.adapter_dim} must be positive")
+    if not targets and pc.method not in ("bitfit", "adapter"):
       raise ValueError(f"peft.targets={pc.targets!r} matches no linear module; names: "
                        + ", ".join(f"{m}.{n} ({hf})" for (m, n), (hf, _) in LINEAR.items()))
     if pc.method == "bitfit" and not mcfg.qkv_bias:
       raise ValueError("peft.method=bitfit trains biases, and this model has none")
     peft = cls(pc.method, targets, mcfg, pc.rank, pc.alpha, pc.rslora, pc.init, pc.vera_rank,
-               pc.vera_d_initial, pc.lora_plus_scale, pc.base_quant)
+               pc.vera_d_initial, pc.lora_plus_scale, pc.base_quant, pc.adapter_dim)
     if peft.base_quant == "nf4":
       for module, name in targets:
         quant.check(_dims(mcfg, module, name)[0], f"{module}.{name}")
@@ -139,6 +146,11 @@ class Peft:
         size = n_in if LINEAR[(module, name)][0] in IA3_FEEDFORWARD else n_out
         entry = {"ia3": ((L, size), ("layers", None))}
       out.setdefault(module, {})[name] = entry
+    if self.method == "adapter":
+      d, m = self.mcfg.d_model, self.adapter_dim
+      one = {"down": ((L, d, m), ("layers", "embed", None)), "down_bias": ((L, m), ("layers", None)),
+             "up": ((L, m, d), ("layers", None, "embed")), "up_bias": ((L, d), ("layers", "embed"))}
+      out["adapter"] = {"attn": dict(one), "mlp": dict(one)}
     if self.method == "vera":
       dims = [_dims(self.mcfg, m, n) for m, n in self.targets]
       out["vera_shared"] = {"a": ((self.vera_rank, max(i for i, _ in dims)), (None, None)),
@@ -179,7 +191,7 @@ class Peft:
     if self.method == "bitfit":
       return base, adapters
     base = jax.tree.map(lambda x: x, base)  # shallow copies we may rewrite
-    keys = iter(jax.random.split(key, 2 * len(self.targets) + 2))
+    keys = iter(jax.random.split(key, 2 * len(self.targets) + 4))
     for module, name in self.targets:
       n_in, n_out = _dims(self.mcfg, module, name)
       w = base["layers"][module][name]
@@ -212,6 +224,13 @@ class Peft:
         (shape, _), = self._shapes()[module][name].values()
         entry = {"ia3": jnp.ones(shape)}
       adapters.setdefault(module, {})[name] = entry
+    if self.method == "adapter":  # down small and random, up zero: the block starts unchanged
+      shapes = self._shapes()["adapter"]
+      adapters["adapter"] = {
+          where: {"down": 1e-3 * jax.random.normal(next(keys), spec["down"][0]),
+                  "down_bias": jnp.zeros(spec["down_bias"][0]), "up": jnp.zeros(spec["up"][0]),
+                  "up_bias": jnp.zeros(spec["up_bias"][0])}
+          for where, spec in shapes.items()}
     if self.method == "vera":
       (a_shape, _), (b_shape, _) = self._shapes()["vera_shared"].values()
       adapters["vera_shared"] = {"a": _kaiming(next(keys), a_shape),
@@ -234,6 +253,8 @@ class Peft:
     """Model parameters with the adapters folded in, every layer at once (export, merging).
     The trainer folds layer by layer inside the decoder's scan instead (`fold_layer`)."""
     base = {k: v for k, v in params.items() if k != "peft"}
+    if self.method == "adapter":
+      raise ValueError("Houlsby adapters act on activations: they cannot be merged into weights")
     if self.method == "bitfit" or ("peft" not in params and self.base_quant == "none"):
       return base
     adapters = params.get("peft", {})
@@ -245,7 +266,7 @@ class Peft:
   def fold_layer(self, layer: dict, adapters: dict, shared: dict | None = None) -> dict:
     """One layer's parameters (no layer axis) with its adapters folded into the targeted weights
     and NF4-stored weights dequantized."""
-    if self.method == "bitfit":
+    if self.method in ("bitfit", "adapter"):
       return layer
     layer = {m: dict(v) if isinstance(v, dict) else v for m, v in layer.items()}
     for module, name in self.targets:
