@@ -136,6 +136,7 @@ def test_load_streams_into_shardings(tmp_path):
 
 def test_init_from_an_unsupported_model_is_one_line(tmp_path):
   import json
+  import os
   import subprocess
   import sys
 
@@ -144,7 +145,7 @@ def test_init_from_an_unsupported_model_is_one_line(tmp_path):
   (folder / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
   proc = subprocess.run([sys.executable, "-m", "trainer.main", f"--config.model.init_from=hf:{folder}",
                          f"--workdir={tmp_path / 'run'}"], capture_output=True, text=True,
-                        timeout=300, cwd=str(__import__("pathlib").Path(__file__).parent.parent))
+                        timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert proc.returncode == 2
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and "GPT2LMHeadModel" in lines[0] and "model.init_from" in lines[0], lines
