@@ -51,7 +51,7 @@ class ModelHandle:
       nnx.replace_by_pure_dict(state, params)
       return nnx.merge(self.graphdef, state)
     outside = {k: v for k, v in params.items() if k not in ("layers", "peft")}
-    nnx.replace_by_pure_dict(state, _fill(nnx.to_pure_dict(self.template), outside))
+    nnx.replace_by_pure_dict(state, outside)  # the layers keep their abstract template
     return PeftModel(nnx.merge(self.graphdef, state), self.peft, params)
 
 
@@ -79,17 +79,6 @@ class PeftModel:
 
   def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None):
     return self.logits(self.hidden(tokens_bt, positions_bt, segment_ids_bt))
-
-
-def _fill(template: Params, values: Params) -> Params:
-  """`template` with the entries of `values` put in (the layers keep their abstract shapes)."""
-  out = {}
-  for k, v in template.items():
-    if k in values:
-      out[k] = _fill(v, values[k]) if isinstance(v, dict) else values[k]
-    else:
-      out[k] = v
-  return out
 
 
 def model_handle(cfg: ModelConfig, peft: Peft | None = None) -> ModelHandle:

@@ -125,6 +125,7 @@ class Plan:
   compute_dtype: Any
   param_dtype: Any
   model_shardings: Any  # of the plain model's parameters (before PEFT storage), for loading
+  lisa_k: int  # LISA: layers trained at a time (0: not LISA)
 
 
 def plan(cfg, mcfg, mesh) -> Plan:
@@ -138,7 +139,8 @@ def plan(cfg, mcfg, mesh) -> Plan:
   labels = None if peft is None else peft.labels(handle.abstract_params())
   tx, schedule = optim.make_optimizer(tc, labels, cfg.peft.lora_plus_scale)
   p_shardings = state_lib.param_shardings(handle, mesh, strategy.params)
-  model_shardings = state_lib.param_shardings(state_lib.model_handle(mcfg), mesh, strategy.params)
+  model_shardings = p_shardings if peft is None else state_lib.param_shardings(
+      state_lib.model_handle(mcfg), mesh, strategy.params)
   g_shardings = state_lib.param_shardings(handle, mesh, strategy.grads)
   abstract_params = jax.tree.map(  # stored integers (NF4 codes) keep their dtype
       lambda x: jax.ShapeDtypeStruct(
@@ -170,7 +172,7 @@ def plan(cfg, mcfg, mesh) -> Plan:
                       in_shardings=(p_shardings, batch_sharding))
   return Plan(handle, tx, mesh, strategy.activations, batch_sharding, shardings,
               state_lib.abstract_state(tx, abstract_params, tc.seed, shardings, lisa_k), train_step,
-              eval_step, compute_dtype, param_dtype, model_shardings)
+              eval_step, compute_dtype, param_dtype, model_shardings, lisa_k)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,8 +225,7 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
                      attention_impl=mcfg.attention_impl)[1]
     params = state_lib.init_params(pl.handle, tc.seed, pl.shardings["params"], pl.param_dtype,
                                    base=base, model_shardings=pl.model_shardings)
-    state = state_lib.init_state(pl.tx, params, tc.seed, pl.shardings,
-                                 cfg.peft.lisa_activated_layers if cfg.peft.method == "lisa" else 0)
+    state = state_lib.init_state(pl.tx, params, tc.seed, pl.shardings, pl.lisa_k)
     start_step = 0
   else:
     state, data_state = checkpointer.restore(latest, pl.abstract_state)
@@ -236,7 +237,7 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
        f"{dict(mesh.shape)}")
   if pl.handle.peft is not None:
     trainable, total = peft_lib.count(state["params"], pl.handle.peft.labels(state["params"]))
-  elif cfg.peft.method == "lisa":
+  elif pl.lisa_k:
     trainable = sum(x.size for x in jax.tree.leaves(lisa.view(state["params"], state["lisa_layers"])))
     total = n_params
   if cfg.peft.method != "none":

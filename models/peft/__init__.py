@@ -249,8 +249,8 @@ class Peft:
 
   # --- the forward weights -----------------------------------------------------------------
 
-  def apply(self, params: dict) -> dict:
-    """Model parameters with the adapters folded in, every layer at once (export, merging).
+  def merge(self, params: dict) -> dict:
+    """Model parameters with the adapters folded in for good, every layer at once (export).
     The trainer folds layer by layer inside the decoder's scan instead (`fold_layer`)."""
     base = {k: v for k, v in params.items() if k != "peft"}
     if self.method == "adapter":
@@ -310,10 +310,6 @@ class Peft:
     d, f, h, kv, hd = c.d_model, c.d_ff, c.n_heads, c.n_kv_heads, c.head_dim
     return {"q": (d, h, hd), "k": (d, kv, hd), "v": (d, kv, hd), "o": (h, hd, d),
             "gate": (d, f), "up": (d, f), "down": (f, d)}[name]
-
-  def merge(self, params: dict) -> dict:
-    """The base weights with the adapters folded in for good (for export)."""
-    return self.apply(params)
 
   # --- what trains ---------------------------------------------------------------------------
 
