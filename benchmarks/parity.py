@@ -1,0 +1,93 @@
+"""The parity figures the tests only bound, printed: how far our numbers are from the references.
+
+1. Hugging Face import: for each family, the largest |our logits - transformers' logits| (tiny
+   random models from tests/hf_models.py, eager attention), with xla and with pallas attention.
+2. PEFT: the same against HF PEFT for LoRA, rsLoRA, DoRA, VeRA and IA3 (the cases of
+   tests/test_peft.py, adapters randomised).
+3. Pallas against xla attention: configs/tiny.py trained 4 steps each, the largest relative
+   difference between the logged losses.
+
+python benchmarks/parity.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import hf_models  # noqa: E402
+import test_hf  # noqa: E402
+import test_peft  # noqa: E402
+from configs import tiny  # noqa: E402
+from models import hf  # noqa: E402
+from models.peft import Peft, hf_format  # noqa: E402
+from trainer import state as state_lib, train  # noqa: E402
+
+
+def hf_families():
+  print("| family | xla attention | pallas attention | largest logit |")
+  print("| --- | --- | --- | --- |")
+  for family in hf_models.FAMILIES:
+    folder = tempfile.mkdtemp()
+    want = test_hf.hf_logits(hf_models.make(family, folder), test_hf.TOKENS)
+    diffs = []
+    for impl in ("xla", "pallas"):
+      cfg, params = hf.load(folder, attention_impl=impl)
+      ours = np.asarray(state_lib.model_handle(cfg).bind(params)(test_hf.TOKENS))
+      diffs.append(np.abs(ours - want).max())
+    print(f"| {family} | {diffs[0]:.1e} | {diffs[1]:.1e} | {np.abs(want).max():.1f} |",
+          flush=True)
+
+
+def peft_methods():
+  print("| method | max abs difference to HF PEFT |")
+  print("| --- | --- |")
+  for case, (hf_config, ours) in test_peft.CASES.items():
+    folder = tempfile.mkdtemp()
+    model = test_peft.hf_peft.get_peft_model(hf_models.make("llama", f"{folder}/base"), hf_config())
+    torch.manual_seed(1)
+    with torch.no_grad():
+      for _, p in model.named_parameters():
+        if p.requires_grad:
+          p.add_(0.3 * torch.randn_like(p))
+    model.eval().save_pretrained(f"{folder}/theirs")
+    want = test_peft.logits_of(model)
+    cfg, params = hf.load(f"{folder}/base")
+    peft = Peft.from_config(test_peft.peft_section(**ours), cfg)
+    params = {**params, "peft": hf_format.read(f"{folder}/theirs", peft)}
+    got = np.asarray(state_lib.model_handle(cfg, peft).bind(params)(test_peft.TOKENS))
+    print(f"| {case} | {np.abs(got - want).max():.1e} |", flush=True)
+
+
+def pallas_vs_xla_losses():
+  losses = {}
+  for impl in ("xla", "pallas"):
+    c = tiny.get_config()
+    c.model.attention_impl = impl
+    c.data.max_chars = 200_000
+    c.train.update(steps=4, log_every=1, eval_every=0, checkpoint_every=0, sample_tokens=0)
+    workdir = tempfile.mkdtemp()
+    train.run(c, workdir)
+    with open(f"{workdir}/metrics.jsonl") as f:
+      losses[impl] = np.array([json.loads(l)["loss"] for l in f if '"loss"' in l])
+  rel = np.abs(losses["pallas"] - losses["xla"]) / losses["xla"]
+  print(f"configs/tiny.py, 4 steps: xla {np.round(losses['xla'], 5).tolist()}, largest relative "
+        f"difference of pallas {rel.max():.1e}")
+
+
+if __name__ == "__main__":
+  hf_families()
+  peft_methods()
+  pallas_vs_xla_losses()
