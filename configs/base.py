@@ -48,13 +48,23 @@ def get_config(arg=None):
 
   # Parameter-efficient fine-tuning (models/peft): which weights train.
   c.peft = ml_collections.ConfigDict(dict(
-      method="none",  # none (full fine-tuning) | lora | dora | vera | ia3 | bitfit | adapter | lisa
+      # none (full fine-tuning) | lora | dora | adalora | vera | ia3 | bitfit | adapter | lisa
+      method="none",
       targets="all-linear",  # regex over module names (attn.q or q_proj, ...) | all-linear
-      rank=8,
+      rank=8,  # adalora: the initial rank
       alpha=16.0,  # LoRA scale alpha / rank (alpha / sqrt(rank) with rslora)
       rslora=False,
+      dropout=0.0,  # lora, adalora: dropout on the low-rank path's inputs (training only)
       init="default",  # default (A uniform, B 0) | gaussian | pissa (top-r SVD of W)
+      pissa_niter=0,  # pissa: 0 exact SVD; N > 0 randomized SVD with N power iterations (fast)
       lora_plus_scale=1.0,  # LoRA+: B's learning rate is this times A's
+      adalora_target_rank=4,  # adalora: average rank per matrix at the end of the schedule
+      adalora_tinit=0,  # adalora: steps at full rank before the budget starts shrinking
+      adalora_tfinal=0,  # adalora: last steps with the final rank pattern fixed
+      adalora_delta_t=1,  # adalora: steps between reallocations
+      adalora_beta1=0.85,  # adalora: EMA of the sensitivity |w * grad|
+      adalora_beta2=0.85,  # adalora: EMA of its uncertainty
+      adalora_orth_weight=0.5,  # adalora: orthogonality penalty on P and Q
       vera_rank=256,
       vera_d_initial=0.1,
       ia3_targets="k_proj|v_proj|down_proj",  # ia3 scales these (down_proj on its input side)

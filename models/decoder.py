@@ -52,15 +52,18 @@ class Block(nnx.Module):
       self.post_attn_norm, self.post_mlp_norm = norm(), norm()
     self.post_norms = cfg.post_norms
 
-  def __call__(self, x_btd, cos, sin, mask, kv_cache=None, adapters=None):
-    """`adapters` (PEFT): Houlsby bottlenecks {"attn": ..., "mlp": ...} on the two outputs."""
-    h = self.attn(self.attn_norm(x_btd), cos, sin, mask, kv_cache)
+  def __call__(self, x_btd, cos, sin, mask, kv_cache=None, adapters=None, deltas=None):
+    """PEFT, in activation space: `adapters`, Houlsby bottlenecks {"attn": ..., "mlp": ...} on
+    the two outputs; `deltas`, {"attn": {"q": fn, ...}, "mlp": {...}}, fn(x) added to that
+    projection of x (LoRA with dropout)."""
+    deltas = deltas or {}
+    h = self.attn(self.attn_norm(x_btd), cos, sin, mask, kv_cache, deltas.get("attn"))
     if kv_cache is not None:
       h, kv_cache = h
     if adapters is not None:
       h = bottleneck(h, adapters["attn"])
     x_btd = x_btd + (self.post_attn_norm(h) if self.post_norms else h)
-    h = self.mlp(self.mlp_norm(x_btd))
+    h = self.mlp(self.mlp_norm(x_btd), deltas.get("mlp"))
     if adapters is not None:
       h = bottleneck(h, adapters["mlp"])
     x_btd = x_btd + (self.post_mlp_norm(h) if self.post_norms else h)
@@ -92,8 +95,8 @@ class Decoder(nnx.Module):
 
     `layer_params`, `layer_fn` (PEFT): the scan runs over `layer_params` (any tree with a leading
     layer axis: stored weights, adapters) and `layer_fn` turns each layer's slice into (that
-    layer's parameters, its Houlsby adapters or None), inside the scan, so only one layer's
-    folded weights exist at a time.
+    layer's parameters, extra keyword arguments of its Block: activation-space adapters),
+    inside the scan, so only one layer's folded weights exist at a time.
 
     With `cache` (from `init_cache`): decoding. The tokens are written at cache slots
     [start, start + length) and attend to every filled slot of their segment; returns
@@ -136,16 +139,16 @@ class Decoder(nnx.Module):
       if len(masks) == 2:
         pick = lambda a, b: jnp.where(is_local, a, b)
         mask = jax.tree.map(pick, masks[max(masks)], masks[0])
-      adapters = None
+      extras = {}
       if layer_fn is not None:
         filled = jax.tree.map(lambda v: v, layer_state)
-        params, adapters = layer_fn(state)
+        params, extras = layer_fn(state)
         nnx.replace_by_pure_dict(filled, params)
         state = filled
       block = nnx.merge(graphdef, state)
       if kv is None:
-        return block(x, cos, sin, mask, adapters=adapters), None
-      return block(x, cos, sin, mask, (*kv, start), adapters=adapters)
+        return block(x, cos, sin, mask, **extras), None
+      return block(x, cos, sin, mask, (*kv, start), **extras)
 
     if self.cfg.remat != "none" and cache is None:
       one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[self.cfg.remat],

@@ -132,6 +132,16 @@ def dense(x, w, n_in: int = 1, out_dtype=None):
   return y.reshape(*lead, *w.shape[n_in:])
 
 
+def project(x, w, delta=None, n_in: int = 1):
+  """dense(x, w), plus delta(x) when given: a function of the inputs flattened to
+  (tokens, features in) giving (tokens, features out), e.g. a LoRA path with dropout."""
+  y = dense(x, w, n_in)
+  if delta is None:
+    return y
+  lead = x.shape[:x.ndim - n_in]
+  return y + delta(x.reshape(math.prod(lead), -1)).reshape(y.shape).astype(y.dtype)
+
+
 def attention_block(q_bthd, k_bskd, v_bskd, mask, scale=None, softcap=0.0):
   """Grouped-query attention without repeating K/V: (out, lse), both float32.
 
@@ -178,15 +188,17 @@ class Attention(nnx.Module):
       self.k_bias = param(rngs, (k, hd), ("kv_heads", "head_dim"), std=0)
       self.v_bias = param(rngs, (k, hd), ("kv_heads", "head_dim"), std=0)
 
-  def __call__(self, x_btd, cos, sin, mask, kv_cache=None):
+  def __call__(self, x_btd, cos, sin, mask, kv_cache=None, deltas=None):
     """`mask` is what `attention_inputs` built for the configured attention_impl.
+    `deltas` (PEFT): {"q": fn, ...}, fn(x) added to that projection (see `project`).
 
     With `kv_cache` = (k (b, S, kv_heads, hd), v, start): decoding. The new keys and values are
     written at cache slots [start, start + t) and the queries attend over the whole cache, with
     `mask` a dense (b, 1, 1, t, S) mask over those slots; returns (out, (k, v))."""
-    q = dense(x_btd, self.q[...])  # (b, t, heads, head_dim)
-    k = dense(x_btd, self.k[...])  # (b, t, kv_heads, head_dim)
-    v = dense(x_btd, self.v[...])
+    deltas = deltas or {}
+    q = project(x_btd, self.q[...], deltas.get("q"))  # (b, t, heads, head_dim)
+    k = project(x_btd, self.k[...], deltas.get("k"))  # (b, t, kv_heads, head_dim)
+    v = project(x_btd, self.v[...], deltas.get("v"))
     if self.cfg.qkv_bias:
       q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -198,7 +210,7 @@ class Attention(nnx.Module):
       v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, 1)
       out = dot_product_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask,
                                   scale, cap)
-      return dense(out, self.o[...], n_in=2), (k_cache, v_cache)
+      return project(out, self.o[...], deltas.get("o"), n_in=2), (k_cache, v_cache)
     if impl == "xla":
       out = dot_product_attention(q, k, v, mask, scale, cap)
     elif impl == "pallas" or (impl == "ring" and ring_attention_lib.sequence_parallel_size() == 1):
@@ -210,7 +222,7 @@ class Attention(nnx.Module):
     else:  # ring
       block = functools.partial(_ring_block, scale=scale, softcap=cap)
       out = ring_attention(block, _ring_visible, q, k, v, *mask)
-    return dense(out, self.o[...], n_in=2)
+    return project(out, self.o[...], deltas.get("o"), n_in=2)
 
 
 def library_attention(q, k, v, mask, scale, implementation: str):
@@ -298,9 +310,11 @@ class MLP(nnx.Module):
     self.up = param(rngs, (d, f), ("embed", "mlp"), std)
     self.down = param(rngs, (f, d), ("mlp", "embed"), std / math.sqrt(2 * cfg.n_layers))
 
-  def __call__(self, x_btd):
-    gate = dense(x_btd, self.gate[...])
+  def __call__(self, x_btd, deltas=None):
+    """`deltas` (PEFT): {"gate": fn, ...}, fn(x) added to that projection (see `project`)."""
+    deltas = deltas or {}
+    gate = project(x_btd, self.gate[...], deltas.get("gate"))
     gate = jax.nn.silu(gate) if self.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-    h = gate * dense(x_btd, self.up[...])
+    h = gate * project(x_btd, self.up[...], deltas.get("up"))
     h = constrain(h, ("batch", "length", "mlp"))
-    return dense(h, self.down[...])
+    return project(h, self.down[...], deltas.get("down"))

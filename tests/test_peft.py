@@ -28,6 +28,10 @@ CASES = {  # name: (HF PEFT config, our peft config section)
     "dora": (lambda: hf_peft.LoraConfig(r=4, lora_alpha=8, use_dora=True,
                                         target_modules=["q_proj", "v_proj", "down_proj"]),
              dict(method="dora", rank=4, alpha=8.0, targets="attn.(q|v)|mlp.down")),
+    "adalora": (lambda: hf_peft.AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, total_step=10,
+                                              target_modules=["q_proj", "o_proj", "gate_proj"]),
+                dict(method="adalora", rank=4, alpha=8.0, adalora_target_rank=2,
+                     targets="q_proj|o_proj|gate_proj")),
     "vera": (lambda: hf_peft.VeraConfig(r=8, target_modules=["q_proj", "down_proj"]),
              dict(method="vera", vera_rank=8, targets="q_proj|down_proj")),
     "ia3": (lambda: hf_peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
@@ -108,6 +112,127 @@ def test_pissa_init_equals_hf_peft_up_to_signs(tmp_path):
       np.testing.assert_allclose(w, theirs[at + "base_layer.weight"].T, atol=1e-4)
 
 
+def test_pissa_randomized_svd_matches_the_exact_one(tmp_path):
+  from models.peft import randomized_svd
+  rng = np.random.default_rng(0)
+  # a weight with a decaying spectrum, as trained weights have
+  u, _ = np.linalg.qr(rng.standard_normal((96, 96)))
+  v, _ = np.linalg.qr(rng.standard_normal((64, 64)))
+  w = (u[:, :64] * (0.7 ** np.arange(64))) @ v.T
+  w = np.stack([w, 2 * w]).astype(np.float32)
+  a, s, vt = randomized_svd(jnp.asarray(w), 4, 2, jax.random.PRNGKey(0))
+  s_exact = np.linalg.svd(w, compute_uv=False)[:, :4]
+  np.testing.assert_allclose(np.asarray(s), s_exact, rtol=1e-4)
+  top = np.asarray(a * s[:, None, :] @ vt)
+  u_e, s_e, vt_e = np.linalg.svd(w, full_matrices=False)
+  np.testing.assert_allclose(top, (u_e[..., :4] * s_e[:, None, :4]) @ vt_e[:, :4], atol=1e-4)
+  # through the config (on random weights, whose flat spectrum is the hard case): the residual
+  # plus s * A @ B is W again, and A @ B holds nearly the energy of the exact top-r part
+  cfg, params = hf.load(str(hf_models_folder(tmp_path)))
+  w = np.asarray(params["layers"]["mlp"]["up"])
+  for niter in (0, 4):
+    peft = Peft.from_config(peft_section(method="lora", init="pissa", pissa_niter=niter,
+                                         rank=2), cfg)
+    base, adapters = peft.init(params, jax.random.PRNGKey(0))
+    entry = adapters["mlp"]["up"]
+    low = peft.scale * np.asarray(entry["lora_a"] @ entry["lora_b"])
+    np.testing.assert_allclose(np.asarray(base["layers"]["mlp"]["up"]) + low, w, atol=1e-5)
+    energy = np.linalg.norm(low, axis=(1, 2))
+    if niter == 0:
+      exact = energy
+  assert np.all(energy >= 0.97 * exact) and np.all(energy <= exact * (1 + 1e-5)), (energy, exact)
+
+
+def test_adalora_rank_allocation_follows_hf_peft(tmp_path):
+  """Our allocator against PEFT's (RankAllocator via AdaLoraModel.update_and_allocate), fed the
+  same adapter values and gradients at every step: the same lambdas masked, step by step,
+  through warm-up, the cubic budget with masks every deltaT steps, and the fixed final
+  pattern."""
+  from models.peft import adalora
+  total, tinit, tfinal, delta_t = 14, 2, 3, 2
+  base_model = hf_models.make("llama", str(tmp_path / "base"))
+  model = hf_peft.get_peft_model(base_model, hf_peft.AdaLoraConfig(
+      init_r=4, target_r=2, lora_alpha=8, total_step=total, tinit=tinit, tfinal=tfinal,
+      deltaT=delta_t, target_modules=["q_proj", "down_proj"]))
+  cfg, _ = hf.load(str(tmp_path / "base"))
+  peft = Peft.from_config(peft_section(
+      method="adalora", rank=4, alpha=8.0, adalora_target_rank=2, adalora_tinit=tinit,
+      adalora_tfinal=tfinal, adalora_delta_t=delta_t, targets="q_proj|down_proj"), cfg, total)
+  theirs = dict(model.named_parameters())
+  pairs = list(hf_format._pairs(peft))
+  rng = np.random.default_rng(0)
+  state = None
+  kept = []
+  for step in range(1, total + 1):
+    values, grads = {}, {}
+    for module, name, i, key, leaf, _, from_peft in pairs:
+      p = theirs[key + ".default"]
+      value = rng.standard_normal(p.shape).astype(np.float32)
+      grad = rng.standard_normal(p.shape).astype(np.float32)
+      with torch.no_grad():
+        p.copy_(torch.from_numpy(value))
+      p.grad = torch.from_numpy(grad)
+      for tree, x in ((values, value), (grads, grad)):
+        tree.setdefault((module, name, leaf), {})[i] = from_peft(x)
+    stack = lambda tree: {m: {n: {leaf: np.stack([tree[(m, n, leaf)][i]
+                                                  for i in range(cfg.n_layers)])
+                                  for leaf in adalora.LEAVES} for mm, n in peft.targets
+                              if mm == m} for m, _ in peft.targets}
+    ours, grads = stack(values), stack(grads)
+    state = peft.allocator.init_state(ours) if state is None else state
+    model.base_model.update_and_allocate(step)
+    masked, state = peft.allocator.update(step, ours, grads, state)
+    for module, name, i, key, leaf, to_peft, _ in pairs:
+      if leaf == "lora_e":
+        np.testing.assert_allclose(to_peft(np.asarray(masked[module][name]["lora_e"][i])),
+                                   theirs[key + ".default"].detach().numpy(), atol=1e-6,
+                                   err_msg=f"step {step} {key}")
+    kept.append(int(sum(np.asarray(k).sum() for k in jax.tree.leaves(state["keep"]))))
+  n = 2 * cfg.n_layers  # matrices
+  assert kept[0] == 4 * n and kept[-1] == 2 * n, kept  # full rank at first, the target at the end
+  assert all(a >= b for a, b in zip(kept, kept[1:])), kept
+
+
+def test_adalora_orthogonality_penalty_against_numpy():
+  from models.peft import adalora
+  rng = np.random.default_rng(1)
+  a = rng.standard_normal((3, 10, 4)).astype(np.float32)
+  b = rng.standard_normal((3, 4, 7)).astype(np.float32)
+  tree = {"attn": {"q": {"lora_a": a, "lora_e": np.zeros((3, 4)), "lora_b": b}}}
+  want = np.mean([np.linalg.norm(a[i].T @ a[i] - np.eye(4)) for i in range(3)]
+                 + [np.linalg.norm(b[i] @ b[i].T - np.eye(4)) for i in range(3)])
+  np.testing.assert_allclose(float(adalora.orthogonality(tree)), want, rtol=1e-5)
+
+
+def test_lora_dropout_acts_on_the_low_rank_path_inputs(tmp_path):
+  """The activation-space path equals the folded weights without dropout; with it, each input
+  entry is zeroed with probability p and the rest scaled by 1 / (1 - p); evaluation has none."""
+  from models.peft import _dropout_delta
+  from trainer import step as step_lib
+  delta = _dropout_delta(jnp.eye(64), jnp.eye(64), 2.0, 0.25, jax.random.PRNGKey(0))
+  out = np.asarray(delta(jnp.ones((200, 64))))
+  assert abs((out == 0).mean() - 0.25) < 0.01
+  np.testing.assert_allclose(out[out != 0], 2.0 / 0.75, rtol=1e-6)
+
+  cfg, base = hf.load(str(hf_models_folder(tmp_path)))
+  batch = {"inputs": TOKENS[:, :-1], "targets": TOKENS[:, 1:],
+           "weights": np.ones((2, 14), np.float32),
+           "positions": np.broadcast_to(np.arange(14), (2, 14)), "segment_ids": np.ones((2, 14), int)}
+  losses = {}
+  for rate in (0.0, 1e-9, 0.5):
+    peft = Peft.from_config(peft_section(method="lora", rank=4, dropout=rate), cfg)
+    handle = state_lib.model_handle(cfg, peft)
+    params = state_lib.init_params(handle, seed=0, base=jax.tree.map(jnp.copy, base))
+    params["peft"] = jax.tree.map(lambda x: x + 0.1, params["peft"])
+    loss_fn = step_lib.make_loss_fn(handle, jnp.float32)
+    losses[rate] = [float(loss_fn(params, batch, jax.random.PRNGKey(k))[0]) for k in (1, 2)]
+    losses[rate, "eval"] = float(loss_fn(params, batch)[0])
+  np.testing.assert_allclose(losses[1e-9], losses[0.0], rtol=1e-6)  # the path itself is exact
+  assert losses[0.5, "eval"] == losses[0.0, "eval"]  # no dropout outside training
+  assert losses[0.5][0] != losses[0.5][1]  # a fresh mask per step
+  assert all(abs(x - losses[0.0][0]) > 1e-3 for x in losses[0.5])
+
+
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
   """The smoke model with qkv biases (Qwen2 layout, so BitFit has something to train) after 40
@@ -133,6 +258,8 @@ def pretrained(tmp_path_factory):
     ("pissa_rslora_loraplus", dict(method="lora", init="pissa", rslora=True, lora_plus_scale=4.0),
      1e-3, 20),
     ("dora", dict(method="dora"), 3e-2, 20),
+    ("adalora_dropout", dict(method="adalora", rank=8, adalora_target_rank=4, adalora_tinit=4,
+                             adalora_tfinal=4, dropout=0.05), 2e-2, 20),
     ("vera", dict(method="vera", vera_rank=32), 1e-1, 20),
     ("ia3", dict(method="ia3"), 1e-1, 20),
     ("bitfit", dict(method="bitfit"), 1e-1, 40),  # 384 biases in all: it learns slowly

@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from models import Decoder, ModelConfig
-from models.peft import Peft
+from models.peft import Peft, adalora
 from parallel import rules as rules_lib
 
 Params = dict[str, Any]
@@ -60,16 +60,27 @@ class PeftModel:
   (`Peft.fold_layer`): the full set of merged weights never exists at once."""
 
   def __init__(self, decoder: Decoder, peft: Peft, params: Params):
-    self.decoder, self.cfg = decoder, decoder.cfg
+    self.decoder, self.cfg, self.peft = decoder, decoder.cfg, peft
     adapters = params.get("peft", {})
-    shared = adapters.get("vera_shared")
+    self._shared = adapters.get("vera_shared")
     layer_adapters = {m: v for m, v in adapters.items() if m not in ("vera_shared", "adapter")}
     self._layers = (params["layers"], layer_adapters, adapters.get("adapter"))
-    # per layer: (its parameters with adapters folded in, its Houlsby adapters or None)
-    self._fold = lambda xs: (peft.fold_layer(xs[0], xs[1], shared), xs[2])
 
-  def hidden(self, *args, **kwargs):
-    return self.decoder.hidden(*args, layer_params=self._layers, layer_fn=self._fold, **kwargs)
+  def _layer(self, xs):
+    """One layer's (parameters with adapters folded in, Block keyword arguments)."""
+    layer, adapters, houlsby, *key = xs
+    extras = {} if houlsby is None else {"adapters": houlsby}
+    if key:  # LoRA dropout: the low-rank path runs on activations
+      layer, extras["deltas"] = self.peft.split_layer(layer, adapters, key[0])
+      return layer, extras
+    return self.peft.fold_layer(layer, adapters, self._shared), extras
+
+  def hidden(self, *args, dropout_rng=None, **kwargs):
+    """`dropout_rng` (training steps): LoRA dropout, when the PEFT config has some."""
+    layers = self._layers
+    if dropout_rng is not None and self.peft.dropout:
+      layers = (*layers, jax.random.split(dropout_rng, self.cfg.n_layers))
+    return self.decoder.hidden(*args, layer_params=layers, layer_fn=self._layer, **kwargs)
 
   def logits(self, h):
     return self.decoder.logits(h)
@@ -167,11 +178,15 @@ def _keys(path) -> tuple:
 
 
 def state_shardings(p_shardings: Params, opt_shardings: Any, mesh: Mesh,
-                    lisa_k: int = 0) -> dict[str, Any]:
+                    lisa_k: int = 0, allocator=None) -> dict[str, Any]:
   replicated = NamedSharding(mesh, P())
   out = {"step": replicated, "params": p_shardings, "opt_state": opt_shardings, "rng": replicated}
   if lisa_k:
     out["lisa_layers"] = replicated
+  if allocator is not None:  # AdaLoRA: EMAs like their adapters, rank patterns replicated
+    out["adalora"] = {"ipt": p_shardings["peft"], "unc": p_shardings["peft"],
+                      "keep": jax.tree.map(lambda _: replicated,
+                                           adalora.lambdas(p_shardings["peft"]))}
   return out
 
 
@@ -180,8 +195,9 @@ def with_memory_kind(shardings, kind: str):
                       is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
-def new_state(tx, params: Params, seed: int, lisa_k: int = 0) -> dict[str, Any]:
-  """`lisa_k`: LISA's optimizer works on k layers at a time (trainer/lisa.py)."""
+def new_state(tx, params: Params, seed: int, lisa_k: int = 0, allocator=None) -> dict[str, Any]:
+  """`lisa_k`: LISA's optimizer works on k layers at a time (trainer/lisa.py). `allocator`:
+  AdaLoRA's, whose importance EMAs and rank pattern are part of the state."""
   state = {"step": jnp.zeros((), jnp.int32), "params": params, "rng": jax.random.PRNGKey(seed + 1)}
   if lisa_k:
     from trainer import lisa  # noqa: PLC0415 -- lisa imports step, which imports this module
@@ -189,18 +205,20 @@ def new_state(tx, params: Params, seed: int, lisa_k: int = 0) -> dict[str, Any]:
     state["lisa_layers"] = jnp.arange(lisa_k, dtype=jnp.int32)
   else:
     state["opt_state"] = tx.init(params)
+  if allocator is not None:
+    state["adalora"] = allocator.init_state(params["peft"])
   return state
 
 
 def init_state(tx, params: Params, seed: int, shardings: dict[str, Any],
-               lisa_k: int = 0) -> dict[str, Any]:
-  return jax.jit(lambda p: new_state(tx, p, seed, lisa_k), out_shardings=shardings,
+               lisa_k: int = 0, allocator=None) -> dict[str, Any]:
+  return jax.jit(lambda p: new_state(tx, p, seed, lisa_k, allocator), out_shardings=shardings,
                  donate_argnums=0)(params)
 
 
 def abstract_state(tx, abstract_params: Params, seed: int, shardings: dict[str, Any],
-                   lisa_k: int = 0):
+                   lisa_k: int = 0, allocator=None):
   """ShapeDtypeStructs of the train state, carrying their shardings (a restore target)."""
-  shapes = jax.eval_shape(lambda p: new_state(tx, p, seed, lisa_k), abstract_params)
+  shapes = jax.eval_shape(lambda p: new_state(tx, p, seed, lisa_k, allocator), abstract_params)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       shapes, shardings)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from models.peft import adalora
 from parallel import ring_attention
 from trainer import losses
 from trainer.state import ModelHandle, cast_floating
@@ -49,17 +50,27 @@ def mean_gradients(grad_fn: Callable, batch: Batch, rng, grad_accum: int, zeros:
 
 
 def make_loss_fn(handle: ModelHandle, compute_dtype, neftune_alpha: float = 0.0) -> Callable:
-  """loss_fn(params, batch, rng=None) -> (sum of token losses, token count). With
-  `neftune_alpha` and an rng, NEFTune noise is added to the input embeddings."""
+  """loss_fn(params, batch, rng=None) -> (sum of token losses, token count). An rng means a
+  training step: then NEFTune noise (with `neftune_alpha`) goes on the input embeddings, PEFT's
+  LoRA dropout applies, and AdaLoRA's orthogonality penalty joins the loss (as count x weight x
+  penalty, so that it is weight x penalty after the division by the token count)."""
+  peft = handle.peft
+
   def loss_fn(params, batch: Batch, rng=None):
     if handle.cfg.attention_impl == "ring" and ring_attention.sequence_parallel_size() > 1:
       order = ring_attention.layout(batch["inputs"].shape[1])  # load balance
       batch = {k: v[:, order] for k, v in batch.items()}
     model = handle.bind(cast_floating(params, compute_dtype))
     noise = (rng, neftune_alpha) if neftune_alpha and rng is not None else None
+    extra = {}
+    if rng is not None and peft is not None and peft.dropout:
+      extra["dropout_rng"] = jax.random.fold_in(rng, 2)
     hidden = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"],
-                          embed_noise=noise)
-    return losses.lm_loss(model.logits(hidden), batch["targets"], batch["weights"])
+                          embed_noise=noise, **extra)
+    loss_sum, count = losses.lm_loss(model.logits(hidden), batch["targets"], batch["weights"])
+    if rng is not None and peft is not None and peft.orth_weight:
+      loss_sum += count * peft.orth_weight * adalora.orthogonality(params["peft"])
+    return loss_sum, count
   return loss_fn
 
 
@@ -75,6 +86,7 @@ def make_train_step(handle: ModelHandle, tx: optax.GradientTransformation, sched
   weights cost no weight-gradient matmuls, no accumulation buffers and no part in the norm.
   `neftune_alpha`: NEFTune noise on the input embeddings (training only)."""
   loss_fn = make_loss_fn(handle, compute_dtype, neftune_alpha)
+  allocator = None if handle.peft is None else handle.peft.allocator
   train_mask = None if labels is None else [l != "frozen" for l in jax.tree.leaves(labels)]
 
   def grad_fn(params, batch, rng):
@@ -129,6 +141,11 @@ def make_train_step(handle: ModelHandle, tx: optax.GradientTransformation, sched
         "opt_state": opt_state,
         "rng": jax.random.fold_in(state["rng"], state["step"]),
     }
+    if allocator is not None:  # AdaLoRA: reallocate ranks after the update, as PEFT does
+      new_params = new_state["params"]
+      adapters, new_state["adalora"] = allocator.update(
+          state["step"] + 1, new_params["peft"], grads["peft"], state["adalora"])
+      new_state["params"] = {**new_params, "peft": adapters}
     metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm, "lr": schedule(state["step"]),
                "tokens": count}
     return new_state, metrics

@@ -134,7 +134,8 @@ def plan(cfg, mcfg, mesh) -> Plan:
   param_dtype = jnp.dtype(cfg.precision.param_dtype)
   strategy = parallel.strategy(cfg.mesh.strategy, cfg.mesh.rules)
   batch_sharding = parallel.sharding(("batch", "length"), mesh, strategy.activations)
-  peft = peft_lib.Peft.from_config(cfg.peft, mcfg)
+  peft = peft_lib.Peft.from_config(cfg.peft, mcfg, tc.steps)
+  allocator = None if peft is None else peft.allocator
   handle = state_lib.model_handle(mcfg, peft)
   labels = None if peft is None else peft.labels(handle.abstract_params())
   tx, schedule = optim.make_optimizer(tc, labels, cfg.peft.lora_plus_scale)
@@ -159,7 +160,7 @@ def plan(cfg, mcfg, mesh) -> Plan:
   if offload:
     opt_device_shardings = opt_shardings
     opt_shardings = state_lib.with_memory_kind(opt_shardings, offload)
-  shardings = state_lib.state_shardings(p_shardings, opt_shardings, mesh, lisa_k)
+  shardings = state_lib.state_shardings(p_shardings, opt_shardings, mesh, lisa_k, allocator)
   if lisa_k:
     step_fn = lisa.make_train_step(handle, tx, schedule, compute_dtype, tc.grad_accum, lisa_k,
                                    cfg.peft.lisa_step_interval, tc.neftune_alpha)
@@ -171,7 +172,8 @@ def plan(cfg, mcfg, mesh) -> Plan:
   eval_step = jax.jit(step_lib.make_eval_step(handle, compute_dtype),
                       in_shardings=(p_shardings, batch_sharding))
   return Plan(handle, tx, mesh, strategy.activations, batch_sharding, shardings,
-              state_lib.abstract_state(tx, abstract_params, tc.seed, shardings, lisa_k), train_step,
+              state_lib.abstract_state(tx, abstract_params, tc.seed, shardings, lisa_k, allocator),
+              train_step,
               eval_step, compute_dtype, param_dtype, model_shardings, lisa_k)
 
 
@@ -225,7 +227,8 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
                      attention_impl=mcfg.attention_impl)[1]
     params = state_lib.init_params(pl.handle, tc.seed, pl.shardings["params"], pl.param_dtype,
                                    base=base, model_shardings=pl.model_shardings)
-    state = state_lib.init_state(pl.tx, params, tc.seed, pl.shardings, pl.lisa_k)
+    state = state_lib.init_state(pl.tx, params, tc.seed, pl.shardings, pl.lisa_k,
+                                 pl.handle.peft and pl.handle.peft.allocator)
     start_step = 0
   else:
     state, data_state = checkpointer.restore(latest, pl.abstract_state)

@@ -71,7 +71,7 @@ def check_config(cfg) -> None:
     raise UserError(f"config key {e}") from None
   mc = model_config(cfg, vocab_size=max(cfg.model.vocab_size, 1))  # shape checks, before data
   try:
-    peft_lib.Peft.from_config(cfg.peft, mc)
+    peft_lib.Peft.from_config(cfg.peft, mc, cfg.train.steps)
   except ValueError as e:
     raise UserError(f"config key {e}") from None
 

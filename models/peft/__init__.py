@@ -12,7 +12,10 @@ Methods (per targeted linear map W, seen as (in, out) per layer):
           init: A uniform(+-1/sqrt(in)) and B = 0 (default), A normal(1/r) (gaussian), or PiSSA
           (A, B from the top-r singular triplets of W, W replaced by the residual; the initial
           A, B stay beside them, frozen, so that an export can express the change against the
-          original W).
+          original W). `pissa_niter` > 0: a randomized SVD with that many subspace iterations
+          instead of the exact one (seconds instead of minutes on 8B-sized matrices).
+  adalora W + s * (P * lambda) @ Q (models/peft/adalora.py), s = alpha / r; a rank allocator
+          zeroes the lambda of the least important triplets down to a budget during training.
   dora    m * V / ||V||, V = W + s * A @ B, the norm per output column (not differentiated, as
           in the DoRA paper and PEFT), m initialised to ||W||.
   vera    W + (A^T diag(d)) @ (B^T diag(b)), with A = A_s[:, :in] and B = B_s[:out]: A_s (r, max_in)
@@ -27,8 +30,9 @@ Methods (per targeted linear map W, seen as (in, out) per layer):
   QLoRA   (`base_quant="nf4"`, with lora or dora): the targeted base weights are stored as NF4
           (models/peft/quant.py) and dequantized layer by layer before the fold.
 LISA trains whole layers and lives in trainer/lisa.py. Folding in weight space is exact for all
-of the above and costs one (in x r) @ (r x out) per targeted matrix and step; LoRA dropout,
-which acts on activations, is not available here.
+of the above and costs one (in x r) @ (r x out) per targeted matrix and step. LoRA dropout
+(`dropout` > 0, lora and adalora) acts on the inputs of the low-rank path, so in training steps
+that path runs on activations instead (`split_layer`): x W + s * dropout(x) A B.
 
 Targets are matched on module names: ours ("attn.q", "mlp.down") or Hugging Face's ("q_proj",
 "down_proj"), by a regular expression (full match), or "all-linear".
@@ -46,9 +50,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.config import ModelConfig
-from models.peft import quant
+from models.peft import adalora, quant
 
-METHODS = ("none", "lora", "dora", "vera", "ia3", "bitfit", "adapter", "lisa")  # lisa: trainer/lisa.py
+METHODS = ("none", "lora", "dora", "adalora", "vera", "ia3", "bitfit", "adapter", "lisa")  # lisa: trainer/lisa.py
 INITS = ("default", "gaussian", "pissa")
 
 # (module, weight): (Hugging Face module name, number of input dims in our layout)
@@ -80,10 +84,15 @@ class Peft:
   lora_plus_scale: float = 1.0
   base_quant: str = "none"  # "nf4": targeted base weights stored as NF4 (QLoRA)
   adapter_dim: int = 16  # Houlsby adapters' bottleneck
+  pissa_niter: int = 0  # PiSSA: 0 exact SVD, > 0 randomized SVD with this many power iterations
+  dropout: float = 0.0  # LoRA dropout on the low-rank path's inputs (training only)
+  allocator: adalora.Allocator | None = None  # AdaLoRA's rank allocator
+  orth_weight: float = 0.0  # AdaLoRA's orthogonality penalty weight
 
   @classmethod
-  def from_config(cls, pc, mcfg: ModelConfig) -> "Peft | None":
-    """From the run config's `peft` section; None for method "none"."""
+  def from_config(cls, pc, mcfg: ModelConfig, total_steps: int = 0) -> "Peft | None":
+    """From the run config's `peft` section; None for method "none". `total_steps`
+    (train.steps) sets AdaLoRA's budget schedule; 0 leaves it unchecked (no training)."""
     if pc.method == "none":
       return None
     if pc.method not in METHODS:
@@ -99,12 +108,28 @@ class Peft:
       raise ValueError(f"peft.init={pc.init!r} is not one of {', '.join(INITS)}")
     if pc.init == "pissa" and pc.method != "lora":
       raise ValueError(f"peft.init=pissa is for method lora, not {pc.method}")
+    if pc.pissa_niter < 0:
+      raise ValueError(f"peft.pissa_niter={pc.pissa_niter} must be 0 (exact SVD) or positive")
     if pc.base_quant not in ("none", "nf4"):
       raise ValueError(f"peft.base_quant={pc.base_quant!r} is not one of none, nf4")
     if pc.base_quant == "nf4" and (pc.method not in ("lora", "dora") or pc.init == "pissa"):
       raise ValueError("peft.base_quant=nf4 (QLoRA) goes with method lora or dora, not PiSSA")
-    if pc.method in ("lora", "dora") and pc.rank < 1:
+    if pc.method in ("lora", "dora", "adalora") and pc.rank < 1:
       raise ValueError(f"peft.rank={pc.rank} must be positive")
+    if not 0.0 <= pc.dropout < 1.0:
+      raise ValueError(f"peft.dropout={pc.dropout} must be in [0, 1)")
+    if pc.dropout and pc.method not in ("lora", "adalora"):
+      raise ValueError(f"peft.dropout is implemented for methods lora and adalora, not "
+                       f"{pc.method}")
+    allocator = None
+    if pc.method == "adalora":
+      allocator = adalora.Allocator(pc.rank, pc.adalora_target_rank, total_steps,
+                                    pc.adalora_tinit, pc.adalora_tfinal, pc.adalora_delta_t,
+                                    pc.adalora_beta1, pc.adalora_beta2)
+      if total_steps:
+        allocator.check()
+      if pc.init != "default":
+        raise ValueError(f"peft.init={pc.init} is for lora; adalora starts as PEFT does")
     targets = () if pc.method == "adapter" else select_targets(
         pc.targets if pc.method != "ia3" else pc.ia3_targets)
     if pc.method == "adapter" and pc.adapter_dim < 1:
@@ -115,7 +140,9 @@ class Peft:
     if pc.method == "bitfit" and not mcfg.qkv_bias:
       raise ValueError("peft.method=bitfit trains biases, and this model has none")
     peft = cls(pc.method, targets, mcfg, pc.rank, pc.alpha, pc.rslora, pc.init, pc.vera_rank,
-               pc.vera_d_initial, pc.lora_plus_scale, pc.base_quant, pc.adapter_dim)
+               pc.vera_d_initial, pc.lora_plus_scale, pc.base_quant, pc.adapter_dim,
+               pc.pissa_niter, pc.dropout, allocator,
+               pc.adalora_orth_weight if pc.method == "adalora" else 0.0)
     if peft.base_quant == "nf4":
       for module, name in targets:
         quant.check(_dims(mcfg, module, name)[0], f"{module}.{name}")
@@ -123,6 +150,8 @@ class Peft:
 
   @property
   def scale(self) -> float:
+    if self.method == "adalora":  # PEFT: alpha / (ranknum + 1e-5), ranknum = the initial r
+      return self.alpha / (self.rank + 1e-5)
     return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
   # --- parameters --------------------------------------------------------------------------
@@ -139,6 +168,10 @@ class Peft:
           entry["magnitude"] = ((L, n_out), ("layers", None))
         if self.init_kind == "pissa":  # kept frozen: exporting to PEFT needs the start point
           entry["lora_a_init"], entry["lora_b_init"] = entry["lora_a"], entry["lora_b"]
+      elif self.method == "adalora":
+        entry = {"lora_a": ((L, n_in, r), ("layers", None, None)),
+                 "lora_e": ((L, r), ("layers", None)),
+                 "lora_b": ((L, r, n_out), ("layers", None, None))}
       elif self.method == "vera":
         entry = {"lambda_d": ((L, self.vera_rank), ("layers", None)),
                  "lambda_b": ((L, n_out), ("layers", None))}
@@ -200,7 +233,7 @@ class Peft:
       if self.method in ("lora", "dora"):
         if self.init_kind == "pissa":
           a, b, residual = _pissa(w.reshape(L, n_in, n_out).astype(jnp.float32), self.rank,
-                                  self.scale)
+                                  self.scale, self.pissa_niter, next(keys))
           base["layers"][module] = {**base["layers"][module],
                                     name: residual.reshape(w.shape).astype(w.dtype)}
         else:
@@ -217,6 +250,11 @@ class Peft:
         if self.method == "dora":
           w2 = base["layers"][module][name].reshape(L, n_in, n_out).astype(jnp.float32)
           entry["magnitude"] = jnp.linalg.norm(w2 + self.scale * a @ b, axis=1)
+      elif self.method == "adalora":  # PEFT: P, Q normal(0, 0.02), lambda 0
+        ka, kb = jax.random.split(next(keys))
+        entry = {"lora_a": 0.02 * jax.random.normal(ka, (L, n_in, self.rank)),
+                 "lora_e": jnp.zeros((L, self.rank)),
+                 "lora_b": 0.02 * jax.random.normal(kb, (L, self.rank, n_out))}
       elif self.method == "vera":
         entry = {"lambda_d": jnp.full((L, self.vera_rank), self.vera_d_initial),
                  "lambda_b": jnp.zeros((L, n_out))}
@@ -275,6 +313,25 @@ class Peft:
       layer[module][name] = self._fold(module, name, w, entry, shared)
     return layer
 
+  def split_layer(self, layer: dict, adapters: dict, key: jax.Array) -> tuple[dict, dict]:
+    """LoRA dropout (training): (one layer's parameters with only NF4 weights dequantized,
+    {module: {weight: fn}}) where fn(x) = s * dropout(x) @ A @ B, x (tokens, in), a fresh
+    dropout mask per targeted weight. models/layers.py `project` adds fn(x) to x @ W."""
+    layer = {m: dict(v) if isinstance(v, dict) else v for m, v in layer.items()}
+    deltas: dict = {}
+    for i, (module, name) in enumerate(self.targets):
+      layer[module][name] = self._fold(module, name, layer[module][name], None, None)
+      a, b = self._low_rank(adapters[module][name])
+      deltas.setdefault(module, {})[name] = _dropout_delta(
+          a, b, self.scale, self.dropout, jax.random.fold_in(key, i))
+    return layer, deltas
+
+  def _low_rank(self, entry):
+    """(A, B) of a LoRA-type entry: s * A @ B is its change to W."""
+    if self.method == "adalora":
+      return entry["lora_a"] * entry["lora_e"][None, :], entry["lora_b"]
+    return entry["lora_a"], entry["lora_b"]
+
   def _fold(self, module, name, w, entry, shared):
     n_in, n_out = _dims(self.mcfg, module, name)
     in_dims, _ = LINEAR[(module, name)]
@@ -287,8 +344,8 @@ class Peft:
       w2 = w.reshape(n_in, n_out)
     if entry is None:
       return w2.reshape(shape)
-    if self.method in ("lora", "dora"):
-      a, b = entry["lora_a"].astype(dtype), entry["lora_b"].astype(dtype)
+    if self.method in ("lora", "dora", "adalora"):
+      a, b = (x.astype(dtype) for x in self._low_rank(entry))
       w2 = w2 + jnp.asarray(self.scale, dtype) * (a @ b)
       if self.method == "dora":
         norm = jax.lax.stop_gradient(jnp.linalg.norm(w2.astype(jnp.float32), axis=0))
@@ -325,6 +382,14 @@ class Peft:
     return jax.tree_util.tree_map_with_path(label, params)
 
 
+def _dropout_delta(a, b, scale: float, rate: float, key):
+  def delta(x):
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    x = jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+    return jnp.asarray(scale, x.dtype) * ((x @ a.astype(x.dtype)) @ b.astype(x.dtype))
+  return delta
+
+
 def _copy(tree):
   return {k: _copy(v) if isinstance(v, dict) else v for k, v in tree.items()}
 
@@ -339,14 +404,35 @@ def _kaiming(key, shape):
   return jax.random.uniform(key, shape, minval=-bound, maxval=bound)
 
 
-def _pissa(w, rank: int, scale: float):
+def _pissa(w, rank: int, scale: float, niter: int = 0, key=None):
   """PiSSA per layer: w (L, in, out) = U S Vt; A = U_r sqrt(S_r / s), B = sqrt(S_r / s) Vt_r,
-  residual w - s A B (PEFT's `init_lora_weights="pissa"`, transposed to our layout)."""
-  u, sv, vt = jnp.linalg.svd(w, full_matrices=False)
+  residual w - s A B (PEFT's `init_lora_weights="pissa"`, transposed to our layout). With
+  `niter`, U S Vt come from `randomized_svd` (PEFT's "pissa_niter_N")."""
+  if niter:
+    u, sv, vt = randomized_svd(w, rank, niter, key)
+  else:
+    u, sv, vt = jnp.linalg.svd(w, full_matrices=False)
   root = jnp.sqrt(sv[:, :rank] / scale)
   a = u[:, :, :rank] * root[:, None, :]
   b = root[:, :, None] * vt[:, :rank, :]
   return a, b, w - scale * a @ b
+
+
+def randomized_svd(w, rank: int, niter: int, key, oversample: int = 8):
+  """The top `rank` singular triplets of each matrix of w (..., m, n), approximately, as
+  (u (..., m, rank), s (..., rank), vt (..., rank, n)): a Gaussian sketch of the range of w,
+  `niter` subspace (power) iterations with re-orthonormalisation, then the exact SVD of the
+  small projected matrix (Halko, Martinsson and Tropp 2011, algorithms 4.4 and 5.1). Costs
+  O(m n (rank + oversample) niter) instead of the full SVD's O(m n min(m, n))."""
+  m, n = w.shape[-2:]
+  k = min(rank + oversample, m, n)
+  y = w @ jax.random.normal(key, (*w.shape[:-2], n, k), w.dtype)
+  q, _ = jnp.linalg.qr(y)
+  for _ in range(niter):
+    z, _ = jnp.linalg.qr(jnp.swapaxes(w, -1, -2) @ q)
+    q, _ = jnp.linalg.qr(w @ z)
+  u_small, s, vt = jnp.linalg.svd(jnp.swapaxes(q, -1, -2) @ w, full_matrices=False)
+  return (q @ u_small)[..., :rank], s[..., :rank], vt[..., :rank, :]
 
 
 def select_targets(spec: str) -> tuple[tuple[str, str], ...]:

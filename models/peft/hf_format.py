@@ -4,7 +4,8 @@
     adapters = read(folder, peft)        # the same tensors back into our tree
 
 Names follow PEFT for a *ForCausalLM base: base_model.model.model.layers.{i}.self_attn.q_proj.
-lora_A.weight (r, in), lora_B.weight (out, r), lora_magnitude_vector (out) for DoRA,
+lora_A.weight (r, in), lora_B.weight (out, r), lora_magnitude_vector (out) for DoRA, lora_E
+(r, 1) for AdaLoRA (always at the initial rank: masked triplets are zeros),
 vera_lambda_d (r) / vera_lambda_b (out) with the shared base_model.vera_A (r, max_in) and
 vera_B (max_out, r), ia3_l (out, 1) or, for feed-forward modules, (1, in). Ours are the
 transposes, stacked over layers (models/peft/__init__.py).
@@ -41,6 +42,10 @@ def _pairs(peft: Peft):
         yield module, name, i, at + "lora_B.weight", "lora_b", lambda b: b.T, lambda t: t.T
         if peft.method == "dora":
           yield module, name, i, at + "lora_magnitude_vector", "magnitude", lambda m: m, lambda t: t
+      elif peft.method == "adalora":
+        yield module, name, i, at + "lora_A", "lora_a", lambda a: a.T, lambda t: t.T
+        yield module, name, i, at + "lora_E", "lora_e", lambda e: e[:, None], lambda t: t[:, 0]
+        yield module, name, i, at + "lora_B", "lora_b", lambda b: b.T, lambda t: t.T
       elif peft.method == "vera":
         yield module, name, i, at + "vera_lambda_d", "lambda_d", lambda x: x, lambda t: t
         yield module, name, i, at + "vera_lambda_b", "lambda_b", lambda x: x, lambda t: t
@@ -63,6 +68,13 @@ def adapter_config(peft: Peft) -> dict:
     return {**common, "peft_type": "LORA", "r": rank, "lora_alpha": alpha,
             "lora_dropout": 0.0, "use_rslora": peft.rslora, "use_dora": peft.method == "dora",
             "bias": "none", "init_lora_weights": True}
+  if peft.method == "adalora":
+    a = peft.allocator
+    return {**common, "peft_type": "ADALORA", "init_r": peft.rank, "target_r": a.target_rank,
+            "lora_alpha": peft.alpha, "lora_dropout": peft.dropout, "tinit": a.tinit,
+            "tfinal": a.tfinal, "deltaT": a.delta_t, "beta1": a.beta1, "beta2": a.beta2,
+            "orth_reg_weight": peft.orth_weight, "rank_pattern": None, "bias": "none",
+            "total_step": max(a.total_steps, a.tinit + a.tfinal + 1)}
   if peft.method == "vera":
     return {**common, "peft_type": "VERA", "r": peft.vera_rank, "d_initial": peft.vera_d_initial,
             "projection_prng_key": 0, "save_projection": True, "vera_dropout": 0.0, "bias": "none"}
