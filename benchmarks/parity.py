@@ -2,12 +2,13 @@
 
 1. Hugging Face import: for each family, the largest |our logits - transformers' logits| (tiny
    random models from tests/hf_models.py, eager attention), with xla and with pallas attention.
-2. PEFT: the same against HF PEFT for LoRA, rsLoRA, DoRA, VeRA and IA3 (the cases of
-   tests/test_peft.py, adapters randomised).
+2. PEFT: the same against HF PEFT for LoRA, rsLoRA, DoRA, AdaLoRA, VeRA and IA3 (the cases of
+   tests/test_peft.py, adapters randomised), and for prompt tuning, P-tuning and prefix tuning
+   (tests/test_peft_prompt.py, PEFT's random initialisation).
 3. Pallas against xla attention: configs/tiny.py trained 4 steps each, the largest relative
    difference between the logged losses.
 
-python benchmarks/parity.py
+python benchmarks/parity.py [families] [peft] [losses]   (default: all three)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch  # noqa: E402
 import hf_models  # noqa: E402
 import test_hf  # noqa: E402
 import test_peft  # noqa: E402
+import test_peft_prompt  # noqa: E402
 from configs import tiny  # noqa: E402
 from models import hf  # noqa: E402
 from models.peft import Peft, hf_format  # noqa: E402
@@ -69,6 +71,20 @@ def peft_methods():
     params = {**params, "peft": hf_format.read(f"{folder}/theirs", peft)}
     got = np.asarray(state_lib.model_handle(cfg, peft).bind(params)(test_peft.TOKENS))
     print(f"| {case} | {np.abs(got - want).max():.1e} |", flush=True)
+  for case, (hf_config, ours) in test_peft_prompt.CASES.items():
+    folder = tempfile.mkdtemp()
+    hf_models.make("llama", f"{folder}/base")
+    base_model = test_peft.transformers.AutoModelForCausalLM.from_pretrained(
+        f"{folder}/base", attn_implementation="eager")
+    torch.manual_seed(0)
+    model = test_peft.hf_peft.get_peft_model(base_model, hf_config()).eval()
+    want = test_peft.logits_of(model)[:, -test_peft.TOKENS.shape[1]:]
+    cfg, params = hf.load(f"{folder}/base")
+    peft = Peft.from_config(test_peft.peft_section(**ours), cfg)
+    adapters = test_peft_prompt.from_torch(model.prompt_encoder["default"], peft)
+    got = np.asarray(state_lib.model_handle(cfg, peft).bind(
+        {**params, "peft": {"prompt": adapters}})(test_peft.TOKENS))
+    print(f"| {case} | {np.abs(got - want).max():.1e} |", flush=True)
 
 
 def pallas_vs_xla_losses():
@@ -88,6 +104,8 @@ def pallas_vs_xla_losses():
 
 
 if __name__ == "__main__":
-  hf_families()
-  peft_methods()
-  pallas_vs_xla_losses()
+  parts = sys.argv[1:] or ["families", "peft", "losses"]
+  for name, fn in (("families", hf_families), ("peft", peft_methods),
+                   ("losses", pallas_vs_xla_losses)):
+    if name in parts:
+      fn()

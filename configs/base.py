@@ -49,6 +49,7 @@ def get_config(arg=None):
   # Parameter-efficient fine-tuning (models/peft): which weights train.
   c.peft = ml_collections.ConfigDict(dict(
       # none (full fine-tuning) | lora | dora | adalora | vera | ia3 | bitfit | adapter | lisa
+      # | prompt (prompt tuning) | ptuning (P-tuning) | prefix (prefix tuning, P-tuning v2)
       method="none",
       targets="all-linear",  # regex over module names (attn.q or q_proj, ...) | all-linear
       rank=8,  # adalora: the initial rank
@@ -70,6 +71,11 @@ def get_config(arg=None):
       ia3_targets="k_proj|v_proj|down_proj",  # ia3 scales these (down_proj on its input side)
       base_quant="none",  # nf4: targeted base weights stored in 4 bits (QLoRA)
       adapter_dim=16,  # adapter: Houlsby bottleneck size
+      num_virtual_tokens=20,  # prompt, ptuning, prefix: virtual tokens before every sequence
+      prompt_init="vocab",  # prompt, ptuning: vocab (embeddings of random tokens) | random
+      ptuning_encoder="mlp",  # ptuning: mlp | lstm
+      encoder_hidden=0,  # ptuning, prefix projection: encoder width; 0: the token width
+      prefix_projection=False,  # prefix: make the keys and values with an MLP (else stored)
       lisa_activated_layers=2,  # lisa: layers that train at a time (+ embeddings, head)
       lisa_step_interval=20,  # lisa: steps between redrawing them
   ))

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig
+from models.kernels import flashmask as fm
 from models.layers import (MLP, Attention, RMSNorm, attention_inputs, attention_mask, dense, param,
                            rope_tables)
 from parallel import ring_attention
@@ -52,12 +53,14 @@ class Block(nnx.Module):
       self.post_attn_norm, self.post_mlp_norm = norm(), norm()
     self.post_norms = cfg.post_norms
 
-  def __call__(self, x_btd, cos, sin, mask, kv_cache=None, adapters=None, deltas=None):
+  def __call__(self, x_btd, cos, sin, mask, kv_cache=None, adapters=None, deltas=None,
+               prefix_kv=None):
     """PEFT, in activation space: `adapters`, Houlsby bottlenecks {"attn": ..., "mlp": ...} on
     the two outputs; `deltas`, {"attn": {"q": fn, ...}, "mlp": {...}}, fn(x) added to that
-    projection of x (LoRA with dropout)."""
+    projection of x (LoRA with dropout); `prefix_kv`, this layer's key and value prefix (prefix
+    tuning, see Attention)."""
     deltas = deltas or {}
-    h = self.attn(self.attn_norm(x_btd), cos, sin, mask, kv_cache, deltas.get("attn"))
+    h = self.attn(self.attn_norm(x_btd), cos, sin, mask, kv_cache, deltas.get("attn"), prefix_kv)
     if kv_cache is not None:
       h, kv_cache = h
     if adapters is not None:
@@ -87,11 +90,19 @@ class Decoder(nnx.Module):
       self.head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
 
   def hidden(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache=None, start=0,
-             embed_noise=None, layer_params=None, layer_fn=None):
+             embed_noise=None, layer_params=None, layer_fn=None, prefix_embeds=None,
+             prefix_keys=0):
     """Final-norm hidden states (batch, length, embed) in the parameters' dtype.
 
     `embed_noise` = (rng, alpha): NEFTune, uniform(-1, 1) * alpha / sqrt(length * d_model) added
     to the input embeddings (the trainer passes it in training steps only).
+
+    Virtual tokens (PEFT), seen by every segment of a packed row; the real tokens' positions
+    move up by their number n, as in Hugging Face PEFT, where they come first:
+    `prefix_embeds` (n, d_model), prompt and P-tuning: n input embeddings placed before the
+    tokens (segment `VIRTUAL`, positions 0..n-1); their outputs are dropped from the result.
+    `prefix_keys` = n, prefix tuning: every layer's attention gets n keys and values first (the
+    `prefix_kv` its `layer_fn` hands its Block).
 
     `layer_params`, `layer_fn` (PEFT): the scan runs over `layer_params` (any tree with a leading
     layer axis: stored weights, adapters) and `layer_fn` turns each layer's slice into (that
@@ -107,6 +118,18 @@ class Decoder(nnx.Module):
       positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if segment_ids_bt is None:
       segment_ids_bt = jnp.ones((b, t), jnp.int32)
+    n_virtual = 0 if prefix_embeds is None else prefix_embeds.shape[0]
+    n_virtual += prefix_keys
+    virtual_pos = jnp.broadcast_to(jnp.arange(n_virtual, dtype=jnp.int32), (b, n_virtual))
+    virtual_seg = jnp.full((b, n_virtual), fm.VIRTUAL, jnp.int32)
+    positions_bt = positions_bt + n_virtual
+    keys = None
+    if prefix_embeds is not None:
+      positions_bt = jnp.concatenate([virtual_pos, positions_bt], axis=1)
+      segment_ids_bt = jnp.concatenate([virtual_seg, segment_ids_bt], axis=1)
+    elif prefix_keys:
+      keys = (jnp.concatenate([virtual_pos, positions_bt], axis=1),
+              jnp.concatenate([virtual_seg, segment_ids_bt], axis=1))
     cos, sin = rope_tables(self.cfg, positions_bt)
     windows = self.cfg.layer_windows()
     if cache is not None:
@@ -118,7 +141,7 @@ class Decoder(nnx.Module):
     else:
       order = ring_attention.layout(t) if self.cfg.attention_impl == "ring" else None
       # One mask for all layers, or (Gemma 2) a global and a local one, picked per layer.
-      masks = {w: attention_inputs(self.cfg, positions_bt, segment_ids_bt, w, order)
+      masks = {w: attention_inputs(self.cfg, positions_bt, segment_ids_bt, w, order, keys)
                for w in sorted(set(windows))}
     local = jnp.asarray([w > 0 for w in windows])
 
@@ -127,10 +150,15 @@ class Decoder(nnx.Module):
     # a full rematerialisation to reach the batch-split output.
     table = constrain(self.embed[...], ("vocab", None))
     x = constrain(jnp.take(table, tokens_bt, axis=0), BTD)
-    if self.cfg.embed_scale:
-      x = x * jnp.asarray(self.cfg.d_model ** 0.5, x.dtype)
+    # As in Hugging Face: NEFTune noise on the looked-up embeddings, then virtual tokens before
+    # them, then Gemma's scale on all of it.
     if embed_noise is not None:
       x = neftune(x, *embed_noise)
+    if prefix_embeds is not None:
+      virtual = jnp.broadcast_to(prefix_embeds.astype(x.dtype), (b, *prefix_embeds.shape))
+      x = constrain(jnp.concatenate([virtual, x], axis=1), BTD)
+    if self.cfg.embed_scale:
+      x = x * jnp.asarray(self.cfg.d_model ** 0.5, x.dtype)
     graphdef, layer_state = nnx.split(self.layers)
 
     def one_layer(x, xs):
@@ -156,6 +184,7 @@ class Decoder(nnx.Module):
     kv = None if cache is None else (cache["k"], cache["v"])
     layers_in = layer_state if layer_fn is None else layer_params
     x, new_kv = jax.lax.scan(one_layer, x, (layers_in, local, kv))
+    x = x[:, x.shape[1] - t:]  # without the virtual tokens' outputs
     if cache is None:
       return self.final_norm(x)
     cache["k"], cache["v"] = new_kv

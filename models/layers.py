@@ -113,11 +113,15 @@ def attention_mask(pos_q, seg_q, pos_k, seg_k, sliding_window: int = 0) -> jax.A
 
   Rows of a packed batch hold several examples; segment ids keep attention inside each. Using
   positions rather than array indices keeps the mask right when the sequence is reordered
-  (load-balanced ring attention).
+  (load-balanced ring attention). Keys of segment `fm.VIRTUAL` (virtual tokens of prompt and
+  prefix tuning, at positions before every real token) are seen by every segment, outside any
+  window.
   """
-  mask = (seg_q[:, :, None] == seg_k[:, None, :]) & (pos_k[:, None, :] <= pos_q[:, :, None])
+  virtual = (seg_k == fm.VIRTUAL)[:, None, :]
+  causal = pos_k[:, None, :] <= pos_q[:, :, None]
   if sliding_window:
-    mask &= pos_q[:, :, None] - pos_k[:, None, :] < sliding_window
+    causal &= (pos_q[:, :, None] - pos_k[:, None, :] < sliding_window) | virtual
+  mask = ((seg_q[:, :, None] == seg_k[:, None, :]) | virtual) & causal
   return mask[:, None, None]
 
 
@@ -188,9 +192,12 @@ class Attention(nnx.Module):
       self.k_bias = param(rngs, (k, hd), ("kv_heads", "head_dim"), std=0)
       self.v_bias = param(rngs, (k, hd), ("kv_heads", "head_dim"), std=0)
 
-  def __call__(self, x_btd, cos, sin, mask, kv_cache=None, deltas=None):
+  def __call__(self, x_btd, cos, sin, mask, kv_cache=None, deltas=None, prefix_kv=None):
     """`mask` is what `attention_inputs` built for the configured attention_impl.
     `deltas` (PEFT): {"q": fn, ...}, fn(x) added to that projection (see `project`).
+    `prefix_kv` (prefix tuning): (k, v), each (n, kv_heads, head_dim), keys and values placed
+    before the sequence's own (not rotated, as in PEFT, where they enter as a KV cache); the
+    mask then covers n + t keys.
 
     With `kv_cache` = (k (b, S, kv_heads, hd), v, start): decoding. The new keys and values are
     written at cache slots [start, start + t) and the queries attend over the whole cache, with
@@ -202,6 +209,9 @@ class Attention(nnx.Module):
     if self.cfg.qkv_bias:
       q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if prefix_kv is not None and kv_cache is None:  # with a cache, the prefix is in it
+      k, v = (jnp.concatenate([jnp.broadcast_to(p.astype(x.dtype), (x.shape[0], *p.shape)), x],
+                              axis=1) for p, x in zip(prefix_kv, (k, v)))
     cfg = self.cfg
     impl, scale, cap = cfg.attention_impl, cfg.scale, cfg.attn_softcap
     if kv_cache is not None:
@@ -261,7 +271,8 @@ def partitioned_flash_attention(q, k, v, mask: fm.FlashMask, scale, softcap, bac
                            q, k, v, mask.lts, mask.lte, mask.uts, mask.ute)
 
 
-def attention_inputs(cfg: ModelConfig, positions_bt, segment_ids_bt, window: int, order=None):
+def attention_inputs(cfg: ModelConfig, positions_bt, segment_ids_bt, window: int, order=None,
+                     keys=None):
   """The mask in the form `cfg.attention_impl` takes, built once for the layers with this
   sliding `window` (0: none).
 
@@ -269,8 +280,16 @@ def attention_inputs(cfg: ModelConfig, positions_bt, segment_ids_bt, window: int
   O(length), from the segment ids (positions count up by one inside each segment, as the data
   pipeline makes them). ring: the global row index of every query and the FlashMask vectors of
   every key, both in the ring's `order`.
+
+  `keys` (prefix tuning, xla and pallas): (positions, segment ids) of keys that are n virtual
+  keys followed by the queries' own.
   """
   impl = cfg.attention_impl
+  if keys is not None:
+    if impl == "xla":
+      return attention_mask(positions_bt, segment_ids_bt, *keys, window)
+    n = keys[1].shape[1] - segment_ids_bt.shape[1]  # query i is key row n + i
+    return fm.shift_rows(fm.from_segments(keys[1], window), n, segment_ids_bt.shape[1])
   if impl in ("xla", "cudnn"):
     mask = attention_mask(positions_bt, segment_ids_bt, positions_bt, segment_ids_bt, window)
     return mask if impl == "xla" else mask[:, 0]

@@ -75,6 +75,8 @@ def test_forward_equals_hf_peft_and_files_go_both_ways(case, tmp_path):
       {k: v for k, v in params.items() if k != "peft"})(TOKENS))
   assert np.abs(got - without).max() > 1.0  # the adapters matter in this comparison
   assert np.abs(got - want).max() <= 1e-4, np.abs(got - want).max()
+  merged = np.asarray(state_lib.model_handle(cfg).bind(peft.merge(params))(TOKENS))
+  assert np.abs(merged - got).max() <= 1e-5, np.abs(merged - got).max()  # merging is exact
 
   # our PEFT-format export loads onto the original base in HF PEFT ...
   hf_format.write(str(tmp_path / "ours"), peft, params)
@@ -110,6 +112,20 @@ def test_pissa_init_equals_hf_peft_up_to_signs(tmp_path):
       np.testing.assert_allclose(b * signs[:, None], b_t, atol=1e-4)
       w = np.asarray(new_base["layers"][module][name][i]).reshape(a.shape[0], -1)
       np.testing.assert_allclose(w, theirs[at + "base_layer.weight"].T, atol=1e-4)
+
+
+def test_pissa_merges_into_the_base_exactly(tmp_path):
+  cfg, base = hf.load(str(hf_models_folder(tmp_path)))
+  peft = Peft.from_config(peft_section(method="lora", init="pissa", rank=4, alpha=8.0), cfg)
+  handle = state_lib.model_handle(cfg, peft)
+  params = state_lib.init_params(handle, seed=0, base=jax.tree.map(jnp.copy, base))
+  plain = state_lib.model_handle(cfg)
+  # at initialisation, residual + s A B is the original model
+  np.testing.assert_allclose(handle.bind(params)(TOKENS), plain.bind(base)(TOKENS), atol=1e-5)
+  params["peft"] = jax.tree.map(lambda x: x * 1.1, params["peft"])  # "trained"
+  got = np.asarray(handle.bind(params)(TOKENS))
+  assert np.abs(got - np.asarray(plain.bind(base)(TOKENS))).max() > 1e-2
+  np.testing.assert_allclose(plain.bind(peft.merge(params))(TOKENS), got, atol=1e-5)
 
 
 def test_pissa_randomized_svd_matches_the_exact_one(tmp_path):

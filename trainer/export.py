@@ -95,14 +95,17 @@ def main(argv):
     from models.peft import hf_format  # noqa: PLC0415
     dtype = jnp.dtype(flags.FLAGS.dtype or cfg.precision.param_dtype)
     if flags.FLAGS.format == "peft":
-      if handle.peft is None or handle.peft.method not in ("lora", "dora", "vera", "ia3"):
-        raise UserError("--format=peft needs a run with peft.method lora, dora, vera or ia3; "
-                        "use --format=hf for the whole model")
+      if handle.peft is None or handle.peft.method not in hf_format.METHODS:
+        raise UserError(f"--format=peft needs a run with peft.method one of "
+                        f"{', '.join(hf_format.METHODS)}; use --format=hf for the whole model")
       files = hf_format.write(flags.FLAGS.out, handle.peft, params, dtype)
     else:
       if handle.peft is not None and handle.peft.method == "adapter":
         raise UserError("Houlsby adapters act on activations and cannot be merged into a "
                         "Hugging Face model; there is no export for them yet")
+      if handle.peft is not None and handle.peft.prompt is not None:
+        raise UserError(f"peft.method={handle.peft.method} adds virtual tokens, which no weights "
+                        "can hold; export them with --format=peft")
       model_params = handle.peft.merge(params) if handle.peft is not None else params
       files = hf.save(flags.FLAGS.out, handle.cfg, model_params, dtype)
     files += copy_tokenizer(flags.FLAGS.workdir, flags.FLAGS.out)

@@ -23,6 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 SKIP, PARTIAL, FULL = 0, 1, 2
+# The segment id of virtual tokens (prompt and prefix tuning): leading keys that every query row
+# after them sees, whatever its own segment.
+VIRTUAL = -2
 
 
 @jax.tree_util.register_dataclass
@@ -127,7 +130,8 @@ def from_vectors(lts, lte, uts, ute) -> FlashMask:
 def from_segments(segment_ids: jax.Array, sliding_window: int = 0) -> FlashMask:
   """jnp: the causal document mask of packed rows (as `document`), optionally also limited to a
   sliding window of `sliding_window` keys. Runs in O(N) inside jit: each key finds the end of its
-  segment with a reversed cumulative minimum."""
+  segment with a reversed cumulative minimum. Keys of segment `VIRTUAL` (leading virtual tokens)
+  are seen by every later row, outside any window."""
   seg = jnp.asarray(segment_ids)
   b, n = seg.shape
   idx = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
@@ -136,6 +140,7 @@ def from_segments(segment_ids: jax.Array, sliding_window: int = 0) -> FlashMask:
   boundary = jnp.where(starts_next, idx + 1, n)
   seg_end = jax.lax.cummin(boundary, axis=1, reverse=True)
   lts = seg_end if not sliding_window else jnp.minimum(seg_end, idx + sliding_window)
+  lts = jnp.where(seg == VIRTUAL, n, lts)
   return FlashMask(lts.astype(jnp.int32), jnp.full((b, n), n, jnp.int32),
                    jnp.zeros((b, n), jnp.int32), idx)
 

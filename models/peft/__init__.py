@@ -27,6 +27,8 @@ Methods (per targeted linear map W, seen as (in, out) per layer):
   adapter Houlsby bottleneck adapters: h + up(gelu(down(h))) on the attention and on the MLP
           output of every block, before the residual sum; up starts at 0 (identity). These act on
           activations: the decoder applies them (models/decoder.py Block), nothing is folded.
+  prompt, ptuning, prefix: virtual tokens before the sequence, as input embeddings or as every
+          layer's keys and values (models/peft/prompt.py); the decoder places them.
   QLoRA   (`base_quant="nf4"`, with lora or dora): the targeted base weights are stored as NF4
           (models/peft/quant.py) and dequantized layer by layer before the fold.
 LISA trains whole layers and lives in trainer/lisa.py. Folding in weight space is exact for all
@@ -51,8 +53,10 @@ import numpy as np
 
 from models.config import ModelConfig
 from models.peft import adalora, quant
+from models.peft import prompt as prompt_lib
 
-METHODS = ("none", "lora", "dora", "adalora", "vera", "ia3", "bitfit", "adapter", "lisa")  # lisa: trainer/lisa.py
+METHODS = ("none", "lora", "dora", "adalora", "vera", "ia3", "bitfit", "adapter",
+           *prompt_lib.METHODS, "lisa")  # lisa: trainer/lisa.py
 INITS = ("default", "gaussian", "pissa")
 
 # (module, weight): (Hugging Face module name, number of input dims in our layout)
@@ -88,6 +92,7 @@ class Peft:
   dropout: float = 0.0  # LoRA dropout on the low-rank path's inputs (training only)
   allocator: adalora.Allocator | None = None  # AdaLoRA's rank allocator
   orth_weight: float = 0.0  # AdaLoRA's orthogonality penalty weight
+  prompt: prompt_lib.Prompt | None = None  # virtual-token methods
 
   @classmethod
   def from_config(cls, pc, mcfg: ModelConfig, total_steps: int = 0) -> "Peft | None":
@@ -130,11 +135,17 @@ class Peft:
         allocator.check()
       if pc.init != "default":
         raise ValueError(f"peft.init={pc.init} is for lora; adalora starts as PEFT does")
-    targets = () if pc.method == "adapter" else select_targets(
+    activations_only = pc.method == "adapter" or pc.method in prompt_lib.METHODS
+    targets = () if activations_only else select_targets(
         pc.targets if pc.method != "ia3" else pc.ia3_targets)
+    prompt = None
+    if pc.method in prompt_lib.METHODS:
+      prompt = prompt_lib.Prompt(pc.method, mcfg, pc.num_virtual_tokens, pc.ptuning_encoder,
+                                 pc.encoder_hidden, pc.prefix_projection, pc.prompt_init)
+      prompt.check()
     if pc.method == "adapter" and pc.adapter_dim < 1:
       raise ValueError(f"peft.adapter_dim={pc.adapter_dim} must be positive")
-    if not targets and pc.method not in ("bitfit", "adapter"):
+    if not targets and pc.method not in ("bitfit", "adapter", *prompt_lib.METHODS):
       raise ValueError(f"peft.targets={pc.targets!r} matches no linear module; names: "
                        + ", ".join(f"{m}.{n} ({hf})" for (m, n), (hf, _) in LINEAR.items()))
     if pc.method == "bitfit" and not mcfg.qkv_bias:
@@ -142,7 +153,7 @@ class Peft:
     peft = cls(pc.method, targets, mcfg, pc.rank, pc.alpha, pc.rslora, pc.init, pc.vera_rank,
                pc.vera_d_initial, pc.lora_plus_scale, pc.base_quant, pc.adapter_dim,
                pc.pissa_niter, pc.dropout, allocator,
-               pc.adalora_orth_weight if pc.method == "adalora" else 0.0)
+               pc.adalora_orth_weight if pc.method == "adalora" else 0.0, prompt)
     if peft.base_quant == "nf4":
       for module, name in targets:
         quant.check(_dims(mcfg, module, name)[0], f"{module}.{name}")
@@ -184,6 +195,8 @@ class Peft:
       one = {"down": ((L, d, m), ("layers", "embed", None)), "down_bias": ((L, m), ("layers", None)),
              "up": ((L, m, d), ("layers", None, "embed")), "up_bias": ((L, d), ("layers", "embed"))}
       out["adapter"] = {"attn": dict(one), "mlp": dict(one)}
+    if self.prompt is not None:
+      out["prompt"] = self.prompt.shapes()
     if self.method == "vera":
       dims = [_dims(self.mcfg, m, n) for m, n in self.targets]
       out["vera_shared"] = {"a": ((self.vera_rank, max(i for i, _ in dims)), (None, None)),
@@ -269,6 +282,8 @@ class Peft:
                   "down_bias": jnp.zeros(spec["down_bias"][0]), "up": jnp.zeros(spec["up"][0]),
                   "up_bias": jnp.zeros(spec["up_bias"][0])}
           for where, spec in shapes.items()}
+    if self.prompt is not None:
+      adapters["prompt"] = self.prompt.init(base["embed"], next(keys))
     if self.method == "vera":
       (a_shape, _), (b_shape, _) = self._shapes()["vera_shared"].values()
       adapters["vera_shared"] = {"a": _kaiming(next(keys), a_shape),
@@ -291,8 +306,9 @@ class Peft:
     """Model parameters with the adapters folded in for good, every layer at once (export).
     The trainer folds layer by layer inside the decoder's scan instead (`fold_layer`)."""
     base = {k: v for k, v in params.items() if k != "peft"}
-    if self.method == "adapter":
-      raise ValueError("Houlsby adapters act on activations: they cannot be merged into weights")
+    if self.method == "adapter" or self.prompt is not None:
+      raise ValueError(f"peft.method={self.method} acts on activations (Houlsby adapters, "
+                       "virtual tokens): it cannot be merged into weights")
     if self.method == "bitfit" or ("peft" not in params and self.base_quant == "none"):
       return base
     adapters = params.get("peft", {})

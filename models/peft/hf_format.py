@@ -8,7 +8,9 @@ lora_A.weight (r, in), lora_B.weight (out, r), lora_magnitude_vector (out) for D
 (r, 1) for AdaLoRA (always at the initial rank: masked triplets are zeros),
 vera_lambda_d (r) / vera_lambda_b (out) with the shared base_model.vera_A (r, max_in) and
 vera_B (max_out, r), ia3_l (out, 1) or, for feed-forward modules, (1, in). Ours are the
-transposes, stacked over layers (models/peft/__init__.py).
+transposes, stacked over layers (models/peft/__init__.py). Virtual-token methods are saved as PEFT
+saves them for inference: `prompt_embeddings`, the encoder's output, (n, d_model) or, for prefix
+tuning, (n, layers * 2 * kv_heads * head_dim).
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ import numpy as np
 
 from models import safetensors_io
 from models.peft import IA3_FEEDFORWARD, LINEAR, Peft, _dims
+from models.peft import prompt as prompt_lib
+
+METHODS = ("lora", "dora", "adalora", "vera", "ia3", *prompt_lib.METHODS)  # that PEFT can load
 
 PREFIX = "base_model.model.model.layers.{i}."
 CONFIG = "adapter_config.json"
@@ -75,6 +80,8 @@ def adapter_config(peft: Peft) -> dict:
             "tfinal": a.tfinal, "deltaT": a.delta_t, "beta1": a.beta1, "beta2": a.beta2,
             "orth_reg_weight": peft.orth_weight, "rank_pattern": None, "bias": "none",
             "total_step": max(a.total_steps, a.tinit + a.tfinal + 1)}
+  if peft.prompt is not None:
+    return _prompt_config(peft)
   if peft.method == "vera":
     return {**common, "peft_type": "VERA", "r": peft.vera_rank, "d_initial": peft.vera_d_initial,
             "projection_prng_key": 0, "save_projection": True, "vera_dropout": 0.0, "bias": "none"}
@@ -82,6 +89,23 @@ def adapter_config(peft: Peft) -> dict:
     ff = sorted({LINEAR[t][0] for t in peft.targets} & set(IA3_FEEDFORWARD))
     return {**common, "peft_type": "IA3", "feedforward_modules": ff, "init_ia3_weights": True}
   raise ValueError(f"peft.method={peft.method} has no Hugging Face PEFT format here")
+
+
+def _prompt_config(peft: Peft) -> dict:
+  p, c = peft.prompt, peft.mcfg
+  config = {"task_type": "CAUSAL_LM", "inference_mode": True, "base_model_name_or_path": None,
+            "num_virtual_tokens": p.n, "token_dim": p.token_dim, "num_transformer_submodules": 1,
+            "num_attention_heads": c.n_kv_heads if p.method == "prefix" else c.n_heads,
+            "num_layers": c.n_layers}
+  if p.method == "prompt":
+    return {**config, "peft_type": "PROMPT_TUNING", "prompt_tuning_init": "RANDOM"}
+  if p.method == "ptuning":
+    return {**config, "peft_type": "P_TUNING", "encoder_hidden_size": p.width,
+            "encoder_reparameterization_type": p.encoder.upper(), "encoder_num_layers": 2,
+            "encoder_dropout": 0.0}
+  # the keys and values themselves: PEFT loads them without the projection
+  return {**config, "peft_type": "PREFIX_TUNING", "encoder_hidden_size": p.width,
+          "prefix_projection": False}
 
 
 def write(folder: str, peft: Peft, params: dict, dtype=np.float32) -> list[str]:
@@ -92,6 +116,8 @@ def write(folder: str, peft: Peft, params: dict, dtype=np.float32) -> list[str]:
   adapters = params["peft"]
   pissa = peft.init_kind == "pissa" and peft.method in ("lora", "dora")
   tensors = []
+  if peft.prompt is not None:
+    tensors.append(("prompt_embeddings", np.asarray(peft.prompt.flat(adapters["prompt"]), dtype)))
   for module, name, i, key, leaf, to_peft, _ in _pairs(peft):
     entry = adapters[module][name]
     value = np.asarray(entry[leaf][i], np.float32)
@@ -112,6 +138,17 @@ def write(folder: str, peft: Peft, params: dict, dtype=np.float32) -> list[str]:
 def read(folder: str, peft: Peft) -> dict:
   """Adapters from a PEFT folder, for a `peft` of the same method and targets."""
   tensors = safetensors_io.SafetensorsFile(os.path.join(folder, WEIGHTS))
+  if peft.prompt is not None:
+    p = peft.prompt
+    if p.method == "ptuning" or p.projection:
+      raise ValueError("PEFT saves only the encoder's output: a P-tuning or projected prefix "
+                       "adapter reads back as prompt tuning or a plain prefix")
+    flat = np.asarray(tensors.get("prompt_embeddings"), np.float32)
+    if p.method == "prompt":
+      return {"prompt": {"embedding": flat}}
+    c = peft.mcfg
+    kv = flat.reshape(p.n, c.n_layers, 2, c.n_kv_heads, c.head_dim).transpose(1, 2, 0, 3, 4)
+    return {"prompt": {"kv": kv}}
   layers: dict = {}
   for module, name, i, key, leaf, _, from_peft in _pairs(peft):
     layers.setdefault((module, name, leaf), {})[i] = from_peft(np.asarray(tensors.get(key),
