@@ -75,8 +75,6 @@ def test_forward_equals_hf_peft_and_files_go_both_ways(case, tmp_path):
       {k: v for k, v in params.items() if k != "peft"})(TOKENS))
   assert np.abs(got - without).max() > 1.0  # the adapters matter in this comparison
   assert np.abs(got - want).max() <= 1e-4, np.abs(got - want).max()
-  merged = np.asarray(state_lib.model_handle(cfg).bind(peft.merge(params))(TOKENS))
-  assert np.abs(merged - got).max() <= 1e-5, np.abs(merged - got).max()  # merging is exact
 
   # our PEFT-format export loads onto the original base in HF PEFT ...
   hf_format.write(str(tmp_path / "ours"), peft, params)
@@ -114,18 +112,38 @@ def test_pissa_init_equals_hf_peft_up_to_signs(tmp_path):
       np.testing.assert_allclose(w, theirs[at + "base_layer.weight"].T, atol=1e-4)
 
 
-def test_pissa_merges_into_the_base_exactly(tmp_path):
-  cfg, base = hf.load(str(hf_models_folder(tmp_path)))
-  peft = Peft.from_config(peft_section(method="lora", init="pissa", rank=4, alpha=8.0), cfg)
+@pytest.mark.parametrize("section", [
+    dict(method="lora"), dict(method="lora", rslora=True), dict(method="lora", init="pissa"),
+    dict(method="dora"), dict(method="adalora"), dict(method="vera", vera_rank=16),
+    dict(method="ia3")], ids=["lora", "rslora", "pissa", "dora", "adalora", "vera", "ia3"])
+def test_merged_logits_equal_unmerged(section):
+  """Merging is exact: on a model at the usual initialisation scale (std 0.02), the merged
+  weights give the unmerged logits within 1e-5 in float32, with adapters that move them by more
+  than 1e-2."""
+  from models import ModelConfig
+  cfg = ModelConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+                    max_seq_len=64)
+  plain = state_lib.model_handle(cfg)
+  base = state_lib.init_params(plain, seed=0)
+  want_base = np.asarray(plain.bind(base)(TOKENS))
+  peft = Peft.from_config(peft_section(rank=4, alpha=8.0, **section), cfg)
   handle = state_lib.model_handle(cfg, peft)
   params = state_lib.init_params(handle, seed=0, base=jax.tree.map(jnp.copy, base))
-  plain = state_lib.model_handle(cfg)
-  # at initialisation, residual + s A B is the original model
-  np.testing.assert_allclose(handle.bind(params)(TOKENS), plain.bind(base)(TOKENS), atol=1e-5)
-  params["peft"] = jax.tree.map(lambda x: x * 1.1, params["peft"])  # "trained"
+  # at initialisation the model is unchanged (PiSSA: residual + s A B is the original weight)
+  np.testing.assert_allclose(handle.bind(params)(TOKENS), want_base, atol=1e-5)
+  frozen = peft.labels(params)["peft"]
+  params["peft"] = jax.tree.map(  # "trained" adapters
+      lambda x, label, k: x if label == "frozen" else x + 0.2 * jax.random.normal(k, x.shape),
+      params["peft"], frozen, _keys_like(params["peft"]))
   got = np.asarray(handle.bind(params)(TOKENS))
-  assert np.abs(got - np.asarray(plain.bind(base)(TOKENS))).max() > 1e-2
-  np.testing.assert_allclose(plain.bind(peft.merge(params))(TOKENS), got, atol=1e-5)
+  assert np.abs(got - want_base).max() > 1e-2
+  merged = np.asarray(plain.bind(peft.merge(params))(TOKENS))
+  assert np.abs(merged - got).max() <= 1e-5, np.abs(merged - got).max()
+
+
+def _keys_like(tree):
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef.unflatten(list(jax.random.split(jax.random.PRNGKey(1), len(leaves))))
 
 
 def test_pissa_randomized_svd_matches_the_exact_one(tmp_path):
