@@ -105,6 +105,8 @@ def get_config(arg=None):
   ))
 
   c.train = ml_collections.ConfigDict(dict(
+      # lm (every weighted token) | sft (chat: assistant tokens) | dpo | reward (trainer/objectives.py)
+      objective="lm",
       steps=1000,
       batch_size=8,  # global, in sequences
       seq_len=512,
@@ -131,6 +133,19 @@ def get_config(arg=None):
       sample_tokens=64,
       sample_temperature=0.8,
       peak_tflops=0.0,  # per device, for MFU; 0: data sheet for known chips, measured on CPU
+  ))
+
+  c.sft = ml_collections.ConfigDict(dict(
+      normalize="token",  # token: every assistant token counts once | sequence: every example
+  ))
+
+  # Preference optimisation (train.objective=dpo; data.format=preference).
+  c.dpo = ml_collections.ConfigDict(dict(
+      loss="sigmoid",  # sigmoid (DPO) | ipo | simpo | orpo (the last two need no reference)
+      beta=0.1,
+      label_smoothing=0.0,  # sigmoid, simpo: conservative DPO's eps
+      simpo_gamma=0.5,  # simpo: target reward margin
+      precompute_ref=False,  # reference log-probs from one pass before training, not per step
   ))
 
   c.precision = ml_collections.ConfigDict(dict(

@@ -46,6 +46,7 @@ class ModelConfig:
   attn_softcap: float = 0.0  # Gemma 2: scores -> cap * tanh(scores / cap); 0: off
   logit_softcap: float = 0.0  # Gemma 2: the same on the output logits
   post_norms: bool = False  # Gemma 2: also normalise attention and MLP outputs (sandwich)
+  value_head: bool = False  # reward models: a scalar score per position (`score`, d_model x 1)
   init_std: float = 0.02
   remat: str = "none"  # one of REMAT_POLICIES
   attention_impl: str = "xla"  # one of ATTENTION_IMPLS (models/layers.py `attention_inputs`)

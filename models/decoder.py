@@ -86,12 +86,14 @@ class Decoder(nnx.Module):
 
     self.layers = make_blocks(rngs)
     self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs, offset=cfg.norm_offset)
-    if not cfg.tie_embeddings:
+    if not cfg.tie_embeddings and not cfg.value_head:
       self.head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
+    if cfg.value_head:  # reward models: a score head instead of the LM head
+      self.score = param(rngs, (cfg.d_model, 1), ("embed", None), cfg.init_std)
 
   def hidden(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache=None, start=0,
              embed_noise=None, layer_params=None, layer_fn=None, prefix_embeds=None,
-             prefix_keys=0):
+             prefix_keys=0, shared_prompt=False):
     """Final-norm hidden states (batch, length, embed) in the parameters' dtype.
 
     `embed_noise` = (rng, alpha): NEFTune, uniform(-1, 1) * alpha / sqrt(length * d_model) added
@@ -108,6 +110,9 @@ class Decoder(nnx.Module):
     layer axis: stored weights, adapters) and `layer_fn` turns each layer's slice into (that
     layer's parameters, extra keyword arguments of its Block: activation-space adapters),
     inside the scan, so only one layer's folded weights exist at a time.
+
+    `shared_prompt`: the rows hold preference pairs (trainer/data/pairs.py), each answer seeing
+    its pair's prompt.
 
     With `cache` (from `init_cache`): decoding. The tokens are written at cache slots
     [start, start + length) and attend to every filled slot of their segment; returns
@@ -141,8 +146,8 @@ class Decoder(nnx.Module):
     else:
       order = ring_attention.layout(t) if self.cfg.attention_impl == "ring" else None
       # One mask for all layers, or (Gemma 2) a global and a local one, picked per layer.
-      masks = {w: attention_inputs(self.cfg, positions_bt, segment_ids_bt, w, order, keys)
-               for w in sorted(set(windows))}
+      masks = {w: attention_inputs(self.cfg, positions_bt, segment_ids_bt, w, order, keys,
+                                   shared_prompt) for w in sorted(set(windows))}
     local = jnp.asarray([w > 0 for w in windows])
 
     # Gather the table's model dimension first (as FSDP does for any weight it uses), keeping
@@ -205,6 +210,10 @@ class Decoder(nnx.Module):
     if self.cfg.logit_softcap:
       out = self.cfg.logit_softcap * jnp.tanh(out / self.cfg.logit_softcap)
     return constrain(out, ("batch", "length", "vocab"))
+
+  def values(self, h_btd):
+    """Reward models: float32 scores (batch, length) from the value head."""
+    return dense(h_btd, self.score[...], out_dtype=jnp.float32)[..., 0]
 
   def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None):
     return self.logits(self.hidden(tokens_bt, positions_bt, segment_ids_bt))

@@ -32,6 +32,9 @@ ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                  "Qwen2ForCausalLM": "qwen2", "GemmaForCausalLM": "gemma",
                  "Gemma2ForCausalLM": "gemma2"}
 MODEL_TYPES = {v: k.removesuffix("ForCausalLM").lower() for k, v in ARCHITECTURES.items()}
+# reward models: the same decoders with a one-output `score` head (value_head) instead of lm_head
+CLASSIFIERS = {k.replace("ForCausalLM", "ForSequenceClassification"): v
+               for k, v in ARCHITECTURES.items()}
 
 
 class UnsupportedModel(ValueError):
@@ -69,9 +72,15 @@ def _rope(hf: dict) -> dict:
 def config_from_hf(hf: dict, **overrides) -> ModelConfig:
   archs = hf.get("architectures") or []
   family = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
+  value_head = family is None and any(a in CLASSIFIERS for a in archs)
+  if value_head:
+    family = next(CLASSIFIERS[a] for a in archs if a in CLASSIFIERS)
+    if hf.get("num_labels", len(hf.get("id2label") or {0: 0})) != 1:
+      raise UnsupportedModel("sequence classifiers load as reward models: num_labels must be 1")
   if family is None:
     raise UnsupportedModel(
-        f"architectures={archs} is not supported; supported: {', '.join(ARCHITECTURES)}")
+        f"architectures={archs} is not supported; supported: "
+        f"{', '.join([*ARCHITECTURES, *CLASSIFIERS])}")
   n_layers = hf["num_hidden_layers"]
   c = dict(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=n_layers,
            n_heads=hf["num_attention_heads"],
@@ -80,7 +89,7 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
            max_seq_len=hf.get("max_position_embeddings", 8192), norm_eps=hf.get("rms_norm_eps", 1e-6),
            tie_embeddings=bool(hf.get("tie_word_embeddings", family in ("gemma", "gemma2"))),
            qkv_bias=family == "qwen2" or bool(hf.get("attention_bias", False)),
-           family=family, **_rope(hf))
+           family=family, value_head=value_head, **_rope(hf))
   act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
   if act not in ("silu", "gelu_pytorch_tanh", "gelu"):
     raise UnsupportedModel(f"hidden activation {act!r} is not supported")
@@ -110,7 +119,8 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
 
 
 def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
-  arch = next(a for a, f in ARCHITECTURES.items() if f == cfg.family)
+  arch = next(a for a, f in (CLASSIFIERS if cfg.value_head else ARCHITECTURES).items()
+              if f == cfg.family)
   windows = cfg.layer_windows()
   hf = dict(architectures=[arch], model_type=MODEL_TYPES[cfg.family], vocab_size=cfg.vocab_size,
             hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
@@ -130,6 +140,8 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
     hf["rope_scaling"] = scaling
   if cfg.family in ("llama", "mistral"):
     hf.update(attention_bias=cfg.qkv_bias, mlp_bias=False)
+  if cfg.value_head:  # read by *ForSequenceClassification at the last token that is not padding
+    hf.update(num_labels=1, pad_token_id=0)
   if cfg.family == "gemma2":
     scalar = cfg.scale ** -2  # scale = query_pre_attn_scalar ** -0.5; transformers wants an int
     hf.update(hidden_activation=hf["hidden_act"],
@@ -186,7 +198,9 @@ def _layouts(cfg: ModelConfig) -> list[tuple[tuple[str, ...], str, Transform, Tr
     for name, heads in (("q", h), ("k", kv), ("v", kv)):
       out.append((("layers", "attn", f"{name}_bias"), p + f"self_attn.{name}_proj.bias",
                   lambda w, heads=heads: w.reshape(heads, hd), lambda w: w.reshape(-1)))
-  if not cfg.tie_embeddings:
+  if cfg.value_head:  # a sequence classifier: its score head, no lm_head
+    out.append((("score",), "score.weight", t, t))
+  elif not cfg.tie_embeddings:
     out.append((("head",), "lm_head.weight", t, t))
   return out
 
@@ -245,7 +259,9 @@ def read_config(folder: str) -> dict:
 def load(folder: str, shardings=None, dtype=np.float32, **overrides) -> tuple[ModelConfig, dict]:
   """(ModelConfig, params) from a Hugging Face folder. `shardings`: a params-shaped tree of
   shardings (default: all on the first device); `overrides`: ModelConfig fields to change that
-  do not touch the weights (remat, attention_impl, ...)."""
+  do not touch the weights (remat, attention_impl, ...), or `value_head=True`: a causal LM read
+  as the start of a reward model (its lm_head left out, a new score head drawn from
+  normal(0, init_std))."""
   from trainer.state import model_handle  # the trainer's view of the model; no cycle at import
 
   cfg = config_from_hf(read_config(folder), **overrides)
@@ -257,6 +273,10 @@ def load(folder: str, shardings=None, dtype=np.float32, **overrides) -> tuple[Mo
     sharding = (_get(shardings, path) if shardings is not None
                 else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     stacked = path[0] == "layers"
+    if path == ("score",) and hf_name not in ckpt.files:  # a reward model from a causal LM
+      fresh = np.random.default_rng(0).normal(0.0, cfg.init_std, shape).astype(dtype)
+      _set(params, path, jax.make_array_from_callback(shape, sharding, lambda i, x=fresh: x[i]))
+      continue
 
     def read(index, hf_name=hf_name, to_ours=to_ours, stacked=stacked, shape=shape):
       if not stacked:

@@ -108,20 +108,26 @@ def apply_rope(x_bthd, cos_btd, sin_btd):
 # ----------------------------------------------------------------------------------------------
 
 
-def attention_mask(pos_q, seg_q, pos_k, seg_k, sliding_window: int = 0) -> jax.Array:
+def attention_mask(pos_q, seg_q, pos_k, seg_k, sliding_window: int = 0,
+                   shared_prompt: bool = False) -> jax.Array:
   """Boolean (batch, 1, 1, q_len, k_len): same segment, causal by position, inside the window.
 
   Rows of a packed batch hold several examples; segment ids keep attention inside each. Using
   positions rather than array indices keeps the mask right when the sequence is reordered
   (load-balanced ring attention). Keys of segment `fm.VIRTUAL` (virtual tokens of prompt and
   prefix tuning, at positions before every real token) are seen by every segment, outside any
-  window.
+  window. `shared_prompt` (preference rows, trainer/data/pairs.py): segment 3k+1 (pair k's prompt)
+  is also seen by 3k+2 and 3k+3 (its answers).
   """
   virtual = (seg_k == fm.VIRTUAL)[:, None, :]
   causal = pos_k[:, None, :] <= pos_q[:, :, None]
   if sliding_window:
     causal &= (pos_q[:, :, None] - pos_k[:, None, :] < sliding_window) | virtual
-  mask = ((seg_q[:, :, None] == seg_k[:, None, :]) | virtual) & causal
+  same = seg_q[:, :, None] == seg_k[:, None, :]
+  if shared_prompt:
+    prompt_k = ((seg_k > 0) & ((seg_k - 1) % 3 == 0))[:, None, :]
+    same |= prompt_k & (((seg_q - 1) // 3)[:, :, None] == ((seg_k - 1) // 3)[:, None, :])
+  mask = (same | virtual) & causal
   return mask[:, None, None]
 
 
@@ -272,7 +278,7 @@ def partitioned_flash_attention(q, k, v, mask: fm.FlashMask, scale, softcap, bac
 
 
 def attention_inputs(cfg: ModelConfig, positions_bt, segment_ids_bt, window: int, order=None,
-                     keys=None):
+                     keys=None, shared_prompt: bool = False):
   """The mask in the form `cfg.attention_impl` takes, built once for the layers with this
   sliding `window` (0: none).
 
@@ -282,22 +288,24 @@ def attention_inputs(cfg: ModelConfig, positions_bt, segment_ids_bt, window: int
   every key, both in the ring's `order`.
 
   `keys` (prefix tuning, xla and pallas): (positions, segment ids) of keys that are n virtual
-  keys followed by the queries' own.
+  keys followed by the queries' own. `shared_prompt`: preference rows (see `attention_mask`).
   """
   impl = cfg.attention_impl
   if keys is not None:
     if impl == "xla":
-      return attention_mask(positions_bt, segment_ids_bt, *keys, window)
+      return attention_mask(positions_bt, segment_ids_bt, *keys, window, shared_prompt)
     n = keys[1].shape[1] - segment_ids_bt.shape[1]  # query i is key row n + i
-    return fm.shift_rows(fm.from_segments(keys[1], window), n, segment_ids_bt.shape[1])
+    return fm.shift_rows(fm.from_segments(keys[1], window, shared_prompt), n,
+                         segment_ids_bt.shape[1])
   if impl in ("xla", "cudnn"):
-    mask = attention_mask(positions_bt, segment_ids_bt, positions_bt, segment_ids_bt, window)
+    mask = attention_mask(positions_bt, segment_ids_bt, positions_bt, segment_ids_bt, window,
+                          shared_prompt)
     return mask if impl == "xla" else mask[:, 0]
   if impl == "pallas":
-    return fm.from_segments(segment_ids_bt, window)
+    return fm.from_segments(segment_ids_bt, window, shared_prompt)
   b, t = segment_ids_bt.shape
   order = np.arange(t) if order is None else np.asarray(order)
-  natural = fm.from_segments(segment_ids_bt[:, np.argsort(order)], window)
+  natural = fm.from_segments(segment_ids_bt[:, np.argsort(order)], window, shared_prompt)
   rows = jnp.broadcast_to(jnp.asarray(order, jnp.int32), (b, t))
   return (rows,), tuple(getattr(natural, f)[:, order] for f in ("lts", "lte", "uts", "ute"))
 

@@ -49,11 +49,11 @@ def init_opt_state(tx: optax.GradientTransformation, params: dict, k: int):
 
 
 def make_train_step(handle, tx: optax.GradientTransformation, schedule, compute_dtype,
-                    grad_accum: int, k: int, interval: int, neftune_alpha: float = 0.0
-                    ) -> Callable:
+                    grad_accum: int, k: int, interval: int, neftune_alpha: float = 0.0,
+                    spec=None) -> Callable:
   """The train step for a state with "lisa_layers" (k,) int32 and an optimizer state over
   `view`; otherwise as trainer/step.py's."""
-  loss_fn = make_loss_fn(handle, compute_dtype, neftune_alpha)
+  loss_fn = make_loss_fn(handle, compute_dtype, neftune_alpha, spec)
   n_layers = handle.cfg.n_layers
 
   def train_step(state: dict[str, Any], batch: Batch):
@@ -70,10 +70,13 @@ def make_train_step(handle, tx: optax.GradientTransformation, schedule, compute_
     rng = jax.random.fold_in(state["rng"], 1)
 
     def grads_of(trainable, micro, rng):
-      return jax.value_and_grad(lambda t: loss_fn(merge(params, t, layers), micro, rng),
-                                has_aux=True)(trainable)
+      def loss(t):
+        loss_sum, count, aux = loss_fn(merge(params, t, layers), micro, rng)
+        return loss_sum, (count, aux)
+      (loss_sum, (count, aux)), grads = jax.value_and_grad(loss, has_aux=True)(trainable)
+      return (loss_sum, count, aux), grads
 
-    loss_sum, count, grads = mean_gradients(
+    loss_sum, count, _, grads = mean_gradients(
         lambda micro, r: grads_of(trainable, micro, r), batch, rng, grad_accum,
         lambda: jax.tree.map(jnp.zeros_like, trainable))
     denom = jnp.maximum(count, 1.0)

@@ -70,17 +70,17 @@ class PeftModel:
                       if m not in ("vera_shared", "adapter", "prompt")}
     prefix_kv = None
     self._virtual = {}  # keyword arguments of Decoder.hidden (no cache)
-    if peft.prompt is not None and peft.method == "prefix":
+    if "prompt" in adapters and peft.method == "prefix":
       prefix_kv = peft.prompt.prefix_kv(adapters["prompt"])  # (layers, 2, n, kv_heads, hd)
       self._virtual = {"prefix_keys": peft.prompt.n}
-    elif peft.prompt is not None:
+    elif "prompt" in adapters:
       self._virtual = {"prefix_embeds": peft.prompt.embeddings(adapters["prompt"])}
     self._prefix_kv = prefix_kv
     self._layers = (params["layers"], layer_adapters, adapters.get("adapter"), prefix_kv)
 
   @property
   def n_virtual(self) -> int:
-    return 0 if self.peft.prompt is None else self.peft.prompt.n
+    return self.peft.prompt.n if self._virtual else 0
 
   def _layer(self, xs):
     """One layer's (parameters with adapters folded in, Block keyword arguments)."""
@@ -110,6 +110,9 @@ class PeftModel:
 
   def logits(self, h):
     return self.decoder.logits(h)
+
+  def values(self, h):
+    return self.decoder.values(h)
 
   def init_cache(self, batch: int, length: int, dtype=jnp.float32) -> dict:
     """A cache of n_virtual + `length` slots, the virtual tokens' keys and values in the first
@@ -221,9 +224,11 @@ def _keys(path) -> tuple:
 
 
 def state_shardings(p_shardings: Params, opt_shardings: Any, mesh: Mesh,
-                    lisa_k: int = 0, allocator=None) -> dict[str, Any]:
+                    lisa_k: int = 0, allocator=None, reference: bool = False) -> dict[str, Any]:
   replicated = NamedSharding(mesh, P())
   out = {"step": replicated, "params": p_shardings, "opt_state": opt_shardings, "rng": replicated}
+  if reference:
+    out["reference"] = p_shardings
   if lisa_k:
     out["lisa_layers"] = replicated
   if allocator is not None:  # AdaLoRA: EMAs like their adapters, rank patterns replicated
@@ -238,9 +243,11 @@ def with_memory_kind(shardings, kind: str):
                       is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
-def new_state(tx, params: Params, seed: int, lisa_k: int = 0, allocator=None) -> dict[str, Any]:
+def new_state(tx, params: Params, seed: int, lisa_k: int = 0, allocator=None,
+              reference: bool = False) -> dict[str, Any]:
   """`lisa_k`: LISA's optimizer works on k layers at a time (trainer/lisa.py). `allocator`:
-  AdaLoRA's, whose importance EMAs and rank pattern are part of the state."""
+  AdaLoRA's, whose importance EMAs and rank pattern are part of the state. `reference`: DPO with
+  full fine-tuning keeps the starting parameters, frozen, as its reference model."""
   state = {"step": jnp.zeros((), jnp.int32), "params": params, "rng": jax.random.PRNGKey(seed + 1)}
   if lisa_k:
     from trainer import lisa  # noqa: PLC0415 -- lisa imports step, which imports this module
@@ -250,18 +257,21 @@ def new_state(tx, params: Params, seed: int, lisa_k: int = 0, allocator=None) ->
     state["opt_state"] = tx.init(params)
   if allocator is not None:
     state["adalora"] = allocator.init_state(params["peft"])
+  if reference:
+    state["reference"] = jax.tree.map(jnp.copy, params)
   return state
 
 
 def init_state(tx, params: Params, seed: int, shardings: dict[str, Any],
-               lisa_k: int = 0, allocator=None) -> dict[str, Any]:
-  return jax.jit(lambda p: new_state(tx, p, seed, lisa_k, allocator), out_shardings=shardings,
-                 donate_argnums=0)(params)
+               lisa_k: int = 0, allocator=None, reference: bool = False) -> dict[str, Any]:
+  return jax.jit(lambda p: new_state(tx, p, seed, lisa_k, allocator, reference),
+                 out_shardings=shardings, donate_argnums=0)(params)
 
 
 def abstract_state(tx, abstract_params: Params, seed: int, shardings: dict[str, Any],
-                   lisa_k: int = 0, allocator=None):
+                   lisa_k: int = 0, allocator=None, reference: bool = False):
   """ShapeDtypeStructs of the train state, carrying their shardings (a restore target)."""
-  shapes = jax.eval_shape(lambda p: new_state(tx, p, seed, lisa_k, allocator), abstract_params)
+  shapes = jax.eval_shape(lambda p: new_state(tx, p, seed, lisa_k, allocator, reference),
+                          abstract_params)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       shapes, shardings)

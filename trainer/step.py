@@ -17,7 +17,7 @@ import optax
 
 from models.peft import adalora
 from parallel import ring_attention
-from trainer import losses
+from trainer import losses, objectives
 from trainer.state import ModelHandle, cast_floating
 
 Batch = dict[str, jax.Array]
@@ -32,76 +32,146 @@ def split_microbatches(batch: Batch, n: int) -> Batch:
 
 
 def mean_gradients(grad_fn: Callable, batch: Batch, rng, grad_accum: int, zeros: Callable):
-  """(loss sum, token count, gradients / count) over `grad_accum` microbatches, accumulated in a
-  scan. grad_fn(microbatch, rng) -> ((loss sum, count), gradients); zeros() the accumulator."""
+  """(loss sum, count, aux sums, gradients / count) over `grad_accum` microbatches, accumulated
+  in a scan. grad_fn(microbatch, rng) -> ((loss sum, count, aux sums), gradients); zeros() the
+  gradient accumulator."""
   if grad_accum == 1:
-    (loss_sum, count), grads = grad_fn(batch, rng)
+    (loss_sum, count, aux), grads = grad_fn(batch, rng)
   else:
     def accumulate(carry, xs):
       micro, i = xs
-      (loss_sum, count), grads = grad_fn(micro, jax.random.fold_in(rng, i))
-      acc_grads, acc_loss, acc_count = carry
-      return (jax.tree.map(jnp.add, acc_grads, grads), acc_loss + loss_sum, acc_count + count), None
-    (grads, loss_sum, count), _ = jax.lax.scan(
-        accumulate, (zeros(), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
-        (split_microbatches(batch, grad_accum), jnp.arange(grad_accum)))
+      out, grads = grad_fn(micro, jax.random.fold_in(rng, i))
+      acc_out, acc_grads = carry
+      return (jax.tree.map(jnp.add, acc_out, out), jax.tree.map(jnp.add, acc_grads, grads)), None
+    micro = jax.tree.map(lambda x: x[0], split_microbatches(batch, grad_accum))
+    shapes = jax.eval_shape(lambda m: grad_fn(m, rng)[0], micro)
+    acc = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
+    ((loss_sum, count, aux), grads), _ = jax.lax.scan(
+        accumulate, (acc, zeros()), (split_microbatches(batch, grad_accum), jnp.arange(grad_accum)))
   denom = jnp.maximum(count, 1.0)
-  return loss_sum, count, jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads)
+  return loss_sum, count, aux, jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads)
 
 
-def make_loss_fn(handle: ModelHandle, compute_dtype, neftune_alpha: float = 0.0) -> Callable:
-  """loss_fn(params, batch, rng=None) -> (sum of token losses, token count). An rng means a
-  training step: then NEFTune noise (with `neftune_alpha`) goes on the input embeddings, PEFT's
-  LoRA dropout applies, and AdaLoRA's orthogonality penalty joins the loss (as count x weight x
-  penalty, so that it is weight x penalty after the division by the token count)."""
+def make_loss_fn(handle: ModelHandle, compute_dtype, neftune_alpha: float = 0.0,
+                 spec: objectives.Spec | None = None) -> Callable:
+  """loss_fn(params, batch, rng=None, reference=None) -> (loss sum, count, aux sums) for the
+  objective `spec` (default: lm); the mean is sum / count, and so is each aux metric.
+
+  An rng means a training step: then NEFTune noise (with `neftune_alpha`) goes on the input
+  embeddings, PEFT's LoRA dropout applies, and AdaLoRA's orthogonality penalty joins the loss (as
+  count x weight x penalty, so that it is weight x penalty after the division by the count).
+  `reference` (dpo, full fine-tuning): the frozen reference model's parameters; with PEFT the
+  reference is the same parameters with the adapters switched off, and with
+  `dpo.precompute_ref` the batch brings its log-probs."""
   peft = handle.peft
+  spec = spec or objectives.Spec()
+  pairs = spec.objective in ("dpo", "reward")
 
-  def loss_fn(params, batch: Batch, rng=None):
-    if handle.cfg.attention_impl == "ring" and ring_attention.sequence_parallel_size() > 1:
-      order = ring_attention.layout(batch["inputs"].shape[1])  # load balance
-      batch = {k: v[:, order] for k, v in batch.items()}
+  def forward(params, batch, rng=None):
     model = handle.bind(cast_floating(params, compute_dtype))
     noise = (rng, neftune_alpha) if neftune_alpha and rng is not None else None
-    extra = {}
+    extra = {"shared_prompt": True} if pairs else {}
     if rng is not None and peft is not None and peft.dropout:
       extra["dropout_rng"] = jax.random.fold_in(rng, 2)
     hidden = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"],
                           embed_noise=noise, **extra)
-    loss_sum, count = losses.lm_loss(model.logits(hidden), batch["targets"], batch["weights"])
+    return model, hidden
+
+  def loss_fn(params, batch: Batch, rng=None, reference=None):
+    k = objectives.max_pairs(batch["inputs"].shape[1])
+    if pairs:
+      batch = {**batch, "last": objectives.last_positions(batch["segment_ids"])}
+    if handle.cfg.attention_impl == "ring" and ring_attention.sequence_parallel_size() > 1:
+      order = ring_attention.layout(batch["inputs"].shape[1])  # load balance
+      batch = {k: v[:, order] for k, v in batch.items()}
+    model, hidden = forward(params, batch, rng)
+    seg, w = batch["segment_ids"], batch["weights"]
+    if spec.objective == "reward":
+      scores = objectives.pair_sums(model.values(hidden) * batch["last"], seg, k)
+      present = objectives.pair_sums(batch["last"], seg, k)
+      valid = (present[0] > 0) & (present[1] > 0)
+      out = objectives.pair_metrics(objectives.bradley_terry(*scores), *scores, valid)
+    else:
+      nll = losses.token_nll(model.logits(hidden), batch["targets"])
+      if spec.objective == "dpo":
+        out = dpo_metrics(params, batch, nll, reference, k)
+      elif spec.objective == "sft" and spec.sft_normalize == "sequence":
+        out = (*objectives.sequence_sums(nll, w, seg), {})
+      else:
+        out = (jnp.sum(nll * w), jnp.sum(w), {})
+    loss_sum, count, aux = out
     if rng is not None and peft is not None and peft.orth_weight:
       loss_sum += count * peft.orth_weight * adalora.orthogonality(params["peft"])
-    return loss_sum, count
+    return loss_sum, count, aux
+
+  def dpo_metrics(params, batch, nll, reference, k):
+    seg, w = batch["segment_ids"], batch["weights"]
+    pi_c, pi_r = objectives.pair_sums(-nll * w, seg, k)
+    n_c, n_r = objectives.pair_sums(w, seg, k)
+    if spec.dpo_loss in objectives.REFERENCE_FREE:
+      ref_c = ref_r = jnp.zeros_like(pi_c)
+    elif spec.precompute_ref:
+      ref_c, ref_r = objectives.pair_sums(batch["reference"], seg, k)
+    else:
+      ref_params = reference if peft is None else peft.reference_params(params)
+      ref_c, ref_r = jax.lax.stop_gradient(answer_logps(ref_params, batch))
+    losses_, reward_c, reward_r = objectives.preference_losses(
+        spec.dpo_loss, pi_c, pi_r, ref_c, ref_r, n_c, n_r, spec.beta, spec.label_smoothing,
+        spec.simpo_gamma)
+    if spec.dpo_loss == "orpo":  # plus the chosen answer's token-mean NLL
+      losses_ = losses_ - pi_c / jnp.maximum(n_c, 1.0)
+    return objectives.pair_metrics(losses_, reward_c, reward_r, (n_c > 0) & (n_r > 0))
+
+  answer_logps = make_answer_logps(handle, compute_dtype)
   return loss_fn
+
+
+def make_answer_logps(handle: ModelHandle, compute_dtype) -> Callable:
+  """answer_logps(params, batch) -> (chosen, rejected), each (batch, pairs): the summed
+  log-probs of each preference pair's answer tokens (the reference side of DPO)."""
+  def answer_logps(params, batch):
+    model = handle.bind(cast_floating(params, compute_dtype))
+    hidden = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"],
+                          shared_prompt=True)
+    logp = -losses.token_nll(model.logits(hidden), batch["targets"]) * batch["weights"]
+    return objectives.pair_sums(logp, batch["segment_ids"],
+                                objectives.max_pairs(batch["inputs"].shape[1]))
+  return answer_logps
 
 
 def make_train_step(handle: ModelHandle, tx: optax.GradientTransformation, schedule,
                     compute_dtype, grad_accum: int, grad_shardings=None,
-                    opt_device_shardings=None, labels=None, neftune_alpha: float = 0.0
-                    ) -> Callable:
+                    opt_device_shardings=None, labels=None, neftune_alpha: float = 0.0,
+                    spec: objectives.Spec | None = None) -> Callable:
   """`grad_shardings`: where gradients live (ZeRO-2 shards them, so the data-parallel sum is a
   reduce-scatter rather than an all-reduce); None leaves it to the compiler.
   `opt_device_shardings`: when the optimizer state rests in host memory (offload), where it is
   brought for the update; the step's out_shardings send it back.
   `labels` (PEFT): gradients are taken with respect to the non-"frozen" leaves only, so frozen
   weights cost no weight-gradient matmuls, no accumulation buffers and no part in the norm.
-  `neftune_alpha`: NEFTune noise on the input embeddings (training only)."""
-  loss_fn = make_loss_fn(handle, compute_dtype, neftune_alpha)
+  `neftune_alpha`: NEFTune noise on the input embeddings (training only). `spec`: the objective
+  (trainer/objectives.py; default lm); a DPO reference model's parameters, when the objective
+  needs them in every step, are the state's "reference"."""
+  loss_fn = make_loss_fn(handle, compute_dtype, neftune_alpha, spec)
   allocator = None if handle.peft is None else handle.peft.allocator
   train_mask = None if labels is None else [l != "frozen" for l in jax.tree.leaves(labels)]
 
-  def grad_fn(params, batch, rng):
-    """((loss sum, count), gradients): a list over the trainable leaves, in tree order."""
+  def grad_fn(params, batch, rng, reference=None):
+    """((loss sum, count, aux sums), gradients): a list over the trainable leaves, in tree
+    order."""
     flat, treedef = jax.tree.flatten(params)
     mask = train_mask or [True] * len(flat)
 
     def of_trainable(trainable, batch):
       it = iter(trainable)
-      return loss_fn(treedef.unflatten([next(it) if m else x for x, m in zip(flat, mask)]),
-                     batch, rng)
+      loss_sum, count, aux = loss_fn(
+          treedef.unflatten([next(it) if m else x for x, m in zip(flat, mask)]), batch, rng,
+          reference)
+      return loss_sum, (count, aux)
 
-    out, grads = jax.value_and_grad(of_trainable, has_aux=True)(
+    (loss_sum, (count, aux)), grads = jax.value_and_grad(of_trainable, has_aux=True)(
         [x for x, m in zip(flat, mask) if m], batch)
-    return out, constrain(grads)
+    return (loss_sum, count, aux), constrain(grads)
 
   def constrain(trainable_grads):
     if grad_shardings is None:
@@ -121,13 +191,15 @@ def make_train_step(handle: ModelHandle, tx: optax.GradientTransformation, sched
     params = state["params"]
     rng = jax.random.fold_in(state["rng"], 1)  # noise of this step (NEFTune)
 
+    reference = state.get("reference")
+
     def zeros():
-      shapes = jax.eval_shape(lambda p, b, r: grad_fn(p, b, r)[1], params,
+      shapes = jax.eval_shape(lambda p, b, r: grad_fn(p, b, r, reference)[1], params,
                               jax.tree.map(lambda x: x[:x.shape[0] // grad_accum], batch), rng)
       return constrain(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
 
-    loss_sum, count, grads = mean_gradients(lambda micro, r: grad_fn(params, micro, r), batch,
-                                            rng, grad_accum, zeros)
+    loss_sum, count, aux, grads = mean_gradients(
+        lambda micro, r: grad_fn(params, micro, r, reference), batch, rng, grad_accum, zeros)
     denom = jnp.maximum(count, 1.0)
     grad_norm = optax.tree.norm(grads)
     grads = full_tree(params, grads)
@@ -141,22 +213,26 @@ def make_train_step(handle: ModelHandle, tx: optax.GradientTransformation, sched
         "opt_state": opt_state,
         "rng": jax.random.fold_in(state["rng"], state["step"]),
     }
+    if reference is not None:
+      new_state["reference"] = reference
     if allocator is not None:  # AdaLoRA: reallocate ranks after the update, as PEFT does
       new_params = new_state["params"]
       adapters, new_state["adalora"] = allocator.update(
           state["step"] + 1, new_params["peft"], grads["peft"], state["adalora"])
       new_state["params"] = {**new_params, "peft": adapters}
     metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm, "lr": schedule(state["step"]),
-               "tokens": count}
+               "tokens": count, **{k: v / denom for k, v in aux.items()}}
     return new_state, metrics
 
   return train_step
 
 
-def make_eval_step(handle: ModelHandle, compute_dtype) -> Callable:
-  loss_fn = make_loss_fn(handle, compute_dtype)
+def make_eval_step(handle: ModelHandle, compute_dtype,
+                   spec: objectives.Spec | None = None) -> Callable:
+  """eval_step(params, batch, reference=None) -> (loss sum, count, aux sums)."""
+  loss_fn = make_loss_fn(handle, compute_dtype, spec=spec)
 
-  def eval_step(params, batch: Batch):
-    return loss_fn(params, batch)  # no rng: no NEFTune noise
+  def eval_step(params, batch: Batch, reference=None):
+    return loss_fn(params, batch, None, reference)  # no rng: no noise, dropout or penalty
 
   return eval_step

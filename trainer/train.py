@@ -20,11 +20,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 import parallel
-from models import hf
+from models import hf, safetensors_io
 from models import peft as peft_lib
 from trainer import checkpoint as ckpt_lib
 from trainer import evaluate as evaluate_lib, generate, metrics as metrics_lib, optim
-from trainer import lisa, state as state_lib, step as step_lib
+from trainer import lisa, objectives, state as state_lib, step as step_lib
 from trainer.data import pipeline
 from trainer.validate import (UserError, check_backend, check_config, check_mesh, init_folder,
                               model_config)
@@ -101,8 +101,8 @@ def offload_kind(cfg) -> str | None:
 
 def to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
   """Host-local numpy batch -> global jax arrays laid out by `sharding`."""
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
-          for k in BATCH_KEYS}
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,6 +126,8 @@ class Plan:
   param_dtype: Any
   model_shardings: Any  # of the plain model's parameters (before PEFT storage), for loading
   lisa_k: int  # LISA: layers trained at a time (0: not LISA)
+  spec: objectives.Spec  # the objective
+  reference: bool  # the state keeps DPO's reference parameters
 
 
 def plan(cfg, mcfg, mesh) -> Plan:
@@ -136,6 +138,8 @@ def plan(cfg, mcfg, mesh) -> Plan:
   batch_sharding = parallel.sharding(("batch", "length"), mesh, strategy.activations)
   peft = peft_lib.Peft.from_config(cfg.peft, mcfg, tc.steps)
   allocator = None if peft is None else peft.allocator
+  spec = objectives.Spec.from_config(cfg)
+  reference = spec.needs_reference and peft is None  # PEFT: the adapters switched off
   handle = state_lib.model_handle(mcfg, peft)
   labels = None if peft is None else peft.labels(handle.abstract_params())
   tx, schedule = optim.make_optimizer(tc, labels, cfg.peft.lora_plus_scale)
@@ -160,21 +164,67 @@ def plan(cfg, mcfg, mesh) -> Plan:
   if offload:
     opt_device_shardings = opt_shardings
     opt_shardings = state_lib.with_memory_kind(opt_shardings, offload)
-  shardings = state_lib.state_shardings(p_shardings, opt_shardings, mesh, lisa_k, allocator)
+  shardings = state_lib.state_shardings(p_shardings, opt_shardings, mesh, lisa_k, allocator,
+                                       reference)
   if lisa_k:
     step_fn = lisa.make_train_step(handle, tx, schedule, compute_dtype, tc.grad_accum, lisa_k,
-                                   cfg.peft.lisa_step_interval, tc.neftune_alpha)
+                                   cfg.peft.lisa_step_interval, tc.neftune_alpha, spec)
   else:
     step_fn = step_lib.make_train_step(handle, tx, schedule, compute_dtype, tc.grad_accum,
-                                       g_shardings, opt_device_shardings, labels, tc.neftune_alpha)
+                                       g_shardings, opt_device_shardings, labels, tc.neftune_alpha,
+                                       spec)
   train_step = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
                        out_shardings=(shardings, None), donate_argnums=0)
-  eval_step = jax.jit(step_lib.make_eval_step(handle, compute_dtype),
-                      in_shardings=(p_shardings, batch_sharding))
-  return Plan(handle, tx, mesh, strategy.activations, batch_sharding, shardings,
-              state_lib.abstract_state(tx, abstract_params, tc.seed, shardings, lisa_k, allocator),
-              train_step,
-              eval_step, compute_dtype, param_dtype, model_shardings, lisa_k)
+  eval_step = jax.jit(step_lib.make_eval_step(handle, compute_dtype, spec))  # inputs are placed
+  abstract = state_lib.abstract_state(tx, abstract_params, tc.seed, shardings, lisa_k, allocator,
+                                      reference)
+  return Plan(handle, tx, mesh, strategy.activations, batch_sharding, shardings, abstract,
+              train_step, eval_step, compute_dtype, param_dtype, model_shardings, lisa_k, spec,
+              reference)
+
+
+def reference_tables(pl: Plan, data, state, workdir: str, shard, batch_size: int) -> None:
+  """dpo.precompute_ref: the reference model's log-probs of every training and eval pair's two
+  answers, computed in one pass before training and attached to the rows (each batch then
+  brings them), so that no step runs the reference model. Saved in the workdir: a resumed run
+  (whose parameters have moved) reads them back."""
+  path = os.path.join(workdir, "reference_logps.safetensors")
+  if os.path.exists(path):
+    saved = safetensors_io.SafetensorsFile(path)
+    data.train.reference, data.eval.reference = saved.get("train"), saved.get("eval")
+    return
+  if int(state["step"]) != 0:
+    raise UserError(f"{path} is missing and the run is past step 0: the reference model (the "
+                    "starting parameters) is gone; start a new workdir")
+  params = state["params"]
+  reference = params if pl.handle.peft is None else pl.handle.peft.reference_params(params)
+  answer_logps = step_lib.make_answer_logps(pl.handle, pl.compute_dtype)
+
+  @jax.jit
+  def per_pair(params, batch):
+    k = objectives.max_pairs(batch["inputs"].shape[1])
+    seg = batch["segment_ids"]
+    first = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], 1)
+    examples = objectives.pair_sums(jnp.where(first, batch["example"] + 1, 0), seg, k)[0] - 1
+    return (*answer_logps(params, batch), examples)
+
+  t0 = time.perf_counter()
+  tables = {}
+  for name, rows in (("train", data.train), ("eval", data.eval)):
+    table = np.zeros((len(rows.ids), 2), np.float32)
+    once = pipeline.batches(pipeline.single_pass(rows), batch_size, shard=shard, repeat=False)
+    for i in range(len(once)):
+      out = per_pair(reference, to_global(once[i], pl.batch_sharding))
+      chosen, rejected, examples = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                                    for x in out)
+      seen = examples >= 0
+      table[examples[seen]] = np.stack([chosen[seen], rejected[seen]], axis=-1)
+    tables[name] = table
+  data.train.reference, data.eval.reference = tables["train"], tables["eval"]
+  if jax.process_index() == 0:
+    safetensors_io.write(path, list(tables.items()))
+  _log(f"reference log-probs of {sum(len(t) for t in tables.values())} pairs: "
+       f"{time.perf_counter() - t0:.1f}s")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,10 +257,6 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
                     f"tokenizer's {tokenizer.vocab_size} pieces")
   write_run_config(cfg, mcfg, mesh_sizes, workdir)
   shard = (jax.process_index(), jax.process_count())  # each process reads only its rows
-  train_ds = pipeline.batches(data.train, tc.batch_size, shard=shard)
-  eval_ds = pipeline.batches(data.eval, tc.batch_size, shard=shard, repeat=False)
-  eval_batches = [eval_ds[i] for i in range(min(tc.eval_batches, len(eval_ds)))]
-  train_iter = iter(train_ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.data.num_threads)))
   _log("data: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                             for k, v in sorted(data_stats.items())))
 
@@ -224,17 +270,26 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
     if init is not None:
       _log(f"loading {init}")
       base = hf.load(init, pl.model_shardings, pl.param_dtype, remat=mcfg.remat,
-                     attention_impl=mcfg.attention_impl)[1]
+                     attention_impl=mcfg.attention_impl, value_head=mcfg.value_head)[1]
     params = state_lib.init_params(pl.handle, tc.seed, pl.shardings["params"], pl.param_dtype,
                                    base=base, model_shardings=pl.model_shardings)
     state = state_lib.init_state(pl.tx, params, tc.seed, pl.shardings, pl.lisa_k,
-                                 pl.handle.peft and pl.handle.peft.allocator)
+                                 pl.handle.peft and pl.handle.peft.allocator, pl.reference)
     start_step = 0
   else:
     state, data_state = checkpointer.restore(latest, pl.abstract_state)
-    train_iter.set_state(data_state)
     start_step = latest
     _log(f"resumed from {checkpointer.directory} at step {latest}")
+  if pl.spec.objective == "dpo" and pl.spec.precompute_ref:
+    with parallel.activate(mesh, pl.rules):
+      reference_tables(pl, data, state, workdir, shard, tc.batch_size)
+  # the rows are complete (reference log-probs included): now the batches can be read
+  train_ds = pipeline.batches(data.train, tc.batch_size, shard=shard)
+  eval_ds = pipeline.batches(data.eval, tc.batch_size, shard=shard, repeat=False)
+  eval_batches = [eval_ds[i] for i in range(min(tc.eval_batches, len(eval_ds)))]
+  train_iter = iter(train_ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.data.num_threads)))
+  if latest is not None:
+    train_iter.set_state(data_state)
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   _log(f"model: {n_params / 1e6:.2f}M parameters, vocab {mcfg.vocab_size}; mesh "
        f"{dict(mesh.shape)}")
@@ -247,11 +302,15 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
     _log(f"peft {cfg.peft.method}: {trainable:,} trainable parameters of {total:,} "
          f"({trainable / total:.3%}) at a time")
 
-  def evaluate(params) -> dict[str, float]:
+  def evaluate(state) -> dict[str, float]:
+    params, reference = state["params"], state.get("reference")
     with parallel.activate(mesh, pl.rules):
-      sums = [pl.eval_step(params, to_global(b, pl.batch_sharding)) for b in eval_batches]
+      sums = jax.device_get([pl.eval_step(params, to_global(b, pl.batch_sharding), reference)
+                             for b in eval_batches])
       total, count = (float(sum(s[i] for s in sums)) for i in (0, 1))
       out = {"eval_loss": total / max(count, 1.0)}
+      for key in (sums[0][2] if sums else {}):  # dpo, reward: rewards, accuracy, margin
+        out[f"eval_{key}"] = float(sum(s[2][key] for s in sums)) / max(count, 1.0)
       if tc.eval_exact_match and data.template is not None:
         out["eval_exact_match"] = evaluate_lib.chat_exact_match(
             pl.handle, params, tokenizer, data.template, data.eval_records[:tc.eval_exact_match],
@@ -269,7 +328,7 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
   step = start_step
   try:
     if start_step == 0 and tc.eval_exact_match and data.template is not None:
-      before = evaluate(state["params"])  # the baseline the run improves on
+      before = evaluate(state)  # the baseline the run improves on
       writer.write(0, before)
       writer.note(f"before training: {before}")
     for step in range(start_step + 1, end_step + 1):
@@ -289,18 +348,19 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
         tps = tokens_since / elapsed if tokens_since and elapsed > 0 else 0.0
         last = {"loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
                 "tokens_per_sec": tps, "mfu": tps * flops_per_token / (peak * len(devices)),
-                "padding_ratio": data_stats["padding_ratio"]}
+                "padding_ratio": data_stats["padding_ratio"],
+                **{k: v for k, v in m.items() if k not in ("loss", "lr", "grad_norm", "tokens")}}
         if not np.isfinite(m["loss"]):
           writer.note(f"step {step}: loss is {m['loss']}")
         writer.write(step, last)
         t_log, tokens_since = time.perf_counter(), 0.0
       if tc.eval_every and step % tc.eval_every == 0 and step != end_step:
-        writer.write(step, evaluate(state["params"]))
+        writer.write(step, evaluate(state))
       if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step != end_step:
         checkpointer.save(step, state, train_iter.get_state())
     if step > start_step or latest is None:
       checkpointer.save(step, state, train_iter.get_state())
-    final_eval = evaluate(state["params"])
+    final_eval = evaluate(state)
     writer.write(step, final_eval)
     last = {**last, **final_eval}
   finally:

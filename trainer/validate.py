@@ -16,6 +16,7 @@ from parallel import rules as rules_lib
 from trainer.data.packing import MODES, TRUNCATION
 from trainer.data.sources import FORMATS
 from trainer.data.templates import TEMPLATES
+from trainer import objectives
 from trainer.errors import UserError
 from trainer.optim import SCHEDULES
 
@@ -60,6 +61,7 @@ def check_config(cfg) -> None:
   _require(d.truncation in TRUNCATION, "data.truncation",
            f"{d.truncation!r} is not one of {', '.join(TRUNCATION)}")
   _require(d.pack_group > 0, "data.pack_group", f"must be positive, got {d.pack_group}")
+  check_objective(cfg)
   if d.tokenizer:
     _require(os.path.exists(d.tokenizer), "data.tokenizer", f"no file at {d.tokenizer}")
   else:
@@ -74,6 +76,38 @@ def check_config(cfg) -> None:
     peft_lib.Peft.from_config(cfg.peft, mc, cfg.train.steps)
   except ValueError as e:
     raise UserError(f"config key {e}") from None
+
+
+def check_objective(cfg) -> None:
+  """train.objective against the data format and its own sections."""
+  t, d, o = cfg.train, cfg.data, cfg.train.objective
+  _require(o in objectives.OBJECTIVES, "train.objective",
+           f"{o!r} is not one of {', '.join(objectives.OBJECTIVES)}")
+  pairs = o in ("dpo", "reward")
+  if pairs:
+    _require(d.format == "preference", "data.format",
+             f"train.objective={o} learns from preference pairs: set data.format=preference "
+             "(records with prompt, chosen and rejected)")
+  else:
+    _require(d.format != "preference", "train.objective",
+             "data.format=preference records are pairs: use train.objective dpo or reward")
+  if o == "sft":
+    _require(d.format == "chat", "data.format",
+             "train.objective=sft learns assistant turns: set data.format=chat")
+    _require(cfg.sft.normalize in objectives.SFT_NORMALIZE, "sft.normalize",
+             f"{cfg.sft.normalize!r} is not one of {', '.join(objectives.SFT_NORMALIZE)}")
+  if o == "dpo":
+    _require(cfg.dpo.loss in objectives.DPO_LOSSES, "dpo.loss",
+             f"{cfg.dpo.loss!r} is not one of {', '.join(objectives.DPO_LOSSES)}")
+    _require(cfg.dpo.beta > 0, "dpo.beta", f"must be positive, got {cfg.dpo.beta}")
+    _require(0 <= cfg.dpo.label_smoothing < 0.5, "dpo.label_smoothing",
+             f"must be in [0, 0.5), got {cfg.dpo.label_smoothing}")
+    _require(not (cfg.dpo.precompute_ref and cfg.dpo.loss in objectives.REFERENCE_FREE),
+             "dpo.precompute_ref", f"dpo.loss={cfg.dpo.loss} uses no reference model")
+  _require(t.eval_exact_match == 0 or d.format == "chat", "train.eval_exact_match",
+           "scores generated replies of chat records: set data.format=chat or 0")
+  _require(not (pairs and cfg.peft.method == "lisa"), "peft.method",
+           f"lisa is for the lm and sft objectives, not {o}")
 
 
 def init_folder(cfg) -> str | None:
@@ -94,13 +128,15 @@ def model_config(cfg, vocab_size: int) -> ModelConfig:
   `model.init_from=hf:DIR` the shape is the Hugging Face model's; only the execution choices
   (remat, attention_impl) come from the config."""
   fields = {k: v for k, v in cfg.model.items() if k != "init_from"}
+  fields["value_head"] = cfg.train.objective == "reward"
   if fields["vocab_size"] == 0:
     fields["vocab_size"] = vocab_size
   folder = init_folder(cfg)
   if folder is not None:
     try:
       mc = hf.config_from_hf(hf.read_config(folder), remat=fields["remat"],
-                             attention_impl=fields["attention_impl"])
+                             attention_impl=fields["attention_impl"],
+                             value_head=fields["value_head"])
     except (ValueError, KeyError) as e:
       raise UserError(f"config key model.init_from: {folder}: {e}") from None
   else:

@@ -384,6 +384,17 @@ class Peft:
     return {"q": (d, h, hd), "k": (d, kv, hd), "v": (d, kv, hd), "o": (h, hd, d),
             "gate": (d, f), "up": (d, f), "down": (f, d)}[name]
 
+  def reference_params(self, params: dict) -> dict:
+    """The model before fine-tuning (DPO's reference) from the same parameters, without a second
+    copy of the weights: the adapters switched off; for PiSSA, whose base is a residual, the
+    initial A and B folded back in."""
+    base = {k: v for k, v in params.items() if k != "peft"}
+    if self.init_kind != "pissa":
+      return base
+    initial = {m: {n: {"lora_a": e["lora_a_init"], "lora_b": e["lora_b_init"]}
+                   for n, e in entries.items()} for m, entries in params["peft"].items()}
+    return {**base, "peft": initial}
+
   # --- what trains ---------------------------------------------------------------------------
 
   def labels(self, params: dict) -> dict:

@@ -11,6 +11,7 @@ only: together the processes' batches hold exactly the single-process batch.
 from __future__ import annotations
 
 import bisect
+import copy
 import dataclasses
 import os
 import zlib
@@ -19,7 +20,7 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
-from trainer.data import packing, sources, stdlib_corpus, templates
+from trainer.data import packing, pairs, sources, stdlib_corpus, templates
 from trainer.data import tokenizer as tokenizer_lib
 from trainer.data.sources import DataError
 
@@ -34,7 +35,8 @@ Examples = tuple[list[np.ndarray], list[np.ndarray]]  # token ids, loss masks
 
 def tokenize(records: Sequence[dict[str, Any]], fmt: str, tokenizer,
              template: templates.Template | None) -> Examples:
-  """Text: [BOS] text [EOS], every token learned. Chat: the template, assistant turns learned."""
+  """Text: [BOS] text [EOS], every token learned. Chat: the template, assistant turns learned.
+  Preference: `pairs.Pair`s (as the ids; no masks)."""
   if fmt == "text":
     encoded = tokenizer.encode_batch([r["text"] for r in records])
     ids = [np.asarray([tokenizer.bos_id, *e, tokenizer.eos_id], np.int32) for e in encoded]
@@ -43,8 +45,9 @@ def tokenize(records: Sequence[dict[str, Any]], fmt: str, tokenizer,
   if fmt == "chat":
     out = [templates.encode_chat(template, tokenizer, r["messages"]) for r in records]
     return [i for i, _ in out], [m for _, m in out]
-  raise DataError(f"data.format={fmt!r} records are read (prompt/chosen/rejected) but only the "
-                  "preference objectives consume them; train.objective has none yet")
+  if fmt == "preference":
+    return pairs.tokenize_pairs(records, tokenizer, template), [None] * len(records)
+  raise DataError(f"data.format={fmt!r} is not one of {', '.join(sources.FORMATS)}")
 
 
 class PackedRows:
@@ -53,6 +56,11 @@ class PackedRows:
 
   def __init__(self, datasets: Sequence[Examples], weights: Sequence[float], seq_len: int,
                mode: str, truncation: str, seed: int, shuffle: bool, group: int, stats: dict):
+    self.preference = bool(datasets) and isinstance(datasets[0][0][0], pairs.Pair)
+    if self.preference:  # whole pairs only, placed best-fit
+      mode = "greedy" if mode == "concat" else mode
+      truncation = "drop"
+    self.reference = None  # preference: (pairs, 2) precomputed reference log-probs
     self.seq_len, self.mode, self.seed, self.shuffle, self.group = seq_len, mode, seed, shuffle, group
     self.ids = [x for ids, _ in datasets for x in ids]
     self.masks = [m for _, masks in datasets for m in masks]
@@ -96,11 +104,16 @@ class PackedRows:
     """Row i; past the end of a finite (`batches(repeat=False)`) pass, an all-padding row."""
     i = int(i)
     if i < 0:
-      return packing.assemble([], self.ids, self.masks, self.seq_len)
+      return self._assemble([])
     while self.starts[-1] <= i:  # plan epochs up to the one holding row i
       self.epoch(len(self.plans))
     e = bisect.bisect_right(self.starts, i) - 1
-    return packing.assemble(self.plans[e][i - self.starts[e]], self.ids, self.masks, self.seq_len)
+    return self._assemble(self.plans[e][i - self.starts[e]])
+
+  def _assemble(self, row):
+    if self.preference:
+      return pairs.assemble(row, self.ids, self.masks, self.seq_len, self.reference)
+    return packing.assemble(row, self.ids, self.masks, self.seq_len)
 
 
 class _Padded:
@@ -111,6 +124,17 @@ class _Padded:
 
   def __call__(self, i: int) -> int:
     return int(i) if i < self.n else -1
+
+
+def single_pass(rows: PackedRows) -> PackedRows:
+  """A view of the same examples, each exactly once and in order (no mixture, no shuffle): its
+  `batches(..., repeat=False)` visit every example of `rows` (DPO's reference pass)."""
+  view = copy.copy(rows)
+  view.plans = [packing.plan_rows([p for ds in rows.pieces for p in ds], rows.seq_len, rows.mode,
+                                  rows.group)]
+  view.starts = [0, len(view.plans[0])]
+  view.reference = None
+  return view
 
 
 def batches(rows: PackedRows, batch_size: int, *, shard: tuple[int, int] = (0, 1),
@@ -159,6 +183,9 @@ def _records(cfg, stats: dict) -> tuple[list[list[dict]], list[list[dict]]]:
 def _training_text(records: list[dict], template: templates.Template | None) -> list[str]:
   if template is None:
     return [r["text"] for r in records]
+  if records and "messages" not in records[0]:  # preference: prompt and both answers
+    return ["".join(t for k in ("prompt", "chosen", "rejected") for t, _ in template.render(
+        pairs.messages(r[k], "user" if k == "prompt" else "assistant", k))) for r in records]
   return ["".join(t for t, _ in template.render(r["messages"])) for r in records]
 
 
@@ -180,7 +207,7 @@ def build(cfg, workdir: str, is_leader: bool, sync=lambda: None) -> Data:
   """
   d, t = cfg.data, cfg.train
   stats: dict[str, Any] = {}
-  template = templates.get(d.template) if d.format == "chat" else None
+  template = templates.get(d.template) if d.format in ("chat", "preference") else None
   train_records, eval_records = _records(cfg, stats)
   init = cfg.model.get("init_from", "")
   source = d.tokenizer or (init[3:] if init.startswith("hf:") else "")
