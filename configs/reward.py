@@ -15,5 +15,5 @@ from configs import dpo
 
 def get_config(arg=None):
   c = dpo.get_config(arg)
-  c.train.update(objective="reward", lr=5e-4)
+  c.train.update(objective="reward", lr=5e-4, steps=1000, eval_every=250, checkpoint_every=250)
   return c

@@ -25,7 +25,7 @@ def get_config(arg=None):
   c.data.update(source="files", format="chat", template="chatml", packing="greedy",
                 truncation="truncate", train_files=os.path.join(_DATA, "train.jsonl"),
                 eval_files=os.path.join(_DATA, "eval.jsonl"), tokenizer_vocab_size=400)
-  c.train.update(steps=1500, batch_size=32, seq_len=64, lr=1e-3, warmup_steps=50,
-                 log_every=20, eval_every=500, eval_batches=2, checkpoint_every=500,
+  c.train.update(objective="sft", steps=1500, batch_size=32, seq_len=64, lr=1e-3,
+                 warmup_steps=50, log_every=20, eval_every=500, eval_batches=2, checkpoint_every=500,
                  eval_exact_match=200, sample_tokens=0, weight_decay=0.0)
   return c

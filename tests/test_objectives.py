@@ -88,3 +88,30 @@ def test_pair_sums_and_sequence_means_against_numpy():
   assert int(count) == len(means)
   last = np.asarray(objectives.last_positions(jnp.asarray(seg)))
   np.testing.assert_array_equal(last[1], [1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+
+
+def test_sft_normalisation_per_token_and_per_sequence(tmp_path):
+  """The loss function's two SFT normalisations on a packed row of examples of different
+  lengths, against the per-token losses recomputed by hand."""
+  import hf_models
+  from models import hf
+  from trainer import losses, state as state_lib, step as step_lib
+  hf_models.make("llama", str(tmp_path / "base"))
+  cfg, params = hf.load(str(tmp_path / "base"))
+  handle = state_lib.model_handle(cfg)
+  seg = np.array([[1] * 3 + [2] * 9 + [3] * 4 + [0] * 2])
+  pos = np.concatenate([np.arange(3), np.arange(9), np.arange(4), [0, 0]])[None]
+  w = np.array([[0, 1, 1] + [0] * 4 + [1] * 5 + [0, 1, 1, 1] + [0, 0]], np.float32)
+  batch = {"inputs": RNG.integers(0, 97, seg.shape), "targets": RNG.integers(0, 97, seg.shape),
+           "weights": w, "positions": pos, "segment_ids": seg}
+  model = handle.bind(params)
+  nll = np.asarray(losses.token_nll(model.logits(model.hidden(
+      batch["inputs"], batch["positions"], batch["segment_ids"])), batch["targets"]))[0]
+  per_token = step_lib.make_loss_fn(handle, jnp.float32, spec=objectives.Spec("sft", "token"))
+  per_seq = step_lib.make_loss_fn(handle, jnp.float32, spec=objectives.Spec("sft", "sequence"))
+  total, count, _ = per_token(params, batch)
+  np.testing.assert_allclose(float(total) / float(count), (nll * w[0]).sum() / w.sum(), rtol=1e-5)
+  total, count, _ = per_seq(params, batch)
+  means = [(nll * w[0])[seg[0] == s].sum() / w[0][seg[0] == s].sum() for s in (1, 2, 3)]
+  assert int(count) == 3
+  np.testing.assert_allclose(float(total) / 3, np.mean(means), rtol=1e-5)
