@@ -27,8 +27,10 @@ def get_config(arg=None):
   c.data.update(source="files", format="preference", template="chatml", packing="greedy",
                 train_files=os.path.join(_DATA, "train.jsonl"),
                 eval_files=os.path.join(_DATA, "eval.jsonl"), tokenizer_vocab_size=400)
-  c.train.update(objective="dpo", steps=300, batch_size=16, seq_len=128, lr=1e-3,
-                 warmup_steps=20, log_every=20, eval_every=100, eval_batches=4,
-                 checkpoint_every=100, sample_tokens=0, weight_decay=0.0)
+  c.train.update(objective="dpo", steps=1000, batch_size=16, seq_len=128, lr=2e-3,
+                 warmup_steps=20, log_every=20, eval_every=250, eval_batches=4,
+                 checkpoint_every=250, sample_tokens=0, weight_decay=0.0)
+  if arg:  # from a fine-tuned model: a few hundred steps at a gentler rate
+    c.train.update(steps=300, lr=1e-3, eval_every=50)
   c.dpo.update(loss="sigmoid", beta=0.1)
   return c

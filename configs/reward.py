@@ -16,4 +16,6 @@ from configs import dpo
 def get_config(arg=None):
   c = dpo.get_config(arg)
   c.train.update(objective="reward", lr=5e-4, steps=1000, eval_every=250, checkpoint_every=250)
+  if arg:
+    c.train.update(steps=300, eval_every=50)
   return c
