@@ -40,6 +40,7 @@ def get_config(arg=None):
       attn_softcap=0.0,  # Gemma 2: 50
       logit_softcap=0.0,  # Gemma 2: 30
       post_norms=False,  # Gemma 2: RMSNorm on attention and MLP outputs too
+      value_head=False,  # a score head instead of the LM head (train.objective=reward sets it)
       init_std=0.02,
       remat="none",  # none | full | dots | dots_no_batch
       init_from="",  # "hf:DIR": start from a Hugging Face folder (its shape, weights, tokenizer)

@@ -78,7 +78,7 @@ def make_loss_fn(handle: ModelHandle, compute_dtype, neftune_alpha: float = 0.0,
     return model, hidden
 
   def loss_fn(params, batch: Batch, rng=None, reference=None):
-    k = objectives.max_pairs(batch["inputs"].shape[1])
+    n_pairs = objectives.max_pairs(batch["inputs"].shape[1])
     if pairs:
       batch = {**batch, "last": objectives.last_positions(batch["segment_ids"])}
     if handle.cfg.attention_impl == "ring" and ring_attention.sequence_parallel_size() > 1:
@@ -87,14 +87,14 @@ def make_loss_fn(handle: ModelHandle, compute_dtype, neftune_alpha: float = 0.0,
     model, hidden = forward(params, batch, rng)
     seg, w = batch["segment_ids"], batch["weights"]
     if spec.objective == "reward":
-      scores = objectives.pair_sums(model.values(hidden) * batch["last"], seg, k)
-      present = objectives.pair_sums(batch["last"], seg, k)
+      scores = objectives.pair_sums(model.values(hidden) * batch["last"], seg, n_pairs)
+      present = objectives.pair_sums(batch["last"], seg, n_pairs)
       valid = (present[0] > 0) & (present[1] > 0)
       out = objectives.pair_metrics(objectives.bradley_terry(*scores), *scores, valid)
     else:
       nll = losses.token_nll(model.logits(hidden), batch["targets"])
       if spec.objective == "dpo":
-        out = dpo_metrics(params, batch, nll, reference, k)
+        out = dpo_metrics(params, batch, nll, reference, n_pairs)
       elif spec.objective == "sft" and spec.sft_normalize == "sequence":
         out = (*objectives.sequence_sums(nll, w, seg), {})
       else:
@@ -104,14 +104,14 @@ def make_loss_fn(handle: ModelHandle, compute_dtype, neftune_alpha: float = 0.0,
       loss_sum += count * peft.orth_weight * adalora.orthogonality(params["peft"])
     return loss_sum, count, aux
 
-  def dpo_metrics(params, batch, nll, reference, k):
+  def dpo_metrics(params, batch, nll, reference, n_pairs):
     seg, w = batch["segment_ids"], batch["weights"]
-    pi_c, pi_r = objectives.pair_sums(-nll * w, seg, k)
-    n_c, n_r = objectives.pair_sums(w, seg, k)
+    pi_c, pi_r = objectives.pair_sums(-nll * w, seg, n_pairs)
+    n_c, n_r = objectives.pair_sums(w, seg, n_pairs)
     if spec.dpo_loss in objectives.REFERENCE_FREE:
       ref_c = ref_r = jnp.zeros_like(pi_c)
     elif spec.precompute_ref:
-      ref_c, ref_r = objectives.pair_sums(batch["reference"], seg, k)
+      ref_c, ref_r = objectives.pair_sums(batch["reference"], seg, n_pairs)
     else:
       ref_params = reference if peft is None else peft.reference_params(params)
       ref_c, ref_r = jax.lax.stop_gradient(answer_logps(ref_params, batch))

@@ -106,6 +106,8 @@ def check_objective(cfg) -> None:
              "dpo.precompute_ref", f"dpo.loss={cfg.dpo.loss} uses no reference model")
   _require(t.eval_exact_match == 0 or d.format == "chat", "train.eval_exact_match",
            "scores generated replies of chat records: set data.format=chat or 0")
+  _require(o == "reward" or not cfg.model.get("value_head", False), "model.value_head",
+           "a score head replaces the LM head: only for train.objective=reward")
   _require(not (pairs and cfg.peft.method == "lisa"), "peft.method",
            f"lisa is for the lm and sft objectives, not {o}")
 
@@ -128,7 +130,7 @@ def model_config(cfg, vocab_size: int) -> ModelConfig:
   `model.init_from=hf:DIR` the shape is the Hugging Face model's; only the execution choices
   (remat, attention_impl) come from the config."""
   fields = {k: v for k, v in cfg.model.items() if k != "init_from"}
-  fields["value_head"] = cfg.train.objective == "reward"
+  fields["value_head"] = fields.get("value_head", False) or cfg.train.objective == "reward"
   if fields["vocab_size"] == 0:
     fields["vocab_size"] = vocab_size
   folder = init_folder(cfg)
