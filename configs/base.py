@@ -129,6 +129,7 @@ def get_config(arg=None):
       eval_exact_match=0,  # chat data: held-out examples scored by exact match of the reply
       checkpoint_every=500,  # 0: only at the end
       keep_checkpoints=3,
+      max_nonfinite_steps=20,  # stop after this many steps in a row with NaN/Inf (0: never)
       stop_after_steps=0,  # >0: stop (with a checkpoint) once this step is reached; rerun to go on
       sample_prompt="def ",
       sample_tokens=64,
@@ -150,8 +151,10 @@ def get_config(arg=None):
   ))
 
   c.precision = ml_collections.ConfigDict(dict(
-      compute_dtype="float32",  # float32 | bfloat16
+      compute_dtype="float32",  # float32 | bfloat16 | float16 (with dynamic loss scaling)
       param_dtype="float32",  # master weights and optimizer state
+      loss_scale=2.0**15,  # float16: the initial loss scale (halved on overflow)
+      loss_scale_period=2000,  # float16: finite steps in a row before the scale doubles
   ))
 
   # Device mesh: axis sizes (-1 = all devices left over) and the sharding strategy.

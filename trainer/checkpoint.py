@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 
@@ -16,8 +17,10 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
         cleanup_tmp_directories=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "data"))
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options, item_names=("state", "data"),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -25,6 +28,39 @@ class Checkpointer:
   def save(self, step: int, state: dict[str, Any], data_state: dict[str, Any]) -> None:
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+
+  def restore_latest(self, abstract_state: dict[str, Any], log=print):
+    """(step, state, data state) of the newest checkpoint that reads back whole, or None when
+    there is none. One that does not (a truncated or corrupted file) is reported by its folder,
+    moved aside to `<step>.unreadable` (so that the step can be written again) and the one before
+    it is tried."""
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        saved = self.manager.item_metadata(step)["state"]
+      except Exception:  # noqa: BLE001 -- unreadable metadata: a damaged checkpoint, below
+        saved = None
+      if saved is not None:  # written by another configuration: refuse, touch nothing
+        difference = _difference(_shapes(saved), _shapes(abstract_state))
+        if difference:
+          from trainer.errors import UserError  # noqa: PLC0415
+          raise UserError(f"checkpoint {os.path.join(self.directory, str(step))} holds another "
+                          f"train state than this configuration makes ({difference}); use a new "
+                          "workdir, or the configuration that wrote it")
+      try:
+        return (step, *self.restore(step, abstract_state))
+      except Exception as e:  # noqa: BLE001 -- any unreadable checkpoint: fall back to the previous
+        folder = os.path.join(self.directory, str(step))
+        log(f"checkpoint {folder} cannot be read ({type(e).__name__}: "
+            f"{' '.join(str(e).split())[:200]}); moved to {folder}.unreadable, trying the one "
+            "before it")
+        if jax.process_index() == 0 and os.path.isdir(folder):
+          os.replace(folder, f"{folder}.unreadable")
+        self.manager.reload()
+    if self.manager.all_steps():
+      from trainer.errors import UserError  # noqa: PLC0415
+      raise UserError(f"no checkpoint in {self.directory} can be read; move the folder away to "
+                      "start again")
+    return None
 
   def restore(self, step: int, abstract_state: dict[str, Any]) -> tuple[dict[str, Any], dict]:
     """`abstract_state`: ShapeDtypeStructs carrying the target shardings."""
@@ -38,3 +74,26 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.close()
 
+
+
+def _shapes(tree) -> dict[str, tuple]:
+  """'a/b/0/mu' -> shape for every leaf; namedtuple fields and dict keys alike (orbax's metadata
+  turns the optimizer's namedtuples into dicts)."""
+  def name(entry):
+    return str(getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", entry))))
+  return {"/".join(name(e) for e in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _difference(saved: dict, wanted: dict) -> str:
+  """What differs between two `_shapes`, in a few words ("" when nothing)."""
+  out = []
+  for label, keys in (("not in the checkpoint", sorted(set(wanted) - set(saved))),
+                      ("only in the checkpoint", sorted(set(saved) - set(wanted)))):
+    if keys:
+      out.append(f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}")
+  shapes = [k for k in sorted(set(saved) & set(wanted)) if saved[k] != wanted[k]]
+  if shapes:
+    k = shapes[0]
+    out.append(f"{k} is {saved[k]} there and {wanted[k]} here")
+  return "; ".join(out)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from trainer import guard
 from trainer.step import Batch, make_loss_fn, mean_gradients
 
 
@@ -80,16 +81,21 @@ def make_train_step(handle, tx: optax.GradientTransformation, schedule, compute_
         lambda micro, r: grads_of(trainable, micro, r), batch, rng, grad_accum,
         lambda: jax.tree.map(jnp.zeros_like, trainable))
     denom = jnp.maximum(count, 1.0)
-    updates, opt_state = tx.update(grads, opt_state, trainable)
-    new_state = {
+    ok = guard.all_finite(loss_sum, grads)
+    updates, new_opt_state = tx.update(grads, opt_state, trainable)
+    new_state = {  # a non-finite step changes no weight and no moment (trainer/guard.py)
         "step": step + 1,
-        "params": merge(params, optax.apply_updates(trainable, updates), layers),
-        "opt_state": opt_state,
+        "params": guard.keep_if(ok, merge(params, optax.apply_updates(trainable, updates), layers),
+                                params),
+        "opt_state": guard.keep_if(ok, new_opt_state, opt_state),
         "rng": jax.random.fold_in(state["rng"], step),
         "lisa_layers": layers,
+        "guard": guard.update(state["guard"], ok, 1),
     }
     metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads),
-               "lr": schedule(step), "tokens": count}
+               "lr": schedule(step), "tokens": count, "skipped": (~ok).astype(jnp.int32),
+               "skipped_total": new_state["guard"]["skipped"],
+               "nonfinite_streak": new_state["guard"]["streak"]}
     return new_state, metrics
 
   return train_step

@@ -23,6 +23,7 @@ from models import Decoder, ModelConfig
 from models.kernels.flashmask import VIRTUAL
 from models.peft import Peft, adalora
 from parallel import rules as rules_lib
+from trainer import guard
 
 Params = dict[str, Any]
 
@@ -224,9 +225,11 @@ def _keys(path) -> tuple:
 
 
 def state_shardings(p_shardings: Params, opt_shardings: Any, mesh: Mesh,
-                    lisa_k: int = 0, allocator=None, reference: bool = False) -> dict[str, Any]:
+                    lisa_k: int = 0, allocator=None, reference: bool = False,
+                    loss_scale: float | None = None) -> dict[str, Any]:
   replicated = NamedSharding(mesh, P())
-  out = {"step": replicated, "params": p_shardings, "opt_state": opt_shardings, "rng": replicated}
+  out = {"step": replicated, "params": p_shardings, "opt_state": opt_shardings, "rng": replicated,
+         "guard": jax.tree.map(lambda _: replicated, guard.init(loss_scale))}
   if reference:
     out["reference"] = p_shardings
   if lisa_k:
@@ -244,11 +247,13 @@ def with_memory_kind(shardings, kind: str):
 
 
 def new_state(tx, params: Params, seed: int, lisa_k: int = 0, allocator=None,
-              reference: bool = False) -> dict[str, Any]:
+              reference: bool = False, loss_scale: float | None = None) -> dict[str, Any]:
   """`lisa_k`: LISA's optimizer works on k layers at a time (trainer/lisa.py). `allocator`:
   AdaLoRA's, whose importance EMAs and rank pattern are part of the state. `reference`: DPO with
-  full fine-tuning keeps the starting parameters, frozen, as its reference model."""
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "rng": jax.random.PRNGKey(seed + 1)}
+  full fine-tuning keeps the starting parameters, frozen, as its reference model. `loss_scale`:
+  float16's initial loss scale (trainer/guard.py)."""
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "rng": jax.random.PRNGKey(seed + 1),
+           "guard": guard.init(loss_scale)}
   if lisa_k:
     from trainer import lisa  # noqa: PLC0415 -- lisa imports step, which imports this module
     state["opt_state"] = lisa.init_opt_state(tx, params, lisa_k)
@@ -263,15 +268,17 @@ def new_state(tx, params: Params, seed: int, lisa_k: int = 0, allocator=None,
 
 
 def init_state(tx, params: Params, seed: int, shardings: dict[str, Any],
-               lisa_k: int = 0, allocator=None, reference: bool = False) -> dict[str, Any]:
-  return jax.jit(lambda p: new_state(tx, p, seed, lisa_k, allocator, reference),
+               lisa_k: int = 0, allocator=None, reference: bool = False,
+               loss_scale: float | None = None) -> dict[str, Any]:
+  return jax.jit(lambda p: new_state(tx, p, seed, lisa_k, allocator, reference, loss_scale),
                  out_shardings=shardings, donate_argnums=0)(params)
 
 
 def abstract_state(tx, abstract_params: Params, seed: int, shardings: dict[str, Any],
-                   lisa_k: int = 0, allocator=None, reference: bool = False):
+                   lisa_k: int = 0, allocator=None, reference: bool = False,
+                   loss_scale: float | None = None):
   """ShapeDtypeStructs of the train state, carrying their shardings (a restore target)."""
-  shapes = jax.eval_shape(lambda p: new_state(tx, p, seed, lisa_k, allocator, reference),
-                          abstract_params)
+  shapes = jax.eval_shape(
+      lambda p: new_state(tx, p, seed, lisa_k, allocator, reference, loss_scale), abstract_params)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       shapes, shardings)

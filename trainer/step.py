@@ -17,7 +17,7 @@ import optax
 
 from models.peft import adalora
 from parallel import ring_attention
-from trainer import losses, objectives
+from trainer import guard, losses, objectives
 from trainer.state import ModelHandle, cast_floating
 
 Batch = dict[str, jax.Array]
@@ -142,7 +142,7 @@ def make_answer_logps(handle: ModelHandle, compute_dtype) -> Callable:
 def make_train_step(handle: ModelHandle, tx: optax.GradientTransformation, schedule,
                     compute_dtype, grad_accum: int, grad_shardings=None,
                     opt_device_shardings=None, labels=None, neftune_alpha: float = 0.0,
-                    spec: objectives.Spec | None = None) -> Callable:
+                    spec: objectives.Spec | None = None, scale_period: int = 2000) -> Callable:
   """`grad_shardings`: where gradients live (ZeRO-2 shards them, so the data-parallel sum is a
   reduce-scatter rather than an all-reduce); None leaves it to the compiler.
   `opt_device_shardings`: when the optimizer state rests in host memory (offload), where it is
@@ -151,14 +151,16 @@ def make_train_step(handle: ModelHandle, tx: optax.GradientTransformation, sched
   weights cost no weight-gradient matmuls, no accumulation buffers and no part in the norm.
   `neftune_alpha`: NEFTune noise on the input embeddings (training only). `spec`: the objective
   (trainer/objectives.py; default lm); a DPO reference model's parameters, when the objective
-  needs them in every step, are the state's "reference"."""
+  needs them in every step, are the state's "reference". The state's "guard" (trainer/guard.py)
+  skips non-finite steps and, with a "scale" (float16), scales the loss; `scale_period`: finite
+  steps before the scale doubles."""
   loss_fn = make_loss_fn(handle, compute_dtype, neftune_alpha, spec)
   allocator = None if handle.peft is None else handle.peft.allocator
   train_mask = None if labels is None else [l != "frozen" for l in jax.tree.leaves(labels)]
 
-  def grad_fn(params, batch, rng, reference=None):
+  def grad_fn(params, batch, rng, reference=None, scale=None):
     """((loss sum, count, aux sums), gradients): a list over the trainable leaves, in tree
-    order."""
+    order; with `scale`, the gradients of scale x loss (float16 loss scaling)."""
     flat, treedef = jax.tree.flatten(params)
     mask = train_mask or [True] * len(flat)
 
@@ -167,11 +169,12 @@ def make_train_step(handle: ModelHandle, tx: optax.GradientTransformation, sched
       loss_sum, count, aux = loss_fn(
           treedef.unflatten([next(it) if m else x for x, m in zip(flat, mask)]), batch, rng,
           reference)
-      return loss_sum, (count, aux)
+      scaled = loss_sum if scale is None else loss_sum * scale
+      return scaled, (loss_sum, count, aux)
 
-    (loss_sum, (count, aux)), grads = jax.value_and_grad(of_trainable, has_aux=True)(
+    (_, out), grads = jax.value_and_grad(of_trainable, has_aux=True)(
         [x for x, m in zip(flat, mask) if m], batch)
-    return (loss_sum, count, aux), constrain(grads)
+    return out, constrain(grads)
 
   def constrain(trainable_grads):
     if grad_shardings is None:
@@ -192,20 +195,26 @@ def make_train_step(handle: ModelHandle, tx: optax.GradientTransformation, sched
     rng = jax.random.fold_in(state["rng"], 1)  # noise of this step (NEFTune)
 
     reference = state.get("reference")
+    scale = state["guard"].get("scale")
 
     def zeros():
-      shapes = jax.eval_shape(lambda p, b, r: grad_fn(p, b, r, reference)[1], params,
+      shapes = jax.eval_shape(lambda p, b, r: grad_fn(p, b, r, reference, scale)[1], params,
                               jax.tree.map(lambda x: x[:x.shape[0] // grad_accum], batch), rng)
       return constrain(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
 
     loss_sum, count, aux, grads = mean_gradients(
-        lambda micro, r: grad_fn(params, micro, r, reference), batch, rng, grad_accum, zeros)
+        lambda micro, r: grad_fn(params, micro, r, reference, scale), batch, rng, grad_accum,
+        zeros)
+    if scale is not None:
+      grads = jax.tree.map(lambda g: (g / scale).astype(g.dtype), grads)
+    ok = guard.all_finite(loss_sum, grads)
     denom = jnp.maximum(count, 1.0)
     grad_norm = optax.tree.norm(grads)
     grads = full_tree(params, grads)
     opt_state = state["opt_state"]
     if opt_device_shardings is not None:
       opt_state = jax.device_put(opt_state, opt_device_shardings)
+    before = {**state, "opt_state": opt_state}  # (in device memory, when offloaded)
     updates, opt_state = tx.update(grads, opt_state, params)
     new_state = {
         "step": state["step"] + 1,
@@ -220,8 +229,17 @@ def make_train_step(handle: ModelHandle, tx: optax.GradientTransformation, sched
       adapters, new_state["adalora"] = allocator.update(
           state["step"] + 1, new_params["peft"], grads["peft"], state["adalora"])
       new_state["params"] = {**new_params, "peft": adapters}
+    for key in ("params", "opt_state", "adalora"):  # a non-finite step changes none of them
+      if key in new_state:
+        new_state[key] = guard.keep_if(ok, new_state[key], before[key])
+    new_state["guard"] = guard.update(state["guard"], ok, scale_period)
     metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm, "lr": schedule(state["step"]),
-               "tokens": count, **{k: v / denom for k, v in aux.items()}}
+               "tokens": count, "skipped": (~ok).astype(jnp.int32),
+               "skipped_total": new_state["guard"]["skipped"],
+               "nonfinite_streak": new_state["guard"]["streak"],
+               **{k: v / denom for k, v in aux.items()}}
+    if scale is not None:
+      metrics["loss_scale"] = scale
     return new_state, metrics
 
   return train_step

@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -128,6 +130,7 @@ class Plan:
   lisa_k: int  # LISA: layers trained at a time (0: not LISA)
   spec: objectives.Spec  # the objective
   reference: bool  # the state keeps DPO's reference parameters
+  loss_scale: float | None  # float16: the initial loss scale
 
 
 def plan(cfg, mcfg, mesh) -> Plan:
@@ -139,6 +142,7 @@ def plan(cfg, mcfg, mesh) -> Plan:
   peft = peft_lib.Peft.from_config(cfg.peft, mcfg, tc.steps)
   allocator = None if peft is None else peft.allocator
   spec = objectives.Spec.from_config(cfg)
+  loss_scale = cfg.precision.loss_scale if cfg.precision.compute_dtype == "float16" else None
   reference = spec.needs_reference and peft is None  # PEFT: the adapters switched off
   handle = state_lib.model_handle(mcfg, peft)
   labels = None if peft is None else peft.labels(handle.abstract_params())
@@ -165,22 +169,57 @@ def plan(cfg, mcfg, mesh) -> Plan:
     opt_device_shardings = opt_shardings
     opt_shardings = state_lib.with_memory_kind(opt_shardings, offload)
   shardings = state_lib.state_shardings(p_shardings, opt_shardings, mesh, lisa_k, allocator,
-                                       reference)
+                                       reference, loss_scale)
   if lisa_k:
     step_fn = lisa.make_train_step(handle, tx, schedule, compute_dtype, tc.grad_accum, lisa_k,
                                    cfg.peft.lisa_step_interval, tc.neftune_alpha, spec)
   else:
     step_fn = step_lib.make_train_step(handle, tx, schedule, compute_dtype, tc.grad_accum,
                                        g_shardings, opt_device_shardings, labels, tc.neftune_alpha,
-                                       spec)
+                                       spec, cfg.precision.loss_scale_period)
   train_step = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
                        out_shardings=(shardings, None), donate_argnums=0)
   eval_step = jax.jit(step_lib.make_eval_step(handle, compute_dtype, spec))  # inputs are placed
   abstract = state_lib.abstract_state(tx, abstract_params, tc.seed, shardings, lisa_k, allocator,
-                                      reference)
+                                      reference, loss_scale)
   return Plan(handle, tx, mesh, strategy.activations, batch_sharding, shardings, abstract,
               train_step, eval_step, compute_dtype, param_dtype, model_shardings, lisa_k, spec,
-              reference)
+              reference, loss_scale)
+
+
+class Preemption:
+  """SIGTERM or SIGINT asks the loop to checkpoint the current step and stop (exit code 0); a
+  second signal exits at once. With several processes they agree on the step: the loop stops
+  when any of them was signalled (`requested` is an all-gather then, once per step)."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.flag, self.previous = False, {}
+    if threading.current_thread() is threading.main_thread():
+      for s in self.SIGNALS:
+        self.previous[s] = signal.signal(s, self._handle)
+
+  def _handle(self, signum, _frame):
+    if self.flag:
+      print(f"second {signal.Signals(signum).name}: exiting now", file=sys.stderr, flush=True)
+      os._exit(128 + signum)
+    self.flag = True
+    print(f"{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
+          "(send it again to exit at once)", file=sys.stderr, flush=True)
+
+  def requested(self) -> bool:
+    if jax.process_count() == 1:
+      return self.flag
+    return bool(np.max(multihost_utils.process_allgather(np.int32(self.flag))))
+
+  def close(self):
+    for s, handler in self.previous.items():
+      signal.signal(s, handler)
+
+
+class Diverged(UserError):
+  """Too many non-finite steps in a row: the run stops; its last checkpoint is intact."""
 
 
 def reference_tables(pl: Plan, data, state, workdir: str, shard, batch_size: int) -> None:
@@ -263,7 +302,8 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
   # --- Model, optimizer, state ----------------------------------------------------------------
   pl = plan(cfg, mcfg, mesh)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), tc.keep_checkpoints)
-  latest = checkpointer.latest_step()
+  restored = checkpointer.restore_latest(pl.abstract_state, _log)
+  latest = None if restored is None else restored[0]
   init = init_folder(cfg)
   if latest is None:
     base = None
@@ -274,10 +314,11 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
     params = state_lib.init_params(pl.handle, tc.seed, pl.shardings["params"], pl.param_dtype,
                                    base=base, model_shardings=pl.model_shardings)
     state = state_lib.init_state(pl.tx, params, tc.seed, pl.shardings, pl.lisa_k,
-                                 pl.handle.peft and pl.handle.peft.allocator, pl.reference)
+                                 pl.handle.peft and pl.handle.peft.allocator, pl.reference,
+                                 pl.loss_scale)
     start_step = 0
   else:
-    state, data_state = checkpointer.restore(latest, pl.abstract_state)
+    _, state, data_state = restored
     start_step = latest
     _log(f"resumed from {checkpointer.directory} at step {latest}")
   if pl.spec.objective == "dpo" and pl.spec.precompute_ref:
@@ -326,6 +367,7 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
   last: dict[str, float] = {}
   t_log, tokens_since = time.perf_counter(), 0.0
   step = start_step
+  preemption, preempted, previous = Preemption(), False, None
   try:
     if start_step == 0 and tc.eval_exact_match and data.template is not None:
       before = evaluate(state)  # the baseline the run improves on
@@ -335,6 +377,16 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
       batch = to_global(next(train_iter), pl.batch_sharding)
       with parallel.activate(mesh, pl.rules):
         state, m = pl.train_step(state, batch)
+      # the step before this one (this one is still running): too many non-finite in a row?
+      if previous is not None and tc.max_nonfinite_steps and \
+          int(previous["nonfinite_streak"]) >= tc.max_nonfinite_steps:
+        saved = checkpointer.latest_step()
+        raise Diverged(f"{tc.max_nonfinite_steps} steps in a row (to step {step - 1}) had a "
+                       "non-finite loss or gradients and were skipped "
+                       "(train.max_nonfinite_steps); the last checkpoint "
+                       f"({'none' if saved is None else f'step {saved}'}) is intact; lower "
+                       "train.lr, check the data, or use float32")
+      previous = m
       if step == start_step + 1:
         jax.block_until_ready(m)
         writer.note(f"first step (compile included): {time.perf_counter() - t_log:.1f}s")
@@ -358,21 +410,31 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
         writer.write(step, evaluate(state))
       if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step != end_step:
         checkpointer.save(step, state, train_iter.get_state())
+      if step != end_step and preemption.requested():
+        preempted = True
+        break
     if step > start_step or latest is None:
       checkpointer.save(step, state, train_iter.get_state())
-    final_eval = evaluate(state)
-    writer.write(step, final_eval)
+    if preempted:
+      final_eval = {}
+      checkpointer.wait()
+      _log(f"preempted: checkpoint of step {step} saved in {checkpointer.directory}; rerun the "
+           "same command to continue")
+    else:
+      final_eval = evaluate(state)
+      writer.write(step, final_eval)
     last = {**last, **final_eval}
   finally:
+    preemption.close()
     checkpointer.wait()
     checkpointer.close()
     writer.close()
 
   # --- Report ---------------------------------------------------------------------------------
-  if step < tc.steps:
+  if step < tc.steps and not preempted:
     _log(f"stopped at step {step} of {tc.steps} (train.stop_after_steps); rerun the same "
          "command to continue")
-  elif tc.sample_tokens and data.template is None:
+  elif step == tc.steps and tc.sample_tokens and data.template is None:
     prompt = tokenizer.encode(tc.sample_prompt)
     with parallel.activate(mesh, pl.rules):
       ids = generate.generate(pl.handle, state["params"], [[tokenizer.bos_id] + prompt],
@@ -383,5 +445,6 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
   evals = ", ".join(f"{k} {v:.4f}" for k, v in final_eval.items())
   _log(f"done: step {step}, loss {float(last.get('loss', float('nan'))):.4f}, {evals}, "
        f"{time.time() - t_start:.0f}s in all; workdir {workdir}")
-  return {"step": step, **{k: float(v) for k, v in last.items()}, "state": state}
+  return {"step": step, **{k: float(v) for k, v in last.items()}, "state": state,
+          "preempted": preempted}
 

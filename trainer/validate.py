@@ -20,7 +20,7 @@ from trainer import objectives
 from trainer.errors import UserError
 from trainer.optim import SCHEDULES
 
-COMPUTE_DTYPES = ("float32", "bfloat16")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 PARAM_DTYPES = ("float32", "bfloat16")
 DATA_SOURCES = ("stdlib", "files")
 
@@ -36,8 +36,15 @@ def check_config(cfg) -> None:
               "keep_checkpoints"):
     _require(t[key] > 0, f"train.{key}", f"must be positive, got {t[key]}")
   for key in ("eval_every", "checkpoint_every", "eval_exact_match", "stop_after_steps", "warmup_steps",
-              "sample_tokens", "weight_decay", "clip_norm", "peak_tflops", "neftune_alpha"):
+              "sample_tokens", "weight_decay", "clip_norm", "peak_tflops", "neftune_alpha",
+              "max_nonfinite_steps"):
     _require(t[key] >= 0, f"train.{key}", f"must be >= 0, got {t[key]}")
+  if p.compute_dtype == "float16":
+    _require(p.loss_scale >= 1, "precision.loss_scale", f"must be >= 1, got {p.loss_scale}")
+    _require(p.loss_scale_period > 0, "precision.loss_scale_period",
+             f"must be positive, got {p.loss_scale_period}")
+    _require(cfg.peft.method != "lisa", "precision.compute_dtype",
+             "float16 loss scaling is not implemented for peft.method=lisa; use bfloat16")
   _require(t.lr > 0, "train.lr", f"must be positive, got {t.lr}")
   _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
   _require(t.lr_schedule in SCHEDULES, "train.lr_schedule",
