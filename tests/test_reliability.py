@@ -161,3 +161,13 @@ def test_a_checkpoint_of_another_configuration_is_refused_untouched(tmp_path):
   with pytest.raises(train.UserError, match="holds another train state.*guard/scale"):
     train.run(other, run)
   assert os.listdir(os.path.join(run, "checkpoints")) == ["3"]  # nothing moved or deleted
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_loses_nothing(tmp_path):
+  """tests/crash_trials.py with 3 trials (BENCHMARKS.md has a 20-trial run)."""
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "crash_trials.py"),
+                         "--trials=3", f"--workdir={tmp_path}"], capture_output=True, text=True,
+                        timeout=1800)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert "0 failed" in proc.stdout
