@@ -52,22 +52,24 @@ class ModelConfig:
   attention_impl: str = "xla"  # one of ATTENTION_IMPLS (models/layers.py `attention_inputs`)
 
   def __post_init__(self):
+    problems = []
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
+      if getattr(self, name) <= 0:
+        problems.append(f"{name}={getattr(self, name)} must be positive")
+    if problems:  # the checks below divide by these
+      raise ValueError("; ".join(problems))
     if self.head_dim == 0:
       object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
     object.__setattr__(self, "sliding_window_layers", tuple(int(i) for i in self.sliding_window_layers))
-    problems = []
     if self.n_heads % self.n_kv_heads:
       problems.append(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
-    if self.head_dim % 2:
-      problems.append(f"head_dim={self.head_dim} must be even for rotary embeddings")
+    if self.head_dim <= 0 or self.head_dim % 2:
+      problems.append(f"head_dim={self.head_dim} must be positive and even for rotary embeddings")
     for name, allowed in (("rope_scaling", ROPE_SCALINGS), ("remat", REMAT_POLICIES),
                           ("attention_impl", ATTENTION_IMPLS), ("family", FAMILIES),
                           ("mlp_activation", MLP_ACTIVATIONS)):
       if getattr(self, name) not in allowed:
         problems.append(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
-    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
-      if getattr(self, name) <= 0:
-        problems.append(f"{name}={getattr(self, name)} must be positive")
     bad_layers = [i for i in self.sliding_window_layers if not 0 <= i < self.n_layers]
     if bad_layers:
       problems.append(f"sliding_window_layers={bad_layers} are not layers of {self.n_layers}")

@@ -232,7 +232,7 @@ def reference_tables(pl: Plan, data, state, workdir: str, shard, batch_size: int
     saved = safetensors_io.SafetensorsFile(path)
     data.train.reference, data.eval.reference = saved.get("train"), saved.get("eval")
     return
-  if int(state["step"]) != 0:
+  if int(state["step"]) != 0 and pl.handle.peft is None:  # (PEFT: the adapters switched off)
     raise UserError(f"{path} is missing and the run is past step 0: the reference model (the "
                     "starting parameters) is gone; start a new workdir")
   params = state["params"]
