@@ -13,7 +13,6 @@ python benchmarks/parity.py [families] [peft] [losses]   (default: all three)
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -26,16 +25,14 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 import hf_models  # noqa: E402
+import test_flash_attention  # noqa: E402
 import test_hf  # noqa: E402
 import test_peft  # noqa: E402
 import test_peft_prompt  # noqa: E402
-from configs import tiny  # noqa: E402
 from models import hf  # noqa: E402
-from models.peft import Peft, hf_format  # noqa: E402
-from trainer import state as state_lib, train  # noqa: E402
+from trainer import state as state_lib  # noqa: E402
 
 
 def hf_families():
@@ -56,48 +53,17 @@ def hf_families():
 def peft_methods():
   print("| method | max abs difference to HF PEFT |")
   print("| --- | --- |")
-  for case, (hf_config, ours) in test_peft.CASES.items():
-    folder = tempfile.mkdtemp()
-    model = test_peft.hf_peft.get_peft_model(hf_models.make("llama", f"{folder}/base"), hf_config())
-    torch.manual_seed(1)
-    with torch.no_grad():
-      for _, p in model.named_parameters():
-        if p.requires_grad:
-          p.add_(0.3 * torch.randn_like(p))
-    model.eval().save_pretrained(f"{folder}/theirs")
-    want = test_peft.logits_of(model)
-    cfg, params = hf.load(f"{folder}/base")
-    peft = Peft.from_config(test_peft.peft_section(**ours), cfg)
-    params = {**params, "peft": hf_format.read(f"{folder}/theirs", peft)}
-    got = np.asarray(state_lib.model_handle(cfg, peft).bind(params)(test_peft.TOKENS))
+  for case in test_peft.CASES:
+    *_, want, got = test_peft.theirs_and_ours(case, tempfile.mkdtemp())
     print(f"| {case} | {np.abs(got - want).max():.1e} |", flush=True)
-  for case, (hf_config, ours) in test_peft_prompt.CASES.items():
-    folder = tempfile.mkdtemp()
-    hf_models.make("llama", f"{folder}/base")
-    base_model = test_peft.transformers.AutoModelForCausalLM.from_pretrained(
-        f"{folder}/base", attn_implementation="eager")
-    torch.manual_seed(0)
-    model = test_peft.hf_peft.get_peft_model(base_model, hf_config()).eval()
-    want = test_peft.logits_of(model)[:, -test_peft.TOKENS.shape[1]:]
-    cfg, params = hf.load(f"{folder}/base")
-    peft = Peft.from_config(test_peft.peft_section(**ours), cfg)
-    adapters = test_peft_prompt.from_torch(model.prompt_encoder["default"], peft)
-    got = np.asarray(state_lib.model_handle(cfg, peft).bind(
-        {**params, "peft": {"prompt": adapters}})(test_peft.TOKENS))
+  for case in test_peft_prompt.CASES:
+    *_, want, got = test_peft_prompt.theirs_and_ours(case, tempfile.mkdtemp())
     print(f"| {case} | {np.abs(got - want).max():.1e} |", flush=True)
 
 
 def pallas_vs_xla_losses():
-  losses = {}
-  for impl in ("xla", "pallas"):
-    c = tiny.get_config()
-    c.model.attention_impl = impl
-    c.data.max_chars = 200_000
-    c.train.update(steps=4, log_every=1, eval_every=0, checkpoint_every=0, sample_tokens=0)
-    workdir = tempfile.mkdtemp()
-    train.run(c, workdir)
-    with open(f"{workdir}/metrics.jsonl") as f:
-      losses[impl] = np.array([json.loads(l)["loss"] for l in f if '"loss"' in l])
+  losses = {impl: np.array(test_flash_attention.tiny_losses(impl, tempfile.mkdtemp()))
+            for impl in ("xla", "pallas")}
   rel = np.abs(losses["pallas"] - losses["xla"]) / losses["xla"]
   print(f"configs/tiny.py, 4 steps: xla {np.round(losses['xla'], 5).tolist()}, largest relative "
         f"difference of pallas {rel.max():.1e}")

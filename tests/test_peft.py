@@ -52,25 +52,27 @@ def logits_of(model):
     return model(torch.tensor(TOKENS)).logits.float().numpy()
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_forward_equals_hf_peft_and_files_go_both_ways(case, tmp_path):
+def theirs_and_ours(case, folder):
+  """HF PEFT's model for `case` on the tiny Llama in `folder`/base, adapters randomised and
+  saved to `folder`/theirs, read back into ours: (cfg, params, peft, their logits, ours)."""
   hf_config, ours = CASES[case]
-  base_model = hf_models.make("llama", str(tmp_path / "base"))
-  model = hf_peft.get_peft_model(base_model, hf_config())
+  model = hf_peft.get_peft_model(hf_models.make("llama", f"{folder}/base"), hf_config())
   torch.manual_seed(1)
   with torch.no_grad():  # adapters away from their identity initialisation
-    for name, p in model.named_parameters():
+    for _, p in model.named_parameters():
       if p.requires_grad:
         p.add_(0.3 * torch.randn_like(p))
-  model.eval()
-  want = logits_of(model)
-  model.save_pretrained(str(tmp_path / "theirs"))
-
-  cfg, params = hf.load(str(tmp_path / "base"))
+  model.eval().save_pretrained(f"{folder}/theirs")
+  cfg, params = hf.load(f"{folder}/base")
   peft = Peft.from_config(peft_section(**ours), cfg)
-  params = {**params, "peft": hf_format.read(str(tmp_path / "theirs"), peft)}
-  handle = state_lib.model_handle(cfg, peft)
-  got = np.asarray(handle.bind(params)(TOKENS))
+  params = {**params, "peft": hf_format.read(f"{folder}/theirs", peft)}
+  got = np.asarray(state_lib.model_handle(cfg, peft).bind(params)(TOKENS))
+  return cfg, params, peft, logits_of(model), got
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_equals_hf_peft_and_files_go_both_ways(case, tmp_path):
+  cfg, params, peft, want, got = theirs_and_ours(case, str(tmp_path))
   without = np.asarray(state_lib.model_handle(cfg).bind(
       {k: v for k, v in params.items() if k != "peft"})(TOKENS))
   assert np.abs(got - without).max() > 1.0  # the adapters matter in this comparison

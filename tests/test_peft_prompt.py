@@ -5,7 +5,6 @@ against full recomputation, and training end to end."""
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import peft as hf_peft
 import pytest
@@ -65,21 +64,26 @@ def from_torch(encoder, peft: Peft) -> dict:
   return out
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_forward_equals_hf_peft_and_the_export_loads_there(case, tmp_path):
+def theirs_and_ours(case, folder):
+  """HF PEFT's model for `case` (PEFT's random initialisation) on the tiny Llama in
+  `folder`/base, and ours with its weights: (model, cfg, params, peft, their logits, ours)."""
   hf_config, ours = CASES[case]
-  hf_models.make("llama", str(tmp_path / "base"))
-  base_model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"),
+  hf_models.make("llama", f"{folder}/base")
+  base_model = transformers.AutoModelForCausalLM.from_pretrained(f"{folder}/base",
                                                                  attn_implementation="eager")
   torch.manual_seed(0)
   model = hf_peft.get_peft_model(base_model, hf_config()).eval()
   want = logits_of(model)[:, -TOKENS.shape[1]:]  # prompt tuning returns the virtual rows too
-
-  cfg, params = hf.load(str(tmp_path / "base"))
+  cfg, params = hf.load(f"{folder}/base")
   peft = Peft.from_config(peft_section(**ours), cfg)
   params = {**params, "peft": {"prompt": from_torch(model.prompt_encoder["default"], peft)}}
-  handle = state_lib.model_handle(cfg, peft)
-  got = np.asarray(handle.bind(params)(TOKENS))
+  got = np.asarray(state_lib.model_handle(cfg, peft).bind(params)(TOKENS))
+  return model, cfg, params, peft, want, got
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_equals_hf_peft_and_the_export_loads_there(case, tmp_path):
+  model, cfg, params, peft, want, got = theirs_and_ours(case, str(tmp_path))
   without = np.asarray(state_lib.model_handle(cfg).bind(
       {k: v for k, v in params.items() if k != "peft"})(TOKENS))
   assert np.abs(got - without).max() > 0.1  # the virtual tokens matter in this comparison

@@ -24,30 +24,20 @@ def metrics(workdir):
     return [json.loads(l) for l in f]
 
 
-def poisoned_from(step_from: int, monkeypatch):
-  """Batches with infinite weights (a non-finite loss) from the `step_from`-th batch on."""
+def poison(monkeypatch, bad):
+  """Batches number n (from 1) with `bad(n)` get infinite weights: a non-finite loss."""
   real, seen = train.to_global, [0]
 
   def to_global(batch, sharding):
-    if "targets" in batch:
-      seen[0] += 1
-      if seen[0] >= step_from:
-        batch = {**batch, "weights": batch["weights"] * np.inf}
+    seen[0] += 1
+    if bad(seen[0]):
+      batch = {**batch, "weights": batch["weights"] * np.inf}
     return real(batch, sharding)
   monkeypatch.setattr(train, "to_global", to_global)
 
 
 def test_a_non_finite_step_changes_nothing_and_training_goes_on(tmp_path, monkeypatch):
-  poisoned = {4, 5}  # the 4th and 5th training batches
-
-  real, seen = train.to_global, [0]
-
-  def to_global(batch, sharding):
-    seen[0] += 1
-    if seen[0] in poisoned:
-      batch = {**batch, "weights": batch["weights"] * np.inf}
-    return real(batch, sharding)
-  monkeypatch.setattr(train, "to_global", to_global)
+  poison(monkeypatch, lambda n: n in (4, 5))  # the 4th and 5th training batches
   c = small_run.config(steps=8, log_every=1, eval_every=0, checkpoint_every=0, sample_tokens=0,
                        eval_batches=1)
   out = train.run(c, str(tmp_path / "run"))
@@ -56,15 +46,11 @@ def test_a_non_finite_step_changes_nothing_and_training_goes_on(tmp_path, monkey
   assert rows[-1]["skipped_total"] == 2 and np.isfinite(out["loss"])
   # the skipped steps changed nothing: after step 5 the parameters and moments are those of
   # step 3
-  monkeypatch.setattr(train, "to_global", real)
-  seen[0] = 0
-  poisoned.clear()
   stop_at = lambda n: small_run.config(steps=8, stop_after_steps=n, log_every=1, eval_every=0,
                                        checkpoint_every=0, sample_tokens=0)  # one LR schedule
+  monkeypatch.undo()
   after3 = train.run(stop_at(3), str(tmp_path / "three"))["state"]
-  poisoned.update({4, 5})
-  monkeypatch.setattr(train, "to_global", to_global)
-  seen[0] = 0
+  poison(monkeypatch, lambda n: n in (4, 5))
   after5 = train.run(stop_at(5), str(tmp_path / "five"))["state"]
   for key in ("params", "opt_state"):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
@@ -73,7 +59,7 @@ def test_a_non_finite_step_changes_nothing_and_training_goes_on(tmp_path, monkey
 
 
 def test_too_many_non_finite_steps_stop_with_the_checkpoint_intact(tmp_path, monkeypatch):
-  poisoned_from(7, monkeypatch)
+  poison(monkeypatch, lambda n: n >= 7)
   c = small_run.config(steps=30, log_every=1, eval_every=0, checkpoint_every=5, sample_tokens=0,
                        max_nonfinite_steps=3)
   with pytest.raises(train.Diverged, match="3 steps in a row.*last checkpoint \\(step 5\\)"):

@@ -10,6 +10,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from trainer.errors import UserError
+
 
 class Checkpointer:
   def __init__(self, directory: str, keep: int, async_save: bool = True):
@@ -42,8 +44,7 @@ class Checkpointer:
       if saved is not None:  # written by another configuration: refuse, touch nothing
         difference = _difference(_shapes(saved), _shapes(abstract_state))
         if difference:
-          from trainer.errors import UserError  # noqa: PLC0415
-          raise UserError(f"checkpoint {os.path.join(self.directory, str(step))} holds another "
+              raise UserError(f"checkpoint {os.path.join(self.directory, str(step))} holds another "
                           f"train state than this configuration makes ({difference}); use a new "
                           "workdir, or the configuration that wrote it")
       try:
@@ -57,7 +58,6 @@ class Checkpointer:
           os.replace(folder, f"{folder}.unreadable")
         self.manager.reload()
     if self.manager.all_steps():
-      from trainer.errors import UserError  # noqa: PLC0415
       raise UserError(f"no checkpoint in {self.directory} can be read; move the folder away to "
                       "start again")
     return None
