@@ -32,6 +32,9 @@ def run_main(*args, workdir):
     (["--config.train.grad_accum=3"], "train.grad_accum"),
     (["--config.train.seq_len=4096"], "train.seq_len"),
     (["--config.data.tokenizer=/nonexistent/tok.model"], "data.tokenizer"),
+    (["--config.data.source=files", "--config.data.train_files=/nonexistent/*.txt"],
+     "no data files match '/nonexistent/*.txt'"),
+    (["--config.data.train_files=corpus.txt"], "data.source=files"),  # would be ignored
     (["--config=configs/nope.py"], "configs/nope.py"),
     (["--workdr=/tmp/x"], "workdr"),
 ])
@@ -49,6 +52,14 @@ def test_unwritable_workdir(tmp_path):
   blocker.write_text("not a folder")
   code, _, err = run_main("--config.train.steps=1", workdir=str(blocker / "sub"))
   assert code == 2 and "--workdir" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_unreadable_tokenizer(tmp_path):
+  bad = tmp_path / "tok.model"
+  bad.write_bytes(b"not a sentencepiece model")
+  code, _, err = run_main(f"--config.data.tokenizer={bad}", workdir=str(tmp_path / "w"))
+  assert code == 2 and len(err.strip().splitlines()) == 1, err
+  assert f"cannot read a tokenizer from {bad}" in err and "Traceback" not in err
 
 
 def test_verbose_shows_the_traceback(tmp_path):

@@ -146,7 +146,42 @@ def test_a_checkpoint_of_another_configuration_is_refused_untouched(tmp_path):
   other.precision.compute_dtype = "float16"  # its state also holds a loss scale
   with pytest.raises(train.UserError, match="holds another train state.*guard/scale"):
     train.run(other, run)
+  wider = small_run.config(steps=6, **cfg)
+  wider.model.d_ff = 192  # another model: same names, other shapes
+  with pytest.raises(train.UserError, match="different model \\(model.d_ff was 128, now 192\\)"):
+    train.run(wider, run)
   assert os.listdir(os.path.join(run, "checkpoints")) == ["3"]  # nothing moved or deleted
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+  sys.path.insert(0, os.path.join(REPO, "launch"))
+  import local  # launch/local.py: the commands and environment of a local multi-process job
+  workdir = str(tmp_path / "mh")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  args = ["--config=configs/tiny.py:smoke", f"--workdir={workdir}", "--config.train.steps=500",
+          "--config.train.log_every=1", "--config.train.eval_every=0",
+          "--config.train.checkpoint_every=0", "--config.train.sample_tokens=0"]
+  procs = [subprocess.Popen(c, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for c in local.commands(2, local.free_port(), args)]
+  try:
+    deadline = time.time() + 240
+    while time.time() < deadline and len([r for r in metrics_or_none(workdir) if "loss" in r]) < 3:
+      time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)  # one host is told; the other is not
+    outs = [p.communicate(timeout=180) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [0, 0], outs[1][1][-2000:] + outs[0][1][-2000:]
+  stops = [int(err.split(f"process {i} stopped at step ")[1].split()[0])
+           for i, (_, err) in enumerate(outs)]
+  assert stops[0] == stops[1] and 3 <= stops[0] < 500, stops
+  assert f"preempted: checkpoint of step {stops[0]}" in outs[0][0]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == [str(stops[0])]
+
+
+def metrics_or_none(workdir):
+  return metrics(workdir) if os.path.exists(os.path.join(workdir, "metrics.jsonl")) else []
 
 
 @pytest.mark.slow

@@ -2,9 +2,11 @@
 
 import json
 import os
+import struct
 
 import jax
 import numpy as np
+import pytest
 
 from trainer import train
 
@@ -34,8 +36,31 @@ def test_tiny_run_learns_and_fills_its_workdir(tmp_path):
   assert resolved["model"]["vocab_size"] == 512 and resolved["model"]["head_dim"] == 16
   assert resolved["mesh"]["data"] == jax.device_count()
   assert os.path.getsize(os.path.join(workdir, "tokenizer.model")) > 0
-  assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tensorboard")))
+  assert tensorboard_scalars(workdir) == {
+      (l["step"], k): pytest.approx(v, rel=1e-6) for l in lines for k, v in l.items() if k != "step"}
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["20", "40"]
+
+
+def tensorboard_scalars(workdir):
+  """(step, tag) -> value from the run's event files, read with tensorboardX's protobuf classes
+  and CRC-32C (an independent reader), every record's checksums verified."""
+  from tensorboardX.crc32c import crc32c
+  from tensorboardX.proto.event_pb2 import Event
+  masked = lambda b: (((crc32c(b) >> 15) | (crc32c(b) << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+  logdir = os.path.join(workdir, "tensorboard")
+  (name,) = os.listdir(logdir)
+  data, out, at = open(os.path.join(logdir, name), "rb").read(), {}, 0
+  while at < len(data):
+    header, (crc_header,) = data[at:at + 8], struct.unpack("<I", data[at + 8:at + 12])
+    (n,) = struct.unpack("<Q", header)
+    body, (crc_body,) = data[at + 12:at + 12 + n], struct.unpack("<I", data[at + 12 + n:at + 16 + n])
+    assert crc_header == masked(header) and crc_body == masked(body)
+    event = Event.FromString(body)
+    if at == 0:
+      assert event.file_version == "brain.Event:2"
+    out.update({(event.step, v.tag): v.simple_value for v in event.summary.value})
+    at += 16 + n
+  return out
 
 
 def test_stopped_and_resumed_run_is_bit_identical(tmp_path):

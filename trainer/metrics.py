@@ -11,8 +11,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
+
+from trainer.tfevents import EventWriter
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets.
 _PEAK_BF16 = {
@@ -60,7 +61,7 @@ class MetricsWriter:
                     mininterval=1.0, disable=not enabled, smoothing=0.1)
     if enabled:
       self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
-      self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self.tb = EventWriter(os.path.join(workdir, "tensorboard"))
 
   def advance(self, n: int = 1) -> None:
     self.bar.update(n)
@@ -70,8 +71,7 @@ class MetricsWriter:
       return
     clean = {k: float(np.asarray(v)) for k, v in scalars.items()}
     self.jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
-    for k, v in clean.items():
-      self.tb.add_scalar(k, v, int(step))
+    self.tb.scalars(int(step), clean)
     self.shown.update({k: f"{clean[k]:.4g}" for k in self.SHOWN if k in clean})
     self.bar.set_postfix(self.shown, refresh=False)
 

@@ -420,6 +420,8 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
       checkpointer.wait()
       _log(f"preempted: checkpoint of step {step} saved in {checkpointer.directory}; rerun the "
            "same command to continue")
+      if jax.process_count() > 1:  # each process says where it stopped: they must agree
+        print(f"process {jax.process_index()} stopped at step {step}", file=sys.stderr, flush=True)
     else:
       final_eval = evaluate(state)
       writer.write(step, final_eval)

@@ -61,6 +61,9 @@ def check_config(cfg) -> None:
   _require(d.max_chars > 0, "data.max_chars", f"must be positive, got {d.max_chars}")
   _require(d.source != "files" or bool(d.train_files), "data.train_files",
            "data.source=files needs data.train_files (paths, folders or globs)")
+  for key in ("train_files", "eval_files"):
+    _require(d.source == "files" or not d[key], f"data.{key}",
+             f"is read only with data.source=files (now {d.source}): set that too")
   _require(d.format in FORMATS, "data.format", f"{d.format!r} is not one of {', '.join(FORMATS)}")
   _require(d.template in TEMPLATES, "data.template",
            f"{d.template!r} is not one of {', '.join(TEMPLATES)}")
