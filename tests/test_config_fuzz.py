@@ -1,12 +1,15 @@
 """Mutated configs fail only with a one-line UserError (hypothesis): any other exception would
-reach the user as a traceback."""
-
+reach the user as a traceback. A config the checks accept builds its plan and traces its step."""
 import hypothesis.strategies as st
-from hypothesis import HealthCheck, given, settings
+import jax
+import jax.numpy as jnp
+from hypothesis import HealthCheck, assume, event, given, settings
 
+import parallel
 import small_run
+from trainer import train
 from trainer.errors import UserError
-from trainer.validate import check_config
+from trainer.validate import check_backend, check_config, check_mesh, model_config
 
 WORDS = ["", "none", "lora", "prompt", "lisa", "xla", "pallas", "ring", "cudnn", "lm", "sft",
          "dpo", "reward", "ipo", "orpo", "text", "chat", "preference", "files", "stdlib",
@@ -52,6 +55,13 @@ MUTATION = st.sampled_from(sorted(DEFAULTS)).flatmap(
 @settings(max_examples=1500, deadline=None, derandomize=True,
           suppress_health_check=list(HealthCheck))
 def test_mutated_configs_raise_only_user_errors(mutations):
+  try:
+    check_config(mutate(mutations))
+  except UserError:
+    pass
+
+
+def mutate(mutations):
   cfg = small_run.config()
   for key, value in mutations:
     *path, last = key.split(".")
@@ -59,7 +69,40 @@ def test_mutated_configs_raise_only_user_errors(mutations):
     for part in path:
       node = node[part]
     node[last] = value
+  return cfg
+
+
+# Past the checks: a config that check_config accepts must also build its plan (model, PEFT,
+# optimizer, shardings over 8 devices) and trace its train step, or fail with a UserError.
+STEP_KEYS = sorted(k for k in DEFAULTS if not k.startswith("data.") or k in (
+    "data.format", "data.template", "data.packing"))
+STEP_MUTATION = st.sampled_from(STEP_KEYS).flatmap(lambda key: st.tuples(st.just(key), _value_for(key)))
+
+
+@given(st.lists(STEP_MUTATION, min_size=1, max_size=2))
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=list(HealthCheck))
+def test_accepted_configs_build_and_trace_their_train_step(mutations):
+  cfg = mutate(mutations)
   try:
     check_config(cfg)
   except UserError:
-    pass
+    assume(False)
+  cfg.train.steps = min(cfg.train.steps, 1000)  # (only the schedule's length; keeps it cheap)
+  try:
+    check_backend(cfg, "cpu")
+    mesh_sizes = check_mesh(cfg, jax.device_count())
+    mcfg = model_config(cfg, vocab_size=512)
+    assume(mcfg.vocab_size >= 512)  # the run refuses a vocabulary smaller than the tokenizer's
+    mesh = parallel.make_mesh(mesh_sizes)
+    pl = train.plan(cfg, mcfg, mesh)
+  except UserError as e:
+    event(f"refused: {str(e).split(':')[0]}")
+    return
+  keys = train.BATCH_KEYS + (("example", "reference") if cfg.data.format == "preference" else ())
+  shape = (cfg.train.batch_size, cfg.train.seq_len)
+  batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k in ("weights", "reference")
+                                   else jnp.int32, sharding=pl.batch_sharding) for k in keys}
+  with parallel.activate(mesh, pl.rules):
+    pl.train_step.trace(pl.abstract_state, batch)
+  event("traced")
