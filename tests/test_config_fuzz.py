@@ -1,5 +1,6 @@
 """Mutated configs fail only with a one-line UserError (hypothesis): any other exception would
 reach the user as a traceback. A config the checks accept builds its plan and traces its step."""
+
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
