@@ -49,6 +49,15 @@ def peak_flops_per_device(override_tflops: float = 0.0) -> tuple[float, str]:
   return measured_matmul_flops(), f"measured f32 matmul ({kind})"
 
 
+def peak_units(devices) -> int:
+  """How many times the per-device peak the job has: its devices; on CPUs its processes, since
+  simulated CPU devices (--xla_force_host_platform_device_count) share one host's cores, which
+  the measured peak already uses."""
+  if devices[0].platform == "cpu":
+    return len({d.process_index for d in devices})
+  return len(devices)
+
+
 class MetricsWriter:
   """Writes one JSON object per logged step and the same scalars to TensorBoard."""
 

@@ -32,6 +32,15 @@ from trainer.validate import (UserError, check_backend, check_config, check_mesh
                               model_config)
 
 BATCH_KEYS = ("inputs", "targets", "weights", "positions", "segment_ids")
+PAIR_KEYS = ("example", "reference")  # preference batches: the pair of each position, ref log-probs
+
+
+def abstract_batch(cfg, sharding) -> dict[str, jax.ShapeDtypeStruct]:
+  """The train step's batch argument as ShapeDtypeStructs: for lowering without data."""
+  keys = BATCH_KEYS + (PAIR_KEYS if cfg.data.format == "preference" else ())
+  shape = (cfg.train.batch_size, cfg.train.seq_len)
+  return {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k in ("weights", "reference")
+                                  else jnp.int32, sharding=sharding) for k in keys}
 
 
 def _log(text: str) -> None:
@@ -362,6 +371,7 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
   end_step = min(tc.steps, tc.stop_after_steps) if tc.stop_after_steps else tc.steps
   peak, peak_source = metrics_lib.peak_flops_per_device(tc.peak_tflops)
   flops_per_token = mcfg.flops_per_token(tc.seq_len)
+  units = metrics_lib.peak_units(devices)
   writer = metrics_lib.MetricsWriter(workdir, tc.steps, start_step, enabled=jax.process_index() == 0)
   writer.note(f"MFU against {peak / 1e12:.3g} TFLOP/s per device ({peak_source})")
   last: dict[str, float] = {}
@@ -399,7 +409,7 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
         elapsed = time.perf_counter() - t_log
         tps = tokens_since / elapsed if tokens_since and elapsed > 0 else 0.0
         last = {"loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
-                "tokens_per_sec": tps, "mfu": tps * flops_per_token / (peak * len(devices)),
+                "tokens_per_sec": tps, "mfu": tps * flops_per_token / (peak * units),
                 "padding_ratio": data_stats["padding_ratio"],
                 **{k: v for k, v in m.items() if k not in ("loss", "lr", "grad_norm", "tokens")}}
         if not np.isfinite(m["loss"]):
