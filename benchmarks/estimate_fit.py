@@ -21,7 +21,7 @@ import scipy.optimize
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import tiny  # noqa: E402
-from trainer import estimate, train  # noqa: E402
+from trainer import estimate  # noqa: E402
 
 BASE = dict(d_model=192, n_layers=3, n_heads=6, n_kv_heads=2, d_ff=512, vocab_size=1536)
 BASE_TRAIN = dict(batch_size=12, seq_len=96)

@@ -20,7 +20,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 import parallel  # noqa: E402
 from trainer import train  # noqa: E402
@@ -48,10 +47,7 @@ def measure(cfg, name: str, mesh_settings: dict, vocab_size: int) -> dict:
   mcfg = model_config(cfg, vocab_size)
   mesh = parallel.make_mesh(dict(cfg.mesh), jax.devices()[:8])
   pl = train.plan(cfg, mcfg, mesh)
-  tc = cfg.train
-  batch = {k: jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len), jnp.float32 if k == "weights"
-                                   else jnp.int32, sharding=pl.batch_sharding)
-           for k in train.BATCH_KEYS}
+  batch = train.abstract_batch(cfg, pl.batch_sharding)
   with parallel.activate(mesh, pl.rules):
     compiled = pl.train_step.lower(pl.abstract_state, batch).compile()
   mem = compiled.memory_analysis()

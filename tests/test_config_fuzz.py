@@ -3,7 +3,6 @@ reach the user as a traceback. A config the checks accept builds its plan and tr
 
 import hypothesis.strategies as st
 import jax
-import jax.numpy as jnp
 from hypothesis import HealthCheck, assume, event, given, settings
 
 import parallel
@@ -100,10 +99,6 @@ def test_accepted_configs_build_and_trace_their_train_step(mutations):
   except UserError as e:
     event(f"refused: {str(e).split(':')[0]}")
     return
-  keys = train.BATCH_KEYS + (("example", "reference") if cfg.data.format == "preference" else ())
-  shape = (cfg.train.batch_size, cfg.train.seq_len)
-  batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k in ("weights", "reference")
-                                   else jnp.int32, sharding=pl.batch_sharding) for k in keys}
   with parallel.activate(mesh, pl.rules):
-    pl.train_step.trace(pl.abstract_state, batch)
+    pl.train_step.trace(pl.abstract_state, train.abstract_batch(cfg, pl.batch_sharding))
   event("traced")

@@ -107,8 +107,7 @@ def test_tensor_parallel_loss_never_gathers_the_logits():
   vocab = 328  # a size no other dimension has
   mesh = parallel.make_mesh(dict(cfg.mesh))
   pl = train.plan(cfg, model_config(cfg, vocab), mesh)
-  batch = {k: jax.ShapeDtypeStruct((8, 32), jnp.float32 if k == "weights" else jnp.int32,
-                                   sharding=pl.batch_sharding) for k in train.BATCH_KEYS}
+  batch = train.abstract_batch(cfg, pl.batch_sharding)
   with parallel.activate(mesh, pl.rules):
     hlo = pl.train_step.lower(pl.abstract_state, batch).compile().as_text()
   gathered = re.findall(r"= \w+\[([\d,]*)\][^\n]*? all-gather\(", hlo)
