@@ -1,10 +1,17 @@
-"""Training throughput of our step against Hugging Face transformers on torch, same process.
+"""Training throughput of our trainer against Hugging Face transformers on torch, same process.
 
-A fixed Llama shape (8 layers, d=512, 8 heads, 2 KV heads, ffn 1536, vocab 8192, seq 512, global
-batch 8, ~32M parameters) trained with AdamW. Both sides run in this one process, alternating in
-rounds, so that a noisy shared machine affects both alike; the figure that matters is the ratio.
+The shape of configs/medium.py (8 layers, d=512, 8 heads over 2 KV heads, ffn 1536, vocab 8192,
+seq 512, global batch 8: 32M parameters), AdamW with clipping, on one device: full fine-tuning
+and LoRA r=16 on every linear layer, in float32 and in bfloat16 (torch: autocast). Ours is the
+step `trainer.train.plan` builds from the config, exactly what `trainer.main` runs; the peer is
+`LlamaForCausalLM` (sdpa attention) and, for LoRA, HF PEFT's `get_peft_model`. All runs
+alternate in rounds in this one process, so a noisy shared machine affects them alike; the
+figure that matters is the ratio ours / peer. Also prints the machine's measured f32 matmul
+peak and our MFU against it (the README's FLOP formula).
 
-python benchmarks/train_throughput.py [--rounds 3 --steps 3 --dtypes float32,bfloat16 --out FILE]
+python benchmarks/train_throughput.py [--rounds 3 --steps 2 --dtypes float32,bfloat16
+    --methods full,lora --out FILE.json --plot FILE.png]   (the plot needs matplotlib:
+    pip install -e '.[bench]')
 """
 
 from __future__ import annotations
@@ -18,70 +25,87 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models import ModelConfig  # noqa: E402
-from trainer import metrics as metrics_lib, optim, state as state_lib, step as step_lib  # noqa: E402
+import parallel  # noqa: E402
+from configs import medium  # noqa: E402
+from trainer import metrics as metrics_lib, state as state_lib, train  # noqa: E402
+from trainer.validate import model_config  # noqa: E402
 
-SHAPE = dict(vocab_size=8192, d_model=512, n_layers=8, n_heads=8, n_kv_heads=2, d_ff=1536,
-             max_seq_len=512, rope_theta=10000.0)
-BATCH, SEQ = 8, 512
-
-
-class _TrainCfg:  # the few `train.*` keys the optimizer reads
-  steps, warmup_steps, lr, min_lr_ratio, lr_schedule = 1000, 0, 1e-4, 0.1, "constant"
-  b1, b2, eps, weight_decay, clip_norm = 0.9, 0.95, 1e-8, 0.1, 1.0
+LORA_RANK = 16
 
 
-def batch(seed=0):
+def config(dtype: str, method: str):
+  cfg = medium.get_config()
+  cfg.precision.compute_dtype = dtype
+  cfg.mesh.update(data=1)
+  cfg.train.update(lr=1e-4, warmup_steps=0, lr_schedule="constant")
+  if method == "lora":
+    cfg.peft.update(method="lora", rank=LORA_RANK, alpha=2.0 * LORA_RANK, targets="all-linear")
+  return cfg
+
+
+def tokens(cfg, seed=0):
   rng = np.random.default_rng(seed)
-  toks = rng.integers(0, SHAPE["vocab_size"], (BATCH, SEQ + 1), dtype=np.int32)
-  return toks
+  return rng.integers(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.train.seq_len + 1),
+                      dtype=np.int32)
 
 
-def ours(dtype: str):
-  cfg = ModelConfig(**SHAPE)
-  handle = state_lib.model_handle(cfg)
-  tx, sched = optim.make_optimizer(_TrainCfg)
-  state = state_lib.new_state(tx, state_lib.init_params(handle, 0), 0)
-  step = jax.jit(step_lib.make_train_step(handle, tx, sched, jnp.dtype(dtype), 1), donate_argnums=0)
-  toks = batch()
-  b = {"inputs": jnp.asarray(toks[:, :-1]), "targets": jnp.asarray(toks[:, 1:]),
-       "weights": jnp.ones((BATCH, SEQ), jnp.float32),
-       "positions": jnp.broadcast_to(jnp.arange(SEQ, dtype=jnp.int32), (BATCH, SEQ)),
-       "segment_ids": jnp.ones((BATCH, SEQ), jnp.int32)}
-  holder = {"state": state}
+def ours(dtype: str, method: str):
+  cfg = config(dtype, method)
+  tc = cfg.train
+  mesh = parallel.make_mesh(dict(data=1, fsdp=1, expert=1, sequence=1, tensor=1), jax.devices()[:1])
+  pl = train.plan(cfg, model_config(cfg, cfg.model.vocab_size), mesh)
+  params = state_lib.init_params(pl.handle, tc.seed, pl.shardings["params"], pl.param_dtype,
+                                 model_shardings=pl.model_shardings)
+  holder = {"state": state_lib.init_state(pl.tx, params, tc.seed, pl.shardings,
+                                          loss_scale=pl.loss_scale)}
+  toks = tokens(cfg)
+  b, s = tc.batch_size, tc.seq_len
+  batch = train.to_global({
+      "inputs": toks[:, :-1], "targets": toks[:, 1:], "weights": np.ones((b, s), np.float32),
+      "positions": np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy(),
+      "segment_ids": np.ones((b, s), np.int32)}, pl.batch_sharding)
+
+  def step():
+    with parallel.activate(mesh, pl.rules):
+      holder["state"], m = pl.train_step(holder["state"], batch)
+    return m
   t = time.perf_counter()
-  holder["state"], m = step(holder["state"], b)
-  jax.block_until_ready(m)
+  jax.block_until_ready(step())
   compile_s = time.perf_counter() - t
 
   def run(n):
     for _ in range(n):
-      holder["state"], m = step(holder["state"], b)
-    jax.block_until_ready(m)
-    return float(m["loss"])
+      m = step()
+    return float(jax.device_get(m)["loss"])
   return run, compile_s
 
 
-def peer(dtype: str):
+def peer(dtype: str, method: str):
   import torch
   from transformers import LlamaConfig, LlamaForCausalLM
 
+  cfg = config(dtype, method)
+  m = cfg.model
   torch.manual_seed(0)
   torch.set_num_threads(os.cpu_count() or 1)
-  hf = LlamaConfig(vocab_size=SHAPE["vocab_size"], hidden_size=SHAPE["d_model"],
-                   intermediate_size=SHAPE["d_ff"], num_hidden_layers=SHAPE["n_layers"],
-                   num_attention_heads=SHAPE["n_heads"], num_key_value_heads=SHAPE["n_kv_heads"],
-                   max_position_embeddings=SEQ, rope_theta=10000.0, tie_word_embeddings=False)
+  hf = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff,
+                   num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
+                   num_key_value_heads=m.n_kv_heads, max_position_embeddings=m.max_seq_len,
+                   rope_theta=m.rope_theta, tie_word_embeddings=False)
   hf._attn_implementation = "sdpa"
   model = LlamaForCausalLM(hf)
+  if method == "lora":
+    from peft import LoraConfig, get_peft_model
+    model = get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK,
+                                             target_modules="all-linear", lora_dropout=0.0))
   model.train()
-  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-  toks = torch.from_numpy(batch().astype(np.int64))
+  trainable = [p for p in model.parameters() if p.requires_grad]
+  opt = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+  toks = torch.from_numpy(tokens(cfg).astype(np.int64))
   inputs, labels = toks[:, :-1], toks[:, 1:]
 
   def one():
@@ -90,53 +114,91 @@ def peer(dtype: str):
     loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                              labels.reshape(-1))
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return float(loss)
 
+  t = time.perf_counter()
   one()
+  first_s = time.perf_counter() - t
 
   def run(n):
     for _ in range(n):
       loss = one()
     return loss
-  return run, 0.0
+  return run, first_s
+
+
+def plot(results: dict, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  names = list(results["runs"])
+  x = np.arange(len(names))
+  ours_tps = [results["runs"][n]["ours_tokens_per_sec"] for n in names]
+  peer_tps = [results["runs"][n]["peer_tokens_per_sec"] for n in names]
+  fig, ax = plt.subplots(figsize=(7, 3.6))
+  ax.bar(x - 0.2, ours_tps, 0.4, label="ours (JAX, XLA:CPU)")
+  ax.bar(x + 0.2, peer_tps, 0.4, label="transformers / PEFT (torch CPU)")
+  for i, n in enumerate(names):
+    ax.text(i, max(ours_tps[i], peer_tps[i]) * 1.02, f"{results['runs'][n]['ratio']:.2f}x",
+            ha="center")
+  ax.set_xticks(x, names)
+  ax.set_ylabel("tokens / s")
+  ax.set_title(f"32M Llama, batch 8 x 512, {results['cpus']} CPU cores: ours / peer")
+  ax.set_ylim(0, max(ours_tps + peer_tps) * 1.15)
+  ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
 
 
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--rounds", type=int, default=3)
-  ap.add_argument("--steps", type=int, default=3)
+  ap.add_argument("--steps", type=int, default=2)
   ap.add_argument("--dtypes", default="float32,bfloat16")
+  ap.add_argument("--methods", default="full,lora")
   ap.add_argument("--out", default="")
+  ap.add_argument("--plot", default="")
   args = ap.parse_args()
 
+  cfg = medium.get_config()
   peak = metrics_lib.measured_matmul_flops()
-  flops_per_token = ModelConfig(**SHAPE).flops_per_token(SEQ)
-  results = {"shape": SHAPE, "batch": BATCH, "seq": SEQ, "machine": platform.processor() or
-             platform.machine(), "cpus": os.cpu_count(), "jax": jax.__version__,
-             "measured_matmul_tflops": peak / 1e12, "runs": {}}
-  for dtype in args.dtypes.split(","):
-    runners = {"ours": ours(dtype), "peer": peer(dtype)}
-    times = {k: [] for k in runners}
-    for _ in range(args.rounds):
-      for name, (run, _) in runners.items():
-        t = time.perf_counter()
-        run(args.steps)
-        times[name].append((time.perf_counter() - t) / args.steps)
-    tps = {k: BATCH * SEQ / statistics.median(v) for k, v in times.items()}
-    entry = {"ours_tokens_per_sec": tps["ours"], "peer_tokens_per_sec": tps["peer"],
-             "ratio": tps["ours"] / tps["peer"], "ours_first_step_s": runners["ours"][1],
-             "ours_mfu": tps["ours"] * flops_per_token / peak}
-    results["runs"][dtype] = entry
-    print(f"{dtype}: ours {tps['ours']:.0f} tok/s, transformers {tps['peer']:.0f} tok/s, "
-          f"ratio {entry['ratio']:.2f}; our first step (compile) {entry['ours_first_step_s']:.1f}s, "
-          f"MFU {entry['ours_mfu']:.1%} of a measured {peak / 1e12:.2f} TFLOP/s f32 matmul",
-          flush=True)
+  flops_per_token = model_config(cfg, cfg.model.vocab_size).flops_per_token(cfg.train.seq_len)
+  step_tokens = cfg.train.batch_size * cfg.train.seq_len
+  results = {"config": "configs/medium.py", "lora_rank": LORA_RANK,
+             "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+             "jax": jax.__version__, "measured_matmul_tflops": peak / 1e12,
+             "flops_per_token": flops_per_token, "runs": {}}
+  print(f"measured f32 matmul peak: {peak / 1e12:.3f} TFLOP/s; {flops_per_token / 1e6:.1f} "
+        "MFLOPs per token", flush=True)
+  for method in args.methods.split(","):
+    for dtype in args.dtypes.split(","):
+      runners = {"ours": ours(dtype, method), "peer": peer(dtype, method)}
+      times = {k: [] for k in runners}
+      for _ in range(args.rounds):
+        for name, (run, _) in runners.items():
+          t = time.perf_counter()
+          run(args.steps)
+          times[name].append((time.perf_counter() - t) / args.steps)
+      tps = {k: step_tokens / statistics.median(v) for k, v in times.items()}
+      entry = {"ours_tokens_per_sec": tps["ours"], "peer_tokens_per_sec": tps["peer"],
+               "ratio": tps["ours"] / tps["peer"], "ours_first_step_s": runners["ours"][1],
+               "peer_first_step_s": runners["peer"][1],
+               "ours_mfu": tps["ours"] * flops_per_token / peak,
+               "peer_mfu": tps["peer"] * flops_per_token / peak}
+      name = f"{method} {dtype}"
+      results["runs"][name] = entry
+      print(f"{name}: ours {tps['ours']:.0f} tok/s, peer {tps['peer']:.0f} tok/s, ratio "
+            f"{entry['ratio']:.2f}; our first step (compile) {entry['ours_first_step_s']:.1f} s; "
+            f"MFU ours {entry['ours_mfu']:.1%}, peer {entry['peer_mfu']:.1%}", flush=True)
+      del runners
   if args.out:
     with open(args.out, "w") as f:
       json.dump(results, f, indent=2)
+  if args.plot:
+    plot(results, args.plot)
 
 
 if __name__ == "__main__":

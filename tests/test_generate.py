@@ -1,7 +1,6 @@
 """KV-cache generation: cached logits equal a full forward, greedy equals a naive loop, stop
 tokens, top-k / top-p filtering."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
