@@ -25,7 +25,7 @@ import math
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 import parallel
 from trainer import metrics as metrics_lib, state as state_lib, train
@@ -51,7 +51,9 @@ MiB = 2**20
 # probabilities); outside the layers, vocab * vocab_size + outside * d_model (embeddings, final
 # norm, logits, cross-entropy); and `grads` times the trainable parameters' bytes for the
 # gradients with the update's temporaries. Under full remat a layer keeps `kept` * d_model (its
-# input) and the per-layer terms count once: one layer's working set is live at a time. The
+# input) and the per-layer terms count once: one layer's working set is live at a time (the dots
+# policies keep their per-layer terms, like none). Flash attention paths (pallas, cudnn, ring)
+# never hold the probabilities: their `scores` term is left out. The
 # counts are fit (non-negative least squares) to XLA's own buffer assignment of our train step
 # on CPU for 12 shapes, by `python benchmarks/estimate_fit.py`, which prints these lines;
 # tests/test_estimate.py checks them against the compiler on the tiny and a medium config.
@@ -105,8 +107,9 @@ def activation_bytes(mcfg, tc, mesh: dict[str, int], remat: str, element: int) -
   dp = mesh["data"] * mesh["fsdp"]
   tokens = tc.batch_size // tc.grad_accum * tc.seq_len / (dp * mesh["sequence"])
   tp = mesh["tensor"]
+  scores = c.scores if mcfg.attention_impl == "xla" else 0.0
   layer = (c.d * mcfg.d_model + c.kv * mcfg.n_kv_heads * mcfg.head_dim / tp
-           + c.ff * mcfg.d_ff / tp + c.scores * mcfg.n_heads / tp * tc.seq_len)
+           + c.ff * mcfg.d_ff / tp + scores * mcfg.n_heads / tp * tc.seq_len)
   if remat != "full":
     per_token = mcfg.n_layers * layer
   else:
@@ -274,6 +277,8 @@ def report(cfg, devices, mfu: float, peak_tflops: float, compile_step: bool,
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     main_lib._fail(f"unexpected arguments {' '.join(argv[1:])}")
+  if not main_lib._VERBOSE.value:
+    logging.set_verbosity(logging.WARNING)
   if _DEVICES.value:
     jax.config.update("jax_num_cpu_devices", _DEVICES.value)
     jax.config.update("jax_platforms", "cpu")
