@@ -120,5 +120,8 @@ class ModelConfig:
     n = self.num_params(include_embeddings=False)
     if self.tie_embeddings:
       n += self.vocab_size * self.d_model  # tied head still does the logits matmul
-    attn = 6 * self.n_layers * seq_len * self.n_heads * self.head_dim
-    return 6 * n + attn
+    return 6 * n + self.attention_flops_per_token(seq_len)
+
+  def attention_flops_per_token(self, seq_len: int) -> float:
+    """The attention part of `flops_per_token`: QK^T and PV, x3, causal halved."""
+    return 6 * self.n_layers * seq_len * self.n_heads * self.head_dim

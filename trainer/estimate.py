@@ -143,7 +143,6 @@ def device_bytes(tree, memory_kind: str | None = None) -> float:
 
 def estimate(cfg, devices) -> tuple[Estimate, object]:
   """The estimate, and the plan (train.plan) it was read from."""
-
   check_config(cfg)
   check_backend(cfg, devices[0].platform)
   sizes = check_mesh(cfg, len(devices))
@@ -233,7 +232,7 @@ def report(cfg, devices, mfu: float, peak_tflops: float, compile_step: bool,
   n = metrics_lib.peak_units(devices)
   peak, source = metrics_lib.peak_flops_per_device(peak_tflops)
   seconds = est.total_flops / (mfu * peak * n)
-  attn = 6 * mcfg.n_layers * cfg.train.seq_len * mcfg.n_heads * mcfg.head_dim
+  attn = mcfg.attention_flops_per_token(cfg.train.seq_len)
   lines = [
       f"parameters: {est.params:,} ({est.trainable:,} trainable)",
       f"FLOPs per token: {_human(est.flops_per_token)} = 6N {_human(est.flops_per_token - attn)}"
@@ -252,7 +251,7 @@ def report(cfg, devices, mfu: float, peak_tflops: float, compile_step: bool,
   other = "full" if mcfg.remat == "none" else "none"
   element = element_bytes(devices[0].platform, pl.compute_dtype)
   lines.append(f"  {f'(activations with remat {other})':<{width}} "
-                 f"{activation_bytes(mcfg, cfg.train, est.mesh, other, element) / MiB:10.1f} MiB")
+               f"{activation_bytes(mcfg, cfg.train, est.mesh, other, element) / MiB:10.1f} MiB")
   if compile_step:
     compiled = compiled_bytes(pl, batch)
     lines.append(f"  {'compiled: arguments + temporaries':<{width}} "
@@ -267,10 +266,13 @@ def report(cfg, devices, mfu: float, peak_tflops: float, compile_step: bool,
       except UserError as err:
         lines.append(f"| {name} | - | {err} | | | |")
         continue
-      b = list(e.bytes.values())
+      b = e.bytes
+      state = b["parameters"] + b["optimizer state"] + b["other state"]
+      acts = b[f"activations (remat {mcfg.remat})"]
       mesh = "x".join(f"{k}{v}" for k, v in e.mesh.items() if v > 1) or "1 device"
-      lines.append(f"| {name} | {mesh} | {(b[0] + b[1] + b[2]) / MiB:.1f} | {b[3] / MiB:.1f} | "
-                   f"{b[4] / MiB:.1f} | {total_bytes(e) / MiB:.1f} |")
+      lines.append(f"| {name} | {mesh} | {state / MiB:.1f} | "
+                   f"{b['gradients (+ update temporaries)'] / MiB:.1f} | {acts / MiB:.1f} | "
+                   f"{total_bytes(e) / MiB:.1f} |")
   return "\n".join(lines)
 
 
