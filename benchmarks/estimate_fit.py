@@ -48,8 +48,8 @@ def probe(remat: str, model: dict, train_over: dict):
   # full remat each keeps its input (the d column) and one layer's working set is live at a time
   per_layer = 1 if remat == "full" else L
   row = [grads, n * L * mcfg.d_model * 4]
-  row += [n * per_layer * x * 4 for x in (
-      mcfg.n_kv_heads * mcfg.head_dim, mcfg.d_ff, mcfg.n_heads * cfg.train.seq_len)]
+  row += [n * per_layer * x * 4 for x in (mcfg.n_kv_heads * mcfg.head_dim, mcfg.d_ff,
+                                          mcfg.n_heads * estimate.score_keys(cfg.train.seq_len))]
   row += [n * mcfg.vocab_size * 4, n * mcfg.d_model * 4]
   return row, temp
 

@@ -152,36 +152,57 @@ def project(x, w, delta=None, n_in: int = 1):
   return y + delta(x.reshape(math.prod(lead), -1)).reshape(y.shape).astype(y.dtype)
 
 
-def attention_block(q_bthd, k_bskd, v_bskd, mask, scale=None, softcap=0.0):
-  """Grouped-query attention without repeating K/V: (out, lse), both float32.
+# The xla path's query blocks in training and evaluation (see `dot_product_attention`).
+QUERY_BLOCKS = 4
 
-  Scores are q.k * scale (default head_dim ** -0.5), then softcap * tanh(scores / softcap) when
-  `softcap` is set (Gemma 2).
-  out (batch, q_len, heads, head_dim) is normalised; lse (batch, q_len, heads) is the log of the
-  softmax denominator, so that blocks over different keys combine exactly (ring attention).
+
+def query_blocks(length: int) -> int:
+  """How many query blocks the xla path runs a row of `length` tokens in: QUERY_BLOCKS from
+  256 tokens on (blocks of 64 rows or more) when it divides the length, else 1."""
+  return QUERY_BLOCKS if length >= 256 and length % QUERY_BLOCKS == 0 else 1
+
+
+def dot_product_attention(q_bthd, k_bskd, v_bskd, mask, scale=None, softcap=0.0, blocks=1):
+  """Grouped-query attention without repeating K/V; the output in q's dtype.
+
+  `mask` (batch, 1, 1, q_len, k_len) booleans. Scores are q.k * scale (default head_dim ** -0.5),
+  then softcap * tanh(scores / softcap) when `softcap` is set (Gemma 2), then a float32 softmax.
   The query heads of each KV head are folded into the query length, so both products are plain
   batched matmuls over (batch, kv_heads): (group * q_len, d) x (d, k_len).
+
+  `blocks` > 1 (queries and keys the same sequence): the queries run in that many blocks and
+  block i reads only the keys up to its own last row, skipping the upper triangle of the score
+  matrix. That is exact for every mask `attention_inputs` builds, since none lets a query see a
+  key later in its row (causal by position, positions counting up along each segment; prompts
+  before their answers). With 4 blocks it does 5/8 of the score work, and XLA:CPU runs the
+  forward + backward pass in about half the time of one block (BENCHMARKS.md).
   """
   b, t, h, d = q_bthd.shape
   s, kv = k_bskd.shape[1], k_bskd.shape[2]
   g = h // kv
-  q = q_bthd.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)
+  if blocks > 1 and (s != t or t % blocks):
+    raise ValueError(f"{blocks} query blocks need as many keys as queries and a length they "
+                     f"divide; got {t} queries and {s} keys")
+  size = t // blocks
+  scale = d ** -0.5 if scale is None else scale
+  q = q_bthd.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4)  # (b, kv, g, t, d)
   k = k_bskd.transpose(0, 2, 1, 3)  # (b, kv, s, d)
   v = v_bskd.transpose(0, 2, 1, 3)
-  scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
-  scores = scores.reshape(b, kv, g, t, s) * (d ** -0.5 if scale is None else scale)
-  if softcap:
-    scores = softcap * jnp.tanh(scores / softcap)
-  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  lse = jax.nn.logsumexp(scores, axis=-1)  # (b, kv, g, t)
-  probs = jnp.exp(scores - lse[..., None]).astype(v.dtype).reshape(b, kv, g * t, s)
-  out = jnp.einsum("bkqs,bksd->bkqd", probs, v, preferred_element_type=jnp.float32)
-  out = out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
-  return out, lse.transpose(0, 3, 1, 2).reshape(b, t, h)
-
-
-def dot_product_attention(q_bthd, k_bskd, v_bskd, mask, scale=None, softcap=0.0):
-  return attention_block(q_bthd, k_bskd, v_bskd, mask, scale, softcap)[0].astype(q_bthd.dtype)
+  outs = []
+  for i in range(blocks):
+    lo, hi = i * size, (i + 1) * size
+    end = s if blocks == 1 else hi
+    qi = q[:, :, :, lo:hi].reshape(b, kv, g * size, d)
+    scores = jnp.einsum("bkqd,bksd->bkqs", qi, k[:, :, :end], preferred_element_type=jnp.float32)
+    scores = scores.reshape(b, kv, g, size, end) * scale
+    if softcap:
+      scores = softcap * jnp.tanh(scores / softcap)
+    scores = jnp.where(mask[..., lo:hi, :end], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, g * size, end)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, v[:, :, :end], preferred_element_type=jnp.float32)
+    outs.append(out.reshape(b, kv, g, size, d))
+  out = jnp.concatenate(outs, axis=3) if blocks > 1 else outs[0]
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q_bthd.dtype)
 
 
 class Attention(nnx.Module):
@@ -228,7 +249,8 @@ class Attention(nnx.Module):
                                   scale, cap)
       return project(out, self.o[...], deltas.get("o"), n_in=2), (k_cache, v_cache)
     if impl == "xla":
-      out = dot_product_attention(q, k, v, mask, scale, cap)
+      blocks = query_blocks(q.shape[1]) if prefix_kv is None else 1
+      out = dot_product_attention(q, k, v, mask, scale, cap, blocks)
     elif impl == "pallas" or (impl == "ring" and ring_attention_lib.sequence_parallel_size() == 1):
       if impl == "ring":  # no ring to run: the keys' vectors in natural order are the mask
         mask = fm.FlashMask(*mask[1])

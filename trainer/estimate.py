@@ -28,6 +28,7 @@ import numpy as np
 from absl import app, flags, logging
 
 import parallel
+from models import layers
 from trainer import metrics as metrics_lib, state as state_lib, train
 from trainer import main as main_lib  # the --config flag and its one-line errors
 from trainer.validate import (UserError, check_backend, check_config, check_mesh,
@@ -70,14 +71,14 @@ class Coefficients:
 
 
 ACTIVATIONS = {
-    "none": Coefficients(grads=2.15, d=6.5, kv=1.69, ff=6.42, scores=3.39, vocab=1.48,
-                         outside=18.44),
-    "full": Coefficients(grads=1.64, kv=0.0, ff=5.55, scores=2.18, vocab=1.33, outside=3.91,
-                         kept=0.23, d=0.0),
-    "dots": Coefficients(grads=2.01, d=0.0, kv=0.85, ff=2.33, scores=1.56, vocab=1.6,
-                         outside=13.84),
-    "dots_no_batch": Coefficients(grads=1.74, d=0.0, kv=1.14, ff=1.74, scores=0.92, vocab=1.68,
-                                  outside=14.31),
+    "none": Coefficients(grads=2.09, d=5.49, kv=1.94, ff=6.33, scores=2.69, vocab=1.41,
+                         outside=23.19),
+    "full": Coefficients(grads=2.04, kv=0.0, ff=5.99, scores=2.11, vocab=1.25, outside=4.75,
+                         kept=0.86, d=0.0),
+    "dots": Coefficients(grads=1.88, d=0.0, kv=0.8, ff=2.44, scores=1.54, vocab=1.5,
+                         outside=21.08),
+    "dots_no_batch": Coefficients(grads=2.05, d=0.0, kv=0.95, ff=2.32, scores=0.37, vocab=1.66,
+                                  outside=15.57),
 }
 
 
@@ -101,6 +102,13 @@ def element_bytes(platform: str, compute_dtype) -> int:
   return 4 if platform == "cpu" else np.dtype(compute_dtype).itemsize
 
 
+def score_keys(seq_len: int) -> float:
+  """Keys per query the xla path holds scores for: its query blocks (models/layers.py) skip
+  the keys after each block, keeping (blocks + 1) / (2 blocks) of them."""
+  blocks = layers.query_blocks(seq_len)
+  return seq_len * (blocks + 1) / (2 * blocks)
+
+
 def activation_bytes(mcfg, tc, mesh: dict[str, int], remat: str, element: int) -> float:
   """The per-token model above, for the tokens and heads one device holds."""
   c = ACTIVATIONS[remat]
@@ -109,7 +117,7 @@ def activation_bytes(mcfg, tc, mesh: dict[str, int], remat: str, element: int) -
   tp = mesh["tensor"]
   scores = c.scores if mcfg.attention_impl == "xla" else 0.0
   layer = (c.d * mcfg.d_model + c.kv * mcfg.n_kv_heads * mcfg.head_dim / tp
-           + c.ff * mcfg.d_ff / tp + scores * mcfg.n_heads / tp * tc.seq_len)
+           + c.ff * mcfg.d_ff / tp + scores * mcfg.n_heads / tp * score_keys(tc.seq_len))
   if remat != "full":
     per_token = mcfg.n_layers * layer
   else:
