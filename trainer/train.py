@@ -142,6 +142,16 @@ class Plan:
   loss_scale: float | None  # float16: the initial loss scale
 
 
+def compiler_options(mesh) -> dict[str, int] | None:
+  """XLA options for the train and eval steps. On CPU, LLVM at -O1 rather than -O2: the matmuls
+  are library calls either way and the generated loops ran no slower, while the medium config's
+  train step compiled in 7-9 s instead of 15 s (BENCHMARKS.md). An XLA_FLAGS setting wins."""
+  if (mesh.devices.flat[0].platform != "cpu"
+      or "xla_backend_optimization_level" in os.environ.get("XLA_FLAGS", "")):
+    return None
+  return {"xla_backend_optimization_level": 1}
+
+
 def plan(cfg, mcfg, mesh) -> Plan:
   tc = cfg.train
   compute_dtype = jnp.dtype(cfg.precision.compute_dtype)
@@ -186,9 +196,12 @@ def plan(cfg, mcfg, mesh) -> Plan:
     step_fn = step_lib.make_train_step(handle, tx, schedule, compute_dtype, tc.grad_accum,
                                        g_shardings, opt_device_shardings, labels, tc.neftune_alpha,
                                        spec, cfg.precision.loss_scale_period)
+  options = compiler_options(mesh)
   train_step = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
-                       out_shardings=(shardings, None), donate_argnums=0)
-  eval_step = jax.jit(step_lib.make_eval_step(handle, compute_dtype, spec))  # inputs are placed
+                       out_shardings=(shardings, None), donate_argnums=0,
+                       compiler_options=options)
+  eval_step = jax.jit(step_lib.make_eval_step(handle, compute_dtype, spec),  # inputs are placed
+                      compiler_options=options)
   abstract = state_lib.abstract_state(tx, abstract_params, tc.seed, shardings, lisa_k, allocator,
                                       reference, loss_scale)
   return Plan(handle, tx, mesh, strategy.activations, batch_sharding, shardings, abstract,
