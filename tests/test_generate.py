@@ -1,6 +1,7 @@
 """KV-cache generation: cached logits equal a full forward, greedy equals a naive loop, stop
 tokens, top-k / top-p filtering."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -51,10 +52,16 @@ def test_cached_decoding_equals_full_forward(overrides):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
-def naive_greedy(model, prompt, n):
+def naive_greedy(model, prompt, n, width=32):
+  """Greedy decoding by recomputing the whole sequence each step, no cache. The row is padded on
+  the right to a fixed `width` (causal: padding after a position cannot change its logits), so
+  one compiled forward serves every step."""
+  forward = jax.jit(lambda row: model(row[None])[0])
   seq = list(prompt)
   for _ in range(n):
-    seq.append(int(jnp.argmax(model(np.asarray(seq)[None])[0, -1])))
+    row = np.zeros(width, np.int32)
+    row[:len(seq)] = seq
+    seq.append(int(jnp.argmax(forward(row)[len(seq) - 1])))
   return seq[len(prompt):]
 
 
