@@ -55,9 +55,9 @@ def one_device(tmp_path_factory):
                    devices=jax.devices()[:1])
 
 
-# ZeRO-1/2 change only where optimizer state and gradients rest (test_compiled_memory_follows_
-# zero_formulas checks that) and dp2 x fsdp2 x tp2 is the "+ sp" case without sequence
-# parallelism: the default suite leaves them to `pytest -m slow`, to stay within its time budget.
+# ZeRO-1/2 change only where optimizer state and gradients rest (checked by
+# test_compiled_memory_follows_zero_formulas) and dp2 x fsdp2 x tp2 is the "+ sp" case without
+# sequence parallelism: the default suite leaves them to `pytest -m slow` (its time budget).
 SLOW_CASES = ("zero1 dp8", "zero2 dp8", "dp2 x fsdp2 x tp2")
 
 
