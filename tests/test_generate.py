@@ -52,24 +52,28 @@ def test_cached_decoding_equals_full_forward(overrides):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
-def naive_greedy(model, prompt, n, width=32):
-  """Greedy decoding by recomputing the whole sequence each step, no cache. The row is padded on
-  the right to a fixed `width` (causal: padding after a position cannot change its logits), so
-  one compiled forward serves every step."""
+def naive_greedy(model, prompts, n, width=32):
+  """Greedy decoding of each prompt by recomputing the whole sequence every step, no cache. Rows
+  are padded on the right to a fixed `width` (causal: padding after a position cannot change its
+  logits), so one compiled forward serves every step of every prompt."""
   forward = jax.jit(lambda row: model(row[None])[0])
-  seq = list(prompt)
-  for _ in range(n):
-    row = np.zeros(width, np.int32)
-    row[:len(seq)] = seq
-    seq.append(int(jnp.argmax(forward(row)[len(seq) - 1])))
-  return seq[len(prompt):]
+  out = []
+  for prompt in prompts:
+    assert len(prompt) + n <= width, "widen the row"
+    seq = list(prompt)
+    for _ in range(n):
+      row = np.zeros(width, np.int32)
+      row[:len(seq)] = seq
+      seq.append(int(jnp.argmax(forward(row)[len(seq) - 1])))
+    out.append(seq[len(prompt):])
+  return out
 
 
 def test_greedy_equals_a_naive_loop_and_stops():
   handle, params = build(SMALL)
   model = handle.bind(params)
   prompts = [[5, 9, 2], [1, 2, 3, 4, 5, 6, 7, 8], [42]]
-  want = [naive_greedy(model, q, 10) for q in prompts]
+  want = naive_greedy(model, prompts, 10)
   assert gen.generate(handle, params, prompts, 10) == want
   stop = want[1][4]  # a token row 1 produces at its 5th step
   got = gen.generate(handle, params, prompts, 10, stop_ids=[stop])
