@@ -13,24 +13,24 @@ def get_config(arg=None):
 
   # The model's shape (models/config.py: ModelConfig). Defaults are Llama-3-8B's.
   c.model = ml_collections.ConfigDict(dict(
-      vocab_size=128256,  # 0: take it from the tokenizer
-      d_model=4096,
-      n_layers=32,
-      n_heads=32,
-      n_kv_heads=8,
-      head_dim=0,  # 0: d_model // n_heads
-      d_ff=14336,
-      max_seq_len=8192,
-      norm_eps=1e-5,
-      rope_theta=500000.0,
+      vocab_size=128256,  # vocabulary size; 0: the tokenizer's
+      d_model=4096,  # width of the residual stream
+      n_layers=32,  # decoder blocks
+      n_heads=32,  # query heads
+      n_kv_heads=8,  # key/value heads (grouped-query attention when fewer than n_heads)
+      head_dim=0,  # width of each head; 0: d_model // n_heads
+      d_ff=14336,  # hidden width of the gated MLP
+      max_seq_len=8192,  # longest position the model is built for (train.seq_len must fit)
+      norm_eps=1e-5,  # RMSNorm epsilon
+      rope_theta=500000.0,  # RoPE base
       rope_scaling="none",  # none | linear | dynamic | llama3
-      rope_factor=1.0,
-      rope_original_max_len=8192,
-      rope_low_freq_factor=1.0,
-      rope_high_freq_factor=4.0,
-      qkv_bias=False,
-      tie_embeddings=False,
-      sliding_window=0,
+      rope_factor=1.0,  # linear, dynamic, llama3: the scaling factor
+      rope_original_max_len=8192,  # dynamic, llama3: the context length the model was trained at
+      rope_low_freq_factor=1.0,  # llama3: wavelengths above original / this are scaled
+      rope_high_freq_factor=4.0,  # llama3: wavelengths below original / this are kept
+      qkv_bias=False,  # biases on the q, k, v projections (Qwen2)
+      tie_embeddings=False,  # the output head is the embedding table transposed
+      sliding_window=0,  # attend to at most this many previous positions (Mistral); 0: all
       sliding_window_layers=(),  # layers with the window; (): all
       family="llama",  # llama | mistral | qwen2 | gemma | gemma2: the Hugging Face layout on export
       norm_offset=False,  # Gemma: RMSNorm scales by 1 + weight
@@ -41,7 +41,7 @@ def get_config(arg=None):
       logit_softcap=0.0,  # Gemma 2: 30
       post_norms=False,  # Gemma 2: RMSNorm on attention and MLP outputs too
       value_head=False,  # a score head instead of the LM head (train.objective=reward sets it)
-      init_std=0.02,
+      init_std=0.02,  # normal init scale of weights (output projections divided by sqrt(2 layers))
       remat="none",  # none | full | dots | dots_no_batch
       init_from="",  # "hf:DIR": start from a Hugging Face folder (its shape, weights, tokenizer)
       attention_impl="xla",  # xla | pallas (FlashMask kernel) | cudnn (NVIDIA GPUs) | ring
@@ -55,7 +55,7 @@ def get_config(arg=None):
       targets="all-linear",  # regex over module names (attn.q or q_proj, ...) | all-linear
       rank=8,  # adalora: the initial rank
       alpha=16.0,  # LoRA scale alpha / rank (alpha / sqrt(rank) with rslora)
-      rslora=False,
+      rslora=False,  # rank-stabilised LoRA: scale alpha / sqrt(rank)
       dropout=0.0,  # lora, adalora: dropout on the low-rank path's inputs (training only)
       init="default",  # default (A uniform, B 0) | gaussian | pissa (top-r SVD of W)
       pissa_niter=0,  # pissa: 0 exact SVD; N > 0 randomized SVD with N power iterations (fast)
@@ -67,8 +67,8 @@ def get_config(arg=None):
       adalora_beta1=0.85,  # adalora: EMA of the sensitivity |w * grad|
       adalora_beta2=0.85,  # adalora: EMA of its uncertainty
       adalora_orth_weight=0.5,  # adalora: orthogonality penalty on P and Q
-      vera_rank=256,
-      vera_d_initial=0.1,
+      vera_rank=256,  # vera: rank of the shared frozen random matrices
+      vera_d_initial=0.1,  # vera: initial value of the trained scaling vector d
       ia3_targets="k_proj|v_proj|down_proj",  # ia3 scales these (down_proj on its input side)
       base_quant="none",  # nf4: targeted base weights stored in 4 bits (QLoRA)
       adapter_dim=16,  # adapter: Houlsby bottleneck size
@@ -91,10 +91,10 @@ def get_config(arg=None):
       eval_percent=5.0,  # share held out for eval
       format="text",  # text | chat (messages) | preference (prompt/chosen/rejected)
       text_field="text",  # the record fields holding each part, as your data names them
-      messages_field="messages",
-      prompt_field="prompt",
-      chosen_field="chosen",
-      rejected_field="rejected",
+      messages_field="messages",  # chat: the list of {role, content} turns
+      prompt_field="prompt",  # preference: the shared prompt
+      chosen_field="chosen",  # preference: the preferred answer
+      rejected_field="rejected",  # preference: the other answer
       template="chatml",  # chat: llama3 | chatml | gemma | plain
       packing="concat",  # none (pad each example) | concat (no padding) | greedy (best fit)
       pack_group=512,  # greedy: examples buffered per packing group
@@ -105,38 +105,40 @@ def get_config(arg=None):
       tokenizer_vocab_size=4096,  # when training a tokenizer
   ))
 
+  # The run: objective, length, optimizer (AdamW + clipping), logging, eval, checkpoints.
   c.train = ml_collections.ConfigDict(dict(
       # lm (every weighted token) | sft (chat: assistant tokens) | dpo | reward (trainer/objectives.py)
       objective="lm",
-      steps=1000,
+      steps=1000,  # optimizer steps
       batch_size=8,  # global, in sequences
-      seq_len=512,
+      seq_len=512,  # tokens per sequence (row)
       grad_accum=1,  # microbatches per step, accumulated inside the step
-      lr=3e-4,
+      lr=3e-4,  # peak learning rate
       lr_schedule="cosine",  # cosine | linear | constant (after warmup)
-      warmup_steps=100,
-      min_lr_ratio=0.1,
-      weight_decay=0.1,
-      b1=0.9,
-      b2=0.95,
-      eps=1e-8,
+      warmup_steps=100,  # linear warmup from 0
+      min_lr_ratio=0.1,  # the schedule ends at lr * this
+      weight_decay=0.1,  # AdamW decoupled weight decay (not on norms and biases)
+      b1=0.9,  # AdamW beta1
+      b2=0.95,  # AdamW beta2
+      eps=1e-8,  # AdamW epsilon
       clip_norm=1.0,  # global-norm clipping; 0 turns it off
-      seed=0,
-      log_every=10,
+      seed=0,  # parameter init, data order, dropout and sampling
+      log_every=10,  # steps between metrics lines (metrics.jsonl, TensorBoard, progress bar)
       eval_every=200,  # 0: only at the end
-      eval_batches=8,
+      eval_batches=8,  # batches per evaluation
       neftune_alpha=0.0,  # NEFTune: noise alpha / sqrt(length * d_model) on input embeddings (5)
       eval_exact_match=0,  # chat data: held-out examples scored by exact match of the reply
       checkpoint_every=500,  # 0: only at the end
-      keep_checkpoints=3,
+      keep_checkpoints=3,  # newest checkpoints kept
       max_nonfinite_steps=20,  # stop after this many steps in a row with NaN/Inf (0: never)
       stop_after_steps=0,  # >0: stop (with a checkpoint) once this step is reached; rerun to go on
-      sample_prompt="def ",
-      sample_tokens=64,
-      sample_temperature=0.8,
+      sample_prompt="def ",  # text the run continues at the end, as a quick look at the model
+      sample_tokens=64,  # tokens of that sample (0: none)
+      sample_temperature=0.8,  # its sampling temperature
       peak_tflops=0.0,  # per device, for MFU; 0: data sheet for known chips, measured on CPU
   ))
 
+  # Supervised fine-tuning (train.objective=sft).
   c.sft = ml_collections.ConfigDict(dict(
       normalize="token",  # token: every assistant token counts once | sequence: every example
   ))
@@ -144,12 +146,13 @@ def get_config(arg=None):
   # Preference optimisation (train.objective=dpo; data.format=preference).
   c.dpo = ml_collections.ConfigDict(dict(
       loss="sigmoid",  # sigmoid (DPO) | ipo | simpo | orpo (the last two need no reference)
-      beta=0.1,
+      beta=0.1,  # strength of the KL constraint to the reference (DPO's beta)
       label_smoothing=0.0,  # sigmoid, simpo: conservative DPO's eps
       simpo_gamma=0.5,  # simpo: target reward margin
       precompute_ref=False,  # reference log-probs from one pass before training, not per step
   ))
 
+  # Mixed precision: what the matmuls run in and what the weights are kept in.
   c.precision = ml_collections.ConfigDict(dict(
       compute_dtype="float32",  # float32 | bfloat16 | float16 (with dynamic loss scaling)
       param_dtype="float32",  # master weights and optimizer state
@@ -159,7 +162,11 @@ def get_config(arg=None):
 
   # Device mesh: axis sizes (-1 = all devices left over) and the sharding strategy.
   c.mesh = ml_collections.ConfigDict(dict(
-      data=-1, fsdp=1, expert=1, sequence=1, tensor=1,
+      data=-1,  # data parallelism: the batch split, everything else per the strategy
+      fsdp=1,  # fully sharded data parallelism: the batch and (fsdp strategies) the weights
+      expert=1,  # expert parallelism (MoE layers' experts)
+      sequence=1,  # sequence/context parallelism (ring attention)
+      tensor=1,  # tensor parallelism (fsdp_tp strategies)
       strategy="dp",  # dp | zero1 | zero2 | fsdp | fsdp_tp | fsdp_tp_sp (parallel/rules.py)
       rules="",  # overrides on top of the preset: "embed=fsdp,mlp=tensor,batch=data+fsdp"
       offload_optimizer=False,  # keep optimizer state in host memory between steps

@@ -2,7 +2,8 @@
 
   python launch/gke.py --image=IMAGE [--name=jaxtrain] [--tpu=tpu-v5p-slice --topology=2x2x2
       --chips_per_host=4 | --gpu=nvidia-h100-80gb --nodes=2 --gpus_per_node=8]
-      [--volume_claim=PVC --mount=/data] [--dry_run] -- --config=configs/RECIPE.py --workdir=/data/run
+      [--volume_claim=PVC --mount=/data] [--dry_run]
+      -- --config=configs/RECIPE.py --workdir=/data/run
 
 Prints the manifest (--dry_run) or applies it with `kubectl apply -f -`. The image must hold this
 repository installed with jax for the accelerator (e.g. `pip install -e . 'jax[tpu]'` or

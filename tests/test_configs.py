@@ -58,3 +58,16 @@ def test_other_families_by_eval_shape(name, expected_billions):
   mcfg = model_config(load(os.path.join(REPO, "configs", f"{name}.py")), vocab_size=0)
   n = sum(x.size for x in jax.tree.leaves(state_lib.model_handle(mcfg).abstract_params()))
   assert round(n / 1e9, 2) == expected_billions
+
+
+def test_readme_config_reference_is_complete_and_current():
+  from trainer import config_reference as reference
+  assert reference.missing() == []  # every key of base.py explains itself in a comment
+  with open(reference.README) as f:
+    block = reference.readme_block(f.read())
+  assert block == reference.markdown(), "stale: run python -m trainer.config_reference --write"
+  rows = [line.split("|") for line in block.splitlines() if line.startswith("| `")]
+  documented = {r[1].strip().strip("`") for r in rows}
+  wanted = {f"{s}.{k}" for s, values in base.get_config().items() for k in values}
+  assert documented == wanted
+  assert all(r[3].strip() for r in rows)  # a meaning in every row

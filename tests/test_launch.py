@@ -148,7 +148,8 @@ def test_gke_gpu_jobset_names_its_coordinator():
   assert container["resources"]["limits"] == {"nvidia.com/gpu": 8}
   (mount,) = container["volumeMounts"]
   (volume,) = job["template"]["spec"]["volumes"]
-  assert volume["persistentVolumeClaim"]["claimName"] == "shared" and mount["name"] == volume["name"]
+  assert volume["persistentVolumeClaim"]["claimName"] == "shared"
+  assert mount["name"] == volume["name"]
 
 
 def test_gke_rejects_a_topology_that_does_not_fill_hosts():
