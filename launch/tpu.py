@@ -3,9 +3,9 @@
   python launch/tpu.py --tpu=NAME --zone=ZONE [--project=P] [--setup] [--background]
       [--dry_run] -- --config=configs/RECIPE.py --workdir=/mnt/shared/run
 
---setup first copies this checkout to every worker (a tarball of the tracked files through
-`gcloud compute tpus tpu-vm scp --worker=all`) and installs it with jax[tpu] into a virtual
-environment there. Then `gcloud compute tpus tpu-vm ssh --worker=all` runs trainer.main on all
+--setup first copies this checkout's last commit to every worker (`git archive HEAD`: commit
+your changes first) through `gcloud compute tpus tpu-vm scp --worker=all`, and installs it with
+jax[tpu] into a virtual environment there. Then `gcloud compute tpus tpu-vm ssh --worker=all` runs trainer.main on all
 workers at once; jax reads the pod's coordinator, process count and ids from the TPU VM's
 environment, so the command carries no multi-process flags. --background detaches it (nohup, log
 in ~/jaxtrain.log on each worker) so that closing the terminal does not stop the run.

@@ -224,6 +224,7 @@ def tiny_losses(impl: str, workdir: str) -> list[float]:
     return [json.loads(l)["loss"] for l in f if '"loss"' in l]
 
 
+@pytest.mark.slow  # 45-85 s: run with `pytest -m slow` (keeps the default suite under 20 min)
 def test_tiny_config_trains_the_same_with_pallas_and_xla(tmp_path):
   """configs/tiny.py (4 layers, d=256, GQA 4:2, packed rows of 128) for 4 steps in float32:
   the Pallas kernel gives the XLA path's losses (rtol 1e-5)."""

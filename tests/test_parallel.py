@@ -122,6 +122,7 @@ def test_tensor_parallel_loss_never_gathers_the_logits():
   assert not [s for s in gathered if str(vocab) in s.split(",")], gathered
 
 
+@pytest.mark.slow  # 45-85 s: run with `pytest -m slow` (keeps the default suite under 20 min)
 def test_compiled_memory_follows_zero_formulas():
   cfg = small_run.config()
   rows = {name: memory_bench.measure(cfg, name, m, vocab_size=512)
@@ -133,6 +134,7 @@ def test_compiled_memory_follows_zero_formulas():
   assert rows["zero2 dp8"]["temp_bytes_per_device"] < rows["zero1 dp8"]["temp_bytes_per_device"]
 
 
+@pytest.mark.slow  # 45-85 s: run with `pytest -m slow` (keeps the default suite under 20 min)
 def test_checkpoint_restores_into_another_mesh(tmp_path):
   steps = dict(steps=4, log_every=1, eval_every=0, checkpoint_every=0, sample_tokens=0)
   whole = train.run(config(dict(data=1, fsdp=8, strategy="fsdp"), **steps), str(tmp_path / "a"))

@@ -240,6 +240,7 @@ def test_adalora_orthogonality_penalty_against_numpy():
   np.testing.assert_allclose(float(adalora.orthogonality(tree)), want, rtol=1e-5)
 
 
+@pytest.mark.slow  # 45-85 s: run with `pytest -m slow` (keeps the default suite under 20 min)
 def test_lora_dropout_acts_on_the_low_rank_path_inputs(tmp_path):
   """The activation-space path equals the folded weights without dropout; with it, each input
   entry is zeroed with probability p and the rest scaled by 1 / (1 - p); evaluation has none."""
