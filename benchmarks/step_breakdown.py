@@ -70,17 +70,8 @@ def ours(cfg):
 
 def peer(cfg):
   import torch
-  from transformers import LlamaConfig, LlamaForCausalLM
 
-  m = cfg.model
-  torch.manual_seed(0)
-  torch.set_num_threads(len(os.sched_getaffinity(0)))
-  hf = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff,
-                   num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
-                   num_key_value_heads=m.n_kv_heads, max_position_embeddings=m.max_seq_len,
-                   rope_theta=m.rope_theta, tie_word_embeddings=False)
-  hf._attn_implementation = "sdpa"
-  model = LlamaForCausalLM(hf).train()
+  model = tt.hf_llama(cfg).train()
   toks = torch.from_numpy(tt.tokens(cfg).astype(np.int64))
   inputs, labels = toks[:, :-1], toks[:, 1:]
 

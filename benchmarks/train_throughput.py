@@ -86,11 +86,11 @@ def ours(dtype: str, method: str):
   return run, compile_s
 
 
-def peer(dtype: str, method: str):
+def hf_llama(cfg):
+  """transformers' LlamaForCausalLM (sdpa attention) of the config's shape, on all host cores."""
   import torch
   from transformers import LlamaConfig, LlamaForCausalLM
 
-  cfg = config(dtype, method)
   m = cfg.model
   torch.manual_seed(0)
   torch.set_num_threads(len(os.sched_getaffinity(0)))
@@ -99,7 +99,14 @@ def peer(dtype: str, method: str):
                    num_key_value_heads=m.n_kv_heads, max_position_embeddings=m.max_seq_len,
                    rope_theta=m.rope_theta, tie_word_embeddings=False)
   hf._attn_implementation = "sdpa"
-  model = LlamaForCausalLM(hf)
+  return LlamaForCausalLM(hf)
+
+
+def peer(dtype: str, method: str):
+  import torch
+
+  cfg = config(dtype, method)
+  model = hf_llama(cfg)
   if method == "lora":
     from peft import LoraConfig, get_peft_model
     model = get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK,
