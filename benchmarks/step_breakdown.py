@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import parallel  # noqa: E402
 import train_throughput as tt  # noqa: E402
-from trainer import state as state_lib, step as step_lib, train  # noqa: E402
+from trainer import hugepages, state as state_lib, step as step_lib, train  # noqa: E402
 from trainer.validate import model_config  # noqa: E402
 
 
@@ -155,4 +155,5 @@ def main():
 
 
 if __name__ == "__main__":
+  hugepages.reexec()  # as trainer.main does
   main()

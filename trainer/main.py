@@ -15,6 +15,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from trainer import hugepages
 from trainer.validate import UserError
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,4 +117,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  hugepages.reexec()  # glibc's huge pages for XLA:CPU's per-step buffers (trainer/hugepages.py)
   app.run(main, flags_parser=parse_flags)
