@@ -42,7 +42,7 @@ def get_config(arg=None):
       post_norms=False,  # Gemma 2: RMSNorm on attention and MLP outputs too
       value_head=False,  # a score head instead of the LM head (train.objective=reward sets it)
       init_std=0.02,  # normal init scale of weights (output projections divided by sqrt(2 layers))
-      remat="none",  # none | full | dots | dots_no_batch
+      remat="dots_no_batch",  # keep projection outputs, recompute the rest | none | full | dots
       init_from="",  # "hf:DIR": start from a Hugging Face folder (its shape, weights, tokenizer)
       attention_impl="xla",  # xla | pallas (FlashMask kernel) | cudnn (NVIDIA GPUs) | ring
   ))
