@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -142,9 +143,52 @@ def dense(x, w, n_in: int = 1, out_dtype=None):
   return y.reshape(*lead, *w.shape[n_in:])
 
 
+class LowRank(NamedTuple):
+  """A weight's low-rank change scale * a @ b (LoRA in a training step): `project` applies
+  w + scale * a @ b through `low_rank_dense`."""
+  a: jax.Array  # (features in, r)
+  b: jax.Array  # (r, features out)
+  scale: float
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def low_rank_dense(x2, w2, a, b, scale):
+  """x2 @ (w2 + scale * a @ b) for x2 (tokens, in), as one matmul with the folded weight, whose
+  backward pass takes the gradients of a and b through rank-r products, x^T (dy b^T) and
+  (x a)^T dy, instead of through the full (in x out) gradient of the folded weight, and dx
+  through the folded weight again. The gradient of w2 is x^T dy, which XLA drops as dead code
+  when w2 is frozen (nothing asks for it)."""
+  return x2 @ _folded(w2, a, b, scale, x2.dtype)
+
+
+def _folded(w2, a, b, scale, dtype):
+  return w2.astype(dtype) + jnp.asarray(scale, dtype) * (a.astype(dtype) @ b.astype(dtype))
+
+
+def _low_rank_fwd(x2, w2, a, b, scale):
+  return low_rank_dense(x2, w2, a, b, scale), (x2, w2, a, b)
+
+
+def _low_rank_bwd(scale, saved, dy):
+  x2, w2, a, b = saved
+  s = jnp.asarray(scale, x2.dtype)
+  dx = dy @ _folded(w2, a, b, scale, x2.dtype).T
+  da = (s * x2.T) @ (dy @ b.astype(dy.dtype).T)
+  db = (s * (x2 @ a.astype(x2.dtype))).T @ dy
+  return dx, (x2.T @ dy).astype(w2.dtype), da.astype(a.dtype), db.astype(b.dtype)
+
+
+low_rank_dense.defvjp(_low_rank_fwd, _low_rank_bwd)
+
+
 def project(x, w, delta=None, n_in: int = 1):
   """dense(x, w), plus delta(x) when given: a function of the inputs flattened to
-  (tokens, features in) giving (tokens, features out), e.g. a LoRA path with dropout."""
+  (tokens, features in) giving (tokens, features out), e.g. a LoRA path with dropout; or, for a
+  `LowRank` delta, x @ (w + scale * a @ b) through `low_rank_dense`."""
+  if isinstance(delta, LowRank):
+    lead, k = x.shape[:x.ndim - n_in], math.prod(w.shape[:n_in])
+    y = low_rank_dense(x.reshape(-1, k), w.reshape(k, -1), delta.a, delta.b, delta.scale)
+    return y.reshape(*lead, *w.shape[n_in:])
   y = dense(x, w, n_in)
   if delta is None:
     return y

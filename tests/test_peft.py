@@ -240,6 +240,26 @@ def test_adalora_orthogonality_penalty_against_numpy():
   np.testing.assert_allclose(float(adalora.orthogonality(tree)), want, rtol=1e-5)
 
 
+def test_low_rank_dense_gradients_match_autodiff_of_the_folded_weight():
+  """models/layers.low_rank_dense (LoRA training steps without dropout): its value and every
+  gradient equal jax autodiff of the plain x @ (w + s a @ b); with w frozen, the compiled
+  gradient holds no (in x out) product over the tokens."""
+  from models.layers import low_rank_dense
+  kx, kw, ka, kb, kd = jax.random.split(jax.random.PRNGKey(0), 5)
+  x, w = jax.random.normal(kx, (96, 48)), jax.random.normal(kw, (48, 40))
+  a, b = jax.random.normal(ka, (48, 4)), jax.random.normal(kb, (4, 40))
+  dy = jax.random.normal(kd, (96, 40))
+  ours = lambda x, w, a, b: jnp.sum(low_rank_dense(x, w, a, b, 0.5) * dy)
+  plain = lambda x, w, a, b: jnp.sum(x @ (w + 0.5 * a @ b) * dy)
+  np.testing.assert_allclose(ours(x, w, a, b), plain(x, w, a, b), rtol=1e-5)
+  for got, want in zip(jax.grad(ours, (0, 1, 2, 3))(x, w, a, b),
+                       jax.grad(plain, (0, 1, 2, 3))(x, w, a, b)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  flops = lambda argnums: jax.jit(jax.grad(ours, argnums)).lower(
+      x, w, a, b).compile().cost_analysis()["flops"]
+  assert flops((0, 2, 3)) <= flops((0, 1, 2, 3)) - 2 * 96 * 48 * 40  # frozen w: no x^T dy
+
+
 @pytest.mark.slow  # 45-85 s: run with `pytest -m slow` (keeps the default suite under 20 min)
 def test_lora_dropout_acts_on_the_low_rank_path_inputs(tmp_path):
   """The activation-space path equals the folded weights without dropout; with it, each input

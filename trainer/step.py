@@ -58,7 +58,7 @@ def make_loss_fn(handle: ModelHandle, compute_dtype, neftune_alpha: float = 0.0,
   objective `spec` (default: lm); the mean is sum / count, and so is each aux metric.
 
   An rng means a training step: then NEFTune noise (with `neftune_alpha`) goes on the input
-  embeddings, PEFT's LoRA dropout applies, and AdaLoRA's orthogonality penalty joins the loss (as
+  embeddings, lora's low-rank path runs on activations (with its dropout, if any), and AdaLoRA's orthogonality penalty joins the loss (as
   count x weight x penalty, so that it is weight x penalty after the division by the count).
   `reference` (dpo, full fine-tuning): the frozen reference model's parameters; with PEFT the
   reference is the same parameters with the adapters switched off, and with
@@ -71,7 +71,7 @@ def make_loss_fn(handle: ModelHandle, compute_dtype, neftune_alpha: float = 0.0,
     model = handle.bind(cast_floating(params, compute_dtype))
     noise = (rng, neftune_alpha) if neftune_alpha and rng is not None else None
     extra = {"shared_prompt": True} if pairs else {}
-    if rng is not None and peft is not None and peft.dropout:
+    if rng is not None and peft is not None and peft.splits_in_training:
       extra["dropout_rng"] = jax.random.fold_in(rng, 2)
     hidden = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"],
                           embed_noise=noise, **extra)

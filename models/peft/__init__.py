@@ -32,9 +32,10 @@ Methods (per targeted linear map W, seen as (in, out) per layer):
   QLoRA   (`base_quant="nf4"`, with lora or dora): the targeted base weights are stored as NF4
           (models/peft/quant.py) and dequantized layer by layer before the fold.
 LISA trains whole layers and lives in trainer/lisa.py. Folding in weight space is exact for all
-of the above and costs one (in x r) @ (r x out) per targeted matrix and step. LoRA dropout
-(`dropout` > 0, lora and adalora) acts on the inputs of the low-rank path, so in training steps
-that path runs on activations instead (`split_layer`): x W + s * dropout(x) A B.
+of the above and costs one (in x r) @ (r x out) per targeted matrix and step; evaluation,
+generation and export fold. In training steps lora and adalora run the low-rank path on
+activations instead (`split_layer`): x W + s * dropout(x) A B, which spares the backward pass
+the full-size weight gradients and is where LoRA dropout (`dropout` > 0) acts.
 
 Targets are matched on module names: ours ("attn.q", "mlp.down") or Hugging Face's ("q_proj",
 "down_proj"), by a regular expression (full match), or "all-linear".
@@ -52,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.config import ModelConfig
+from models.layers import LowRank
 from models.peft import adalora, quant
 from models.peft import prompt as prompt_lib
 
@@ -164,6 +166,15 @@ class Peft:
     if self.method == "adalora":  # PEFT: alpha / (ranknum + 1e-5), ranknum = the initial r
       return self.alpha / (self.rank + 1e-5)
     return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+  @property
+  def splits_in_training(self) -> bool:
+    """Whether training steps keep the low-rank path apart (`split_layer`) instead of folding it
+    into the weights under autodiff: lora and adalora. Folded, the backward pass computes the
+    full (in x out) gradient of every targeted weight only to project it onto A and B; kept
+    apart it computes x^T (dy B^T) and (x A)^T dy, rank-r products, and the frozen weights get
+    no gradient at all (configs/medium.py, LoRA r=16 on every linear layer: BENCHMARKS.md)."""
+    return self.method in ("lora", "adalora")
 
   # --- parameters --------------------------------------------------------------------------
 
@@ -330,16 +341,19 @@ class Peft:
     return layer
 
   def split_layer(self, layer: dict, adapters: dict, key: jax.Array) -> tuple[dict, dict]:
-    """LoRA dropout (training): (one layer's parameters with only NF4 weights dequantized,
-    {module: {weight: fn}}) where fn(x) = s * dropout(x) @ A @ B, x (tokens, in), a fresh
-    dropout mask per targeted weight. models/layers.py `project` adds fn(x) to x @ W."""
+    """Training steps of lora and adalora: (one layer's parameters with only NF4 weights
+    dequantized, {module: {weight: fn}}) where fn(x) = s * dropout(x) @ A @ B, x (tokens, in),
+    a fresh dropout mask per targeted weight; without dropout a `LowRank` (a, b, s) instead,
+    which `project` applies as one matmul with the folded weight whose backward pass still
+    skips the weight's own gradient (models/layers.py `low_rank_dense`)."""
     layer = {m: dict(v) if isinstance(v, dict) else v for m, v in layer.items()}
     deltas: dict = {}
     for i, (module, name) in enumerate(self.targets):
       layer[module][name] = self._fold(module, name, layer[module][name], None, None)
       a, b = self._low_rank(adapters[module][name])
-      deltas.setdefault(module, {})[name] = _dropout_delta(
-          a, b, self.scale, self.dropout, jax.random.fold_in(key, i))
+      deltas.setdefault(module, {})[name] = (
+          _dropout_delta(a, b, self.scale, self.dropout, jax.random.fold_in(key, i))
+          if self.dropout else LowRank(a, b, self.scale))
     return layer, deltas
 
   def _low_rank(self, entry):
@@ -411,8 +425,9 @@ class Peft:
 
 def _dropout_delta(a, b, scale: float, rate: float, key):
   def delta(x):
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    x = jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+    if rate:
+      keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+      x = jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
     return jnp.asarray(scale, x.dtype) * ((x @ a.astype(x.dtype)) @ b.astype(x.dtype))
   return delta
 
