@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from models.config import ModelConfig
 from models.kernels import flashmask as fm
@@ -143,6 +144,9 @@ def dense(x, w, n_in: int = 1, out_dtype=None):
   return y.reshape(*lead, *w.shape[n_in:])
 
 
+LOW_RANK_OUTPUT = "low_rank_dense"  # the checkpoint name of low_rank_dense's outputs
+
+
 class LowRank(NamedTuple):
   """A weight's low-rank change scale * a @ b (LoRA in a training step): `project` applies
   w + scale * a @ b through `low_rank_dense`."""
@@ -188,6 +192,9 @@ def project(x, w, delta=None, n_in: int = 1):
   if isinstance(delta, LowRank):
     lead, k = x.shape[:x.ndim - n_in], math.prod(w.shape[:n_in])
     y = low_rank_dense(x.reshape(-1, k), w.reshape(k, -1), delta.a, delta.b, delta.scale)
+    # The remat policies see a custom VJP's output as no matmul: named, the dots policies keep
+    # it as they keep every other projection (models/decoder.py REMAT_POLICIES).
+    y = checkpoint_name(y, LOW_RANK_OUTPUT)
     return y.reshape(*lead, *w.shape[n_in:])
   y = dense(x, w, n_in)
   if delta is None:
