@@ -1,16 +1,18 @@
-"""Training throughput of our trainer against Hugging Face transformers on torch, same process.
+"""Training throughput of our trainer against Hugging Face transformers on torch, same run.
 
 The shape of configs/medium.py (8 layers, d=512, 8 heads over 2 KV heads, ffn 1536, vocab 8192,
 seq 512, global batch 8: 32M parameters), AdamW with clipping, on one device: full fine-tuning
 and LoRA r=16 on every linear layer, in float32 and in bfloat16 (torch: autocast). Ours is the
 step `trainer.train.plan` builds from the config, exactly what `trainer.main` runs; the peer is
-`LlamaForCausalLM` (sdpa attention) and, for LoRA, HF PEFT's `get_peft_model`. All runs
-alternate in rounds in this one process, so a noisy shared machine affects them alike; the
-figure that matters is the ratio ours / peer. Also prints the machine's measured f32 matmul
+`LlamaForCausalLM` (sdpa attention) and, for LoRA, HF PEFT's `get_peft_model`. Each side runs
+in a process of its own (`--same_process`: both in this one) and they alternate in rounds, so a
+noisy shared machine affects them alike; the figure that matters is the ratio ours / peer. Like
+`trainer.main`, the script first restarts itself with glibc's huge pages for malloc
+(trainer/hugepages.py), which both sides then have. Also prints the machine's measured f32 matmul
 peak and our MFU against it (the README's FLOP formula).
 
 python benchmarks/train_throughput.py [--rounds 3 --steps 2 --dtypes float32,bfloat16
-    --methods full,lora --out FILE.json --plot FILE.png]   (the plot needs matplotlib:
+    --methods full,lora --out FILE.json --plot FILE.png --remat POLICY --same_process]   (the plot needs matplotlib:
     pip install -e '.[bench]')
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -31,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import parallel  # noqa: E402
 from configs import medium  # noqa: E402
-from trainer import metrics as metrics_lib, state as state_lib, train  # noqa: E402
+from trainer import hugepages, metrics as metrics_lib, state as state_lib, train  # noqa: E402
 from trainer.validate import model_config  # noqa: E402
 
 LORA_RANK = 16
@@ -53,8 +56,11 @@ def tokens(cfg, seed=0):
                       dtype=np.int32)
 
 
-def ours(dtype: str, method: str):
+def ours(dtype: str, method: str, remat: str = ""):
+  """`remat`: instead of the config's model.remat."""
   cfg = config(dtype, method)
+  if remat:
+    cfg.model.remat = remat
   tc = cfg.train
   mesh = parallel.make_mesh(dict(data=1, fsdp=1, expert=1, sequence=1, tensor=1), jax.devices()[:1])
   pl = train.plan(cfg, model_config(cfg, cfg.model.vocab_size), mesh)
@@ -139,6 +145,52 @@ def peer(dtype: str, method: str):
   return run, first_s
 
 
+def _build(side: str, dtype: str, method: str, remat: str):
+  return ours(dtype, method, remat) if side == "ours" else peer(dtype, method)
+
+
+def _serve(side: str, dtype: str, method: str, remat: str, conn) -> None:
+  """A worker process's loop: build one side's step, then time `n` steps per request."""
+  run, setup_s = _build(side, dtype, method, remat)
+  conn.send(setup_s)
+  while (n := conn.recv()) is not None:
+    t = time.perf_counter()
+    run(n)
+    conn.send(time.perf_counter() - t)
+
+
+class Runner:
+  """One side of the comparison, in a process of its own (default) or in this one. Separate
+  processes are what users run, and keep each framework's threads and allocator state out of the
+  other's way (both ways measured the same ratios on 2026-12-01: BENCHMARKS.md)."""
+
+  def __init__(self, side: str, dtype: str, method: str, remat: str, same_process: bool):
+    if same_process:
+      self._run, self.setup_s = _build(side, dtype, method, remat)
+      self._conn = None
+      return
+    ctx = multiprocessing.get_context("spawn")  # same environment (GLIBC_TUNABLES included)
+    self._conn, child = ctx.Pipe()
+    self._proc = ctx.Process(target=_serve, args=(side, dtype, method, remat, child),
+                             daemon=True)
+    self._proc.start()
+    self.setup_s = self._conn.recv()
+
+  def time(self, n: int) -> float:
+    """Seconds for n steps."""
+    if self._conn is None:
+      t = time.perf_counter()
+      self._run(n)
+      return time.perf_counter() - t
+    self._conn.send(n)
+    return self._conn.recv()
+
+  def close(self) -> None:
+    if self._conn is not None:
+      self._conn.send(None)
+      self._proc.join()
+
+
 def plot(results: dict, path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
@@ -170,6 +222,9 @@ def main():
   ap.add_argument("--methods", default="full,lora")
   ap.add_argument("--out", default="")
   ap.add_argument("--plot", default="")
+  ap.add_argument("--remat", default="", help="our model.remat instead of the config's")
+  ap.add_argument("--same_process", action="store_true",
+                  help="run ours and the peer in this one process instead of one each")
   args = ap.parse_args()
 
   cfg = medium.get_config()
@@ -179,22 +234,25 @@ def main():
   results = {"config": "configs/medium.py", "lora_rank": LORA_RANK,
              "machine": platform.processor() or platform.machine(), "cpus": len(os.sched_getaffinity(0)),
              "jax": jax.__version__, "measured_matmul_tflops": peak / 1e12,
-             "flops_per_token": flops_per_token, "runs": {}}
+             "flops_per_token": flops_per_token, "remat": args.remat or cfg.model.remat,
+             "processes": "one" if args.same_process else "one per side",
+             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "runs": {}}
   print(f"measured f32 matmul peak: {peak / 1e12:.3f} TFLOP/s; {flops_per_token / 1e6:.1f} "
         "MFLOPs per token", flush=True)
   for method in args.methods.split(","):
     for dtype in args.dtypes.split(","):
-      runners = {"ours": ours(dtype, method), "peer": peer(dtype, method)}
+      runners = {side: Runner(side, dtype, method, args.remat, args.same_process)
+                 for side in ("ours", "peer")}
       times = {k: [] for k in runners}
       for _ in range(args.rounds):
-        for name, (run, _) in runners.items():
-          t = time.perf_counter()
-          run(args.steps)
-          times[name].append((time.perf_counter() - t) / args.steps)
+        for name, runner in runners.items():
+          times[name].append(runner.time(args.steps) / args.steps)
+      for runner in runners.values():
+        runner.close()
       tps = {k: step_tokens / statistics.median(v) for k, v in times.items()}
       entry = {"ours_tokens_per_sec": tps["ours"], "peer_tokens_per_sec": tps["peer"],
-               "ratio": tps["ours"] / tps["peer"], "ours_compile_s": runners["ours"][1],
-               "peer_first_step_s": runners["peer"][1],
+               "ratio": tps["ours"] / tps["peer"], "ours_compile_s": runners["ours"].setup_s,
+               "peer_first_step_s": runners["peer"].setup_s,
                "ours_mfu": tps["ours"] * flops_per_token / peak,
                "peer_mfu": tps["peer"] * flops_per_token / peak}
       name = f"{method} {dtype}"
@@ -211,4 +269,5 @@ def main():
 
 
 if __name__ == "__main__":
+  hugepages.reexec()  # as trainer.main does; both sides' processes inherit it
   main()
