@@ -12,7 +12,8 @@ noisy shared machine affects them alike; the figure that matters is the ratio ou
 peak and our MFU against it (the README's FLOP formula).
 
 python benchmarks/train_throughput.py [--rounds 3 --steps 2 --dtypes float32,bfloat16
-    --methods full,lora --out FILE.json --plot FILE.png --remat POLICY --same_process]   (the plot needs matplotlib:
+    --methods full,lora --out FILE.json --plot FILE.png --remat POLICY --same_process]
+    (the plot needs matplotlib:
     pip install -e '.[bench]')
 """
 

@@ -12,20 +12,22 @@ from flax import nnx
 
 from models.config import ModelConfig
 from models.kernels import flashmask as fm
-from models.layers import (LOW_RANK_OUTPUT, MLP, Attention, RMSNorm, attention_inputs,
-                           attention_mask, dense, param, rope_tables)
+from models.layers import (ATTENTION_BLOCK, LOW_RANK_OUTPUT, MLP, Attention, RMSNorm,
+                           attention_inputs, attention_mask, dense, param, rope_tables)
 from parallel import ring_attention
 from parallel.rules import constrain
 
 BTD = ("batch", "length", "embed")
 
 _policies = jax.checkpoint_policies
-_low_rank = _policies.save_only_these_names(LOW_RANK_OUTPUT)  # LoRA's projections (layers.py)
+# Outputs of custom VJPs (LoRA's projections, the xla path's attention blocks: layers.py), which
+# the dots policies would otherwise take for no matmul and recompute.
+_named = _policies.save_only_these_names(LOW_RANK_OUTPUT, ATTENTION_BLOCK)
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
-    "dots": _policies.save_from_both_policies(_policies.checkpoint_dots, _low_rank),
+    "dots": _policies.save_from_both_policies(_policies.checkpoint_dots, _named),
     "dots_no_batch": _policies.save_from_both_policies(
-        _policies.dots_with_no_batch_dims_saveable, _low_rank),
+        _policies.dots_with_no_batch_dims_saveable, _named),
 }
 
 

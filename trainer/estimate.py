@@ -48,16 +48,17 @@ MiB = 2**20
 
 
 # What the train step keeps per token, in elements of the compute dtype, by remat policy: per
-# layer, d * d_model + kv * kv_width + ff * d_ff + scores * heads * seq_len (the attention
-# probabilities); outside the layers, vocab * vocab_size + outside * d_model (embeddings, final
-# norm, logits, cross-entropy); and `grads` times the trainable parameters' bytes for the
-# gradients with the update's temporaries. Under full remat a layer keeps `kept` * d_model (its
-# input) and the per-layer terms count once: one layer's working set is live at a time (the dots
-# policies keep their per-layer terms, like none). Flash attention paths (pallas, cudnn, ring)
-# never hold the probabilities: their `scores` term is left out. The
-# counts are fit (non-negative least squares) to XLA's own buffer assignment of our train step
-# on CPU for 12 shapes, by `python benchmarks/estimate_fit.py`, which prints these lines;
-# tests/test_estimate.py checks them against the compiler on the tiny and a medium config.
+# layer, d * d_model + kv * kv_width + ff * d_ff + scores * heads * seq_len (attention scores:
+# the xla path keeps no probabilities, models/layers.attend_block, but computes a block's at a
+# time); outside the layers, vocab * vocab_size + outside * d_model (embeddings, final norm,
+# logits, cross-entropy); and `grads` times the trainable parameters' bytes for the gradients
+# with the update's temporaries. Under full remat a layer keeps `kept` * d_model (its input) and
+# the per-layer terms count once: one layer's working set is live at a time (the dots policies
+# keep their per-layer terms, like none). Flash attention paths (pallas, cudnn, ring) never hold
+# the scores: their `scores` term is left out. The counts are fit (non-negative least squares)
+# to XLA's own buffer assignment of our train step on CPU for 12 shapes, by
+# `python benchmarks/estimate_fit.py --remat none,full,dots,dots_no_batch`, which prints these
+# lines; tests/test_estimate.py checks them against the compiler on the tiny and a medium config.
 @dataclasses.dataclass(frozen=True)
 class Coefficients:
   grads: float
@@ -71,14 +72,14 @@ class Coefficients:
 
 
 ACTIVATIONS = {
-    "none": Coefficients(grads=2.09, d=5.49, kv=1.94, ff=6.33, scores=2.69, vocab=1.41,
-                         outside=23.19),
-    "full": Coefficients(grads=2.04, kv=0.0, ff=5.99, scores=2.11, vocab=1.25, outside=4.75,
-                         kept=0.86, d=0.0),
-    "dots": Coefficients(grads=1.88, d=0.0, kv=0.8, ff=2.44, scores=1.54, vocab=1.5,
-                         outside=21.08),
-    "dots_no_batch": Coefficients(grads=2.05, d=0.0, kv=0.95, ff=2.32, scores=0.37, vocab=1.66,
-                                  outside=15.57),
+    "none": Coefficients(grads=1.81, d=7.27, kv=2.13, ff=6.36, scores=0.71, vocab=1.36,
+                         outside=25.16),
+    "full": Coefficients(grads=1.66, kv=0.0, ff=5.58, scores=2.14, vocab=1.3, outside=4.96,
+                         kept=0.29, d=0.0),
+    "dots": Coefficients(grads=2.13, d=0.03, kv=1.13, ff=2.27, scores=0.51, vocab=1.52,
+                         outside=18.94),
+    "dots_no_batch": Coefficients(grads=1.96, d=0.03, kv=1.13, ff=2.27, scores=0.51, vocab=1.52,
+                                  outside=18.94),
 }
 
 
