@@ -89,15 +89,15 @@ class PeftModel:
     extras = {} if houlsby is None else {"adapters": houlsby}
     if prefix_kv is not None:
       extras["prefix_kv"] = (prefix_kv[0], prefix_kv[1])
-    if key:  # a lora / adalora training step: the low-rank path runs on activations
+    if key:  # a lora / adalora training step: the low-rank path kept apart (split_layer)
       layer, extras["deltas"] = self.peft.split_layer(layer, adapters, key[0])
       return layer, extras
     return self.peft.fold_layer(layer, adapters, self._shared), extras
 
   def hidden(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache=None, start=0,
              dropout_rng=None, **kwargs):
-    """`dropout_rng` (training steps): lora and adalora run the low-rank path on activations,
-    with LoRA dropout when the PEFT config has some (`PEFT.splits_in_training`)."""
+    """`dropout_rng` (training steps): lora and adalora keep the low-rank path apart from the
+    weights, with LoRA dropout when the PEFT config has some (`Peft.splits_in_training`)."""
     layers = self._layers
     if dropout_rng is not None and self.peft.splits_in_training:
       layers = (*layers, jax.random.split(dropout_rng, self.cfg.n_layers))

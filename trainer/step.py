@@ -58,8 +58,9 @@ def make_loss_fn(handle: ModelHandle, compute_dtype, neftune_alpha: float = 0.0,
   objective `spec` (default: lm); the mean is sum / count, and so is each aux metric.
 
   An rng means a training step: then NEFTune noise (with `neftune_alpha`) goes on the input
-  embeddings, lora's low-rank path runs on activations (with its dropout, if any), and AdaLoRA's orthogonality penalty joins the loss (as
-  count x weight x penalty, so that it is weight x penalty after the division by the count).
+  embeddings, lora's low-rank path is kept apart from the weights (with its dropout, if any), and
+  AdaLoRA's orthogonality penalty joins the loss (as count x weight x penalty, so that it is
+  weight x penalty after the division by the count).
   `reference` (dpo, full fine-tuning): the frozen reference model's parameters; with PEFT the
   reference is the same parameters with the adapters switched off, and with
   `dpo.precompute_ref` the batch brings its log-probs."""

@@ -33,9 +33,11 @@ Methods (per targeted linear map W, seen as (in, out) per layer):
           (models/peft/quant.py) and dequantized layer by layer before the fold.
 LISA trains whole layers and lives in trainer/lisa.py. Folding in weight space is exact for all
 of the above and costs one (in x r) @ (r x out) per targeted matrix and step; evaluation,
-generation and export fold. In training steps lora and adalora run the low-rank path on
-activations instead (`split_layer`): x W + s * dropout(x) A B, which spares the backward pass
-the full-size weight gradients and is where LoRA dropout (`dropout` > 0) acts.
+generation and export fold. Training steps of lora and adalora keep the low-rank path apart
+(`split_layer`), which spares the backward pass the full-size weight gradients: with LoRA
+dropout (`dropout` > 0) on activations, x W + s * dropout(x) A B; without, one matmul with the
+folded weight whose backward pass takes A's and B's gradients directly
+(models/layers.py `low_rank_dense`).
 
 Targets are matched on module names: ours ("attn.q", "mlp.down") or Hugging Face's ("q_proj",
 "down_proj"), by a regular expression (full match), or "all-linear".
