@@ -1,10 +1,9 @@
 """Transparent huge pages for the large host allocations of XLA:CPU (Linux, glibc >= 2.35).
 
-XLA:CPU allocates every step's temporary buffer afresh: one block of about 1.2 GiB for
-configs/medium.py (3.3 GiB without remat). glibc serves a block that large with a new `mmap`,
-so each step the kernel faults in and zeroes it again, 4 KiB at a time: some 300,000 page
-faults a step, and up to a third of the step on a virtual machine where faults are dear
-(BENCHMARKS.md). With the glibc tunable `glibc.malloc.hugetlb=1`, malloc asks for transparent
+XLA:CPU allocates every step's temporary buffer afresh, as one block. glibc serves a block that
+large with a new `mmap`, so each step the kernel faults in and zeroes it again, 4 KiB at a time:
+for configs/medium.py some 315,000 page faults a step, 655,000 without remat, where they cost
+11% of the step (`benchmarks/page_faults.py`, BENCHMARKS.md). With the glibc tunable `glibc.malloc.hugetlb=1`, malloc asks for transparent
 huge pages (`madvise`) on the memory it maps, so the same block takes 512x fewer faults.
 
 A glibc tunable is read once, when the process starts, so `reexec()` starts the same command
