@@ -6,13 +6,18 @@ and LoRA r=16 on every linear layer, in float32 and in bfloat16 (torch: autocast
 step `trainer.train.plan` builds from the config, exactly what `trainer.main` runs; the peer is
 `LlamaForCausalLM` (sdpa attention) and, for LoRA, HF PEFT's `get_peft_model`. Each side runs
 in a process of its own (`--same_process`: both in this one) and they alternate in rounds, so a
-noisy shared machine affects them alike; the figure that matters is the ratio ours / peer. Like
+noisy shared machine affects them alike; the figure that matters is the ratio ours / peer. Each
+round gives each side one untimed step before its timed ones (`--warm_steps`), so that the
+figures are the steady state of a training run, not the first step after a pause (which costs
+ours more on the Firecracker VMs we test on: BENCHMARKS.md, "after a pause"). Like
 `trainer.main`, the script first restarts itself with glibc's huge pages for malloc
-(trainer/hugepages.py), which both sides then have. Also prints the machine's measured f32 matmul
-peak and our MFU against it (the README's FLOP formula).
+(trainer/hugepages.py); ours has them, the peer's process does not (they slow torch here), unless
+`--same_process`. Also prints the machine's measured f32 matmul peak and our MFU against it (the
+README's FLOP formula).
 
-python benchmarks/train_throughput.py [--rounds 3 --steps 2 --dtypes float32,bfloat16
-    --methods full,lora --out FILE.json --plot FILE.png --remat POLICY --same_process]
+python benchmarks/train_throughput.py [--rounds 3 --steps 2 --warm_steps 1
+    --dtypes float32,bfloat16 --methods full,lora --out FILE.json --plot FILE.png
+    --remat POLICY --same_process]
     (the plot needs matplotlib:
     pip install -e '.[bench]')
 """
@@ -150,40 +155,61 @@ def _build(side: str, dtype: str, method: str, remat: str):
   return ours(dtype, method, remat) if side == "ours" else peer(dtype, method)
 
 
+def _timed(run, n: int, warm: int) -> float:
+  """Seconds for `n` steps, after `warm` untimed ones."""
+  if warm:
+    run(warm)
+  t = time.perf_counter()
+  run(n)
+  return time.perf_counter() - t
+
+
 def _serve(side: str, dtype: str, method: str, remat: str, conn) -> None:
-  """A worker process's loop: build one side's step, then time `n` steps per request."""
+  """A worker process's loop: build one side's step, then time steps per (n, warm) request."""
   run, setup_s = _build(side, dtype, method, remat)
   conn.send(setup_s)
-  while (n := conn.recv()) is not None:
-    t = time.perf_counter()
-    run(n)
-    conn.send(time.perf_counter() - t)
+  while (request := conn.recv()) is not None:
+    conn.send(_timed(run, *request))
+
+
+def peer_tunables() -> str:
+  """GLIBC_TUNABLES for the peer's process: this one's, less the huge pages `hugepages.reexec()`
+  asks for, so that transformers runs as its users run it (huge pages slow it: BENCHMARKS.md)."""
+  return hugepages.without_tunable(os.environ.get("GLIBC_TUNABLES", ""))
 
 
 class Runner:
   """One side of the comparison, in a process of its own (default) or in this one. Separate
   processes are what users run, and keep each framework's threads and allocator state out of the
-  other's way (both ways measured the same ratios on 2026-12-01: BENCHMARKS.md)."""
+  other's way (both ways measured the same ratios on 2026-12-01: BENCHMARKS.md). Ours inherits
+  this process's environment, as `trainer.main` runs; the peer's has `peer_tunables()`."""
 
   def __init__(self, side: str, dtype: str, method: str, remat: str, same_process: bool):
     if same_process:
       self._run, self.setup_s = _build(side, dtype, method, remat)
       self._conn = None
       return
-    ctx = multiprocessing.get_context("spawn")  # same environment (GLIBC_TUNABLES included)
+    ctx = multiprocessing.get_context("spawn")  # a child starts with this os.environ
     self._conn, child = ctx.Pipe()
     self._proc = ctx.Process(target=_serve, args=(side, dtype, method, remat, child),
                              daemon=True)
-    self._proc.start()
+    saved = os.environ.get("GLIBC_TUNABLES")
+    if side == "peer":
+      os.environ["GLIBC_TUNABLES"] = peer_tunables()
+    try:
+      self._proc.start()
+    finally:
+      if saved is None:
+        os.environ.pop("GLIBC_TUNABLES", None)
+      else:
+        os.environ["GLIBC_TUNABLES"] = saved
     self.setup_s = self._conn.recv()
 
-  def time(self, n: int) -> float:
-    """Seconds for n steps."""
+  def time(self, n: int, warm: int = 0) -> float:
+    """Seconds for n steps, after `warm` untimed ones."""
     if self._conn is None:
-      t = time.perf_counter()
-      self._run(n)
-      return time.perf_counter() - t
-    self._conn.send(n)
+      return _timed(self._run, n, warm)
+    self._conn.send((n, warm))
     return self._conn.recv()
 
   def close(self) -> None:
@@ -219,6 +245,9 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--rounds", type=int, default=3)
   ap.add_argument("--steps", type=int, default=2)
+  ap.add_argument("--warm_steps", type=int, default=1,
+                  help="untimed steps per side at the start of each round (0: time the first "
+                       "step after the other side's turn too)")
   ap.add_argument("--dtypes", default="float32,bfloat16")
   ap.add_argument("--methods", default="full,lora")
   ap.add_argument("--out", default="")
@@ -237,7 +266,11 @@ def main():
              "jax": jax.__version__, "measured_matmul_tflops": peak / 1e12,
              "flops_per_token": flops_per_token, "remat": args.remat or cfg.model.remat,
              "processes": "one" if args.same_process else "one per side",
-             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "runs": {}}
+             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+             "peer_glibc_tunables": (os.environ.get("GLIBC_TUNABLES", "") if args.same_process
+                                     else peer_tunables()),
+             "timed_steps_per_round": args.steps, "warm_steps_per_round": args.warm_steps,
+             "runs": {}}
   print(f"measured f32 matmul peak: {peak / 1e12:.3f} TFLOP/s; {flops_per_token / 1e6:.1f} "
         "MFLOPs per token", flush=True)
   for method in args.methods.split(","):
@@ -247,7 +280,7 @@ def main():
       times = {k: [] for k in runners}
       for _ in range(args.rounds):
         for name, runner in runners.items():
-          times[name].append(runner.time(args.steps) / args.steps)
+          times[name].append(runner.time(args.steps, args.warm_steps) / args.steps)
       for runner in runners.values():
         runner.close()
       tps = {k: step_tokens / statistics.median(v) for k, v in times.items()}

@@ -24,6 +24,15 @@ def test_wanted_tunables():
   assert want({}, (2, 36), None) is None
 
 
+def test_without_tunable_drops_only_ours():
+  drop = hugepages.without_tunable
+  assert drop("glibc.malloc.hugetlb=1") == ""
+  assert drop("glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1") == "glibc.malloc.arena_max=2"
+  assert drop("glibc.malloc.hugetlb=0:glibc.mem.tagging=1") == "glibc.mem.tagging=1"
+  assert drop("glibc.malloc.hugetlbx=1") == "glibc.malloc.hugetlbx=1"
+  assert drop("") == ""
+
+
 def test_thp_mode_reads_the_bracketed_choice(tmp_path):
   f = tmp_path / "enabled"
   f.write_text("always [madvise] never\n")

@@ -3,8 +3,17 @@
 XLA:CPU allocates every step's temporary buffer afresh, as one block. glibc serves a block that
 large with a new `mmap`, so each step the kernel faults in and zeroes it again, 4 KiB at a time:
 for configs/medium.py some 315,000 page faults a step, 655,000 without remat, where they cost
-11% of the step (`benchmarks/page_faults.py`, BENCHMARKS.md). With the glibc tunable `glibc.malloc.hugetlb=1`, malloc asks for transparent
-huge pages (`madvise`) on the memory it maps, so the same block takes 512x fewer faults.
+11% of the step (`benchmarks/page_faults.py`, BENCHMARKS.md). With the glibc tunable
+`glibc.malloc.hugetlb=1`, malloc asks for transparent huge pages (`madvise`) on the memory it
+maps, so the same block takes 512x fewer faults.
+
+One cost, seen on our test machines (Firecracker VMs whose kernel reports free memory blocks to
+the host, `page_reporting.page_reporting_order=11` on its command line; our reading is that the
+host takes them back): after the process has paused for some seconds, its next step spends
+longer in the kernel faulting its huge pages in. For configs/medium.py, 1.15 s of kernel time
+instead of 0.14 s, 5.69 s for the step instead of 4.88 s (5.09 s without huge pages, which pay
+their faults every step instead). Consecutive training steps do not see it
+(`benchmarks/page_faults.py --pause 6`, BENCHMARKS.md).
 
 A glibc tunable is read once, when the process starts, so `reexec()` starts the same command
 again with it in `GLIBC_TUNABLES`, before anything heavy is imported. It does nothing when the
@@ -52,6 +61,12 @@ def wanted_tunables(env: dict[str, str], glibc: tuple[int, int] | None,
   if glibc is None or glibc < (2, 35) or mode != "madvise" or TUNABLE in current:
     return None
   return f"{current}:{TUNABLE}=1" if current else f"{TUNABLE}=1"
+
+
+def without_tunable(value: str) -> str:
+  """A GLIBC_TUNABLES value less this module's tunable: for a child process that should run as
+  it would have without `reexec()`."""
+  return ":".join(t for t in value.split(":") if t and not t.startswith(TUNABLE + "="))
 
 
 def reexec() -> None:
