@@ -427,9 +427,8 @@ class Peft:
 
 def _dropout_delta(a, b, scale: float, rate: float, key):
   def delta(x):
-    if rate:
-      keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-      x = jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    x = jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
     return jnp.asarray(scale, x.dtype) * ((x @ a.astype(x.dtype)) @ b.astype(x.dtype))
   return delta
 
