@@ -14,6 +14,7 @@ import bisect
 import copy
 import dataclasses
 import os
+import threading
 import zlib
 from typing import Any, Sequence
 
@@ -76,6 +77,10 @@ class PackedRows:
     self.counts = [int(round(total * x / w.sum())) if p else 0 for x, p in zip(w, self.pieces)]
     self.plans: list[list[list[packing.Piece]]] = []
     self.starts = [0]  # first global row of each planned epoch
+    # grain's reader threads call rows concurrently; epochs are planned lazily, and two threads
+    # planning the same epoch once appended it twice (a run's data past the second epoch then
+    # depended on thread timing: sft_chat diverged at step 110). One planner at a time.
+    self._planning = threading.Lock()
 
   def _epoch(self, e: int) -> list[list[packing.Piece]]:
     rng = np.random.default_rng([self.seed, e])
@@ -95,9 +100,11 @@ class PackedRows:
     return packing.plan_rows(order, self.seq_len, self.mode, self.group)
 
   def epoch(self, e: int) -> list[list[packing.Piece]]:
-    while len(self.plans) <= e:
-      self.plans.append(self._epoch(len(self.plans)))
-      self.starts.append(self.starts[-1] + len(self.plans[-1]))
+    with self._planning:
+      while len(self.plans) <= e:
+        plan = self._epoch(len(self.plans))
+        self.starts.append(self.starts[-1] + len(plan))
+        self.plans.append(plan)
     return self.plans[e]
 
   def __call__(self, i: int) -> dict[str, np.ndarray]:
@@ -106,9 +113,9 @@ class PackedRows:
     if i < 0:
       return self._assemble([])
     while self.starts[-1] <= i:  # plan epochs up to the one holding row i
-      self.epoch(len(self.plans))
+      self.epoch(len(self.starts) - 1)
     e = bisect.bisect_right(self.starts, i) - 1
-    return self._assemble(self.plans[e][i - self.starts[e]])
+    return self._assemble(self.epoch(e)[i - self.starts[e]])
 
   def _assemble(self, row):
     if self.preference:
