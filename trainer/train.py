@@ -43,6 +43,14 @@ def abstract_batch(cfg, sharding) -> dict[str, jax.ShapeDtypeStruct]:
                                   else jnp.int32, sharding=sharding) for k in keys}
 
 
+def data_sources(d) -> str:
+  """What the run trains and evaluates on, for its data line."""
+  if d.source == "stdlib":
+    return f"train the Python standard library's source, eval {d.eval_percent:g}% of it held out"
+  held = d.eval_files or f"{d.eval_percent:g}% of the training files held out"
+  return f"train {d.train_files}, eval {held}"
+
+
 def _log(text: str) -> None:
   if jax.process_index() == 0:
     print(text, flush=True)
@@ -318,8 +326,8 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
                     f"tokenizer's {tokenizer.vocab_size} pieces")
   write_run_config(cfg, mcfg, mesh_sizes, workdir)
   shard = (jax.process_index(), jax.process_count())  # each process reads only its rows
-  _log("data: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                            for k, v in sorted(data_stats.items())))
+  _log(f"data: {data_sources(cfg.data)}; " + ", ".join(
+      f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(data_stats.items())))
 
   # --- Model, optimizer, state ----------------------------------------------------------------
   pl = plan(cfg, mcfg, mesh)
