@@ -1,4 +1,4 @@
-"""Refit the activation coefficients of trainer/estimate.py (`ACTIVATIONS`) from the compiler.
+"""Refit the activation coefficients of trainer/memory.py (`ACTIVATIONS`) from the compiler.
 
 For shapes around a small base (none of them the tiny or the medium config, on which
 tests/test_estimate.py checks the result), compile the train step on one device and read the
@@ -21,7 +21,7 @@ import scipy.optimize
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import tiny  # noqa: E402
-from trainer import estimate  # noqa: E402
+from trainer import estimate, memory  # noqa: E402
 
 BASE = dict(d_model=192, n_layers=3, n_heads=6, n_kv_heads=2, d_ff=512, vocab_size=1536)
 BASE_TRAIN = dict(batch_size=12, seq_len=96)
@@ -42,14 +42,14 @@ def probe(remat: str, model: dict, train_over: dict):
   cfg.mesh.update(data=1)
   est, (pl, mcfg, batch) = estimate.estimate(cfg, jax.devices()[:1])
   temp = estimate.compiled_bytes(pl, batch)["temporaries"]
-  grads = est.bytes["gradients (+ update temporaries)"] / estimate.ACTIVATIONS["none"].grads
+  grads = est.bytes["gradients (+ update temporaries)"] / memory.ACTIVATIONS["none"].grads
   n, L = cfg.train.batch_size * cfg.train.seq_len, mcfg.n_layers
   # without remat (and saving the matmuls' outputs: dots) every layer keeps its tensors; with
   # full remat each keeps its input (the d column) and one layer's working set is live at a time
   per_layer = 1 if remat == "full" else L
   row = [grads, n * L * mcfg.d_model * 4]
   row += [n * per_layer * x * 4 for x in (mcfg.n_kv_heads * mcfg.head_dim, mcfg.d_ff,
-                                          mcfg.n_heads * estimate.score_keys(cfg.train.seq_len))]
+                                          mcfg.n_heads * memory.score_keys(cfg.train.seq_len))]
   row += [n * mcfg.vocab_size * 4, n * mcfg.d_model * 4]
   return row, temp
 

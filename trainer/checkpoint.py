@@ -5,6 +5,7 @@ to a temporary folder and renames it when complete), keeping the last K steps.""
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -27,7 +28,31 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def complete_steps(self) -> list[int]:
+    """Steps whose checkpoint folder is complete (renamed from its temporary name)."""
+    if not os.path.isdir(self.directory):
+      return []
+    return sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
+
+  def newest(self) -> str:
+    """The newest complete checkpoint, in words."""
+    steps = self.complete_steps()
+    if not steps:
+      return "no complete checkpoint was written"
+    return f"the newest complete checkpoint is step {steps[-1]} ({self.directory}/{steps[-1]})"
+
+  def disk_full(self, path: str) -> UserError:
+    return UserError(f"no space left on the device of {path}; {self.newest()}: free some space "
+                     "and rerun the same command to resume from it")
+
   def save(self, step: int, state: dict[str, Any], data_state: dict[str, Any]) -> None:
+    """Starts writing `step` (asynchronously). Refused, with the newest complete checkpoint
+    named, when the file system has less room than this process's part of the state."""
+    need = sum(s.data.nbytes for x in jax.tree.leaves(state) for s in x.addressable_shards
+               if s.replica_id == 0)
+    if shutil.disk_usage(self.directory).free < need:
+      self.wait()
+      raise self.disk_full(self.directory)
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
 

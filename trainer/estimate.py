@@ -11,7 +11,7 @@ python -m trainer.estimate --config=configs/RECIPE.py [--config.KEY=VALUE ...] [
 - Memory per device, by component: parameters, optimizer state and the rest of the train state
   are exact (their shapes and shardings on the mesh); gradients are the trainable parameters in
   the gradients' sharding; activations come from a per-token model of what the backward pass
-  keeps (`ACTIVATIONS`), with and without remat. Beside it, with --compile, the compiler's own
+  keeps (`trainer.memory.ACTIVATIONS`), with and without remat. Beside it, with --compile, the compiler's own
   figure: `memory_analysis()` of the real train step on the real mesh (arguments + temporaries).
 - --devices=N simulates N CPU devices (a mesh of a GPU or TPU slice can be sized on a laptop).
 
@@ -21,15 +21,13 @@ Errors in the config are one line and exit code 2, as with trainer.main.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
-import numpy as np
 from absl import app, flags, logging
 
 import parallel
-from models import layers
-from trainer import metrics as metrics_lib, state as state_lib, train
+from trainer import memory, metrics as metrics_lib, train
+from trainer.memory import MiB, activation_bytes, element_bytes
 from trainer import main as main_lib  # the --config flag and its one-line errors
 from trainer.validate import (UserError, check_backend, check_config, check_mesh,
                               model_config)
@@ -43,44 +41,6 @@ _COMPILE = flags.DEFINE_bool("compile", True, "Compile the real train step and p
 _STRATEGIES = flags.DEFINE_string("strategies", "", "Also estimate these mesh.strategy presets on "
                                   "the same devices (comma-separated; the config's mesh sizes, "
                                   "or all devices on fsdp for fsdp presets).")
-
-MiB = 2**20
-
-
-# What the train step keeps per token, in elements of the compute dtype, by remat policy: per
-# layer, d * d_model + kv * kv_width + ff * d_ff + scores * heads * seq_len (attention scores:
-# the xla path keeps no probabilities, models/layers.attend_block, but computes a block's at a
-# time); outside the layers, vocab * vocab_size + outside * d_model (embeddings, final norm,
-# logits, cross-entropy); and `grads` times the trainable parameters' bytes for the gradients
-# with the update's temporaries. Under full remat a layer keeps `kept` * d_model (its input) and
-# the per-layer terms count once: one layer's working set is live at a time (the dots policies
-# keep their per-layer terms, like none). Flash attention paths (pallas, cudnn, ring) never hold
-# the scores: their `scores` term is left out. The counts are fit (non-negative least squares)
-# to XLA's own buffer assignment of our train step on CPU for 12 shapes, by
-# `python benchmarks/estimate_fit.py --remat none,full,dots,dots_no_batch`, which prints these
-# lines; tests/test_estimate.py checks them against the compiler on the tiny and a medium config.
-@dataclasses.dataclass(frozen=True)
-class Coefficients:
-  grads: float
-  d: float
-  kv: float
-  ff: float
-  scores: float
-  vocab: float
-  outside: float
-  kept: float = 0.0
-
-
-ACTIVATIONS = {
-    "none": Coefficients(grads=1.81, d=7.27, kv=2.13, ff=6.36, scores=0.71, vocab=1.36,
-                         outside=25.16),
-    "full": Coefficients(grads=1.66, kv=0.0, ff=5.58, scores=2.14, vocab=1.3, outside=4.96,
-                         kept=0.29, d=0.0),
-    "dots": Coefficients(grads=2.13, d=0.03, kv=1.13, ff=2.27, scores=0.51, vocab=1.52,
-                         outside=18.94),
-    "dots_no_batch": Coefficients(grads=1.96, d=0.03, kv=1.13, ff=2.27, scores=0.51, vocab=1.52,
-                                  outside=18.94),
-}
 
 
 @dataclasses.dataclass
@@ -98,35 +58,6 @@ class Estimate:
     return self.flops_per_token * self.tokens
 
 
-def element_bytes(platform: str, compute_dtype) -> int:
-  """Bytes of an activation: XLA:CPU computes bfloat16 and float16 in float32."""
-  return 4 if platform == "cpu" else np.dtype(compute_dtype).itemsize
-
-
-def score_keys(seq_len: int) -> float:
-  """Keys per query the xla path holds scores for: its query blocks (models/layers.py) skip
-  the keys after each block, keeping (blocks + 1) / (2 blocks) of them."""
-  blocks = layers.query_blocks(seq_len)
-  return seq_len * (blocks + 1) / (2 * blocks)
-
-
-def activation_bytes(mcfg, tc, mesh: dict[str, int], remat: str, element: int) -> float:
-  """The per-token model above, for the tokens and heads one device holds."""
-  c = ACTIVATIONS[remat]
-  dp = mesh["data"] * mesh["fsdp"]
-  tokens = tc.batch_size // tc.grad_accum * tc.seq_len / (dp * mesh["sequence"])
-  tp = mesh["tensor"]
-  scores = c.scores if mcfg.attention_impl == "xla" else 0.0
-  layer = (c.d * mcfg.d_model + c.kv * mcfg.n_kv_heads * mcfg.head_dim / tp
-           + c.ff * mcfg.d_ff / tp + scores * mcfg.n_heads / tp * score_keys(tc.seq_len))
-  if remat != "full":
-    per_token = mcfg.n_layers * layer
-  else:
-    per_token = mcfg.n_layers * c.kept * mcfg.d_model + layer
-  per_token += c.vocab * mcfg.vocab_size / tp + c.outside * mcfg.d_model
-  return tokens * per_token * element
-
-
 def vocab_size(cfg) -> int:
   """The vocabulary the run will have: the config's, else its tokenizer file's, else the size
   of the tokenizer it would train."""
@@ -138,18 +69,6 @@ def vocab_size(cfg) -> int:
   return cfg.data.tokenizer_vocab_size
 
 
-def device_bytes(tree, memory_kind: str | None = None) -> float:
-  """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (of `memory_kind`
-  only, when given: the host-offloaded optimizer state is not device memory)."""
-  total = 0.0
-  for x in jax.tree.leaves(tree):
-    kind = getattr(x.sharding, "memory_kind", None)
-    if memory_kind is not None and kind not in (memory_kind, None):
-      continue
-    total += math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-  return total
-
-
 def estimate(cfg, devices) -> tuple[Estimate, object]:
   """The estimate, and the plan (train.plan) it was read from."""
   check_config(cfg)
@@ -158,42 +77,15 @@ def estimate(cfg, devices) -> tuple[Estimate, object]:
   mcfg = model_config(cfg, vocab_size(cfg))
   mesh = parallel.make_mesh(sizes, devices)
   pl = train.plan(cfg, mcfg, mesh)
-  abstract = pl.abstract_state
-  params = abstract["params"]
-  labels = None if pl.handle.peft is None else pl.handle.peft.labels(params)
-  grad_shardings = state_lib.param_shardings(
-      pl.handle, mesh, parallel.strategy(cfg.mesh.strategy, cfg.mesh.rules).grads)
-  trainable = [(p, s) for p, s, l in zip(
-      jax.tree.leaves(params), jax.tree.leaves(grad_shardings),
-      jax.tree.leaves(labels) if labels is not None else [None] * len(jax.tree.leaves(params)))
-      if l != "frozen"]
-  grads = sum(math.prod(s.shard_shape(p.shape)) * p.dtype.itemsize for p, s in trainable)
-  if pl.lisa_k:  # LISA: k of the layers (and the outside parameters) train at a time
-    grads *= (pl.lisa_k + 1) / (mcfg.n_layers + 1)
-  element = element_bytes(devices[0].platform, pl.compute_dtype)
-  c = ACTIVATIONS[mcfg.remat]
-  rest = {k: v for k, v in abstract.items() if k not in ("params", "opt_state")}
   batch = train.abstract_batch(cfg, pl.batch_sharding)
-  comp = {
-      "parameters": device_bytes(params),
-      "optimizer state": device_bytes(abstract["opt_state"], "device"),
-      "other state": device_bytes(rest),
-      "gradients (+ update temporaries)": c.grads * grads,
-      f"activations (remat {mcfg.remat})": activation_bytes(mcfg, cfg.train, sizes, mcfg.remat,
-                                                            element),
-      "batch": device_bytes(batch),
-  }
-  host = device_bytes(abstract["opt_state"]) - comp["optimizer state"]
-  if host:
-    comp["optimizer state in host memory (not counted)"] = host
-  n_trainable = sum(math.prod(p.shape) for p, _ in trainable)
+  comp, n_trainable = memory.components(cfg, pl, mcfg, sizes, batch)
   tokens = cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len
   return Estimate(mcfg.num_params(), n_trainable, mcfg.flops_per_token(cfg.train.seq_len),
                   tokens, sizes, cfg.mesh.strategy, comp), (pl, mcfg, batch)
 
 
 def total_bytes(est: Estimate) -> float:
-  return sum(v for k, v in est.bytes.items() if "not counted" not in k)
+  return memory.total_bytes(est.bytes)
 
 
 def compiled_bytes(pl, batch) -> dict[str, float]:

@@ -81,12 +81,12 @@ def make_train_step(handle, tx: optax.GradientTransformation, schedule, compute_
         lambda micro, r: grads_of(trainable, micro, r), batch, rng, grad_accum,
         lambda: jax.tree.map(jnp.zeros_like, trainable))
     denom = jnp.maximum(count, 1.0)
-    ok = guard.all_finite(loss_sum, grads)
     updates, new_opt_state = tx.update(grads, opt_state, trainable)
+    updated = optax.apply_updates(trainable, updates)
+    ok = guard.all_finite(loss_sum, grads, updated)
     new_state = {  # a non-finite step changes no weight and no moment (trainer/guard.py)
         "step": step + 1,
-        "params": guard.keep_if(ok, merge(params, optax.apply_updates(trainable, updates), layers),
-                                params),
+        "params": guard.keep_if(ok, merge(params, updated, layers), params),
         "opt_state": guard.keep_if(ok, new_opt_state, opt_state),
         "rng": jax.random.fold_in(state["rng"], step),
         "lisa_layers": layers,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import logging as std_logging
 import os
 import sys
 
@@ -35,6 +36,12 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: how
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this one's index.")
 
 USER_ERROR_EXIT = 2
+
+
+class _NoSpaceFilter(std_logging.Filter):
+  def filter(self, record) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return "No space left on device" not in f"{record.getMessage()} {error}"
 
 
 def _fail(message: str) -> None:
@@ -117,6 +124,8 @@ def main(argv: list[str]) -> None:
 
   if not _VERBOSE.value:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    # a full disk is reported in one line (trainer/train.py); not as orbax's threads' tracebacks
+    logging.get_absl_handler().addFilter(_NoSpaceFilter())
   jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/jaxtrain/xla"))
   workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
   dropped = own_training_files(_CONFIG.value, sys.argv[1:])

@@ -61,19 +61,68 @@ def peak_units(devices) -> int:
   return len(devices)
 
 
+def json_value(x: float) -> float | None:
+  """Strict JSON has no NaN or Infinity: a non-finite value is written as null."""
+  return x if np.isfinite(x) else None
+
+
+def trim_jsonl(path: str, last_step: int) -> int:
+  """Drop the rows of `path` past `last_step` (a run resumed from that step writes them again);
+  returns how many. Rewritten atomically; a torn last line (a crash mid-write) goes too."""
+  if not os.path.exists(path):
+    return 0
+  kept, dropped = [], 0
+  with open(path) as f:
+    for line in f:
+      try:
+        keep = json.loads(line)["step"] <= last_step
+      except (ValueError, KeyError, TypeError):
+        keep = False
+      if keep:
+        kept.append(line if line.endswith("\n") else line + "\n")
+      else:
+        dropped += 1
+  if dropped:
+    with open(path + ".tmp", "w") as f:
+      f.writelines(kept)
+    os.replace(path + ".tmp", path)
+  return dropped
+
+
 class MetricsWriter:
-  """Writes one JSON object per logged step and the same scalars to TensorBoard."""
+  """Writes one JSON object per logged step and the same scalars to TensorBoard.
+
+  A run started afresh begins a new metrics.jsonl (`resumed=False`); one resumed from the
+  checkpoint of `start_step` drops the rows past it first, which it is about to write again, and
+  tells TensorBoard to do the same (a SessionLog START at the next step purges later events).
+  A metrics.jsonl deleted while the run goes on is started again at the next write."""
 
   SHOWN = ("loss", "eval_loss", "eval_exact_match", "tokens_per_sec", "mfu")
 
-  def __init__(self, workdir: str, total_steps: int, start_step: int, enabled: bool = True):
+  def __init__(self, workdir: str, total_steps: int, start_step: int, enabled: bool = True,
+               resumed: bool = False):
     self.enabled = enabled
     self.shown: dict[str, str] = {}
     self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                     mininterval=1.0, disable=not enabled, smoothing=0.1)
     if enabled:
-      self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+      self.path = os.path.join(workdir, "metrics.jsonl")
+      trim_jsonl(self.path, start_step if resumed else -1)
+      self.jsonl = open(self.path, "a", buffering=1)
       self.tb = EventWriter(os.path.join(workdir, "tensorboard"))
+      if resumed:
+        self.tb.restart(start_step + 1)
+
+  def _jsonl(self):
+    """The open metrics.jsonl, opened again if someone deleted or replaced it."""
+    try:
+      same = os.stat(self.path).st_ino == os.fstat(self.jsonl.fileno()).st_ino
+    except FileNotFoundError:
+      same = False
+    if not same:
+      self.jsonl.close()
+      self.jsonl = open(self.path, "a", buffering=1)
+    return self.jsonl
 
   def advance(self, n: int = 1) -> None:
     self.bar.update(n)
@@ -82,7 +131,8 @@ class MetricsWriter:
     if not self.enabled:
       return
     clean = {k: float(np.asarray(v)) for k, v in scalars.items()}
-    self.jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
+    row = {"step": int(step), **{k: json_value(v) for k, v in clean.items()}}
+    self._jsonl().write(json.dumps(row, allow_nan=False) + "\n")
     self.tb.scalars(int(step), clean)
     self.shown.update({k: f"{clean[k]:.4g}" for k in self.SHOWN if k in clean})
     self.bar.set_postfix(self.shown, refresh=False)

@@ -208,7 +208,7 @@ def make_train_step(handle: ModelHandle, tx: optax.GradientTransformation, sched
         zeros)
     if scale is not None:
       grads = jax.tree.map(lambda g: (g / scale).astype(g.dtype), grads)
-    ok = guard.all_finite(loss_sum, grads)
+    finite_grads = guard.all_finite(loss_sum, grads)
     denom = jnp.maximum(count, 1.0)
     grad_norm = optax.tree.norm(grads)
     grads = full_tree(params, grads)
@@ -217,9 +217,15 @@ def make_train_step(handle: ModelHandle, tx: optax.GradientTransformation, sched
       opt_state = jax.device_put(opt_state, opt_device_shardings)
     before = {**state, "opt_state": opt_state}  # (in device memory, when offloaded)
     updates, opt_state = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    # finite gradients can still make a parameter infinite (a huge learning rate): check what
+    # the update made of the trainable parameters too
+    trainable = [x for x, m in zip(jax.tree.leaves(new_params), train_mask or
+                                   [True] * len(jax.tree.leaves(new_params))) if m]
+    ok = finite_grads & guard.all_finite(trainable)
     new_state = {
         "step": state["step"] + 1,
-        "params": optax.apply_updates(params, updates),
+        "params": new_params,
         "opt_state": opt_state,
         "rng": jax.random.fold_in(state["rng"], state["step"]),
     }

@@ -4,9 +4,14 @@ An event file is a sequence of records, each `length (u64) | crc(length) (u32) |
 crc(data) (u32)`, little-endian, with crc the masked CRC-32C of TFRecord. `data` is an `Event`
 protocol buffer; the few fields used here are encoded by hand:
 
-  Event   { double wall_time = 1; int64 step = 2; string file_version = 3; Summary summary = 5; }
+  Event   { double wall_time = 1; int64 step = 2; string file_version = 3; Summary summary = 5;
+            SessionLog session_log = 7; }
   Summary { repeated Value value = 1; }
   Value   { string tag = 1; float simple_value = 2; }
+  SessionLog { SessionStatus status = 1; }  (START = 1)
+
+A SessionLog START at step s tells TensorBoard's reader to drop the events of steps >= s written
+before it: a resumed run writes one, so the steps it repeats are not shown twice.
 
 (tensorboardX would do the same, but importing it imports torch when torch is installed: three
 seconds on every start.) Each write is flushed, so a crash loses at most the record being written,
@@ -78,18 +83,32 @@ def record(data: bytes) -> bytes:
 
 
 class EventWriter:
-  """Appends scalar events to a new `events.out.tfevents.TIME.HOST` file in `logdir`."""
+  """Appends scalar events to a new `events.out.tfevents.TIME.HOST` file in `logdir` (a new one
+  again if that file is deleted while the run goes on)."""
 
   def __init__(self, logdir: str):
-    os.makedirs(logdir, exist_ok=True)
+    self.logdir = logdir
+    self._open()
+
+  def _open(self) -> None:
+    os.makedirs(self.logdir, exist_ok=True)
     now = time.time()
-    self.path = os.path.join(logdir, f"events.out.tfevents.{int(now)}.{socket.gethostname()}")
+    self.path = os.path.join(self.logdir,
+                             f"events.out.tfevents.{int(now)}.{socket.gethostname()}")
     self.file = open(self.path, "ab")
-    self._write(_field(1, 1, struct.pack("<d", now)) + _field(3, 2, b"brain.Event:2"))
+    self.file.write(record(_field(1, 1, struct.pack("<d", now)) + _field(3, 2, b"brain.Event:2")))
 
   def _write(self, event: bytes) -> None:
+    if not os.path.exists(self.path):
+      self.file.close()
+      self._open()
     self.file.write(record(event))
     self.file.flush()
+
+  def restart(self, step: int) -> None:
+    """SessionLog START at `step`: TensorBoard forgets the earlier events of steps >= step."""
+    self._write(_field(1, 1, struct.pack("<d", time.time())) + _field(2, 0, _varint(step))
+                + _field(7, 2, _field(1, 0, _varint(1))))
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
     self._write(scalar_event(step, values, time.time()))

@@ -7,6 +7,7 @@ checkpoint (parameters, optimizer, step, rng and the data iterator's position).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import signal
@@ -26,7 +27,7 @@ from models import hf, safetensors_io
 from models import peft as peft_lib
 from trainer import checkpoint as ckpt_lib
 from trainer import evaluate as evaluate_lib, generate, metrics as metrics_lib, optim
-from trainer import lisa, objectives, state as state_lib, step as step_lib
+from trainer import guard, lisa, memory, objectives, state as state_lib, step as step_lib
 from trainer.data import pipeline
 from trainer.validate import (UserError, check_backend, check_config, check_mesh, init_folder,
                               model_config)
@@ -248,8 +249,24 @@ class Preemption:
       signal.signal(s, handler)
 
 
+def no_space(e: BaseException | None) -> bool:
+  """Whether `e` (or what it was raised from) is a full disk or quota."""
+  while e is not None:
+    if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or \
+        "No space left on device" in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
 class Diverged(UserError):
-  """Too many non-finite steps in a row: the run stops; its last checkpoint is intact."""
+  """Too many non-finite steps in a row: the run stops, naming its newest intact checkpoint."""
+
+
+def intact(step: int | None) -> str:
+  if step is None:
+    return "no checkpoint with finite parameters was written"
+  return f"the last checkpoint (step {step}) holds finite parameters and is intact"
 
 
 def reference_tables(pl: Plan, data, state, workdir: str, shard, batch_size: int) -> None:
@@ -331,6 +348,9 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
 
   # --- Model, optimizer, state ----------------------------------------------------------------
   pl = plan(cfg, mcfg, mesh)
+  if tc.memory_check:  # refuse what cannot fit before allocating any of it
+    memory.check_fits(memory.components(cfg, pl, mcfg, mesh_sizes,
+                                        abstract_batch(cfg, pl.batch_sharding))[0], devices)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), tc.keep_checkpoints)
   restored = checkpointer.restore_latest(pl.abstract_state, _log)
   latest = None if restored is None else restored[0]
@@ -389,16 +409,32 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
     return out
 
   # --- Loop -----------------------------------------------------------------------------------
-  end_step = min(tc.steps, tc.stop_after_steps) if tc.stop_after_steps else tc.steps
+  if start_step >= tc.steps:  # nothing left: say so, and touch nothing
+    _log(f"done: the run in {workdir} is complete at step {start_step} of {tc.steps} "
+         "(train.steps); nothing to train (raise train.steps to go on)")
+    return {"step": start_step, "state": state, "preempted": False}
+  # train.stop_after_steps: at most that many steps in this invocation (the same command, run
+  # again, goes on for as many more)
+  end_step = min(tc.steps, start_step + tc.stop_after_steps) if tc.stop_after_steps else tc.steps
   peak, peak_source = metrics_lib.peak_flops_per_device(tc.peak_tflops)
   flops_per_token = mcfg.flops_per_token(tc.seq_len)
   units = metrics_lib.peak_units(devices)
-  writer = metrics_lib.MetricsWriter(workdir, tc.steps, start_step, enabled=jax.process_index() == 0)
+  writer = metrics_lib.MetricsWriter(workdir, tc.steps, start_step, resumed=latest is not None,
+                                     enabled=jax.process_index() == 0)
   writer.note(f"MFU against {peak / 1e12:.3g} TFLOP/s per device ({peak_source})")
   last: dict[str, float] = {}
   t_log, tokens_since = time.perf_counter(), 0.0
   step = start_step
   preemption, preempted, previous = Preemption(), False, None
+  all_finite = jax.jit(guard.all_finite)
+  # the newest checkpoint known to hold finite parameters
+  finite_checkpoint = latest if latest is not None and bool(all_finite(state["params"])) else None
+
+  def save(step):
+    nonlocal finite_checkpoint
+    checkpointer.save(step, state, train_iter.get_state())
+    if bool(all_finite(state["params"])):
+      finite_checkpoint = step
   try:
     if start_step == 0 and tc.eval_exact_match and data.template is not None:
       before = evaluate(state)  # the baseline the run improves on
@@ -411,11 +447,9 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
       # the step before this one (this one is still running): too many non-finite in a row?
       if previous is not None and tc.max_nonfinite_steps and \
           int(previous["nonfinite_streak"]) >= tc.max_nonfinite_steps:
-        saved = checkpointer.latest_step()
         raise Diverged(f"{tc.max_nonfinite_steps} steps in a row (to step {step - 1}) had a "
-                       "non-finite loss or gradients and were skipped "
-                       "(train.max_nonfinite_steps); the last checkpoint "
-                       f"({'none' if saved is None else f'step {saved}'}) is intact; lower "
+                       "non-finite loss, gradients or update and were skipped "
+                       f"(train.max_nonfinite_steps); {intact(finite_checkpoint)}; lower "
                        "train.lr, check the data, or use float32")
       previous = m
       if step == start_step + 1:
@@ -440,12 +474,12 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
       if tc.eval_every and step % tc.eval_every == 0 and step != end_step:
         writer.write(step, evaluate(state))
       if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step != end_step:
-        checkpointer.save(step, state, train_iter.get_state())
+        save(step)
       if step != end_step and preemption.requested():
         preempted = True
         break
     if step > start_step or latest is None:
-      checkpointer.save(step, state, train_iter.get_state())
+      save(step)
     if preempted:
       final_eval = {}
       checkpointer.wait()
@@ -457,16 +491,25 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
       final_eval = evaluate(state)
       writer.write(step, final_eval)
     last = {**last, **final_eval}
+  except Exception as e:  # noqa: BLE001 -- a full disk, whoever hit it, is one line
+    if no_space(e):
+      raise checkpointer.disk_full(workdir) from None
+    raise
   finally:
     preemption.close()
-    checkpointer.wait()
-    checkpointer.close()
-    writer.close()
+    try:
+      checkpointer.wait()
+      checkpointer.close()
+      writer.close()
+    except Exception as e:  # noqa: BLE001 -- an asynchronous write that failed for want of room
+      if not no_space(e):
+        raise
+      raise checkpointer.disk_full(workdir) from None
 
   # --- Report ---------------------------------------------------------------------------------
   if step < tc.steps and not preempted:
-    _log(f"stopped at step {step} of {tc.steps} (train.stop_after_steps); rerun the same "
-         "command to continue")
+    _log(f"stopped at step {step} of {tc.steps} (train.stop_after_steps={tc.stop_after_steps} "
+         "steps per run); rerun the same command to continue")
   elif step == tc.steps and tc.sample_tokens and data.template is None:
     prompt = tokenizer.encode(tc.sample_prompt)
     with parallel.activate(mesh, pl.rules):
@@ -475,8 +518,8 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
                               temperature=tc.sample_temperature, seed=tc.seed,
                               stop_ids=(tokenizer.eos_id,), compute_dtype=pl.compute_dtype)[0]
     _log("sample:\n" + tc.sample_prompt + tokenizer.decode(ids))
-  evals = ", ".join(f"{k} {v:.4f}" for k, v in final_eval.items())
-  _log(f"done: step {step}, loss {float(last.get('loss', float('nan'))):.4f}, {evals}, "
+  results = ", ".join(f"{k} {float(last[k]):.4f}" for k in ("loss", *final_eval) if k in last)
+  _log(f"done: step {step}, {results + ', ' if results else ''}"
        f"{time.time() - t_start:.0f}s in all; workdir {workdir}")
   return {"step": step, **{k: float(v) for k, v in last.items()}, "state": state,
           "preempted": preempted}

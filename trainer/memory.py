@@ -1,0 +1,163 @@
+"""How much memory a run needs per device, before it runs, and whether that fits.
+
+The train state is exact (shapes and shardings); activations come from a per-token model fit to
+XLA's buffer assignment (`ACTIVATIONS`). `trainer.estimate` prints these figures; `trainer.train`
+refuses a run whose estimate exceeds the memory its devices have (`check_fits`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import jax
+import numpy as np
+
+import parallel
+from models import layers
+from trainer import state as state_lib
+from trainer.validate import UserError
+
+MiB = 2**20
+
+
+# What the train step keeps per token, in elements of the compute dtype, by remat policy: per
+# layer, d * d_model + kv * kv_width + ff * d_ff + scores * heads * seq_len (attention scores:
+# the xla path keeps no probabilities, models/layers.attend_block, but computes a block's at a
+# time); outside the layers, vocab * vocab_size + outside * d_model (embeddings, final norm,
+# logits, cross-entropy); and `grads` times the trainable parameters' bytes for the gradients
+# with the update's temporaries. Under full remat a layer keeps `kept` * d_model (its input) and
+# the per-layer terms count once: one layer's working set is live at a time (the dots policies
+# keep their per-layer terms, like none). Flash attention paths (pallas, cudnn, ring) never hold
+# the scores: their `scores` term is left out. The counts are fit (non-negative least squares)
+# to XLA's own buffer assignment of our train step on CPU for 12 shapes, by
+# `python benchmarks/estimate_fit.py --remat none,full,dots,dots_no_batch`, which prints these
+# lines; tests/test_estimate.py checks them against the compiler on the tiny and a medium config.
+@dataclasses.dataclass(frozen=True)
+class Coefficients:
+  grads: float
+  d: float
+  kv: float
+  ff: float
+  scores: float
+  vocab: float
+  outside: float
+  kept: float = 0.0
+
+
+ACTIVATIONS = {
+    "none": Coefficients(grads=1.81, d=7.27, kv=2.13, ff=6.36, scores=0.71, vocab=1.36,
+                         outside=25.16),
+    "full": Coefficients(grads=1.66, kv=0.0, ff=5.58, scores=2.14, vocab=1.3, outside=4.96,
+                         kept=0.29, d=0.0),
+    "dots": Coefficients(grads=2.13, d=0.03, kv=1.13, ff=2.27, scores=0.51, vocab=1.52,
+                         outside=18.94),
+    "dots_no_batch": Coefficients(grads=1.96, d=0.03, kv=1.13, ff=2.27, scores=0.51, vocab=1.52,
+                                  outside=18.94),
+}
+
+
+def element_bytes(platform: str, compute_dtype) -> int:
+  """Bytes of an activation: XLA:CPU computes bfloat16 and float16 in float32."""
+  return 4 if platform == "cpu" else np.dtype(compute_dtype).itemsize
+
+
+def score_keys(seq_len: int) -> float:
+  """Keys per query the xla path holds scores for: its query blocks (models/layers.py) skip
+  the keys after each block, keeping (blocks + 1) / (2 blocks) of them."""
+  blocks = layers.query_blocks(seq_len)
+  return seq_len * (blocks + 1) / (2 * blocks)
+
+
+def activation_bytes(mcfg, tc, mesh: dict[str, int], remat: str, element: int) -> float:
+  """The per-token model above, for the tokens and heads one device holds."""
+  c = ACTIVATIONS[remat]
+  dp = mesh["data"] * mesh["fsdp"]
+  tokens = tc.batch_size // tc.grad_accum * tc.seq_len / (dp * mesh["sequence"])
+  tp = mesh["tensor"]
+  scores = c.scores if mcfg.attention_impl == "xla" else 0.0
+  layer = (c.d * mcfg.d_model + c.kv * mcfg.n_kv_heads * mcfg.head_dim / tp
+           + c.ff * mcfg.d_ff / tp + scores * mcfg.n_heads / tp * score_keys(tc.seq_len))
+  if remat != "full":
+    per_token = mcfg.n_layers * layer
+  else:
+    per_token = mcfg.n_layers * c.kept * mcfg.d_model + layer
+  per_token += c.vocab * mcfg.vocab_size / tp + c.outside * mcfg.d_model
+  return tokens * per_token * element
+
+
+def device_bytes(tree, memory_kind: str | None = None) -> float:
+  """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (of `memory_kind`
+  only, when given: the host-offloaded optimizer state is not device memory)."""
+  total = 0.0
+  for x in jax.tree.leaves(tree):
+    kind = getattr(x.sharding, "memory_kind", None)
+    if memory_kind is not None and kind not in (memory_kind, None):
+      continue
+    total += math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+  return total
+
+
+def components(cfg, pl, mcfg, sizes: dict[str, int], batch) -> tuple[dict[str, float], int]:
+  """(bytes per device by component, trainable parameter count) of the run `pl`
+  (trainer.train.plan) on a mesh of `sizes`, with `batch` its abstract batch."""
+  abstract = pl.abstract_state
+  params = abstract["params"]
+  labels = None if pl.handle.peft is None else pl.handle.peft.labels(params)
+  grad_shardings = state_lib.param_shardings(
+      pl.handle, pl.mesh, parallel.strategy(cfg.mesh.strategy, cfg.mesh.rules).grads)
+  trainable = [(p, s) for p, s, l in zip(
+      jax.tree.leaves(params), jax.tree.leaves(grad_shardings),
+      jax.tree.leaves(labels) if labels is not None else [None] * len(jax.tree.leaves(params)))
+      if l != "frozen"]
+  grads = sum(math.prod(s.shard_shape(p.shape)) * p.dtype.itemsize for p, s in trainable)
+  if pl.lisa_k:  # LISA: k of the layers (and the outside parameters) train at a time
+    grads *= (pl.lisa_k + 1) / (mcfg.n_layers + 1)
+  element = element_bytes(pl.mesh.devices.flat[0].platform, pl.compute_dtype)
+  c = ACTIVATIONS[mcfg.remat]
+  rest = {k: v for k, v in abstract.items() if k not in ("params", "opt_state")}
+  comp = {
+      "parameters": device_bytes(params),
+      "optimizer state": device_bytes(abstract["opt_state"], "device"),
+      "other state": device_bytes(rest),
+      "gradients (+ update temporaries)": c.grads * grads,
+      f"activations (remat {mcfg.remat})": activation_bytes(mcfg, cfg.train, sizes, mcfg.remat,
+                                                            element),
+      "batch": device_bytes(batch),
+  }
+  host = device_bytes(abstract["opt_state"]) - comp["optimizer state"]
+  if host:
+    comp["optimizer state in host memory (not counted)"] = host
+  return comp, sum(math.prod(p.shape) for p, _ in trainable)
+
+
+def total_bytes(components: dict[str, float]) -> float:
+  return sum(v for k, v in components.items() if "not counted" not in k)
+
+
+def device_memory(devices) -> tuple[float, str]:
+  """(bytes one device can hold, what that figure is): the accelerator's own limit, or on CPU
+  the host's physical memory shared by the process's devices (simulated CPU devices share it)."""
+  mine = [d for d in devices if d.process_index == jax.process_index()] or devices
+  stats = mine[0].memory_stats()
+  if stats and stats.get("bytes_limit"):
+    return float(stats["bytes_limit"]), f"{mine[0].device_kind} memory"
+  host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  return host / len(mine), f"host memory / {len(mine)} devices" if len(mine) > 1 else "host memory"
+
+
+def check_fits(components: dict[str, float], devices) -> None:
+  """A run whose estimated memory per device exceeds what a device has is refused before
+  anything is allocated (the estimate is within 15% of the compiler's figure,
+  tests/test_estimate.py); `train.memory_check=False` tries it anyway."""
+  need = total_bytes(components)
+  have, what = device_memory(devices)
+  if need <= have:
+    return
+  biggest = max((k for k in components if "not counted" not in k), key=components.get)
+  raise UserError(
+      f"config key train.batch_size: the run needs about {need / 2**30:.3g} GiB per device "
+      f"(estimate; {biggest} {components[biggest] / 2**30:.3g} GiB) but a device has "
+      f"{have / 2**30:.3g} GiB ({what}); lower train.batch_size or train.seq_len, raise "
+      "train.grad_accum or mesh sharding, or set train.memory_check=False to try anyway")
