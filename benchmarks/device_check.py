@@ -365,13 +365,14 @@ def main(argv=None, start: float | None = None) -> dict:
   def available(impl, cfg=None):
     return lambda: check_backend(cfg or run_config(impl), jax.default_backend())
   dims = {k: shape[k] for k in ("heads", "kv_heads", "head_dim", "repeats")}
+  heads = {k: shape[k] for k in ("heads", "kv_heads", "head_dim")}
 
   if "attention" in args.sections:
     for n in shape["lengths"]:
       seg = np.ones((max(1, shape["tokens"] // n), n), np.int32)  # one document a row: causal
       for impl in IMPLS:
         check.case("attention", dict(impl=impl, mask="causal", tokens=n, batch=len(seg),
-                                     **{k: dims[k] for k in ("heads", "kv_heads", "head_dim")}),
+                                     **heads),
                    lambda impl=impl, seg=seg: attention_case(impl, seg, dims, options),
                    available(impl))
 
@@ -384,7 +385,7 @@ def main(argv=None, start: float | None = None) -> dict:
                                       **tile_shares(seg))
     for impl in IMPLS:
       check.case("flashmask", dict(impl=impl, mask="FlashMask document" if impl == "pallas"
-                                   else "dense document", tokens=n),
+                                   else "dense document", tokens=n, **heads),
                  lambda impl=impl: attention_case(impl, seg, dims, options), available(impl))
 
   if "train_step" in args.sections:

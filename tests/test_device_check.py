@@ -61,7 +61,7 @@ def _check_attention_row(r):
   if pairs is not None:
     assert r["visible_pairs"] == pairs
   # QK^T and PV: 2 * head_dim FLOPs each per pair and head forward; backward 2.5x forward
-  flops = (1 + 2.5) * 2 * (2 * r["visible_pairs"] * r.get("heads", 2) * r.get("head_dim", 32))
+  flops = (1 + 2.5) * 2 * (2 * r["visible_pairs"] * r["heads"] * r["head_dim"])
   assert r["fwd_bwd_flops"] == pytest.approx(flops, rel=1e-12)
   assert r["fwd_bwd_tflops"] == pytest.approx(flops / r["fwd_bwd_s"] / 1e12, rel=1e-9)
 
