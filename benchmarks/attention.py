@@ -36,6 +36,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.host import host_info  # noqa: E402
 from benchmarks.packing import stdlib_definitions  # noqa: E402
 from models.kernels import flashmask as fm  # noqa: E402
 from models.kernels.flash_attention import flash_attention  # noqa: E402
@@ -45,9 +46,11 @@ from trainer.data.tokenizer import Tokenizer  # noqa: E402
 BLOCK = 128
 
 
-def example_lengths() -> list[int]:
-  defs = stdlib_definitions(3_000_000)
-  return [len(x) + 2 for x in Tokenizer.train(defs, 4096).encode_batch(defs)]
+def example_lengths(chars: int = 3_000_000, vocab: int = 4096) -> list[int]:
+  """Token counts (+2 for the document markers) of the stdlib's functions and classes in the first
+  `chars` characters, with a tokenizer of `vocab` pieces trained on them."""
+  defs = stdlib_definitions(chars)
+  return [len(x) + 2 for x in Tokenizer.train(defs, vocab).encode_batch(defs)]
 
 
 def packed_segments(lengths, n: int, rows: int) -> np.ndarray:
@@ -97,19 +100,30 @@ def tile_shares(lengths) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _time(fn, *args, repeats: int = 5) -> float:
-  jax.block_until_ready(fn(*args))  # compile
+def compile_and_time(fn, *args, repeats: int = 5, options=None) -> tuple[float, float]:
+  """(compile seconds, best of `repeats` run seconds) of a jitted `fn`: compiled ahead of time
+  (with XLA `options`), so compile time is measured apart; one untimed run before the timed
+  ones (allocation, autotuning)."""
+  t0 = time.perf_counter()
+  compiled = fn.lower(*args).compile(options)
+  compile_s = time.perf_counter() - t0
+  jax.block_until_ready(compiled(*args))
   best = float("inf")
   for _ in range(repeats):
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(compiled(*args))
     best = min(best, time.perf_counter() - t0)
-  return best
+  return compile_s, best
+
+
+def _time(fn, *args, repeats: int = 5) -> float:
+  return compile_and_time(fn, *args, repeats=repeats)[1]
 
 
 def _fwd_bwd(attend):
-  def loss(q, k, v):
-    return jnp.sum(attend(q, k, v).astype(jnp.float32))
+  """jit(grad) of sum(attend(q, k, v, *rest)) with respect to q, k and v: forward + backward."""
+  def loss(q, k, v, *rest):
+    return jnp.sum(attend(q, k, v, *rest).astype(jnp.float32))
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
@@ -165,7 +179,8 @@ def main():
   ap.add_argument("--json", default="")
   args = ap.parse_args()
   lengths = example_lengths()
-  result = {"backend": jax.default_backend(), "device": str(jax.devices()[0])}
+  result = {"backend": jax.default_backend(), "device": str(jax.devices()[0]),
+            "host": host_info()}
   if args.timing:
     result["timing"] = timing([int(x) for x in args.lengths.split(",")], lengths,
                               args.tokens_per_step)

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+from benchmarks.host import host_info  # noqa: E402
 from trainer.data import packing, pipeline, sources, stdlib_corpus, templates  # noqa: E402
 from trainer.data.tokenizer import Tokenizer  # noqa: E402
 
@@ -50,7 +51,7 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default="")
   args = ap.parse_args()
-  results = {}
+  results = {"host": host_info()}  # the speed figures below depend on the CPU
 
   defs = stdlib_definitions(3_000_000)
   tok = Tokenizer.train(defs, 4096)

@@ -6,7 +6,8 @@ and LoRA r=16 on every linear layer, in float32 and in bfloat16 (torch: autocast
 step `trainer.train.plan` builds from the config, exactly what `trainer.main` runs; the peer is
 `LlamaForCausalLM` (sdpa attention) and, for LoRA, HF PEFT's `get_peft_model`. Each side runs
 in a process of its own (`--same_process`: both in this one) and they alternate in rounds, so a
-noisy shared machine affects them alike; the figure that matters is the ratio ours / peer. Each
+noisy shared machine affects them alike; the figure that matters is the ratio ours / peer (and it
+differs by host: the JSON records the CPU model and its ISA flags, benchmarks/host.py). Each
 round gives each side one untimed step before its timed ones (`--warm_steps`), so that the
 figures are the steady state of a training run, not the first step after a pause (which costs
 ours more on the Firecracker VMs we test on: BENCHMARKS.md, "after a pause"). Like
@@ -39,6 +40,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import parallel  # noqa: E402
+from benchmarks.host import host_info  # noqa: E402
 from configs import medium  # noqa: E402
 from trainer import hugepages, metrics as metrics_lib, state as state_lib, train  # noqa: E402
 from trainer.validate import model_config  # noqa: E402
@@ -67,6 +69,14 @@ def ours(dtype: str, method: str, remat: str = ""):
   cfg = config(dtype, method)
   if remat:
     cfg.model.remat = remat
+  return compiled_step(cfg)
+
+
+def compiled_step(cfg):
+  """(run(n) -> loss after n more steps, compile seconds) for the train step `train.plan` builds
+  from `cfg` on one device, as `trainer.main` runs it, fed one fixed batch of random tokens.
+  The step is compiled alone (AOT) and run once before returning. benchmarks/device_check.py
+  times its accelerator train steps with this too."""
   tc = cfg.train
   mesh = parallel.make_mesh(dict(data=1, fsdp=1, expert=1, sequence=1, tensor=1), jax.devices()[:1])
   pl = train.plan(cfg, model_config(cfg, cfg.model.vocab_size), mesh)
@@ -234,7 +244,8 @@ def plot(results: dict, path: str) -> None:
             ha="center")
   ax.set_xticks(x, names)
   ax.set_ylabel("tokens / s")
-  ax.set_title(f"32M Llama, batch 8 x 512, {results['cpus']} CPU cores: ours / peer")
+  ax.set_title(f"32M Llama, batch 8 x 512, {results['cpus']} cores of "
+               f"{results['host']['cpu_model']}: ours / peer")
   ax.set_ylim(0, max(ours_tps + peer_tps) * 1.15)
   ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
   fig.tight_layout()
@@ -261,7 +272,8 @@ def main():
   peak = metrics_lib.measured_matmul_flops()
   flops_per_token = model_config(cfg, cfg.model.vocab_size).flops_per_token(cfg.train.seq_len)
   step_tokens = cfg.train.batch_size * cfg.train.seq_len
-  results = {"config": "configs/medium.py", "lora_rank": LORA_RANK,
+  host = host_info()  # ratios differ by host: CPU model and ISA (AVX-512, AMX) go with them
+  results = {"config": "configs/medium.py", "lora_rank": LORA_RANK, "host": host,
              "machine": platform.processor() or platform.machine(), "cpus": len(os.sched_getaffinity(0)),
              "jax": jax.__version__, "measured_matmul_tflops": peak / 1e12,
              "flops_per_token": flops_per_token, "remat": args.remat or cfg.model.remat,
@@ -271,6 +283,8 @@ def main():
                                      else peer_tunables()),
              "timed_steps_per_round": args.steps, "warm_steps_per_round": args.warm_steps,
              "runs": {}}
+  print(f"host: {host['cpu_model']} ({host['isa_summary']}), {results['cpus']} usable cores",
+        flush=True)
   print(f"measured f32 matmul peak: {peak / 1e12:.3f} TFLOP/s; {flops_per_token / 1e6:.1f} "
         "MFLOPs per token", flush=True)
   for method in args.methods.split(","):
