@@ -61,6 +61,16 @@ def _short(value: Any, n: int = 40) -> str:
   return text if len(text) <= n else text[:n] + "..."
 
 
+def _kind(value: Any) -> str:
+  """What a JSON value is, in JSON's words."""
+  if isinstance(value, bool):
+    return "a boolean"
+  if isinstance(value, (int, float)):
+    return "a number"
+  return {str: "a string", list: "a list", dict: "an object"}.get(type(value), "null" if value
+                                                                   is None else type(value).__name__)
+
+
 def _open_text(path: str):
   """The file, opened binary; a file with NUL bytes in its first 8 KiB is refused whole."""
   try:
@@ -90,7 +100,7 @@ def _json_object(text: str, where: str) -> Record:
   except (ValueError, RecursionError) as e:
     raise BadRecord(f"{where}: malformed JSON line ({one_line(e)})") from None
   if not isinstance(record, dict):
-    raise BadRecord(f"{where}: malformed JSON line (a {type(record).__name__}, not a JSON object)")
+    raise BadRecord(f"{where}: malformed JSON line ({_kind(record)}, not a JSON object)")
   return record
 
 
@@ -204,8 +214,8 @@ def read_files(files: list[str], fmt: str, fields: dict[str, str], skip_bad: boo
 
 def _check_messages(messages: Any, where: str, what: str) -> None:
   if not isinstance(messages, list):
-    raise BadRecord(f"{where}: {what} is a {type(messages).__name__}, not a list of "
-                    "{role, content} objects")
+    raise BadRecord(f"{where}: {what} is {_kind(messages)}, not a list of {{role, content}} "
+                    "objects")
   for k, m in enumerate(messages):
     if not isinstance(m, dict) or "role" not in m or "content" not in m:
       raise BadRecord(f"{where}: {what}[{k}] is not a {{role, content}} object: {_short(m)}")
@@ -213,8 +223,7 @@ def _check_messages(messages: Any, where: str, what: str) -> None:
       raise BadRecord(f"{where}: {what}[{k}] has role {_short(m['role'])}, not one of "
                       f"{', '.join(templates.ROLES)}")
     if not isinstance(m["content"], str):
-      raise BadRecord(f"{where}: {what}[{k}] content is a {type(m['content']).__name__}, not a "
-                      "string")
+      raise BadRecord(f"{where}: {what}[{k}] content is {_kind(m['content'])}, not a string")
 
 
 def normalize(record: Record, fmt: str, fields: dict[str, str], where: str) -> Record:
@@ -232,8 +241,8 @@ def normalize(record: Record, fmt: str, fields: dict[str, str], where: str) -> R
   if fmt == "text":
     text = get("text")
     if not isinstance(text, str):
-      raise BadRecord(f"{where}: field {fields.get('text', 'text')!r} is a "
-                      f"{type(text).__name__}, not a string")
+      raise BadRecord(f"{where}: field {fields.get('text', 'text')!r} is {_kind(text)}, not a "
+                      "string")
     return {"text": text}
   if fmt == "chat":
     messages = get("messages")
@@ -241,8 +250,11 @@ def normalize(record: Record, fmt: str, fields: dict[str, str], where: str) -> R
     return {"messages": messages}
   if fmt == "preference":
     out = {k: get(k) for k in ("prompt", "chosen", "rejected")}
-    for k, value in out.items():
-      if not isinstance(value, str):  # a string, or a conversation (TRL's format)
+    for k, value in out.items():  # a string, or a conversation (TRL's format)
+      if not isinstance(value, (str, list)):
+        raise BadRecord(f"{where}: {fields.get(k, k)} is {_kind(value)}, not a string or a list "
+                        "of {role, content} objects")
+      if isinstance(value, list):
         _check_messages(value, where, fields.get(k, k))
     return out
   raise DataError(f"data.format={fmt!r} is not one of {', '.join(FORMATS)}")

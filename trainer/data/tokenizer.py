@@ -21,7 +21,9 @@ from typing import Iterable, Iterator, Sequence
 import sentencepiece as spm
 
 
-MAX_SENTENCE_BYTES = 4192  # SentencePiece training skips longer sentences (max_sentence_length)
+# SentencePiece's trainer skips longer sentences (its max_sentence_length, left at the default:
+# passing it would change the bytes of the saved model, not the pieces)
+MAX_SENTENCE_BYTES = 4192
 
 
 def training_lines(texts: Iterable[str], limit: int = MAX_SENTENCE_BYTES) -> Iterator[str]:
@@ -74,8 +76,7 @@ class Tokenizer:
           split_by_whitespace=True, allow_whitespace_only_pieces=True, byte_fallback=True,
           split_digits=True, add_dummy_prefix=False,
           user_defined_symbols=["\n", *specials], input_sentence_size=max_sentences,
-          max_sentence_length=MAX_SENTENCE_BYTES, shuffle_input_sentence=True,
-          character_coverage=0.9995, num_threads=os.cpu_count() or 1,
+          shuffle_input_sentence=True, character_coverage=0.9995, num_threads=os.cpu_count() or 1,
           unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
     except RuntimeError as e:
       raise ValueError(_training_failure(str(e), vocab_size)) from None
