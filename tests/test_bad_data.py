@@ -115,6 +115,7 @@ FILE_FAULTS = [
      "holds NUL bytes"),
     ("UTF-16 file", "chat", "c.jsonl", json.dumps(GOOD).encode("utf-16"), "(UTF-16?)"),
     ("corrupt parquet", "text", "t.parquet", b"PAR1 not really", "cannot read it as parquet"),
+    ("a JSON list as chat", "chat", "c.json", json.dumps([GOOD]).encode(), "give .jsonl"),
 ]
 
 

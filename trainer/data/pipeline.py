@@ -97,7 +97,8 @@ class PackedRows:
     if not any(self.pieces):
       counts = [f"{stats[k]} {what}" for k, what in (
           ("too_short", "have fewer than 2 tokens"),
-          ("dropped", f"are longer than train.seq_len={self.seq_len} (data.truncation=drop)"))
+          ("dropped", f"are longer than train.seq_len={self.seq_len} (" + (
+              "a pair is never split)" if self.preference else "data.truncation=drop)")))
           if stats.get(k)]
       return f"no example is left: {', '.join(counts)}" + (f"; {hint}" if stats.get("dropped") else "")
     if truncation == "drop":

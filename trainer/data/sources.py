@@ -198,8 +198,11 @@ def read_files(files: list[str], fmt: str, fields: dict[str, str], skip_bad: boo
       records = _parquet(path)
     elif path.endswith(".arrayrecord"):
       records = _arrayrecord(path, text_key)
-    else:
+    elif fmt == "text":
       records = _text(path, text_split, text_key)
+    else:  # e.g. a .json file holding a list
+      raise DataError(f"{path}: is read as plain text, but data.format={fmt} needs records with "
+                      "fields: give .jsonl (a JSON object per line), .parquet or .arrayrecord")
     for where, record in records:
       try:
         if isinstance(record, BadRecord):
@@ -232,7 +235,7 @@ def normalize(record: Record, fmt: str, fields: dict[str, str], where: str) -> R
   def get(ours: str):
     theirs = fields.get(ours, ours)
     if theirs not in record:
-      present = sorted(map(str, record))
+      present = sorted(str(k)[:30] for k in record)
       listed = ", ".join(present[:10]) + (", ..." if len(present) > 10 else "")
       raise BadRecord(f"{where}: record has no field {theirs!r} (set data.{ours}_field to the "
                       f"name your data uses; fields present: {listed})")
