@@ -66,6 +66,30 @@ def test_missing_field_and_empty_data_are_errors(tmp_path):
     sources.load_datasets(str(tmp_path / "nothing*.jsonl"), "text", {}, False, {})
 
 
+def test_text_files_are_cut_into_documents_per_text_split(tmp_path):
+  path = tmp_path / "book.txt"
+  path.write_bytes(b"Chapter 1\r\nIt begins.\r\n\r\n\r\nSecond paragraph.\n \t \nThird\n  indented\n\n")
+  read = lambda split: [r["text"] for r in sources.load_datasets(str(path), "text", {}, False, {},
+                                                                  split)[0]]
+  assert read("blank_line") == ["Chapter 1\nIt begins.", "Second paragraph.", "Third\n  indented"]
+  assert read("line") == ["Chapter 1", "It begins.", "Second paragraph.", "Third", "  indented"]
+  assert read("file") == ["Chapter 1\nIt begins.\n\n\nSecond paragraph.\n \t \nThird\n  indented\n\n"]
+
+
+def test_eval_percent_splits_a_single_text_file(tmp_path, spm):
+  paragraphs = [f"Paragraph {i}: " + " ".join(["words"] * (i % 7 + 1)) for i in range(60)]
+  (tmp_path / "one.txt").write_text("\n\n".join(paragraphs) + "\n")
+  spm.save(str(tmp_path / "tok.model"))
+  cfg = small_run.config(seq_len=32)
+  cfg.data.update(source="files", train_files=str(tmp_path / "one.txt"), eval_percent=25.0,
+                  tokenizer=str(tmp_path / "tok.model"))
+  (tmp_path / "work").mkdir()
+  data = pipeline.build(cfg, str(tmp_path / "work"), True)
+  held = [r["text"] for r in data.eval_records]
+  assert data.stats["train_examples"] + data.stats["eval_examples"] == 60
+  assert 5 <= len(held) <= 25 and set(held) < set(paragraphs)
+
+
 def test_preference_fields_are_mapped(tmp_path):
   path = write_jsonl(tmp_path / "p.jsonl", [{"q": "1+1", "good": "2", "bad": "3"}])
   ds = sources.load_datasets(path, "preference", {"prompt": "q", "chosen": "good",

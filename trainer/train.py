@@ -345,6 +345,8 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
   shard = (jax.process_index(), jax.process_count())  # each process reads only its rows
   _log(f"data: {data_sources(cfg.data)}; " + ", ".join(
       f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(data_stats.items())))
+  for warning in data.warnings:
+    _log(f"warning: {warning}")
 
   # --- Model, optimizer, state ----------------------------------------------------------------
   pl = plan(cfg, mcfg, mesh)

@@ -14,7 +14,7 @@ from models.config import ModelConfig
 from parallel import mesh as mesh_lib
 from parallel import rules as rules_lib
 from trainer.data.packing import MODES, TRUNCATION
-from trainer.data.sources import FORMATS
+from trainer.data.sources import FORMATS, TEXT_SPLITS
 from trainer.data.templates import TEMPLATES
 from trainer import objectives
 from trainer.errors import UserError
@@ -65,6 +65,8 @@ def check_config(cfg) -> None:
     _require(d.source == "files" or not d[key], f"data.{key}",
              f"is read only with data.source=files (now {d.source}): set that too")
   _require(d.format in FORMATS, "data.format", f"{d.format!r} is not one of {', '.join(FORMATS)}")
+  _require(d.text_split in TEXT_SPLITS, "data.text_split",
+           f"{d.text_split!r} is not one of {', '.join(TEXT_SPLITS)}")
   _require(d.template in TEMPLATES, "data.template",
            f"{d.template!r} is not one of {', '.join(TEMPLATES)}")
   _require(d.packing in MODES, "data.packing", f"{d.packing!r} is not one of {', '.join(MODES)}")

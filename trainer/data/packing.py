@@ -16,6 +16,7 @@ attention and RoPE never cross examples. Padding has segment id 0 and weight 0.
 from __future__ import annotations
 
 import bisect
+import math
 from typing import Sequence
 
 import numpy as np
@@ -53,6 +54,13 @@ def fit_examples(lengths: Sequence[int], seq_len: int, policy: str,
       stats["split"] = stats.get("split", 0) + 1
       out += [(i, s, min(s + cap, n)) for s in range(0, n - 1, seq_len)]
   return out
+
+
+def length_to_fit(lengths: Sequence[int], share: float) -> int:
+  """The least seq_len whose rows hold whole at least `share` of examples of these token
+  lengths (an example of n tokens fills n - 1 positions)."""
+  positions = sorted(n - 1 for n in lengths)
+  return positions[max(0, math.ceil(round(share * len(positions), 9)) - 1)] if positions else 0
 
 
 def plan_rows(pieces: Sequence[Piece], seq_len: int, mode: str, group: int = 512) -> list[list[Piece]]:

@@ -56,7 +56,10 @@ class PackedRows:
   shuffled, packed. Callable on a row index (a grain map function)."""
 
   def __init__(self, datasets: Sequence[Examples], weights: Sequence[float], seq_len: int,
-               mode: str, truncation: str, seed: int, shuffle: bool, group: int, stats: dict):
+               mode: str, truncation: str, seed: int, shuffle: bool, group: int, stats: dict,
+               name: str = "data"):
+    """`name` says which split and files these are, for the error when none of their
+    positions carries a loss weight."""
     self.preference = bool(datasets) and isinstance(datasets[0][0][0], pairs.Pair)
     if self.preference:  # whole pairs only, placed best-fit
       mode = "greedy" if mode == "concat" else mode
@@ -70,8 +73,9 @@ class PackedRows:
       fitted = packing.fit_examples([len(x) for x in ids], seq_len, truncation, stats)
       self.pieces.append([(ex + offset, s, e) for ex, s, e in fitted])
       offset += len(ids)
-    if not any(self.pieces):
-      raise DataError(f"no example has 2 or more tokens after data.truncation={truncation}")
+    why = self._nothing_to_learn(truncation, stats)
+    if why:
+      raise DataError(f"{name}: nothing to learn: {why}")
     w = np.asarray(weights, np.float64)
     total = sum(len(p) for p in self.pieces)
     self.counts = [int(round(total * x / w.sum())) if p else 0 for x, p in zip(w, self.pieces)]
@@ -81,6 +85,32 @@ class PackedRows:
     # planning the same epoch once appended it twice (a run's data past the second epoch then
     # depended on thread timing: sft_chat diverged at step 110). One planner at a time.
     self._planning = threading.Lock()
+
+  def _nothing_to_learn(self, truncation: str, stats: dict) -> str:
+    """Why no position of the rows has a loss weight (then every loss would read 0.0000);
+    "" when one has. The first weighted piece ends the search."""
+    def weighted(ex: int, start: int, end: int) -> bool:  # a piece's targets are start+1..end-1
+      return bool(self.ids[ex].weights.any() if self.preference else
+                  self.masks[ex][start + 1:end].any())
+    if any(weighted(*p) for pieces in self.pieces for p in pieces):
+      return ""
+    if not self.preference and not any(m[1:].any() for m in self.masks):
+      return ("no record has an assistant turn (data.format=chat learns the assistant replies "
+              "only)")
+    fit = packing.length_to_fit([len(x) for x in self.ids], 0.95)
+    hint = f"raise train.seq_len ({fit} would fit 95% of the examples)"
+    if not any(self.pieces):
+      counts = [f"{stats[k]} {what}" for k, what in (
+          ("too_short", "have fewer than 2 tokens"),
+          ("dropped", f"are longer than train.seq_len={self.seq_len} (" + (
+              "a pair is never split)" if self.preference else "data.truncation=drop)")))
+          if stats.get(k)]
+      return f"no example is left: {', '.join(counts)}" + (f"; {hint}" if stats.get("dropped") else "")
+    if truncation == "drop":
+      return (f"every example with an assistant reply is longer than train.seq_len={self.seq_len} "
+              f"and data.truncation=drop leaves it out; {hint}")
+    return (f"every assistant reply lies beyond the first train.seq_len={self.seq_len} tokens of "
+            f"its example, which data.truncation={truncation} keeps; {hint}")
 
   def _epoch(self, e: int) -> list[list[packing.Piece]]:
     rng = np.random.default_rng([self.seed, e])
@@ -175,9 +205,11 @@ def _records(cfg, stats: dict) -> tuple[list[list[dict]], list[list[dict]]]:
     train_docs, eval_docs = stdlib_corpus.load_documents(d.max_chars, d.eval_percent)
     return [[{"text": t} for t in train_docs]], [[{"text": t} for t in eval_docs]]
   fields = {k: d[f"{k}_field"] for k in ("text", "messages", "prompt", "chosen", "rejected")}
-  train = sources.load_datasets(d.train_files, d.format, fields, d.skip_bad_records, stats)
+  load = lambda spec: sources.load_datasets(spec, d.format, fields, d.skip_bad_records, stats,
+                                            d.text_split)
+  train = load(d.train_files)
   if d.eval_files:
-    evals = sources.load_datasets(d.eval_files, d.format, fields, d.skip_bad_records, stats)
+    evals = load(d.eval_files)
   else:  # hold out a share of every training dataset
     splits = [_split_eval(ds, d.eval_percent) for ds in train]
     train, evals = [t for t, _ in splits], [e for _, e in splits if e]
@@ -185,6 +217,30 @@ def _records(cfg, stats: dict) -> tuple[list[list[dict]], list[list[dict]]]:
       raise DataError(f"data.eval_percent={d.eval_percent} leaves a split empty; give "
                       "data.eval_files or more records")
   return train, evals
+
+
+def _split_names(d) -> tuple[str, str]:
+  """How errors and warnings name the train and eval splits: by their files."""
+  if d.source == "stdlib":
+    return "train split (the standard library corpus)", "eval split (the standard library corpus)"
+  held = f"data.eval_percent={d.eval_percent} held out of {d.train_files}"
+  return f"train split ({d.train_files})", f"eval split ({d.eval_files or held})"
+
+
+def _long_examples(name: str, rows: PackedRows, stats: dict, fmt: str) -> str | None:
+  """A warning when more than 10% of a split's examples lose tokens to the row length
+  (truncated, dropped) or, for chat, are split (a reply in another row than its prompt), with
+  the seq_len that would fit 95% of them; counted on the whole split, as the lengths are at
+  hand. Split plain text loses no token and is how long documents are trained: no warning."""
+  kinds = ("truncated", "split", "dropped") if fmt == "chat" else ("truncated", "dropped")
+  cut = {k: stats[k] for k in kinds if stats.get(k)}
+  n = len(rows.ids)
+  if not n or sum(cut.values()) <= 0.1 * n:
+    return None
+  fit = packing.length_to_fit([len(x) for x in rows.ids], 0.95)
+  return (f"{name}: {sum(cut.values()) / n:.0%} of its {n} examples are longer than "
+          f"train.seq_len={rows.seq_len} ({', '.join(f'{v} {k}' for k, v in cut.items())}); "
+          f"train.seq_len={fit} would fit 95% of them")
 
 
 def _training_text(records: list[dict], template: templates.Template | None) -> list[str]:
@@ -204,6 +260,7 @@ class Data:
   eval: PackedRows
   eval_records: list[dict]  # the held-out records themselves (for generation-based evals)
   stats: dict[str, Any]  # counts (truncated, dropped, bad records...) and the padding ratio
+  warnings: list[str]  # for the console: bad records skipped, many examples longer than a row
 
 
 def build(cfg, workdir: str, is_leader: bool, sync=lambda: None) -> Data:
@@ -216,6 +273,12 @@ def build(cfg, workdir: str, is_leader: bool, sync=lambda: None) -> Data:
   stats: dict[str, Any] = {}
   template = templates.get(d.template) if d.format in ("chat", "preference") else None
   train_records, eval_records = _records(cfg, stats)
+  warnings = []
+  if stats.get("bad_records"):
+    n = stats["bad_records"]
+    warnings.append(f"skipped {n} bad record{'s' * (n > 1)} (data.skip_bad_records), the first: "
+                    f"{stats.pop('first_bad_record')}")
+  train_name, eval_name = _split_names(d)
   init = cfg.model.get("init_from", "")
   source = d.tokenizer or (init[3:] if init.startswith("hf:") else "")
   if source:  # given, or the Hugging Face model's own
@@ -223,15 +286,22 @@ def build(cfg, workdir: str, is_leader: bool, sync=lambda: None) -> Data:
     try:
       tokenizer = tokenizer_lib.load(source)
     except Exception as e:  # noqa: BLE001 -- any failure to read it is the user's file
-      raise DataError(f"config key {key}: cannot read a tokenizer from {source} ({e})") from None
+      raise DataError(f"config key {key}: cannot read a tokenizer from {source} "
+                      f"({sources.one_line(e)})") from None
     if is_leader:  # a copy beside the checkpoints
       tokenizer.save(os.path.join(workdir, tokenizer_lib.file_name(tokenizer)))
   else:  # trained once per workdir by the leader, then read by every process
     saved = os.path.join(workdir, "tokenizer.model")
     if is_leader and not os.path.exists(saved):
-      tokenizer_lib.Tokenizer.train(
-          [x for ds in train_records for x in _training_text(ds, template)],
-          d.tokenizer_vocab_size, specials=template.specials if template else ()).save(saved)
+      try:
+        trained = tokenizer_lib.Tokenizer.train(
+            [x for ds in train_records for x in _training_text(ds, template)],
+            d.tokenizer_vocab_size, specials=template.specials if template else ())
+      except ValueError as e:
+        raise DataError(f"config key data.tokenizer_vocab_size: cannot train a tokenizer of "
+                        f"{d.tokenizer_vocab_size} pieces on the {train_name}: {e}; change "
+                        "data.tokenizer_vocab_size, give more text, or give data.tokenizer") from None
+      trained.save(saved)
     sync()
     tokenizer = tokenizer_lib.Tokenizer.load(saved)
   if template is not None:
@@ -247,13 +317,16 @@ def build(cfg, workdir: str, is_leader: bool, sync=lambda: None) -> Data:
                     f"weight per dataset in data.train_files ({len(train_records)})")
   common = dict(seq_len=t.seq_len, mode=d.packing, truncation=d.truncation, group=d.pack_group)
   train = PackedRows([tokenize(r, d.format, tokenizer, template) for r in train_records], weights,
-                     seed=t.seed, shuffle=True, stats=stats, **common)
+                     seed=t.seed, shuffle=True, stats=stats, name=train_name, **common)
   eval_stats: dict[str, Any] = {}
   evals = PackedRows([tokenize(r, d.format, tokenizer, template) for r in eval_records],
                      [len(r) for r in eval_records], seed=0, shuffle=False, stats=eval_stats,
-                     **common)
+                     name=eval_name, **common)
+  warnings += filter(None, (_long_examples(train_name, train, stats, d.format),
+                            _long_examples(eval_name, evals, eval_stats, d.format)))
   stats.update({f"eval_{k}": v for k, v in eval_stats.items()})  # e.g. eval_truncated
   stats["padding_ratio"] = packing.padding_ratio(train.epoch(0), t.seq_len)
   stats["train_examples"] = sum(len(r) for r in train_records)
   stats["eval_examples"] = sum(len(r) for r in eval_records)
-  return Data(tokenizer, template, train, evals, [r for ds in eval_records for r in ds], stats)
+  return Data(tokenizer, template, train, evals, [r for ds in eval_records for r in ds], stats,
+              warnings)

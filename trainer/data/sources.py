@@ -3,7 +3,8 @@
 `data.train_files` / `data.eval_files` name datasets: a comma-separated list, each entry a path,
 a folder or a glob. Each entry is one dataset of a mixture (`data.train_weights`). Records come
 back as dicts with the config's field names mapped to ours: `text`, `messages`, or
-`prompt`/`chosen`/`rejected`.
+`prompt`/`chosen`/`rejected`. A plain-text file holds many documents, cut per `data.text_split`
+(by default a blank line ends one), so that `data.eval_percent` can hold some out.
 
 Problems in the data are `DataError`s that name the file and line (or record) and what to do.
 """
@@ -15,15 +16,22 @@ import json
 import os
 from typing import Any, Iterator
 
+from trainer.data import templates
 from trainer.errors import UserError
 
 Record = dict[str, Any]
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".text")
 FORMATS = ("text", "chat", "preference")
+TEXT_SPLITS = ("blank_line", "line", "file")  # how a plain-text file is cut into documents
 
 
 class DataError(UserError):
   """Bad input data: one line that says where."""
+
+
+class BadRecord(DataError):
+  """A fault in one record, named by file:line (or row, or record): `data.skip_bad_records`
+  skips and counts it."""
 
 
 def expand(spec: str) -> list[list[str]]:
@@ -42,99 +50,229 @@ def expand(spec: str) -> list[list[str]]:
   return datasets
 
 
-def _jsonl(path: str, skip_bad: bool, stats: dict) -> Iterator[Record]:
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
+def one_line(e: BaseException) -> str:
+  """An exception's message on one line (a user error is one line on stderr)."""
+  return " ".join(str(e).split()) or type(e).__name__
+
+
+def _short(value: Any, n: int = 40) -> str:
+  """repr() cut to n characters: a bad value quoted in a message may be megabytes long."""
+  text = repr(value)
+  return text if len(text) <= n else text[:n] + "..."
+
+
+def _kind(value: Any) -> str:
+  """What a JSON value is, in JSON's words."""
+  if isinstance(value, bool):
+    return "a boolean"
+  if isinstance(value, (int, float)):
+    return "a number"
+  return {str: "a string", list: "a list", dict: "an object"}.get(type(value), "null" if value
+                                                                   is None else type(value).__name__)
+
+
+def _open_text(path: str):
+  """The file, opened binary; a file with NUL bytes in its first 8 KiB is refused whole."""
+  try:
+    f = open(path, "rb")
+  except OSError as e:
+    raise DataError(f"{path}: cannot read it ({e.strerror})") from None
+  head = f.read(8192)
+  f.seek(0)
+  if b"\0" in head:
+    f.close()
+    raise DataError(f"{path}: holds NUL bytes, so it is binary or not UTF-8 text (UTF-16?); "
+                    "give UTF-8 text files or leave this one out")
+  return f
+
+
+def _decode(raw: bytes, where: str) -> str:
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise BadRecord(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                    f"{e.start + 1}); re-encode the file as UTF-8") from None
+
+
+def _json_object(text: str, where: str) -> Record:
+  try:
+    record = json.loads(text)
+  except (ValueError, RecursionError) as e:
+    raise BadRecord(f"{where}: malformed JSON line ({one_line(e)})") from None
+  if not isinstance(record, dict):
+    raise BadRecord(f"{where}: malformed JSON line ({_kind(record)}, not a JSON object)")
+  return record
+
+
+# Readers yield (where, record) for every record of one file; a record that cannot be read
+# comes as the BadRecord that says why, so that `read_files` decides whether to skip it. A fault
+# of the whole file (unreadable, binary) is a DataError raised at once.
+
+
+def _jsonl(path: str) -> Iterator[tuple[str, Record | BadRecord]]:
+  with _open_text(path) as f:
+    for n, raw in enumerate(f, 1):
+      if not raw.strip():
         continue
+      where = f"{path}:{n}"
       try:
-        record = json.loads(line)
-        if not isinstance(record, dict):
-          raise ValueError("not a JSON object")
-      except ValueError as e:
-        if skip_bad:
-          stats["bad_records"] = stats.get("bad_records", 0) + 1
-          continue
-        raise DataError(f"{path}:{n}: malformed JSON line ({e}); fix it or set "
-                        "data.skip_bad_records=True") from None
-      yield record
+        text = _decode(raw.removeprefix(b"\xef\xbb\xbf") if n == 1 else raw, where)  # a BOM
+        yield where, _json_object(text, where)
+      except BadRecord as e:
+        yield where, e
 
 
-def _parquet(path: str) -> Iterator[Record]:
+def _text(path: str, split: str, text_key: str) -> Iterator[tuple[str, Record | BadRecord]]:
+  """Documents of a plain-text file per `split` (TEXT_SPLITS): `blank_line` ends a document at
+  every line that is empty or all whitespace; `line` makes each non-blank line a document;
+  `file` makes the whole file one. A document's where is its first line."""
+  def document(start: int, lines: list[bytes]):
+    where = f"{path}:{start}"
+    try:  # a fault names the document's first undecodable line
+      text = "".join(_decode(raw, f"{path}:{start + k}") for k, raw in enumerate(lines))
+    except BadRecord as e:
+      return where, e
+    text = text.replace("\r\n", "\n").replace("\r", "\n")  # as Python's text mode reads it
+    return where, {text_key: text if split == "file" else text.removesuffix("\n")}
+
+  block: list[bytes] = []
+  start = 1
+  with _open_text(path) as f:
+    for n, raw in enumerate(f, 1):
+      if split != "file" and not raw.strip():  # a blank line: the end of a document
+        if block:
+          yield document(start, block)
+        block = []
+        continue
+      if not block:
+        start = n
+      block.append(raw)
+      if split == "line":
+        yield document(start, block)
+        block = []
+  if block:
+    yield document(start, block)
+
+
+def _parquet(path: str) -> Iterator[tuple[str, Record | BadRecord]]:
   import pyarrow.parquet as pq
-  yield from pq.read_table(path).to_pylist()
+  try:
+    rows = pq.read_table(path).to_pylist()
+  except Exception as e:  # noqa: BLE001 -- whatever pyarrow says, the file is the user's
+    raise DataError(f"{path}: cannot read it as parquet ({one_line(e)})") from None
+  for i, record in enumerate(rows):
+    yield f"{path}: row {i}", record
 
 
-def _arrayrecord(path: str, skip_bad: bool, stats: dict, text_key: str) -> Iterator[Record]:
+def _arrayrecord(path: str, text_key: str) -> Iterator[tuple[str, Record | BadRecord]]:
   """Each record is a UTF-8 JSON object (as the jsonl lines) or plain text."""
   from grain.sources import ArrayRecordDataSource
-  source = ArrayRecordDataSource([path])
-  for i in range(len(source)):
-    raw = source[i].decode("utf-8", errors="replace")
-    if raw.lstrip().startswith("{"):
-      try:
-        yield json.loads(raw)
-        continue
-      except ValueError:
-        if not skip_bad:
-          raise DataError(f"{path}: record {i}: malformed JSON; fix it or set "
-                          "data.skip_bad_records=True") from None
-        stats["bad_records"] = stats.get("bad_records", 0) + 1
-        continue
-    yield {text_key: raw}
+  try:
+    source = ArrayRecordDataSource([path])
+    count = len(source)
+  except Exception as e:  # noqa: BLE001 -- as for parquet
+    raise DataError(f"{path}: cannot read it as ArrayRecord ({one_line(e)})") from None
+  for i in range(count):
+    where = f"{path}: record {i}"
+    try:
+      raw = _decode(source[i], where)
+      yield where, _json_object(raw, where) if raw.lstrip().startswith("{") else {text_key: raw}
+    except BadRecord as e:
+      yield where, e
 
 
-def read_files(files: list[str], skip_bad: bool, stats: dict,
-               text_key: str = "text") -> Iterator[tuple[str, Record]]:
-  """(path, record) for every record; plain text (a whole file, or a non-JSON ArrayRecord
-  record) comes as {text_key: text}."""
+def read_files(files: list[str], fmt: str, fields: dict[str, str], skip_bad: bool, stats: dict,
+               text_split: str = "blank_line") -> Iterator[Record]:
+  """Every record of `files`, normalised (`normalize`). Plain text (documents of a text file, a
+  non-JSON ArrayRecord record) comes as {text field: text}.
+
+  A fault in one record (not JSON, not UTF-8, a missing field, a wrong type, an unknown role)
+  stops the run naming file:line, or with `skip_bad` is skipped and counted in
+  stats["bad_records"] (the first one's message in stats["first_bad_record"]).
+  """
+  text_key = fields.get("text", "text")
   for path in files:
     if path.endswith(".jsonl"):
-      records = _jsonl(path, skip_bad, stats)
+      records = _jsonl(path)
     elif path.endswith(".parquet"):
       records = _parquet(path)
     elif path.endswith(".arrayrecord"):
-      records = _arrayrecord(path, skip_bad, stats, text_key)
-    else:
-      with open(path, encoding="utf-8", errors="replace") as f:
-        records = iter([{text_key: f.read()}])
-    for record in records:
-      yield path, record
+      records = _arrayrecord(path, text_key)
+    elif fmt == "text":
+      records = _text(path, text_split, text_key)
+    else:  # e.g. a .json file holding a list
+      raise DataError(f"{path}: is read as plain text, but data.format={fmt} needs records with "
+                      "fields: give .jsonl (a JSON object per line), .parquet or .arrayrecord")
+    for where, record in records:
+      try:
+        if isinstance(record, BadRecord):
+          raise record
+        yield normalize(record, fmt, fields, where)
+      except BadRecord as e:
+        if not skip_bad:
+          raise DataError(f"{e}; fix it or set data.skip_bad_records=True") from None
+        stats["bad_records"] = stats.get("bad_records", 0) + 1
+        stats.setdefault("first_bad_record", str(e))
+
+
+def _check_messages(messages: Any, where: str, what: str) -> None:
+  if not isinstance(messages, list):
+    raise BadRecord(f"{where}: {what} is {_kind(messages)}, not a list of {{role, content}} "
+                    "objects")
+  for k, m in enumerate(messages):
+    if not isinstance(m, dict) or "role" not in m or "content" not in m:
+      raise BadRecord(f"{where}: {what}[{k}] is not a {{role, content}} object: {_short(m)}")
+    if m["role"] not in templates.ROLES:
+      raise BadRecord(f"{where}: {what}[{k}] has role {_short(m['role'])}, not one of "
+                      f"{', '.join(templates.ROLES)}")
+    if not isinstance(m["content"], str):
+      raise BadRecord(f"{where}: {what}[{k}] content is {_kind(m['content'])}, not a string")
 
 
 def normalize(record: Record, fmt: str, fields: dict[str, str], where: str) -> Record:
-  """Map the config's field names to ours and check the record has what the format needs."""
+  """Map the config's field names to ours and check the record has what the format needs
+  (a fault is a BadRecord naming `where`)."""
   def get(ours: str):
     theirs = fields.get(ours, ours)
     if theirs not in record:
-      raise DataError(f"{where}: record has no field {theirs!r} (set data.{ours}_field to the "
-                      f"name your data uses; fields present: {', '.join(sorted(record))})")
+      present = sorted(str(k)[:30] for k in record)
+      listed = ", ".join(present[:10]) + (", ..." if len(present) > 10 else "")
+      raise BadRecord(f"{where}: record has no field {theirs!r} (set data.{ours}_field to the "
+                      f"name your data uses; fields present: {listed})")
     return record[theirs]
 
   if fmt == "text":
     text = get("text")
     if not isinstance(text, str):
-      raise DataError(f"{where}: field {fields.get('text', 'text')!r} is not a string")
+      raise BadRecord(f"{where}: field {fields.get('text', 'text')!r} is {_kind(text)}, not a "
+                      "string")
     return {"text": text}
   if fmt == "chat":
     messages = get("messages")
-    if not isinstance(messages, list) or not all(
-        isinstance(m, dict) and "role" in m and "content" in m for m in messages):
-      raise DataError(f"{where}: messages must be a list of {{role, content}} objects")
+    _check_messages(messages, where, fields.get("messages", "messages"))
     return {"messages": messages}
   if fmt == "preference":
-    return {k: get(k) for k in ("prompt", "chosen", "rejected")}
+    out = {k: get(k) for k in ("prompt", "chosen", "rejected")}
+    for k, value in out.items():  # a string, or a conversation (TRL's format)
+      if not isinstance(value, (str, list)):
+        raise BadRecord(f"{where}: {fields.get(k, k)} is {_kind(value)}, not a string or a list "
+                        "of {role, content} objects")
+      if isinstance(value, list):
+        _check_messages(value, where, fields.get(k, k))
+    return out
   raise DataError(f"data.format={fmt!r} is not one of {', '.join(FORMATS)}")
 
 
 def load_datasets(spec: str, fmt: str, fields: dict[str, str], skip_bad: bool,
-                  stats: dict) -> list[list[Record]]:
+                  stats: dict, text_split: str = "blank_line") -> list[list[Record]]:
   """One list of normalised records per dataset named in `spec`."""
   out = []
   for files in expand(spec):
-    records = [normalize(r, fmt, fields, path)
-               for path, r in read_files(files, skip_bad, stats, fields.get("text", "text"))]
+    bad_before = stats.get("bad_records", 0)
+    records = list(read_files(files, fmt, fields, skip_bad, stats, text_split))
     if not records:
-      raise DataError(f"no records in {', '.join(files)}")
+      bad = stats.get("bad_records", 0) - bad_before
+      skipped = f" ({bad} bad records skipped, the first: {stats['first_bad_record']})" if bad else ""
+      raise DataError(f"no records in {', '.join(files)}{skipped}")
     out.append(records)
   return out

@@ -16,6 +16,7 @@ import numpy as np
 
 Chunk = tuple[str, bool]
 Message = dict[str, str]
+ROLES = ("system", "user", "assistant")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,8 +37,8 @@ class Template:
         messages[0] = {"role": "user", "content": f"{system}\n\n{messages[0]['content']}"}
     chunks: list[Chunk] = [(self.begin, False)] if self.begin else []
     for m in messages:
-      if m["role"] not in ("system", "user", "assistant"):
-        raise ValueError(f"unknown role {m['role']!r} (system, user, assistant)")
+      if m["role"] not in ROLES:
+        raise ValueError(f"unknown role {m['role']!r} ({', '.join(ROLES)})")
       header, end = self.turn(self.roles.get(m["role"], m["role"]), m["content"])
       trainable = m["role"] == "assistant"
       chunks += [(header, False), (m["content"], trainable)]

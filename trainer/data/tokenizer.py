@@ -5,7 +5,8 @@
 A SentencePiece model trained here keeps code intact: no normalisation, whitespace runs are
 pieces of their own, newlines are a symbol, digits are split one by one, and any character
 outside the vocabulary falls back to its UTF-8 bytes, so decode(encode(text)) == text. Chat
-templates' special tokens can be added as single pieces.
+templates' special tokens can be added as single pieces. Lines too long for SentencePiece's
+trainer are cut into pieces for training only (`training_lines`); the data keeps them whole.
 """
 
 from __future__ import annotations
@@ -13,16 +14,49 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
 
+# SentencePiece's trainer skips longer sentences (its max_sentence_length, left at the default:
+# passing it would change the bytes of the saved model, not the pieces)
+MAX_SENTENCE_BYTES = 4192
+
+
+def training_lines(texts: Iterable[str], limit: int = MAX_SENTENCE_BYTES) -> Iterator[str]:
+  """The non-blank lines of `texts`, as SentencePiece trains on them. A line longer than `limit`
+  UTF-8 bytes (which SentencePiece would skip) is cut into pieces of at most limit // 4
+  characters, before a space where there is one; shorter lines are passed as they are."""
+  for text in texts:
+    for line in text.split("\n"):
+      if not line.strip():
+        continue
+      if len(line) <= limit // 4 or len(line.encode()) <= limit:
+        yield line
+        continue
+      at, width = 0, limit // 4
+      while at < len(line):
+        end = min(at + width, len(line))
+        if end < len(line):
+          space = line.rfind(" ", at + 1, end)
+          end = space if space > at else end
+        if line[at:end].strip():
+          yield line[at:end]
+        at = end
+
+
 class Tokenizer:
   def __init__(self, model_proto: bytes):
+    if not model_proto:  # SentencePiece would load it as a model of no pieces
+      raise ValueError("the file is empty")
     self.proto = model_proto
-    self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    try:
+      self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    except RuntimeError as e:
+      raise ValueError(f"not a SentencePiece model ({' '.join(str(e).split())})") from None
 
   @classmethod
   def load(cls, path: str) -> "Tokenizer":
@@ -32,16 +66,20 @@ class Tokenizer:
   @classmethod
   def train(cls, texts: Iterable[str], vocab_size: int, max_sentences: int = 300_000,
             specials: Sequence[str] = ()) -> "Tokenizer":
-    lines = (line for text in texts for line in text.split("\n") if line.strip())
+    """A BPE model of `vocab_size` pieces trained on the lines of `texts`. Text too small or
+    too uniform for that many pieces is a ValueError that says how many it allows."""
     out = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=lines, model_writer=out, vocab_size=vocab_size, model_type="bpe",
-        normalization_rule_name="identity", remove_extra_whitespaces=False,
-        split_by_whitespace=True, allow_whitespace_only_pieces=True, byte_fallback=True,
-        split_digits=True, add_dummy_prefix=False,
-        user_defined_symbols=["\n", *specials], input_sentence_size=max_sentences,
-        shuffle_input_sentence=True, character_coverage=0.9995, num_threads=os.cpu_count() or 1,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    try:
+      spm.SentencePieceTrainer.train(
+          sentence_iterator=training_lines(texts), model_writer=out, vocab_size=vocab_size,
+          model_type="bpe", normalization_rule_name="identity", remove_extra_whitespaces=False,
+          split_by_whitespace=True, allow_whitespace_only_pieces=True, byte_fallback=True,
+          split_digits=True, add_dummy_prefix=False,
+          user_defined_symbols=["\n", *specials], input_sentence_size=max_sentences,
+          shuffle_input_sentence=True, character_coverage=0.9995, num_threads=os.cpu_count() or 1,
+          unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    except RuntimeError as e:
+      raise ValueError(_training_failure(str(e), vocab_size)) from None
     return cls(out.getvalue())
 
   def save(self, path: str) -> None:
@@ -70,6 +108,22 @@ class Tokenizer:
 
   def decode(self, ids: Sequence[int]) -> str:
     return self.sp.decode(list(ids))
+
+
+def _training_failure(message: str, vocab_size: int) -> str:
+  """SentencePiece's check that failed, said in the words of this project's config."""
+  too_high = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)",
+                       message)
+  if too_high:
+    return (f"the text is too small or too uniform for {vocab_size} pieces: it allows at most "
+            f"{too_high.group(1)}")
+  too_low = re.search(r"smaller than required_chars\. \d+ vs (\d+)", message)
+  if too_low:
+    return (f"{vocab_size} pieces are too few for the text's characters and the special "
+            f"tokens: it needs at least {too_low.group(1)}")
+  if "sentences_.empty()" in message:
+    return "the text has no non-blank line"
+  return " ".join(message.split())
 
 
 class HFTokenizer:
