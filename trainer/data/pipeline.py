@@ -23,6 +23,7 @@ import numpy as np
 from trainer.data import packing, pairs, sources, stdlib_corpus, templates
 from trainer.data import tokenizer as tokenizer_lib
 from trainer.data.sources import DataError
+from trainer.validate import fold_seed
 
 _ENDLESS = 2**62
 Examples = tuple[list[np.ndarray], list[np.ndarray]]  # token ids, loss masks
@@ -240,7 +241,7 @@ def build(cfg, workdir: str, is_leader: bool, sync=lambda: None) -> Data:
                     f"weight per dataset in data.train_files ({len(train_records)})")
   common = dict(seq_len=t.seq_len, mode=d.packing, truncation=d.truncation, group=d.pack_group)
   train = PackedRows([tokenize(r, d.format, tokenizer, template) for r in train_records], weights,
-                     seed=t.seed, shuffle=True, stats=stats, **common)
+                     seed=fold_seed(t.seed), shuffle=True, stats=stats, **common)
   eval_stats: dict[str, Any] = {}
   evals = PackedRows([tokenize(r, d.format, tokenizer, template) for r in eval_records],
                      [len(r) for r in eval_records], seed=0, shuffle=False, stats=eval_stats,
