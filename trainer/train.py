@@ -461,11 +461,11 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
     _log(f"stopped at step {step} of {tc.steps} (train.stop_after_steps); rerun the same "
          "command to continue")
   elif step == tc.steps and tc.sample_tokens and data.template is None:
-    prompt = tokenizer.encode(tc.sample_prompt)
+    prompt = tokenizer.affixes[0] + tokenizer.encode(tc.sample_prompt)
     with parallel.activate(mesh, pl.rules):
-      ids = generate.generate(pl.handle, state["params"], [[tokenizer.bos_id] + prompt],
+      ids = generate.generate(pl.handle, state["params"], [prompt],
                               tc.sample_tokens, max_len=tc.seq_len,
-                              temperature=tc.sample_temperature, seed=tc.seed,
+                              temperature=tc.sample_temperature, seed=seed,
                               stop_ids=(tokenizer.eos_id,), compute_dtype=pl.compute_dtype)[0]
     _log("sample:\n" + tc.sample_prompt + tokenizer.decode(ids))
   evals = ", ".join(f"{k} {v:.4f}" for k, v in final_eval.items())

@@ -36,12 +36,15 @@ Examples = tuple[list[np.ndarray], list[np.ndarray]]  # token ids, loss masks
 
 def tokenize(records: Sequence[dict[str, Any]], fmt: str, tokenizer,
              template: templates.Template | None) -> Examples:
-  """Text: [BOS] text [EOS], every token learned. Chat: the template, assistant turns learned.
-  Preference: `pairs.Pair`s (as the ids; no masks)."""
+  """Text: the text with what the tokenizer's rules add around it (`affixes`: BOS for ours and
+  for Llama 3 or Gemma folders, nothing for Qwen2), then EOS unless that already ends it: the
+  model learns where a document stops. Every token is learned. Chat: the template, assistant
+  turns learned. Preference: `pairs.Pair`s (as the ids; no masks)."""
   if fmt == "text":
-    encoded = tokenizer.encode_batch([r["text"] for r in records])
-    ids = [np.asarray([tokenizer.bos_id, *e, tokenizer.eos_id], np.int32) for e in encoded]
-    masks = [np.concatenate([[0.0], np.ones(len(x) - 1)]).astype(np.float32) for x in ids]
+    encoded = tokenizer.encode_batch([r["text"] for r in records], add_special=True)
+    end = [tokenizer.eos_id] if tokenizer.eos_id >= 0 else []
+    ids = [np.asarray(e if e[-1:] == end else [*e, *end], np.int32) for e in encoded]
+    masks = [(np.arange(len(x)) > 0).astype(np.float32) for x in ids]  # the first is no target
     return ids, masks
   if fmt == "chat":
     out = [templates.encode_chat(template, tokenizer, r["messages"]) for r in records]
