@@ -18,6 +18,8 @@ from typing import Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from parallel.mesh import AXES
+
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab",
                 "expert", "layers")
 
@@ -85,7 +87,8 @@ PRESETS = {"dp": dp, "zero1": zero1, "zero2": zero2, "fsdp": fsdp, "fsdp_tp": fs
 
 def parse_rules(text: str) -> Rules:
   """'embed=fsdp,mlp=tensor,vocab=' -> {'embed': 'fsdp', 'mlp': 'tensor', 'vocab': None};
-  several axes join with '+': 'batch=data+fsdp'."""
+  several axes join with '+': 'batch=data+fsdp'. Names and axes are checked here, so a typo is
+  one line about mesh.rules rather than a KeyError deep inside sharding."""
   out: Rules = {}
   for item in filter(None, (s.strip() for s in text.split(","))):
     name, sep, axes = item.partition("=")
@@ -94,6 +97,10 @@ def parse_rules(text: str) -> Rules:
       raise ValueError(f"mesh.rules: {item!r} is not NAME=AXIS with NAME one of "
                        f"{', '.join(LOGICAL_AXES)}")
     parts = tuple(a.strip() for a in axes.split("+") if a.strip())
+    unknown = [a for a in parts if a not in AXES]
+    if unknown:
+      raise ValueError(f"mesh.rules: {item!r} names mesh axis {unknown[0]!r}, which is not one of "
+                       f"{', '.join(AXES)}")
     out[name] = None if not parts else parts[0] if len(parts) == 1 else parts
   return out
 

@@ -36,3 +36,51 @@ def make(family: str, folder: str, seed: int = 0):
         p.add_(0.1 * torch.randn_like(p))
   model.save_pretrained(folder)
   return model
+
+
+# Chat templates as model folders write them (Jinja, rendered by transformers), for the two
+# kinds of tokenizer below; the project's own `chatml` and `llama3` templates must render alike.
+CHATML_JINJA = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+                "message['content'] + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+                "{{ '<|im_start|>assistant\\n' }}{% endif %}")
+LLAMA3_JINJA = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + "
+                "message['role'] + '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}"
+                "{% endfor %}{% if add_generation_prompt %}"
+                "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+
+# kind: (special tokens, bos, eos, does tokenizer.json's post-processor add BOS, chat template)
+TOKENIZERS = {
+    "qwen2": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", False,
+              CHATML_JINJA),
+    "llama3": (["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                "<|eot_id|>"], "<|begin_of_text|>", "<|eot_id|>", True, LLAMA3_JINJA),
+}
+_CORPUS = ["def mean(xs):\n    return sum(xs) / len(xs)\n", "What is 2+3? It is 5.\n",
+           "The quick brown fox jumps over the lazy dog.\n", "Hello, world! print(x)\n"] * 20
+
+
+def make_tokenizer(kind: str, folder: str, vocab_size: int = COMMON["vocab_size"]):
+  """A byte-level BPE tokenizer of `vocab_size` ids (the tiny models' vocabulary), trained on a
+  few lines, saved to `folder` through transformers as a Qwen2-like (no BOS) or Llama-3-like
+  (BOS from the post-processor) folder with its chat template. Returns the transformers one.
+  Make the model first when both share the folder."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+  specials, bos, eos, adds_bos, jinja = TOKENIZERS[kind]
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(_CORPUS, trainers.BpeTrainer(vocab_size=vocab_size,
+                                                       special_tokens=specials, show_progress=False))
+  assert tok.get_vocab_size() == vocab_size, tok.get_vocab_size()
+  if adds_bos:
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
+  hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos,
+                                                chat_template=jinja)
+  hf_tok.save_pretrained(folder)
+  # Beside a model's config.json, transformers 5 rebuilds the tokenizer with the family's own
+  # class (Qwen2Tokenizer's pre-tokenizer regex): saved again through it, the folder's
+  # tokenizer.json is what AutoTokenizer runs, as it is in a real model folder.
+  transformers.AutoTokenizer.from_pretrained(folder).save_pretrained(folder)
+  return transformers.AutoTokenizer.from_pretrained(folder)

@@ -3,7 +3,6 @@ file, record-level faults are skipped and counted with data.skip_bad_records, a 
 nothing to learn is an error, and long examples or a 10 MB line are handled as data."""
 
 import json
-import math
 import os
 
 import numpy as np

@@ -80,3 +80,48 @@ def test_data_errors_exit_2_with_one_line(lines, extra, named, tmp_path):
   code, _, err = run_main("--config=configs/sft_chat.py", f"--config.data.train_files={path}",
                           *extra, workdir=str(tmp_path / "w"))
   assert code == 2 and len(err.strip().splitlines()) == 1 and named in err, err
+
+
+def run_tool(tool, *args):
+  proc = subprocess.run([sys.executable, "-m", f"trainer.{tool}", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+  return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+  """A tiny Qwen2 model (128 positions) with its tokenizer; no chat template unless asked."""
+  import hf_models
+  folder = str(tmp_path_factory.mktemp("hf") / "qwen2")
+  hf_models.make("qwen2", folder)
+  hf_models.make_tokenizer("qwen2", folder)
+  os.remove(os.path.join(folder, "chat_template.jinja"))
+  return folder
+
+
+@pytest.mark.parametrize("args,named", [
+    (["--top_p=0"], "--top_p=0.0 must be in (0, 1]"),
+    (["--top_p=1.5"], "--top_p=1.5 must be in (0, 1]"),
+    (["--top_p=nan"], "--top_p=nan"),
+    (["--temperature=-1"], "--temperature"),
+    (["--top_k=-2"], "--top_k"),
+    (["--max_new_tokens=0"], "--max_new_tokens"),
+    (["--max_new_tokens=128"], "--max_new_tokens=128 must be in [1, 127]"),  # 128 positions
+    (["--chat"], "--chat: --hf="),  # the folder has no chat template
+    (["--chat", "--template=vicuna"], "--template=vicuna"),
+])
+def test_generate_flags_exit_2_with_one_line(args, named, hf_folder):
+  code, out, err = run_tool("generate", f"--hf={hf_folder}", "--prompt=hi", *args)
+  assert code == 2 and out == "", err
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], err
+
+
+def test_export_out_that_is_a_file_or_unwritable(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a folder")
+  for out, named in ((blocker, f"--out={blocker} is a file"),
+                     (blocker / "sub", f"--out={blocker / 'sub'} is not a writable folder")):
+    code, _, err = run_tool("export", f"--workdir={tmp_path / 'run'}", f"--out={out}")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and named in lines[0], err

@@ -3,13 +3,15 @@ reach the user as a traceback. A config the checks accept builds its plan and tr
 
 import hypothesis.strategies as st
 import jax
+import numpy as np
+import pytest
 from hypothesis import HealthCheck, assume, event, given, settings
 
 import parallel
 import small_run
 from trainer import train
 from trainer.errors import UserError
-from trainer.validate import check_backend, check_config, check_mesh, model_config
+from trainer.validate import check_backend, check_config, check_mesh, fold_seed, model_config
 
 WORDS = ["", "none", "lora", "prompt", "lisa", "xla", "pallas", "ring", "cudnn", "lm", "sft",
          "dpo", "reward", "ipo", "orpo", "text", "chat", "preference", "files", "stdlib",
@@ -70,6 +72,51 @@ def mutate(mutations):
       node = node[part]
     node[last] = value
   return cfg
+
+
+# Values a user can type that must each be one line naming the key (the table in validate.py and
+# the mesh rules); the message is checked, not just the exception's type.
+BAD_VALUES = [
+    ("train.lr", float("inf"), "train.lr: must be a finite number, got inf"),
+    ("train.lr", float("nan"), "train.lr: must be a finite number"),
+    ("train.lr", 0.0, "train.lr: must be positive"),
+    ("model.rope_theta", 0.0, "model.rope_theta: must be positive"),
+    ("model.rope_theta", -1e4, "model.rope_theta: must be positive"),
+    ("model.norm_eps", 0.0, "model.norm_eps: must be positive"),
+    ("model.norm_eps", float("-inf"), "model.norm_eps: must be a finite number"),
+    ("train.b2", 1.0, "train.b2: must be in [0, 1), got 1.0"),
+    ("train.b2", -0.1, "train.b2: must be in [0, 1)"),
+    ("train.b1", float("nan"), "train.b1: must be a finite number"),
+    ("train.eps", -1e-8, "train.eps: must be >= 0"),
+    ("train.sample_temperature", -1.0, "train.sample_temperature: must be >= 0"),
+    ("train.clip_norm", float("inf"), "train.clip_norm: must be a finite number"),
+    ("train.min_lr_ratio", 1.5, "train.min_lr_ratio: must be in [0, 1]"),
+    ("model.init_std", -0.02, "model.init_std: must be >= 0"),
+    ("model.rope_factor", 0.0, "model.rope_factor: must be positive"),
+    ("peft.alpha", float("inf"), "peft.alpha: must be a finite number"),
+    ("data.eval_percent", 100.0, "data.eval_percent: must be in (0, 100)"),
+    ("data.num_threads", 0, "data.num_threads: must be positive"),
+    ("mesh.rules", "mlp=nosuchaxis", "mesh.rules: 'mlp=nosuchaxis' names mesh axis 'nosuchaxis'"),
+    ("mesh.rules", "batch=data+tensr", "names mesh axis 'tensr'"),
+    ("mesh.rules", "embedding=fsdp", "mesh.rules: 'embedding=fsdp' is not NAME=AXIS"),
+]
+
+
+@pytest.mark.parametrize("key,value,message", BAD_VALUES)
+def test_bad_values_are_one_line_naming_the_key(key, value, message):
+  with pytest.raises(UserError) as e:
+    check_config(mutate([(key, value)]))
+  assert str(e.value) == " ".join(str(e.value).split()) and "\n" not in str(e.value)
+  assert str(e.value).startswith(f"config key {key}:") and message in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("seed", [0, -1, 2**32, 2**63 + 5, -(10**30)])
+def test_any_int_seed_is_accepted_and_folded(seed):
+  check_config(mutate([("train.seed", seed)]))
+  folded = fold_seed(seed)
+  assert 0 <= folded < 2**32 and folded == seed % 2**32
+  np.random.default_rng([folded, 0])  # what the data pipeline seeds with
+  jax.random.PRNGKey(folded + 7)  # the largest offset trainer.state adds
 
 
 # Past the checks: a config that check_config accepts must also build its plan (model, PEFT,

@@ -86,6 +86,9 @@ def test_train_export_reload_and_continue(tmp_path):
   hf_tok = transformers.AutoTokenizer.from_pretrained(out)
   assert hf_tok.encode(text, add_special_tokens=False) == \
       tokenizer_lib.load(workdir + "/tokenizer.model").encode(text)
+  # the folder says what the run trained on: BOS first (add_bos_token)
+  assert hf_tok(text).input_ids == tokenizer_lib.load(out).encode(text, add_special=True)
+  assert hf_tok(text).input_ids[0] == hf_tok.bos_token_id
 
   # Generation from the command line prints only the continuation: transformers' greedy one.
   ours_tok = tokenizer_lib.load(workdir + "/tokenizer.model")
@@ -149,3 +152,98 @@ def test_init_from_an_unsupported_model_is_one_line(tmp_path):
   assert proc.returncode == 2
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and "GPT2LMHeadModel" in lines[0] and "model.init_from" in lines[0], lines
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenization as the model folder defines it (BOS or not), chat prompts, greedy generation
+# ----------------------------------------------------------------------------------------------
+
+TEXTS = ["What is 2+3?", "def mean(xs):\n    return sum(xs) / len(xs)\n", "", " lazy  dog"]
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama3", "qwen2_config_says_bos"])
+def test_tokenizer_adds_what_the_folder_says(kind, tmp_path):
+  """Our wrapper's ids equal AutoTokenizer(folder)(text).input_ids: Qwen2-like adds nothing,
+  Llama-3-like its BOS; `add_bos_token` in tokenizer_config.json beside a tokenizer.json without
+  a post-processor adds nothing in transformers 5 either. A text document in the data pipeline
+  is those ids and EOS."""
+  import json
+
+  from trainer.data import pipeline, tokenizer as tokenizer_lib
+
+  folder = str(tmp_path / "tok")
+  hf_tok = hf_models.make_tokenizer(kind.split("_")[0], folder)
+  if kind == "qwen2_config_says_bos":
+    with open(f"{folder}/tokenizer_config.json") as f:
+      config = json.load(f)
+    config.update(add_bos_token=True, bos_token="<|endoftext|>")
+    with open(f"{folder}/tokenizer_config.json", "w") as f:
+      json.dump(config, f)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
+  ours = tokenizer_lib.load(folder)
+  bos = [] if kind.startswith("qwen2") else [hf_tok.bos_token_id]
+  assert ours.affixes == (bos, [])
+  for text in TEXTS:
+    want = hf_tok(text).input_ids
+    assert ours.encode(text, add_special=True) == want, text
+    assert ours.encode(text) == hf_tok(text, add_special_tokens=False).input_ids
+  ids, _ = pipeline.tokenize([{"text": t} for t in TEXTS], "text", ours, None)
+  assert [x.tolist() for x in ids] == [hf_tok(t).input_ids + [hf_tok.eos_token_id] for t in TEXTS]
+
+
+@pytest.mark.parametrize("kind", list(hf_models.TOKENIZERS))
+def test_chat_prompt_equals_apply_chat_template(kind, tmp_path):
+  """--chat's prompt: the template recognised from the folder's chat_template renders one user
+  turn and the assistant header as the folder's own Jinja template does."""
+  import types
+
+  from trainer import generate as gen
+  from trainer.data import templates, tokenizer as tokenizer_lib
+
+  hf_tok = hf_models.make_tokenizer(kind, str(tmp_path / "tok"))
+  ours = tokenizer_lib.load(str(tmp_path / "tok"))
+  flags = types.SimpleNamespace(template=None, workdir=None, hf=str(tmp_path / "tok"))
+  template = gen.chat_template(flags, None, ours)
+  assert template.name == {"qwen2": "chatml", "llama3": "llama3"}[kind]
+  for prompt in TEXTS:
+    turn = [{"role": "user", "content": prompt}]
+    want = hf_tok.apply_chat_template(turn, add_generation_prompt=True)["input_ids"]
+    got, _ = templates.encode_chat(template, ours, turn, add_generation_prompt=True)
+    assert got.tolist() == want, prompt
+  assert template.stop_id(ours) == hf_tok.eos_token_id  # <|im_end|>, <|eot_id|>
+
+
+@pytest.mark.parametrize("family,kind,chat", [("qwen2", "qwen2", False), ("llama", "llama3", False),
+                                              ("qwen2", "qwen2", True), ("llama", "llama3", True)])
+def test_generate_cli_equals_transformers_greedy(family, kind, chat, tmp_path):
+  """`python -m trainer.generate --hf=DIR` prints transformers' greedy continuation of the prompt
+  as the folder's tokenizer encodes it (with --chat: of the chat-templated user turn)."""
+  import subprocess
+  import sys
+
+  folder = str(tmp_path / "hf")
+  model = hf_models.make(family, folder)
+  hf_tok = hf_models.make_tokenizer(kind, folder)
+  prompt = "What is 2+3?"
+  if chat:
+    ids = hf_tok.apply_chat_template([{"role": "user", "content": prompt}],
+                                     add_generation_prompt=True)["input_ids"]
+  else:
+    ids = hf_tok(prompt).input_ids
+
+  def greedy(ids):
+    with torch.no_grad():
+      out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids)),
+                           max_new_tokens=12, do_sample=False, eos_token_id=hf_tok.eos_token_id,
+                           pad_token_id=hf_tok.eos_token_id)[0, len(ids):].tolist()
+    return out[:out.index(hf_tok.eos_token_id)] if hf_tok.eos_token_id in out else out
+
+  want = greedy(ids)
+  if kind == "llama3" and not chat:  # the test can see a missing BOS
+    assert greedy(ids[1:]) != want
+  proc = subprocess.run([sys.executable, "-m", "trainer.generate", f"--hf={folder}",
+                         f"--prompt={prompt}", "--max_new_tokens=12", *(["--chat"] if chat else [])],
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout == hf_tok.decode(want) + "\n", (proc.stdout, want)
+  assert proc.stderr.startswith(f"{len(ids)} prompt tokens,"), proc.stderr

@@ -59,8 +59,27 @@ def load_run(workdir: str, step: int | None = None):
   return cfg, pl.handle, state["params"], step
 
 
+def prepare_out(out: str) -> None:
+  """--out made (or found) a writable folder before the checkpoint is read: a file in the way or
+  a folder without write permission is one line, not a traceback after the restore."""
+  from trainer.errors import UserError  # noqa: PLC0415
+
+  try:
+    os.makedirs(out, exist_ok=True)
+    probe = os.path.join(out, ".write_test")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except FileExistsError:
+    raise UserError(f"--out={out} is a file; give a folder to write") from None
+  except OSError as e:
+    raise UserError(f"--out={out} is not a writable folder: {e.strerror}") from None
+
+
 def copy_tokenizer(workdir: str, out: str) -> list[str]:
-  """The run's tokenizer files, as transformers' AutoTokenizer reads them."""
+  """The run's tokenizer files, as transformers' AutoTokenizer reads them. A run's own
+  SentencePiece model gets a tokenizer_config.json with `add_bos_token`, as the run trained:
+  every text began with BOS."""
   import shutil  # noqa: PLC0415
 
   from trainer.data import tokenizer as tokenizer_lib  # noqa: PLC0415
@@ -75,7 +94,7 @@ def copy_tokenizer(workdir: str, out: str) -> list[str]:
     piece = tok.sp.id_to_piece
     with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
       json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": piece(tok.bos_id),
-                 "eos_token": piece(tok.eos_id), "add_bos_token": False, "add_eos_token": False,
+                 "eos_token": piece(tok.eos_id), "add_bos_token": True, "add_eos_token": False,
                  "add_prefix_space": False, "legacy": False}, f, indent=1)
     copied.append("tokenizer_config.json")
   return copied
@@ -88,6 +107,7 @@ def main(argv):
   try:
     if not flags.FLAGS.workdir or not flags.FLAGS.out:
       raise UserError("--workdir and --out are required")
+    prepare_out(flags.FLAGS.out)
     cfg, handle, params, step = load_run(flags.FLAGS.workdir, flags.FLAGS.step)
     import jax.numpy as jnp  # noqa: PLC0415
 

@@ -2,6 +2,11 @@
 
     python -m trainer.generate --workdir=DIR --prompt="def fib(n):" --max_new_tokens=64
     python -m trainer.generate --hf=DIR --prompt=... --temperature=0.8 --top_p=0.9
+    python -m trainer.generate --hf=DIR --chat --prompt="What is 2+3?"
+
+The prompt is tokenized as the model's tokenizer defines a text's start (BOS for the project's
+own tokenizers and for Llama 3 or Gemma folders, none for Qwen2); with --chat it is one user turn
+of the chat template, followed by the assistant's header, and the reply stops at end of turn.
 
 Only the continuation goes to stdout; speed and notes go to stderr. Temperature 0 is greedy.
 
@@ -14,6 +19,7 @@ attends to padding, and positions count from each row's first real token. The de
 from __future__ import annotations
 
 import functools
+import math
 import sys
 import time
 from typing import Sequence
@@ -24,6 +30,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from trainer.state import ModelHandle, cast_floating
+from trainer.validate import fold_seed
 
 
 def filter_logits(logits, temperature: float, top_k: int = 0, top_p: float = 1.0):
@@ -119,7 +126,7 @@ def generate(handle: ModelHandle, params, prompts: Sequence[Sequence[int]], max_
   run = _compiled(handle, max_new_tokens=max_new_tokens, temperature=float(temperature),
                   top_k=int(top_k), top_p=float(top_p), compute_dtype=jnp.dtype(compute_dtype))
   out, n = run(params, tokens, positions, segments,
-               jnp.asarray(list(stop_ids) or [-1], jnp.int32), jax.random.PRNGKey(seed))
+               jnp.asarray(list(stop_ids) or [-1], jnp.int32), jax.random.PRNGKey(fold_seed(seed)))
   out = np.asarray(out)[:, :int(n)]
   stops = set(stop_ids)
   result = []
@@ -134,41 +141,90 @@ def generate(handle: ModelHandle, params, prompts: Sequence[Sequence[int]], max_
 # ----------------------------------------------------------------------------------------------
 
 
+def check_flags(f, max_seq_len: int | None = None) -> None:
+  """The sampling flags against their ranges (before the model is read) and, given its
+  `max_seq_len`, against the model: one line each, naming the flag."""
+  from trainer.errors import UserError  # noqa: PLC0415
+  if not math.isfinite(f.temperature) or f.temperature < 0:
+    raise UserError(f"--temperature={f.temperature} must be >= 0 (0: greedy)")
+  if not 0 < f.top_p <= 1:
+    raise UserError(f"--top_p={f.top_p} must be in (0, 1] (1: no nucleus filtering)")
+  if f.top_k < 0:
+    raise UserError(f"--top_k={f.top_k} must be >= 0 (0: all tokens)")
+  if f.max_new_tokens < 1:
+    raise UserError(f"--max_new_tokens={f.max_new_tokens} must be positive")
+  if max_seq_len is not None and f.max_new_tokens >= max_seq_len:
+    raise UserError(f"--max_new_tokens={f.max_new_tokens} must be in [1, {max_seq_len - 1}]: the "
+                    f"model has {max_seq_len} positions and the prompt needs one at least")
+
+
+def chat_template(f, run_cfg, tokenizer):
+  """The template `--chat` renders with: --template, else the run's data.template (a chat or
+  preference run), else the one whose markers the Hugging Face folder's own chat_template uses
+  (the project renders its named templates, not Jinja)."""
+  from trainer.data import templates  # noqa: PLC0415
+  from trainer.errors import UserError  # noqa: PLC0415
+  if f.template:
+    if f.template not in templates.TEMPLATES:
+      raise UserError(f"--template={f.template} is not one of {', '.join(templates.TEMPLATES)}")
+    return templates.TEMPLATES[f.template]
+  if run_cfg is not None and run_cfg.data.format in ("chat", "preference"):
+    return templates.TEMPLATES[run_cfg.data.template]
+  source = getattr(tokenizer, "chat_template", "")
+  for template in templates.TEMPLATES.values():
+    # the turn markers (the last two specials); BOS is often written as {{ bos_token }}
+    if source and template.specials and all(s in source for s in template.specials[-2:]):
+      return template
+  where = f"--workdir={f.workdir} trained on data.format={run_cfg.data.format}" if run_cfg \
+      else f"--hf={f.hf} has no chat_template the project knows"
+  raise UserError(f"--chat: {where}; give --template=one of {', '.join(templates.TEMPLATES)}")
+
 
 def main(argv):
   del argv
   from models import hf  # noqa: PLC0415
   from trainer import export, state as state_lib  # noqa: PLC0415
-  from trainer.data import tokenizer as tokenizer_lib  # noqa: PLC0415
+  from trainer.data import templates, tokenizer as tokenizer_lib  # noqa: PLC0415
   from trainer.errors import UserError  # noqa: PLC0415
   logging.set_verbosity(logging.WARNING)
+  f = flags.FLAGS
   try:
-    if bool(flags.FLAGS.workdir) == bool(flags.FLAGS.hf):
+    if bool(f.workdir) == bool(f.hf):
       raise UserError("give exactly one of --workdir and --hf")
-    if flags.FLAGS.workdir:
-      _, handle, params, _ = export.load_run(flags.FLAGS.workdir, flags.FLAGS.step)
-      tokenizer = tokenizer_lib.load(flags.FLAGS.workdir)
+    check_flags(f)
+    if f.workdir:
+      run_cfg, handle, params, _ = export.load_run(f.workdir, f.step)
+      tokenizer = tokenizer_lib.load(f.workdir)
     else:
+      run_cfg = None
       try:
-        mcfg, params = hf.load(flags.FLAGS.hf)
+        mcfg, params = hf.load(f.hf)
         handle = state_lib.model_handle(mcfg)
-        tokenizer = tokenizer_lib.load(flags.FLAGS.hf)
+        tokenizer = tokenizer_lib.load(f.hf)
       except (OSError, ValueError) as e:
-        raise UserError(f"--hf={flags.FLAGS.hf}: {e}") from None
+        raise UserError(f"--hf={f.hf}: {e}") from None
+    check_flags(f, handle.cfg.max_seq_len)
+    stops = [tokenizer.eos_id] if tokenizer.eos_id >= 0 else []
+    if f.chat:
+      template = chat_template(f, run_cfg, tokenizer)
+      try:
+        stops = [template.stop_id(tokenizer), *stops]
+      except ValueError as e:
+        raise UserError(f"--chat: {e}") from None
+      prompt = templates.encode_chat(template, tokenizer, [{"role": "user", "content": f.prompt}],
+                                     add_generation_prompt=True)[0].tolist()
+    else:  # as the tokenizer's rules start a text (BOS or not); no EOS after a prompt
+      prompt = tokenizer.affixes[0] + tokenizer.encode(f.prompt)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  bos = [tokenizer.bos_id] if tokenizer.bos_id >= 0 else []
-  prompt = bos + tokenizer.encode(flags.FLAGS.prompt)
   t0 = time.perf_counter()
-  f = flags.FLAGS
   ids = generate(handle, params, [prompt], f.max_new_tokens, temperature=f.temperature,
-                 top_k=f.top_k, top_p=f.top_p, seed=f.seed,
-                 stop_ids=[tokenizer.eos_id] if tokenizer.eos_id >= 0 else [])[0]
+                 top_k=f.top_k, top_p=f.top_p, seed=f.seed, stop_ids=stops)[0]
   elapsed = time.perf_counter() - t0
   sys.stdout.write(tokenizer.decode(ids) + "\n")
-  print(f"{len(ids)} tokens in {elapsed:.2f}s ({len(ids) / elapsed:.1f} tokens/s, compile "
-        "included)", file=sys.stderr)
+  print(f"{len(prompt)} prompt tokens, {len(ids)} tokens in {elapsed:.2f}s "
+        f"({len(ids) / elapsed:.1f} tokens/s, compile included)", file=sys.stderr)
 
 
 def _define_flags():
@@ -176,11 +232,15 @@ def _define_flags():
   flags.DEFINE_string("workdir", None, "a training run's folder (latest checkpoint)")
   flags.DEFINE_string("hf", None, "a Hugging Face model folder")
   flags.DEFINE_string("prompt", "", "text to continue")
+  flags.DEFINE_bool("chat", False, "the prompt is a user turn of the chat template, and the reply "
+                    "ends at the template's end of turn")
+  flags.DEFINE_string("template", None, "--chat: llama3 | chatml | gemma | plain (default: the "
+                      "run's data.template, or the one the --hf folder's chat_template uses)")
   flags.DEFINE_integer("max_new_tokens", 64, "tokens to generate at most")
   flags.DEFINE_float("temperature", 0.0, "0: greedy")
   flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0: all)")
-  flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass")
-  flags.DEFINE_integer("seed", 0, "sampling seed")
+  flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass, in (0, 1]")
+  flags.DEFINE_integer("seed", 0, "sampling seed (any integer)")
   flags.DEFINE_integer("step", None, "--workdir: checkpoint step (default: the latest)")
 
 

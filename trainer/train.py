@@ -29,8 +29,8 @@ from trainer import checkpoint as ckpt_lib
 from trainer import evaluate as evaluate_lib, generate, metrics as metrics_lib, optim
 from trainer import guard, lisa, memory, objectives, state as state_lib, step as step_lib
 from trainer.data import pipeline
-from trainer.validate import (UserError, check_backend, check_config, check_mesh, init_folder,
-                              model_config)
+from trainer.validate import (UserError, check_backend, check_config, check_mesh, fold_seed,
+                              init_folder, model_config)
 
 BATCH_KEYS = ("inputs", "targets", "weights", "positions", "segment_ids")
 PAIR_KEYS = ("example", "reference")  # preference batches: the pair of each position, ref log-probs
@@ -211,8 +211,8 @@ def plan(cfg, mcfg, mesh) -> Plan:
                        compiler_options=options)
   eval_step = jax.jit(step_lib.make_eval_step(handle, compute_dtype, spec),  # inputs are placed
                       compiler_options=options)
-  abstract = state_lib.abstract_state(tx, abstract_params, tc.seed, shardings, lisa_k, allocator,
-                                      reference, loss_scale)
+  abstract = state_lib.abstract_state(tx, abstract_params, 0, shardings, lisa_k, allocator,
+                                      reference, loss_scale)  # (shapes: any seed will do)
   return Plan(handle, tx, mesh, strategy.activations, batch_sharding, shardings, abstract,
               train_step, eval_step, compute_dtype, param_dtype, model_shardings, lisa_k, spec,
               reference, loss_scale)
@@ -324,6 +324,7 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
   t_start = time.time()
   check_config(cfg)
   tc = cfg.train
+  seed = fold_seed(tc.seed)
 
   # --- Mesh and sharding rules ----------------------------------------------------------------
   devices = jax.devices() if devices is None else devices
@@ -363,9 +364,9 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
       _log(f"loading {init}")
       base = hf.load(init, pl.model_shardings, pl.param_dtype, remat=mcfg.remat,
                      attention_impl=mcfg.attention_impl, value_head=mcfg.value_head)[1]
-    params = state_lib.init_params(pl.handle, tc.seed, pl.shardings["params"], pl.param_dtype,
+    params = state_lib.init_params(pl.handle, seed, pl.shardings["params"], pl.param_dtype,
                                    base=base, model_shardings=pl.model_shardings)
-    state = state_lib.init_state(pl.tx, params, tc.seed, pl.shardings, pl.lisa_k,
+    state = state_lib.init_state(pl.tx, params, seed, pl.shardings, pl.lisa_k,
                                  pl.handle.peft and pl.handle.peft.allocator, pl.reference,
                                  pl.loss_scale)
     start_step = 0
@@ -513,11 +514,11 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
     _log(f"stopped at step {step} of {tc.steps} (train.stop_after_steps={tc.stop_after_steps} "
          "steps per run); rerun the same command to continue")
   elif step == tc.steps and tc.sample_tokens and data.template is None:
-    prompt = tokenizer.encode(tc.sample_prompt)
+    prompt = tokenizer.affixes[0] + tokenizer.encode(tc.sample_prompt)
     with parallel.activate(mesh, pl.rules):
-      ids = generate.generate(pl.handle, state["params"], [[tokenizer.bos_id] + prompt],
+      ids = generate.generate(pl.handle, state["params"], [prompt],
                               tc.sample_tokens, max_len=tc.seq_len,
-                              temperature=tc.sample_temperature, seed=tc.seed,
+                              temperature=tc.sample_temperature, seed=seed,
                               stop_ids=(tokenizer.eos_id,), compute_dtype=pl.compute_dtype)[0]
     _log("sample:\n" + tc.sample_prompt + tokenizer.decode(ids))
   results = ", ".join(f"{k} {float(last[k]):.4f}" for k in ("loss", *final_eval) if k in last)

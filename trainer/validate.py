@@ -6,6 +6,7 @@ wrong and what would be right; `trainer.main` prints it and exits with code 2.
 
 from __future__ import annotations
 
+import math
 import os
 
 from models import hf
@@ -30,23 +31,77 @@ def _require(ok: bool, key: str, message: str) -> None:
     raise UserError(f"config key {key}: {message}")
 
 
+# The interval each numeric key must lie in, in the usual notation ("[0, 1)": 0 allowed, 1 not).
+# Besides these, every float in the config must be finite: inf passes `> 0` and NaN fails every
+# comparison, so neither would otherwise be caught before the loss turns NaN. Keys that only
+# matter under some other setting (precision.loss_scale, dpo.beta) are checked where that is.
+POSITIVE, NON_NEGATIVE = "(0, inf)", "[0, inf)"
+RANGES = {
+    **dict.fromkeys(("train.steps", "train.batch_size", "train.seq_len", "train.grad_accum",
+                     "train.log_every", "train.eval_batches", "train.keep_checkpoints", "train.lr",
+                     "data.max_chars", "data.pack_group", "data.num_threads", "model.rope_theta",
+                     "model.norm_eps", "model.rope_factor", "model.rope_original_max_len",
+                     "model.rope_low_freq_factor", "model.rope_high_freq_factor",
+                     "peft.lora_plus_scale"), POSITIVE),
+    **dict.fromkeys(("train.eval_every", "train.checkpoint_every", "train.eval_exact_match",
+                     "train.stop_after_steps", "train.warmup_steps", "train.sample_tokens",
+                     "train.weight_decay", "train.clip_norm", "train.peak_tflops",
+                     "train.neftune_alpha", "train.max_nonfinite_steps", "train.eps",
+                     "train.sample_temperature", "model.vocab_size", "model.head_dim",
+                     "model.sliding_window", "model.query_scale", "model.attn_softcap",
+                     "model.logit_softcap", "model.init_std"), NON_NEGATIVE),
+    "train.min_lr_ratio": "[0, 1]",
+    "train.b1": "[0, 1)",
+    "train.b2": "[0, 1)",
+    "data.eval_percent": "(0, 100)",
+}
+
+
+def _within(value, interval: str) -> bool:
+  low, high = (float(x) for x in interval[1:-1].split(","))
+  above = value >= low if interval[0] == "[" else value > low
+  below = value <= high if interval[-1] == "]" else value < high
+  return above and below
+
+
+def _leaves(cfg, prefix: str = ""):
+  for key, value in cfg.items():
+    if hasattr(value, "items"):
+      yield from _leaves(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
+def check_numbers(cfg) -> None:
+  """Every float finite, every key of RANGES inside its interval."""
+  for key, value in _leaves(cfg):
+    if isinstance(value, float):
+      _require(math.isfinite(value), key, f"must be a finite number, got {value}")
+  for key, interval in RANGES.items():
+    section, name = key.split(".")
+    value = cfg[section][name]
+    message = {POSITIVE: "must be positive", NON_NEGATIVE: "must be >= 0"}.get(
+        interval, f"must be in {interval}")
+    _require(_within(value, interval), key, f"{message}, got {value}")
+
+
+def fold_seed(seed: int) -> int:
+  """`train.seed` (or `--seed`) as every generator here takes it: any Python int, folded into
+  [0, 2**32) by `seed % 2**32`. numpy's generators refuse negative seeds and jax's keys overflow
+  past 64 bits; seeds already in that range (every seed a run used before) are unchanged, so
+  their runs stay bit-identical, and -1 is 4294967295."""
+  return int(seed) % 2**32
+
+
 def check_config(cfg) -> None:
   t, p, d = cfg.train, cfg.precision, cfg.data
-  for key in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_batches",
-              "keep_checkpoints"):
-    _require(t[key] > 0, f"train.{key}", f"must be positive, got {t[key]}")
-  for key in ("eval_every", "checkpoint_every", "eval_exact_match", "stop_after_steps", "warmup_steps",
-              "sample_tokens", "weight_decay", "clip_norm", "peak_tflops", "neftune_alpha",
-              "max_nonfinite_steps"):
-    _require(t[key] >= 0, f"train.{key}", f"must be >= 0, got {t[key]}")
+  check_numbers(cfg)
   if p.compute_dtype == "float16":
     _require(p.loss_scale >= 1, "precision.loss_scale", f"must be >= 1, got {p.loss_scale}")
     _require(p.loss_scale_period > 0, "precision.loss_scale_period",
              f"must be positive, got {p.loss_scale_period}")
     _require(cfg.peft.method != "lisa", "precision.compute_dtype",
              "float16 loss scaling is not implemented for peft.method=lisa; use bfloat16")
-  _require(t.lr > 0, "train.lr", f"must be positive, got {t.lr}")
-  _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
   _require(t.lr_schedule in SCHEDULES, "train.lr_schedule",
            f"{t.lr_schedule!r} is not one of {', '.join(SCHEDULES)}")
   _require(t.batch_size % t.grad_accum == 0, "train.grad_accum",
@@ -57,8 +112,6 @@ def check_config(cfg) -> None:
            f"{p.param_dtype!r} is not one of {', '.join(PARAM_DTYPES)}")
   _require(d.source in DATA_SOURCES, "data.source",
            f"{d.source!r} is not one of {', '.join(DATA_SOURCES)}")
-  _require(0 < d.eval_percent < 100, "data.eval_percent", f"must be in (0, 100), got {d.eval_percent}")
-  _require(d.max_chars > 0, "data.max_chars", f"must be positive, got {d.max_chars}")
   _require(d.source != "files" or bool(d.train_files), "data.train_files",
            "data.source=files needs data.train_files (paths, folders or globs)")
   for key in ("train_files", "eval_files"):
@@ -72,7 +125,6 @@ def check_config(cfg) -> None:
   _require(d.packing in MODES, "data.packing", f"{d.packing!r} is not one of {', '.join(MODES)}")
   _require(d.truncation in TRUNCATION, "data.truncation",
            f"{d.truncation!r} is not one of {', '.join(TRUNCATION)}")
-  _require(d.pack_group > 0, "data.pack_group", f"must be positive, got {d.pack_group}")
   check_objective(cfg)
   if d.tokenizer:
     _require(os.path.exists(d.tokenizer), "data.tokenizer", f"no file at {d.tokenizer}")

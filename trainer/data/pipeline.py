@@ -24,6 +24,7 @@ import numpy as np
 from trainer.data import packing, pairs, sources, stdlib_corpus, templates
 from trainer.data import tokenizer as tokenizer_lib
 from trainer.data.sources import DataError
+from trainer.validate import fold_seed
 
 _ENDLESS = 2**62
 Examples = tuple[list[np.ndarray], list[np.ndarray]]  # token ids, loss masks
@@ -36,12 +37,15 @@ Examples = tuple[list[np.ndarray], list[np.ndarray]]  # token ids, loss masks
 
 def tokenize(records: Sequence[dict[str, Any]], fmt: str, tokenizer,
              template: templates.Template | None) -> Examples:
-  """Text: [BOS] text [EOS], every token learned. Chat: the template, assistant turns learned.
-  Preference: `pairs.Pair`s (as the ids; no masks)."""
+  """Text: the text with what the tokenizer's rules add around it (`affixes`: BOS for ours and
+  for Llama 3 or Gemma folders, nothing for Qwen2), then EOS unless that already ends it: the
+  model learns where a document stops. Every token is learned. Chat: the template, assistant
+  turns learned. Preference: `pairs.Pair`s (as the ids; no masks)."""
   if fmt == "text":
-    encoded = tokenizer.encode_batch([r["text"] for r in records])
-    ids = [np.asarray([tokenizer.bos_id, *e, tokenizer.eos_id], np.int32) for e in encoded]
-    masks = [np.concatenate([[0.0], np.ones(len(x) - 1)]).astype(np.float32) for x in ids]
+    encoded = tokenizer.encode_batch([r["text"] for r in records], add_special=True)
+    end = [tokenizer.eos_id] if tokenizer.eos_id >= 0 else []
+    ids = [np.asarray(e if e[-1:] == end else [*e, *end], np.int32) for e in encoded]
+    masks = [(np.arange(len(x)) > 0).astype(np.float32) for x in ids]  # the first is no target
     return ids, masks
   if fmt == "chat":
     out = [templates.encode_chat(template, tokenizer, r["messages"]) for r in records]
@@ -317,7 +321,7 @@ def build(cfg, workdir: str, is_leader: bool, sync=lambda: None) -> Data:
                     f"weight per dataset in data.train_files ({len(train_records)})")
   common = dict(seq_len=t.seq_len, mode=d.packing, truncation=d.truncation, group=d.pack_group)
   train = PackedRows([tokenize(r, d.format, tokenizer, template) for r in train_records], weights,
-                     seed=t.seed, shuffle=True, stats=stats, name=train_name, **common)
+                     seed=fold_seed(t.seed), shuffle=True, stats=stats, name=train_name, **common)
   eval_stats: dict[str, Any] = {}
   evals = PackedRows([tokenize(r, d.format, tokenizer, template) for r in eval_records],
                      [len(r) for r in eval_records], seed=0, shuffle=False, stats=eval_stats,

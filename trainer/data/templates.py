@@ -91,9 +91,11 @@ def encode_chat(template: Template, tokenizer, messages: list[Message],
                 add_generation_prompt: bool = False) -> tuple[np.ndarray, np.ndarray]:
   """(ids, mask): int32 token ids and a 0/1 float32 mask of the tokens to learn.
 
-  Templates without a begin marker start with the tokenizer's BOS.
+  Templates without a begin marker start with what the tokenizer's rules put before a text
+  (`affixes`: BOS for ours, nothing for Qwen2's chatml), as transformers' apply_chat_template
+  renders them.
   """
-  ids: list[int] = [] if template.begin else [tokenizer.bos_id]
+  ids: list[int] = [] if template.begin else list(tokenizer.affixes[0])
   mask: list[float] = [0.0] * len(ids)
   for text, trainable in template.render(messages, add_generation_prompt):
     piece = [tokenizer.eos_id] if text == EOS else tokenizer.encode(text)

@@ -1,6 +1,9 @@
 """Tokenizers: SentencePiece (trained on the run's corpus, or a `.model` file) and Hugging Face
 `tokenizer.json` files (through the `tokenizers` package), behind one small interface:
-`encode` (no BOS/EOS added), `decode`, `bos_id`, `eos_id`, `vocab_size`.
+`encode`, `decode`, `bos_id`, `eos_id`, `vocab_size`, and `affixes`: the ids the tokenizer's own
+rules put around one text. `encode(text)` adds none of them (chat templates and prompts are
+assembled from pieces); `encode(text, add_special=True)` adds them, as transformers'
+`tokenizer(text)` does, so a prompt or a document starts the way the model saw its texts start.
 
 A SentencePiece model trained here keeps code intact: no normalisation, whitespace runs are
 pieces of their own, newlines are a symbol, digits are split one by one, and any character
@@ -100,11 +103,18 @@ class Tokenizer:
   def eos_id(self) -> int:
     return self.sp.eos_id()
 
-  def encode(self, text: str) -> list[int]:
-    return self.sp.encode(text)
+  @property
+  def affixes(self) -> tuple[list[int], list[int]]:
+    """(before, after) one text: BOS and nothing, as runs here have always trained (and as
+    `trainer.export` tells transformers with `add_bos_token`)."""
+    return [self.bos_id], []
 
-  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-    return self.sp.encode(list(texts), num_threads=os.cpu_count() or 1)
+  def encode(self, text: str, add_special: bool = False) -> list[int]:
+    return _wrap(self, self.sp.encode(text), add_special)
+
+  def encode_batch(self, texts: Sequence[str], add_special: bool = False) -> list[list[int]]:
+    encoded = self.sp.encode(list(texts), num_threads=os.cpu_count() or 1)
+    return [_wrap(self, e, add_special) for e in encoded]
 
   def decode(self, ids: Sequence[int]) -> str:
     return self.sp.decode(list(ids))
@@ -126,9 +136,22 @@ def _training_failure(message: str, vocab_size: int) -> str:
   return " ".join(message.split())
 
 
+def _wrap(tokenizer, ids: list[int], add_special: bool) -> list[int]:
+  if not add_special:
+    return ids
+  before, after = tokenizer.affixes
+  return [*before, *ids, *after]
+
+
 class HFTokenizer:
   """A Hugging Face `tokenizer.json`; BOS/EOS from the `tokenizer_config.json` beside it when
-  there is one, else from the tokens the Llama, Qwen and Gemma families use."""
+  there is one, else from the tokens the Llama, Qwen and Gemma families use.
+
+  Whether BOS or EOS go around a text is the post-processor's business in tokenizer.json (a
+  TemplateProcessing `single` template: Llama 3 `<|begin_of_text|> $A`, Gemma `<bos> $A`; Qwen2
+  has none). transformers 5 reads it the same way: with a tokenizer.json present it drops
+  `add_bos_token` / `add_eos_token` from tokenizer_config.json (`tokenization_utils_base`) and
+  keeps the file's post-processor, or adds nothing when the file has none."""
 
   _BOS = ("<|begin_of_text|>", "<s>", "<bos>")
   _EOS = ("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>")
@@ -144,6 +167,24 @@ class HFTokenizer:
         config = json.load(f)
     self.bos_id = self._special(config.get("bos_token"), self._BOS)
     self.eos_id = self._special(config.get("eos_token"), self._EOS)
+    self.chat_template = config.get("chat_template") or ""
+    if isinstance(self.chat_template, list):  # named templates: [{name, template}, ...]
+      self.chat_template = next((t["template"] for t in self.chat_template
+                                 if t.get("name") == "default"), "")
+    jinja = os.path.join(os.path.dirname(path), "chat_template.jinja")
+    if os.path.exists(jinja):  # transformers: the separate file wins over the config's entry
+      with open(jinja) as f:
+        self.chat_template = f.read()
+    self.affixes = self._affixes()
+
+  def _affixes(self) -> tuple[list[int], list[int]]:
+    """The post-processor's ids before and after a probe text (its special-tokens mask says
+    which ids it added)."""
+    e = self.tok.encode("a", add_special_tokens=True)
+    added = e.special_tokens_mask
+    n_before = next((i for i, m in enumerate(added) if not m), len(added))
+    n_after = next((i for i, m in enumerate(reversed(added)) if not m), 0)
+    return e.ids[:n_before], e.ids[len(e.ids) - n_after:]
 
   def _special(self, configured, candidates) -> int:
     if isinstance(configured, dict):
@@ -158,11 +199,12 @@ class HFTokenizer:
   def vocab_size(self) -> int:
     return self.tok.get_vocab_size()
 
-  def encode(self, text: str) -> list[int]:
-    return self.tok.encode(text, add_special_tokens=False).ids
+  def encode(self, text: str, add_special: bool = False) -> list[int]:
+    return _wrap(self, self.tok.encode(text, add_special_tokens=False).ids, add_special)
 
-  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-    return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+  def encode_batch(self, texts: Sequence[str], add_special: bool = False) -> list[list[int]]:
+    return [_wrap(self, e.ids, add_special)
+            for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
 
   def decode(self, ids: Sequence[int]) -> str:
     return self.tok.decode(list(ids), skip_special_tokens=False)
