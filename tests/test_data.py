@@ -74,6 +74,10 @@ def test_text_files_are_cut_into_documents_per_text_split(tmp_path):
   assert read("blank_line") == ["Chapter 1\nIt begins.", "Second paragraph.", "Third\n  indented"]
   assert read("line") == ["Chapter 1", "It begins.", "Second paragraph.", "Third", "  indented"]
   assert read("file") == ["Chapter 1\nIt begins.\n\n\nSecond paragraph.\n \t \nThird\n  indented\n\n"]
+  code = tmp_path / "mod.py"  # source code: one document per file, blank lines and all
+  code.write_text("import os\n\n\ndef f():\n  return 1\n")
+  assert [r["text"] for r in sources.load_datasets(str(code), "text", {}, False, {},
+                                                   "blank_line")[0]] == [code.read_text()]
 
 
 def test_eval_percent_splits_a_single_text_file(tmp_path, spm):

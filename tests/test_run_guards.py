@@ -1,6 +1,7 @@
 """What a run does at its edges: a full disk, a batch that cannot fit, a resume's metrics, an
 update that would make parameters infinite, and stopping after N steps of an invocation."""
 
+import errno
 import glob
 import json
 import math
@@ -87,6 +88,20 @@ def test_a_failed_asynchronous_write_is_one_error_too(tmp_path, monkeypatch):
     subprocess.run(["umount", str(where)], check=False)
 
 
+def test_no_space_from_any_writer_is_the_same_one_line(tmp_path, monkeypatch):
+  """Without root: the metrics file's write fails as a full disk would make it."""
+  real = metrics_lib.MetricsWriter.write
+
+  def write(self, step, scalars):
+    if step >= 3:
+      raise OSError(errno.ENOSPC, "No space left on device", "metrics.jsonl")
+    real(self, step, scalars)
+  monkeypatch.setattr(metrics_lib.MetricsWriter, "write", write)
+  with pytest.raises(train.UserError, match="no space left .* newest complete checkpoint is "
+                                            "step 2 "):
+    train.run(small_run.config(steps=6, checkpoint_every=2, **QUIET), str(tmp_path / "run"))
+
+
 def test_a_batch_that_cannot_fit_is_refused_before_allocation(tmp_path):
   proc = main("--config.train.batch_size=99999999992", workdir=str(tmp_path / "w"))
   assert proc.returncode == 2
@@ -168,8 +183,9 @@ def test_an_update_that_would_make_parameters_infinite_is_skipped(tmp_path):
   for a, b in zip(jax.tree.leaves(out["state"]["params"]), jax.tree.leaves(at2)):
     assert np.isfinite(np.asarray(a)).all()
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  with pytest.raises(train.Diverged, match="3 steps in a row.*no checkpoint with finite"):
-    train.run(small_run.config(steps=8, lr=1e39, checkpoint_every=0, max_nonfinite_steps=3,
+  with pytest.raises(train.Diverged,
+                     match="3 steps in a row.*checkpoint \\(step 2\\) holds finite"):
+    train.run(small_run.config(steps=8, lr=1e39, checkpoint_every=2, max_nonfinite_steps=3,
                                **QUIET), str(tmp_path / "stops"))
 
 

@@ -4,12 +4,15 @@ to a temporary folder and renames it when complete), keeping the last K steps.""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from trainer.errors import UserError
 
@@ -28,31 +31,17 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def complete_steps(self) -> list[int]:
-    """Steps whose checkpoint folder is complete (renamed from its temporary name)."""
-    if not os.path.isdir(self.directory):
-      return []
-    return sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
-
-  def newest(self) -> str:
-    """The newest complete checkpoint, in words."""
-    steps = self.complete_steps()
-    if not steps:
-      return "no complete checkpoint was written"
-    return f"the newest complete checkpoint is step {steps[-1]} ({self.directory}/{steps[-1]})"
-
-  def disk_full(self, path: str) -> UserError:
-    return UserError(f"no space left on the device of {path}; {self.newest()}: free some space "
-                     "and rerun the same command to resume from it")
-
   def save(self, step: int, state: dict[str, Any], data_state: dict[str, Any]) -> None:
     """Starts writing `step` (asynchronously). Refused, with the newest complete checkpoint
-    named, when the file system has less room than this process's part of the state."""
-    need = sum(s.data.nbytes for x in jax.tree.leaves(state) for s in x.addressable_shards
-               if s.replica_id == 0)
-    if shutil.disk_usage(self.directory).free < need:
+    named, when the file system has less room than the whole state (process 0 looks, and every
+    process stops with it: a shared file system holds all their shards)."""
+    need = sum(x.nbytes for x in jax.tree.leaves(state))
+    full = shutil.disk_usage(self.directory).free < need
+    if jax.process_count() > 1:
+      full = bool(multihost_utils.broadcast_one_to_all(np.int32(full)))
+    if full:
       self.wait()
-      raise self.disk_full(self.directory)
+      raise disk_full(self.directory)
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
 
@@ -99,6 +88,27 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.close()
 
+
+
+def disk_full(directory: str) -> UserError:
+  """A full file system, in one line naming the newest complete checkpoint in `directory` (a
+  step folder renamed into place: orbax writes each under a temporary name first)."""
+  steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit()) \
+      if os.path.isdir(directory) else []
+  newest = (f"the newest complete checkpoint is step {steps[-1]} ({directory}/{steps[-1]})"
+            if steps else "no complete checkpoint was written")
+  return UserError(f"no space left on the device of {directory}; {newest}: free some space and "
+                   "rerun the same command to resume from it")
+
+
+def no_space(e: BaseException | None) -> bool:
+  """Whether `e` (or what it was raised from) is a full disk or quota."""
+  while e is not None:
+    if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or \
+        "No space left on device" in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
 
 
 def _shapes(tree) -> dict[str, tuple]:

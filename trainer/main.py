@@ -115,7 +115,7 @@ def main(argv: list[str]) -> None:
   import jax
 
   from parallel import distributed
-  from trainer import train
+  from trainer import checkpoint, train
 
   try:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -132,9 +132,14 @@ def main(argv: list[str]) -> None:
   if dropped and jax.process_index() == 0:
     print(f"note: evaluating on {_CONFIG.value.data.eval_percent:g}% of data.train_files held out,"
           f" not on the recipe's demo eval files ({dropped}); set data.eval_files to choose",
-          file=sys.stderr)
+          flush=True)  # (stdout: stderr is kept for the one line of an error)
   try:
-    train.run(_CONFIG.value, workdir)
+    try:
+      train.run(_CONFIG.value, workdir)
+    except Exception as e:  # noqa: BLE001 -- a full disk, wherever it was hit, is a user error
+      if not checkpoint.no_space(e):
+        raise
+      raise checkpoint.disk_full(os.path.join(workdir, "checkpoints")) from e
   except UserError as e:
     if _VERBOSE.value:
       raise

@@ -156,8 +156,14 @@ def check_fits(components: dict[str, float], devices) -> None:
   if need <= have:
     return
   biggest = max((k for k in components if "not counted" not in k), key=components.get)
+  if biggest.startswith(("activations", "batch")):
+    key, advice = "train.batch_size", ("lower train.batch_size or train.seq_len, raise "
+                                       "train.grad_accum, or use model.remat=full")
+  else:  # the state: parameters, optimizer moments, gradients
+    key, advice = "mesh.strategy", ("shard the state (mesh.strategy=fsdp over mesh.fsdp), keep "
+                                    "the optimizer state on the host (mesh.offload_optimizer), "
+                                    "or train fewer parameters (peft.method)")
   raise UserError(
-      f"config key train.batch_size: the run needs about {need / 2**30:.3g} GiB per device "
-      f"(estimate; {biggest} {components[biggest] / 2**30:.3g} GiB) but a device has "
-      f"{have / 2**30:.3g} GiB ({what}); lower train.batch_size or train.seq_len, raise "
-      "train.grad_accum or mesh sharding, or set train.memory_check=False to try anyway")
+      f"config key {key}: the run needs about {need / 2**30:.3g} GiB per device (estimate; "
+      f"{biggest} {components[biggest] / 2**30:.3g} GiB) but a device has {have / 2**30:.3g} "
+      f"GiB ({what}); {advice}, or set train.memory_check=False to try anyway")

@@ -7,7 +7,6 @@ checkpoint (parameters, optimizer, step, rng and the data iterator's position).
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import os
 import signal
@@ -249,16 +248,6 @@ class Preemption:
       signal.signal(s, handler)
 
 
-def no_space(e: BaseException | None) -> bool:
-  """Whether `e` (or what it was raised from) is a full disk or quota."""
-  while e is not None:
-    if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or \
-        "No space left on device" in str(e):
-      return True
-    e = e.__cause__ or e.__context__
-  return False
-
-
 class Diverged(UserError):
   """Too many non-finite steps in a row: the run stops, naming its newest intact checkpoint."""
 
@@ -374,6 +363,11 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
     _, state, data_state = restored
     start_step = latest
     _log(f"resumed from {checkpointer.directory} at step {latest}")
+    if start_step >= tc.steps:  # nothing left: say so, and touch nothing
+      checkpointer.close()
+      _log(f"done: the run in {workdir} is complete at step {start_step} of {tc.steps} "
+           "(train.steps); nothing to train (raise train.steps to go on)")
+      return {"step": start_step, "state": state, "preempted": False}
   if pl.spec.objective == "dpo" and pl.spec.precompute_ref:
     with parallel.activate(mesh, pl.rules):
       reference_tables(pl, data, state, workdir, shard, tc.batch_size)
@@ -412,10 +406,6 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
     return out
 
   # --- Loop -----------------------------------------------------------------------------------
-  if start_step >= tc.steps:  # nothing left: say so, and touch nothing
-    _log(f"done: the run in {workdir} is complete at step {start_step} of {tc.steps} "
-         "(train.steps); nothing to train (raise train.steps to go on)")
-    return {"step": start_step, "state": state, "preempted": False}
   # train.stop_after_steps: at most that many steps in this invocation (the same command, run
   # again, goes on for as many more)
   end_step = min(tc.steps, start_step + tc.stop_after_steps) if tc.stop_after_steps else tc.steps
@@ -495,8 +485,8 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
       writer.write(step, final_eval)
     last = {**last, **final_eval}
   except Exception as e:  # noqa: BLE001 -- a full disk, whoever hit it, is one line
-    if no_space(e):
-      raise checkpointer.disk_full(workdir) from None
+    if ckpt_lib.no_space(e):
+      raise ckpt_lib.disk_full(checkpointer.directory) from None
     raise
   finally:
     preemption.close()
@@ -505,9 +495,9 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
       checkpointer.close()
       writer.close()
     except Exception as e:  # noqa: BLE001 -- an asynchronous write that failed for want of room
-      if not no_space(e):
+      if not ckpt_lib.no_space(e):
         raise
-      raise checkpointer.disk_full(workdir) from None
+      raise ckpt_lib.disk_full(checkpointer.directory) from None
 
   # --- Report ---------------------------------------------------------------------------------
   if step < tc.steps and not preempted:

@@ -296,17 +296,22 @@ def build(cfg, workdir: str, is_leader: bool, sync=lambda: None) -> Data:
       tokenizer.save(os.path.join(workdir, tokenizer_lib.file_name(tokenizer)))
   else:  # trained once per workdir by the leader, then read by every process
     saved = os.path.join(workdir, "tokenizer.model")
+    failure = None  # the leader's, raised after the barrier: every process then stops
     if is_leader and not os.path.exists(saved):
       try:
-        trained = tokenizer_lib.Tokenizer.train(
+        tokenizer_lib.Tokenizer.train(
             [x for ds in train_records for x in _training_text(ds, template)],
-            d.tokenizer_vocab_size, specials=template.specials if template else ())
+            d.tokenizer_vocab_size, specials=template.specials if template else ()).save(saved)
       except ValueError as e:
-        raise DataError(f"config key data.tokenizer_vocab_size: cannot train a tokenizer of "
-                        f"{d.tokenizer_vocab_size} pieces on the {train_name}: {e}; change "
-                        "data.tokenizer_vocab_size, give more text, or give data.tokenizer") from None
-      trained.save(saved)
+        failure = DataError(
+            f"config key data.tokenizer_vocab_size: cannot train a tokenizer of "
+            f"{d.tokenizer_vocab_size} pieces on the {train_name}: {e}; change "
+            "data.tokenizer_vocab_size, give more text, or give data.tokenizer")
     sync()
+    if failure is not None:
+      raise failure
+    if not os.path.exists(saved):
+      raise DataError(f"{saved}: process 0 could not train the tokenizer (its error says why)")
     tokenizer = tokenizer_lib.Tokenizer.load(saved)
   if template is not None:
     try:

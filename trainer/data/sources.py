@@ -21,6 +21,7 @@ from trainer.errors import UserError
 
 Record = dict[str, Any]
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".text")
+CODE_SUFFIXES = (".py",)  # whole files under text_split=blank_line
 FORMATS = ("text", "chat", "preference")
 TEXT_SPLITS = ("blank_line", "line", "file")  # how a plain-text file is cut into documents
 
@@ -125,7 +126,10 @@ def _jsonl(path: str) -> Iterator[tuple[str, Record | BadRecord]]:
 def _text(path: str, split: str, text_key: str) -> Iterator[tuple[str, Record | BadRecord]]:
   """Documents of a plain-text file per `split` (TEXT_SPLITS): `blank_line` ends a document at
   every line that is empty or all whitespace; `line` makes each non-blank line a document;
-  `file` makes the whole file one. A document's where is its first line."""
+  `file` makes the whole file one. A document's where is its first line. Source code (`.py`)
+  is one document per file under `blank_line`: its blank lines part statements, not texts."""
+  if split == "blank_line" and path.endswith(CODE_SUFFIXES):
+    split = "file"
   def document(start: int, lines: list[bytes]):
     where = f"{path}:{start}"
     try:  # a fault names the document's first undecodable line

@@ -93,7 +93,7 @@ def encode_chat(template: Template, tokenizer, messages: list[Message],
 
   Templates without a begin marker start with what the tokenizer's rules put before a text
   (`affixes`: BOS for ours, nothing for Qwen2's chatml), as transformers' apply_chat_template
-  renders them.
+  renders the plain turns (a folder's Jinja template may add more: a default system turn, say).
   """
   ids: list[int] = [] if template.begin else list(tokenizer.affixes[0])
   mask: list[float] = [0.0] * len(ids)

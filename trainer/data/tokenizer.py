@@ -107,7 +107,7 @@ class Tokenizer:
   def affixes(self) -> tuple[list[int], list[int]]:
     """(before, after) one text: BOS and nothing, as runs here have always trained (and as
     `trainer.export` tells transformers with `add_bos_token`)."""
-    return [self.bos_id], []
+    return ([self.bos_id] if self.bos_id >= 0 else []), []
 
   def encode(self, text: str, add_special: bool = False) -> list[int]:
     return _wrap(self, self.sp.encode(text), add_special)
