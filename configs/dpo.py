@@ -8,6 +8,14 @@ right answer, is `eval_accuracy` (BENCHMARKS.md has the figures).
 python -m trainer.main --config=configs/dpo.py --workdir=/tmp/dpo
 python -m trainer.main --config=configs/dpo.py --config.dpo.loss=ipo   # or simpo, orpo
 python -m trainer.main --config=configs/dpo.py:HF_DIR --config.peft.method=lora  # from a model
+
+The usual pipeline, SFT on data/arith_chat (same generator, no wrong answers) and then DPO from
+it, reaches held-out preference accuracy 0.92 at its last step in about 4.5 minutes on an idle
+2-core CPU, against 0.685 for 1000 steps from scratch:
+
+python -m trainer.main --config=configs/sft_chat.py --workdir=/tmp/sft --config.train.steps=800 \
+  && python -m trainer.export --workdir=/tmp/sft --out=/tmp/sft_hf \
+  && python -m trainer.main --config=configs/dpo.py:/tmp/sft_hf --workdir=/tmp/dpo_sft
 """
 
 import os
@@ -30,7 +38,9 @@ def get_config(arg=None):
   c.train.update(objective="dpo", steps=1000, batch_size=16, seq_len=128, lr=2e-3,
                  warmup_steps=20, log_every=20, eval_every=250, eval_batches=4,
                  checkpoint_every=250, sample_tokens=0, weight_decay=0.0)
-  if arg:  # from a fine-tuned model: a few hundred steps at a gentler rate
-    c.train.update(steps=300, lr=1e-3, eval_every=50)
   c.dpo.update(loss="sigmoid", beta=0.1)
+  if arg:  # from a fine-tuned model: a few hundred steps at a gentler rate, a firmer KL anchor
+    # (beta 0.1 and lr 1e-3 peaked at 0.77 by step 150 and fell to 0.735 by step 300)
+    c.train.update(steps=300, lr=5e-4, eval_every=50)
+    c.dpo.update(beta=0.25)
   return c
