@@ -486,6 +486,10 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
     last = {**last, **final_eval}
   except Exception as e:  # noqa: BLE001 -- a full disk, whoever hit it, is one line
     if ckpt_lib.no_space(e):
+      try:
+        checkpointer.wait()  # a write in flight may still complete: then it is the newest
+      except Exception:  # noqa: BLE001 -- it ran out of room too
+        pass
       raise ckpt_lib.disk_full(checkpointer.directory) from None
     raise
   finally:
