@@ -214,7 +214,7 @@ def main(argv):
       prompt = templates.encode_chat(template, tokenizer, [{"role": "user", "content": f.prompt}],
                                      add_generation_prompt=True)[0].tolist()
     else:  # as the tokenizer's rules start a text (BOS or not); no EOS after a prompt
-      prompt = tokenizer.affixes[0] + tokenizer.encode(f.prompt)
+      prompt = tokenizer_lib.prompt_ids(tokenizer, f.prompt)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

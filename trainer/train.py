@@ -27,7 +27,7 @@ from models import peft as peft_lib
 from trainer import checkpoint as ckpt_lib
 from trainer import evaluate as evaluate_lib, generate, metrics as metrics_lib, optim
 from trainer import guard, lisa, memory, objectives, state as state_lib, step as step_lib
-from trainer.data import pipeline
+from trainer.data import pipeline, tokenizer as tokenizer_lib
 from trainer.validate import (UserError, check_backend, check_config, check_mesh, fold_seed,
                               init_folder, model_config)
 
@@ -508,7 +508,7 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
     _log(f"stopped at step {step} of {tc.steps} (train.stop_after_steps={tc.stop_after_steps} "
          "steps per run); rerun the same command to continue")
   elif step == tc.steps and tc.sample_tokens and data.template is None:
-    prompt = tokenizer.affixes[0] + tokenizer.encode(tc.sample_prompt)
+    prompt = tokenizer_lib.prompt_ids(tokenizer, tc.sample_prompt)
     with parallel.activate(mesh, pl.rules):
       ids = generate.generate(pl.handle, state["params"], [prompt],
                               tc.sample_tokens, max_len=tc.seq_len,

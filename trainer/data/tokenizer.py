@@ -136,6 +136,12 @@ def _training_failure(message: str, vocab_size: int) -> str:
   return " ".join(message.split())
 
 
+def prompt_ids(tokenizer, text: str) -> list[int]:
+  """A text for the model to continue: what the tokenizer's rules put before a text (BOS or
+  nothing), then the text; nothing after it."""
+  return tokenizer.affixes[0] + tokenizer.encode(text)
+
+
 def _wrap(tokenizer, ids: list[int], add_special: bool) -> list[int]:
   if not add_special:
     return ids
