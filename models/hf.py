@@ -27,6 +27,7 @@ import numpy as np
 
 from models import safetensors_io
 from models.config import ModelConfig
+from models.handle import model_handle
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                  "Qwen2ForCausalLM": "qwen2", "GemmaForCausalLM": "gemma",
@@ -262,8 +263,6 @@ def load(folder: str, shardings=None, dtype=np.float32, **overrides) -> tuple[Mo
   do not touch the weights (remat, attention_impl, ...), or `value_head=True`: a causal LM read
   as the start of a reward model (its lm_head left out, a new score head drawn from
   normal(0, init_std))."""
-  from trainer.state import model_handle  # the trainer's view of the model; no cycle at import
-
   cfg = config_from_hf(read_config(folder), **overrides)
   ckpt = _Checkpoint(folder)
   abstract = model_handle(cfg).abstract_params()

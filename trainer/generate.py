@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from trainer.state import ModelHandle, cast_floating
+from models.handle import ModelHandle, cast_floating, model_handle
 from trainer.validate import fold_seed
 
 
@@ -183,7 +183,7 @@ def chat_template(f, run_cfg, tokenizer):
 def main(argv):
   del argv
   from models import hf  # noqa: PLC0415
-  from trainer import export, state as state_lib  # noqa: PLC0415
+  from trainer import export  # noqa: PLC0415
   from trainer.data import templates, tokenizer as tokenizer_lib  # noqa: PLC0415
   from trainer.errors import UserError  # noqa: PLC0415
   logging.set_verbosity(logging.WARNING)
@@ -199,7 +199,7 @@ def main(argv):
       run_cfg = None
       try:
         mcfg, params = hf.load(f.hf)
-        handle = state_lib.model_handle(mcfg)
+        handle = model_handle(mcfg)
         tokenizer = tokenizer_lib.load(f.hf)
       except (OSError, ValueError) as e:
         raise UserError(f"--hf={f.hf}: {e}") from None

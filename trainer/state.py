@@ -1,199 +1,22 @@
-"""The train state and how a model is built, placed and bound to parameters.
+"""The train state: how it is made, placed and described for a restore.
 
-Parameters travel as plain nested dicts of arrays (`nnx.to_pure_dict`): optax, orbax,
-safetensors export and PEFT masks all work on them directly. `ModelHandle` keeps the static
-half (the NNX graph and an abstract state) so a module can be rebuilt from any such dict, also
-inside `jax.jit`.
-
-The train state is a dict: {"step": int32, "params": ..., "opt_state": ..., "rng": uint32[2]}.
+The model side (`ModelHandle`, building and placing parameters) is models/handle.py. The train
+state is a dict: {"step": int32, "params": ..., "opt_state": ..., "rng": uint32[2]}.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from models import Decoder, ModelConfig
-from models.kernels.flashmask import VIRTUAL
-from models.peft import Peft, adalora
-from parallel import rules as rules_lib
+from models.handle import (ModelHandle, Params, cast_floating, init_params, is_axes,  # noqa: F401
+                           model_handle, param_shardings)
+from models.peft import adalora
 from trainer import guard
-
-Params = dict[str, Any]
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelHandle:
-  cfg: ModelConfig
-  graphdef: Any
-  template: Any  # nnx.State of ShapeDtypeStruct
-  axes: Params  # logical axis names of each parameter, same tree as the params
-  peft: Peft | None = None  # adapters, stored under params["peft"]
-
-  def abstract_params(self) -> Params:
-    params = nnx.to_pure_dict(self.template)
-    if self.peft is not None:
-      params, _ = self.peft.base_abstract(params, None)
-      if self.peft.method != "bitfit":
-        params["peft"] = self.peft.abstract()
-    return params
-
-  def bind(self, params: Params):
-    """The module with these parameters. With PEFT, a `PeftModel`: the same methods, with
-    adapters folded into each layer's weights inside the decoder's scan. The template is never
-    modified."""
-    state = jax.tree.map(lambda x: x, self.template)
-    if self.peft is None:
-      nnx.replace_by_pure_dict(state, params)
-      return nnx.merge(self.graphdef, state)
-    outside = {k: v for k, v in params.items() if k not in ("layers", "peft")}
-    nnx.replace_by_pure_dict(state, outside)  # the layers keep their abstract template
-    return PeftModel(nnx.merge(self.graphdef, state), self.peft, params)
-
-
-class PeftModel:
-  """A decoder whose layer weights are folded from stored weights and adapters layer by layer
-  (`Peft.fold_layer`): the full set of merged weights never exists at once. Virtual tokens
-  (prompt, P- and prefix tuning) go to the decoder, which places them; with a KV cache they are
-  written into its first slots by `init_cache` and the real tokens come after them."""
-
-  def __init__(self, decoder: Decoder, peft: Peft, params: Params):
-    self.decoder, self.cfg, self.peft = decoder, decoder.cfg, peft
-    adapters = params.get("peft", {})
-    self._shared = adapters.get("vera_shared")
-    layer_adapters = {m: v for m, v in adapters.items()
-                      if m not in ("vera_shared", "adapter", "prompt")}
-    prefix_kv = None
-    self._virtual = {}  # keyword arguments of Decoder.hidden (no cache)
-    if "prompt" in adapters and peft.method == "prefix":
-      prefix_kv = peft.prompt.prefix_kv(adapters["prompt"])  # (layers, 2, n, kv_heads, hd)
-      self._virtual = {"prefix_keys": peft.prompt.n}
-    elif "prompt" in adapters:
-      self._virtual = {"prefix_embeds": peft.prompt.embeddings(adapters["prompt"])}
-    self._prefix_kv = prefix_kv
-    self._layers = (params["layers"], layer_adapters, adapters.get("adapter"), prefix_kv)
-
-  @property
-  def n_virtual(self) -> int:
-    return self.peft.prompt.n if self._virtual else 0
-
-  def _layer(self, xs):
-    """One layer's (parameters with adapters folded in, Block keyword arguments)."""
-    layer, adapters, houlsby, prefix_kv, *key = xs
-    extras = {} if houlsby is None else {"adapters": houlsby}
-    if prefix_kv is not None:
-      extras["prefix_kv"] = (prefix_kv[0], prefix_kv[1])
-    if key:  # a lora / adalora training step: the low-rank path kept apart (split_layer)
-      layer, extras["deltas"] = self.peft.split_layer(layer, adapters, key[0])
-      return layer, extras
-    return self.peft.fold_layer(layer, adapters, self._shared), extras
-
-  def hidden(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache=None, start=0,
-             dropout_rng=None, **kwargs):
-    """`dropout_rng` (training steps): lora and adalora keep the low-rank path apart from the
-    weights, with LoRA dropout when the PEFT config has some (`Peft.splits_in_training`)."""
-    layers = self._layers
-    if dropout_rng is not None and self.peft.splits_in_training:
-      layers = (*layers, jax.random.split(dropout_rng, self.cfg.n_layers))
-    virtual = self._virtual
-    if cache is not None and self.n_virtual:  # the virtual tokens sit in the first slots
-      b, t = tokens_bt.shape
-      if positions_bt is None:
-        positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-      positions_bt, start, virtual = positions_bt + self.n_virtual, start + self.n_virtual, {}
-    return self.decoder.hidden(tokens_bt, positions_bt, segment_ids_bt, cache, start,
-                               layer_params=layers, layer_fn=self._layer, **virtual, **kwargs)
-
-  def logits(self, h):
-    return self.decoder.logits(h)
-
-  def values(self, h):
-    return self.decoder.values(h)
-
-  def init_cache(self, batch: int, length: int, dtype=jnp.float32) -> dict:
-    """A cache of n_virtual + `length` slots, the virtual tokens' keys and values in the first
-    n (segment VIRTUAL, seen by every row)."""
-    n = self.n_virtual
-    cache = self.decoder.init_cache(batch, n + length, dtype)
-    if not n:
-      return cache
-    if self._prefix_kv is None:  # prompt, ptuning: run the virtual tokens through the layers
-      empty = jnp.zeros((batch, 0), jnp.int32)
-      _, cache = self.decoder.hidden(empty, empty, empty, cache, 0, layer_params=self._layers,
-                                     layer_fn=self._layer, **self._virtual)
-      return cache
-    kv = jnp.broadcast_to(self._prefix_kv[:, :, None].astype(dtype),
-                          (self.cfg.n_layers, 2, batch, *self._prefix_kv.shape[2:]))
-    cache["k"] = cache["k"].at[:, :, :n].set(kv[:, 0])
-    cache["v"] = cache["v"].at[:, :, :n].set(kv[:, 1])
-    cache["positions"] = cache["positions"].at[:, :n].set(jnp.arange(n, dtype=jnp.int32))
-    cache["segment_ids"] = cache["segment_ids"].at[:, :n].set(VIRTUAL)
-    return cache
-
-  def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None):
-    return self.logits(self.hidden(tokens_bt, positions_bt, segment_ids_bt))
-
-
-def model_handle(cfg: ModelConfig, peft: Peft | None = None) -> ModelHandle:
-  abstract = nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0)))
-  graphdef, template = nnx.split(abstract)
-  axes: Params = {}
-  for path, variable in nnx.to_flat_state(template):
-    node = axes
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = tuple(variable.get_metadata()["out_sharding"])
-  if peft is not None:
-    _, axes = peft.base_abstract(nnx.to_pure_dict(template), axes)
-    if peft.method != "bitfit":
-      axes["peft"] = peft.axes()
-  return ModelHandle(cfg, graphdef, template, axes, peft)
-
-
-def is_axes(x) -> bool:
-  return isinstance(x, tuple) and all(isinstance(a, str) or a is None for a in x)
-
-
-def param_shardings(handle: ModelHandle, mesh: Mesh, rules: rules_lib.Rules) -> Params:
-  """A NamedSharding per parameter (or per same-shaped gradient or optimizer moment)."""
-  return jax.tree.map(lambda names, x: rules_lib.sharding(names, mesh, rules, x.shape),
-                      handle.axes, handle.abstract_params(), is_leaf=is_axes)
-
-
-def cast_floating(tree, dtype):
-  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                      tree)
-
-
-def init_params(handle: ModelHandle, seed: int, shardings: Params | None = None,
-                dtype=jnp.float32, base: Params | None = None,
-                model_shardings: Params | None = None) -> Params:
-  """Initialise directly into the target shardings: no host holds the whole model. `base`:
-  model weights to start from (e.g. a Hugging Face import) instead of random ones; adapters are
-  added to either when the handle has PEFT (whose stored layout `shardings` describes, while
-  `model_shardings` places the plain model's weights before that)."""
-  if handle.peft is None:
-    model_shardings = shardings
-  if base is None:
-    def init(key):
-      params = nnx.to_pure_dict(nnx.split(Decoder(handle.cfg, nnx.Rngs(params=key)))[1])
-      return cast_floating(params, dtype)
-    base = jax.jit(init, out_shardings=model_shardings)(jax.random.PRNGKey(seed))
-  if handle.peft is None:
-    return base
-
-  def add_adapters(base, key):
-    new_base, adapters = handle.peft.init(base, key)
-    return cast_floating({**new_base, **({"peft": adapters} if adapters else {})}, dtype)
-
-  return jax.jit(add_adapters, out_shardings=shardings, donate_argnums=0)(
-      base, jax.random.PRNGKey(seed + 7))
 
 
 def opt_state_shardings(tx: optax.GradientTransformation, abstract_params: Params,

@@ -18,7 +18,7 @@ import optax
 from models.peft import adalora
 from parallel import ring_attention
 from trainer import guard, losses, objectives
-from trainer.state import ModelHandle, cast_floating
+from models.handle import ModelHandle, cast_floating
 
 Batch = dict[str, jax.Array]
 

@@ -1,0 +1,110 @@
+"""A model as the trainer, exporter and sampler see it: its static half and parameter dicts.
+
+Parameters travel as plain nested dicts of arrays (`nnx.to_pure_dict`): optax, orbax,
+safetensors export and PEFT masks all work on them directly. `ModelHandle` keeps the static
+half (the NNX graph, an abstract state and each parameter's logical axes) so a module can be
+rebuilt from any such dict (`bind`), also inside `jax.jit`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from models.config import ModelConfig
+from models.decoder import Decoder
+from models.peft import Peft
+from models.peft.model import PeftModel
+from parallel import rules as rules_lib
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelHandle:
+  cfg: ModelConfig
+  graphdef: Any
+  template: Any  # nnx.State of ShapeDtypeStruct
+  axes: Params  # logical axis names of each parameter, same tree as the params
+  peft: Peft | None = None  # adapters, stored under params["peft"]
+
+  def abstract_params(self) -> Params:
+    params = nnx.to_pure_dict(self.template)
+    if self.peft is not None:
+      params, _ = self.peft.base_abstract(params, None)
+      if self.peft.method != "bitfit":
+        params["peft"] = self.peft.abstract()
+    return params
+
+  def bind(self, params: Params):
+    """The module with these parameters. With PEFT, a `PeftModel`: the same methods, with
+    adapters folded into each layer's weights inside the decoder's scan. The template is never
+    modified."""
+    state = jax.tree.map(lambda x: x, self.template)
+    if self.peft is None:
+      nnx.replace_by_pure_dict(state, params)
+      return nnx.merge(self.graphdef, state)
+    outside = {k: v for k, v in params.items() if k not in ("layers", "peft")}
+    nnx.replace_by_pure_dict(state, outside)  # the layers keep their abstract template
+    return PeftModel(nnx.merge(self.graphdef, state), self.peft, params)
+
+
+def model_handle(cfg: ModelConfig, peft: Peft | None = None) -> ModelHandle:
+  abstract = nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0)))
+  graphdef, template = nnx.split(abstract)
+  axes: Params = {}
+  for path, variable in nnx.to_flat_state(template):
+    node = axes
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = tuple(variable.get_metadata()["out_sharding"])
+  if peft is not None:
+    _, axes = peft.base_abstract(nnx.to_pure_dict(template), axes)
+    if peft.method != "bitfit":
+      axes["peft"] = peft.axes()
+  return ModelHandle(cfg, graphdef, template, axes, peft)
+
+
+def is_axes(x) -> bool:
+  return isinstance(x, tuple) and all(isinstance(a, str) or a is None for a in x)
+
+
+def param_shardings(handle: ModelHandle, mesh: Mesh, rules: rules_lib.Rules) -> Params:
+  """A NamedSharding per parameter (or per same-shaped gradient or optimizer moment)."""
+  return jax.tree.map(lambda names, x: rules_lib.sharding(names, mesh, rules, x.shape),
+                      handle.axes, handle.abstract_params(), is_leaf=is_axes)
+
+
+def cast_floating(tree, dtype):
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                      tree)
+
+
+def init_params(handle: ModelHandle, seed: int, shardings: Params | None = None,
+                dtype=jnp.float32, base: Params | None = None,
+                model_shardings: Params | None = None) -> Params:
+  """Initialise directly into the target shardings: no host holds the whole model. `base`:
+  model weights to start from (e.g. a Hugging Face import) instead of random ones; adapters are
+  added to either when the handle has PEFT (whose stored layout `shardings` describes, while
+  `model_shardings` places the plain model's weights before that)."""
+  if handle.peft is None:
+    model_shardings = shardings
+  if base is None:
+    def init(key):
+      params = nnx.to_pure_dict(nnx.split(Decoder(handle.cfg, nnx.Rngs(params=key)))[1])
+      return cast_floating(params, dtype)
+    base = jax.jit(init, out_shardings=model_shardings)(jax.random.PRNGKey(seed))
+  if handle.peft is None:
+    return base
+
+  def add_adapters(base, key):
+    new_base, adapters = handle.peft.init(base, key)
+    return cast_floating({**new_base, **({"peft": adapters} if adapters else {})}, dtype)
+
+  return jax.jit(add_adapters, out_shardings=shardings, donate_argnums=0)(
+      base, jax.random.PRNGKey(seed + 7))

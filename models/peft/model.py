@@ -1,0 +1,97 @@
+"""A decoder with PEFT adapters folded in layer by layer (`ModelHandle.bind` with PEFT)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from models.decoder import Decoder
+from models.kernels.flashmask import VIRTUAL
+from models.peft import Peft
+
+Params = dict[str, Any]
+
+
+class PeftModel:
+  """A decoder whose layer weights are folded from stored weights and adapters layer by layer
+  (`Peft.fold_layer`): the full set of merged weights never exists at once. Virtual tokens
+  (prompt, P- and prefix tuning) go to the decoder, which places them; with a KV cache they are
+  written into its first slots by `init_cache` and the real tokens come after them."""
+
+  def __init__(self, decoder: Decoder, peft: Peft, params: Params):
+    self.decoder, self.cfg, self.peft = decoder, decoder.cfg, peft
+    adapters = params.get("peft", {})
+    self._shared = adapters.get("vera_shared")
+    layer_adapters = {m: v for m, v in adapters.items()
+                      if m not in ("vera_shared", "adapter", "prompt")}
+    prefix_kv = None
+    self._virtual = {}  # keyword arguments of Decoder.hidden (no cache)
+    if "prompt" in adapters and peft.method == "prefix":
+      prefix_kv = peft.prompt.prefix_kv(adapters["prompt"])  # (layers, 2, n, kv_heads, hd)
+      self._virtual = {"prefix_keys": peft.prompt.n}
+    elif "prompt" in adapters:
+      self._virtual = {"prefix_embeds": peft.prompt.embeddings(adapters["prompt"])}
+    self._prefix_kv = prefix_kv
+    self._layers = (params["layers"], layer_adapters, adapters.get("adapter"), prefix_kv)
+
+  @property
+  def n_virtual(self) -> int:
+    return self.peft.prompt.n if self._virtual else 0
+
+  def _layer(self, xs):
+    """One layer's (parameters with adapters folded in, Block keyword arguments)."""
+    layer, adapters, houlsby, prefix_kv, *key = xs
+    extras = {} if houlsby is None else {"adapters": houlsby}
+    if prefix_kv is not None:
+      extras["prefix_kv"] = (prefix_kv[0], prefix_kv[1])
+    if key:  # a lora / adalora training step: the low-rank path kept apart (split_layer)
+      layer, extras["deltas"] = self.peft.split_layer(layer, adapters, key[0])
+      return layer, extras
+    return self.peft.fold_layer(layer, adapters, self._shared), extras
+
+  def hidden(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache=None, start=0,
+             dropout_rng=None, **kwargs):
+    """`dropout_rng` (training steps): lora and adalora keep the low-rank path apart from the
+    weights, with LoRA dropout when the PEFT config has some (`Peft.splits_in_training`)."""
+    layers = self._layers
+    if dropout_rng is not None and self.peft.splits_in_training:
+      layers = (*layers, jax.random.split(dropout_rng, self.cfg.n_layers))
+    virtual = self._virtual
+    if cache is not None and self.n_virtual:  # the virtual tokens sit in the first slots
+      b, t = tokens_bt.shape
+      if positions_bt is None:
+        positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+      positions_bt, start, virtual = positions_bt + self.n_virtual, start + self.n_virtual, {}
+    return self.decoder.hidden(tokens_bt, positions_bt, segment_ids_bt, cache, start,
+                               layer_params=layers, layer_fn=self._layer, **virtual, **kwargs)
+
+  def logits(self, h):
+    return self.decoder.logits(h)
+
+  def values(self, h):
+    return self.decoder.values(h)
+
+  def init_cache(self, batch: int, length: int, dtype=jnp.float32) -> dict:
+    """A cache of n_virtual + `length` slots, the virtual tokens' keys and values in the first
+    n (segment VIRTUAL, seen by every row)."""
+    n = self.n_virtual
+    cache = self.decoder.init_cache(batch, n + length, dtype)
+    if not n:
+      return cache
+    if self._prefix_kv is None:  # prompt, ptuning: run the virtual tokens through the layers
+      empty = jnp.zeros((batch, 0), jnp.int32)
+      _, cache = self.decoder.hidden(empty, empty, empty, cache, 0, layer_params=self._layers,
+                                     layer_fn=self._layer, **self._virtual)
+      return cache
+    kv = jnp.broadcast_to(self._prefix_kv[:, :, None].astype(dtype),
+                          (self.cfg.n_layers, 2, batch, *self._prefix_kv.shape[2:]))
+    cache["k"] = cache["k"].at[:, :, :n].set(kv[:, 0])
+    cache["v"] = cache["v"].at[:, :, :n].set(kv[:, 1])
+    cache["positions"] = cache["positions"].at[:, :n].set(jnp.arange(n, dtype=jnp.int32))
+    cache["segment_ids"] = cache["segment_ids"].at[:, :n].set(VIRTUAL)
+    return cache
+
+  def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None):
+    return self.logits(self.hidden(tokens_bt, positions_bt, segment_ids_bt))
