@@ -21,7 +21,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import tiny  # noqa: E402
-from trainer import generate as gen, state as state_lib  # noqa: E402
+from models import handle as handles  # noqa: E402
+from trainer import generate as gen  # noqa: E402
 from trainer.validate import model_config  # noqa: E402
 
 BATCH, PROMPT, NEW = 4, 32, 96
@@ -56,8 +57,8 @@ def best_of(fn, repeats=3):
 
 def main():
   cfg = model_config(tiny.get_config(), vocab_size=2048)
-  handle = state_lib.model_handle(cfg)
-  params = state_lib.init_params(handle, seed=0)
+  handle = handles.model_handle(cfg)
+  params = handles.init_params(handle, seed=0)
   prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (BATCH, PROMPT))
   cached = gen.generate(handle, params, prompts.tolist(), NEW)
   full = full_forward_generate(handle, params, prompts, NEW)

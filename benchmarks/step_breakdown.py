@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import parallel  # noqa: E402
 import train_throughput as tt  # noqa: E402
-from trainer import hugepages, state as state_lib, step as step_lib, train  # noqa: E402
+from trainer import hugepages, step as step_lib, train  # noqa: E402
 from trainer.validate import model_config  # noqa: E402
 
 
@@ -42,8 +42,7 @@ def ours(cfg):
   mesh = parallel.make_mesh(dict(data=1, fsdp=1, expert=1, sequence=1, tensor=1),
                             jax.devices()[:1])
   pl = train.plan(cfg, model_config(cfg, cfg.model.vocab_size), mesh)
-  params = state_lib.init_params(pl.handle, 0, pl.shardings["params"], pl.param_dtype,
-                                 model_shardings=pl.model_shardings)
+  params = pl.init_state(0)["params"]
   toks = tt.tokens(cfg)
   b, s = toks.shape[0], toks.shape[1] - 1
   batch = {"inputs": jnp.asarray(toks[:, :-1]), "targets": jnp.asarray(toks[:, 1:]),

@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import parallel  # noqa: E402
 from benchmarks.host import host_info  # noqa: E402
 from configs import medium  # noqa: E402
-from trainer import hugepages, metrics as metrics_lib, state as state_lib, train  # noqa: E402
+from trainer import hugepages, metrics as metrics_lib, train  # noqa: E402
 from trainer.validate import model_config  # noqa: E402
 
 LORA_RANK = 16
@@ -80,10 +80,7 @@ def compiled_step(cfg):
   tc = cfg.train
   mesh = parallel.make_mesh(dict(data=1, fsdp=1, expert=1, sequence=1, tensor=1), jax.devices()[:1])
   pl = train.plan(cfg, model_config(cfg, cfg.model.vocab_size), mesh)
-  params = state_lib.init_params(pl.handle, tc.seed, pl.shardings["params"], pl.param_dtype,
-                                 model_shardings=pl.model_shardings)
-  holder = {"state": state_lib.init_state(pl.tx, params, tc.seed, pl.shardings,
-                                          loss_scale=pl.loss_scale)}
+  holder = {"state": pl.init_state(tc.seed)}
   toks = tokens(cfg)
   b, s = tc.batch_size, tc.seq_len
   batch = train.to_global({

@@ -70,6 +70,17 @@ def model_handle(cfg: ModelConfig, peft: Peft | None = None) -> ModelHandle:
   return ModelHandle(cfg, graphdef, template, axes, peft)
 
 
+def stored_abstract(handle: ModelHandle, dtype, shardings: Params | None = None) -> Params:
+  """ShapeDtypeStructs of the parameters as a run stores them: floating ones in `dtype`, stored
+  integers (NF4 codes) in theirs; with `shardings`, carrying them (a restore target)."""
+  def one(x, sharding=None):
+    kept = x.dtype if not jnp.issubdtype(x.dtype, jnp.floating) else jnp.dtype(dtype)
+    return jax.ShapeDtypeStruct(x.shape, kept, sharding=sharding)
+  if shardings is None:
+    return jax.tree.map(one, handle.abstract_params())
+  return jax.tree.map(one, handle.abstract_params(), shardings)
+
+
 def is_axes(x) -> bool:
   return isinstance(x, tuple) and all(isinstance(a, str) or a is None for a in x)
 

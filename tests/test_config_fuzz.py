@@ -11,7 +11,8 @@ import parallel
 import small_run
 from trainer import train
 from trainer.errors import UserError
-from trainer.validate import check_backend, check_config, check_mesh, fold_seed, model_config
+from trainer.seeds import fold_seed
+from trainer.validate import check_backend, check_config, check_mesh, model_config
 
 WORDS = ["", "none", "lora", "prompt", "lisa", "xla", "pallas", "ring", "cudnn", "lm", "sft",
          "dpo", "reward", "ipo", "orpo", "text", "chat", "preference", "files", "stdlib",

@@ -11,7 +11,7 @@ import pytest
 
 from configs import base
 from models import ModelConfig
-from trainer import state as state_lib
+from models import handle as handles
 from trainer.validate import check_config, model_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,7 +43,7 @@ def test_recipe_validates(path):
 def test_llama3_8b_shape_by_eval_shape(arg, expected_billions):
   cfg = load(os.path.join(REPO, "configs", "llama3_8b.py"), arg)
   mcfg = model_config(cfg, vocab_size=0)
-  shapes = state_lib.model_handle(mcfg).abstract_params()
+  shapes = handles.model_handle(mcfg).abstract_params()
   n = sum(x.size for x in jax.tree.leaves(shapes))
   assert round(n / 1e9, 2) == expected_billions
   assert n == mcfg.num_params()
@@ -56,7 +56,7 @@ def test_llama3_8b_shape_by_eval_shape(arg, expected_billions):
 @pytest.mark.parametrize("name,expected_billions", [("mistral_7b", 7.24), ("qwen2_7b", 7.62)])
 def test_other_families_by_eval_shape(name, expected_billions):
   mcfg = model_config(load(os.path.join(REPO, "configs", f"{name}.py")), vocab_size=0)
-  n = sum(x.size for x in jax.tree.leaves(state_lib.model_handle(mcfg).abstract_params()))
+  n = sum(x.size for x in jax.tree.leaves(handles.model_handle(mcfg).abstract_params()))
   assert round(n / 1e9, 2) == expected_billions
 
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from models import ModelConfig
-from trainer import losses, state as state_lib
+from models import handle as handles
+from trainer import losses
 from trainer.data import packing, pipeline, sources, stdlib_corpus, templates
 from trainer.data import tokenizer as tokenizer_lib
 from trainer.data.sources import DataError
@@ -219,8 +220,8 @@ def test_truncation_policies_are_counted():
 def test_packed_row_gives_each_example_its_own_loss():
   cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
                     max_seq_len=64, rope_theta=10000.0)
-  handle = state_lib.model_handle(cfg)
-  model = handle.bind(state_lib.init_params(handle, seed=0))
+  handle = handles.model_handle(cfg)
+  model = handle.bind(handles.init_params(handle, seed=0))
   rng = np.random.default_rng(1)
   ids = [rng.integers(0, 50, n).astype(np.int32) for n in (9, 14, 6)]
   masks = [np.ones(len(x), np.float32) for x in ids]

@@ -9,7 +9,7 @@ from flax import nnx
 
 from models import Decoder, ModelConfig
 from trainer import generate as gen
-from trainer import state as state_lib
+from models import handle as handles
 
 SMALL = dict(vocab_size=97, d_model=48, n_layers=3, n_heads=6, n_kv_heads=3, d_ff=80,
              max_seq_len=64, rope_theta=10000.0, init_std=0.3)
@@ -21,7 +21,7 @@ GEMMA2 = dict(SMALL, family="gemma2", norm_offset=True, mlp_activation="gelu_tan
 def build(overrides):
   cfg = ModelConfig(**overrides)
   params = nnx.to_pure_dict(nnx.split(Decoder(cfg, nnx.Rngs(0)))[1])
-  return state_lib.model_handle(cfg), params
+  return handles.model_handle(cfg), params
 
 
 @pytest.mark.parametrize("overrides", [SMALL, GEMMA2], ids=["llama", "gemma2"])

@@ -8,7 +8,7 @@ import transformers
 
 import hf_models
 from models import hf
-from trainer import state as state_lib
+from models import handle as handles
 
 
 def hf_logits(model, tokens):
@@ -23,7 +23,7 @@ TOKENS = np.random.default_rng(0).integers(0, 97, (2, 19))
 def test_import_matches_transformers_and_export_reloads(family, tmp_path):
   model = hf_models.make(family, str(tmp_path / "hf"))
   cfg, params = hf.load(str(tmp_path / "hf"))
-  ours = np.asarray(state_lib.model_handle(cfg).bind(params)(TOKENS))
+  ours = np.asarray(handles.model_handle(cfg).bind(params)(TOKENS))
   want = hf_logits(model, TOKENS)
   assert np.abs(ours - want).max() <= 1e-4, np.abs(ours - want).max()
 
@@ -33,7 +33,7 @@ def test_import_matches_transformers_and_export_reloads(family, tmp_path):
               "gemma": dict(embed_scale=False)}.get(family)
   if features:
     plain_cfg, plain = hf.load(str(tmp_path / "hf"), **features)
-    without = np.asarray(state_lib.model_handle(plain_cfg).bind(plain)(TOKENS))
+    without = np.asarray(handles.model_handle(plain_cfg).bind(plain)(TOKENS))
     assert np.abs(without - want).max() > 1e-2, features
 
   hf.save(str(tmp_path / "out"), cfg, params, max_shard_bytes=20_000)  # several shards
@@ -74,7 +74,7 @@ def test_train_export_reload_and_continue(tmp_path):
   mcfg = handle.cfg
   assert step == 30
   tokens = np.random.default_rng(1).integers(0, mcfg.vocab_size, (3, 21))
-  logits = state_lib.model_handle(mcfg).bind(params)(tokens[:, :-1])
+  logits = handles.model_handle(mcfg).bind(params)(tokens[:, :-1])
   total, count = losses.lm_loss(logits, tokens[:, 1:], np.ones((3, 20), np.float32))
   ours = float(total / count)
   model = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
@@ -129,7 +129,7 @@ def test_load_streams_into_shardings(tmp_path):
   hf_models.make("qwen2", str(tmp_path / "hf"))
   cfg, whole = hf.load(str(tmp_path / "hf"))
   mesh = parallel.make_mesh(dict(data=1, fsdp=8))
-  shardings = state_lib.param_shardings(state_lib.model_handle(cfg), mesh, rules_lib.fsdp().params)
+  shardings = handles.param_shardings(handles.model_handle(cfg), mesh, rules_lib.fsdp().params)
   _, split = hf.load(str(tmp_path / "hf"), shardings)
   q = split["layers"]["attn"]["q"]
   assert q.sharding == shardings["layers"]["attn"]["q"]

@@ -11,7 +11,7 @@ from models import Decoder, ModelConfig
 from models import layers
 from models.layers import rope_inv_freq
 from parallel.rules import LOGICAL_AXES
-from trainer import state as state_lib
+from models import handle as handles
 
 SMALL = dict(vocab_size=97, d_model=48, n_layers=3, n_heads=6, n_kv_heads=3, d_ff=80,
              max_seq_len=64, rope_theta=10000.0)
@@ -44,7 +44,7 @@ def tokens(b=2, t=13, vocab=97, seed=0):
 def test_forward_matches_plain_jnp_reference(overrides):
   cfg, params = build(**overrides)
   tok = tokens()
-  ours = state_lib.model_handle(cfg).bind(params)(tok)
+  ours = handles.model_handle(cfg).bind(params)(tok)
   ref = reference.forward(params, cfg, tok)
   np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=1e-5)
 
@@ -55,7 +55,7 @@ def test_packed_segments_match_separate_sequences():
   packed = np.concatenate([a, b], 1)
   seg = np.array([[1] * 7 + [2] * 6])
   pos = np.array([list(range(7)) + list(range(6))])
-  model = state_lib.model_handle(cfg).bind(params)
+  model = handles.model_handle(cfg).bind(params)
   out = model(packed, pos, seg)
   np.testing.assert_allclose(out[:, :7], model(a), atol=1e-5)
   np.testing.assert_allclose(out[:, 7:], model(b), atol=1e-5)
@@ -69,7 +69,7 @@ def test_long_rows_run_the_blocked_causal_attention_exactly():
   tok = tokens(2, 256)
   seg = np.repeat(np.array([[1] * 100 + [2] * 120 + [3] * 36]), 2, axis=0)
   pos = np.concatenate([np.arange(100), np.arange(120), np.arange(36)])[None].repeat(2, 0)
-  ours = state_lib.model_handle(cfg).bind(params)(tok, pos, seg)
+  ours = handles.model_handle(cfg).bind(params)(tok, pos, seg)
   np.testing.assert_allclose(ours, reference.forward(params, cfg, tok, pos, seg), atol=1e-5)
 
 
@@ -83,7 +83,7 @@ def test_attention_backward_matches_autodiff_of_the_plain_reference(remat):
   seg = np.repeat(np.array([[1] * 100 + [2] * 120 + [3] * 36]), 2, axis=0)
   pos = np.concatenate([np.arange(100), np.arange(120), np.arange(36)])[None].repeat(2, 0)
   weights = jax.random.normal(jax.random.PRNGKey(1), (2, 256, cfg.vocab_size))
-  ours = lambda p: jnp.sum(state_lib.model_handle(cfg).bind(p)(tok, pos, seg) * weights)
+  ours = lambda p: jnp.sum(handles.model_handle(cfg).bind(p)(tok, pos, seg) * weights)
   plain = lambda p: jnp.sum(reference.forward(p, cfg, tok, pos, seg) * weights)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                jax.grad(ours)(params), jax.grad(plain)(params))
@@ -119,7 +119,7 @@ def test_remat_policies_change_nothing_numerically(remat):
   tok = tokens()
 
   def loss(params, cfg):
-    return jnp.mean(state_lib.model_handle(cfg).bind(params)(tok) ** 2)
+    return jnp.mean(handles.model_handle(cfg).bind(params)(tok) ** 2)
 
   base_val, base_grad = jax.value_and_grad(loss)(params, cfg)
   val, grad = jax.value_and_grad(loss)(params, ModelConfig(**{**SMALL, "remat": remat}))
@@ -130,7 +130,7 @@ def test_remat_policies_change_nothing_numerically(remat):
 def test_every_parameter_has_logical_axes_and_count_matches():
   for overrides in ({}, {"qkv_bias": True, "tie_embeddings": True}):
     cfg = ModelConfig(**{**SMALL, **overrides})
-    handle = state_lib.model_handle(cfg)
+    handle = handles.model_handle(cfg)
     shapes = handle.abstract_params()
     axes = handle.axes
     flat_shapes = jax.tree_util.tree_leaves_with_path(shapes)
@@ -173,7 +173,7 @@ def test_scaled_rope_reaches_the_forward_pass():
   cfg, params = build(rope_scaling="linear", rope_factor=4.0)
   tok = tokens()
   inv = reference.plain_inv_freq(cfg.head_dim, cfg.rope_theta) / 4.0
-  ours = state_lib.model_handle(cfg).bind(params)(tok)
+  ours = handles.model_handle(cfg).bind(params)(tok)
   np.testing.assert_allclose(ours, reference.forward(params, cfg, tok, inv_freq=inv), atol=1e-5)
 
 

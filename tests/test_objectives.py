@@ -11,7 +11,7 @@ import torch
 from trl.experimental.cpo.cpo_trainer import CPOTrainer
 from trl.experimental.orpo.orpo_trainer import ORPOTrainer
 
-from trainer import objectives
+from trainer.objectives import dpo, pairwise, sft
 
 RNG = np.random.default_rng(0)
 N_C = RNG.integers(1, 12, 16).astype(np.float32)  # answer lengths
@@ -52,7 +52,7 @@ def trl(kind, beta, smoothing, gamma):
     ("simpo", 2.0, 0.0, 0.5), ("simpo", 2.5, 0.1, 1.0), ("orpo", 0.1, 0.0, 0.0)])
 def test_preference_losses_and_gradients_equal_trl(kind, beta, smoothing, gamma):
   def ours(pi_c, pi_r):
-    losses, _, _ = objectives.preference_losses(kind, pi_c, pi_r, REF_C, REF_R, N_C, N_R, beta,
+    losses, _, _ = dpo.preference_losses(kind, pi_c, pi_r, REF_C, REF_R, N_C, N_R, beta,
                                                 smoothing, gamma)
     return losses.mean()
   value, (g_c, g_r) = jax.value_and_grad(ours, argnums=(0, 1))(jnp.asarray(PI_C),
@@ -65,7 +65,7 @@ def test_preference_losses_and_gradients_equal_trl(kind, beta, smoothing, gamma)
 
 
 def test_dpo_without_smoothing_is_minus_log_sigmoid_of_the_margin():
-  losses, reward_c, reward_r = objectives.preference_losses(
+  losses, reward_c, reward_r = dpo.preference_losses(
       "sigmoid", PI_C, PI_R, REF_C, REF_R, N_C, N_R, beta=0.1)
   delta = (PI_C - REF_C) - (PI_R - REF_R)
   np.testing.assert_allclose(losses, np.log1p(np.exp(-0.1 * delta)), rtol=1e-6)
@@ -75,18 +75,18 @@ def test_dpo_without_smoothing_is_minus_log_sigmoid_of_the_margin():
 def test_pair_sums_and_sequence_means_against_numpy():
   seg = np.array([[1, 1, 2, 2, 2, 3, 3, 4, 5, 5, 6, 0], [1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0]])
   x = RNG.normal(size=seg.shape).astype(np.float32)
-  chosen, rejected = objectives.pair_sums(jnp.asarray(x), jnp.asarray(seg), 4)
+  chosen, rejected = pairwise.pair_sums(jnp.asarray(x), jnp.asarray(seg), 4)
   for b in range(2):
     for k in range(4):
       np.testing.assert_allclose(chosen[b, k], x[b][seg[b] == 3 * k + 2].sum(), atol=1e-6)
       np.testing.assert_allclose(rejected[b, k], x[b][seg[b] == 3 * k + 3].sum(), atol=1e-6)
   w = (RNG.random(seg.shape) < 0.7).astype(np.float32)
-  total, count = objectives.sequence_sums(jnp.asarray(x), jnp.asarray(w), jnp.asarray(seg))
+  total, count = sft.sequence_sums(jnp.asarray(x), jnp.asarray(w), jnp.asarray(seg))
   means = [x[b][(seg[b] == s)].dot(w[b][seg[b] == s]) / w[b][seg[b] == s].sum()
            for b in range(2) for s in range(1, 7) if w[b][seg[b] == s].sum() > 0]
   np.testing.assert_allclose(float(total), sum(means), rtol=1e-5)
   assert int(count) == len(means)
-  last = np.asarray(objectives.last_positions(jnp.asarray(seg)))
+  last = np.asarray(pairwise.last_positions(jnp.asarray(seg)))
   np.testing.assert_array_equal(last[1], [1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0])
 
 
@@ -95,10 +95,11 @@ def test_sft_normalisation_per_token_and_per_sequence(tmp_path):
   lengths, against the per-token losses recomputed by hand."""
   import hf_models
   from models import hf
-  from trainer import losses, state as state_lib, step as step_lib
+  from models import handle as handles
+  from trainer import losses, step as step_lib
   hf_models.make("llama", str(tmp_path / "base"))
   cfg, params = hf.load(str(tmp_path / "base"))
-  handle = state_lib.model_handle(cfg)
+  handle = handles.model_handle(cfg)
   seg = np.array([[1] * 3 + [2] * 9 + [3] * 4 + [0] * 2])
   pos = np.concatenate([np.arange(3), np.arange(9), np.arange(4), [0, 0]])[None]
   w = np.array([[0, 1, 1] + [0] * 4 + [1] * 5 + [0, 1, 1, 1] + [0, 0]], np.float32)
@@ -107,8 +108,8 @@ def test_sft_normalisation_per_token_and_per_sequence(tmp_path):
   model = handle.bind(params)
   nll = np.asarray(losses.token_nll(model.logits(model.hidden(
       batch["inputs"], batch["positions"], batch["segment_ids"])), batch["targets"]))[0]
-  per_token = step_lib.make_loss_fn(handle, jnp.float32, spec=objectives.Spec("sft", "token"))
-  per_seq = step_lib.make_loss_fn(handle, jnp.float32, spec=objectives.Spec("sft", "sequence"))
+  per_token = step_lib.make_loss_fn(handle, jnp.float32, objective=sft.SFT("token"))
+  per_seq = step_lib.make_loss_fn(handle, jnp.float32, objective=sft.SFT("sequence"))
   total, count, _ = per_token(params, batch)
   np.testing.assert_allclose(float(total) / float(count), (nll * w[0]).sum() / w.sum(), rtol=1e-5)
   total, count, _ = per_seq(params, batch)

@@ -17,7 +17,8 @@ import parallel
 from benchmarks import memory as memory_bench
 from models import ModelConfig
 from parallel import ring_attention, rules as rules_lib
-from trainer import state as state_lib, train
+from models import handle as handles
+from trainer import train
 from trainer.validate import model_config
 
 import small_run
@@ -78,7 +79,7 @@ def test_ring_attention_equals_plain_attention_with_gradients():
   base = dict(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
               max_seq_len=64, rope_theta=10000.0)
   ring, xla = ModelConfig(**base, attention_impl="ring"), ModelConfig(**base)
-  params = state_lib.init_params(state_lib.model_handle(xla), seed=1)
+  params = handles.init_params(handles.model_handle(xla), seed=1)
   b, t = 4, 32
   tokens = jax.random.randint(jax.random.PRNGKey(0), (b, t), 0, 50)
   # two packed documents per row, at varying split points
@@ -88,7 +89,7 @@ def test_ring_attention_equals_plain_attention_with_gradients():
   order = ring_attention.zigzag_order(t, 4)
 
   def loss(params, cfg, order):
-    logits = state_lib.model_handle(cfg).bind(params)(tokens[:, order], positions[:, order],
+    logits = handles.model_handle(cfg).bind(params)(tokens[:, order], positions[:, order],
                                                       segments[:, order])
     return jnp.sum(jnp.sin(logits)), logits
 

@@ -16,7 +16,7 @@ import small_run
 from configs import base as base_config
 from models import hf
 from models.peft import Peft, hf_format
-from trainer import state as state_lib
+from models import handle as handles
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CASES = {  # name: (HF PEFT config, our peft config section)
@@ -66,14 +66,14 @@ def theirs_and_ours(case, folder):
   cfg, params = hf.load(f"{folder}/base")
   peft = Peft.from_config(peft_section(**ours), cfg)
   params = {**params, "peft": hf_format.read(f"{folder}/theirs", peft)}
-  got = np.asarray(state_lib.model_handle(cfg, peft).bind(params)(TOKENS))
+  got = np.asarray(handles.model_handle(cfg, peft).bind(params)(TOKENS))
   return cfg, params, peft, logits_of(model), got
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_forward_equals_hf_peft_and_files_go_both_ways(case, tmp_path):
   cfg, params, peft, want, got = theirs_and_ours(case, str(tmp_path))
-  without = np.asarray(state_lib.model_handle(cfg).bind(
+  without = np.asarray(handles.model_handle(cfg).bind(
       {k: v for k, v in params.items() if k != "peft"})(TOKENS))
   assert np.abs(got - without).max() > 1.0  # the adapters matter in this comparison
   assert np.abs(got - want).max() <= 1e-4, np.abs(got - want).max()
@@ -125,12 +125,12 @@ def test_merged_logits_equal_unmerged(section):
   from models import ModelConfig
   cfg = ModelConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
                     max_seq_len=64)
-  plain = state_lib.model_handle(cfg)
-  base = state_lib.init_params(plain, seed=0)
+  plain = handles.model_handle(cfg)
+  base = handles.init_params(plain, seed=0)
   want_base = np.asarray(plain.bind(base)(TOKENS))
   peft = Peft.from_config(peft_section(rank=4, alpha=8.0, **section), cfg)
-  handle = state_lib.model_handle(cfg, peft)
-  params = state_lib.init_params(handle, seed=0, base=jax.tree.map(jnp.copy, base))
+  handle = handles.model_handle(cfg, peft)
+  params = handles.init_params(handle, seed=0, base=jax.tree.map(jnp.copy, base))
   # at initialisation the model is unchanged (PiSSA: residual + s A B is the original weight)
   np.testing.assert_allclose(handle.bind(params)(TOKENS), want_base, atol=1e-5)
   frozen = peft.labels(params)["peft"]
@@ -278,8 +278,8 @@ def test_lora_dropout_acts_on_the_low_rank_path_inputs(tmp_path):
   losses = {}
   for rate in (0.0, 1e-9, 0.5):
     peft = Peft.from_config(peft_section(method="lora", rank=4, dropout=rate), cfg)
-    handle = state_lib.model_handle(cfg, peft)
-    params = state_lib.init_params(handle, seed=0, base=jax.tree.map(jnp.copy, base))
+    handle = handles.model_handle(cfg, peft)
+    params = handles.init_params(handle, seed=0, base=jax.tree.map(jnp.copy, base))
     params["peft"] = jax.tree.map(lambda x: x + 0.1, params["peft"])
     loss_fn = step_lib.make_loss_fn(handle, jnp.float32)
     losses[rate] = [float(loss_fn(params, batch, jax.random.PRNGKey(k))[0]) for k in (1, 2)]
@@ -402,7 +402,7 @@ def test_neftune_noise_scale_and_training_only(tmp_path):
   assert abs(noise.std() - bound / np.sqrt(3)) < 0.02 * bound  # uniform on [-bound, bound]
 
   cfg, params = hf.load(str(hf_models_folder(tmp_path)))
-  handle = state_lib.model_handle(cfg)
+  handle = handles.model_handle(cfg)
   batch = {"inputs": TOKENS[:, :-1], "targets": TOKENS[:, 1:],
            "weights": np.ones((2, 14), np.float32),
            "positions": np.broadcast_to(np.arange(14), (2, 14)), "segment_ids": np.ones((2, 14), int)}
@@ -443,11 +443,11 @@ def test_qlora_forward_equals_lora_on_the_dequantized_weights(tmp_path):
   from models import ModelConfig
   cfg = ModelConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
                     max_seq_len=64)  # NF4 blocks: input sizes in multiples of 64
-  base = state_lib.init_params(state_lib.model_handle(cfg), seed=0)
+  base = handles.init_params(handles.model_handle(cfg), seed=0)
   q_peft = Peft.from_config(peft_section(method="lora", base_quant="nf4", rank=4,
                                          targets="mlp.down|mlp.up"), cfg)
-  q_handle = state_lib.model_handle(cfg, q_peft)
-  params = state_lib.init_params(q_handle, seed=0, base=jax.tree.map(jnp.copy, base))
+  q_handle = handles.model_handle(cfg, q_peft)
+  params = handles.init_params(q_handle, seed=0, base=jax.tree.map(jnp.copy, base))
   params["peft"] = jax.tree.map(lambda x: x + 0.05, params["peft"])  # B != 0
   assert quant.is_quantized(params["layers"]["mlp"]["down"])
   got = q_handle.bind(params)(TOKENS % cfg.vocab_size)
@@ -457,7 +457,7 @@ def test_qlora_forward_equals_lora_on_the_dequantized_weights(tmp_path):
   for name in ("down", "up"):
     stored = params["layers"]["mlp"][name]
     float_base["layers"]["mlp"][name] = quant.dequantize(stored).reshape(base["layers"]["mlp"][name].shape)
-  want = state_lib.model_handle(cfg, plain).bind({**float_base, "peft": params["peft"]})(
+  want = handles.model_handle(cfg, plain).bind({**float_base, "peft": params["peft"]})(
       TOKENS % cfg.vocab_size)
   np.testing.assert_allclose(got, want, atol=1e-5)
 
@@ -520,21 +520,21 @@ def test_generation_with_adapters_equals_the_merged_model(tmp_path):
   from trainer import generate as gen
   cfg, base = hf.load(str(hf_models_folder(tmp_path)))
   peft = Peft.from_config(peft_section(method="dora", rank=4, alpha=8.0), cfg)
-  handle = state_lib.model_handle(cfg, peft)
-  params = state_lib.init_params(handle, seed=0, base=base)
+  handle = handles.model_handle(cfg, peft)
+  params = handles.init_params(handle, seed=0, base=base)
   params["peft"] = jax.tree.map(lambda x: x + 0.1, params["peft"])
   prompts = [[5, 9, 2], [1, 2, 3, 4, 5, 6]]
   ours = gen.generate(handle, params, prompts, 8)
-  merged = gen.generate(state_lib.model_handle(cfg), peft.merge(params), prompts, 8)
+  merged = gen.generate(handles.model_handle(cfg), peft.merge(params), prompts, 8)
   assert ours == merged
 
 
 def test_houlsby_adapters_start_as_the_identity(tmp_path):
   cfg, base = hf.load(str(hf_models_folder(tmp_path)))
   peft = Peft.from_config(peft_section(method="adapter", adapter_dim=4), cfg)
-  handle = state_lib.model_handle(cfg, peft)
-  params = state_lib.init_params(handle, seed=0, base=jax.tree.map(jnp.copy, base))
-  want = state_lib.model_handle(cfg).bind(base)(TOKENS)
+  handle = handles.model_handle(cfg, peft)
+  params = handles.init_params(handle, seed=0, base=jax.tree.map(jnp.copy, base))
+  want = handles.model_handle(cfg).bind(base)(TOKENS)
   np.testing.assert_allclose(handle.bind(params)(TOKENS), want, atol=1e-6)
   params["peft"]["adapter"]["mlp"]["up"] = params["peft"]["adapter"]["mlp"]["up"] + 0.1
   assert np.abs(np.asarray(handle.bind(params)(TOKENS)) - np.asarray(want)).max() > 1e-2

@@ -17,7 +17,7 @@ from models import hf
 from models.peft import Peft, hf_format
 from test_generate import naive_greedy
 from test_peft import TOKENS, logits_of, peft_section, pretrained  # noqa: F401 (a fixture)
-from trainer import state as state_lib
+from models import handle as handles
 
 N = 5
 CASES = {  # name: (HF PEFT config, our peft config section)
@@ -78,14 +78,14 @@ def theirs_and_ours(case, folder):
   cfg, params = hf.load(f"{folder}/base")
   peft = Peft.from_config(peft_section(**ours), cfg)
   params = {**params, "peft": {"prompt": from_torch(model.prompt_encoder["default"], peft)}}
-  got = np.asarray(state_lib.model_handle(cfg, peft).bind(params)(TOKENS))
+  got = np.asarray(handles.model_handle(cfg, peft).bind(params)(TOKENS))
   return model, cfg, params, peft, want, got
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_forward_equals_hf_peft_and_the_export_loads_there(case, tmp_path):
   model, cfg, params, peft, want, got = theirs_and_ours(case, str(tmp_path))
-  without = np.asarray(state_lib.model_handle(cfg).bind(
+  without = np.asarray(handles.model_handle(cfg).bind(
       {k: v for k, v in params.items() if k != "peft"})(TOKENS))
   assert np.abs(got - without).max() > 0.1  # the virtual tokens matter in this comparison
   assert np.abs(got - want).max() <= 1e-4, np.abs(got - want).max()
@@ -112,8 +112,8 @@ def test_virtual_tokens_reach_every_document_of_a_packed_row(tmp_path, impl, met
   cfg, base = hf.load(str(tmp_path / "base"))
   cfg = dataclasses.replace(cfg, attention_impl=impl)
   peft = Peft.from_config(peft_section(method=method, num_virtual_tokens=3), cfg)
-  handle = state_lib.model_handle(cfg, peft)
-  params = state_lib.init_params(handle, seed=0, base=base)
+  handle = handles.model_handle(cfg, peft)
+  params = handles.init_params(handle, seed=0, base=base)
   model = handle.bind(params)
   a, b = TOKENS[0, :9], TOKENS[1, :6]
   packed = np.concatenate([a, b])[None]
@@ -130,8 +130,8 @@ def test_decoding_with_virtual_tokens_equals_full_recomputation(tmp_path, method
   hf_models.make("llama", str(tmp_path / "base"))
   cfg, base = hf.load(str(tmp_path / "base"))
   peft = Peft.from_config(peft_section(method=method, num_virtual_tokens=4), cfg)
-  handle = state_lib.model_handle(cfg, peft)
-  params = state_lib.init_params(handle, seed=0, base=base)
+  handle = handles.model_handle(cfg, peft)
+  params = handles.init_params(handle, seed=0, base=base)
   model = handle.bind(params)
   prompts = [[5, 9, 2], [1, 2, 3, 4, 5, 6]]
   assert gen.generate(handle, params, prompts, 6) == naive_greedy(model, prompts, 6, width=16)

@@ -14,7 +14,9 @@ import transformers
 import hf_models
 import small_run
 from models import hf
-from trainer import losses, objectives, state as state_lib, step as step_lib
+from models import handle as handles
+from trainer import losses, step as step_lib
+from trainer.objectives import Bound, dpo, pairwise
 from trainer.data import pairs
 
 PROMPTS = [[5, 9, 2, 7], [3], [8, 1, 4]]
@@ -43,10 +45,10 @@ def test_shared_prompt_rows_give_each_answer_its_own_sequence(tmp_path, impl):
   the answers' summed log-probs equal those of prompt + answer run alone."""
   hf_models.make("llama", str(tmp_path / "base"))
   cfg, params = hf.load(str(tmp_path / "base"), attention_impl=impl)
-  handle = state_lib.model_handle(cfg)
+  handle = handles.model_handle(cfg)
   model = handle.bind(params)
   batch = pair_rows()
-  chosen, rejected = step_lib.make_answer_logps(handle, jnp.float32)(params, batch)
+  chosen, rejected = dpo.answer_logps(Bound(handle, params, jnp.float32), batch)
   for k, (p, c, r) in enumerate(zip(PROMPTS, CHOSEN, REJECTED)):
     np.testing.assert_allclose(chosen[0, k], alone_logps(model, p, c)[0], rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(rejected[0, k], alone_logps(model, p, r)[0], rtol=2e-5, atol=2e-5)
@@ -59,20 +61,21 @@ def test_dpo_reference_at_the_start_gives_log_2_and_peft_switches_adapters_off(t
   hf_models.make("llama", str(tmp_path / "base"))
   cfg, params = hf.load(str(tmp_path / "base"))
   batch = pair_rows()
-  spec = objectives.Spec("dpo", dpo_loss="sigmoid", beta=0.1)
-  full = step_lib.make_loss_fn(state_lib.model_handle(cfg), jnp.float32, spec=spec)
+  spec = dpo.DPO("sigmoid", beta=0.1)
+  full = step_lib.make_loss_fn(handles.model_handle(cfg), jnp.float32, objective=spec)
   total, count, aux = full(params, batch, None, params)  # reference = policy
   assert int(count) == 3
   np.testing.assert_allclose(float(total) / 3, np.log(2.0), rtol=1e-6)
   assert float(aux["margin"]) == 0.0
   # LoRA: the reference is the base model (adapters off), not a second copy
   peft = Peft.from_config(peft_section(method="lora", rank=4), cfg)
-  handle = state_lib.model_handle(cfg, peft)
-  lora = state_lib.init_params(handle, seed=0, base=jax.tree.map(jnp.copy, params))
+  handle = handles.model_handle(cfg, peft)
+  lora = handles.init_params(handle, seed=0, base=jax.tree.map(jnp.copy, params))
   lora["peft"] = jax.tree.map(lambda x: x + 0.05, lora["peft"])
-  total, count, aux = step_lib.make_loss_fn(handle, jnp.float32, spec=spec)(lora, batch)
-  pi_c, pi_r = step_lib.make_answer_logps(handle, jnp.float32)(lora, batch)
-  ref_c, ref_r = step_lib.make_answer_logps(state_lib.model_handle(cfg), jnp.float32)(params, batch)
+  total, count, aux = step_lib.make_loss_fn(handle, jnp.float32, objective=spec)(lora, batch)
+  pi_c, pi_r = dpo.answer_logps(Bound(handle, lora, jnp.float32), batch)
+  ref_c, ref_r = dpo.answer_logps(Bound(handles.model_handle(cfg), params, jnp.float32),
+                                batch)
   delta = (pi_c - ref_c) - (pi_r - ref_r)
   want = np.log1p(np.exp(-0.1 * np.asarray(delta[0, :3])))
   np.testing.assert_allclose(float(total), want.sum(), rtol=1e-5)
@@ -85,7 +88,7 @@ def test_dpo_reference_at_the_start_gives_log_2_and_peft_switches_adapters_off(t
     pre["reference"][0, np.argmax(seg == 3 * k + 2)] = ref_c[0, k]
     pre["reference"][0, np.argmax(seg == 3 * k + 3)] = ref_r[0, k]
   spec_pre = dataclasses.replace(spec, precompute_ref=True)
-  got = step_lib.make_loss_fn(handle, jnp.float32, spec=spec_pre)(lora, pre)
+  got = step_lib.make_loss_fn(handle, jnp.float32, objective=spec_pre)(lora, pre)
   np.testing.assert_allclose(float(got[0]), float(total), rtol=1e-6)
 
 
@@ -95,14 +98,14 @@ def test_reward_model_export_scores_in_transformers(tmp_path):
   hf_models.make("llama", str(tmp_path / "base"))
   cfg, params = hf.load(str(tmp_path / "base"), value_head=True)  # a fresh score head
   assert cfg.value_head and params["score"].shape == (cfg.d_model, 1) and "head" not in params
-  handle = state_lib.model_handle(cfg)
+  handle = handles.model_handle(cfg)
   hf.save(str(tmp_path / "rm"), cfg, params)
   theirs = transformers.AutoModelForSequenceClassification.from_pretrained(
       str(tmp_path / "rm"), attn_implementation="eager").eval()
   batch = pair_rows()
   model = handle.bind(params)
   h = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"], shared_prompt=True)
-  scores = objectives.pair_sums(model.values(h) * objectives.last_positions(
+  scores = pairwise.pair_sums(model.values(h) * pairwise.last_positions(
       jnp.asarray(batch["segment_ids"])), batch["segment_ids"], 4)
   for k, (p, c, r) in enumerate(zip(PROMPTS, CHOSEN, REJECTED)):
     for answer, ours in ((c, scores[0][0, k]), (r, scores[1][0, k])):

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from models import ModelConfig
-from trainer import optim, state as state_lib, step as step_lib
+import parallel
+from models import handle as handles
+from trainer import losses, optim, step as step_lib, train as train_lib
 
 import small_run
 
@@ -23,13 +25,11 @@ def batch(n, t=16, seed=0):
 
 
 def fresh(compute="float32", accum=1, **train):
-  tc = small_run.config(**train).train
-  handle = state_lib.model_handle(CFG)
-  tx, sched = optim.make_optimizer(tc)
-  params = state_lib.init_params(handle, seed=0)
-  state = state_lib.new_state(tx, params, 0)
-  fn = step_lib.make_train_step(handle, tx, sched, jnp.dtype(compute), accum)
-  return state, fn
+  mesh = parallel.make_mesh(dict(data=1, fsdp=1, expert=1, sequence=1, tensor=1),
+                            jax.devices()[:1])
+  pl = train_lib.plan(small_run.config(**train), CFG, mesh)
+  fn = step_lib.make_train_step(pl.spec, pl.objective, jnp.dtype(compute), accum)
+  return pl.init_state(0), fn
 
 
 def test_two_microbatches_of_two_equal_one_batch_of_four():
@@ -43,8 +43,8 @@ def test_two_microbatches_of_two_equal_one_batch_of_four():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), out1["params"],
                out2["params"])
   # and the accumulated loss is the token-weighted mean over the whole batch
-  logits = state_lib.model_handle(CFG).bind(s1["params"])(b["inputs"])
-  total, count = jax.jit(lambda l: step_lib.losses.lm_loss(l, b["targets"], b["weights"]))(logits)
+  logits = handles.model_handle(CFG).bind(s1["params"])(b["inputs"])
+  total, count = jax.jit(lambda l: losses.lm_loss(l, b["targets"], b["weights"]))(logits)
   np.testing.assert_allclose(m1["loss"], total / count, rtol=1e-6)
 
 
@@ -80,7 +80,7 @@ def test_bf16_compute_keeps_float32_master_weights_and_tracks_f32():
 
 
 def test_weight_decay_skips_norms_and_biases():
-  params = state_lib.model_handle(ModelConfig(**{**CFG.__dict__, "qkv_bias": True})).abstract_params()
+  params = handles.model_handle(ModelConfig(**{**CFG.__dict__, "qkv_bias": True})).abstract_params()
   mask = optim.decay_mask(params)
   assert mask["layers"]["attn"]["q"] and mask["embed"] and mask["head"]
   assert not mask["layers"]["attn"]["q_bias"]

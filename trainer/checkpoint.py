@@ -90,6 +90,24 @@ class Checkpointer:
 
 
 
+def read_params(directory: str, step: int, abstract_params, key: str = "params"):
+  """One model's parameters (the state's `key`) from the checkpoint of `step`, placed as
+  `abstract_params` (ShapeDtypeStructs with shardings) says; nothing else of the state (no
+  optimizer moments) is read. For export and sampling, which need no train state."""
+  manager = ocp.CheckpointManager(
+      os.path.abspath(directory), options=ocp.CheckpointManagerOptions(create=False),
+      item_names=("state", "data"),
+      item_handlers={"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
+  try:
+    target = {key: abstract_params}
+    out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))
+  finally:
+    manager.close()
+  return out.state[key]
+
+
 def disk_full(directory: str) -> UserError:
   """A full file system, in one line naming the newest complete checkpoint in `directory` (a
   step folder renamed into place: orbax writes each under a temporary name first)."""

@@ -27,6 +27,7 @@ from absl import app, flags, logging
 
 import parallel
 from trainer import memory, metrics as metrics_lib, train
+from trainer.data import tokenizer as tokenizer_lib
 from trainer.memory import MiB, activation_bytes, element_bytes
 from trainer import main as main_lib  # the --config flag and its one-line errors
 from trainer.validate import (UserError, check_backend, check_config, check_mesh,
@@ -64,7 +65,6 @@ def vocab_size(cfg) -> int:
   if cfg.model.vocab_size:
     return cfg.model.vocab_size
   if cfg.data.tokenizer:
-    from trainer.data import tokenizer as tokenizer_lib
     return tokenizer_lib.load(cfg.data.tokenizer).vocab_size
   return cfg.data.tokenizer_vocab_size
 

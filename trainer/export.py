@@ -14,24 +14,32 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 from absl import app, flags, logging
+
+import parallel
+from models import hf
+from models import peft as peft_lib
+from models.config import ModelConfig
+from models.handle import model_handle, param_shardings, stored_abstract
+from models.peft import hf_format
+from trainer import checkpoint as ckpt_lib
+from trainer.data import tokenizer as tokenizer_lib
+from trainer.errors import UserError
 
 FORMATS = ("hf", "peft")
 
 
-
 def load_run(workdir: str, step: int | None = None):
   """(run config, ModelHandle, params, step) from a workdir's config.json and checkpoint; the
-  handle's `cfg` is the ModelConfig, its `peft` the adapters' description (or None)."""
-  import jax  # noqa: PLC0415 -- after absl has parsed flags
+  handle's `cfg` is the ModelConfig, its `peft` the adapters' description (or None). Only the
+  trained model's parameters are read, split over this machine's devices (FSDP)."""
 
-  import parallel  # noqa: PLC0415
-  from models.config import ModelConfig  # noqa: PLC0415
-  from trainer import checkpoint as ckpt_lib, train  # noqa: PLC0415
-  from trainer.errors import UserError  # noqa: PLC0415
 
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
@@ -40,29 +48,26 @@ def load_run(workdir: str, step: int | None = None):
     resolved = json.load(f)
   cfg = ml_collections.ConfigDict(resolved)
   mcfg = ModelConfig.from_dict(resolved["model"])
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1000,
-                                       async_save=False)
+  directory = os.path.join(workdir, "checkpoints")
+  checkpointer = ckpt_lib.Checkpointer(directory, keep=1000, async_save=False)
   steps = checkpointer.manager.all_steps()
+  checkpointer.close()
   if not steps:
     raise UserError(f"--workdir={workdir} has no checkpoints yet")
   step = max(steps) if step is None else step
   if step not in steps:
     raise UserError(f"--step={step}: the checkpoints in {workdir} are at steps {sorted(steps)}")
-  sizes = {"data": 1, "fsdp": jax.device_count(), "tensor": 1, "sequence": 1, "expert": 1}
-  cfg.mesh.update(sizes)
-  cfg.mesh.strategy = "fsdp"
-  cfg.mesh.rules = ""
-  mesh = parallel.make_mesh(sizes)
-  pl = train.plan(cfg, mcfg, mesh)
-  state, _ = checkpointer.restore(step, pl.abstract_state)
-  checkpointer.close()
-  return cfg, pl.handle, state["params"], step
+  handle = model_handle(mcfg, peft_lib.Peft.from_config(cfg.peft, mcfg, cfg.train.steps))
+  mesh = parallel.make_mesh({"data": 1, "fsdp": jax.device_count(), "tensor": 1, "sequence": 1,
+                             "expert": 1})
+  shardings = param_shardings(handle, mesh, parallel.strategy("fsdp", "").params)
+  abstract = stored_abstract(handle, cfg.precision.param_dtype, shardings)
+  return cfg, handle, ckpt_lib.read_params(directory, step, abstract), step
 
 
 def prepare_out(out: str) -> None:
   """--out made (or found) a writable folder before the checkpoint is read: a file in the way or
   a folder without write permission is one line, not a traceback after the restore."""
-  from trainer.errors import UserError  # noqa: PLC0415
 
   try:
     os.makedirs(out, exist_ok=True)
@@ -80,9 +85,7 @@ def copy_tokenizer(workdir: str, out: str) -> list[str]:
   """The run's tokenizer files, as transformers' AutoTokenizer reads them. A run's own
   SentencePiece model gets a tokenizer_config.json with `add_bos_token`, as the run trained:
   every text began with BOS."""
-  import shutil  # noqa: PLC0415
 
-  from trainer.data import tokenizer as tokenizer_lib  # noqa: PLC0415
 
   copied = []
   for name in ("tokenizer.json", "tokenizer.model", *tokenizer_lib.HFTokenizer.FILES):
@@ -102,17 +105,13 @@ def copy_tokenizer(workdir: str, out: str) -> list[str]:
 
 def main(argv):
   del argv
-  from trainer.errors import UserError  # noqa: PLC0415
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
   try:
     if not flags.FLAGS.workdir or not flags.FLAGS.out:
       raise UserError("--workdir and --out are required")
     prepare_out(flags.FLAGS.out)
     cfg, handle, params, step = load_run(flags.FLAGS.workdir, flags.FLAGS.step)
-    import jax.numpy as jnp  # noqa: PLC0415
 
-    from models import hf  # noqa: PLC0415
-    from models.peft import hf_format  # noqa: PLC0415
     dtype = jnp.dtype(flags.FLAGS.dtype or cfg.precision.param_dtype)
     if flags.FLAGS.format == "peft":
       if handle.peft is None or handle.peft.method not in hf_format.METHODS:

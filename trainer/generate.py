@@ -29,8 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
+from models import hf
 from models.handle import ModelHandle, cast_floating, model_handle
-from trainer.validate import fold_seed
+from trainer import export
+from trainer.data import templates, tokenizer as tokenizer_lib
+from trainer.errors import UserError
+from trainer.seeds import fold_seed
 
 
 def filter_logits(logits, temperature: float, top_k: int = 0, top_p: float = 1.0):
@@ -144,7 +148,6 @@ def generate(handle: ModelHandle, params, prompts: Sequence[Sequence[int]], max_
 def check_flags(f, max_seq_len: int | None = None) -> None:
   """The sampling flags against their ranges (before the model is read) and, given its
   `max_seq_len`, against the model: one line each, naming the flag."""
-  from trainer.errors import UserError  # noqa: PLC0415
   if not math.isfinite(f.temperature) or f.temperature < 0:
     raise UserError(f"--temperature={f.temperature} must be >= 0 (0: greedy)")
   if not 0 < f.top_p <= 1:
@@ -162,8 +165,6 @@ def chat_template(f, run_cfg, tokenizer):
   """The template `--chat` renders with: --template, else the run's data.template (a chat or
   preference run), else the one whose markers the Hugging Face folder's own chat_template uses
   (the project renders its named templates, not Jinja)."""
-  from trainer.data import templates  # noqa: PLC0415
-  from trainer.errors import UserError  # noqa: PLC0415
   if f.template:
     if f.template not in templates.TEMPLATES:
       raise UserError(f"--template={f.template} is not one of {', '.join(templates.TEMPLATES)}")
@@ -182,10 +183,6 @@ def chat_template(f, run_cfg, tokenizer):
 
 def main(argv):
   del argv
-  from models import hf  # noqa: PLC0415
-  from trainer import export  # noqa: PLC0415
-  from trainer.data import templates, tokenizer as tokenizer_lib  # noqa: PLC0415
-  from trainer.errors import UserError  # noqa: PLC0415
   logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
   try:

@@ -13,10 +13,12 @@ import logging as std_logging
 import os
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from trainer import hugepages
+from parallel import distributed
+from trainer import checkpoint, hugepages, train
 from trainer.validate import UserError
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,10 +114,7 @@ def default_workdir(config_arg: str) -> str:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     _fail(f"unexpected arguments {' '.join(argv[1:])}; settings go in --config.KEY=VALUE")
-  import jax
 
-  from parallel import distributed
-  from trainer import checkpoint, train
 
   try:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

@@ -16,7 +16,7 @@ import numpy as np
 
 import parallel
 from models import layers
-from trainer import state as state_lib
+from models.handle import param_shardings
 from trainer.validate import UserError
 
 MiB = 2**20
@@ -105,15 +105,14 @@ def components(cfg, pl, mcfg, sizes: dict[str, int], batch) -> tuple[dict[str, f
   abstract = pl.abstract_state
   params = abstract["params"]
   labels = None if pl.handle.peft is None else pl.handle.peft.labels(params)
-  grad_shardings = state_lib.param_shardings(
+  grad_shardings = param_shardings(
       pl.handle, pl.mesh, parallel.strategy(cfg.mesh.strategy, cfg.mesh.rules).grads)
   trainable = [(p, s) for p, s, l in zip(
       jax.tree.leaves(params), jax.tree.leaves(grad_shardings),
       jax.tree.leaves(labels) if labels is not None else [None] * len(jax.tree.leaves(params)))
       if l != "frozen"]
   grads = sum(math.prod(s.shard_shape(p.shape)) * p.dtype.itemsize for p, s in trainable)
-  if pl.lisa_k:  # LISA: k of the layers (and the outside parameters) train at a time
-    grads *= (pl.lisa_k + 1) / (mcfg.n_layers + 1)
+  grads *= pl.spec.primary.view.trained_fraction(mcfg.n_layers)  # LISA: a few layers at a time
   element = element_bytes(pl.mesh.devices.flat[0].platform, pl.compute_dtype)
   c = ACTIVATIONS[mcfg.remat]
   rest = {k: v for k, v in abstract.items() if k not in ("params", "opt_state")}

@@ -7,6 +7,7 @@ checkpoint (parameters, optimizer, step, rng and the data iterator's position).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -22,14 +23,19 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 import parallel
-from models import hf, safetensors_io
+from models import hf
 from models import peft as peft_lib
+from models.handle import (ModelHandle, init_params, model_handle, param_shardings,
+                           stored_abstract)
+from models.peft import adalora
 from trainer import checkpoint as ckpt_lib
 from trainer import evaluate as evaluate_lib, generate, metrics as metrics_lib, optim
 from trainer import guard, lisa, memory, objectives, state as state_lib, step as step_lib
+from trainer.objectives.base import Bound, Prepare
 from trainer.data import pipeline, tokenizer as tokenizer_lib
-from trainer.validate import (UserError, check_backend, check_config, check_mesh, fold_seed,
-                              init_folder, model_config)
+from trainer.seeds import fold_seed
+from trainer.validate import (UserError, check_backend, check_config, check_mesh, init_folder,
+                              model_config)
 
 BATCH_KEYS = ("inputs", "targets", "weights", "positions", "segment_ids")
 PAIR_KEYS = ("example", "reference")  # preference batches: the pair of each position, ref log-probs
@@ -132,22 +138,34 @@ def to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
 @dataclasses.dataclass
 class Plan:
   """Everything about a run that follows from the config and the mesh, before any data."""
-  handle: state_lib.ModelHandle
-  tx: Any
-  mesh: Any
+  spec: state_lib.StateSpec  # the train state: named models, extras, shardings
+  objective: objectives.Objective
   rules: parallel.rules.Rules  # for activations
   batch_sharding: Any
-  shardings: dict[str, Any]  # of the train state
-  abstract_state: dict[str, Any]  # ShapeDtypeStructs with shardings: a restore target
   train_step: Any  # jitted
-  eval_step: Any  # jitted
+  eval_step: Any  # jitted: (params by slot, batch) -> (loss sum, count, aux sums)
   compute_dtype: Any
-  param_dtype: Any
-  model_shardings: Any  # of the plain model's parameters (before PEFT storage), for loading
-  lisa_k: int  # LISA: layers trained at a time (0: not LISA)
-  spec: objectives.Spec  # the objective
-  reference: bool  # the state keeps DPO's reference parameters
-  loss_scale: float | None  # float16: the initial loss scale
+
+  @property
+  def mesh(self):
+    return self.spec.mesh
+
+  @property
+  def handle(self) -> ModelHandle:
+    """The model being trained."""
+    return self.spec.primary.handle
+
+  @functools.cached_property
+  def abstract_state(self) -> dict[str, Any]:
+    return self.spec.abstract()
+
+  def init_state(self, seed: int, base=None) -> dict[str, Any]:
+    """A new train state: the policy's parameters drawn from `seed` (or `base`, e.g. a Hugging
+    Face import, with adapters added when it has PEFT) straight into their shardings."""
+    policy = self.spec.primary
+    params = init_params(policy.handle, seed, policy.shardings, policy.dtype, base=base,
+                         model_shardings=policy.model_shardings)
+    return self.spec.init({"policy": params}, seed)
 
 
 def compiler_options(mesh) -> dict[str, int] | None:
@@ -163,58 +181,71 @@ def compiler_options(mesh) -> dict[str, int] | None:
 def plan(cfg, mcfg, mesh) -> Plan:
   tc = cfg.train
   compute_dtype = jnp.dtype(cfg.precision.compute_dtype)
-  param_dtype = jnp.dtype(cfg.precision.param_dtype)
   strategy = parallel.strategy(cfg.mesh.strategy, cfg.mesh.rules)
   batch_sharding = parallel.sharding(("batch", "length"), mesh, strategy.activations)
+  objective = objectives.from_config(cfg)
   peft = peft_lib.Peft.from_config(cfg.peft, mcfg, tc.steps)
-  allocator = None if peft is None else peft.allocator
-  spec = objectives.Spec.from_config(cfg)
+  policy = policy_slot(cfg, mcfg, mesh, strategy, peft)
+  frozen = tuple(dataclasses.replace(policy, name=name, tx=None, schedule=None, labels=None,
+                                     view=state_lib.View(), copy_of=source)
+                 for name, source in objective.frozen_models(peft).items())
+  extras = ()
+  if peft is not None and peft.allocator is not None:
+    extras = (adalora_extra(peft.allocator),)
   loss_scale = cfg.precision.loss_scale if cfg.precision.compute_dtype == "float16" else None
-  reference = spec.needs_reference and peft is None  # PEFT: the adapters switched off
-  handle = state_lib.model_handle(mcfg, peft)
-  labels = None if peft is None else peft.labels(handle.abstract_params())
-  tx, schedule = optim.make_optimizer(tc, labels, cfg.peft.lora_plus_scale)
-  p_shardings = state_lib.param_shardings(handle, mesh, strategy.params)
-  model_shardings = p_shardings if peft is None else state_lib.param_shardings(
-      state_lib.model_handle(mcfg), mesh, strategy.params)
-  g_shardings = state_lib.param_shardings(handle, mesh, strategy.grads)
-  abstract_params = jax.tree.map(  # stored integers (NF4 codes) keep their dtype
-      lambda x: jax.ShapeDtypeStruct(
-          x.shape, param_dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype),
-      handle.abstract_params())
-  moment_shardings = state_lib.param_shardings(handle, mesh, strategy.opt_state)
-  lisa_k = cfg.peft.lisa_activated_layers if cfg.peft.method == "lisa" else 0
-  if lisa_k:  # the optimizer sees LISA's view: outside parameters and k active layers
-    opt_shardings = state_lib.opt_state_shardings(
-        tx, jax.eval_shape(lambda p: lisa.view(p, jnp.arange(lisa_k)), abstract_params),
-        lisa.view_shardings(moment_shardings), mesh)
-  else:
-    opt_shardings = state_lib.opt_state_shardings(tx, abstract_params, moment_shardings, mesh)
-  opt_device_shardings = None
-  offload = offload_kind(cfg)
-  if offload:
-    opt_device_shardings = opt_shardings
-    opt_shardings = state_lib.with_memory_kind(opt_shardings, offload)
-  shardings = state_lib.state_shardings(p_shardings, opt_shardings, mesh, lisa_k, allocator,
-                                       reference, loss_scale)
-  if lisa_k:
-    step_fn = lisa.make_train_step(handle, tx, schedule, compute_dtype, tc.grad_accum, lisa_k,
-                                   cfg.peft.lisa_step_interval, tc.neftune_alpha, spec)
-  else:
-    step_fn = step_lib.make_train_step(handle, tx, schedule, compute_dtype, tc.grad_accum,
-                                       g_shardings, opt_device_shardings, labels, tc.neftune_alpha,
-                                       spec, cfg.precision.loss_scale_period)
+  spec = state_lib.StateSpec((policy, *frozen), mesh, extras, loss_scale)
+  shardings = spec.shardings()
+  step_fn = step_lib.make_train_step(spec, objective, compute_dtype, tc.grad_accum,
+                                     tc.neftune_alpha, cfg.precision.loss_scale_period)
   options = compiler_options(mesh)
   train_step = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
                        out_shardings=(shardings, None), donate_argnums=0,
                        compiler_options=options)
-  eval_step = jax.jit(step_lib.make_eval_step(handle, compute_dtype, spec),  # inputs are placed
-                      compiler_options=options)
-  abstract = state_lib.abstract_state(tx, abstract_params, 0, shardings, lisa_k, allocator,
-                                      reference, loss_scale)  # (shapes: any seed will do)
-  return Plan(handle, tx, mesh, strategy.activations, batch_sharding, shardings, abstract,
-              train_step, eval_step, compute_dtype, param_dtype, model_shardings, lisa_k, spec,
-              reference, loss_scale)
+  # the eval step: the loss over the run's models with no rng (no noise, dropout or penalty)
+  eval_step = jax.jit(step_lib.make_models_loss({s.name: s.handle for s in spec.slots},
+                                                compute_dtype, objective),
+                      compiler_options=options)  # (its inputs are placed)
+  return Plan(spec, objective, strategy.activations, batch_sharding, train_step, eval_step,
+              compute_dtype)
+
+
+def policy_slot(cfg, mcfg, mesh, strategy, peft) -> state_lib.Slot:
+  """The model being trained: its handle, placement, optimizer and what of it trains."""
+  tc = cfg.train
+  param_dtype = jnp.dtype(cfg.precision.param_dtype)
+  handle = model_handle(mcfg, peft)
+  labels = None if peft is None else peft.labels(handle.abstract_params())
+  tx, schedule = optim.make_optimizer(tc, labels, cfg.peft.lora_plus_scale)
+  p_shardings = param_shardings(handle, mesh, strategy.params)
+  abstract_params = stored_abstract(handle, param_dtype)
+  view = state_lib.View()
+  if cfg.peft.method == "lisa":  # the optimizer sees a few layers at a time
+    view = lisa.LisaView(cfg.peft.lisa_activated_layers, cfg.peft.lisa_step_interval,
+                         mcfg.n_layers)
+  return state_lib.Slot(
+      "policy", handle, abstract_params, p_shardings, param_dtype,
+      model_shardings=p_shardings if peft is None else param_shardings(
+          model_handle(mcfg), mesh, strategy.params),
+      tx=tx, schedule=schedule,
+      moment_shardings=param_shardings(handle, mesh, strategy.opt_state),
+      grad_shardings=param_shardings(handle, mesh, strategy.grads), labels=labels, view=view,
+      offload=offload_kind(cfg))
+
+
+def adalora_extra(allocator) -> state_lib.Extra:
+  """AdaLoRA's allocator state: importance EMAs placed like their adapters, rank patterns
+  replicated; ranks are reallocated after each update, as PEFT does."""
+  def after_update(step, params, grads, value):
+    adapters, value = allocator.update(step, params["peft"], grads["peft"], value)
+    return {**params, "peft": adapters}, value
+
+  return state_lib.Extra(
+      "adalora", init=lambda params: allocator.init_state(params["policy"]["peft"]),
+      shardings=lambda shardings, replicated: {
+          "ipt": shardings["policy"]["peft"], "unc": shardings["policy"]["peft"],
+          "keep": jax.tree.map(lambda _: replicated,
+                               adalora.lambdas(shardings["policy"]["peft"]))},
+      after_update=after_update)
 
 
 class Preemption:
@@ -256,50 +287,6 @@ def intact(step: int | None) -> str:
   if step is None:
     return "no checkpoint with finite parameters was written"
   return f"the last checkpoint (step {step}) holds finite parameters and is intact"
-
-
-def reference_tables(pl: Plan, data, state, workdir: str, shard, batch_size: int) -> None:
-  """dpo.precompute_ref: the reference model's log-probs of every training and eval pair's two
-  answers, computed in one pass before training and attached to the rows (each batch then
-  brings them), so that no step runs the reference model. Saved in the workdir: a resumed run
-  (whose parameters have moved) reads them back."""
-  path = os.path.join(workdir, "reference_logps.safetensors")
-  if os.path.exists(path):
-    saved = safetensors_io.SafetensorsFile(path)
-    data.train.reference, data.eval.reference = saved.get("train"), saved.get("eval")
-    return
-  if int(state["step"]) != 0 and pl.handle.peft is None:  # (PEFT: the adapters switched off)
-    raise UserError(f"{path} is missing and the run is past step 0: the reference model (the "
-                    "starting parameters) is gone; start a new workdir")
-  params = state["params"]
-  reference = params if pl.handle.peft is None else pl.handle.peft.reference_params(params)
-  answer_logps = step_lib.make_answer_logps(pl.handle, pl.compute_dtype)
-
-  @jax.jit
-  def per_pair(params, batch):
-    k = objectives.max_pairs(batch["inputs"].shape[1])
-    seg = batch["segment_ids"]
-    first = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], 1)
-    examples = objectives.pair_sums(jnp.where(first, batch["example"] + 1, 0), seg, k)[0] - 1
-    return (*answer_logps(params, batch), examples)
-
-  t0 = time.perf_counter()
-  tables = {}
-  for name, rows in (("train", data.train), ("eval", data.eval)):
-    table = np.zeros((len(rows.ids), 2), np.float32)
-    once = pipeline.batches(pipeline.single_pass(rows), batch_size, shard=shard, repeat=False)
-    for i in range(len(once)):
-      out = per_pair(reference, to_global(once[i], pl.batch_sharding))
-      chosen, rejected, examples = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
-                                    for x in out)
-      seen = examples >= 0
-      table[examples[seen]] = np.stack([chosen[seen], rejected[seen]], axis=-1)
-    tables[name] = table
-  data.train.reference, data.eval.reference = tables["train"], tables["eval"]
-  if jax.process_index() == 0:
-    safetensors_io.write(path, list(tables.items()))
-  _log(f"reference log-probs of {sum(len(t) for t in tables.values())} pairs: "
-       f"{time.perf_counter() - t0:.1f}s")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,17 +334,14 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
   restored = checkpointer.restore_latest(pl.abstract_state, _log)
   latest = None if restored is None else restored[0]
   init = init_folder(cfg)
+  policy = pl.spec.primary
   if latest is None:
     base = None
     if init is not None:
       _log(f"loading {init}")
-      base = hf.load(init, pl.model_shardings, pl.param_dtype, remat=mcfg.remat,
+      base = hf.load(init, policy.model_shardings, policy.dtype, remat=mcfg.remat,
                      attention_impl=mcfg.attention_impl, value_head=mcfg.value_head)[1]
-    params = state_lib.init_params(pl.handle, seed, pl.shardings["params"], pl.param_dtype,
-                                   base=base, model_shardings=pl.model_shardings)
-    state = state_lib.init_state(pl.tx, params, seed, pl.shardings, pl.lisa_k,
-                                 pl.handle.peft and pl.handle.peft.allocator, pl.reference,
-                                 pl.loss_scale)
+    state = pl.init_state(seed, base)
     start_step = 0
   else:
     _, state, data_state = restored
@@ -368,9 +352,11 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
       _log(f"done: the run in {workdir} is complete at step {start_step} of {tc.steps} "
            "(train.steps); nothing to train (raise train.steps to go on)")
       return {"step": start_step, "state": state, "preempted": False}
-  if pl.spec.objective == "dpo" and pl.spec.precompute_ref:
-    with parallel.activate(mesh, pl.rules):
-      reference_tables(pl, data, state, workdir, shard, tc.batch_size)
+  with parallel.activate(mesh, pl.rules):  # e.g. DPO's precomputed reference log-probs
+    pl.objective.prepare(Prepare(
+        data, {s.name: Bound(s.handle, pl.spec.params(state, s.name), pl.compute_dtype)
+               for s in pl.spec.slots}, start_step, workdir, shard, tc.batch_size,
+        lambda b: to_global(b, pl.batch_sharding), _log))
   # the rows are complete (reference log-probs included): now the batches can be read
   train_ds = pipeline.batches(data.train, tc.batch_size, shard=shard)
   eval_ds = pipeline.batches(data.eval, tc.batch_size, shard=shard, repeat=False)
@@ -383,17 +369,18 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
        f"{dict(mesh.shape)}")
   if pl.handle.peft is not None:
     trainable, total = peft_lib.count(state["params"], pl.handle.peft.labels(state["params"]))
-  elif pl.lisa_k:
-    trainable = sum(x.size for x in jax.tree.leaves(lisa.view(state["params"], state["lisa_layers"])))
+  elif isinstance(policy.view, lisa.LisaView):
+    trainable = sum(x.size for x in jax.tree.leaves(
+        policy.view.select(state["params"], state[policy.view.key])))
     total = n_params
   if cfg.peft.method != "none":
     _log(f"peft {cfg.peft.method}: {trainable:,} trainable parameters of {total:,} "
          f"({trainable / total:.3%}) at a time")
 
   def evaluate(state) -> dict[str, float]:
-    params, reference = state["params"], state.get("reference")
+    params = pl.spec.all_params(state)
     with parallel.activate(mesh, pl.rules):
-      sums = jax.device_get([pl.eval_step(params, to_global(b, pl.batch_sharding), reference)
+      sums = jax.device_get([pl.eval_step(params, to_global(b, pl.batch_sharding))
                              for b in eval_batches])
       total, count = (float(sum(s[i] for s in sums)) for i in (0, 1))
       out = {"eval_loss": total / max(count, 1.0)}
@@ -401,7 +388,7 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
         out[f"eval_{key}"] = float(sum(s[2][key] for s in sums)) / max(count, 1.0)
       if tc.eval_exact_match and data.template is not None:
         out["eval_exact_match"] = evaluate_lib.chat_exact_match(
-            pl.handle, params, tokenizer, data.template, data.eval_records[:tc.eval_exact_match],
+            pl.handle, params["policy"], tokenizer, data.template, data.eval_records[:tc.eval_exact_match],
             buffer_len=tc.seq_len, compute_dtype=pl.compute_dtype)
     return out
 

@@ -85,14 +85,6 @@ def check_numbers(cfg) -> None:
     _require(_within(value, interval), key, f"{message}, got {value}")
 
 
-def fold_seed(seed: int) -> int:
-  """`train.seed` (or `--seed`) as every generator here takes it: any Python int, folded into
-  [0, 2**32) by `seed % 2**32`. numpy's generators refuse negative seeds and jax's keys overflow
-  past 64 bits; seeds already in that range (every seed a run used before) are unchanged, so
-  their runs stay bit-identical, and -1 is 4294967295."""
-  return int(seed) % 2**32
-
-
 def check_config(cfg) -> None:
   t, p, d = cfg.train, cfg.precision, cfg.data
   check_numbers(cfg)
@@ -100,8 +92,6 @@ def check_config(cfg) -> None:
     _require(p.loss_scale >= 1, "precision.loss_scale", f"must be >= 1, got {p.loss_scale}")
     _require(p.loss_scale_period > 0, "precision.loss_scale_period",
              f"must be positive, got {p.loss_scale_period}")
-    _require(cfg.peft.method != "lisa", "precision.compute_dtype",
-             "float16 loss scaling is not implemented for peft.method=lisa; use bfloat16")
   _require(t.lr_schedule in SCHEDULES, "train.lr_schedule",
            f"{t.lr_schedule!r} is not one of {', '.join(SCHEDULES)}")
   _require(t.batch_size % t.grad_accum == 0, "train.grad_accum",
@@ -147,33 +137,21 @@ def check_objective(cfg) -> None:
   t, d, o = cfg.train, cfg.data, cfg.train.objective
   _require(o in objectives.OBJECTIVES, "train.objective",
            f"{o!r} is not one of {', '.join(objectives.OBJECTIVES)}")
-  pairs = o in ("dpo", "reward")
-  if pairs:
+  objective = objectives.REGISTRY[o]
+  if objective.pairs:
     _require(d.format == "preference", "data.format",
              f"train.objective={o} learns from preference pairs: set data.format=preference "
              "(records with prompt, chosen and rejected)")
   else:
     _require(d.format != "preference", "train.objective",
-             "data.format=preference records are pairs: use train.objective dpo or reward")
-  if o == "sft":
-    _require(d.format == "chat", "data.format",
-             "train.objective=sft learns assistant turns: set data.format=chat")
-    _require(cfg.sft.normalize in objectives.SFT_NORMALIZE, "sft.normalize",
-             f"{cfg.sft.normalize!r} is not one of {', '.join(objectives.SFT_NORMALIZE)}")
-  if o == "dpo":
-    _require(cfg.dpo.loss in objectives.DPO_LOSSES, "dpo.loss",
-             f"{cfg.dpo.loss!r} is not one of {', '.join(objectives.DPO_LOSSES)}")
-    _require(cfg.dpo.beta > 0, "dpo.beta", f"must be positive, got {cfg.dpo.beta}")
-    _require(0 <= cfg.dpo.label_smoothing < 0.5, "dpo.label_smoothing",
-             f"must be in [0, 0.5), got {cfg.dpo.label_smoothing}")
-    _require(not (cfg.dpo.precompute_ref and cfg.dpo.loss in objectives.REFERENCE_FREE),
-             "dpo.precompute_ref", f"dpo.loss={cfg.dpo.loss} uses no reference model")
+             "data.format=preference records are pairs: use train.objective "
+             + " or ".join(n for n, c in objectives.REGISTRY.items() if c.pairs))
+  for key, message in objective.problems(cfg):
+    _require(False, key, message)
   _require(t.eval_exact_match == 0 or d.format == "chat", "train.eval_exact_match",
            "scores generated replies of chat records: set data.format=chat or 0")
   _require(o == "reward" or not cfg.model.get("value_head", False), "model.value_head",
            "a score head replaces the LM head: only for train.objective=reward")
-  _require(not (pairs and cfg.peft.method == "lisa"), "peft.method",
-           f"lisa is for the lm and sft objectives, not {o}")
 
 
 def init_folder(cfg) -> str | None:

@@ -24,7 +24,7 @@ import numpy as np
 from trainer.data import packing, pairs, sources, stdlib_corpus, templates
 from trainer.data import tokenizer as tokenizer_lib
 from trainer.data.sources import DataError
-from trainer.validate import fold_seed
+from trainer.seeds import fold_seed
 
 _ENDLESS = 2**62
 Examples = tuple[list[np.ndarray], list[np.ndarray]]  # token ids, loss masks

@@ -16,6 +16,9 @@ import json
 import os
 from typing import Any, Iterator
 
+import pyarrow.parquet as pq
+from grain.sources import ArrayRecordDataSource
+
 from trainer.data import templates
 from trainer.errors import UserError
 
@@ -159,7 +162,6 @@ def _text(path: str, split: str, text_key: str) -> Iterator[tuple[str, Record | 
 
 
 def _parquet(path: str) -> Iterator[tuple[str, Record | BadRecord]]:
-  import pyarrow.parquet as pq
   try:
     rows = pq.read_table(path).to_pylist()
   except Exception as e:  # noqa: BLE001 -- whatever pyarrow says, the file is the user's
@@ -170,7 +172,6 @@ def _parquet(path: str) -> Iterator[tuple[str, Record | BadRecord]]:
 
 def _arrayrecord(path: str, text_key: str) -> Iterator[tuple[str, Record | BadRecord]]:
   """Each record is a UTF-8 JSON object (as the jsonl lines) or plain text."""
-  from grain.sources import ArrayRecordDataSource
   try:
     source = ArrayRecordDataSource([path])
     count = len(source)

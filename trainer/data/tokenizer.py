@@ -22,6 +22,7 @@ import shutil
 from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
+from tokenizers import Tokenizer as _HF
 
 
 # SentencePiece's trainer skips longer sentences (its max_sentence_length, left at the default:
@@ -163,7 +164,6 @@ class HFTokenizer:
   _EOS = ("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>")
 
   def __init__(self, path: str):
-    from tokenizers import Tokenizer as _HF
     self.path = path
     self.tok = _HF.from_file(path)
     config = {}

@@ -1,0 +1,27 @@
+"""Training objectives (`train.objective`), one module each, registered in `REGISTRY`.
+
+  lm      every weighted token's NLL (lm.py).
+  sft     the same on chat data, per token or per sequence (sft.py).
+  dpo     preference pairs: DPO (cDPO), IPO, SimPO, ORPO (dpo.py).
+  reward  a scalar score per answer, Bradley-Terry loss (reward.py).
+
+An objective is a small class (base.py: `Objective`) whose `loss(models, batch)` gives
+(sum, count, aux sums) over the step's named models; trainer/step.py calls it and names none.
+To add one: a module here with its class, and its line in `REGISTRY`.
+"""
+
+from __future__ import annotations
+
+from trainer.objectives.base import Bound, Objective
+from trainer.objectives.dpo import DPO
+from trainer.objectives.lm import LM
+from trainer.objectives.reward import Reward
+from trainer.objectives.sft import SFT
+
+REGISTRY: dict[str, type[Objective]] = {"lm": LM, "sft": SFT, "dpo": DPO, "reward": Reward}
+OBJECTIVES = tuple(REGISTRY)
+
+
+def from_config(cfg) -> Objective:
+  """The objective `train.objective` names, with its section of the config."""
+  return REGISTRY[cfg.train.objective].from_config(cfg)

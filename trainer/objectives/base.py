@@ -1,0 +1,100 @@
+"""What every objective builds on: the named models of a step (`Bound`) and the `Objective`
+interface.
+
+An objective's loss is `loss(models, batch) -> (sum, count, aux sums)`: `models` maps slot names
+("policy", and "reference" when the objective asks for one) to `Bound` models; the reported
+loss is sum / count, and so is every aux metric, so that microbatches and devices combine
+exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+
+from models.handle import ModelHandle, cast_floating
+
+Batch = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+  """A named model of the step bound to its parameters. With an `rng` (a training step of a
+  model that trains) its forward pass adds NEFTune noise on the input embeddings (with
+  `neftune_alpha`) and keeps lora's low-rank path apart from the weights (with its dropout)."""
+  handle: ModelHandle
+  params: Any
+  compute_dtype: Any
+  rng: Any = None
+  neftune_alpha: float = 0.0
+
+  def forward(self, batch: Batch, shared_prompt: bool = False):
+    """(module, final hidden states) of the batch's rows. `shared_prompt`: preference rows."""
+    model = self.handle.bind(cast_floating(self.params, self.compute_dtype))
+    noise = (self.rng, self.neftune_alpha) if self.neftune_alpha and self.rng is not None else None
+    extra = {"shared_prompt": True} if shared_prompt else {}
+    peft = self.handle.peft
+    if self.rng is not None and peft is not None and peft.splits_in_training:
+      extra["dropout_rng"] = jax.random.fold_in(self.rng, 2)
+    hidden = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"],
+                          embed_noise=noise, **extra)
+    return model, hidden
+
+  def frozen(self, params) -> "Bound":
+    """The same model with other parameters and no training noise (a reference)."""
+    return Bound(self.handle, params, self.compute_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepare:
+  """What an objective's `prepare` hook gets: the run's data (whose rows it may extend), its
+  models bound to their current parameters, the step it starts from, the workdir, this
+  process's shard of the rows, the batch size, how a host batch is placed on the mesh, and a
+  logger (process 0 prints)."""
+  data: Any
+  models: dict[str, Bound]
+  step: int
+  workdir: str
+  shard: tuple[int, int]
+  batch_size: int
+  place: Any
+  log: Any
+
+
+class Objective:
+  """One training objective. Subclasses set `name`, build themselves from the run config
+  (`from_config`) and give `loss`; the rest has defaults.
+
+  `pairs`: batches hold preference pairs (shared-prompt rows, trainer/data/pairs.py).
+  `frozen_models()`: frozen models the state keeps for this objective, {slot: slot whose starting
+  parameters it copies}, e.g. DPO's reference. `prepare(...)`: work before the first step (DPO's
+  precomputed reference log-probs); it may attach columns to the rows."""
+  name = ""
+  pairs = False
+
+  @classmethod
+  def from_config(cls, cfg) -> "Objective":
+    return cls()
+
+  @classmethod
+  def problems(cls, cfg) -> list[tuple[str, str]]:
+    """(config key, what is wrong) for each of this objective's own settings that is invalid."""
+    del cfg
+    return []
+
+  def frozen_models(self, peft) -> dict[str, str]:
+    del peft
+    return {}
+
+  def annotate(self, batch: Batch) -> Batch:
+    """Columns computed from the rows as packed, before the step may reorder positions (ring
+    attention's load-balancing layout)."""
+    return batch
+
+  def loss(self, models: dict[str, Bound], batch: Batch):
+    raise NotImplementedError
+
+  def prepare(self, run: Prepare) -> None:
+    del run
