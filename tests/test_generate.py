@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models import Decoder, ModelConfig
+from models import Context, Decoder, ModelConfig
 from trainer import generate as gen
 from trainer import state as state_lib
 
@@ -39,11 +39,11 @@ def test_cached_decoding_equals_full_forward(overrides):
   for r, q in enumerate(prompts):
     tokens[r, p - len(q):], seg[r, p - len(q):], pos[r, p - len(q):] = q, 1, np.arange(len(q))
   cache = model.init_cache(3, p + 6)
-  h, cache = model.hidden(tokens, pos, seg, cache, 0)
+  h, cache = model.hidden(tokens, pos, seg, Context(cache=cache, start=0))
   steps = [model.logits(h)[:, -1]]
   for i in range(5):
     h, cache = model.hidden(follow[:, i:i + 1], (pos[:, -1] + 1 + i)[:, None],
-                            np.ones((3, 1), np.int32), cache, p + i)
+                            np.ones((3, 1), np.int32), Context(cache=cache, start=p + i))
     steps.append(model.logits(h)[:, 0])
   for r, q in enumerate(prompts):
     full = model(np.concatenate([q, follow[r, :5]])[None])[0]

@@ -13,7 +13,7 @@ import transformers
 
 import hf_models
 import small_run
-from models import hf
+from models import Context, hf
 from trainer import losses, objectives, state as state_lib, step as step_lib
 from trainer.data import pairs
 
@@ -101,7 +101,8 @@ def test_reward_model_export_scores_in_transformers(tmp_path):
       str(tmp_path / "rm"), attn_implementation="eager").eval()
   batch = pair_rows()
   model = handle.bind(params)
-  h = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"], shared_prompt=True)
+  h = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"],
+                   Context(shared_prompt=True))
   scores = objectives.pair_sums(model.values(h) * objectives.last_positions(
       jnp.asarray(batch["segment_ids"])), batch["segment_ids"], 4)
   for k, (p, c, r) in enumerate(zip(PROMPTS, CHOSEN, REJECTED)):

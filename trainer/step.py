@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from models.decoder import Context
 from models.peft import adalora
 from parallel import ring_attention
 from trainer import guard, losses, objectives
@@ -75,7 +76,7 @@ def make_loss_fn(handle: ModelHandle, compute_dtype, neftune_alpha: float = 0.0,
     if rng is not None and peft is not None and peft.splits_in_training:
       extra["dropout_rng"] = jax.random.fold_in(rng, 2)
     hidden = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"],
-                          embed_noise=noise, **extra)
+                          Context(embed_noise=noise, **extra))
     return model, hidden
 
   def loss_fn(params, batch: Batch, rng=None, reference=None):
@@ -133,7 +134,7 @@ def make_answer_logps(handle: ModelHandle, compute_dtype) -> Callable:
   def answer_logps(params, batch):
     model = handle.bind(cast_floating(params, compute_dtype))
     hidden = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"],
-                          shared_prompt=True)
+                          Context(shared_prompt=True))
     logp = -losses.token_nll(model.logits(hidden), batch["targets"]) * batch["weights"]
     return objectives.pair_sums(logp, batch["segment_ids"],
                                 objectives.max_pairs(batch["inputs"].shape[1]))
