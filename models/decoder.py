@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models import ffn as ffn_lib
-from models.config import ModelConfig
+from models.config import Execution, ModelConfig
 from models.kernels import flashmask as fm
 from models.layers import (ATTENTION_BLOCK, LOW_RANK_OUTPUT, Attention, RMSNorm,
                            attention_inputs, attention_mask, dense, param, rope_tables)
@@ -150,12 +150,12 @@ class Block(nnx.Module):
   """Pre-norm residual block; with `post_norms` (Gemma 2) the attention and MLP outputs are
   normalised too before they join the residual stream."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, run: Execution, rngs: nnx.Rngs):
     norm = lambda: RMSNorm(cfg.d_model, cfg.norm_eps, rngs, offset=cfg.norm_offset)
     self.attn_norm = norm()
-    self.attn = Attention(cfg, rngs)
+    self.attn = Attention(cfg, run, rngs)
     self.mlp_norm = norm()
-    self.mlp = ffn_lib.make_ffn(cfg, rngs)  # the attribute keeps its name: parameter paths
+    self.mlp = ffn_lib.make_ffn(cfg, run, rngs)  # the attribute keeps its name: parameter paths
     if cfg.post_norms:
       self.post_attn_norm, self.post_mlp_norm = norm(), norm()
     self.post_norms = cfg.post_norms
@@ -185,21 +185,25 @@ class Block(nnx.Module):
 
 
 class Decoder(nnx.Module):
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    self.cfg = cfg
-    self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
+  """`cfg`: what the weights are; `run`: how it runs (remat, attention_impl, init_std)."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, run: Execution | None = None):
+    run = run or Execution()
+    self.cfg, self.run = cfg, run
+    std = run.init_std
+    self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), std)
 
     @nnx.split_rngs(splits=cfg.n_layers)
     @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make_blocks(rngs):
-      return Block(cfg, rngs)
+      return Block(cfg, run, rngs)
 
     self.layers = make_blocks(rngs)
     self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs, offset=cfg.norm_offset)
     if not cfg.tie_embeddings and not cfg.value_head:
-      self.head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
+      self.head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), std)
     if cfg.value_head:  # reward models: a score head instead of the LM head
-      self.score = param(rngs, (cfg.d_model, 1), ("embed", None), cfg.init_std)
+      self.score = param(rngs, (cfg.d_model, 1), ("embed", None), std)
 
   def hidden(self, tokens_bt, positions_bt=None, segment_ids_bt=None,
              ctx: Context | None = None):
@@ -249,9 +253,10 @@ class Decoder(nnx.Module):
       masks = {w: attention_mask(positions_bt, segment_ids_bt, cache["positions"],
                                  cache["segment_ids"], w) for w in sorted(set(windows))}
     else:
-      order = ring_attention.layout(t) if self.cfg.attention_impl == "ring" else None
+      impl = self.run.attention_impl
+      order = ring_attention.layout(t) if impl == "ring" else None
       # One mask for all layers, or (Gemma 2) a global and a local one, picked per layer.
-      masks = {w: attention_inputs(self.cfg, positions_bt, segment_ids_bt, w, order, keys,
+      masks = {w: attention_inputs(impl, positions_bt, segment_ids_bt, w, order, keys,
                                    ctx.shared_prompt) for w in sorted(set(windows))}
     local = jnp.asarray([w > 0 for w in windows])
 
@@ -274,8 +279,8 @@ class Decoder(nnx.Module):
     shared = LayerShared(graphdef, layer_state, cos, sin, masks, start,
                          None if source is None else source.fn)
     body = functools.partial(layer_body, shared)
-    if self.cfg.remat != "none" and cache is None:
-      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
+    if self.run.remat != "none" and cache is None:
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.run.remat], prevent_cse=False)
     kv = None if cache is None else (cache["k"], cache["v"])
     layers_in = layer_state if source is None else source.params
     x, out = jax.lax.scan(lambda x, xs: body(x, *xs), x, (layers_in, LayerInputs(local, kv)))

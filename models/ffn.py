@@ -1,9 +1,9 @@
 """The feed-forward block of each decoder layer, built by name from the ModelConfig.
 
-    ffn = make_ffn(cfg, rngs)             # Block's `mlp`: FFNS[ffn_kind(cfg)](cfg, rngs)
+    ffn = make_ffn(cfg, run, rngs)        # Block's `mlp`: FFNS[ffn_kind(cfg)](cfg, run, rngs)
     out, aux = apply(ffn, x_btd, deltas)  # what Block calls
 
-An FFN is an nnx.Module built as `cls(cfg, rngs)` whose call `ffn(x_btd, deltas=None)` returns
+An FFN is an nnx.Module built as `cls(cfg, run, rngs)` (run: the Execution) whose call `ffn(x_btd, deltas=None)` returns
 its output (batch, length, embed), or (output, aux): aux a dict of scalar sums for this layer
 (router losses, load metrics). The decoder sums each key over the layers and hands the sums out
 of its layer scan (`Decoder.forward`). Keys ending in `_loss` are auxiliary losses already
@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from models.config import ModelConfig
+from models.config import Execution, ModelConfig
 from models.layers import MLP
 
 FFNS: dict[str, type] = {"mlp": MLP}
@@ -31,8 +31,8 @@ def ffn_kind(cfg: ModelConfig) -> str:
   return "mlp"
 
 
-def make_ffn(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
-  return FFNS[ffn_kind(cfg)](cfg, rngs)
+def make_ffn(cfg: ModelConfig, run: Execution, rngs: nnx.Rngs) -> nnx.Module:
+  return FFNS[ffn_kind(cfg)](cfg, run, rngs)
 
 
 def apply(ffn, x_btd, deltas=None) -> tuple:

@@ -11,6 +11,7 @@ from flax import nnx
 import reference
 from configs import base as base_config
 from models import Context, Decoder, ModelConfig, ffn, layers
+from models.config import Execution
 from models.handle import model_handle
 from models.peft import Peft
 
@@ -52,8 +53,9 @@ TOKENS = np.asarray(jax.random.randint(jax.random.PRNGKey(0), (2, 13), 0, 97))
 
 @pytest.mark.parametrize("remat", ["none", "dots_no_batch"])
 def test_a_registered_ffn_hands_its_aux_out_summed_over_layers(toy, remat):
-  cfg, params = build(remat=remat)
-  model = model_handle(cfg).bind(params)
+  cfg, params = build()
+  handle = model_handle(cfg, run=Execution(remat=remat))
+  model = handle.bind(params)
   assert isinstance(model.layers.mlp, ToyFFN)
   h, aux = model.forward(TOKENS)
   want_logits, want = reference_aux(params, cfg, TOKENS)
@@ -65,7 +67,7 @@ def test_a_registered_ffn_hands_its_aux_out_summed_over_layers(toy, remat):
   np.testing.assert_array_equal(model.hidden(TOKENS), h)  # hidden: the same, without aux
 
   # the aux loss is differentiable through the (rematerialised) scan
-  ours = lambda p: model_handle(cfg).bind(p).forward(TOKENS)[1]["toy_loss"]
+  ours = lambda p: handle.bind(p).forward(TOKENS)[1]["toy_loss"]
   plain = lambda p: reference_aux(p, cfg, TOKENS)[1]["toy_loss"]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                jax.grad(ours)(params), jax.grad(plain)(params))

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from models import Context, Decoder, ModelConfig
+from models.config import Execution, split_fields
 from trainer import generate as gen
 from trainer import state as state_lib
 
@@ -19,9 +20,10 @@ GEMMA2 = dict(SMALL, family="gemma2", norm_offset=True, mlp_activation="gelu_tan
 
 
 def build(overrides):
-  cfg = ModelConfig(**overrides)
-  params = nnx.to_pure_dict(nnx.split(Decoder(cfg, nnx.Rngs(0)))[1])
-  return state_lib.model_handle(cfg), params
+  fields, run = split_fields(overrides)
+  cfg, run = ModelConfig(**fields), Execution(**run)
+  params = nnx.to_pure_dict(nnx.split(Decoder(cfg, nnx.Rngs(0), run))[1])
+  return state_lib.model_handle(cfg, run=run), params
 
 
 @pytest.mark.parametrize("overrides", [SMALL, GEMMA2], ids=["llama", "gemma2"])

@@ -14,6 +14,7 @@ import transformers
 import hf_models
 import small_run
 from models import Context, hf
+from models.config import Execution
 from trainer import losses, objectives, state as state_lib, step as step_lib
 from trainer.data import pairs
 
@@ -42,8 +43,8 @@ def test_shared_prompt_rows_give_each_answer_its_own_sequence(tmp_path, impl):
   """Three pairs packed in one row, each answer seeing its prompt and not the other answer:
   the answers' summed log-probs equal those of prompt + answer run alone."""
   hf_models.make("llama", str(tmp_path / "base"))
-  cfg, params = hf.load(str(tmp_path / "base"), attention_impl=impl)
-  handle = state_lib.model_handle(cfg)
+  cfg, params = hf.load(str(tmp_path / "base"))
+  handle = state_lib.model_handle(cfg, run=Execution(attention_impl=impl))
   model = handle.bind(params)
   batch = pair_rows()
   chosen, rejected = step_lib.make_answer_logps(handle, jnp.float32)(params, batch)

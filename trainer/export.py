@@ -29,7 +29,7 @@ def load_run(workdir: str, step: int | None = None):
   import jax  # noqa: PLC0415 -- after absl has parsed flags
 
   import parallel  # noqa: PLC0415
-  from models.config import ModelConfig  # noqa: PLC0415
+  from models.config import Execution, ModelConfig, split_fields  # noqa: PLC0415
   from trainer import checkpoint as ckpt_lib, train  # noqa: PLC0415
   from trainer.errors import UserError  # noqa: PLC0415
 
@@ -38,8 +38,13 @@ def load_run(workdir: str, step: int | None = None):
     raise UserError(f"--workdir={workdir} has no config.json: not a training run's folder")
   with open(path) as f:
     resolved = json.load(f)
+  # "model" is the ModelConfig and "execution" how it ran; a config.json written before the two
+  # were apart has both in "model". The run config gets its model section back as users write it.
+  fields, ran = split_fields(resolved["model"])
+  run = Execution.from_dict(resolved.pop("execution", ran))
+  resolved["model"] = {**fields, **run.to_dict()}
   cfg = ml_collections.ConfigDict(resolved)
-  mcfg = ModelConfig.from_dict(resolved["model"])
+  mcfg = ModelConfig.from_dict(fields)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1000,
                                        async_save=False)
   steps = checkpointer.manager.all_steps()

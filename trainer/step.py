@@ -83,7 +83,7 @@ def make_loss_fn(handle: ModelHandle, compute_dtype, neftune_alpha: float = 0.0,
     n_pairs = objectives.max_pairs(batch["inputs"].shape[1])
     if pairs:
       batch = {**batch, "last": objectives.last_positions(batch["segment_ids"])}
-    if handle.cfg.attention_impl == "ring" and ring_attention.sequence_parallel_size() > 1:
+    if handle.run.attention_impl == "ring" and ring_attention.sequence_parallel_size() > 1:
       order = ring_attention.layout(batch["inputs"].shape[1])  # load balance
       batch = {k: v[:, order] for k, v in batch.items()}
     model, hidden = forward(params, batch, rng)

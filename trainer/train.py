@@ -28,8 +28,8 @@ from trainer import checkpoint as ckpt_lib
 from trainer import evaluate as evaluate_lib, generate, metrics as metrics_lib, optim
 from trainer import guard, lisa, memory, objectives, state as state_lib, step as step_lib
 from trainer.data import pipeline, tokenizer as tokenizer_lib
-from trainer.validate import (UserError, check_backend, check_config, check_mesh, fold_seed,
-                              init_folder, model_config)
+from trainer.validate import (UserError, check_backend, check_config, check_mesh, execution,
+                              fold_seed, init_folder, model_config)
 
 BATCH_KEYS = ("inputs", "targets", "weights", "positions", "segment_ids")
 PAIR_KEYS = ("example", "reference")  # preference batches: the pair of each position, ref log-probs
@@ -72,23 +72,23 @@ def prepare_workdir(workdir: str) -> None:
     raise UserError(f"--workdir={workdir} is not writable: {e.strerror}") from None
 
 
-# Model keys that change how the model runs, not what it is: a checkpoint restores across them.
-_EXECUTION_CHOICES = {"remat", "attention_impl", "init_std"}
-
-
 def write_run_config(cfg, mcfg, mesh_sizes: dict[str, int], workdir: str) -> None:
-  """config.json: the run config with everything resolved (vocab size, head_dim, mesh sizes).
+  """config.json: the run config with everything resolved (vocab size, head_dim, mesh sizes);
+  "model" holds what the weights are (the ModelConfig), "execution" how the model runs
+  (model.remat, model.attention_impl, model.init_std of the run config).
 
-  A workdir whose checkpoints belong to a different model is refused rather than overwritten."""
+  A workdir whose checkpoints belong to a different model is refused rather than overwritten;
+  one of the same model resumes under any execution choices. (A config.json written before the
+  two were apart has the execution keys in "model" too: only the ModelConfig's are compared.)"""
   resolved = json.loads(cfg.to_json())
   resolved["model"] = json.loads(json.dumps(mcfg.to_dict()))  # tuples as lists, as read back
+  resolved["execution"] = execution(cfg).to_dict()
   resolved["mesh"].update(mesh_sizes)
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path) and os.path.isdir(os.path.join(workdir, "checkpoints")):
     with open(path) as f:
       saved = json.load(f).get("model", {})
-    diff = sorted(k for k, v in resolved["model"].items()
-                  if saved.get(k) != v and k not in _EXECUTION_CHOICES)
+    diff = sorted(k for k, v in resolved["model"].items() if saved.get(k) != v)
     if diff:
       raise UserError(f"--workdir={workdir} holds checkpoints of a different model (model.{diff[0]}"
                       f" was {saved.get(diff[0])!r}, now {resolved['model'][diff[0]]!r}); use a "
@@ -171,7 +171,7 @@ def plan(cfg, mcfg, mesh) -> Plan:
   spec = objectives.Spec.from_config(cfg)
   loss_scale = cfg.precision.loss_scale if cfg.precision.compute_dtype == "float16" else None
   reference = spec.needs_reference and peft is None  # PEFT: the adapters switched off
-  handle = state_lib.model_handle(mcfg, peft)
+  handle = state_lib.model_handle(mcfg, peft, execution(cfg))
   labels = None if peft is None else peft.labels(handle.abstract_params())
   tx, schedule = optim.make_optimizer(tc, labels, cfg.peft.lora_plus_scale)
   p_shardings = state_lib.param_shardings(handle, mesh, strategy.params)
@@ -351,8 +351,8 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
     base = None
     if init is not None:
       _log(f"loading {init}")
-      base = hf.load(init, pl.model_shardings, pl.param_dtype, remat=mcfg.remat,
-                     attention_impl=mcfg.attention_impl, value_head=mcfg.value_head)[1]
+      base = hf.load(init, pl.model_shardings, pl.param_dtype, pl.handle.run,
+                     value_head=mcfg.value_head)[1]
     params = state_lib.init_params(pl.handle, seed, pl.shardings["params"], pl.param_dtype,
                                    base=base, model_shardings=pl.model_shardings)
     state = state_lib.init_state(pl.tx, params, seed, pl.shardings, pl.lisa_k,

@@ -164,6 +164,11 @@ class Peft:
         nf4.check(_dims(mcfg, module, name)[0], f"{module}.{name}")
     return peft
 
+  def check_run(self, run) -> None:
+    """ValueError naming the key when the model's Execution cannot run these adapters."""
+    if self.prompt is not None:
+      self.prompt.check_impl(run.attention_impl)
+
   @property
   def scale(self) -> float:
     if self.method == "adalora":  # PEFT: alpha / (ranknum + 1e-5), ranknum = the initial r
