@@ -246,6 +246,11 @@ def check_mesh(cfg, n_devices: int) -> dict[str, int]:
     sizes = mesh_lib.resolve_axis_sizes(dict(cfg.mesh), n_devices)
   except ValueError as e:
     raise UserError(f"config key mesh: {e}") from None
+  # No model has expert layers yet (mixture of experts): devices on an expert axis would only
+  # repeat the work of the others.
+  _require(sizes["expert"] == 1, "mesh.expert",
+           f"{sizes['expert']} devices on the expert axis would hold copies of the same work: the "
+           "model has no expert (mixture-of-experts) layers; set mesh.expert=1")
   dp = sizes["data"] * sizes["fsdp"]
   micro = cfg.train.batch_size // cfg.train.grad_accum
   _require(micro % dp == 0, "train.batch_size",
