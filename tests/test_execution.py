@@ -17,7 +17,7 @@ STEPS = dict(log_every=1, eval_every=0, checkpoint_every=0, sample_tokens=0)
 def test_resume_under_other_execution_choices_from_an_old_config_json(tmp_path):
   whole = train.run(small_run.config(steps=6, **STEPS), str(tmp_path / "whole"))
   run = str(tmp_path / "run")
-  train.run(small_run.config(steps=3, **STEPS), run)
+  train.run(small_run.config(steps=6, stop_after_steps=3, **STEPS), run)
   path = os.path.join(run, "config.json")
   with open(path) as f:
     resolved = json.load(f)
