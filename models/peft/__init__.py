@@ -57,8 +57,8 @@ import numpy as np
 from models.config import ModelConfig
 from models.layers import LowRank
 from models.peft import adalora
-from models.quant import nf4
 from models.peft import prompt as prompt_lib
+from models.quant import nf4
 
 METHODS = ("none", "lora", "dora", "adalora", "vera", "ia3", "bitfit", "adapter",
            *prompt_lib.METHODS, "lisa")  # lisa: trainer/lisa.py
