@@ -211,13 +211,13 @@ def _positions(segment_ids: np.ndarray) -> np.ndarray:
   return (idx - first).astype(np.int32)
 
 
-def _attend(mcfg: ModelConfig, n: int):
+def _attend(mcfg: ModelConfig, impl: str, n: int):
   """attend(q, k, v, positions, segment_ids): the mask built and the attention run as
-  `layers.Attention` does for mcfg.attention_impl (no cache, no prefix, no ring)."""
-  impl, scale = mcfg.attention_impl, mcfg.scale
+  `layers.Attention` does for attention_impl `impl` (no cache, no prefix, no ring)."""
+  scale = mcfg.scale
 
   def attend(q, k, v, positions, segment_ids):
-    mask = layers.attention_inputs(mcfg, positions, segment_ids, 0)
+    mask = layers.attention_inputs(impl, positions, segment_ids, 0)
     if impl == "xla":
       return layers.dot_product_attention(q, k, v, mask, scale, 0.0, layers.query_blocks(n))
     if impl == "pallas":
@@ -232,15 +232,14 @@ def attention_case(impl: str, segment_ids: np.ndarray, shape: dict, options) -> 
   b, n = segment_ids.shape
   heads, kv_heads, head_dim = shape["heads"], shape["kv_heads"], shape["head_dim"]
   mcfg = ModelConfig(vocab_size=2, d_model=heads * head_dim, n_layers=1, n_heads=heads,
-                     n_kv_heads=kv_heads, head_dim=head_dim, d_ff=2, max_seq_len=n,
-                     attention_impl=impl)
+                     n_kv_heads=kv_heads, head_dim=head_dim, d_ff=2, max_seq_len=n)
   keys = jax.random.split(jax.random.PRNGKey(0), 3)
   q = jax.random.normal(keys[0], (b, n, heads, head_dim), jnp.bfloat16)
   k = jax.random.normal(keys[1], (b, n, kv_heads, head_dim), jnp.bfloat16)
   v = jax.random.normal(keys[2], (b, n, kv_heads, head_dim), jnp.bfloat16)
   args = (q, k, v, jnp.asarray(_positions(segment_ids)), jnp.asarray(segment_ids, jnp.int32))
   compile_s, run_s = attention_bench.compile_and_time(
-      attention_bench._fwd_bwd(_attend(mcfg, n)), *args, repeats=shape["repeats"],
+      attention_bench._fwd_bwd(_attend(mcfg, impl, n)), *args, repeats=shape["repeats"],
       options=options)
   pairs = visible_pairs(segment_runs(segment_ids))
   flops = attention_flops(pairs, heads, head_dim)

@@ -32,6 +32,7 @@ import test_hf  # noqa: E402
 import test_peft  # noqa: E402
 import test_peft_prompt  # noqa: E402
 from models import hf  # noqa: E402
+from models.config import Execution  # noqa: E402
 from models import handle as handles  # noqa: E402
 
 
@@ -43,8 +44,9 @@ def hf_families():
     want = test_hf.hf_logits(hf_models.make(family, folder), test_hf.TOKENS)
     diffs = []
     for impl in ("xla", "pallas"):
-      cfg, params = hf.load(folder, attention_impl=impl)
-      ours = np.asarray(handles.model_handle(cfg).bind(params)(test_hf.TOKENS))
+      cfg, params = hf.load(folder)
+      run = Execution(attention_impl=impl)
+      ours = np.asarray(handles.model_handle(cfg, run=run).bind(params)(test_hf.TOKENS))
       diffs.append(np.abs(ours - want).max())
     print(f"| {family} | {diffs[0]:.1e} | {diffs[1]:.1e} | {np.abs(want).max():.1f} |",
           flush=True)

@@ -1,8 +1,11 @@
-"""ModelConfig: the shape of a decoder language model, and nothing about how it is trained.
+"""ModelConfig: what a decoder language model's weights are; Execution: how it runs.
 
-One frozen dataclass covers the Llama family (Llama 1/2/3, Mistral, Qwen2) and Gemma 1/2: the
+One frozen ModelConfig covers the Llama family (Llama 1/2/3, Mistral, Qwen2) and Gemma 1/2: the
 differences between them are values here (qkv bias, tied embeddings, rope scaling, sliding
 windows, norm offset, GeGLU, embedding scale, soft-caps, sandwich norms), not code paths.
+Rematerialisation, the attention implementation and the init scale change neither the weights'
+shapes nor the function they compute, so they live apart, in `Execution`: a checkpoint restores
+under any of them. The user's run config keeps all of them under `model.` (`split_fields`).
 """
 
 from __future__ import annotations
@@ -47,9 +50,6 @@ class ModelConfig:
   logit_softcap: float = 0.0  # Gemma 2: the same on the output logits
   post_norms: bool = False  # Gemma 2: also normalise attention and MLP outputs (sandwich)
   value_head: bool = False  # reward models: a scalar score per position (`score`, d_model x 1)
-  init_std: float = 0.02
-  remat: str = "none"  # one of REMAT_POLICIES
-  attention_impl: str = "xla"  # one of ATTENTION_IMPLS (models/layers.py `attention_inputs`)
 
   def __post_init__(self):
     problems = []
@@ -65,11 +65,8 @@ class ModelConfig:
       problems.append(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
     if self.head_dim <= 0 or self.head_dim % 2:
       problems.append(f"head_dim={self.head_dim} must be positive and even for rotary embeddings")
-    for name, allowed in (("rope_scaling", ROPE_SCALINGS), ("remat", REMAT_POLICIES),
-                          ("attention_impl", ATTENTION_IMPLS), ("family", FAMILIES),
-                          ("mlp_activation", MLP_ACTIVATIONS)):
-      if getattr(self, name) not in allowed:
-        problems.append(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+    problems += _choices(self, (("rope_scaling", ROPE_SCALINGS), ("family", FAMILIES),
+                                ("mlp_activation", MLP_ACTIVATIONS)))
     bad_layers = [i for i in self.sliding_window_layers if not 0 <= i < self.n_layers]
     if bad_layers:
       problems.append(f"sliding_window_layers={bad_layers} are not layers of {self.n_layers}")
@@ -78,11 +75,7 @@ class ModelConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f"unknown model keys: {', '.join(unknown)}")
-    return cls(**d)
+    return cls(**_known(cls, d))
 
   def layer_windows(self) -> list[int]:
     """The sliding window of each layer (0: global attention)."""
@@ -125,3 +118,51 @@ class ModelConfig:
   def attention_flops_per_token(self, seq_len: int) -> float:
     """The attention part of `flops_per_token`: QK^T and PV, x3, causal halved."""
     return 6 * self.n_layers * seq_len * self.n_heads * self.head_dim
+
+
+@dataclasses.dataclass(frozen=True)
+class Execution:
+  """How a model runs: the same weights compute the same function under any of these.
+
+  `remat`: what the backward pass recomputes (models/decoder.py REMAT_POLICIES). `attention_impl`:
+  the attention kernel (models/layers.py `attention_inputs`). `init_std`: the normal init scale
+  of fresh weights (output projections divided by sqrt(2 layers))."""
+  remat: str = "none"  # one of REMAT_POLICIES
+  attention_impl: str = "xla"  # one of ATTENTION_IMPLS
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    problems = _choices(self, (("remat", REMAT_POLICIES), ("attention_impl", ATTENTION_IMPLS)))
+    if not self.init_std >= 0:
+      problems.append(f"init_std={self.init_std} must be >= 0")
+    if problems:
+      raise ValueError("; ".join(problems))
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "Execution":
+    return cls(**_known(cls, d))
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+EXECUTION_FIELDS = tuple(f.name for f in dataclasses.fields(Execution))
+
+
+def split_fields(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+  """A run config's `model` section (also a config.json written before the two were apart)
+  as (ModelConfig fields, Execution fields)."""
+  return ({k: v for k, v in d.items() if k not in EXECUTION_FIELDS},
+          {k: v for k, v in d.items() if k in EXECUTION_FIELDS})
+
+
+def _known(cls, d: dict[str, Any]) -> dict[str, Any]:
+  unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+  if unknown:
+    raise ValueError(f"unknown model keys: {', '.join(unknown)}")
+  return dict(d)
+
+
+def _choices(obj, fields) -> list[str]:
+  return [f"{name}={getattr(obj, name)!r} is not one of {', '.join(allowed)}"
+          for name, allowed in fields if getattr(obj, name) not in allowed]

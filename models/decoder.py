@@ -1,18 +1,31 @@
 """The decoder: embeddings, a scan over identical blocks, final norm, logits.
 
 Layers are created with `nnx.vmap`, so each parameter of a block is stored once with a leading
-`layers` axis, and applied with `jax.lax.scan`: compile time does not grow with depth.
+`layers` axis, and applied with `jax.lax.scan`: compile time does not grow with depth. The scan
+drives `layer_body`, a plain function of (carry, one layer's parameters, that layer's inputs)
+that a pipeline schedule could drive as well; besides the carry it returns the layer's aux sums
+(auxiliary losses and metrics of its FFN, models/ffn.py), which leave the scan summed over the
+layers (`Decoder.forward`).
+
+    h = model.hidden(tokens, positions, segment_ids)             # training, evaluation
+    h, aux = model.forward(tokens, positions, segment_ids, ctx)  # the same, with the aux sums
+    h, cache = model.hidden(tokens, positions, segment_ids, Context(cache=cache, start=s))
 """
 
 from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.config import ModelConfig
+from models import ffn as ffn_lib
+from models.config import Execution, ModelConfig
 from models.kernels import flashmask as fm
-from models.layers import (ATTENTION_BLOCK, LOW_RANK_OUTPUT, MLP, Attention, RMSNorm,
+from models.layers import (ATTENTION_BLOCK, LOW_RANK_OUTPUT, Attention, RMSNorm,
                            attention_inputs, attention_mask, dense, param, rope_tables)
 from parallel import ring_attention
 from parallel.rules import constrain
@@ -44,16 +57,105 @@ def bottleneck(h_btd, p):
   return h_btd + dense(z, p["up"].astype(h_btd.dtype)) + p["up_bias"].astype(h_btd.dtype)
 
 
+class LayerSource(NamedTuple):
+  """Where the scan takes each layer's parameters from (PEFT, models/peft/model.py): `params`,
+  any tree with a leading layer axis (stored weights, adapters); `fn` turns one layer's slice
+  into (that layer's parameters as a pure dict, extra keyword arguments of its Block:
+  activation-space adapters), inside the scan, so only one layer's folded weights exist at a
+  time."""
+  params: Any
+  fn: Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """What a pass through the decoder needs besides tokens, positions and segment ids. The
+  defaults are a plain training or evaluation pass.
+
+  `cache` (from `init_cache`), `start`: decoding. The tokens are written at cache slots
+  [start, start + length) and attend to every filled slot of their segment; `hidden` then
+  returns (hidden, cache). Decoding always runs the xla attention (one query row at a time).
+
+  `embed_noise` = (rng, alpha): NEFTune, uniform(-1, 1) * alpha / sqrt(length * d_model) added
+  to the input embeddings (the trainer passes it in training steps only).
+
+  Virtual tokens (PEFT), seen by every segment of a packed row; the real tokens' positions
+  move up by their number n, as in Hugging Face PEFT, where they come first:
+  `prefix_embeds` (n, d_model), prompt and P-tuning: n input embeddings placed before the
+  tokens (segment `VIRTUAL`, positions 0..n-1); their outputs are dropped from the result.
+  `prefix_keys` = n, prefix tuning: every layer's attention gets n keys and values first (the
+  `prefix_kv` its layer source hands its Block).
+
+  `shared_prompt`: the rows hold preference pairs (trainer/data/pairs.py), each answer seeing
+  its pair's prompt.
+
+  `layers`: a `LayerSource` (PEFT) instead of the decoder's own layer parameters.
+  `dropout_rng` (training steps, read by `PeftModel`): lora and adalora keep the low-rank path
+  apart from the weights, with LoRA dropout when the PEFT config has some; the plain decoder
+  ignores it."""
+  cache: dict | None = None
+  start: Any = 0
+  embed_noise: tuple | None = None
+  prefix_embeds: Any = None
+  prefix_keys: int = 0
+  shared_prompt: bool = False
+  layers: LayerSource | None = None
+  dropout_rng: Any = None
+
+
+class LayerShared(NamedTuple):
+  """What every layer of one pass shares, bound to `layer_body` once."""
+  graphdef: Any  # the Block's static half
+  template: Any  # a layer's nnx.State, filled from a LayerSource's pure dicts
+  cos: jax.Array  # rope tables (batch, length, head_dim)
+  sin: jax.Array
+  masks: dict  # sliding window (0: none) -> the attention mask in its impl's form
+  start: Any  # decoding: the cache slot of the first token
+  layer_fn: Callable | None  # LayerSource.fn, or None: the layer parameters are the Block's
+
+
+class LayerInputs(NamedTuple):
+  """A layer's own inputs, stacked along a leading layer axis for the scan."""
+  is_local: jax.Array  # bool: this layer uses the sliding-window mask
+  kv: tuple | None  # decoding: this layer's cache (k, v), each (batch, slots, kv_heads, hd)
+
+
+class LayerOut(NamedTuple):
+  """A layer's outputs besides the carry, stacked by the scan."""
+  aux: dict  # float32 scalar sums of its FFN (models/ffn.py); {} for the dense MLP
+  kv: tuple | None  # decoding: the updated cache (k, v)
+
+
+def layer_body(shared: LayerShared, x_btd, layer, inputs: LayerInputs):
+  """One decoder layer: (carry (batch, length, embed), this layer's parameters (an nnx.State
+  of the Block, or a LayerSource slice), its LayerInputs) -> (carry, LayerOut)."""
+  masks = shared.masks
+  mask = next(iter(masks.values()))
+  if len(masks) == 2:  # Gemma 2: a global and a local mask, picked per layer
+    pick = lambda a, b: jnp.where(inputs.is_local, a, b)
+    mask = jax.tree.map(pick, masks[max(masks)], masks[0])
+  extras = {}
+  if shared.layer_fn is not None:
+    filled = jax.tree.map(lambda v: v, shared.template)
+    params, extras = shared.layer_fn(layer)
+    nnx.replace_by_pure_dict(filled, params)
+    layer = filled
+  block = nnx.merge(shared.graphdef, layer)
+  kv = None if inputs.kv is None else (*inputs.kv, shared.start)
+  x_btd, kv, aux = block(x_btd, shared.cos, shared.sin, mask, kv, **extras)
+  return x_btd, LayerOut(aux, kv)
+
+
 class Block(nnx.Module):
   """Pre-norm residual block; with `post_norms` (Gemma 2) the attention and MLP outputs are
   normalised too before they join the residual stream."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, run: Execution, rngs: nnx.Rngs):
     norm = lambda: RMSNorm(cfg.d_model, cfg.norm_eps, rngs, offset=cfg.norm_offset)
     self.attn_norm = norm()
-    self.attn = Attention(cfg, rngs)
+    self.attn = Attention(cfg, run, rngs)
     self.mlp_norm = norm()
-    self.mlp = MLP(cfg, rngs)
+    self.mlp = ffn_lib.make_ffn(cfg, run, rngs)  # the attribute keeps its name: parameter paths
     if cfg.post_norms:
       self.post_attn_norm, self.post_mlp_norm = norm(), norm()
     self.post_norms = cfg.post_norms
@@ -63,7 +165,10 @@ class Block(nnx.Module):
     """PEFT, in activation space: `adapters`, Houlsby bottlenecks {"attn": ..., "mlp": ...} on
     the two outputs; `deltas`, {"attn": {"q": fn, ...}, "mlp": {...}}, fn(x) added to that
     projection of x (LoRA with dropout); `prefix_kv`, this layer's key and value prefix (prefix
-    tuning, see Attention)."""
+    tuning, see Attention).
+
+    Returns (x, kv_cache: the updated cache when decoding, else None, aux: the FFN's float32
+    sums, models/ffn.py)."""
     deltas = deltas or {}
     h = self.attn(self.attn_norm(x_btd), cos, sin, mask, kv_cache, deltas.get("attn"), prefix_kv)
     if kv_cache is not None:
@@ -71,58 +176,57 @@ class Block(nnx.Module):
     if adapters is not None:
       h = bottleneck(h, adapters["attn"])
     x_btd = x_btd + (self.post_attn_norm(h) if self.post_norms else h)
-    h = self.mlp(self.mlp_norm(x_btd), deltas.get("mlp"))
+    h, aux = ffn_lib.apply(self.mlp, self.mlp_norm(x_btd), deltas.get("mlp"))
     if adapters is not None:
       h = bottleneck(h, adapters["mlp"])
     x_btd = x_btd + (self.post_mlp_norm(h) if self.post_norms else h)
     x_btd = constrain(x_btd, BTD)
-    return x_btd if kv_cache is None else (x_btd, kv_cache)
+    return x_btd, kv_cache, aux
 
 
 class Decoder(nnx.Module):
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    self.cfg = cfg
-    self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
+  """`cfg`: what the weights are; `run`: how it runs (remat, attention_impl, init_std)."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, run: Execution | None = None):
+    run = run or Execution()
+    self.cfg, self.run = cfg, run
+    std = run.init_std
+    self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), std)
 
     @nnx.split_rngs(splits=cfg.n_layers)
     @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make_blocks(rngs):
-      return Block(cfg, rngs)
+      return Block(cfg, run, rngs)
 
     self.layers = make_blocks(rngs)
     self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs, offset=cfg.norm_offset)
     if not cfg.tie_embeddings and not cfg.value_head:
-      self.head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
+      self.head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), std)
     if cfg.value_head:  # reward models: a score head instead of the LM head
-      self.score = param(rngs, (cfg.d_model, 1), ("embed", None), cfg.init_std)
+      self.score = param(rngs, (cfg.d_model, 1), ("embed", None), std)
 
-  def hidden(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache=None, start=0,
-             embed_noise=None, layer_params=None, layer_fn=None, prefix_embeds=None,
-             prefix_keys=0, shared_prompt=False):
-    """Final-norm hidden states (batch, length, embed) in the parameters' dtype.
+  def hidden(self, tokens_bt, positions_bt=None, segment_ids_bt=None,
+             ctx: Context | None = None):
+    """Final-norm hidden states (batch, length, embed) in the parameters' dtype; with a cache
+    in `ctx` (decoding), (hidden, cache). See `Context` for the rest."""
+    h, cache, _ = self._run(tokens_bt, positions_bt, segment_ids_bt, ctx or Context())
+    return h if cache is None else (h, cache)
 
-    `embed_noise` = (rng, alpha): NEFTune, uniform(-1, 1) * alpha / sqrt(length * d_model) added
-    to the input embeddings (the trainer passes it in training steps only).
+  def forward(self, tokens_bt, positions_bt=None, segment_ids_bt=None,
+              ctx: Context | None = None):
+    """(hidden as `hidden` gives it, aux): aux the FFNs' float32 sums over the layers (keys
+    ending in `_loss` are weighted auxiliary losses, models/ffn.py); {} for the dense MLP.
+    Training and evaluation: no cache."""
+    ctx = ctx or Context()
+    if ctx.cache is not None:
+      raise ValueError("Decoder.forward runs without a KV cache; decode with hidden()")
+    h, _, aux = self._run(tokens_bt, positions_bt, segment_ids_bt, ctx)
+    return h, aux
 
-    Virtual tokens (PEFT), seen by every segment of a packed row; the real tokens' positions
-    move up by their number n, as in Hugging Face PEFT, where they come first:
-    `prefix_embeds` (n, d_model), prompt and P-tuning: n input embeddings placed before the
-    tokens (segment `VIRTUAL`, positions 0..n-1); their outputs are dropped from the result.
-    `prefix_keys` = n, prefix tuning: every layer's attention gets n keys and values first (the
-    `prefix_kv` its `layer_fn` hands its Block).
-
-    `layer_params`, `layer_fn` (PEFT): the scan runs over `layer_params` (any tree with a leading
-    layer axis: stored weights, adapters) and `layer_fn` turns each layer's slice into (that
-    layer's parameters, extra keyword arguments of its Block: activation-space adapters),
-    inside the scan, so only one layer's folded weights exist at a time.
-
-    `shared_prompt`: the rows hold preference pairs (trainer/data/pairs.py), each answer seeing
-    its pair's prompt.
-
-    With `cache` (from `init_cache`): decoding. The tokens are written at cache slots
-    [start, start + length) and attend to every filled slot of their segment; returns
-    (hidden, cache). Decoding always runs the xla attention (one query row at a time).
-    """
+  def _run(self, tokens_bt, positions_bt, segment_ids_bt, ctx: Context):
+    """(hidden, the updated cache or None, aux sums)."""
+    cache, start = ctx.cache, ctx.start
+    prefix_embeds, prefix_keys = ctx.prefix_embeds, ctx.prefix_keys
     b, t = tokens_bt.shape
     if positions_bt is None:
       positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -149,10 +253,11 @@ class Decoder(nnx.Module):
       masks = {w: attention_mask(positions_bt, segment_ids_bt, cache["positions"],
                                  cache["segment_ids"], w) for w in sorted(set(windows))}
     else:
-      order = ring_attention.layout(t) if self.cfg.attention_impl == "ring" else None
+      impl = self.run.attention_impl
+      order = ring_attention.layout(t) if impl == "ring" else None
       # One mask for all layers, or (Gemma 2) a global and a local one, picked per layer.
-      masks = {w: attention_inputs(self.cfg, positions_bt, segment_ids_bt, w, order, keys,
-                                   shared_prompt) for w in sorted(set(windows))}
+      masks = {w: attention_inputs(impl, positions_bt, segment_ids_bt, w, order, keys,
+                                   ctx.shared_prompt) for w in sorted(set(windows))}
     local = jnp.asarray([w > 0 for w in windows])
 
     # Gather the table's model dimension first (as FSDP does for any weight it uses), keeping
@@ -162,43 +267,28 @@ class Decoder(nnx.Module):
     x = constrain(jnp.take(table, tokens_bt, axis=0), BTD)
     # As in Hugging Face: NEFTune noise on the looked-up embeddings, then virtual tokens before
     # them, then Gemma's scale on all of it.
-    if embed_noise is not None:
-      x = neftune(x, *embed_noise)
+    if ctx.embed_noise is not None:
+      x = neftune(x, *ctx.embed_noise)
     if prefix_embeds is not None:
       virtual = jnp.broadcast_to(prefix_embeds.astype(x.dtype), (b, *prefix_embeds.shape))
       x = constrain(jnp.concatenate([virtual, x], axis=1), BTD)
     if self.cfg.embed_scale:
       x = x * jnp.asarray(self.cfg.d_model ** 0.5, x.dtype)
     graphdef, layer_state = nnx.split(self.layers)
-
-    def one_layer(x, xs):
-      state, is_local, kv = xs
-      mask = next(iter(masks.values()))
-      if len(masks) == 2:
-        pick = lambda a, b: jnp.where(is_local, a, b)
-        mask = jax.tree.map(pick, masks[max(masks)], masks[0])
-      extras = {}
-      if layer_fn is not None:
-        filled = jax.tree.map(lambda v: v, layer_state)
-        params, extras = layer_fn(state)
-        nnx.replace_by_pure_dict(filled, params)
-        state = filled
-      block = nnx.merge(graphdef, state)
-      if kv is None:
-        return block(x, cos, sin, mask, **extras), None
-      return block(x, cos, sin, mask, (*kv, start), **extras)
-
-    if self.cfg.remat != "none" and cache is None:
-      one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[self.cfg.remat],
-                                 prevent_cse=False)
+    source = ctx.layers
+    shared = LayerShared(graphdef, layer_state, cos, sin, masks, start,
+                         None if source is None else source.fn)
+    body = functools.partial(layer_body, shared)
+    if self.run.remat != "none" and cache is None:
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.run.remat], prevent_cse=False)
     kv = None if cache is None else (cache["k"], cache["v"])
-    layers_in = layer_state if layer_fn is None else layer_params
-    x, new_kv = jax.lax.scan(one_layer, x, (layers_in, local, kv))
+    layers_in = layer_state if source is None else source.params
+    x, out = jax.lax.scan(lambda x, xs: body(x, *xs), x, (layers_in, LayerInputs(local, kv)))
+    aux = {k: jnp.sum(v, axis=0) for k, v in out.aux.items()}
     x = x[:, x.shape[1] - t:]  # without the virtual tokens' outputs
-    if cache is None:
-      return self.final_norm(x)
-    cache["k"], cache["v"] = new_kv
-    return self.final_norm(x), cache
+    if cache is not None:
+      cache["k"], cache["v"] = out.kv
+    return self.final_norm(x), cache, aux
 
   def init_cache(self, batch: int, length: int, dtype=jnp.float32) -> dict:
     """An empty KV cache of `length` slots: keys and values per layer, and the position and

@@ -3,7 +3,7 @@
 Parameters travel as plain nested dicts of arrays (`nnx.to_pure_dict`): optax, orbax,
 safetensors export and PEFT masks all work on them directly. `ModelHandle` keeps the static
 half (the NNX graph, an abstract state and each parameter's logical axes) so a module can be
-rebuilt from any such dict (`bind`), also inside `jax.jit`.
+rebuilt from any such dict (`bind`), also inside `jax.jit`, and the `Execution` it runs with.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from models.config import ModelConfig
+from models.config import Execution, ModelConfig
 from models.decoder import Decoder
 from models.peft import Peft
 from models.peft.model import PeftModel
@@ -32,6 +32,7 @@ class ModelHandle:
   template: Any  # nnx.State of ShapeDtypeStruct
   axes: Params  # logical axis names of each parameter, same tree as the params
   peft: Peft | None = None  # adapters, stored under params["peft"]
+  run: Execution = Execution()  # how the model runs (remat, attention_impl, init_std)
 
   def abstract_params(self) -> Params:
     params = nnx.to_pure_dict(self.template)
@@ -54,8 +55,14 @@ class ModelHandle:
     return PeftModel(nnx.merge(self.graphdef, state), self.peft, params)
 
 
-def model_handle(cfg: ModelConfig, peft: Peft | None = None) -> ModelHandle:
-  abstract = nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0)))
+def model_handle(cfg: ModelConfig, peft: Peft | None = None,
+                 run: Execution | None = None) -> ModelHandle:
+  """The handle of a `cfg` model (with `peft` adapters) that runs as `run` says (default:
+  Execution(): no remat, xla attention)."""
+  run = run or Execution()
+  if peft is not None:
+    peft.check_run(run)
+  abstract = nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0), run))
   graphdef, template = nnx.split(abstract)
   axes: Params = {}
   for path, variable in nnx.to_flat_state(template):
@@ -67,7 +74,7 @@ def model_handle(cfg: ModelConfig, peft: Peft | None = None) -> ModelHandle:
     _, axes = peft.base_abstract(nnx.to_pure_dict(template), axes)
     if peft.method != "bitfit":
       axes["peft"] = peft.axes()
-  return ModelHandle(cfg, graphdef, template, axes, peft)
+  return ModelHandle(cfg, graphdef, template, axes, peft, run)
 
 
 def stored_abstract(handle: ModelHandle, dtype, shardings: Params | None = None) -> Params:
@@ -107,7 +114,8 @@ def init_params(handle: ModelHandle, seed: int, shardings: Params | None = None,
     model_shardings = shardings
   if base is None:
     def init(key):
-      params = nnx.to_pure_dict(nnx.split(Decoder(handle.cfg, nnx.Rngs(params=key)))[1])
+      params = nnx.to_pure_dict(
+          nnx.split(Decoder(handle.cfg, nnx.Rngs(params=key), handle.run))[1])
       return cast_floating(params, dtype)
     base = jax.jit(init, out_shardings=model_shardings)(jax.random.PRNGKey(seed))
   if handle.peft is None:

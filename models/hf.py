@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from models import safetensors_io
-from models.config import ModelConfig
+from models.config import Execution, ModelConfig
 from models.handle import model_handle
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
@@ -257,12 +257,14 @@ def read_config(folder: str) -> dict:
     return json.load(f)
 
 
-def load(folder: str, shardings=None, dtype=np.float32, **overrides) -> tuple[ModelConfig, dict]:
+def load(folder: str, shardings=None, dtype=np.float32, run: Execution | None = None,
+         **overrides) -> tuple[ModelConfig, dict]:
   """(ModelConfig, params) from a Hugging Face folder. `shardings`: a params-shaped tree of
-  shardings (default: all on the first device); `overrides`: ModelConfig fields to change that
-  do not touch the weights (remat, attention_impl, ...), or `value_head=True`: a causal LM read
-  as the start of a reward model (its lm_head left out, a new score head drawn from
-  normal(0, init_std))."""
+  shardings (default: all on the first device); `overrides`: ModelConfig fields to change, e.g.
+  `value_head=True`: a causal LM read as the start of a reward model (its lm_head left out, a
+  new score head drawn from normal(0, run.init_std)). How the model runs (remat,
+  attention_impl) is no part of the checkpoint: give it to `model_handle`."""
+  run = run or Execution()
   cfg = config_from_hf(read_config(folder), **overrides)
   ckpt = _Checkpoint(folder)
   abstract = model_handle(cfg).abstract_params()
@@ -273,7 +275,7 @@ def load(folder: str, shardings=None, dtype=np.float32, **overrides) -> tuple[Mo
                 else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     stacked = path[0] == "layers"
     if path == ("score",) and hf_name not in ckpt.files:  # a reward model from a causal LM
-      fresh = np.random.default_rng(0).normal(0.0, cfg.init_std, shape).astype(dtype)
+      fresh = np.random.default_rng(0).normal(0.0, run.init_std, shape).astype(dtype)
       _set(params, path, jax.make_array_from_callback(shape, sharding, lambda i, x=fresh: x[i]))
       continue
 

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from models.config import ModelConfig
+from models.config import Execution, ModelConfig
 from models.kernels import flashmask as fm
 from models.kernels.flash_attention import flash_attention
 from parallel import ring_attention as ring_attention_lib
@@ -316,9 +316,9 @@ attend_block.defvjp(_attend_fwd, _attend_bwd)
 
 
 class Attention(nnx.Module):
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    self.cfg = cfg
-    d, h, k, hd, std = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.init_std
+  def __init__(self, cfg: ModelConfig, run: Execution, rngs: nnx.Rngs):
+    self.cfg, self.impl = cfg, run.attention_impl
+    d, h, k, hd, std = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, run.init_std
     self.q = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), std)
     self.k = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), std)
     self.v = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), std)
@@ -330,7 +330,7 @@ class Attention(nnx.Module):
       self.v_bias = param(rngs, (k, hd), ("kv_heads", "head_dim"), std=0)
 
   def __call__(self, x_btd, cos, sin, mask, kv_cache=None, deltas=None, prefix_kv=None):
-    """`mask` is what `attention_inputs` built for the configured attention_impl.
+    """`mask` is what `attention_inputs` built for this attention_impl.
     `deltas` (PEFT): {"q": fn, ...}, fn(x) added to that projection (see `project`).
     `prefix_kv` (prefix tuning): (k, v), each (n, kv_heads, head_dim), keys and values placed
     before the sequence's own (not rotated, as in PEFT, where they enter as a KV cache); the
@@ -350,7 +350,7 @@ class Attention(nnx.Module):
       k, v = (jnp.concatenate([jnp.broadcast_to(p.astype(x.dtype), (x.shape[0], *p.shape)), x],
                               axis=1) for p, x in zip(prefix_kv, (k, v)))
     cfg = self.cfg
-    impl, scale, cap = cfg.attention_impl, cfg.scale, cfg.attn_softcap
+    impl, scale, cap = self.impl, cfg.scale, cfg.attn_softcap
     if kv_cache is not None:
       k_cache, v_cache, start = kv_cache
       k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start, 1)
@@ -409,9 +409,9 @@ def partitioned_flash_attention(q, k, v, mask: fm.FlashMask, scale, softcap, bac
                            q, k, v, mask.lts, mask.lte, mask.uts, mask.ute)
 
 
-def attention_inputs(cfg: ModelConfig, positions_bt, segment_ids_bt, window: int, order=None,
+def attention_inputs(impl: str, positions_bt, segment_ids_bt, window: int, order=None,
                      keys=None, shared_prompt: bool = False):
-  """The mask in the form `cfg.attention_impl` takes, built once for the layers with this
+  """The mask in the form attention_impl `impl` takes, built once for the layers with this
   sliding `window` (0: none).
 
   xla and cudnn: dense booleans from positions and segment ids. pallas: FlashMask vectors,
@@ -422,7 +422,6 @@ def attention_inputs(cfg: ModelConfig, positions_bt, segment_ids_bt, window: int
   `keys` (prefix tuning, xla and pallas): (positions, segment ids) of keys that are n virtual
   keys followed by the queries' own. `shared_prompt`: preference rows (see `attention_mask`).
   """
-  impl = cfg.attention_impl
   if keys is not None:
     if impl == "xla":
       return attention_mask(positions_bt, segment_ids_bt, *keys, window, shared_prompt)
@@ -462,9 +461,9 @@ def _ring_visible(q_aux, k_aux):
 class MLP(nnx.Module):
   """Gated: down(act(gate(x)) * up(x)); act silu (SwiGLU) or tanh-approximated gelu (GeGLU)."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, run: Execution, rngs: nnx.Rngs):
     self.activation = cfg.mlp_activation
-    d, f, std = cfg.d_model, cfg.d_ff, cfg.init_std
+    d, f, std = cfg.d_model, cfg.d_ff, run.init_std
     self.gate = param(rngs, (d, f), ("embed", "mlp"), std)
     self.up = param(rngs, (d, f), ("embed", "mlp"), std)
     self.down = param(rngs, (f, d), ("mlp", "embed"), std / math.sqrt(2 * cfg.n_layers))

@@ -30,7 +30,10 @@ def plain_inv_freq(head_dim, theta):
   return 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
 
 
-def forward(params, cfg, tokens, positions=None, segment_ids=None, inv_freq=None):
+def forward(params, cfg, tokens, positions=None, segment_ids=None, inv_freq=None,
+            on_mlp_input=None):
+  """Logits (batch, length, vocab). `on_mlp_input(h)`, if given, sees each layer's normalised
+  MLP input, in layer order."""
   b, t = tokens.shape
   positions = np.broadcast_to(np.arange(t), (b, t)) if positions is None else positions
   segment_ids = np.ones((b, t), np.int32) if segment_ids is None else segment_ids
@@ -59,6 +62,8 @@ def forward(params, cfg, tokens, positions=None, segment_ids=None, inv_freq=None
     a = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), v)
     x = x + jnp.einsum("bthk,hkd->btd", a, p["attn"]["o"])
     h = rms_norm(x, p["mlp_norm"]["scale"], cfg.norm_eps)
+    if on_mlp_input is not None:
+      on_mlp_input(h)
     g = h @ p["mlp"]["gate"]
     x = x + ((g * jax.nn.sigmoid(g)) * (h @ p["mlp"]["up"])) @ p["mlp"]["down"]
   x = rms_norm(x, params["final_norm"]["scale"], cfg.norm_eps)

@@ -28,6 +28,7 @@ def run_main(*args, workdir):
      "use attention_impl=ring"),
     (["--config.model.n_kv_heads=3"], "n_kv_heads"),
     (["--config.mesh.data=3"], "mesh"),
+    (["--config.mesh.expert=2"], "mesh.expert"),  # no expert layers to split
     (["--config.train.batch_size=12"], "train.batch_size"),  # 12 rows over 8 devices
     (["--config.train.grad_accum=3"], "train.grad_accum"),
     (["--config.train.seq_len=4096"], "train.seq_len"),

@@ -11,6 +11,7 @@ import pytest
 
 from configs import base
 from models import ModelConfig
+from models.config import EXECUTION_FIELDS
 from models import handle as handles
 from trainer.validate import check_config, model_config
 
@@ -27,10 +28,11 @@ def load(path, arg=None):
 
 
 def test_base_model_keys_are_exactly_model_config_fields():
-  """Every ModelConfig field has a default in configs/base.py, plus `init_from` (where weights
-  come from, not part of the shape)."""
+  """Every ModelConfig field has a default in configs/base.py, plus the Execution's (how the
+  model runs, kept under model. for users) and `init_from` (where weights come from, not part
+  of the shape)."""
   assert set(base.get_config().model.keys()) == \
-      {f.name for f in dataclasses.fields(ModelConfig)} | {"init_from"}
+      {f.name for f in dataclasses.fields(ModelConfig)} | set(EXECUTION_FIELDS) | {"init_from"}
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)

@@ -267,7 +267,6 @@ def test_kernels_lower_for_gpu_triton_and_tpu_mosaic(platform):
 def test_cudnn_path_arguments_mean_our_mask():
   """The cudnn path passes jax.nn.dot_product_attention our dense mask, a scale and the causal
   flag; with implementation="xla" (no GPU here) that call equals our own attention."""
-  from models.config import ModelConfig
   from models.layers import attention_inputs, dot_product_attention, library_attention
 
   rng = np.random.default_rng(60)
@@ -277,11 +276,9 @@ def test_cudnn_path_arguments_mean_our_mask():
                      for r in range(b)])  # counting up inside each segment
   q, k, v = qkv(rng, b, n, 4, 2, 16)
   for window in (0, 6):
-    cfg = dict(vocab_size=8, d_model=64, n_heads=4, n_kv_heads=2, sliding_window=window)
-    dense_mask = attention_inputs(ModelConfig(**cfg, attention_impl="cudnn"), pos, seg, window)
+    dense_mask = attention_inputs("cudnn", pos, seg, window)
     got = library_attention(q, k, v, dense_mask, 0.25, "xla")
-    want = dot_product_attention(q, k, v, attention_inputs(ModelConfig(**cfg), pos, seg, window),
-                                 0.25)
+    want = dot_product_attention(q, k, v, attention_inputs("xla", pos, seg, window), 0.25)
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 

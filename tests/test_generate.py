@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models import Decoder, ModelConfig
+from models import Context, Decoder, ModelConfig
+from models.config import Execution, split_fields
 from trainer import generate as gen
 from models import handle as handles
 
@@ -19,9 +20,10 @@ GEMMA2 = dict(SMALL, family="gemma2", norm_offset=True, mlp_activation="gelu_tan
 
 
 def build(overrides):
-  cfg = ModelConfig(**overrides)
-  params = nnx.to_pure_dict(nnx.split(Decoder(cfg, nnx.Rngs(0)))[1])
-  return handles.model_handle(cfg), params
+  fields, run = split_fields(overrides)
+  cfg, run = ModelConfig(**fields), Execution(**run)
+  params = nnx.to_pure_dict(nnx.split(Decoder(cfg, nnx.Rngs(0), run))[1])
+  return handles.model_handle(cfg, run=run), params
 
 
 @pytest.mark.parametrize("overrides", [SMALL, GEMMA2], ids=["llama", "gemma2"])
@@ -39,11 +41,11 @@ def test_cached_decoding_equals_full_forward(overrides):
   for r, q in enumerate(prompts):
     tokens[r, p - len(q):], seg[r, p - len(q):], pos[r, p - len(q):] = q, 1, np.arange(len(q))
   cache = model.init_cache(3, p + 6)
-  h, cache = model.hidden(tokens, pos, seg, cache, 0)
+  h, cache = model.hidden(tokens, pos, seg, Context(cache=cache, start=0))
   steps = [model.logits(h)[:, -1]]
   for i in range(5):
     h, cache = model.hidden(follow[:, i:i + 1], (pos[:, -1] + 1 + i)[:, None],
-                            np.ones((3, 1), np.int32), cache, p + i)
+                            np.ones((3, 1), np.int32), Context(cache=cache, start=p + i))
     steps.append(model.logits(h)[:, 0])
   for r, q in enumerate(prompts):
     full = model(np.concatenate([q, follow[r, :5]])[None])[0]

@@ -8,6 +8,7 @@ from flax import nnx
 
 import reference
 from models import Decoder, ModelConfig
+from models.config import Execution
 from models import layers
 from models.layers import rope_inv_freq
 from parallel.rules import LOGICAL_AXES
@@ -78,12 +79,13 @@ def test_attention_backward_matches_autodiff_of_the_plain_reference(remat):
   """The xla path's hand-written attention backward (models/layers.attend_block: probabilities
   recomputed from the saved log-sum-exp) against jax.grad of tests/reference.py's plain softmax
   attention: packed 256-token rows (so the query blocks run), grouped-query heads."""
-  cfg, params = build(max_seq_len=256, remat=remat)
+  cfg, params = build(max_seq_len=256)
   tok = tokens(2, 256)
   seg = np.repeat(np.array([[1] * 100 + [2] * 120 + [3] * 36]), 2, axis=0)
   pos = np.concatenate([np.arange(100), np.arange(120), np.arange(36)])[None].repeat(2, 0)
   weights = jax.random.normal(jax.random.PRNGKey(1), (2, 256, cfg.vocab_size))
-  ours = lambda p: jnp.sum(handles.model_handle(cfg).bind(p)(tok, pos, seg) * weights)
+  handle = handles.model_handle(cfg, run=Execution(remat=remat))
+  ours = lambda p: jnp.sum(handle.bind(p)(tok, pos, seg) * weights)
   plain = lambda p: jnp.sum(reference.forward(p, cfg, tok, pos, seg) * weights)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                jax.grad(ours)(params), jax.grad(plain)(params))
@@ -118,11 +120,11 @@ def test_remat_policies_change_nothing_numerically(remat):
   cfg, params = build()
   tok = tokens()
 
-  def loss(params, cfg):
-    return jnp.mean(handles.model_handle(cfg).bind(params)(tok) ** 2)
+  def loss(params, run):
+    return jnp.mean(handles.model_handle(cfg, run=run).bind(params)(tok) ** 2)
 
-  base_val, base_grad = jax.value_and_grad(loss)(params, cfg)
-  val, grad = jax.value_and_grad(loss)(params, ModelConfig(**{**SMALL, "remat": remat}))
+  base_val, base_grad = jax.value_and_grad(loss)(params, Execution())
+  val, grad = jax.value_and_grad(loss)(params, Execution(remat=remat))
   np.testing.assert_allclose(val, base_val, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grad, base_grad)
 
@@ -181,4 +183,4 @@ def test_bad_shapes_are_rejected_with_the_field_named():
   with pytest.raises(ValueError, match="n_heads=6 is not a multiple of n_kv_heads=4"):
     ModelConfig(**{**SMALL, "n_kv_heads": 4})
   with pytest.raises(ValueError, match="remat='some'"):
-    ModelConfig(**{**SMALL, "remat": "some"})
+    Execution(remat="some")

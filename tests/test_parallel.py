@@ -16,6 +16,7 @@ import pytest
 import parallel
 from benchmarks import memory as memory_bench
 from models import ModelConfig
+from models.config import Execution
 from parallel import ring_attention, rules as rules_lib
 from models import handle as handles
 from trainer import train
@@ -78,8 +79,9 @@ def test_strategy_trains_like_one_device(name, one_device, tmp_path):
 def test_ring_attention_equals_plain_attention_with_gradients():
   base = dict(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
               max_seq_len=64, rope_theta=10000.0)
-  ring, xla = ModelConfig(**base, attention_impl="ring"), ModelConfig(**base)
-  params = handles.init_params(handles.model_handle(xla), seed=1)
+  cfg = ModelConfig(**base)
+  ring, xla = Execution(attention_impl="ring"), Execution()
+  params = handles.init_params(handles.model_handle(cfg, run=xla), seed=1)
   b, t = 4, 32
   tokens = jax.random.randint(jax.random.PRNGKey(0), (b, t), 0, 50)
   # two packed documents per row, at varying split points
@@ -88,9 +90,9 @@ def test_ring_attention_equals_plain_attention_with_gradients():
   positions = np.where(split, np.arange(t), np.arange(t) - split.sum(1, keepdims=True)).astype(np.int32)
   order = ring_attention.zigzag_order(t, 4)
 
-  def loss(params, cfg, order):
-    logits = handles.model_handle(cfg).bind(params)(tokens[:, order], positions[:, order],
-                                                      segments[:, order])
+  def loss(params, run, order):
+    logits = handles.model_handle(cfg, run=run).bind(params)(
+        tokens[:, order], positions[:, order], segments[:, order])
     return jnp.sum(jnp.sin(logits)), logits
 
   ref_grad, ref_logits = jax.grad(loss, has_aux=True)(params, xla, np.arange(t))

@@ -419,7 +419,7 @@ def hf_models_folder(tmp_path):
 
 
 def test_nf4_round_trip_against_a_numpy_reference():
-  from models.peft import quant
+  from models.quant import nf4 as quant
   rng = np.random.default_rng(3)
   w = rng.standard_normal((2, 128, 24)).astype(np.float32) * 0.02
   q = quant.quantize(jnp.asarray(w))
@@ -439,7 +439,7 @@ def test_nf4_round_trip_against_a_numpy_reference():
 
 
 def test_qlora_forward_equals_lora_on_the_dequantized_weights(tmp_path):
-  from models.peft import quant
+  from models.quant import nf4 as quant
   from models import ModelConfig
   cfg = ModelConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
                     max_seq_len=64)  # NF4 blocks: input sizes in multiples of 64

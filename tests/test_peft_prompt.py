@@ -107,12 +107,11 @@ def test_forward_equals_hf_peft_and_the_export_loads_there(case, tmp_path):
 def test_virtual_tokens_reach_every_document_of_a_packed_row(tmp_path, impl, method):
   """A row packing two documents gives each the logits it has alone: the virtual tokens are seen
   by both, and each document's positions count from n again."""
-  import dataclasses
+  from models.config import Execution
   hf_models.make("llama", str(tmp_path / "base"))
   cfg, base = hf.load(str(tmp_path / "base"))
-  cfg = dataclasses.replace(cfg, attention_impl=impl)
   peft = Peft.from_config(peft_section(method=method, num_virtual_tokens=3), cfg)
-  handle = handles.model_handle(cfg, peft)
+  handle = handles.model_handle(cfg, peft, Execution(attention_impl=impl))
   params = handles.init_params(handle, seed=0, base=base)
   model = handle.bind(params)
   a, b = TOKENS[0, :9], TOKENS[1, :6]

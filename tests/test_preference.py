@@ -13,7 +13,8 @@ import transformers
 
 import hf_models
 import small_run
-from models import hf
+from models import Context, hf
+from models.config import Execution
 from models import handle as handles
 from trainer import losses, step as step_lib
 from trainer.objectives import Bound, dpo, pairwise
@@ -44,8 +45,8 @@ def test_shared_prompt_rows_give_each_answer_its_own_sequence(tmp_path, impl):
   """Three pairs packed in one row, each answer seeing its prompt and not the other answer:
   the answers' summed log-probs equal those of prompt + answer run alone."""
   hf_models.make("llama", str(tmp_path / "base"))
-  cfg, params = hf.load(str(tmp_path / "base"), attention_impl=impl)
-  handle = handles.model_handle(cfg)
+  cfg, params = hf.load(str(tmp_path / "base"))
+  handle = handles.model_handle(cfg, run=Execution(attention_impl=impl))
   model = handle.bind(params)
   batch = pair_rows()
   chosen, rejected = dpo.answer_logps(Bound(handle, params, jnp.float32), batch)
@@ -104,7 +105,8 @@ def test_reward_model_export_scores_in_transformers(tmp_path):
       str(tmp_path / "rm"), attn_implementation="eager").eval()
   batch = pair_rows()
   model = handle.bind(params)
-  h = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"], shared_prompt=True)
+  h = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"],
+                   Context(shared_prompt=True))
   scores = pairwise.pair_sums(model.values(h) * pairwise.last_positions(
       jnp.asarray(batch["segment_ids"])), batch["segment_ids"], 4)
   for k, (p, c, r) in enumerate(zip(PROMPTS, CHOSEN, REJECTED)):

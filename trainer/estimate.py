@@ -149,10 +149,11 @@ def report(cfg, devices, mfu: float, peak_tflops: float, compile_step: bool,
   for k, v in est.bytes.items():
     lines.append(f"  {k:<{width}} {v / MiB:10.1f} MiB")
   lines.append(f"  {'total (estimate)':<{width}} {total_bytes(est) / MiB:10.1f} MiB")
-  other = "full" if mcfg.remat == "none" else "none"
+  run = pl.handle.run
+  other = "full" if run.remat == "none" else "none"
   element = element_bytes(devices[0].platform, pl.compute_dtype)
-  lines.append(f"  {f'(activations with remat {other})':<{width}} "
-               f"{activation_bytes(mcfg, cfg.train, est.mesh, other, element) / MiB:10.1f} MiB")
+  acts = activation_bytes(mcfg, cfg.train, est.mesh, other, element, run.attention_impl)
+  lines.append(f"  {f'(activations with remat {other})':<{width}} {acts / MiB:10.1f} MiB")
   if compile_step:
     compiled = compiled_bytes(pl, batch)
     lines.append(f"  {'compiled: arguments + temporaries':<{width}} "
@@ -169,7 +170,7 @@ def report(cfg, devices, mfu: float, peak_tflops: float, compile_step: bool,
         continue
       b = e.bytes
       state = b["parameters"] + b["optimizer state"] + b["other state"]
-      acts = b[f"activations (remat {mcfg.remat})"]
+      acts = b[f"activations (remat {run.remat})"]
       mesh = "x".join(f"{k}{v}" for k, v in e.mesh.items() if v > 1) or "1 device"
       lines.append(f"| {name} | {mesh} | {state / MiB:.1f} | "
                    f"{b['gradients (+ update temporaries)'] / MiB:.1f} | {acts / MiB:.1f} | "

@@ -25,7 +25,7 @@ from absl import app, flags, logging
 import parallel
 from models import hf
 from models import peft as peft_lib
-from models.config import ModelConfig
+from models.config import Execution, ModelConfig, split_fields
 from models.handle import model_handle, param_shardings, stored_abstract
 from models.peft import hf_format
 from trainer import checkpoint as ckpt_lib
@@ -40,14 +40,18 @@ def load_run(workdir: str, step: int | None = None):
   handle's `cfg` is the ModelConfig, its `peft` the adapters' description (or None). Only the
   trained model's parameters are read, split over this machine's devices (FSDP)."""
 
-
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise UserError(f"--workdir={workdir} has no config.json: not a training run's folder")
   with open(path) as f:
     resolved = json.load(f)
+  # "model" is the ModelConfig and "execution" how it ran; a config.json written before the two
+  # were apart has both in "model". The run config gets its model section back as users write it.
+  fields, ran = split_fields(resolved["model"])
+  run = Execution.from_dict(resolved.pop("execution", ran))
+  resolved["model"] = {**fields, **run.to_dict()}
   cfg = ml_collections.ConfigDict(resolved)
-  mcfg = ModelConfig.from_dict(resolved["model"])
+  mcfg = ModelConfig.from_dict(fields)
   directory = os.path.join(workdir, "checkpoints")
   checkpointer = ckpt_lib.Checkpointer(directory, keep=1000, async_save=False)
   steps = checkpointer.manager.all_steps()
@@ -57,7 +61,7 @@ def load_run(workdir: str, step: int | None = None):
   step = max(steps) if step is None else step
   if step not in steps:
     raise UserError(f"--step={step}: the checkpoints in {workdir} are at steps {sorted(steps)}")
-  handle = model_handle(mcfg, peft_lib.Peft.from_config(cfg.peft, mcfg, cfg.train.steps))
+  handle = model_handle(mcfg, peft_lib.Peft.from_config(cfg.peft, mcfg, cfg.train.steps), run)
   mesh = parallel.make_mesh({"data": 1, "fsdp": jax.device_count(), "tensor": 1, "sequence": 1,
                              "expert": 1})
   shardings = param_shardings(handle, mesh, parallel.strategy("fsdp", "").params)
@@ -85,8 +89,6 @@ def copy_tokenizer(workdir: str, out: str) -> list[str]:
   """The run's tokenizer files, as transformers' AutoTokenizer reads them. A run's own
   SentencePiece model gets a tokenizer_config.json with `add_bos_token`, as the run trained:
   every text began with BOS."""
-
-
   copied = []
   for name in ("tokenizer.json", "tokenizer.model", *tokenizer_lib.HFTokenizer.FILES):
     if os.path.exists(os.path.join(workdir, name)):

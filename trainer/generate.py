@@ -30,6 +30,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from models import hf
+from models.decoder import Context
 from models.handle import ModelHandle, cast_floating, model_handle
 from trainer import export
 from trainer.data import templates, tokenizer as tokenizer_lib
@@ -81,7 +82,7 @@ def _generate(params, tokens, positions, segments, stops, key, *, handle, max_ne
   model = handle.bind(cast_floating(params, compute_dtype))
   b, p = tokens.shape
   cache = model.init_cache(b, p + max_new_tokens, compute_dtype)
-  h, cache = model.hidden(tokens, positions, segments, cache, 0)
+  h, cache = model.hidden(tokens, positions, segments, Context(cache=cache, start=0))
   logits = model.logits(h[:, -1:])[:, 0]
   first = choose(logits, jax.random.fold_in(key, 0), temperature, top_k, top_p)
   out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first)
@@ -95,7 +96,8 @@ def _generate(params, tokens, positions, segments, stops, key, *, handle, max_ne
   def body(carry):
     i, out, cache, done, pos = carry
     last = out[:, i - 1][:, None]
-    h, cache = model.hidden(last, pos[:, None], jnp.ones((b, 1), jnp.int32), cache, p + i - 1)
+    h, cache = model.hidden(last, pos[:, None], jnp.ones((b, 1), jnp.int32),
+                            Context(cache=cache, start=p + i - 1))
     nxt = choose(model.logits(h)[:, 0], jax.random.fold_in(key, i), temperature, top_k, top_p)
     nxt = jnp.where(done, 0, nxt)
     out = out.at[:, i].set(nxt)

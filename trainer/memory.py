@@ -70,13 +70,14 @@ def score_keys(seq_len: int) -> float:
   return seq_len * (blocks + 1) / (2 * blocks)
 
 
-def activation_bytes(mcfg, tc, mesh: dict[str, int], remat: str, element: int) -> float:
+def activation_bytes(mcfg, tc, mesh: dict[str, int], remat: str, element: int,
+                     attention_impl: str) -> float:
   """The per-token model above, for the tokens and heads one device holds."""
   c = ACTIVATIONS[remat]
   dp = mesh["data"] * mesh["fsdp"]
   tokens = tc.batch_size // tc.grad_accum * tc.seq_len / (dp * mesh["sequence"])
   tp = mesh["tensor"]
-  scores = c.scores if mcfg.attention_impl == "xla" else 0.0
+  scores = c.scores if attention_impl == "xla" else 0.0
   layer = (c.d * mcfg.d_model + c.kv * mcfg.n_kv_heads * mcfg.head_dim / tp
            + c.ff * mcfg.d_ff / tp + scores * mcfg.n_heads / tp * score_keys(tc.seq_len))
   if remat != "full":
@@ -114,15 +115,16 @@ def components(cfg, pl, mcfg, sizes: dict[str, int], batch) -> tuple[dict[str, f
   grads = sum(math.prod(s.shard_shape(p.shape)) * p.dtype.itemsize for p, s in trainable)
   grads *= pl.spec.primary.view.trained_fraction(mcfg.n_layers)  # LISA: a few layers at a time
   element = element_bytes(pl.mesh.devices.flat[0].platform, pl.compute_dtype)
-  c = ACTIVATIONS[mcfg.remat]
+  run = pl.handle.run
+  c = ACTIVATIONS[run.remat]
   rest = {k: v for k, v in abstract.items() if k not in ("params", "opt_state")}
   comp = {
       "parameters": device_bytes(params),
       "optimizer state": device_bytes(abstract["opt_state"], "device"),
       "other state": device_bytes(rest),
       "gradients (+ update temporaries)": c.grads * grads,
-      f"activations (remat {mcfg.remat})": activation_bytes(mcfg, cfg.train, sizes, mcfg.remat,
-                                                            element),
+      f"activations (remat {run.remat})": activation_bytes(mcfg, cfg.train, sizes, run.remat,
+                                                           element, run.attention_impl),
       "batch": device_bytes(batch),
   }
   host = device_bytes(abstract["opt_state"]) - comp["optimizer state"]

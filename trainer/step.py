@@ -73,14 +73,25 @@ def make_models_loss(handles: dict[str, ModelHandle], compute_dtype, objective: 
   count x weight x penalty, so that it is weight x penalty after the division by the count)."""
   def loss_fn(params: dict[str, Any], batch: Batch, rng=None):
     batch = objective.annotate(batch)
-    if any(h.cfg.attention_impl == "ring" for h in handles.values()) and \
+    if any(h.run.attention_impl == "ring" for h in handles.values()) and \
         ring_attention.sequence_parallel_size() > 1:
       order = ring_attention.layout(batch["inputs"].shape[1])  # load balance
       batch = {k: v[:, order] for k, v in batch.items()}
+    collected = {name: [] for name in trainable}
     models = {name: Bound(handle, params[name], compute_dtype,
-                          rng if name in trainable else None, neftune_alpha)
+                          rng if name in trainable else None, neftune_alpha, collected.get(name))
               for name, handle in handles.items()}
     loss_sum, count, aux = objective.loss(models, batch)
+    # the models' own aux (e.g. a mixture of experts' router losses, summed over layers): as
+    # count x value, so that they read as themselves after the division by the count; "_loss"
+    # keys join the loss in training
+    for name, passes in collected.items():
+      for model_aux in passes:
+        for key, value in model_aux.items():
+          if rng is not None and key.endswith("_loss"):
+            loss_sum += count * value
+          label = key if name == trainable[0] else f"{key}_{name}"
+          aux = {**aux, label: aux.get(label, 0.0) + count * value}
     if rng is not None:
       for name in trainable:
         peft = handles[name].peft

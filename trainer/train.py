@@ -34,8 +34,8 @@ from trainer import guard, lisa, memory, objectives, state as state_lib, step as
 from trainer.objectives.base import Bound, Prepare
 from trainer.data import pipeline, tokenizer as tokenizer_lib
 from trainer.seeds import fold_seed
-from trainer.validate import (UserError, check_backend, check_config, check_mesh, init_folder,
-                              model_config)
+from trainer.validate import (UserError, check_backend, check_config, check_mesh, execution,
+                              init_folder, model_config)
 
 BATCH_KEYS = ("inputs", "targets", "weights", "positions", "segment_ids")
 PAIR_KEYS = ("example", "reference")  # preference batches: the pair of each position, ref log-probs
@@ -78,23 +78,23 @@ def prepare_workdir(workdir: str) -> None:
     raise UserError(f"--workdir={workdir} is not writable: {e.strerror}") from None
 
 
-# Model keys that change how the model runs, not what it is: a checkpoint restores across them.
-_EXECUTION_CHOICES = {"remat", "attention_impl", "init_std"}
-
-
 def write_run_config(cfg, mcfg, mesh_sizes: dict[str, int], workdir: str) -> None:
-  """config.json: the run config with everything resolved (vocab size, head_dim, mesh sizes).
+  """config.json: the run config with everything resolved (vocab size, head_dim, mesh sizes);
+  "model" holds what the weights are (the ModelConfig), "execution" how the model runs
+  (model.remat, model.attention_impl, model.init_std of the run config).
 
-  A workdir whose checkpoints belong to a different model is refused rather than overwritten."""
+  A workdir whose checkpoints belong to a different model is refused rather than overwritten;
+  one of the same model resumes under any execution choices. (A config.json written before the
+  two were apart has the execution keys in "model" too: only the ModelConfig's are compared.)"""
   resolved = json.loads(cfg.to_json())
   resolved["model"] = json.loads(json.dumps(mcfg.to_dict()))  # tuples as lists, as read back
+  resolved["execution"] = execution(cfg).to_dict()
   resolved["mesh"].update(mesh_sizes)
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path) and os.path.isdir(os.path.join(workdir, "checkpoints")):
     with open(path) as f:
       saved = json.load(f).get("model", {})
-    diff = sorted(k for k, v in resolved["model"].items()
-                  if saved.get(k) != v and k not in _EXECUTION_CHOICES)
+    diff = sorted(k for k, v in resolved["model"].items() if saved.get(k) != v)
     if diff:
       raise UserError(f"--workdir={workdir} holds checkpoints of a different model (model.{diff[0]}"
                       f" was {saved.get(diff[0])!r}, now {resolved['model'][diff[0]]!r}); use a "
@@ -213,7 +213,7 @@ def policy_slot(cfg, mcfg, mesh, strategy, peft) -> state_lib.Slot:
   """The model being trained: its handle, placement, optimizer and what of it trains."""
   tc = cfg.train
   param_dtype = jnp.dtype(cfg.precision.param_dtype)
-  handle = model_handle(mcfg, peft)
+  handle = model_handle(mcfg, peft, execution(cfg))
   labels = None if peft is None else peft.labels(handle.abstract_params())
   tx, schedule = optim.make_optimizer(tc, labels, cfg.peft.lora_plus_scale)
   p_shardings = param_shardings(handle, mesh, strategy.params)
@@ -339,8 +339,8 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
     base = None
     if init is not None:
       _log(f"loading {init}")
-      base = hf.load(init, policy.model_shardings, policy.dtype, remat=mcfg.remat,
-                     attention_impl=mcfg.attention_impl, value_head=mcfg.value_head)[1]
+      base = hf.load(init, policy.model_shardings, policy.dtype, policy.handle.run,
+                     value_head=mcfg.value_head)[1]
     state = pl.init_state(seed, base)
     start_step = 0
   else:

@@ -11,7 +11,7 @@ import os
 
 from models import hf
 from models import peft as peft_lib
-from models.config import ModelConfig
+from models.config import Execution, ModelConfig, split_fields
 from parallel import mesh as mesh_lib
 from parallel import rules as rules_lib
 from trainer.data.packing import MODES, TRUNCATION
@@ -126,8 +126,11 @@ def check_config(cfg) -> None:
   except ValueError as e:
     raise UserError(f"config key {e}") from None
   mc = model_config(cfg, vocab_size=max(cfg.model.vocab_size, 1))  # shape checks, before data
+  run = execution(cfg)
   try:
-    peft_lib.Peft.from_config(cfg.peft, mc, cfg.train.steps)
+    peft = peft_lib.Peft.from_config(cfg.peft, mc, cfg.train.steps)
+    if peft is not None:
+      peft.check_run(run)
   except ValueError as e:
     raise UserError(f"config key {e}") from None
 
@@ -169,18 +172,16 @@ def init_folder(cfg) -> str | None:
 
 def model_config(cfg, vocab_size: int) -> ModelConfig:
   """The ModelConfig of this run, with `vocab_size` filled in when the config says 0. With
-  `model.init_from=hf:DIR` the shape is the Hugging Face model's; only the execution choices
-  (remat, attention_impl) come from the config."""
-  fields = {k: v for k, v in cfg.model.items() if k != "init_from"}
+  `model.init_from=hf:DIR` the shape is the Hugging Face model's. The execution choices
+  (model.remat, model.attention_impl, model.init_std) are `execution`'s."""
+  fields, _ = split_fields({k: v for k, v in cfg.model.items() if k != "init_from"})
   fields["value_head"] = fields.get("value_head", False) or cfg.train.objective == "reward"
   if fields["vocab_size"] == 0:
     fields["vocab_size"] = vocab_size
   folder = init_folder(cfg)
   if folder is not None:
     try:
-      mc = hf.config_from_hf(hf.read_config(folder), remat=fields["remat"],
-                             attention_impl=fields["attention_impl"],
-                             value_head=fields["value_head"])
+      mc = hf.config_from_hf(hf.read_config(folder), value_head=fields["value_head"])
     except (ValueError, KeyError) as e:
       raise UserError(f"config key model.init_from: {folder}: {e}") from None
   else:
@@ -192,6 +193,15 @@ def model_config(cfg, vocab_size: int) -> ModelConfig:
            f"{cfg.train.seq_len} is beyond the model's {mc.max_seq_len} positions "
            "(model.max_seq_len)")
   return mc
+
+
+def execution(cfg) -> Execution:
+  """How this run's model runs: model.remat, model.attention_impl, model.init_std of the run
+  config (a checkpoint restores under any of them)."""
+  try:
+    return Execution.from_dict(split_fields(dict(cfg.model))[1])
+  except ValueError as e:
+    raise UserError(f"config key model.{e}") from None
 
 
 def check_backend(cfg, backend: str) -> None:
@@ -214,6 +224,11 @@ def check_mesh(cfg, n_devices: int) -> dict[str, int]:
     sizes = mesh_lib.resolve_axis_sizes(dict(cfg.mesh), n_devices)
   except ValueError as e:
     raise UserError(f"config key mesh: {e}") from None
+  # No model has expert layers yet (mixture of experts): devices on an expert axis would only
+  # repeat the work of the others.
+  _require(sizes["expert"] == 1, "mesh.expert",
+           f"{sizes['expert']} devices on the expert axis would hold copies of the same work: the "
+           "model has no expert (mixture-of-experts) layers; set mesh.expert=1")
   dp = sizes["data"] * sizes["fsdp"]
   micro = cfg.train.batch_size // cfg.train.grad_accum
   _require(micro % dp == 0, "train.batch_size",

@@ -30,7 +30,7 @@ Methods (per targeted linear map W, seen as (in, out) per layer):
   prompt, ptuning, prefix: virtual tokens before the sequence, as input embeddings or as every
           layer's keys and values (models/peft/prompt.py); the decoder places them.
   QLoRA   (`base_quant="nf4"`, with lora or dora): the targeted base weights are stored as NF4
-          (models/peft/quant.py) and dequantized layer by layer before the fold.
+          (models/quant/nf4.py) and dequantized layer by layer before the fold.
 LISA trains whole layers and lives in trainer/lisa.py. Folding in weight space is exact for all
 of the above and costs one (in x r) @ (r x out) per targeted matrix and step; evaluation,
 generation and export fold. Training steps of lora and adalora keep the low-rank path apart
@@ -56,8 +56,9 @@ import numpy as np
 
 from models.config import ModelConfig
 from models.layers import LowRank
-from models.peft import adalora, quant
+from models.peft import adalora
 from models.peft import prompt as prompt_lib
+from models.quant import nf4
 
 METHODS = ("none", "lora", "dora", "adalora", "vera", "ia3", "bitfit", "adapter",
            *prompt_lib.METHODS, "lisa")  # lisa: trainer/lisa.py
@@ -160,8 +161,13 @@ class Peft:
                pc.adalora_orth_weight if pc.method == "adalora" else 0.0, prompt)
     if peft.base_quant == "nf4":
       for module, name in targets:
-        quant.check(_dims(mcfg, module, name)[0], f"{module}.{name}")
+        nf4.check(_dims(mcfg, module, name)[0], f"{module}.{name}")
     return peft
+
+  def check_run(self, run) -> None:
+    """ValueError naming the key when the model's Execution cannot run these adapters."""
+    if self.prompt is not None:
+      self.prompt.check_impl(run.attention_impl)
 
   @property
   def scale(self) -> float:
@@ -229,7 +235,7 @@ class Peft:
     for module, name in self.targets:
       n_in, n_out = _dims(self.mcfg, module, name)
       w = abstract["layers"][module][name]
-      abstract["layers"][module][name] = quant.abstract((w.shape[0], n_in, n_out))
+      abstract["layers"][module][name] = nf4.abstract((w.shape[0], n_in, n_out))
       if axes is None:
         continue
       names = axes["layers"][module][name]
@@ -305,11 +311,11 @@ class Peft:
       for module, name in self.targets:
         n_in, n_out = _dims(self.mcfg, module, name)
         w = base["layers"][module][name]
-        q = quant.quantize(w.reshape(w.shape[0], n_in, n_out))
+        q = nf4.quantize(w.reshape(w.shape[0], n_in, n_out))
         base["layers"][module] = {**base["layers"][module], name: q}
         if self.method == "dora":  # the magnitude of what the forward pass will see
           entry = adapters[module][name]
-          w2 = quant.dequantize(q) + self.scale * entry["lora_a"] @ entry["lora_b"]
+          w2 = nf4.dequantize(q) + self.scale * entry["lora_a"] @ entry["lora_b"]
           entry["magnitude"] = jnp.linalg.norm(w2, axis=1)
     return base, adapters
 
@@ -367,9 +373,9 @@ class Peft:
   def _fold(self, module, name, w, entry, shared):
     n_in, n_out = _dims(self.mcfg, module, name)
     in_dims, _ = LINEAR[(module, name)]
-    if quant.is_quantized(w):
+    if nf4.is_quantized(w):
       dtype = entry["lora_a"].dtype if entry is not None and "lora_a" in entry else jnp.float32
-      w2 = quant.dequantize(w, dtype)
+      w2 = nf4.dequantize(w, dtype)
       shape = self._weight_shape(module, name)
     else:
       dtype, shape = w.dtype, w.shape

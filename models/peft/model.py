@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from models.decoder import Decoder
+from models.decoder import Context, Decoder, LayerSource
 from models.kernels.flashmask import VIRTUAL
 from models.peft import Peft
 
@@ -27,7 +28,7 @@ class PeftModel:
     layer_adapters = {m: v for m, v in adapters.items()
                       if m not in ("vera_shared", "adapter", "prompt")}
     prefix_kv = None
-    self._virtual = {}  # keyword arguments of Decoder.hidden (no cache)
+    self._virtual = {}  # Context fields of the virtual tokens (no cache)
     if "prompt" in adapters and peft.method == "prefix":
       prefix_kv = peft.prompt.prefix_kv(adapters["prompt"])  # (layers, 2, n, kv_heads, hd)
       self._virtual = {"prefix_keys": peft.prompt.n}
@@ -51,21 +52,35 @@ class PeftModel:
       return layer, extras
     return self.peft.fold_layer(layer, adapters, self._shared), extras
 
-  def hidden(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache=None, start=0,
-             dropout_rng=None, **kwargs):
-    """`dropout_rng` (training steps): lora and adalora keep the low-rank path apart from the
-    weights, with LoRA dropout when the PEFT config has some (`Peft.splits_in_training`)."""
+  def _context(self, tokens_bt, positions_bt, ctx: Context | None):
+    """(positions, the decoder's Context): this model's layer source and virtual tokens added
+    to `ctx`. `ctx.dropout_rng` (training steps): lora and adalora keep the low-rank path apart
+    from the weights, with LoRA dropout when the PEFT config has some
+    (`Peft.splits_in_training`)."""
+    ctx = ctx or Context()
     layers = self._layers
-    if dropout_rng is not None and self.peft.splits_in_training:
-      layers = (*layers, jax.random.split(dropout_rng, self.cfg.n_layers))
-    virtual = self._virtual
-    if cache is not None and self.n_virtual:  # the virtual tokens sit in the first slots
+    if ctx.dropout_rng is not None and self.peft.splits_in_training:
+      layers = (*layers, jax.random.split(ctx.dropout_rng, self.cfg.n_layers))
+    virtual, start = self._virtual, ctx.start
+    if ctx.cache is not None and self.n_virtual:  # the virtual tokens sit in the first slots
       b, t = tokens_bt.shape
       if positions_bt is None:
         positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
       positions_bt, start, virtual = positions_bt + self.n_virtual, start + self.n_virtual, {}
-    return self.decoder.hidden(tokens_bt, positions_bt, segment_ids_bt, cache, start,
-                               layer_params=layers, layer_fn=self._layer, **virtual, **kwargs)
+    return positions_bt, dataclasses.replace(
+        ctx, start=start, layers=LayerSource(layers, self._layer), **virtual)
+
+  def hidden(self, tokens_bt, positions_bt=None, segment_ids_bt=None,
+             ctx: Context | None = None):
+    """As `Decoder.hidden`."""
+    positions_bt, ctx = self._context(tokens_bt, positions_bt, ctx)
+    return self.decoder.hidden(tokens_bt, positions_bt, segment_ids_bt, ctx)
+
+  def forward(self, tokens_bt, positions_bt=None, segment_ids_bt=None,
+              ctx: Context | None = None):
+    """As `Decoder.forward`: (hidden, aux sums)."""
+    positions_bt, ctx = self._context(tokens_bt, positions_bt, ctx)
+    return self.decoder.forward(tokens_bt, positions_bt, segment_ids_bt, ctx)
 
   def logits(self, h):
     return self.decoder.logits(h)
@@ -82,8 +97,8 @@ class PeftModel:
       return cache
     if self._prefix_kv is None:  # prompt, ptuning: run the virtual tokens through the layers
       empty = jnp.zeros((batch, 0), jnp.int32)
-      _, cache = self.decoder.hidden(empty, empty, empty, cache, 0, layer_params=self._layers,
-                                     layer_fn=self._layer, **self._virtual)
+      _, cache = self.decoder.hidden(empty, empty, empty, Context(
+          cache=cache, layers=LayerSource(self._layers, self._layer), **self._virtual))
       return cache
     kv = jnp.broadcast_to(self._prefix_kv[:, :, None].astype(dtype),
                           (self.cfg.n_layers, 2, batch, *self._prefix_kv.shape[2:]))

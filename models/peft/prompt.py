@@ -48,9 +48,11 @@ class Prompt:
       raise ValueError(f"peft.prompt_init={self.init_kind!r} is not one of {', '.join(INITS)}")
     if self.hidden < 0:
       raise ValueError(f"peft.encoder_hidden={self.hidden} must be 0 (token width) or positive")
-    if self.mcfg.attention_impl not in ("xla", "pallas"):
+
+  def check_impl(self, attention_impl: str):
+    if attention_impl not in ("xla", "pallas"):
       raise ValueError(f"peft.method={self.method} (virtual tokens) works with "
-                       f"model.attention_impl xla or pallas, not {self.mcfg.attention_impl}")
+                       f"model.attention_impl xla or pallas, not {attention_impl}")
 
   @property
   def token_dim(self) -> int:

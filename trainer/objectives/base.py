@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 
+from models.decoder import Context
 from models.handle import ModelHandle, cast_floating
 
 Batch = dict[str, jax.Array]
@@ -23,27 +24,33 @@ Batch = dict[str, jax.Array]
 class Bound:
   """A named model of the step bound to its parameters. With an `rng` (a training step of a
   model that trains) its forward pass adds NEFTune noise on the input embeddings (with
-  `neftune_alpha`) and keeps lora's low-rank path apart from the weights (with its dropout)."""
+  `neftune_alpha`) and keeps lora's low-rank path apart from the weights (with its dropout).
+  `aux`: where its forward passes leave the decoder's aux sums (models/ffn.py), for the step to
+  add to the loss and the metrics; None for models whose aux nobody reads (a reference)."""
   handle: ModelHandle
   params: Any
   compute_dtype: Any
   rng: Any = None
   neftune_alpha: float = 0.0
+  aux: list | None = None
 
   def forward(self, batch: Batch, shared_prompt: bool = False):
     """(module, final hidden states) of the batch's rows. `shared_prompt`: preference rows."""
     model = self.handle.bind(cast_floating(self.params, self.compute_dtype))
     noise = (self.rng, self.neftune_alpha) if self.neftune_alpha and self.rng is not None else None
-    extra = {"shared_prompt": True} if shared_prompt else {}
+    dropout = None
     peft = self.handle.peft
     if self.rng is not None and peft is not None and peft.splits_in_training:
-      extra["dropout_rng"] = jax.random.fold_in(self.rng, 2)
-    hidden = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"],
-                          embed_noise=noise, **extra)
+      dropout = jax.random.fold_in(self.rng, 2)
+    hidden, aux = model.forward(batch["inputs"], batch["positions"], batch["segment_ids"],
+                                Context(embed_noise=noise, shared_prompt=shared_prompt,
+                                        dropout_rng=dropout))
+    if self.aux is not None:
+      self.aux.append(aux)
     return model, hidden
 
   def frozen(self, params) -> "Bound":
-    """The same model with other parameters and no training noise (a reference)."""
+    """The same model with other parameters, no training noise and no aux (a reference)."""
     return Bound(self.handle, params, self.compute_dtype)
 
 
