@@ -108,7 +108,7 @@ def get_config(arg=None):
 
   # The run: objective, length, optimizer (AdamW + clipping), logging, eval, checkpoints.
   c.train = ml_collections.ConfigDict(dict(
-      # lm (every weighted token) | sft (chat: assistant tokens) | dpo | reward (trainer/objectives.py)
+      # lm (every weighted token) | sft (chat: assistant tokens) | dpo | reward (trainer/objectives/)
       objective="lm",
       steps=1000,  # optimizer steps
       batch_size=8,  # global, in sequences

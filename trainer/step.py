@@ -105,9 +105,9 @@ def make_models_loss(handles: dict[str, ModelHandle], compute_dtype, objective: 
 def make_loss_fn(handle: ModelHandle, compute_dtype, neftune_alpha: float = 0.0,
                  objective: Objective | None = None) -> Callable:
   """One model's loss: loss_fn(params, batch, rng=None, reference=None) -> (loss sum, count,
-  aux sums) for `objective` (default lm); `reference`: a frozen reference model's parameters
-  (DPO with full fine-tuning)."""
-  objective = objective or objectives.LM()
+  aux sums) for `objective` (default: `objectives.DEFAULT`'s); `reference`: a frozen reference
+  model's parameters (DPO with full fine-tuning)."""
+  objective = objective or objectives.default()
 
   def loss_fn(params, batch: Batch, rng=None, reference=None):
     models = {"policy": params}

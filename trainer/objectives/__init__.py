@@ -20,6 +20,11 @@ from trainer.objectives.sft import SFT
 
 REGISTRY: dict[str, type[Objective]] = {"lm": LM, "sft": SFT, "dpo": DPO, "reward": Reward}
 OBJECTIVES = tuple(REGISTRY)
+DEFAULT = "lm"  # train.objective's default, and a bare loss function's (trainer/step.py)
+
+
+def default() -> Objective:
+  return REGISTRY[DEFAULT]()
 
 
 def from_config(cfg) -> Objective:
