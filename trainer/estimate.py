@@ -29,7 +29,8 @@ import parallel
 from trainer import memory, metrics as metrics_lib, train
 from trainer.data import tokenizer as tokenizer_lib
 from trainer.memory import MiB, activation_bytes, element_bytes
-from trainer import main as main_lib  # the --config flag and its one-line errors
+from trainer import cli
+from trainer import main as main_lib  # the --config and --verbose flags
 from trainer.validate import (UserError, check_backend, check_config, check_mesh,
                               model_config)
 
@@ -180,7 +181,7 @@ def report(cfg, devices, mfu: float, peak_tflops: float, compile_step: bool,
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    main_lib._fail(f"unexpected arguments {' '.join(argv[1:])}")
+    cli.fail(f"unexpected arguments {' '.join(argv[1:])}")
   if not main_lib._VERBOSE.value:
     logging.set_verbosity(logging.WARNING)
   if _DEVICES.value:
@@ -193,8 +194,8 @@ def main(argv: list[str]) -> None:
   except UserError as e:
     if main_lib._VERBOSE.value:
       raise
-    main_lib._fail(str(e))
+    cli.fail(str(e))
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=main_lib.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

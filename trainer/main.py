@@ -7,26 +7,18 @@ prints one line on stderr and exits with code 2; `--verbose` shows the traceback
 
 from __future__ import annotations
 
-import difflib
-import importlib.util
 import logging as std_logging
 import os
 import sys
 
 import jax
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from parallel import distributed
-from trainer import checkpoint, hugepages, train
+from trainer import checkpoint, cli, hugepages, train
 from trainer.validate import UserError
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-DEFAULT_CONFIG = os.path.join(_REPO, "configs", "tiny.py")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, f"Recipe file (configs/*.py[:arg]); default {DEFAULT_CONFIG}.",
-    lock_config=True)
+_CONFIG = cli.define_config_flag()
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Where checkpoints, metrics, the tokenizer and config.json go. Rerunning with "
     "the same workdir resumes. Default: runs/<recipe name>.")
@@ -37,62 +29,11 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: how many.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this one's index.")
 
-USER_ERROR_EXIT = 2
-
 
 class _NoSpaceFilter(std_logging.Filter):
   def filter(self, record) -> bool:
     error = record.exc_info[1] if record.exc_info else None
     return "No space left on device" not in f"{record.getMessage()} {error}"
-
-
-def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(USER_ERROR_EXIT)
-
-
-def _load_recipe(spec: str):
-  """The ConfigDict a `--config=FILE[:ARG]` names, loaded the way config_flags loads it."""
-  path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise UserError(f"--config={spec}: no such file")
-  module_spec = importlib.util.spec_from_file_location("_recipe", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
-
-
-def _check_override_keys(config, argv: list[str]) -> None:
-  """Every --config.KEY=VALUE must name an existing key: say which one does not, and the nearest."""
-  for a in argv:
-    if not a.startswith("--config."):
-      continue
-    key = a[len("--config."):].split("=", 1)[0]
-    node, walked = config, []
-    for part in key.split("."):
-      if not hasattr(node, "keys") or part not in node:
-        options = [".".join(walked + [k]) for k in node.keys()] if hasattr(node, "keys") else []
-        near = difflib.get_close_matches(".".join(walked + [part]), options, n=1)
-        hint = f"; did you mean {near[0]}?" if near else ""
-        raise UserError(f"unknown config key {key}{hint}")
-      node, walked = node[part], walked + [part]
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parser, but a bad flag, config file or config key is one line on stderr and exit
-  code 2. The config file is user code: any exception while loading it is a user error."""
-  specs = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
-  if not specs:
-    argv = [argv[0], f"--config={DEFAULT_CONFIG}", *argv[1:]]
-  try:
-    _check_override_keys(_load_recipe(specs[-1] if specs else DEFAULT_CONFIG), argv[1:])
-    return flags.FLAGS(argv)
-  except Exception as e:  # noqa: BLE001 -- reported in one line, or raised with --verbose
-    if any(a in ("--verbose", "--verbose=true", "--verbose=True") for a in argv):
-      raise
-    message = " ".join(str(e).replace("\\n", " ").split()).strip("'\"")
-    _fail(message or type(e).__name__)
-  return []
 
 
 def own_training_files(config, argv: list[str]) -> str | None:
@@ -113,13 +54,13 @@ def default_workdir(config_arg: str) -> str:
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    _fail(f"unexpected arguments {' '.join(argv[1:])}; settings go in --config.KEY=VALUE")
+    cli.fail(f"unexpected arguments {' '.join(argv[1:])}; settings go in --config.KEY=VALUE")
 
 
   try:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   except ValueError as e:
-    _fail(str(e))
+    cli.fail(str(e))
 
   if not _VERBOSE.value:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
@@ -142,9 +83,9 @@ def main(argv: list[str]) -> None:
   except UserError as e:
     if _VERBOSE.value:
       raise
-    _fail(str(e))
+    cli.fail(str(e))
 
 
 if __name__ == "__main__":
   hugepages.reexec()  # glibc's huge pages for XLA:CPU's per-step buffers (trainer/hugepages.py)
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -38,6 +38,7 @@ class Pair:
   def __init__(self, prompt, chosen, chosen_mask, rejected, rejected_mask):
     if len(prompt) < 1 or len(chosen) < 1 or len(rejected) < 1:
       raise ValueError("a preference pair needs a prompt and two non-empty answers")
+    self.parts = (prompt, chosen, chosen_mask, rejected, rejected_mask)  # as given (shards.py)
     p = len(prompt)
     parts = [(prompt[:-1], prompt[1:], np.zeros(p - 1), np.arange(p - 1), 1)]
     for branch, answer, mask in ((2, chosen, chosen_mask), (3, rejected, rejected_mask)):

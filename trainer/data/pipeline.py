@@ -198,9 +198,15 @@ def batches(rows: PackedRows, batch_size: int, *, shard: tuple[int, int] = (0, 1
 # ----------------------------------------------------------------------------------------------
 
 
-def _split_eval(records: list, eval_percent: float) -> tuple[list, list]:
-  held = [zlib.crc32(str(i).encode()) % 1000 < eval_percent * 10 for i in range(len(records))]
-  return ([r for r, h in zip(records, held) if not h], [r for r, h in zip(records, held) if h])
+def held_out(k: int, eval_percent: float) -> bool:
+  """Whether record k of a dataset (bad records counted, `sources.read_spans`) is eval's."""
+  return zlib.crc32(str(k).encode()) % 1000 < eval_percent * 10
+
+
+def _split_eval(numbered: list, eval_percent: float) -> tuple[list, list]:
+  held = [held_out(k, eval_percent) for k, _ in numbered]
+  return ([r for (_, r), h in zip(numbered, held) if not h],
+          [r for (_, r), h in zip(numbered, held) if h])
 
 
 def _records(cfg, stats: dict) -> tuple[list[list[dict]], list[list[dict]]]:
@@ -208,19 +214,22 @@ def _records(cfg, stats: dict) -> tuple[list[list[dict]], list[list[dict]]]:
   if d.source == "stdlib":
     train_docs, eval_docs = stdlib_corpus.load_documents(d.max_chars, d.eval_percent)
     return [[{"text": t} for t in train_docs]], [[{"text": t} for t in eval_docs]]
-  fields = {k: d[f"{k}_field"] for k in ("text", "messages", "prompt", "chosen", "rejected")}
-  load = lambda spec: sources.load_datasets(spec, d.format, fields, d.skip_bad_records, stats,
-                                            d.text_split)
-  train = load(d.train_files)
+  load = lambda spec, numbered=False: sources.load_datasets(
+      spec, d.format, fields(d), d.skip_bad_records, stats, d.text_split, numbered)
   if d.eval_files:
-    evals = load(d.eval_files)
-  else:  # hold out a share of every training dataset
-    splits = [_split_eval(ds, d.eval_percent) for ds in train]
-    train, evals = [t for t, _ in splits], [e for _, e in splits if e]
-    if not all(train) or not evals:
-      raise DataError(f"data.eval_percent={d.eval_percent} leaves a split empty; give "
-                      "data.eval_files or more records")
+    return load(d.train_files), load(d.eval_files)
+  # hold out a share of every training dataset
+  splits = [_split_eval(ds, d.eval_percent) for ds in load(d.train_files, numbered=True)]
+  train, evals = [t for t, _ in splits], [e for _, e in splits if e]
+  if not all(train) or not evals:
+    raise DataError(f"data.eval_percent={d.eval_percent} leaves a split empty; give "
+                    "data.eval_files or more records")
   return train, evals
+
+
+def fields(d) -> dict[str, str]:
+  """The config's record field names, by our names."""
+  return {k: d[f"{k}_field"] for k in ("text", "messages", "prompt", "chosen", "rejected")}
 
 
 def _split_names(d) -> tuple[str, str]:

@@ -11,10 +11,12 @@ Problems in the data are `DataError`s that name the file and line (or record) an
 
 from __future__ import annotations
 
+import dataclasses
 import glob
+import itertools
 import json
 import os
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import pyarrow.parquet as pq
 from grain.sources import ArrayRecordDataSource
@@ -113,9 +115,11 @@ def _json_object(text: str, where: str) -> Record:
 # of the whole file (unreadable, binary) is a DataError raised at once.
 
 
-def _jsonl(path: str) -> Iterator[tuple[str, Record | BadRecord]]:
+def _jsonl(path: str, offset: int = 0, line: int = 1) -> Iterator[tuple[str, Record | BadRecord]]:
+  """From the record at byte `offset` (line number `line`) on."""
   with _open_text(path) as f:
-    for n, raw in enumerate(f, 1):
+    f.seek(offset)
+    for n, raw in enumerate(f, line):
       if not raw.strip():
         continue
       where = f"{path}:{n}"
@@ -126,58 +130,83 @@ def _jsonl(path: str) -> Iterator[tuple[str, Record | BadRecord]]:
         yield where, e
 
 
-def _text(path: str, split: str, text_key: str) -> Iterator[tuple[str, Record | BadRecord]]:
+def _blocks(path: str, split: str, offset: int = 0,
+            line: int = 1) -> Iterator[tuple[int, int, list[bytes]]]:
+  """(first line, byte offset, raw lines) of each document of a text file per `split`, from the
+  document at byte `offset` (line `line`) on. The lines come only when `split` needs them."""
+  block: list[bytes] = []
+  start = start_at = 0
+  with _open_text(path) as f:
+    f.seek(offset)
+    at = offset
+    for n, raw in enumerate(f, line):
+      here, at = at, at + len(raw)
+      if split != "file" and not raw.strip():  # a blank line: the end of a document
+        if block:
+          yield start, start_at, block
+        block = []
+        continue
+      if not block:
+        start, start_at = n, here
+      block.append(raw)
+      if split == "line":
+        yield start, start_at, block
+        block = []
+  if block:
+    yield start, start_at, block
+
+
+def text_split_of(path: str, split: str) -> str:
+  """Source code (`.py`) is one document per file under `blank_line`: its blank lines part
+  statements, not texts."""
+  return "file" if split == "blank_line" and path.endswith(CODE_SUFFIXES) else split
+
+
+def _text(path: str, split: str, text_key: str, offset: int = 0,
+          line: int = 1) -> Iterator[tuple[str, Record | BadRecord]]:
   """Documents of a plain-text file per `split` (TEXT_SPLITS): `blank_line` ends a document at
   every line that is empty or all whitespace; `line` makes each non-blank line a document;
-  `file` makes the whole file one. A document's where is its first line. Source code (`.py`)
-  is one document per file under `blank_line`: its blank lines part statements, not texts."""
-  if split == "blank_line" and path.endswith(CODE_SUFFIXES):
-    split = "file"
-  def document(start: int, lines: list[bytes]):
+  `file` makes the whole file one (`text_split_of`). A document's where is its first line."""
+  split = text_split_of(path, split)
+  for start, _, lines in _blocks(path, split, offset, line):
     where = f"{path}:{start}"
     try:  # a fault names the document's first undecodable line
       text = "".join(_decode(raw, f"{path}:{start + k}") for k, raw in enumerate(lines))
     except BadRecord as e:
-      return where, e
+      yield where, e
+      continue
     text = text.replace("\r\n", "\n").replace("\r", "\n")  # as Python's text mode reads it
-    return where, {text_key: text if split == "file" else text.removesuffix("\n")}
-
-  block: list[bytes] = []
-  start = 1
-  with _open_text(path) as f:
-    for n, raw in enumerate(f, 1):
-      if split != "file" and not raw.strip():  # a blank line: the end of a document
-        if block:
-          yield document(start, block)
-        block = []
-        continue
-      if not block:
-        start = n
-      block.append(raw)
-      if split == "line":
-        yield document(start, block)
-        block = []
-  if block:
-    yield document(start, block)
+    yield where, {text_key: text if split == "file" else text.removesuffix("\n")}
 
 
-def _parquet(path: str) -> Iterator[tuple[str, Record | BadRecord]]:
+def _parquet(path: str, first: int = 0) -> Iterator[tuple[str, Record | BadRecord]]:
+  """Rows from `first` on, a row group at a time (a big file is never read whole)."""
   try:
-    rows = pq.read_table(path).to_pylist()
+    f = pq.ParquetFile(path)
+    sizes = [f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)]
   except Exception as e:  # noqa: BLE001 -- whatever pyarrow says, the file is the user's
     raise DataError(f"{path}: cannot read it as parquet ({one_line(e)})") from None
-  for i, record in enumerate(rows):
-    yield f"{path}: row {i}", record
+  at = 0
+  for g, size in enumerate(sizes):
+    if at + size > first:
+      try:
+        rows = f.read_row_group(g).to_pylist()
+      except Exception as e:  # noqa: BLE001 -- as above
+        raise DataError(f"{path}: cannot read it as parquet ({one_line(e)})") from None
+      for i in range(max(first - at, 0), size):
+        yield f"{path}: row {at + i}", rows[i]
+    at += size
 
 
-def _arrayrecord(path: str, text_key: str) -> Iterator[tuple[str, Record | BadRecord]]:
+def _arrayrecord(path: str, text_key: str,
+                 first: int = 0) -> Iterator[tuple[str, Record | BadRecord]]:
   """Each record is a UTF-8 JSON object (as the jsonl lines) or plain text."""
   try:
     source = ArrayRecordDataSource([path])
     count = len(source)
   except Exception as e:  # noqa: BLE001 -- as for parquet
     raise DataError(f"{path}: cannot read it as ArrayRecord ({one_line(e)})") from None
-  for i in range(count):
+  for i in range(first, count):
     where = f"{path}: record {i}"
     try:
       raw = _decode(source[i], where)
@@ -186,38 +215,100 @@ def _arrayrecord(path: str, text_key: str) -> Iterator[tuple[str, Record | BadRe
       yield where, e
 
 
-def read_files(files: list[str], fmt: str, fields: dict[str, str], skip_bad: bool, stats: dict,
-               text_split: str = "blank_line") -> Iterator[Record]:
-  """Every record of `files`, normalised (`normalize`). Plain text (documents of a text file, a
-  non-JSON ArrayRecord record) comes as {text field: text}.
+@dataclasses.dataclass(frozen=True)
+class Span:
+  """Records `first` .. `first + count - 1` of one file (count -1: to its end). In a line-based
+  file (jsonl, plain text) record `first` starts at byte `offset`, on line `line`."""
+  path: str
+  first: int = 0
+  count: int = -1
+  offset: int = 0
+  line: int = 1
+
+
+def _file_records(span: Span, fmt: str, text_key: str,
+                  text_split: str) -> Iterator[tuple[str, Record | BadRecord]]:
+  path = span.path
+  if path.endswith(".jsonl"):
+    records = _jsonl(path, span.offset, span.line)
+  elif path.endswith(".parquet"):
+    records = _parquet(path, span.first)
+  elif path.endswith(".arrayrecord"):
+    records = _arrayrecord(path, text_key, span.first)
+  elif fmt == "text":
+    records = _text(path, text_split, text_key, span.offset, span.line)
+  else:  # e.g. a .json file holding a list
+    raise DataError(f"{path}: is read as plain text, but data.format={fmt} needs records with "
+                    "fields: give .jsonl (a JSON object per line), .parquet or .arrayrecord")
+  return records if span.count < 0 else itertools.islice(records, span.count)
+
+
+def read_spans(spans: Sequence[Span], fmt: str, fields: dict[str, str], skip_bad: bool,
+               stats: dict, text_split: str = "blank_line") -> Iterator[tuple[int, Record]]:
+  """(k, record) for every good record of `spans`, normalised (`normalize`); k counts every
+  record read, bad ones included, so that it names the same record however many are bad. Plain
+  text (documents of a text file, a non-JSON ArrayRecord record) comes as {text field: text}.
 
   A fault in one record (not JSON, not UTF-8, a missing field, a wrong type, an unknown role)
   stops the run naming file:line, or with `skip_bad` is skipped and counted in
   stats["bad_records"] (the first one's message in stats["first_bad_record"]).
   """
   text_key = fields.get("text", "text")
-  for path in files:
-    if path.endswith(".jsonl"):
-      records = _jsonl(path)
-    elif path.endswith(".parquet"):
-      records = _parquet(path)
-    elif path.endswith(".arrayrecord"):
-      records = _arrayrecord(path, text_key)
-    elif fmt == "text":
-      records = _text(path, text_split, text_key)
-    else:  # e.g. a .json file holding a list
-      raise DataError(f"{path}: is read as plain text, but data.format={fmt} needs records with "
-                      "fields: give .jsonl (a JSON object per line), .parquet or .arrayrecord")
-    for where, record in records:
+  k = -1
+  for span in spans:
+    for where, record in _file_records(span, fmt, text_key, text_split):
+      k += 1
       try:
         if isinstance(record, BadRecord):
           raise record
-        yield normalize(record, fmt, fields, where)
+        yield k, normalize(record, fmt, fields, where)
       except BadRecord as e:
         if not skip_bad:
           raise DataError(f"{e}; fix it or set data.skip_bad_records=True") from None
         stats["bad_records"] = stats.get("bad_records", 0) + 1
         stats.setdefault("first_bad_record", str(e))
+
+
+def read_files(files: list[str], fmt: str, fields: dict[str, str], skip_bad: bool, stats: dict,
+               text_split: str = "blank_line") -> Iterator[tuple[int, Record]]:
+  """`read_spans` over whole files."""
+  return read_spans([Span(p) for p in files], fmt, fields, skip_bad, stats, text_split)
+
+
+def spans(path: str, fmt: str, text_split: str, every: int) -> list[Span]:
+  """The file cut into spans of `every` records (the last may hold fewer), found by reading it
+  once without parsing a record: line-based files by their lines, the others by their
+  metadata. An empty file has no span."""
+  if path.endswith((".parquet", ".arrayrecord")):
+    try:
+      n = (pq.ParquetFile(path).metadata.num_rows if path.endswith(".parquet")
+           else len(ArrayRecordDataSource([path])))
+    except Exception as e:  # noqa: BLE001 -- the file is the user's
+      raise DataError(f"{path}: cannot read it ({one_line(e)})") from None
+    return [Span(path, s, min(every, n - s)) for s in range(0, n, every)]
+  if path.endswith(".jsonl"):
+    starts = _jsonl_starts(path)
+  elif fmt == "text":
+    starts = ((line, at) for line, at, _ in _blocks(path, text_split_of(path, text_split)))
+  else:
+    _file_records(Span(path), fmt, "text", text_split)  # raises what read_spans would
+    return []
+  out = []
+  for k, (line, at) in enumerate(starts):
+    if k % every == 0:
+      out.append([k, 0, at, line])
+    out[-1][1] += 1
+  return [Span(path, first, count, at, line) for first, count, at, line in out]
+
+
+def _jsonl_starts(path: str) -> Iterator[tuple[int, int]]:
+  """(line, byte offset) of every non-blank line: where `_jsonl` finds a record."""
+  with _open_text(path) as f:
+    at = 0
+    for n, raw in enumerate(f, 1):
+      if raw.strip():
+        yield n, at
+      at += len(raw)
 
 
 def _check_messages(messages: Any, where: str, what: str) -> None:
@@ -269,12 +360,15 @@ def normalize(record: Record, fmt: str, fields: dict[str, str], where: str) -> R
 
 
 def load_datasets(spec: str, fmt: str, fields: dict[str, str], skip_bad: bool,
-                  stats: dict, text_split: str = "blank_line") -> list[list[Record]]:
-  """One list of normalised records per dataset named in `spec`."""
+                  stats: dict, text_split: str = "blank_line",
+                  numbered: bool = False) -> list[list[Record]]:
+  """One list of normalised records per dataset named in `spec`; `numbered`: of (k, record)
+  pairs, k as `read_spans` counts."""
   out = []
   for files in expand(spec):
     bad_before = stats.get("bad_records", 0)
-    records = list(read_files(files, fmt, fields, skip_bad, stats, text_split))
+    records = [x if numbered else x[1]
+               for x in read_files(files, fmt, fields, skip_bad, stats, text_split)]
     if not records:
       bad = stats.get("bad_records", 0) - bad_before
       skipped = f" ({bad} bad records skipped, the first: {stats['first_bad_record']})" if bad else ""
