@@ -48,6 +48,80 @@ def test_every_source_kind_and_path_form(tmp_path):
   assert texts == [["one", "two"], ["three", "four"], ["five", "six"], ["seven"]]
 
 
+
+def save_hf(rows, path, **kw):
+  """A Hugging Face `datasets` folder, written by the library itself (the trainer reads it
+  without it)."""
+  hf = pytest.importorskip("datasets")
+  hf.disable_progress_bars()
+  hf.Dataset.from_dict(rows).save_to_disk(str(path), **kw)
+  return hf
+
+
+def test_hugging_face_dataset_folders_read_in_their_own_order(tmp_path):
+  bodies = [f"doc {i} " + "w" * (i % 5) for i in range(11)]
+  hf = save_hf({"body": bodies, "n": list(range(11))}, tmp_path / "hub" / "text", num_shards=2)
+  folder = tmp_path / "hub" / "text"
+  # Rename the shards so that their names sort the other way round: the rows' order is the
+  # order state.json lists them in, as load_from_disk reads them.
+  state = json.loads((folder / "state.json").read_text())
+  assert [d["filename"] for d in state["_data_files"]] == ["data-00000-of-00002.arrow",
+                                                           "data-00001-of-00002.arrow"]
+  for d, new in zip(state["_data_files"], ["z.arrow", "a.arrow"]):
+    (folder / d["filename"]).rename(folder / new)
+    d["filename"] = new
+  (folder / "state.json").write_text(json.dumps(state))
+  (folder / "notes.md").write_text("not a record")  # only the dataset's shards are read
+  assert hf.load_from_disk(str(folder))["body"] == bodies
+  read = lambda spec: [[r["text"] for r in d]
+                       for d in sources.load_datasets(spec, "text", {"text": "body"}, False, {})]
+  assert read(str(folder)) == [bodies]
+  # A folder walk that meets the dataset takes it whole, in its place among the other files.
+  write_jsonl(tmp_path / "hub" / "a.jsonl", [{"body": "first"}])
+  write_jsonl(tmp_path / "hub" / "z.jsonl", [{"body": "last"}])
+  assert read(str(tmp_path / "hub")) == [["first"] + bodies + ["last"]]
+  assert read(str(folder / "a.arrow")) == [bodies[6:]]  # a shard alone is a file like any
+  # Chat records: a list of {role, content} structs comes back as the list of dicts.
+  chats = [CHAT, CHAT[:3], [{"role": "user", "content": "?"}, {"role": "assistant", "content": "!"}]]
+  save_hf({"messages": chats}, tmp_path / "chat", num_shards=2)
+  ds = sources.load_datasets(str(tmp_path / "chat"), "chat", {}, False, {})
+  assert [r["messages"] for r in ds[0]] == chats
+
+
+def test_a_dataset_dict_is_refused_until_a_split_is_named(tmp_path):
+  hf = pytest.importorskip("datasets")
+  hf.disable_progress_bars()
+  rows = hf.Dataset.from_dict({"text": ["a", "b", "c"]})
+  hf.DatasetDict(train=rows, test=rows.select([2])).save_to_disk(str(tmp_path / "dd"))
+  folder = str(tmp_path / "dd")
+  for spec in (folder, str(tmp_path)):  # named, or met in a folder walk
+    with pytest.raises(DataError) as e:
+      sources.load_datasets(spec, "text", {}, False, {})
+    assert str(e.value) == (f"{folder}: is a Hugging Face DatasetDict with splits train, test; "
+                            f"name one split as the dataset, e.g. {folder}/train")
+  ds = sources.load_datasets(f"{folder}/train, {folder}/test", "text", {}, False, {})
+  assert [[r["text"] for r in d] for d in ds] == [["a", "b", "c"], ["c"]]
+
+
+def test_a_file_that_is_not_arrow_is_one_error_naming_it(tmp_path):
+  save_hf({"text": [f"row {i}" for i in range(40)]}, tmp_path / "ds")
+  (shard,) = (tmp_path / "ds").glob("*.arrow")
+  whole = shard.read_bytes()
+  (tmp_path / "junk.arrow").write_text("hello, not arrow\n")
+  (tmp_path / "short.arrow").write_bytes(whole[:len(whole) // 2])  # cut off in its batch
+  for name in ("junk.arrow", "short.arrow"):
+    path = str(tmp_path / name)
+    with pytest.raises(DataError) as e:
+      sources.load_datasets(path, "text", {}, False, {})
+    message = str(e.value)
+    assert message.startswith(f"{path}: cannot read it as Arrow IPC (") and "\n" not in message
+  shard.write_bytes(whole[:len(whole) // 2])  # a dataset's shard is named the same way
+  with pytest.raises(DataError, match=f"^{shard}: cannot read it as Arrow IPC"):
+    sources.load_datasets(str(tmp_path / "ds"), "text", {}, False, {})
+  (tmp_path / "ds" / "state.json").write_text('{"_data_files": [{"filename": "gone.arrow"}]}')
+  with pytest.raises(DataError, match="state.json: lists .*gone.arrow, which is not there"):
+    sources.load_datasets(str(tmp_path / "ds"), "text", {}, False, {})
+
 def test_malformed_line_names_file_and_line_or_is_skipped_and_counted(tmp_path):
   path = write_jsonl(tmp_path / "bad.jsonl", [{"text": "a"}, "{not json", {"text": "b"}])
   with pytest.raises(DataError, match=r"bad.jsonl:2: malformed JSON"):

@@ -1,7 +1,13 @@
-"""Reading records from files: jsonl, plain text (files or folders), parquet, ArrayRecord.
+"""Reading records from files: jsonl, plain text (files or folders), parquet, ArrayRecord,
+Arrow IPC (`.arrow`), and Hugging Face `datasets` folders (written by `Dataset.save_to_disk`).
 
 `data.train_files` / `data.eval_files` name datasets: a comma-separated list, each entry a path,
-a folder or a glob. Each entry is one dataset of a mixture (`data.train_weights`). Records come
+a folder or a glob. Each entry is one dataset of a mixture (`data.train_weights`). A folder is
+every data file under it, except that a Hugging Face dataset folder (one holding `state.json`)
+is that dataset's `.arrow` shards in its own order and nothing else; a `DatasetDict` folder
+(`dataset_dict.json`) is refused, wherever it is met, until one split is named (`folder/train`),
+for its splits together would mix test data into training. The folders are read with pyarrow
+alone, not the `datasets` package. Records come
 back as dicts with the config's field names mapped to ours: `text`, `messages`, or
 `prompt`/`chosen`/`rejected`. A plain-text file holds many documents, cut per `data.text_split`
 (by default a blank line ends one), so that `data.eval_percent` can hold some out.
@@ -18,6 +24,7 @@ import json
 import os
 from typing import Any, Iterator, Sequence
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from grain.sources import ArrayRecordDataSource
 
@@ -29,6 +36,8 @@ TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".text")
 CODE_SUFFIXES = (".py",)  # whole files under text_split=blank_line
 FORMATS = ("text", "chat", "preference")
 TEXT_SPLITS = ("blank_line", "line", "file")  # how a plain-text file is cut into documents
+RECORD_SUFFIXES = (".jsonl", ".parquet", ".arrayrecord", ".arrow")
+ARROW_ROWS = 1024  # rows made into Python dicts at a time: a shard's batch may hold many more
 
 
 class DataError(UserError):
@@ -40,13 +49,64 @@ class BadRecord(DataError):
   skips and counts it."""
 
 
+def _hf_dataset(folder: str) -> list[str]:
+  """A Hugging Face dataset folder's `.arrow` shards in the order `state.json` lists them (the
+  order of its rows), which a sort of the names need not keep."""
+  state_path = os.path.join(folder, "state.json")
+  try:
+    with open(state_path, encoding="utf-8") as f:
+      names = [d["filename"] for d in json.load(f)["_data_files"]]
+  except OSError as e:
+    raise DataError(f"{state_path}: cannot read it ({e.strerror})") from None
+  except (ValueError, KeyError, TypeError) as e:
+    raise DataError(f"{state_path}: not a Hugging Face dataset state (no _data_files list of "
+                    f"{{filename}} objects: {one_line(e)}); save the dataset again with "
+                    "Dataset.save_to_disk") from None
+  files = [os.path.join(folder, str(name)) for name in names]
+  missing = [f for f in files if not os.path.isfile(f)]
+  if missing:
+    raise DataError(f"{state_path}: lists {missing[0]}, which is not there"
+                    + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else ""))
+  return files
+
+
+def _refuse_dataset_dict(folder: str) -> None:
+  """A DatasetDict holds splits (train, test, ...): reading them all as one dataset would train
+  on the test split, so the user names one."""
+  try:
+    with open(os.path.join(folder, "dataset_dict.json"), encoding="utf-8") as f:
+      splits = [str(s) for s in json.load(f)["splits"]]
+  except (OSError, ValueError, KeyError, TypeError):
+    splits = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+  example = os.path.join(folder, splits[0] if splits else "train")
+  raise DataError(f"{folder}: is a Hugging Face DatasetDict with splits "
+                  f"{', '.join(splits) or '(none)'}; name one split as the dataset, e.g. "
+                  f"{example}")
+
+
+def _walk(folder: str) -> list[str]:
+  """The data files under `folder` in path order; a Hugging Face dataset folder met on the way
+  counts as its shards in its own order (and nothing else in it), a DatasetDict is refused."""
+  found: list[tuple[str, list[str]]] = []  # (where it sorts, its files)
+  for d, subdirs, fs in os.walk(folder):
+    if "dataset_dict.json" in fs:
+      _refuse_dataset_dict(d)
+    if "state.json" in fs:
+      found.append((os.path.join(d, ""), _hf_dataset(d)))
+      subdirs.clear()  # the dataset is its shards alone
+      continue
+    found += [(p, [p]) for p in (os.path.join(d, f) for f in fs)
+              if p.endswith(TEXT_SUFFIXES + RECORD_SUFFIXES)]
+  return [f for _, files in sorted(found) for f in files]
+
+
 def expand(spec: str) -> list[list[str]]:
-  """'a.jsonl, dir/, b/*.parquet' -> one sorted file list per comma-separated entry."""
+  """'a.jsonl, dir/, b/*.parquet' -> one file list per comma-separated entry (sorted, but for a
+  Hugging Face dataset's shards, which keep its order)."""
   datasets = []
   for entry in filter(None, (s.strip() for s in spec.split(","))):
     if os.path.isdir(entry):
-      files = sorted(os.path.join(d, f) for d, _, fs in os.walk(entry) for f in fs
-                     if f.endswith(TEXT_SUFFIXES + (".jsonl", ".parquet", ".arrayrecord")))
+      files = _walk(entry)
     else:
       files = sorted(glob.glob(entry)) if any(c in entry for c in "*?[") else (
           [entry] if os.path.exists(entry) else [])
@@ -198,6 +258,44 @@ def _parquet(path: str, first: int = 0) -> Iterator[tuple[str, Record | BadRecor
     at += size
 
 
+def _arrow_batches(source: pa.MemoryMappedFile) -> Iterator[pa.RecordBatch]:
+  """The record batches of an Arrow IPC file, one at a time: the stream format (what
+  `datasets` writes) or the random-access file format (it begins with the magic ARROW1)."""
+  if source.read(6) == b"ARROW1":
+    source.seek(0)
+    reader = pa.ipc.open_file(source)
+    for k in range(reader.num_record_batches):
+      yield reader.get_batch(k)
+  else:
+    source.seek(0)
+    yield from pa.ipc.open_stream(source)
+
+
+def _arrow(path: str, first: int = 0) -> Iterator[tuple[str, Record | BadRecord]]:
+  """Rows of an Arrow IPC file (a Hugging Face dataset's shard) from `first` on, as dicts, as
+  parquet's are. The file is memory-mapped and read a batch at a time, so memory stays flat
+  however big it is; batches before `first` are skipped undecoded."""
+  i = 0
+  try:
+    with pa.memory_map(path) as source:
+      for batch in _arrow_batches(source):
+        for start in range(max(first - i, 0), batch.num_rows, ARROW_ROWS):
+          for k, record in enumerate(batch.slice(start, ARROW_ROWS).to_pylist()):
+            yield f"{path}: row {i + start + k}", record
+        i += batch.num_rows
+  except (OSError, pa.ArrowException) as e:  # not Arrow IPC, cut short, or corrupt
+    after = f" after row {i - 1}" if i else ""
+    raise DataError(f"{path}: cannot read it as Arrow IPC{after} ({one_line(e)})") from None
+
+
+def _arrow_rows(path: str) -> int:
+  try:
+    with pa.memory_map(path) as source:
+      return sum(batch.num_rows for batch in _arrow_batches(source))
+  except (OSError, pa.ArrowException) as e:
+    raise DataError(f"{path}: cannot read it as Arrow IPC ({one_line(e)})") from None
+
+
 def _arrayrecord(path: str, text_key: str,
                  first: int = 0) -> Iterator[tuple[str, Record | BadRecord]]:
   """Each record is a UTF-8 JSON object (as the jsonl lines) or plain text."""
@@ -235,11 +333,14 @@ def _file_records(span: Span, fmt: str, text_key: str,
     records = _parquet(path, span.first)
   elif path.endswith(".arrayrecord"):
     records = _arrayrecord(path, text_key, span.first)
+  elif path.endswith(".arrow"):
+    records = _arrow(path, span.first)
   elif fmt == "text":
     records = _text(path, text_split, text_key, span.offset, span.line)
   else:  # e.g. a .json file holding a list
     raise DataError(f"{path}: is read as plain text, but data.format={fmt} needs records with "
-                    "fields: give .jsonl (a JSON object per line), .parquet or .arrayrecord")
+                    "fields: give .jsonl (a JSON object per line), .parquet, .arrayrecord or "
+                    ".arrow")
   return records if span.count < 0 else itertools.islice(records, span.count)
 
 
@@ -279,10 +380,12 @@ def spans(path: str, fmt: str, text_split: str, every: int) -> list[Span]:
   """The file cut into spans of `every` records (the last may hold fewer), found by reading it
   once without parsing a record: line-based files by their lines, the others by their
   metadata. An empty file has no span."""
-  if path.endswith((".parquet", ".arrayrecord")):
+  if path.endswith((".parquet", ".arrayrecord", ".arrow")):
     try:
-      n = (pq.ParquetFile(path).metadata.num_rows if path.endswith(".parquet")
-           else len(ArrayRecordDataSource([path])))
+      n = (pq.ParquetFile(path).metadata.num_rows if path.endswith(".parquet") else
+           _arrow_rows(path) if path.endswith(".arrow") else len(ArrayRecordDataSource([path])))
+    except DataError:
+      raise
     except Exception as e:  # noqa: BLE001 -- the file is the user's
       raise DataError(f"{path}: cannot read it ({one_line(e)})") from None
     return [Span(path, s, min(every, n - s)) for s in range(0, n, every)]
