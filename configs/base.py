@@ -83,7 +83,9 @@ def get_config(arg=None):
 
   # Where tokens come from (trainer/data/).
   c.data = ml_collections.ConfigDict(dict(
-      source="stdlib",  # stdlib: the Python standard library's source (offline, real text) | files
+      # stdlib: the Python standard library's source (offline, real text) | files | prepared
+      # (folders python -m trainer.data.prepare wrote, in train_files / eval_files)
+      source="stdlib",
       max_chars=4_000_000,  # stdlib: characters of training text to read
       train_files="",  # files: paths, folders or globs, comma-separated; each entry a dataset
       eval_files="",  # files: "" holds out eval_percent of every training dataset

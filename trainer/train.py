@@ -53,6 +53,8 @@ def data_sources(d) -> str:
   """What the run trains and evaluates on, for its data line."""
   if d.source == "stdlib":
     return f"train the Python standard library's source, eval {d.eval_percent:g}% of it held out"
+  if d.source == "prepared":
+    return f"train prepared {d.train_files}, eval prepared {d.eval_files or 'held-out split'}"
   held = d.eval_files or f"{d.eval_percent:g}% of the training files held out"
   return f"train {d.train_files}, eval {held}"
 

@@ -23,7 +23,7 @@ from trainer.optim import SCHEDULES
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 PARAM_DTYPES = ("float32", "bfloat16")
-DATA_SOURCES = ("stdlib", "files")
+DATA_SOURCES = ("stdlib", "files", "prepared")
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -104,9 +104,14 @@ def check_config(cfg) -> None:
            f"{d.source!r} is not one of {', '.join(DATA_SOURCES)}")
   _require(d.source != "files" or bool(d.train_files), "data.train_files",
            "data.source=files needs data.train_files (paths, folders or globs)")
+  _require(d.source != "prepared" or bool(d.train_files), "data.train_files",
+           "data.source=prepared needs data.train_files (folders trainer.data.prepare wrote)")
   for key in ("train_files", "eval_files"):
-    _require(d.source == "files" or not d[key], f"data.{key}",
-             f"is read only with data.source=files (now {d.source}): set that too")
+    _require(d.source != "stdlib" or not d[key], f"data.{key}",
+             f"is read only with data.source=files or prepared (now {d.source}): set that too")
+  _require(d.source != "prepared" or t.eval_exact_match == 0, "train.eval_exact_match",
+           "needs the held-out records themselves, which prepared shards do not keep; use "
+           "data.source=files for it")
   _require(d.format in FORMATS, "data.format", f"{d.format!r} is not one of {', '.join(FORMATS)}")
   _require(d.text_split in TEXT_SPLITS, "data.text_split",
            f"{d.text_split!r} is not one of {', '.join(TEXT_SPLITS)}")

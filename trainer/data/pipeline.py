@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
-from trainer.data import packing, pairs, sources, stdlib_corpus, templates
+from trainer.data import packing, pairs, shards, sources, stdlib_corpus, templates
 from trainer.data import tokenizer as tokenizer_lib
 from trainer.data.sources import DataError
 from trainer.seeds import fold_seed
@@ -55,6 +55,16 @@ def tokenize(records: Sequence[dict[str, Any]], fmt: str, tokenizer,
   raise DataError(f"data.format={fmt!r} is not one of {', '.join(sources.FORMATS)}")
 
 
+class InMemory:
+  """One dataset's tokenized examples, held in memory (`shards.Store` is its on-disk twin)."""
+
+  def __init__(self, ids: list, masks: list):
+    self.ids, self.masks = ids, masks
+
+  def __len__(self) -> int:
+    return len(self.ids)
+
+
 class PackedRows:
   """Row i of an endless stream of epochs; each epoch is the mixture of the datasets' pieces,
   shuffled, packed. Callable on a row index (a grain map function)."""
@@ -64,6 +74,7 @@ class PackedRows:
                name: str = "data"):
     """`name` says which split and files these are, for the error when none of their
     positions carries a loss weight."""
+    datasets = [(d.ids, d.masks) if isinstance(d, InMemory) else d for d in datasets]
     self.preference = bool(datasets) and isinstance(datasets[0][0][0], pairs.Pair)
     if self.preference:  # whole pairs only, placed best-fit
       mode = "greedy" if mode == "concat" else mode
@@ -236,6 +247,9 @@ def _split_names(d) -> tuple[str, str]:
   """How errors and warnings name the train and eval splits: by their files."""
   if d.source == "stdlib":
     return "train split (the standard library corpus)", "eval split (the standard library corpus)"
+  if d.source == "prepared":
+    return (f"train split (prepared {d.train_files})",
+            f"eval split (prepared {d.eval_files or d.train_files})")
   held = f"data.eval_percent={d.eval_percent} held out of {d.train_files}"
   return f"train split ({d.train_files})", f"eval split ({d.eval_files or held})"
 
@@ -256,13 +270,35 @@ def _long_examples(name: str, rows: PackedRows, stats: dict, fmt: str) -> str | 
           f"train.seq_len={fit} would fit 95% of them")
 
 
-def _training_text(records: list[dict], template: templates.Template | None) -> list[str]:
+def training_text(records: list[dict], template: templates.Template | None) -> list[str]:
+  """What a tokenizer is trained on: the text, or each conversation rendered by the template."""
   if template is None:
     return [r["text"] for r in records]
   if records and "messages" not in records[0]:  # preference: prompt and both answers
     return ["".join(t for k in ("prompt", "chosen", "rejected") for t, _ in template.render(
         pairs.messages(r[k], "user" if k == "prompt" else "assistant", k))) for r in records]
   return ["".join(t for t, _ in template.render(r["messages"])) for r in records]
+
+
+def load_tokenizer(source: str, key: str):
+  """The tokenizer file or folder `source` names, or one line naming the config `key`."""
+  try:
+    return tokenizer_lib.load(source)
+  except Exception as e:  # noqa: BLE001 -- any failure to read it is the user's file
+    raise DataError(f"config key {key}: cannot read a tokenizer from {source} "
+                    f"({sources.one_line(e)})") from None
+
+
+def train_tokenizer(texts, vocab_size: int, template: templates.Template | None, name: str):
+  """A SentencePiece model trained on `texts` (the template's special tokens as single pieces);
+  too little text for `vocab_size` is one line saying what to change."""
+  try:
+    return tokenizer_lib.Tokenizer.train(texts, vocab_size,
+                                         specials=template.specials if template else ())
+  except ValueError as e:
+    raise DataError(f"config key data.tokenizer_vocab_size: cannot train a tokenizer of "
+                    f"{vocab_size} pieces on {name}: {e}; change data.tokenizer_vocab_size, "
+                    "give more text, or give data.tokenizer") from None
 
 
 @dataclasses.dataclass
@@ -285,43 +321,23 @@ def build(cfg, workdir: str, is_leader: bool, sync=lambda: None) -> Data:
   d, t = cfg.data, cfg.train
   stats: dict[str, Any] = {}
   template = templates.get(d.template) if d.format in ("chat", "preference") else None
-  train_records, eval_records = _records(cfg, stats)
-  warnings = []
-  if stats.get("bad_records"):
-    n = stats["bad_records"]
-    warnings.append(f"skipped {n} bad record{'s' * (n > 1)} (data.skip_bad_records), the first: "
-                    f"{stats.pop('first_bad_record')}")
   train_name, eval_name = _split_names(d)
-  init = cfg.model.get("init_from", "")
-  source = d.tokenizer or (init[3:] if init.startswith("hf:") else "")
-  if source:  # given, or the Hugging Face model's own
-    key = "data.tokenizer" if d.tokenizer else "model.init_from"
-    try:
-      tokenizer = tokenizer_lib.load(source)
-    except Exception as e:  # noqa: BLE001 -- any failure to read it is the user's file
-      raise DataError(f"config key {key}: cannot read a tokenizer from {source} "
-                      f"({sources.one_line(e)})") from None
+  warnings = []
+  if d.source == "prepared":
+    tokenizer, train_sets, eval_sets = _prepared(cfg, template)
+    eval_records = []
     if is_leader:  # a copy beside the checkpoints
       tokenizer.save(os.path.join(workdir, tokenizer_lib.file_name(tokenizer)))
-  else:  # trained once per workdir by the leader, then read by every process
-    saved = os.path.join(workdir, "tokenizer.model")
-    failure = None  # the leader's, raised after the barrier: every process then stops
-    if is_leader and not os.path.exists(saved):
-      try:
-        tokenizer_lib.Tokenizer.train(
-            [x for ds in train_records for x in _training_text(ds, template)],
-            d.tokenizer_vocab_size, specials=template.specials if template else ()).save(saved)
-      except ValueError as e:
-        failure = DataError(
-            f"config key data.tokenizer_vocab_size: cannot train a tokenizer of "
-            f"{d.tokenizer_vocab_size} pieces on the {train_name}: {e}; change "
-            "data.tokenizer_vocab_size, give more text, or give data.tokenizer")
-    sync()
-    if failure is not None:
-      raise failure
-    if not os.path.exists(saved):
-      raise DataError(f"{saved}: process 0 could not train the tokenizer (its error says why)")
-    tokenizer = tokenizer_lib.Tokenizer.load(saved)
+  else:
+    train_records, eval_records = _records(cfg, stats)
+    if stats.get("bad_records"):
+      n = stats["bad_records"]
+      warnings.append(f"skipped {n} bad record{'s' * (n > 1)} (data.skip_bad_records), the "
+                      f"first: {stats.pop('first_bad_record')}")
+    tokenizer = _tokenizer(cfg, workdir, is_leader, sync, template, train_records, train_name)
+    train_sets = [InMemory(*tokenize(r, d.format, tokenizer, template)) for r in train_records]
+    eval_sets = [InMemory(*tokenize(r, d.format, tokenizer, template)) for r in eval_records]
+    eval_records = [r for ds in eval_records for r in ds]
   if template is not None:
     try:
       template.stop_id(tokenizer)
@@ -329,22 +345,104 @@ def build(cfg, workdir: str, is_leader: bool, sync=lambda: None) -> Data:
       raise DataError(f"config key data.template: {e}") from None
 
   weights = [float(w) for w in d.train_weights.split(",")] if d.train_weights else \
-      [len(ds) for ds in train_records]
-  if len(weights) != len(train_records) or min(weights) <= 0:
+      [len(ds) for ds in train_sets]
+  if len(weights) != len(train_sets) or min(weights) <= 0:
     raise DataError(f"config key data.train_weights: {d.train_weights!r} must be one positive "
-                    f"weight per dataset in data.train_files ({len(train_records)})")
+                    f"weight per dataset in data.train_files ({len(train_sets)})")
   common = dict(seq_len=t.seq_len, mode=d.packing, truncation=d.truncation, group=d.pack_group)
-  train = PackedRows([tokenize(r, d.format, tokenizer, template) for r in train_records], weights,
-                     seed=fold_seed(t.seed), shuffle=True, stats=stats, name=train_name, **common)
+  train = PackedRows(train_sets, weights, seed=fold_seed(t.seed), shuffle=True, stats=stats,
+                     name=train_name, **common)
   eval_stats: dict[str, Any] = {}
-  evals = PackedRows([tokenize(r, d.format, tokenizer, template) for r in eval_records],
-                     [len(r) for r in eval_records], seed=0, shuffle=False, stats=eval_stats,
-                     name=eval_name, **common)
+  evals = PackedRows(eval_sets, [len(ds) for ds in eval_sets], seed=0, shuffle=False,
+                     stats=eval_stats, name=eval_name, **common)
   warnings += filter(None, (_long_examples(train_name, train, stats, d.format),
                             _long_examples(eval_name, evals, eval_stats, d.format)))
   stats.update({f"eval_{k}": v for k, v in eval_stats.items()})  # e.g. eval_truncated
   stats["padding_ratio"] = packing.padding_ratio(train.epoch(0), t.seq_len)
-  stats["train_examples"] = sum(len(r) for r in train_records)
-  stats["eval_examples"] = sum(len(r) for r in eval_records)
-  return Data(tokenizer, template, train, evals, [r for ds in eval_records for r in ds], stats,
-              warnings)
+  stats["train_examples"] = sum(len(ds) for ds in train_sets)
+  stats["eval_examples"] = sum(len(ds) for ds in eval_sets)
+  return Data(tokenizer, template, train, evals, eval_records, stats, warnings)
+
+
+def _tokenizer(cfg, workdir: str, is_leader: bool, sync, template, train_records,
+               train_name: str):
+  """The tokenizer given (data.tokenizer, or the Hugging Face model's own), copied into the
+  workdir by the leader; or one the leader trains there on the training text once per workdir,
+  then read by every process after `sync()`, so that all agree on it."""
+  d = cfg.data
+  init = cfg.model.get("init_from", "")
+  source = d.tokenizer or (init[3:] if init.startswith("hf:") else "")
+  if source:
+    tokenizer = load_tokenizer(source, "data.tokenizer" if d.tokenizer else "model.init_from")
+    if is_leader:  # a copy beside the checkpoints
+      tokenizer.save(os.path.join(workdir, tokenizer_lib.file_name(tokenizer)))
+    return tokenizer
+  saved = os.path.join(workdir, "tokenizer.model")
+  failure = None  # the leader's, raised after the barrier: every process then stops
+  if is_leader and not os.path.exists(saved):
+    try:
+      train_tokenizer((x for ds in train_records for x in training_text(ds, template)),
+                      d.tokenizer_vocab_size, template, f"the {train_name}").save(saved)
+    except DataError as e:
+      failure = e
+  sync()
+  if failure is not None:
+    raise failure
+  if not os.path.exists(saved):
+    raise DataError(f"{saved}: process 0 could not train the tokenizer (its error says why)")
+  return tokenizer_lib.Tokenizer.load(saved)
+
+
+def _prepared(cfg, template) -> tuple[Any, list, list]:
+  """data.source=prepared: the tokenizer and the train and eval datasets (`shards.Store`s) of
+  the folders in data.train_files (and data.eval_files), each checked against the run: its
+  format, template and tokenizer."""
+  d = cfg.data
+  folders = {key: [x.strip() for x in d[key].split(",") if x.strip()]
+             for key in ("train_files", "eval_files")}
+  if not folders["train_files"]:
+    raise DataError("config key data.train_files: empty; with data.source=prepared name the "
+                    "folders python -m trainer.data.prepare wrote")
+  manifests = {(key, f): shards.read_manifest(f, f"data.{key}")
+               for key, fs in folders.items() for f in fs}
+  init = cfg.model.get("init_from", "")
+  given = d.tokenizer or (init[3:] if init.startswith("hf:") else "")
+  first = folders["train_files"][0]
+  if given:
+    tokenizer, whose = load_tokenizer(given, "data.tokenizer" if d.tokenizer else
+                                      "model.init_from"), f"this run's ({given})"
+  else:
+    path = os.path.join(first, manifests["train_files", first]["tokenizer"])
+    tokenizer, whose = load_tokenizer(path, "data.train_files"), f"{first}'s"
+  want_tok = shards.tokenizer_fingerprint(tokenizer)
+  want_tpl = shards.template_fingerprint(template)
+  for (key, folder), m in manifests.items():
+    if m["format"] != d.format:
+      raise DataError(f"config key data.{key}: {folder} was prepared as data.format="
+                      f"{m['format']}, this run has data.format={d.format}")
+    if m["tokenizer_fingerprint"] != want_tok:
+      raise DataError(f"config key data.{key}: {folder} was written for tokenizer "
+                      f"{m['tokenizer_fingerprint']}, but {whose} is {want_tok}; prepare it "
+                      "again with this tokenizer")
+    if m["template_fingerprint"] != want_tpl:
+      raise DataError(f"config key data.{key}: {folder} was written for template "
+                      f"{m['template_fingerprint']}, but this run's (data.template={d.template}) "
+                      f"is {want_tpl}; prepare it again, or set data.template to its template")
+  preference = d.format == "preference"
+  def stores(key: str, folder: str, split: str) -> list:
+    return [shards.Store(folder, ds["shards"], preference)
+            for ds in manifests[key, folder]["splits"].get(split, [])]
+  train = [s for f in folders["train_files"] for s in stores("train_files", f, "train")]
+  if not train:
+    raise DataError(f"config key data.train_files: {', '.join(folders['train_files'])} hold no "
+                    "training examples")
+  if folders["eval_files"]:  # their eval split, or all of them when they have none
+    evals = [s for f in folders["eval_files"]
+             for s in stores("eval_files", f, "eval") or stores("eval_files", f, "train")]
+  else:
+    evals = [s for f in folders["train_files"] for s in stores("train_files", f, "eval")]
+  if not any(len(s) for s in evals):
+    raise DataError(f"config key data.eval_files: {', '.join(folders['train_files'])} hold no "
+                    "held-out examples (prepared with data.eval_percent=0?); name a prepared "
+                    "folder for eval")
+  return tokenizer, train, evals
