@@ -104,21 +104,37 @@ def plan_rows(pieces, seq_len: int, mode: str, group: int = 512) -> Rows:
 
 
 def _concat(pieces: np.ndarray, seq_len: int) -> Rows:
-  """The pieces' positions one stream, cut every seq_len positions. A piece across a cut is split
-  there into parts that share the token at the cut (one part's last target, the next's first
-  input), as no position is lost."""
-  pieces = pieces[pieces[:, 2] - pieces[:, 1] > 1]  # a piece of fewer than 2 tokens fills nothing
-  ex, start, end = pieces.T
-  hi = np.cumsum(end - start - 1)  # each piece holds positions [lo, hi) of the stream
-  lo = hi - (end - start - 1)
-  first, count = lo // seq_len, (hi - 1) // seq_len - lo // seq_len + 1  # the rows it touches
-  which = np.repeat(np.arange(len(pieces)), count)  # the piece of each part
-  row = np.repeat(first, count) + np.arange(len(which)) - np.repeat(np.cumsum(count) - count, count)
-  a = np.maximum(lo[which], row * seq_len) - lo[which]  # the part's positions within its piece
-  b = np.minimum(hi[which], (row + 1) * seq_len) - lo[which]
-  parts = np.stack([ex[which], start[which] + a, start[which] + b + 1], axis=1)
-  n_rows = -(-int(hi[-1]) // seq_len) if len(hi) else 0
-  return Rows(parts, np.searchsorted(row, np.arange(n_rows + 1)).astype(np.int64))
+  """The pieces' positions as one stream, cut every seq_len positions. A piece across a cut is
+  split there into parts that share the token at the cut (one part's last target is the next
+  one's first input), so no position is lost."""
+  size = pieces[:, 2] - pieces[:, 1] - 1
+  if not (size > 0).all():  # a piece of fewer than 2 tokens fills nothing
+    pieces, size = pieces[size > 0], size[size > 0]
+  hi = np.cumsum(size)  # piece k holds positions lo[k]..hi[k]-1 of the stream
+  lo = hi - size
+  total = int(hi[-1]) if len(hi) else 0
+  cuts = np.arange(seq_len, total, seq_len)  # where the rows past the first begin
+  inside = np.searchsorted(hi, cuts, side="right")  # the piece holding each
+  keep = lo[inside] < cuts  # a cut at a piece's first position splits nothing
+  cuts, inside = cuts[keep], inside[keep]
+  # the parts in stream order: each piece, with a part inserted after it per cut inside it
+  at = inside + np.arange(1, len(cuts) + 1)
+  whole = np.ones(len(pieces) + len(cuts), bool)
+  whole[at] = False
+  first, which = np.empty(len(whole), np.int64), np.empty(len(whole), np.int64)
+  first[whole], first[at] = lo, cuts  # each part's first position
+  which[whole], which[at] = np.arange(len(pieces)), inside  # and its piece
+  del size, hi, cuts, inside, keep, at, whole  # peak memory: ~25 MB each per million examples
+  shift = np.take(pieces[:, 1] - lo, which)  # a part's token = its stream position + shift
+  parts = np.empty((len(first), 3), np.int64)
+  np.take(pieces[:, 0], which, out=parts[:, 0])
+  del which
+  np.add(first, shift, out=parts[:, 1])
+  np.add(first[1:], shift[:-1], out=parts[:-1, 2])  # parts are contiguous: each ends where the
+  parts[-1:, 2] = total + shift[-1:]  # next starts, sharing that token
+  parts[:, 2] += 1
+  offsets = np.searchsorted(first, np.arange(-(-total // seq_len) + 1) * seq_len)
+  return Rows(parts, offsets.astype(np.int64))
 
 
 def _greedy(pieces: np.ndarray, seq_len: int, group: int) -> Rows:
@@ -130,9 +146,8 @@ def _greedy(pieces: np.ndarray, seq_len: int, group: int) -> Rows:
   need = need[order]
   full = np.bincount(g[need >= seq_len], minlength=g[-1] + 1 if len(g) else 0).tolist()
   row, opened = np.empty(len(pieces), np.int64), 0
-  needs = need.tolist()
   for k, s in enumerate(range(0, len(pieces), group)):
-    rows, n = _best_fit(needs[s:s + group], full[k], seq_len)
+    rows, n = _best_fit(need[s:s + group].tolist(), full[k], seq_len)
     row[s:s + group] = np.asarray(rows) + opened
     opened += n
   placed = np.argsort(row, kind="stable")  # by row, then in the order placed
