@@ -351,6 +351,19 @@ def test_mixture_follows_weights_and_is_deterministic():
   assert any(not np.array_equal(rows(i)["inputs"], other_seed(i)["inputs"]) for i in range(10))
 
 
+def test_only_the_last_two_epochs_plans_are_kept_and_an_old_one_is_planned_again():
+  rows = make_rows([list(range(2, 40)), [5, 9] * 20], [2.0, 1.0], mode="concat")
+  fresh = make_rows([list(range(2, 40)), [5, 9] * 20], [2.0, 1.0], mode="concat")
+  n = len(rows.epoch(0))
+  late = [rows(i)["inputs"] for i in range(5 * n, 5 * n + 8)]  # plans epochs 0..5 on the way
+  assert len(rows.starts) >= 7 and len(rows.plans) == 2
+  for i in list(range(0, n, 3)) + list(range(5 * n, 5 * n + 8)):  # epoch 0 again, then back
+    np.testing.assert_array_equal(rows(i)["inputs"], fresh(i)["inputs"])
+  assert len(rows.plans) == 2
+  np.testing.assert_array_equal(np.stack(late), np.stack([fresh(i)["inputs"] for i in
+                                                          range(5 * n, 5 * n + 8)]))
+
+
 def test_iterator_state_resumes_at_the_next_batch():
   rows = make_rows([list(range(2, 40)) * 5], [1.0])
   ds = pipeline.batches(rows, 4)
