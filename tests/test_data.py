@@ -276,7 +276,7 @@ def test_packing_covers_every_token_pair_once(mode):
   assert pairs_of(rows, ids, seq_len) == expected
   waste = packing.padding_ratio(rows, seq_len)
   if mode == "concat":
-    assert all(sum(e - s - 1 for _, s, e in r) == seq_len for r in rows[:-1])
+    assert all(sum(e - s - 1 for _, s, e in r) == seq_len for r in list(rows)[:-1])
   # only the last row is ever part-empty when packing
   assert {"none": waste > 0.7, "concat": waste < 1 / len(rows), "greedy": waste < 1 / len(rows)}[mode]
 
@@ -289,6 +289,101 @@ def test_truncation_policies_are_counted():
     pieces = packing.fit_examples(lengths, 16, policy, stats)
     assert {k: v for k, v in stats.items() if k != "tokens_cut"} == counts
     assert all(e - s <= 17 for _, s, e in pieces)
+
+
+def reference_fit_examples(lengths, seq_len, policy, stats):
+  """The list implementation packing.fit_examples replaced, kept as the reference."""
+  out, cap = [], seq_len + 1
+  for i, n in enumerate(lengths):
+    if n < 2:
+      stats["too_short"] = stats.get("too_short", 0) + 1
+      continue
+    if n <= cap:
+      out.append((i, 0, n))
+    elif policy == "drop":
+      stats["dropped"] = stats.get("dropped", 0) + 1
+    elif policy == "truncate":
+      stats["truncated"] = stats.get("truncated", 0) + 1
+      stats["tokens_cut"] = stats.get("tokens_cut", 0) + n - cap
+      out.append((i, 0, cap))
+    else:
+      stats["split"] = stats.get("split", 0) + 1
+      out += [(i, s, min(s + cap, n)) for s in range(0, n - 1, seq_len)]
+  return out
+
+
+def reference_plan_rows(pieces, seq_len, mode, group):
+  """The list implementation packing.plan_rows replaced, kept as the reference."""
+  import bisect
+  if mode == "none":
+    return [[p] for p in pieces]
+  if mode == "concat":
+    rows, row, room = [], [], seq_len
+    for ex, start, end in pieces:
+      while end - start > 1:
+        take = min(room, end - start - 1)
+        row.append((ex, start, start + take + 1))
+        start, room = start + take, room - take
+        if room == 0:
+          rows.append(row)
+          row, room = [], seq_len
+    return rows + ([row] if row else [])
+  rows = []
+  for g in range(0, len(pieces), group):
+    chunk = sorted(pieces[g:g + group], key=lambda p: p[2] - p[1], reverse=True)
+    group_rows, open_rows = [], []
+    for piece in chunk:
+      need = piece[2] - piece[1] - 1
+      k = bisect.bisect_left(open_rows, (need, -1))
+      if k < len(open_rows):
+        room, r = open_rows.pop(k)
+      else:
+        room, r = seq_len, len(group_rows)
+        group_rows.append([])
+      group_rows[r].append(piece)
+      if room - need > 0:
+        bisect.insort(open_rows, (room - need, r))
+    rows += group_rows
+  return rows
+
+
+@pytest.mark.parametrize("seq_len", [1, 2, 7, 16, 64])
+def test_numpy_packing_equals_the_list_reference(seq_len):
+  rng = np.random.default_rng(seq_len)
+  edges = [0, 1, seq_len, seq_len + 1, seq_len + 2, 5 * seq_len]
+  for trial in range(4):
+    if trial % 2:  # few distinct lengths: many ties for greedy's sort
+      lengths = rng.choice(edges + [2, 3], 300).tolist()
+    else:
+      lengths = (rng.integers(0, 6 * seq_len + 3, 300).tolist() + edges)
+    rng.shuffle(lengths)
+    for policy in packing.TRUNCATION:
+      want_stats, got_stats = {"bad_records": 1}, {"bad_records": 1}
+      want = reference_fit_examples(lengths, seq_len, policy, want_stats)
+      got = packing.fit_examples(np.asarray(lengths) if trial else lengths, seq_len, policy,
+                                 got_stats)
+      assert got.dtype == np.int64 and got.shape == (len(want), 3)
+      assert [tuple(p) for p in got.tolist()] == want
+      assert list(got_stats.items()) == list(want_stats.items())  # same keys in the same order
+      assert all(type(v) is int for v in got_stats.values())
+      shuffled = rng.permutation(len(want))  # as an epoch's order hands them over
+      for mode in packing.MODES:
+        for group in (1, 5, 64, 10_000):
+          if mode != "greedy" and group != 64:
+            continue
+          ref = reference_plan_rows([want[k] for k in shuffled], seq_len, mode, group)
+          rows = packing.plan_rows(got[shuffled], seq_len, mode, group)
+          assert len(rows) == len(ref) and rows.offsets.dtype == rows.pieces.dtype == np.int64
+          assert [[tuple(p) for p in row.tolist()] for row in rows] == ref, (policy, mode, group)
+          used = sum(e - s - 1 for row in ref for _, s, e in row)
+          assert packing.padding_ratio(rows, seq_len) == 1.0 - used / max(1, len(ref) * seq_len)
+    positions = sorted(n - 1 for n in lengths)
+    for share in (0.0, 0.5, 0.95, 1.0):
+      import math
+      want = positions[max(0, math.ceil(round(share * len(positions), 9)) - 1)]
+      assert packing.length_to_fit(lengths, share) == want
+  assert packing.length_to_fit([], 0.95) == 0
+  assert len(packing.plan_rows(packing.fit_examples([], seq_len, "split", {}), seq_len, "concat")) == 0
 
 
 def test_packed_row_gives_each_example_its_own_loss():
@@ -328,6 +423,19 @@ def test_mixture_follows_weights_and_is_deterministic():
     np.testing.assert_array_equal(rows(i)["inputs"], again(i)["inputs"])
   other_seed = make_rows([[6] * 100, [6] * 100], [3.0, 1.0], seed=1)
   assert any(not np.array_equal(rows(i)["inputs"], other_seed(i)["inputs"]) for i in range(10))
+
+
+def test_only_the_last_two_epochs_plans_are_kept_and_an_old_one_is_planned_again():
+  rows = make_rows([list(range(2, 40)), [5, 9] * 20], [2.0, 1.0], mode="concat")
+  fresh = make_rows([list(range(2, 40)), [5, 9] * 20], [2.0, 1.0], mode="concat")
+  n = len(rows.epoch(0))
+  late = [rows(i)["inputs"] for i in range(5 * n, 5 * n + 8)]  # plans epochs 0..5 on the way
+  assert len(rows.starts) >= 7 and len(rows.plans) == 2
+  for i in list(range(0, n, 3)) + list(range(5 * n, 5 * n + 8)):  # epoch 0 again, then back
+    np.testing.assert_array_equal(rows(i)["inputs"], fresh(i)["inputs"])
+  assert len(rows.plans) == 2
+  np.testing.assert_array_equal(np.stack(late), np.stack([fresh(i)["inputs"] for i in
+                                                          range(5 * n, 5 * n + 8)]))
 
 
 def test_iterator_state_resumes_at_the_next_batch():

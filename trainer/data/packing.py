@@ -1,7 +1,9 @@
 """Fitting tokenized examples into rows of `seq_len` training positions.
 
 An example is token ids plus a mask (1 on the tokens to learn); a piece of n tokens fills n - 1
-positions (inputs ids[:-1], targets ids[1:]). A row is a list of (example, start, end) pieces.
+positions (inputs ids[:-1], targets ids[1:]). Pieces are the rows (example, start, end) of an
+int64 array of shape (k, 3), and a plan is `Rows`: one array of pieces cut by offsets. An epoch of
+a million examples is then a few arrays planned in numpy, not millions of Python tuples.
 
   none    one example per row, the rest padding.
   concat  examples one after another, an example that does not fit split across rows: no
@@ -24,95 +26,167 @@ import numpy as np
 MODES = ("none", "concat", "greedy")
 TRUNCATION = ("split", "truncate", "drop")
 
-Piece = tuple[int, int, int]  # (example index, first token, one past the last token)
+
+def as_pieces(pieces) -> np.ndarray:
+  """(example, start, end) triples as a (k, 3) int64 array; an array of them passes through."""
+  return np.asarray(pieces, np.int64).reshape(-1, 3)
 
 
-def fit_examples(lengths: Sequence[int], seq_len: int, policy: str,
-                 stats: dict) -> list[tuple[int, int, int]]:
-  """Examples longer than a row (seq_len + 1 tokens) per `policy`, as pieces that fit.
+def fit_examples(lengths: Sequence[int], seq_len: int, policy: str, stats: dict) -> np.ndarray:
+  """Examples longer than a row (seq_len + 1 tokens) per `policy`, as pieces that fit: a (k, 3)
+  int64 array of (example, start, end), in the order of the examples.
 
   split: consecutive pieces of seq_len + 1 tokens sharing one token, so no target is lost.
-  truncate: the first seq_len + 1 tokens. drop: left out. Counts go into `stats`.
+  truncate: the first seq_len + 1 tokens. drop: left out. Counts go into `stats` as plain ints,
+  each key added when the first example counts it (as a loop over the examples would).
   """
   if policy not in TRUNCATION:
     raise ValueError(f"data.truncation={policy!r} is not one of {', '.join(TRUNCATION)}")
-  out = []
+  n = np.asarray(lengths, np.int64).reshape(-1)
   cap = seq_len + 1
-  for i, n in enumerate(lengths):
-    if n < 2:
-      stats["too_short"] = stats.get("too_short", 0) + 1
-      continue
-    if n <= cap:
-      out.append((i, 0, n))
-    elif policy == "drop":
-      stats["dropped"] = stats.get("dropped", 0) + 1
-    elif policy == "truncate":
-      stats["truncated"] = stats.get("truncated", 0) + 1
-      stats["tokens_cut"] = stats.get("tokens_cut", 0) + n - cap
-      out.append((i, 0, cap))
-    else:
-      stats["split"] = stats.get("split", 0) + 1
-      out += [(i, s, min(s + cap, n)) for s in range(0, n - 1, seq_len)]
-  return out
+  short, long = n < 2, n > cap
+  if policy == "split":
+    count = np.where(short, 0, -(-(n - 1) // seq_len))  # piece j starts at token j * seq_len
+  else:
+    count = (~short & ~(long & (policy == "drop"))).astype(np.int64)
+  kinds = {"split": ("split",), "truncate": ("truncated", "tokens_cut"), "drop": ("dropped",)}
+  counted = [(mask, keys) for mask, keys in ((short, ("too_short",)), (long, kinds[policy]))
+             if mask.any()]
+  for mask, keys in sorted(counted, key=lambda c: int(np.argmax(c[0]))):  # first seen, first added
+    for key in keys:
+      stats[key] = stats.get(key, 0) + int(np.sum(n[mask] - cap if key == "tokens_cut" else mask))
+  ex = np.repeat(np.arange(len(n), dtype=np.int64), count)
+  start = (np.arange(len(ex), dtype=np.int64) - np.repeat(np.cumsum(count) - count, count)) * seq_len
+  return np.stack([ex, start, np.minimum(start + cap, n[ex])], axis=1)
 
 
 def length_to_fit(lengths: Sequence[int], share: float) -> int:
   """The least seq_len whose rows hold whole at least `share` of examples of these token
   lengths (an example of n tokens fills n - 1 positions)."""
-  positions = sorted(n - 1 for n in lengths)
-  return positions[max(0, math.ceil(round(share * len(positions), 9)) - 1)] if positions else 0
+  positions = np.sort(np.asarray(lengths, np.int64).reshape(-1) - 1)
+  if not len(positions):
+    return 0
+  return int(positions[max(0, math.ceil(round(share * len(positions), 9)) - 1)])
 
 
-def plan_rows(pieces: Sequence[Piece], seq_len: int, mode: str, group: int = 512) -> list[list[Piece]]:
-  """Rows of pieces (in the given order), per packing `mode`."""
+class Rows:
+  """A plan: row r is pieces[offsets[r]:offsets[r + 1]], an (m_r, 3) array of (example, start,
+  end). `pieces` (m, 3) and `offsets` (rows + 1,) are int64 arrays."""
+
+  def __init__(self, pieces: np.ndarray, offsets: np.ndarray):
+    self.pieces, self.offsets = pieces, offsets
+
+  def __len__(self) -> int:
+    return len(self.offsets) - 1
+
+  def __getitem__(self, r):
+    if isinstance(r, slice):
+      return [self[k] for k in range(*r.indices(len(self)))]
+    if not -len(self) <= r < len(self):
+      raise IndexError(f"row {r} of a plan of {len(self)} rows")
+    r %= len(self)
+    return self.pieces[self.offsets[r]:self.offsets[r + 1]]
+
+  def __iter__(self):
+    return (self[r] for r in range(len(self)))
+
+
+def plan_rows(pieces, seq_len: int, mode: str, group: int = 512) -> Rows:
+  """Rows of pieces ((k, 3) array, taken in its order), per packing `mode`."""
+  pieces = as_pieces(pieces)
   if mode == "none":
-    return [[p] for p in pieces]
+    return Rows(pieces, np.arange(len(pieces) + 1, dtype=np.int64))
   if mode == "concat":
-    rows, row, room = [], [], seq_len
-    for ex, start, end in pieces:
-      while end - start > 1:
-        take = min(room, end - start - 1)  # positions this row can give
-        row.append((ex, start, start + take + 1))
-        start, room = start + take, room - take
-        if room == 0:
-          rows.append(row)
-          row, room = [], seq_len
-    return rows + ([row] if row else [])
+    return _concat(pieces, seq_len)
   if mode == "greedy":
-    rows = []
-    for g in range(0, len(pieces), group):
-      chunk = sorted(pieces[g:g + group], key=lambda p: p[2] - p[1], reverse=True)
-      group_rows: list[list[Piece]] = []
-      open_rows: list[tuple[int, int]] = []  # (room left, row index), sorted
-      for piece in chunk:
-        need = piece[2] - piece[1] - 1
-        k = bisect.bisect_left(open_rows, (need, -1))
-        if k < len(open_rows):
-          room, r = open_rows.pop(k)
-        else:
-          room, r = seq_len, len(group_rows)
-          group_rows.append([])
-        group_rows[r].append(piece)
-        if room - need > 0:
-          bisect.insort(open_rows, (room - need, r))
-      rows += group_rows
-    return rows
+    return _greedy(pieces, seq_len, group)
   raise ValueError(f"data.packing={mode!r} is not one of {', '.join(MODES)}")
 
 
-def padding_ratio(rows: Sequence[Sequence[Piece]], seq_len: int) -> float:
-  used = sum(end - start - 1 for row in rows for _, start, end in row)
+def _concat(pieces: np.ndarray, seq_len: int) -> Rows:
+  """The pieces' positions as one stream, cut every seq_len positions. A piece across a cut is
+  split there into parts that share the token at the cut (one part's last target is the next
+  one's first input), so no position is lost."""
+  size = pieces[:, 2] - pieces[:, 1] - 1
+  if not (size > 0).all():  # a piece of fewer than 2 tokens fills nothing
+    pieces, size = pieces[size > 0], size[size > 0]
+  hi = np.cumsum(size)  # piece k holds positions lo[k]..hi[k]-1 of the stream
+  lo = hi - size
+  total = int(hi[-1]) if len(hi) else 0
+  cuts = np.arange(seq_len, total, seq_len)  # where the rows past the first begin
+  inside = np.searchsorted(hi, cuts, side="right")  # the piece holding each
+  keep = lo[inside] < cuts  # a cut at a piece's first position splits nothing
+  cuts, inside = cuts[keep], inside[keep]
+  # the parts in stream order: each piece, with a part inserted after it per cut inside it
+  at = inside + np.arange(1, len(cuts) + 1)
+  whole = np.ones(len(pieces) + len(cuts), bool)
+  whole[at] = False
+  first, which = np.empty(len(whole), np.int64), np.empty(len(whole), np.int64)
+  first[whole], first[at] = lo, cuts  # each part's first position
+  which[whole], which[at] = np.arange(len(pieces)), inside  # and its piece
+  del size, hi, cuts, inside, keep, at, whole  # peak memory: ~25 MB each per million examples
+  shift = np.take(pieces[:, 1] - lo, which)  # a part's token = its stream position + shift
+  parts = np.empty((len(first), 3), np.int64)
+  np.take(pieces[:, 0], which, out=parts[:, 0])
+  del which
+  np.add(first, shift, out=parts[:, 1])
+  np.add(first[1:], shift[:-1], out=parts[:-1, 2])  # parts are contiguous: each ends where the
+  parts[-1:, 2] = total + shift[-1:]  # next starts, sharing that token
+  parts[:, 2] += 1
+  offsets = np.searchsorted(first, np.arange(-(-total // seq_len) + 1) * seq_len)
+  return Rows(parts, offsets.astype(np.int64))
+
+
+def _greedy(pieces: np.ndarray, seq_len: int, group: int) -> Rows:
+  """Best-fit decreasing within each group of `group` pieces; the rows of a group in the order
+  they were opened, the pieces of a row in the order they were placed."""
+  need = pieces[:, 2] - pieces[:, 1] - 1
+  g = np.arange(len(pieces)) // group
+  order = np.lexsort((-need, g))  # each group longest first, equal lengths in the given order
+  need = need[order]
+  full = np.bincount(g[need >= seq_len], minlength=g[-1] + 1 if len(g) else 0).tolist()
+  row, opened = np.empty(len(pieces), np.int64), 0
+  for k, s in enumerate(range(0, len(pieces), group)):
+    rows, n = _best_fit(need[s:s + group].tolist(), full[k], seq_len)
+    row[s:s + group] = np.asarray(rows) + opened
+    opened += n
+  placed = np.argsort(row, kind="stable")  # by row, then in the order placed
+  return Rows(pieces[order[placed]],
+              np.concatenate([[0], np.cumsum(np.bincount(row, minlength=opened))]).astype(np.int64))
+
+
+def _best_fit(need: list[int], full: int, seq_len: int) -> tuple[list[int], int]:
+  """The row of each piece of a group (needing `need` positions, longest first) and the number
+  of rows: each placed in the open row with the least room that holds it, ties to the row opened
+  first, else in a new row. The first `full` need a whole row each: a new one, never open."""
+  m = len(need)  # rows are numbered below m: an open row is room * m + row, ordered as (room, row)
+  rows, opened, open_rows = list(range(full)), full, []
+  for x in need[full:]:
+    k = bisect.bisect_left(open_rows, x * m)  # the first open row with room >= x
+    if k < len(open_rows):
+      room, r = divmod(open_rows.pop(k), m)
+    else:
+      room, r, opened = seq_len, opened, opened + 1
+    rows.append(r)
+    if room > x:
+      bisect.insort(open_rows, (room - x) * m + r)
+  return rows, opened
+
+
+def padding_ratio(rows: Rows, seq_len: int) -> float:
+  used = int(np.sum(rows.pieces[:, 2] - rows.pieces[:, 1] - 1))
   return 1.0 - used / max(1, len(rows) * seq_len)
 
 
-def assemble(row: Sequence[Piece], ids: Sequence[np.ndarray], masks: Sequence[np.ndarray],
+def assemble(row, ids: Sequence[np.ndarray], masks: Sequence[np.ndarray],
              seq_len: int) -> dict[str, np.ndarray]:
-  """One training row: inputs, targets, weights, positions, segment_ids, each (seq_len,)."""
+  """One training row (an (m, 3) array of pieces): inputs, targets, weights, positions,
+  segment_ids, each (seq_len,)."""
   out = {"inputs": np.zeros(seq_len, np.int32), "targets": np.zeros(seq_len, np.int32),
          "weights": np.zeros(seq_len, np.float32), "positions": np.zeros(seq_len, np.int32),
          "segment_ids": np.zeros(seq_len, np.int32)}
   at = 0
-  for seg, (ex, start, end) in enumerate(row, 1):
+  for seg, (ex, start, end) in enumerate(as_pieces(row).tolist(), 1):  # plain ints index ids
     n = end - start - 1
     tokens, mask = ids[ex][start:end], masks[ex][start:end]
     out["inputs"][at:at + n] = tokens[:-1]

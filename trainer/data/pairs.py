@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from trainer.data import templates
+from trainer.data import packing, templates
 from trainer.data.sources import DataError
 
 FIELDS = ("inputs", "targets", "weights", "positions", "segment_ids")
@@ -91,14 +91,14 @@ def tokenize_pairs(records: Sequence[dict[str, Any]], tokenizer,
 
 def assemble(row, pairs: Sequence[Pair], _unused, seq_len: int,
              reference: np.ndarray | None = None) -> dict[str, np.ndarray]:
-  """One row of whole pairs (pieces (pair, 0, len)); also `example` (the pair's index at each of
-  its positions, -1 on padding) and `reference` (precomputed reference log-probs of each answer
-  at its first position, zero elsewhere; zeros without a table)."""
+  """One row of whole pairs (an (m, 3) array of pieces (pair, 0, len)); also `example` (the
+  pair's index at each of its positions, -1 on padding) and `reference` (precomputed reference
+  log-probs of each answer at its first position, zero elsewhere; zeros without a table)."""
   out = {k: np.zeros(seq_len, np.float32 if k == "weights" else np.int32) for k in FIELDS}
   out["example"] = np.full(seq_len, -1, np.int32)
   out["reference"] = np.zeros(seq_len, np.float32)
   at = 0
-  for k, (ex, _, _) in enumerate(row):
+  for k, (ex, _, _) in enumerate(packing.as_pieces(row).tolist()):
     pair = pairs[ex]
     n = len(pair.inputs)
     for field in ("inputs", "targets", "weights", "positions"):

@@ -67,7 +67,13 @@ class InMemory:
 
 class PackedRows:
   """Row i of an endless stream of epochs; each epoch is the mixture of the datasets' pieces,
-  shuffled, packed. Callable on a row index (a grain map function)."""
+  shuffled, packed. Callable on a row index (a grain map function).
+
+  Pieces and plans are numpy arrays (packing.Rows), and only the last `KEEP` epochs' plans are
+  kept: an epoch is a pure function of (seed, epoch), so one asked for again is planned again,
+  and memory does not grow with the epochs a long run goes through."""
+
+  KEEP = 2
 
   def __init__(self, datasets: Sequence[Examples], weights: Sequence[float], seq_len: int,
                mode: str, truncation: str, seed: int, shuffle: bool, group: int, stats: dict,
@@ -83,19 +89,24 @@ class PackedRows:
     self.seq_len, self.mode, self.seed, self.shuffle, self.group = seq_len, mode, seed, shuffle, group
     self.ids = [x for ids, _ in datasets for x in ids]
     self.masks = [m for _, masks in datasets for m in masks]
-    self.pieces, offset = [], 0
-    for ids, _ in datasets:  # pieces per dataset, example indices made global
-      fitted = packing.fit_examples([len(x) for x in ids], seq_len, truncation, stats)
-      self.pieces.append([(ex + offset, s, e) for ex, s, e in fitted])
+    # the examples' token counts: the one place they are read (all else uses this array)
+    self.lengths = np.array([len(x) for x in self.ids], np.int64)
+    self.pieces, offset = [], 0  # per dataset, a (k, 3) array with global example indices
+    for ids, _ in datasets:
+      fitted = packing.fit_examples(self.lengths[offset:offset + len(ids)], seq_len, truncation,
+                                    stats)
+      fitted[:, 0] += offset
+      self.pieces.append(fitted)
       offset += len(ids)
     why = self._nothing_to_learn(truncation, stats)
     if why:
       raise DataError(f"{name}: nothing to learn: {why}")
     w = np.asarray(weights, np.float64)
     total = sum(len(p) for p in self.pieces)
-    self.counts = [int(round(total * x / w.sum())) if p else 0 for x, p in zip(w, self.pieces)]
-    self.plans: list[list[list[packing.Piece]]] = []
-    self.starts = [0]  # first global row of each planned epoch
+    self.counts = [int(round(total * x / w.sum())) if len(p) else 0
+                   for x, p in zip(w, self.pieces)]
+    self.plans: dict[int, packing.Rows] = {}  # the last KEEP epochs used, the latest last
+    self.starts = [0]  # first global row of each epoch planned so far
     # grain's reader threads call rows concurrently; epochs are planned lazily, and two threads
     # planning the same epoch once appended it twice (a run's data past the second epoch then
     # depended on thread timing: sft_chat diverged at step 110). One planner at a time.
@@ -107,14 +118,14 @@ class PackedRows:
     def weighted(ex: int, start: int, end: int) -> bool:  # a piece's targets are start+1..end-1
       return bool(self.ids[ex].weights.any() if self.preference else
                   self.masks[ex][start + 1:end].any())
-    if any(weighted(*p) for pieces in self.pieces for p in pieces):
+    if any(weighted(*p) for p in self._each_piece()):
       return ""
     if not self.preference and not any(m[1:].any() for m in self.masks):
       return ("no record has an assistant turn (data.format=chat learns the assistant replies "
               "only)")
-    fit = packing.length_to_fit([len(x) for x in self.ids], 0.95)
+    fit = packing.length_to_fit(self.lengths, 0.95)
     hint = f"raise train.seq_len ({fit} would fit 95% of the examples)"
-    if not any(self.pieces):
+    if not any(len(p) for p in self.pieces):
       counts = [f"{stats[k]} {what}" for k, what in (
           ("too_short", "have fewer than 2 tokens"),
           ("dropped", f"are longer than train.seq_len={self.seq_len} (" + (
@@ -127,30 +138,41 @@ class PackedRows:
     return (f"every assistant reply lies beyond the first train.seq_len={self.seq_len} tokens of "
             f"its example, which data.truncation={truncation} keeps; {hint}")
 
-  def _epoch(self, e: int) -> list[list[packing.Piece]]:
+  def _each_piece(self):
+    """Every piece as plain ints, a block at a time (a million tuples are never made at once)."""
+    for pieces in self.pieces:
+      for k in range(0, len(pieces), 4096):
+        yield from pieces[k:k + 4096].tolist()
+
+  def _epoch(self, e: int) -> packing.Rows:
     rng = np.random.default_rng([self.seed, e])
     order = []
     for d, (pieces, count) in enumerate(zip(self.pieces, self.counts)):
       if count == 0:
         continue
       # the dataset's pieces, cycled as often as its weight asks, freshly shuffled each cycle
-      taken = []
-      for c in range(-(-count // len(pieces))):
-        perm = (np.random.default_rng([self.seed, e, d, c]).permutation(len(pieces))
-                if self.shuffle else np.arange(len(pieces)))
-        taken += [pieces[k] for k in perm]
-      order += taken[:count]
+      taken = [np.random.default_rng([self.seed, e, d, c]).permutation(len(pieces))
+               if self.shuffle else np.arange(len(pieces)) for c in range(-(-count // len(pieces)))]
+      order.append(pieces[np.concatenate(taken)[:count]])
+    order = np.concatenate(order) if order else np.zeros((0, 3), np.int64)
     if self.shuffle and len(self.pieces) > 1:
-      order = [order[k] for k in rng.permutation(len(order))]
+      order = order[rng.permutation(len(order))]
     return packing.plan_rows(order, self.seq_len, self.mode, self.group)
 
-  def epoch(self, e: int) -> list[list[packing.Piece]]:
+  def epoch(self, e: int) -> packing.Rows:
     with self._planning:
-      while len(self.plans) <= e:
-        plan = self._epoch(len(self.plans))
+      while len(self.starts) <= e + 1:  # epochs are planned in order: where each starts
+        n = len(self.starts) - 1
+        plan = self._epoch(n)
         self.starts.append(self.starts[-1] + len(plan))
-        self.plans.append(plan)
-    return self.plans[e]
+        self.plans[n] = plan
+      plan = self.plans.pop(e, None)
+      if plan is None:  # no longer kept: planned again, the same rows
+        plan = self._epoch(e)
+      self.plans[e] = plan  # the latest used last
+      while len(self.plans) > self.KEEP:
+        del self.plans[next(iter(self.plans))]
+      return plan
 
   def __call__(self, i: int) -> dict[str, np.ndarray]:
     """Row i; past the end of a finite (`batches(repeat=False)`) pass, an all-padding row."""
@@ -180,11 +202,11 @@ class _Padded:
 
 def single_pass(rows: PackedRows) -> PackedRows:
   """A view of the same examples, each exactly once and in order (no mixture, no shuffle): its
-  `batches(..., repeat=False)` visit every example of `rows` (DPO's reference pass)."""
+  `batches(..., repeat=False)` visit every example of `rows` (DPO's reference pass). Each of its
+  epochs is that pass: every dataset's pieces once, in order, one dataset after another."""
   view = copy.copy(rows)
-  view.plans = [packing.plan_rows([p for ds in rows.pieces for p in ds], rows.seq_len, rows.mode,
-                                  rows.group)]
-  view.starts = [0, len(view.plans[0])]
+  view.shuffle, view.counts = False, [len(p) for p in rows.pieces]
+  view.plans, view.starts, view._planning = {}, [0], threading.Lock()
   view.reference = None
   return view
 
@@ -264,7 +286,7 @@ def _long_examples(name: str, rows: PackedRows, stats: dict, fmt: str) -> str | 
   n = len(rows.ids)
   if not n or sum(cut.values()) <= 0.1 * n:
     return None
-  fit = packing.length_to_fit([len(x) for x in rows.ids], 0.95)
+  fit = packing.length_to_fit(rows.lengths, 0.95)
   return (f"{name}: {sum(cut.values()) / n:.0%} of its {n} examples are longer than "
           f"train.seq_len={rows.seq_len} ({', '.join(f'{v} {k}' for k, v in cut.items())}); "
           f"train.seq_len={fit} would fit 95% of them")
