@@ -238,9 +238,9 @@ def test_a_10_mb_line_trains_a_tokenizer_and_yields_rows(tmp_path):
   c = config("text", path, eval_percent=40.0, tokenizer_vocab_size=400)
   data = build(c, tmp_path)
   assert len(data.tokenizer.encode(" zyxwvut")) == 1  # a word of the long line only
-  rows = data.train if max(map(len, data.train.ids)) > 1_000_000 else data.eval
+  rows = data.train if data.train.lengths.max() > 1_000_000 else data.eval
   assert all(end - start <= 33 for _, start, end in rows.pieces[0])  # seq_len + 1 tokens each
-  assert sum(end - start - 1 for _, start, end in rows.pieces[0]) == sum(map(len, rows.ids)) - len(
-      rows.ids)  # split: every target kept
+  assert sum(end - start - 1 for _, start, end in rows.pieces[0]) == rows.lengths.sum() - len(
+      rows.lengths)  # split: every target kept
   row = data.train(0)
   assert row["inputs"].shape == (32,) and row["weights"].sum() > 0

@@ -56,6 +56,11 @@ def prepared_config(cfg, folders, eval_folders=""):
   return c
 
 
+def build(cfg, workdir):
+  os.makedirs(workdir, exist_ok=True)
+  return pipeline.build(cfg, str(workdir), True)
+
+
 def assert_same_batches(a, b, batch_size, n, **kw):
   """The first n batches (with repeat=False: all of them) are equal, field by field."""
   x, y = pipeline.batches(a, batch_size, **kw), pipeline.batches(b, batch_size, **kw)
@@ -74,10 +79,10 @@ def assert_same_batches(a, b, batch_size, n, **kw):
 def test_prepared_batches_equal_the_in_memory_batches(tmp_path, fmt, mode):
   corpus = write_corpus(tmp_path / "data.jsonl", fmt)
   cfg = files_config(corpus, fmt, mode, pack_group=16)
-  memory = pipeline.build(cfg, str(tmp_path / "w1"), True)
+  memory = build(cfg, tmp_path / "w1")
   manifest = prepare.prepare(cfg, str(tmp_path / "out"), per_task=50, log=lambda _: None)
-  assert len([n for n in os.listdir(tmp_path / "out") if n.startswith("train-")]) == 2 * 5
-  streamed = pipeline.build(prepared_config(cfg, str(tmp_path / "out")), str(tmp_path / "w2"), True)
+  assert len(list((tmp_path / "out").glob("train-*.arrayrecord"))) == 5
+  streamed = build(prepared_config(cfg, str(tmp_path / "out")), tmp_path / "w2")
   # the same tokenizer, trained on the same text
   assert shards.tokenizer_fingerprint(memory.tokenizer) == manifest["tokenizer_fingerprint"]
   assert len(memory.train.examples) == manifest["examples"]["train"]
@@ -92,9 +97,9 @@ def test_mixtures_by_weight_and_processes_reading_disjoint_rows(tmp_path):
   a = write_corpus(tmp_path / "a.jsonl", "text", 120, seed=1)
   b = write_corpus(tmp_path / "b.jsonl", "text", 80, seed=2)
   cfg = files_config(f"{a},{b}", train_weights="3,1", eval_percent=10.0)
-  memory = pipeline.build(cfg, str(tmp_path / "w1"), True)
+  memory = build(cfg, tmp_path / "w1")
   prepare.prepare(cfg, str(tmp_path / "ab"), per_task=30, log=lambda _: None)
-  streamed = pipeline.build(prepared_config(cfg, str(tmp_path / "ab")), str(tmp_path / "w2"), True)
+  streamed = build(prepared_config(cfg, str(tmp_path / "ab")), tmp_path / "w2")
   assert_same_batches(memory.train, streamed.train, 4, 40)
   whole = pipeline.batches(streamed.train, 4)
   parts = [pipeline.batches(streamed.train, 4, shard=(p, 2)) for p in range(2)]
@@ -107,8 +112,7 @@ def test_mixtures_by_weight_and_processes_reading_disjoint_rows(tmp_path):
     prepare.prepare(files_config(path, eval_percent=10.0, tokenizer=str(tmp_path / "w1" /
                                  "tokenizer.model")), str(tmp_path / f"d{k}"), per_task=30,
                     log=lambda _: None)
-  two = pipeline.build(prepared_config(cfg, f"{tmp_path}/d0,{tmp_path}/d1"), str(tmp_path / "w3"),
-                       True)
+  two = build(prepared_config(cfg, f"{tmp_path}/d0,{tmp_path}/d1"), tmp_path / "w3")
   assert_same_batches(memory.train, two.train, 4, 40)
 
 
@@ -117,7 +121,7 @@ def test_stop_and_resume_from_prepared_shards_is_bit_identical(tmp_path):
   cfg = files_config(corpus)
   prepare.prepare(cfg, str(tmp_path / "out"), per_task=100, log=lambda _: None)
   run = prepared_config(cfg, str(tmp_path / "out"))
-  run.train.update(steps=6, log_every=1, eval_every=0, checkpoint_every=0, sample_tokens=0)
+  run.train.update(steps=6, batch_size=8, log_every=1, eval_every=0, checkpoint_every=0, sample_tokens=0)
   train.run(run, str(tmp_path / "straight"))
   run.train.stop_after_steps = 3
   train.run(run, str(tmp_path / "resumed"))
@@ -187,39 +191,39 @@ def test_bad_prepared_folders_are_one_line(tmp_path):
   out = tmp_path / "out"
   prepare.prepare(cfg, str(out), per_task=40, log=lambda _: None)
   run = prepared_config(cfg, str(out))
-  build = lambda c: pipeline.build(c, str(tmp_path / "w"), True)
+  load = lambda c: build(c, tmp_path / "w")
   with pytest.raises(DataError, match=r"data.train_files: .*nowhere is not a folder"):
-    build(prepared_config(cfg, str(tmp_path / "nowhere")))
+    load(prepared_config(cfg, str(tmp_path / "nowhere")))
   with pytest.raises(DataError, match=r"no manifest.json"):
-    build(prepared_config(cfg, str(tmp_path)))
+    load(prepared_config(cfg, str(tmp_path)))
   # another template: both fingerprints named
   other = run.copy_and_resolve_references()
   other.data.template = "llama3"
   with pytest.raises(DataError, match=r"template chatml-\w+, but this run's \(data.template="
                      r"llama3\) is llama3-\w+"):
-    build(other)
+    load(other)
   # another tokenizer
   tok = tmp_path / "other.model"
-  pipeline.train_tokenizer([words(random.Random(5), 200, 400) for _ in range(50)], 120,
-                           None, "x").save(str(tok))
+  pipeline.train_tokenizer([words(random.Random(5), 200, 400) for _ in range(50)], 300,
+                           None, "x").save(str(tok))  # noqa
   other = run.copy_and_resolve_references()
   other.data.tokenizer = str(tok)
   with pytest.raises(DataError, match=r"written for tokenizer tok-\w+, but this run's .* is tok-"):
-    build(other)
+    load(other)
   # a truncated shard
   shard = sorted(out.glob("train-*.arrayrecord"))[1]
   data = shard.read_bytes()
   shard.write_bytes(data[:len(data) // 2])
   with pytest.raises(DataError, match=r"train-d0-00001.arrayrecord: \d+ bytes, manifest.json "
                      r"says \d+ \(truncated"):
-    build(run)
+    load(run)
   shard.write_bytes(data)
   # a manifest that disagrees with its shards
   manifest = json.loads((out / "manifest.json").read_text())
   manifest["splits"]["train"][0]["shards"][0]["examples"] += 1
   (out / "manifest.json").write_text(json.dumps(manifest))
   with pytest.raises(DataError, match=r"lengths.npy: holds \d+ lengths, manifest.json says"):
-    build(run)
+    load(run)
   # through the command line: one line, exit code 2
   proc = subprocess.run([sys.executable, "-m", "trainer.main", "--config=configs/tiny.py:smoke",
                          f"--workdir={tmp_path / 'cli'}", "--config.data.source=prepared",
@@ -231,11 +235,37 @@ def test_bad_prepared_folders_are_one_line(tmp_path):
 
 def test_the_default_corpus_prepares_and_trains_the_same(tmp_path):
   cfg = tiny.get_config("smoke")
-  memory = pipeline.build(cfg, str(tmp_path / "w1"), True)
+  memory = build(cfg, tmp_path / "w1")
   prepare.prepare(cfg, str(tmp_path / "std"), per_task=40, log=lambda _: None)
-  streamed = pipeline.build(prepared_config(cfg, str(tmp_path / "std")), str(tmp_path / "w2"),
-                            True)
+  streamed = build(prepared_config(cfg, str(tmp_path / "std")), tmp_path / "w2")
   assert (tmp_path / "w1" / "tokenizer.model").read_bytes() == \
       (tmp_path / "w2" / "tokenizer.model").read_bytes()
   assert_same_batches(memory.train, streamed.train, 8, 6)
   assert_same_batches(memory.eval, streamed.eval, 8, 0, repeat=False)
+
+
+@pytest.mark.slow
+def test_two_processes_train_from_prepared_shards_as_one_from_the_files(tmp_path):
+  """Two processes (4 devices each) read disjoint rows of the shards: their run's losses are
+  the one-process in-memory run's."""
+  cfg = tiny.get_config("smoke")
+  prepare.prepare(cfg, str(tmp_path / "std"), per_task=40, log=lambda _: None)
+  common = ["--config=configs/tiny.py:smoke", "--config.train.steps=4", "--config.train.log_every=1",
+            "--config.train.eval_every=0", "--config.train.sample_tokens=0"]
+  launch = [sys.executable, os.path.join(REPO, "launch", "local.py"), "--num_processes=2",
+            "--devices_per_process=4", "--"]
+  proc = subprocess.run(launch + common + [f"--workdir={tmp_path / 'two'}",
+                                           "--config.data.source=prepared",
+                                           f"--config.data.train_files={tmp_path / 'std'}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  one = cfg.copy_and_resolve_references()
+  one.train.update(steps=4, log_every=1, eval_every=0, sample_tokens=0)
+  train.run(one, str(tmp_path / "one"))
+  def losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+  two, ref = losses(tmp_path / "two"), losses(tmp_path / "one")
+  assert sorted(two) == [1, 2, 3, 4]
+  for step in two:
+    assert two[step] == pytest.approx(ref[step], rel=1e-5), step

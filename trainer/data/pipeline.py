@@ -27,7 +27,6 @@ from trainer.data.sources import DataError
 from trainer.seeds import fold_seed
 
 _ENDLESS = 2**62
-Examples = tuple[list[np.ndarray], list[np.ndarray]]  # token ids, loss masks
 
 
 # ----------------------------------------------------------------------------------------------
@@ -36,7 +35,7 @@ Examples = tuple[list[np.ndarray], list[np.ndarray]]  # token ids, loss masks
 
 
 def tokenize(records: Sequence[dict[str, Any]], fmt: str, tokenizer,
-             template: templates.Template | None) -> Examples:
+             template: templates.Template | None) -> tuple[list, list]:
   """Text: the text with what the tokenizer's rules add around it (`affixes`: BOS for ours and
   for Llama 3 or Gemma folders, nothing for Qwen2), then EOS unless that already ends it: the
   model learns where a document stops. Every token is learned. Chat: the template, assistant
@@ -56,13 +55,42 @@ def tokenize(records: Sequence[dict[str, Any]], fmt: str, tokenizer,
 
 
 class InMemory:
-  """One dataset's tokenized examples, held in memory (`shards.Store` is its on-disk twin)."""
+  """One dataset's tokenized examples, held in memory; `shards.Store` is its twin on disk, with
+  the same `lengths`, `preference`, `example(i)` and len()."""
 
   def __init__(self, ids: list, masks: list):
     self.ids, self.masks = ids, masks
+    self.lengths = np.array([len(x) for x in ids], np.int64)
+    self.preference = bool(ids) and isinstance(ids[0], pairs.Pair)
 
   def __len__(self) -> int:
     return len(self.ids)
+
+  def example(self, i: int):
+    """(ids, mask), or a `pairs.Pair`."""
+    return self.ids[i] if self.preference else (self.ids[i], self.masks[i])
+
+
+class Examples:
+  """The examples of several datasets under one index (dataset after dataset)."""
+
+  def __init__(self, datasets: Sequence[InMemory | shards.Store]):
+    self.datasets = datasets
+    self.starts = np.cumsum([0] + [len(d) for d in datasets]).tolist()
+    # the examples' token counts: the one place they are read (all else uses this array)
+    self.lengths = np.concatenate([d.lengths for d in datasets] or [np.zeros(0, np.int64)])
+
+  def __len__(self) -> int:
+    return self.starts[-1]
+
+  def __getitem__(self, ex: int):
+    d = bisect.bisect_right(self.starts, ex) - 1
+    return self.datasets[d].example(int(ex) - self.starts[d])
+
+  def each(self):
+    for d in self.datasets:
+      for i in range(len(d)):
+        yield d.example(i)
 
 
 class PackedRows:
@@ -75,29 +103,25 @@ class PackedRows:
 
   KEEP = 2
 
-  def __init__(self, datasets: Sequence[Examples], weights: Sequence[float], seq_len: int,
+  def __init__(self, datasets: Sequence[InMemory | shards.Store | tuple], weights: Sequence[float], seq_len: int,
                mode: str, truncation: str, seed: int, shuffle: bool, group: int, stats: dict,
                name: str = "data"):
     """`name` says which split and files these are, for the error when none of their
     positions carries a loss weight."""
-    datasets = [(d.ids, d.masks) if isinstance(d, InMemory) else d for d in datasets]
-    self.preference = bool(datasets) and isinstance(datasets[0][0][0], pairs.Pair)
+    datasets = [InMemory(*d) if isinstance(d, tuple) else d for d in datasets]
+    self.examples = Examples(datasets)
+    self.preference = any(d.preference for d in datasets)
     if self.preference:  # whole pairs only, placed best-fit
       mode = "greedy" if mode == "concat" else mode
       truncation = "drop"
     self.reference = None  # preference: (pairs, 2) precomputed reference log-probs
     self.seq_len, self.mode, self.seed, self.shuffle, self.group = seq_len, mode, seed, shuffle, group
-    self.ids = [x for ids, _ in datasets for x in ids]
-    self.masks = [m for _, masks in datasets for m in masks]
-    # the examples' token counts: the one place they are read (all else uses this array)
-    self.lengths = np.array([len(x) for x in self.ids], np.int64)
-    self.pieces, offset = [], 0  # per dataset, a (k, 3) array with global example indices
-    for ids, _ in datasets:
-      fitted = packing.fit_examples(self.lengths[offset:offset + len(ids)], seq_len, truncation,
-                                    stats)
-      fitted[:, 0] += offset
+    self.lengths = self.examples.lengths
+    self.pieces = []  # per dataset, a (k, 3) array with global example indices
+    for d, start in zip(datasets, self.examples.starts):
+      fitted = packing.fit_examples(d.lengths, seq_len, truncation, stats)
+      fitted[:, 0] += start
       self.pieces.append(fitted)
-      offset += len(ids)
     why = self._nothing_to_learn(truncation, stats)
     if why:
       raise DataError(f"{name}: nothing to learn: {why}")
@@ -116,11 +140,11 @@ class PackedRows:
     """Why no position of the rows has a loss weight (then every loss would read 0.0000);
     "" when one has. The first weighted piece ends the search."""
     def weighted(ex: int, start: int, end: int) -> bool:  # a piece's targets are start+1..end-1
-      return bool(self.ids[ex].weights.any() if self.preference else
-                  self.masks[ex][start + 1:end].any())
+      x = self.examples[ex]
+      return bool(x.weights.any() if self.preference else x[1][start + 1:end].any())
     if any(weighted(*p) for p in self._each_piece()):
       return ""
-    if not self.preference and not any(m[1:].any() for m in self.masks):
+    if not self.preference and not any(m[1:].any() for _, m in self.examples.each()):
       return ("no record has an assistant turn (data.format=chat learns the assistant replies "
               "only)")
     fit = packing.length_to_fit(self.lengths, 0.95)
@@ -185,9 +209,13 @@ class PackedRows:
     return self._assemble(self.epoch(e)[i - self.starts[e]])
 
   def _assemble(self, row):
+    row = np.asarray(row, np.int64).reshape(-1, 3)
     if self.preference:
-      return pairs.assemble(row, self.ids, self.masks, self.seq_len, self.reference)
-    return packing.assemble(row, self.ids, self.masks, self.seq_len)
+      return pairs.assemble(row, {ex: self.examples[ex] for ex in row[:, 0].tolist()}, None,
+                            self.seq_len, self.reference)
+    got = {ex: self.examples[ex] for ex in row[:, 0].tolist()}  # each example read once
+    return packing.assemble(row, {ex: x[0] for ex, x in got.items()},
+                            {ex: x[1] for ex, x in got.items()}, self.seq_len)
 
 
 class _Padded:
@@ -283,7 +311,7 @@ def _long_examples(name: str, rows: PackedRows, stats: dict, fmt: str) -> str | 
   hand. Split plain text loses no token and is how long documents are trained: no warning."""
   kinds = ("truncated", "split", "dropped") if fmt == "chat" else ("truncated", "dropped")
   cut = {k: stats[k] for k in kinds if stats.get(k)}
-  n = len(rows.ids)
+  n = len(rows.examples)
   if not n or sum(cut.values()) <= 0.1 * n:
     return None
   fit = packing.length_to_fit(rows.lengths, 0.95)

@@ -180,10 +180,11 @@ def run_task(task: Task, s: Settings) -> dict[str, Any]:
   out = {"task": task.name, "origin": task.origin, "dataset": task.dataset,
          "records": sum(map(len, kept.values())), "bad_records": stats.get("bad_records", 0),
          "first_bad_record": stats.get("first_bad_record", ""), "shards": {}}
-  for split, records in kept.items():
-    if task.origin == "eval" and split == "train" or split == "eval" and not (
-        task.holdout or task.origin == "eval" or task.stdlib):
-      continue
+  # an eval task writes an eval shard; a train task a train shard, and an eval one when it holds
+  # a share out
+  for split in (["eval"] if task.origin == "eval" else ["train", "eval"] if task.holdout else
+                ["train"]):
+    records = kept[split]
     ids, masks = pipeline.tokenize(records, s.format, _WORKER["tokenizer"], _WORKER["template"])
     examples = ids if s.format == "preference" else list(zip(ids, masks))
     name = shards.shard_name(split, task.dataset, task.index)

@@ -166,7 +166,7 @@ def reference_tables(run) -> None:
   t0 = time.perf_counter()
   tables = {}
   for name, rows in (("train", data.train), ("eval", data.eval)):
-    table = np.zeros((len(rows.ids), 2), np.float32)
+    table = np.zeros((len(rows.examples), 2), np.float32)
     once = pipeline.batches(pipeline.single_pass(rows), run.batch_size, shard=run.shard,
                             repeat=False)
     for i in range(len(once)):
