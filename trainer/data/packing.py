@@ -91,50 +91,55 @@ class Rows:
     return (self[r] for r in range(len(self)))
 
 
-def plan_rows(pieces, seq_len: int, mode: str, group: int = 512) -> Rows:
+def plan_rows(pieces, seq_len: int, mode: str, group: int = 512) -> Rows | Stream:
   """Rows of pieces ((k, 3) array, taken in its order), per packing `mode`."""
   pieces = as_pieces(pieces)
   if mode == "none":
     return Rows(pieces, np.arange(len(pieces) + 1, dtype=np.int64))
   if mode == "concat":
-    return _concat(pieces, seq_len)
+    return Stream(pieces, seq_len)
   if mode == "greedy":
     return _greedy(pieces, seq_len, group)
   raise ValueError(f"data.packing={mode!r} is not one of {', '.join(MODES)}")
 
 
-def _concat(pieces: np.ndarray, seq_len: int) -> Rows:
-  """The pieces' positions as one stream, cut every seq_len positions. A piece across a cut is
-  split there into parts that share the token at the cut (one part's last target is the next
-  one's first input), so no position is lost."""
-  size = pieces[:, 2] - pieces[:, 1] - 1
-  if not (size > 0).all():  # a piece of fewer than 2 tokens fills nothing
-    pieces, size = pieces[size > 0], size[size > 0]
-  hi = np.cumsum(size)  # piece k holds positions lo[k]..hi[k]-1 of the stream
-  lo = hi - size
-  total = int(hi[-1]) if len(hi) else 0
-  cuts = np.arange(seq_len, total, seq_len)  # where the rows past the first begin
-  inside = np.searchsorted(hi, cuts, side="right")  # the piece holding each
-  keep = lo[inside] < cuts  # a cut at a piece's first position splits nothing
-  cuts, inside = cuts[keep], inside[keep]
-  # the parts in stream order: each piece, with a part inserted after it per cut inside it
-  at = inside + np.arange(1, len(cuts) + 1)
-  whole = np.ones(len(pieces) + len(cuts), bool)
-  whole[at] = False
-  first, which = np.empty(len(whole), np.int64), np.empty(len(whole), np.int64)
-  first[whole], first[at] = lo, cuts  # each part's first position
-  which[whole], which[at] = np.arange(len(pieces)), inside  # and its piece
-  del size, hi, cuts, inside, keep, at, whole  # peak memory: ~25 MB each per million examples
-  shift = np.take(pieces[:, 1] - lo, which)  # a part's token = its stream position + shift
-  parts = np.empty((len(first), 3), np.int64)
-  np.take(pieces[:, 0], which, out=parts[:, 0])
-  del which
-  np.add(first, shift, out=parts[:, 1])
-  np.add(first[1:], shift[:-1], out=parts[:-1, 2])  # parts are contiguous: each ends where the
-  parts[-1:, 2] = total + shift[-1:]  # next starts, sharing that token
-  parts[:, 2] += 1
-  offsets = np.searchsorted(first, np.arange(-(-total // seq_len) + 1) * seq_len)
-  return Rows(parts, offsets.astype(np.int64))
+class Stream:
+  """concat's plan, a row at a time: the pieces' positions as one stream, cut every seq_len
+  positions, kept as the pieces and where each one's positions end. Row r is the stream's
+  positions r * seq_len .. (r + 1) * seq_len - 1; a piece across a cut is split there into parts
+  that share the token at the cut (one part's last target is the next one's first input), so no
+  position is lost. Memory is 32 bytes a piece, whatever the number of rows."""
+
+  def __init__(self, pieces: np.ndarray, seq_len: int):
+    size = pieces[:, 2] - pieces[:, 1] - 1
+    if not (size > 0).all():  # a piece of fewer than 2 tokens fills nothing
+      pieces, size = pieces[size > 0], size[size > 0]
+    self.pieces, self.seq_len = pieces, seq_len
+    self.hi = np.cumsum(size)  # piece k holds positions hi[k] - size[k] .. hi[k] - 1
+    self.total = int(self.hi[-1]) if len(self.hi) else 0
+
+  def __len__(self) -> int:
+    return -(-self.total // self.seq_len)
+
+  def __getitem__(self, r):
+    if isinstance(r, slice):
+      return [self[k] for k in range(*r.indices(len(self)))]
+    if not -len(self) <= r < len(self):
+      raise IndexError(f"row {r} of a plan of {len(self)} rows")
+    r %= len(self)
+    first, last = r * self.seq_len, min((r + 1) * self.seq_len, self.total)
+    a = int(np.searchsorted(self.hi, first, side="right"))  # the first piece ending past `first`
+    b = int(np.searchsorted(self.hi, last, side="left"))  # the piece holding position last - 1
+    parts = self.pieces[a:b + 1].copy()
+    hi = self.hi[a:b + 1]
+    lo = hi - (parts[:, 2] - parts[:, 1] - 1)
+    shift = parts[:, 1] - lo  # a part's token = its stream position + shift
+    parts[:, 1] = np.maximum(lo, first) + shift
+    parts[:, 2] = np.minimum(hi, last) + shift + 1
+    return parts
+
+  def __iter__(self):
+    return (self[r] for r in range(len(self)))
 
 
 def _greedy(pieces: np.ndarray, seq_len: int, group: int) -> Rows:
@@ -173,8 +178,9 @@ def _best_fit(need: list[int], full: int, seq_len: int) -> tuple[list[int], int]
   return rows, opened
 
 
-def padding_ratio(rows: Rows, seq_len: int) -> float:
-  used = int(np.sum(rows.pieces[:, 2] - rows.pieces[:, 1] - 1))
+def padding_ratio(rows: Rows | Stream, seq_len: int) -> float:
+  used = rows.total if isinstance(rows, Stream) else int(
+      np.sum(rows.pieces[:, 2] - rows.pieces[:, 1] - 1))
   return 1.0 - used / max(1, len(rows) * seq_len)
 
 

@@ -97,9 +97,9 @@ class PackedRows:
   """Row i of an endless stream of epochs; each epoch is the mixture of the datasets' pieces,
   shuffled, packed. Callable on a row index (a grain map function).
 
-  Pieces and plans are numpy arrays (packing.Rows), and only the last `KEEP` epochs' plans are
-  kept: an epoch is a pure function of (seed, epoch), so one asked for again is planned again,
-  and memory does not grow with the epochs a long run goes through."""
+  Pieces and plans are numpy arrays (packing.Rows; packing.Stream for concat), and only the
+  last `KEEP` epochs' plans are kept: an epoch is a pure function of (seed, epoch), so one asked
+  for again is planned again, and memory does not grow with the epochs a long run goes through."""
 
   KEEP = 2
 
@@ -129,7 +129,7 @@ class PackedRows:
     total = sum(len(p) for p in self.pieces)
     self.counts = [int(round(total * x / w.sum())) if len(p) else 0
                    for x, p in zip(w, self.pieces)]
-    self.plans: dict[int, packing.Rows] = {}  # the last KEEP epochs used, the latest last
+    self.plans: dict[int, packing.Rows | packing.Stream] = {}  # the last KEEP used, latest last
     self.starts = [0]  # first global row of each epoch planned so far
     # grain's reader threads call rows concurrently; epochs are planned lazily, and two threads
     # planning the same epoch once appended it twice (a run's data past the second epoch then
@@ -168,7 +168,7 @@ class PackedRows:
       for k in range(0, len(pieces), 4096):
         yield from pieces[k:k + 4096].tolist()
 
-  def _epoch(self, e: int) -> packing.Rows:
+  def _epoch(self, e: int) -> packing.Rows | packing.Stream:
     rng = np.random.default_rng([self.seed, e])
     order = []
     for d, (pieces, count) in enumerate(zip(self.pieces, self.counts)):
@@ -183,7 +183,7 @@ class PackedRows:
       order = order[rng.permutation(len(order))]
     return packing.plan_rows(order, self.seq_len, self.mode, self.group)
 
-  def epoch(self, e: int) -> packing.Rows:
+  def epoch(self, e: int) -> packing.Rows | packing.Stream:
     with self._planning:
       while len(self.starts) <= e + 1:  # epochs are planned in order: where each starts
         n = len(self.starts) - 1
