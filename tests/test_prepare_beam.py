@@ -21,8 +21,9 @@ from trainer.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PER_TASK = 70  # records per task: several tasks per corpus
-_WORDS = ("the cat sat on a mat while dogs ran over green hills and slow rivers went down to the "
-          "grey sea under a pale moon").split()
+_WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "dogs", "ran", "over", "green", "hills",
+          "and", "slow", "rivers", "went", "down", "to", "the", "grey", "sea", "under", "a", "pale",
+          "moon"]
 
 
 def _sentence(rng: random.Random) -> str:
@@ -34,8 +35,7 @@ def _write_corpora(folder) -> dict[str, str]:
   rng = random.Random(0)
   text, chat = folder / "text.jsonl", folder / "chat.jsonl"
   with open(text, "w") as f:
-    for _ in range(330):
-      f.write(json.dumps({"text": _sentence(rng)}) + "\n")
+    f.writelines(json.dumps({"text": _sentence(rng)}) + "\n" for _ in range(330))
   with open(chat, "w") as f:
     for i in range(250):
       turns = [{"role": "user", "content": f"{i}: {_sentence(rng)}?"},
@@ -150,7 +150,7 @@ def _cli(corpus, out, *args):
        "--config.data.source=files", f"--config.data.train_files={corpus}",
        "--config.data.tokenizer_vocab_size=320", "--config.data.eval_percent=10",
        f"--out={out}", f"--records_per_task={PER_TASK}", *args],
-      cwd=ROOT, capture_output=True, text=True, timeout=600)
+      cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
 
 
 def test_cli_passes_the_options_after_dashes_to_beam(prepared, tmp_path):

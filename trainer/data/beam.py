@@ -58,7 +58,7 @@ def _prepare() -> ModuleType:
   main = sys.modules.get("__main__")
   if getattr(getattr(main, "__spec__", None), "name", "") == "trainer.data.prepare":
     return main
-  from trainer.data import prepare  # noqa: PLC0415 -- see above
+  from trainer.data import prepare  # here, not at the top: see above
   return prepare
 
 
@@ -93,8 +93,8 @@ def _import_beam(runner: str):
   level = root.level
   root.setLevel(logging.ERROR)  # not its import-time warning that BigQuery's clients are missing
   try:
-    import apache_beam  # noqa: PLC0415 -- the optional extra, only when a Beam runner is asked for
-    from apache_beam.options import pipeline_options  # noqa: PLC0415
+    import apache_beam  # the optional extra, only when a Beam runner is asked for
+    from apache_beam.options import pipeline_options
   except ImportError:
     raise UserError(f"--runner={runner} needs Apache Beam: pip install -e '.[beam]'") from None
   finally:
