@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import io
 import json
 import logging
@@ -50,16 +51,16 @@ LOCAL_RUNNERS = ("DirectRunner", "FnApiRunner", "PrismRunner")  # in or beside t
 # and it honours --direct_num_workers and --direct_running_mode). --runner=PrismRunner asks for
 # Prism.
 _ENGINE = {"DirectRunner": "FnApiRunner"}
+TASKS = "trainer.data.prepare"  # Task, Settings, run_task, summary_path
 
 
 def _prepare() -> ModuleType:
-  """trainer.data.prepare, also when it is the running program (`python -m`): imported again
-  under its own name it would define its flags twice."""
+  """trainer.data.prepare, the tasks' module, found by name: it imports this one, and when it is
+  the running program (`python -m`) importing it again would define its flags twice."""
   main = sys.modules.get("__main__")
-  if getattr(getattr(main, "__spec__", None), "name", "") == "trainer.data.prepare":
+  if getattr(getattr(main, "__spec__", None), "name", "") == TASKS:
     return main
-  from trainer.data import prepare  # here, not at the top: see above
-  return prepare
+  return importlib.import_module(TASKS)
 
 
 # A task and the settings as JSON text (Beam's string coder carries it), and back on a worker.
