@@ -16,7 +16,7 @@ import pytest
 from grain.sources import ArrayRecordDataSource
 
 from configs import tiny
-from trainer.data import prepare, shards
+from trainer.data import beam, prepare, shards
 from trainer.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,7 +58,11 @@ def _quiet(*_):
 
 
 def _files(folder) -> dict[str, bytes]:
-  return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))}
+  out = {}
+  for name in sorted(os.listdir(folder)):
+    with open(os.path.join(folder, name), "rb") as f:
+      out[name] = f.read()
+  return out
 
 
 def _mtimes(folder) -> dict[str, int]:
@@ -142,6 +146,26 @@ def test_without_beam_a_beam_runner_is_one_line(tmp_path, monkeypatch):
     prepare.prepare(_config("text", corpus), str(tmp_path / "out"), per_task=PER_TASK,
                     runner="DirectRunner", log=_quiet)
   assert str(e.value) == "--runner=DirectRunner needs Apache Beam: pip install -e '.[beam]'"
+
+
+def test_a_bad_record_in_a_beam_task_is_one_line_naming_it(prepared, tmp_path):
+  cfg, local, _ = prepared["text"]
+  with open(cfg.data.train_files) as f:
+    lines = f.readlines()
+  lines[199] = '{"text": 5}\n'  # in the third task
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text("".join(lines))
+  cfg = _config("text", str(bad))
+  cfg.data.tokenizer = os.path.join(local, "tokenizer.model")  # no training: the tasks meet it
+  with pytest.raises(UserError, match=rf"^{bad}:200: field 'text' is a number, not a string; "):
+    prepare.prepare(cfg, str(tmp_path / "out"), per_task=PER_TASK, runner="DirectRunner",
+                    log=_quiet)
+  # from a worker process or a cluster the runner tells it as text: its last line is the error
+  told = RuntimeError(f"Traceback (most recent call last):\n  ...\ntrainer.data.sources."
+                      f"DataError: {bad}:200: field 'text' is a number [while running 'x']\n")
+  assert str(beam._worker_user_error(told)) == (
+      f"{bad}:200: field 'text' is a number [while running 'x']")
+  assert beam._worker_user_error(RuntimeError("ValueError: a bug, not the data")) is None
 
 
 def _cli(corpus, out, *args):

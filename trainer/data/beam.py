@@ -118,6 +118,19 @@ def _options(pipeline_options, beam_args: tuple[str, ...], runner: str):
   return options
 
 
+def _worker_user_error(e: Exception) -> UserError | None:
+  """A user error (bad data) a task raised in a worker process or on a cluster, where the runner
+  reports it as text: the last "trainer...DataError: message" line of that text."""
+  kinds, todo = set(), [UserError]
+  while todo:
+    kind = todo.pop()
+    kinds.add(f"{kind.__module__}.{kind.__qualname__}")
+    todo.extend(kind.__subclasses__())
+  said = [line.split(": ", 1)[1] for line in str(e).splitlines()
+          if line.split(": ", 1)[0].strip() in kinds and ": " in line]
+  return UserError(said[-1].strip()) if said else None
+
+
 def _check_paths(tasks: list, s, runner: str) -> None:
   """Remote workers start in another folder: a relative path would name another file there."""
   if runner in LOCAL_RUNNERS:
@@ -153,7 +166,12 @@ def run(tasks: list, s, runner: str, beam_args: tuple[str, ...], log) -> list[di
          | "tokenize and write shards" >> beam.Map(_run_task, _settings_json(s)))
     log(f"running {len(pending)} tasks on {runner}")
     t0 = time.perf_counter()
-    pipeline.run().wait_until_finish()
+    try:
+      pipeline.run().wait_until_finish()
+    except UserError:
+      raise
+    except Exception as e:  # noqa: BLE001 -- a worker's user error, told in text, is one line
+      raise _worker_user_error(e) or e from None
     log(f"{runner}: {len(pending)} tasks done in {time.perf_counter() - t0:.0f}s")
   missing = [t.name for t in tasks if not os.path.exists(prepare.summary_path(s.out, t))]
   if missing:
