@@ -193,6 +193,6 @@ def test_cli_passes_the_options_after_dashes_to_beam(prepared, tmp_path):
   run = _cli(corpus, tmp_path / "out", "--runner=DirectRunner", "--",
              "--direct_num_workers=2", "--direct_running_mode=multi_processing")
   assert run.returncode == 0, run.stderr
-  assert f"running {len([n for n in os.listdir(local) if n.endswith('.task.json')])} tasks on " \
-         "DirectRunner" in run.stdout
-  assert _files(tmp_path / "out") == _files(local)
+  tasks = len([n for n in os.listdir(local) if n.endswith(".task.json")])
+  assert f"running {tasks} tasks on DirectRunner" in run.stdout, run.stdout + run.stderr
+  assert _files(tmp_path / "out") == _files(local), run.stdout + run.stderr[-3000:]
