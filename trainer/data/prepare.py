@@ -34,7 +34,7 @@ import numpy as np
 from absl import app, flags
 
 from trainer import cli
-from trainer.data import pipeline, shards, sources, stdlib_corpus, templates
+from trainer.data import beam, pipeline, shards, sources, stdlib_corpus, templates
 from trainer.data import tokenizer as tokenizer_lib
 from trainer.data.sources import DataError, Span
 from trainer.errors import UserError
@@ -363,8 +363,7 @@ def prepare(cfg, out: str, workers: int = 1, per_task: int = 20_000, runner: str
   if runner == "local":
     summaries = _run_local(tasks, s, workers, log)
   else:
-    from trainer.data import beam  # noqa: PLC0415 -- the optional extra, only when asked for
-    summaries = beam.run(tasks, s, runner, beam_args, log)
+    summaries = beam.run(tasks, s, runner, beam_args, log)  # imports Apache Beam only now
   manifest = write_manifest(cfg, out, tokenizer, summaries, s)
   log(f"done: {out}: " + ", ".join(
       f"{split} {manifest['examples'][split]:,} examples, {manifest['tokens'][split]:,} tokens"
