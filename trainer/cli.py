@@ -18,11 +18,11 @@ DEFAULT_CONFIG = os.path.join(_REPO, "configs", "tiny.py")
 USER_ERROR_EXIT = 2
 
 
-def define_config_flag():
-  """The --config flag (a recipe file, configs/*.py[:arg], locked once loaded)."""
-  return config_flags.DEFINE_config_file(
-      "config", None, f"Recipe file (configs/*.py[:arg]); default {DEFAULT_CONFIG}.",
-      lock_config=True)
+# the flags every command shares, defined once (absl refuses a flag defined twice in a process)
+CONFIG = config_flags.DEFINE_config_file(
+    "config", None, f"Recipe file (configs/*.py[:arg]); default {DEFAULT_CONFIG}.",
+    lock_config=True)
+VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks for user errors.")
 
 
 def fail(message: str) -> None:

@@ -30,7 +30,6 @@ from trainer import memory, metrics as metrics_lib, train
 from trainer.data import tokenizer as tokenizer_lib
 from trainer.memory import MiB, activation_bytes, element_bytes
 from trainer import cli
-from trainer import main as main_lib  # the --config and --verbose flags
 from trainer.validate import (UserError, check_backend, check_config, check_mesh,
                               model_config)
 
@@ -182,17 +181,17 @@ def report(cfg, devices, mfu: float, peak_tflops: float, compile_step: bool,
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     cli.fail(f"unexpected arguments {' '.join(argv[1:])}")
-  if not main_lib._VERBOSE.value:
+  if not cli.VERBOSE.value:
     logging.set_verbosity(logging.WARNING)
   if _DEVICES.value:
     jax.config.update("jax_num_cpu_devices", _DEVICES.value)
     jax.config.update("jax_platforms", "cpu")
   strategies = [s for s in _STRATEGIES.value.split(",") if s]
   try:
-    print(report(main_lib._CONFIG.value, jax.devices(), _MFU.value, _PEAK.value,
+    print(report(cli.CONFIG.value, jax.devices(), _MFU.value, _PEAK.value,
                  _COMPILE.value, strategies))
   except UserError as e:
-    if main_lib._VERBOSE.value:
+    if cli.VERBOSE.value:
       raise
     cli.fail(str(e))
 

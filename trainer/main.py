@@ -18,11 +18,9 @@ from parallel import distributed
 from trainer import checkpoint, cli, hugepages, train
 from trainer.validate import UserError
 
-_CONFIG = cli.define_config_flag()
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Where checkpoints, metrics, the tokenizer and config.json go. Rerunning with "
     "the same workdir resumes. Default: runs/<recipe name>.")
-_VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks for user errors.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator", None, "Multi-process: HOST:PORT of process 0. Not needed under SLURM or on "
     "Cloud TPU, where the environment says it.")
@@ -62,26 +60,27 @@ def main(argv: list[str]) -> None:
   except ValueError as e:
     cli.fail(str(e))
 
-  if not _VERBOSE.value:
+  if not cli.VERBOSE.value:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     # a full disk is reported in one line (trainer/train.py); not as orbax's threads' tracebacks
     logging.get_absl_handler().addFilter(_NoSpaceFilter())
   jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/jaxtrain/xla"))
   workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
-  dropped = own_training_files(_CONFIG.value, sys.argv[1:])
+  dropped = own_training_files(cli.CONFIG.value, sys.argv[1:])
   if dropped and jax.process_index() == 0:
-    print(f"note: evaluating on {_CONFIG.value.data.eval_percent:g}% of data.train_files held out,"
+    print(f"note: evaluating on {cli.CONFIG.value.data.eval_percent:g}% of data.train_files "
+          "held out,"
           f" not on the recipe's demo eval files ({dropped}); set data.eval_files to choose",
           flush=True)  # (stdout: stderr is kept for the one line of an error)
   try:
     try:
-      train.run(_CONFIG.value, workdir)
+      train.run(cli.CONFIG.value, workdir)
     except Exception as e:  # noqa: BLE001 -- a full disk, wherever it was hit, is a user error
       if not checkpoint.no_space(e):
         raise
       raise checkpoint.disk_full(os.path.join(workdir, "checkpoints")) from e
   except UserError as e:
-    if _VERBOSE.value:
+    if cli.VERBOSE.value:
       raise
     cli.fail(str(e))
 

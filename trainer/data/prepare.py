@@ -22,10 +22,12 @@ does, one trained here, on the first `data.max_chars` characters of training tex
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from typing import Any, Iterator
@@ -39,7 +41,6 @@ from trainer.data import tokenizer as tokenizer_lib
 from trainer.data.sources import DataError, Span
 from trainer.errors import UserError
 
-_CONFIG = cli.define_config_flag()
 _OUT = flags.DEFINE_string("out", None, "The folder to write the shards and manifest to.")
 _WORKERS = flags.DEFINE_integer("workers", 1, "Local worker processes.")
 _RECORDS = flags.DEFINE_integer("records_per_task", 20_000, "Records per task (and shard).")
@@ -47,7 +48,6 @@ _RUNNER = flags.DEFINE_string(
     "runner", "local", "local (--workers processes) or an Apache Beam runner: DirectRunner, "
     "DataflowRunner, FlinkRunner, SparkRunner (pip install -e '.[beam]'); further Beam "
     "options after --, e.g. -- --project=P --region=R --temp_location=gs://...")
-_VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks for user errors.")
 
 PLAN = "plan.json"  # what a rerun must agree with to go on where the last one stopped
 # the data keys that decide the examples: a rerun into the same folder must not change them
@@ -189,9 +189,7 @@ def run_task(task: Task, s: Settings) -> dict[str, Any]:
     examples = ids if s.format == "preference" else list(zip(ids, masks))
     name = shards.shard_name(split, task.dataset, task.index)
     out["shards"][split] = shards.write_shard(s.out, name, examples)
-  with open(done + ".tmp", "w") as f:
-    json.dump(out, f)
-  os.replace(done + ".tmp", done)
+  shards.write_json(done, out)
   return out
 
 
@@ -261,9 +259,7 @@ def _check_plan(cfg, out: str, per_task: int) -> None:
       raise UserError(f"--out={out}: holds a prepare of other settings ({', '.join(diff)} "
                       "differ); give another --out, or delete the folder to start over")
     return
-  with open(path + ".tmp", "w") as f:
-    json.dump(want, f, indent=1)
-  os.replace(path + ".tmp", path)
+  shards.write_json(path, want)
 
 
 def write_manifest(cfg, out: str, tokenizer, summaries: list[dict], s: Settings) -> dict:
@@ -298,9 +294,7 @@ def write_manifest(cfg, out: str, tokenizer, summaries: list[dict], s: Settings)
       "splits": splits,
   }
   path = os.path.join(out, shards.MANIFEST)
-  with open(path + ".tmp", "w") as f:
-    json.dump(manifest, f, indent=1)
-  os.replace(path + ".tmp", path)
+  shards.write_json(path, manifest)
   return manifest
 
 
@@ -315,11 +309,20 @@ def _run_local(tasks: list[Task], s: Settings, workers: int, log) -> list[dict]:
       progress.update(run_task(t, s))
   else:
     context = multiprocessing.get_context("spawn")  # no fork of a process holding threads
-    with context.Pool(min(workers, len(pending))) as pool:
+    with context.Pool(min(workers, len(pending)), initializer=_die_with_parent) as pool:
       for summary in pool.imap_unordered(_run_task_star, [(t, s) for t in pending]):
         progress.update(summary)
   progress.close()
   return [run_task(t, s) for t in tasks]  # every summary, read back in task order
+
+
+def _die_with_parent() -> None:
+  """A worker ends with the prepare that started it (Linux's PR_SET_PDEATHSIG): a killed prepare
+  leaves no worker behind finishing a task nobody waits for."""
+  try:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+  except (OSError, AttributeError):  # not Linux: the worker stops at its next result instead
+    pass
 
 
 def _run_task_star(args) -> dict:
@@ -349,10 +352,15 @@ class _Progress:
 def prepare(cfg, out: str, workers: int = 1, per_task: int = 20_000, runner: str = "local",
             beam_args: tuple[str, ...] = (), log=print) -> dict:
   """Write the recipe's data as shards in `out`; returns the manifest. Rerun, it goes on
-  where it stopped (or returns at once when it had finished)."""
+  where it stopped: the half-written files a killed prepare left (their `.tmp` names) are
+  removed, and no task with a summary is done again. One prepare writes into a folder at a
+  time."""
   if not out:
     raise UserError("--out: required (the folder to write the shards to)")
   os.makedirs(out, exist_ok=True)
+  for name in os.listdir(out):
+    if name.endswith(".tmp"):
+      os.remove(os.path.join(out, name))
   _check_plan(cfg, out, per_task)
   s = settings(cfg, out)
   t0 = time.perf_counter()
@@ -378,9 +386,10 @@ def main(argv: list[str]) -> None:
   if beam_args and _RUNNER.value == "local":
     cli.fail(f"unexpected arguments {' '.join(beam_args)}; settings go in --config.KEY=VALUE")
   try:
-    prepare(_CONFIG.value, _OUT.value, _WORKERS.value, _RECORDS.value, _RUNNER.value, beam_args)
+    prepare(cli.CONFIG.value, _OUT.value, _WORKERS.value, _RECORDS.value, _RUNNER.value,
+            beam_args)
   except UserError as e:
-    if _VERBOSE.value:
+    if cli.VERBOSE.value:
       raise
     cli.fail(str(e))
 

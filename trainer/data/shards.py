@@ -6,10 +6,10 @@ A prepared folder (`python -m trainer.data.prepare`) looks like
   DIR/tokenizer.model               (or tokenizer.json) the tokenizer the ids belong to
   DIR/train-d0-00000.arrayrecord    the examples of one piece of work ("task"), one per record
   DIR/train-d0-00000.lengths.npy    their token counts, so packing plans without reading them
-  DIR/train-d0-00000.json           the task's summary; its presence says the task is complete
+  DIR/train-d0-00000.task.json      the task's summary; its presence says the task is complete
 
-Files are written under a `.tmp` name and renamed into place, the summary last, so a killed
-prepare leaves no half-written shard that looks whole. A record is a few flat arrays (no
+Files are written under a `.tmp` name of their writer's own and renamed into place, the summary
+last, so a killed prepare leaves no half-written shard that looks whole. A record is a few flat arrays (no
 pickle): `encode` lays them out as a small header (count, then dtype code and length of each)
 followed by their bytes. A text or chat example is (ids int32, loss mask uint8); a preference
 pair is (prompt ids, chosen ids, chosen mask, rejected ids, rejected mask), as `pairs.Pair`
@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import struct
+import threading
 from typing import Any, Sequence
 
 import numpy as np
@@ -131,19 +132,34 @@ def histogram(lengths: np.ndarray) -> list[int]:
                      minlength=len(HISTOGRAM_EDGES) + 1).tolist()
 
 
+def tmp_suffix() -> str:
+  """This writer's own temporary name: two writers of one file (a task run twice at once, as a
+  runner's speculative execution does) never rename each other's half-written file."""
+  return f".{os.getpid()}-{threading.get_ident()}.tmp"
+
+
+def write_json(path: str, value) -> None:
+  """`value` as JSON in `path`, renamed into place once whole."""
+  tmp = path + tmp_suffix()
+  with open(tmp, "w") as f:
+    json.dump(value, f, indent=1)
+  os.replace(tmp, path)
+
+
 def write_shard(directory: str, name: str, examples: Sequence[Any]) -> dict[str, Any]:
   """The examples as `name`.arrayrecord and their lengths as `name`.lengths.npy, each renamed
   into place once whole. Returns the shard's entry of the manifest (not yet written)."""
   path = os.path.join(directory, name)
   lengths = np.asarray([length(x) for x in examples], np.int64)
-  writer = ArrayRecordWriter(path + ".arrayrecord.tmp", WRITER_OPTIONS)
+  tmp = tmp_suffix()
+  writer = ArrayRecordWriter(path + ".arrayrecord" + tmp, WRITER_OPTIONS)
   for x in examples:
     writer.write(encode(example_arrays(x)))
   writer.close()
-  with open(path + ".lengths.npy.tmp", "wb") as f:
+  with open(path + ".lengths.npy" + tmp, "wb") as f:
     np.save(f, lengths, allow_pickle=False)
-  os.replace(path + ".lengths.npy.tmp", path + ".lengths.npy")
-  os.replace(path + ".arrayrecord.tmp", path + ".arrayrecord")
+  os.replace(path + ".lengths.npy" + tmp, path + ".lengths.npy")
+  os.replace(path + ".arrayrecord" + tmp, path + ".arrayrecord")
   return {"name": name, "examples": len(examples), "tokens": sum(map(tokens, examples)),
           "bytes": os.path.getsize(path + ".arrayrecord"), "histogram": histogram(lengths)}
 
