@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from trainer import main
+from trainer import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,12 +19,12 @@ def test_own_training_files_drop_the_recipes_eval_files(recipe):
   config = importlib.import_module(f"configs.{recipe}").get_config()
   demo_eval = config.data.eval_files
   assert demo_eval.endswith("eval.jsonl")
-  assert main.own_training_files(config, ["--config.train.steps=3"]) is None
+  assert cli.own_training_files(config, ["--config.train.steps=3"]) is None
   assert config.data.eval_files == demo_eval  # the demo keeps its own eval set
   both = ["--config.data.train_files=mine.jsonl", "--config.data.eval_files=my_eval.jsonl"]
-  assert main.own_training_files(config, both) is None
+  assert cli.own_training_files(config, both) is None
   assert config.data.eval_files == demo_eval  # set by the command: the command's value
-  assert main.own_training_files(config, ["--config.data.train_files=mine.jsonl"]) == demo_eval
+  assert cli.own_training_files(config, ["--config.data.train_files=mine.jsonl"]) == demo_eval
   assert config.data.eval_files == ""
 
 

@@ -74,3 +74,12 @@ def parse_flags(argv: list[str]) -> list[str]:
   return []
 
 
+def own_training_files(config, argv: list[str]) -> str | None:
+  """A recipe's `data.eval_files` belong to its own demo data. A command that brings its own
+  `--config.data.train_files` without naming `--config.data.eval_files` evaluates on a held-out
+  `data.eval_percent` of those files instead. Returns the recipe's eval files so dropped."""
+  given = {a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")}
+  if "data.train_files" not in given or "data.eval_files" in given or not config.data.eval_files:
+    return None
+  dropped, config.data.eval_files = config.data.eval_files, ""
+  return dropped

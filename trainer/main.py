@@ -34,17 +34,6 @@ class _NoSpaceFilter(std_logging.Filter):
     return "No space left on device" not in f"{record.getMessage()} {error}"
 
 
-def own_training_files(config, argv: list[str]) -> str | None:
-  """A recipe's `data.eval_files` belong to its own demo data. A command that brings its own
-  `--config.data.train_files` without naming `--config.data.eval_files` evaluates on a held-out
-  `data.eval_percent` of those files instead. Returns the recipe's eval files so dropped."""
-  given = {a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")}
-  if "data.train_files" not in given or "data.eval_files" in given or not config.data.eval_files:
-    return None
-  dropped, config.data.eval_files = config.data.eval_files, ""
-  return dropped
-
-
 def default_workdir(config_arg: str) -> str:
   name = os.path.splitext(os.path.basename(config_arg.split(":")[0]))[0]
   return os.path.join("runs", name)
@@ -66,7 +55,7 @@ def main(argv: list[str]) -> None:
     logging.get_absl_handler().addFilter(_NoSpaceFilter())
   jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/jaxtrain/xla"))
   workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
-  dropped = own_training_files(cli.CONFIG.value, sys.argv[1:])
+  dropped = cli.own_training_files(cli.CONFIG.value, sys.argv[1:])
   if dropped and jax.process_index() == 0:
     print(f"note: evaluating on {cli.CONFIG.value.data.eval_percent:g}% of data.train_files "
           "held out,"

@@ -385,6 +385,10 @@ def main(argv: list[str]) -> None:
   beam_args = tuple(argv[1:])
   if beam_args and _RUNNER.value == "local":
     cli.fail(f"unexpected arguments {' '.join(beam_args)}; settings go in --config.KEY=VALUE")
+  dropped = cli.own_training_files(cli.CONFIG.value, sys.argv[1:])
+  if dropped:
+    print(f"note: holding out {cli.CONFIG.value.data.eval_percent:g}% of data.train_files for "
+          f"eval, not the recipe's demo eval files ({dropped}); set data.eval_files to choose")
   try:
     prepare(cli.CONFIG.value, _OUT.value, _WORKERS.value, _RECORDS.value, _RUNNER.value,
             beam_args)
