@@ -19,6 +19,7 @@ Writes a JSON report (`--out`, default benchmarks/results/corpus_scale.json) wit
 from __future__ import annotations
 
 import argparse
+import ast
 import collections
 import json
 import os
@@ -111,7 +112,9 @@ def loader_rate(folder: str, threads: int, batches: int = 400) -> float:
   from trainer.data import pipeline  # noqa: PLC0415
   cfg = medium.get_config()
   cfg.data.update(source="prepared", train_files=folder)
-  data = pipeline.build(cfg, os.path.join(folder, "_loader"), True)
+  workdir = os.path.join(folder, "_loader")
+  os.makedirs(workdir, exist_ok=True)
+  data = pipeline.build(cfg, workdir, True)
   ds = pipeline.batches(data.train, cfg.train.batch_size)
   it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads)))
   next(it)
@@ -128,6 +131,8 @@ def main() -> None:
   ap.add_argument("--rounds", type=int, default=3)
   ap.add_argument("--steps", type=int, default=50)
   ap.add_argument("--prepare_only", action="store_true", help="stop after step 2")
+  ap.add_argument("--runs_log", default="", help="step 3's runs from the output of an earlier "
+                  "invocation (its 'round R size S: {...}' lines) instead of running them")
   ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "corpus_scale.json"))
   args = ap.parse_args()
   sizes = [float(x) for x in args.sizes.split(",")]
@@ -168,7 +173,12 @@ def main() -> None:
 
   if args.prepare_only:
     return
-  for r in range(args.rounds):
+  if args.runs_log:
+    for line in open(args.runs_log):
+      m = re.match(r"round (\d+) size ([\d.]+): (\{.*\})$", line.strip())
+      if m:
+        report["corpora"][m.group(2)]["runs"].append(ast.literal_eval(m.group(3)))
+  for r in range(0 if args.runs_log else args.rounds):
     for size in sizes:
       prepared = os.path.join(args.work, f"corpus-{size:g}gb-prepared")
       workdir = os.path.join(args.work, f"run-{size:g}-{r}")

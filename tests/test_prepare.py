@@ -14,8 +14,9 @@ import pytest
 
 from configs import tiny
 from trainer import train
-from trainer.data import pipeline, prepare, shards
+from trainer.data import packing, pipeline, prepare, shards
 from trainer.data.sources import DataError
+from trainer.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ("the a of to and in is it that for on with as was at by an be this from or have not are "
@@ -75,22 +76,24 @@ def assert_same_batches(a, b, batch_size, n, **kw):
 
 
 @pytest.mark.parametrize("fmt", ["text", "chat", "preference"])
-@pytest.mark.parametrize("mode", ["none", "concat", "greedy"])
-def test_prepared_batches_equal_the_in_memory_batches(tmp_path, fmt, mode):
+def test_prepared_batches_equal_the_in_memory_batches(tmp_path, fmt):
+  """One prepare serves every packing mode: shards hold examples, rows are packed when drawn."""
   corpus = write_corpus(tmp_path / "data.jsonl", fmt)
-  cfg = files_config(corpus, fmt, mode, pack_group=16)
-  memory = build(cfg, tmp_path / "w1")
-  manifest = prepare.prepare(cfg, str(tmp_path / "out"), per_task=50, log=lambda _: None)
+  manifest = prepare.prepare(files_config(corpus, fmt), str(tmp_path / "out"), per_task=50,
+                             log=lambda _: None)
   assert len(list((tmp_path / "out").glob("train-*.arrayrecord"))) == 5
-  streamed = build(prepared_config(cfg, str(tmp_path / "out")), tmp_path / "w2")
-  # the same tokenizer, trained on the same text
-  assert shards.tokenizer_fingerprint(memory.tokenizer) == manifest["tokenizer_fingerprint"]
-  assert len(memory.train.examples) == manifest["examples"]["train"]
-  assert len(memory.eval.examples) == manifest["examples"]["eval"] > 0
-  assert_same_batches(memory.train, streamed.train, 4, 3 * len(memory.train.epoch(0)) // 4)
-  assert_same_batches(memory.eval, streamed.eval, 4, 0, repeat=False)
-  for key in ("padding_ratio", "train_examples", "eval_examples"):
-    assert memory.stats[key] == streamed.stats[key], key
+  for mode in packing.MODES:
+    cfg = files_config(corpus, fmt, mode, pack_group=16)
+    memory = build(cfg, tmp_path / "w1")  # the tokenizer trained once in w1, as prepare's
+    streamed = build(prepared_config(cfg, str(tmp_path / "out")), tmp_path / "w2")
+    # the same tokenizer, trained on the same text
+    assert shards.tokenizer_fingerprint(memory.tokenizer) == manifest["tokenizer_fingerprint"]
+    assert len(memory.train.examples) == manifest["examples"]["train"]
+    assert len(memory.eval.examples) == manifest["examples"]["eval"] > 0
+    assert_same_batches(memory.train, streamed.train, 4, 3 * len(memory.train.epoch(0)) // 4)
+    assert_same_batches(memory.eval, streamed.eval, 4, 0, repeat=False)
+    for key in ("padding_ratio", "train_examples", "eval_examples"):
+      assert memory.stats[key] == streamed.stats[key], (mode, key)
 
 
 def test_mixtures_by_weight_and_processes_reading_disjoint_rows(tmp_path):
@@ -183,6 +186,10 @@ def test_bad_records_during_prepare(tmp_path):
   manifest = prepare.prepare(cfg, str(tmp_path / "out2"), per_task=10, log=lambda _: None)
   assert manifest["bad_records"] == 1 and "bad.jsonl:2" in manifest["first_bad_record"]
   assert sum(manifest["examples"].values()) == 62
+  cfg.data.skip_bad_records = False  # the same folder, other settings: refused, nothing touched
+  with pytest.raises(UserError, match=r"holds a prepare of other settings \(data.skip_bad_records "
+                     r"differ"):
+    prepare.prepare(cfg, str(tmp_path / "out2"), per_task=10, log=lambda _: None)
 
 
 def test_bad_prepared_folders_are_one_line(tmp_path):

@@ -248,14 +248,17 @@ def ensure_tokenizer(cfg, out: str, tasks: list[Task], s: Settings, log) -> Any:
 
 def _check_plan(cfg, out: str, per_task: int) -> None:
   """Write what decides the shards; a rerun into the same folder must agree with it."""
-  want = {"data": {k: cfg.data[k] for k in _PLAN_KEYS}, "records_per_task": per_task}
+  want = {"data": {k: cfg.data[k] for k in _PLAN_KEYS}, "records_per_task": per_task,
+          "init_from": cfg.model.get("init_from", "")}  # a Hugging Face model's tokenizer
   path = os.path.join(out, PLAN)
   if os.path.exists(path):
     with open(path) as f:
       have = json.load(f)
     if have != want:
-      diff = sorted({k for k in want["data"] if have.get("data", {}).get(k) != want["data"][k]} |
-                    ({"--records_per_task"} if have.get("records_per_task") != per_task else set()))
+      diff = sorted({f"data.{k}" for k in want["data"]
+                     if have.get("data", {}).get(k) != want["data"][k]} |
+                    {f"--{k}" if k == "records_per_task" else f"model.{k}"
+                     for k in ("records_per_task", "init_from") if have.get(k) != want[k]})
       raise UserError(f"--out={out}: holds a prepare of other settings ({', '.join(diff)} "
                       "differ); give another --out, or delete the folder to start over")
     return
