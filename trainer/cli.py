@@ -3,6 +3,7 @@ line on stderr with exit code 2 (`trainer.main`, `trainer.data.prepare`)."""
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.util
 import os
@@ -28,6 +29,18 @@ VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks for user errors."
 def fail(message: str) -> None:
   print(f"error: {message}", file=sys.stderr)
   sys.exit(USER_ERROR_EXIT)
+
+
+@contextlib.contextmanager
+def user_errors():
+  """A UserError raised inside ends the command in one line and exit code 2 (with --verbose:
+  the traceback)."""
+  try:
+    yield
+  except UserError as e:
+    if VERBOSE.value:
+      raise
+    fail(str(e))
 
 
 def load_recipe(spec: str):

@@ -187,13 +187,9 @@ def main(argv: list[str]) -> None:
     jax.config.update("jax_num_cpu_devices", _DEVICES.value)
     jax.config.update("jax_platforms", "cpu")
   strategies = [s for s in _STRATEGIES.value.split(",") if s]
-  try:
+  with cli.user_errors():
     print(report(cli.CONFIG.value, jax.devices(), _MFU.value, _PEAK.value,
                  _COMPILE.value, strategies))
-  except UserError as e:
-    if cli.VERBOSE.value:
-      raise
-    cli.fail(str(e))
 
 
 if __name__ == "__main__":

@@ -69,9 +69,27 @@ def length_to_fit(lengths: Sequence[int], share: float) -> int:
   return int(positions[max(0, math.ceil(round(share * len(positions), 9)) - 1)])
 
 
-class Rows:
-  """A plan: row r is pieces[offsets[r]:offsets[r + 1]], an (m_r, 3) array of (example, start,
-  end). `pieces` (m, 3) and `offsets` (rows + 1,) are int64 arrays."""
+class _Plan:
+  """Rows of pieces by index: plan[r] is an (m_r, 3) array of (example, start, end); negative
+  indices and slices as for a list. Subclasses give len() and `_row(r)`."""
+
+  def _row(self, r: int) -> np.ndarray:
+    raise NotImplementedError
+
+  def __getitem__(self, r):
+    if isinstance(r, slice):
+      return [self[k] for k in range(*r.indices(len(self)))]
+    if not -len(self) <= r < len(self):
+      raise IndexError(f"row {r} of a plan of {len(self)} rows")
+    return self._row(r % len(self))
+
+  def __iter__(self):
+    return (self[r] for r in range(len(self)))
+
+
+class Rows(_Plan):
+  """A plan held whole: row r is pieces[offsets[r]:offsets[r + 1]]. `pieces` (m, 3) and
+  `offsets` (rows + 1,) are int64 arrays."""
 
   def __init__(self, pieces: np.ndarray, offsets: np.ndarray):
     self.pieces, self.offsets = pieces, offsets
@@ -79,16 +97,8 @@ class Rows:
   def __len__(self) -> int:
     return len(self.offsets) - 1
 
-  def __getitem__(self, r):
-    if isinstance(r, slice):
-      return [self[k] for k in range(*r.indices(len(self)))]
-    if not -len(self) <= r < len(self):
-      raise IndexError(f"row {r} of a plan of {len(self)} rows")
-    r %= len(self)
+  def _row(self, r: int) -> np.ndarray:
     return self.pieces[self.offsets[r]:self.offsets[r + 1]]
-
-  def __iter__(self):
-    return (self[r] for r in range(len(self)))
 
 
 def plan_rows(pieces, seq_len: int, mode: str, group: int = 512) -> Rows | Stream:
@@ -103,7 +113,7 @@ def plan_rows(pieces, seq_len: int, mode: str, group: int = 512) -> Rows | Strea
   raise ValueError(f"data.packing={mode!r} is not one of {', '.join(MODES)}")
 
 
-class Stream:
+class Stream(_Plan):
   """concat's plan, a row at a time: the pieces' positions as one stream, cut every seq_len
   positions, kept as the pieces and where each one's positions end. Row r is the stream's
   positions r * seq_len .. (r + 1) * seq_len - 1; a piece across a cut is split there into parts
@@ -121,12 +131,7 @@ class Stream:
   def __len__(self) -> int:
     return -(-self.total // self.seq_len)
 
-  def __getitem__(self, r):
-    if isinstance(r, slice):
-      return [self[k] for k in range(*r.indices(len(self)))]
-    if not -len(self) <= r < len(self):
-      raise IndexError(f"row {r} of a plan of {len(self)} rows")
-    r %= len(self)
+  def _row(self, r: int) -> np.ndarray:
     first, last = r * self.seq_len, min((r + 1) * self.seq_len, self.total)
     a = int(np.searchsorted(self.hi, first, side="right"))  # the first piece ending past `first`
     b = int(np.searchsorted(self.hi, last, side="left"))  # the piece holding position last - 1
@@ -137,9 +142,6 @@ class Stream:
     parts[:, 1] = np.maximum(lo, first) + shift
     parts[:, 2] = np.minimum(hi, last) + shift + 1
     return parts
-
-  def __iter__(self):
-    return (self[r] for r in range(len(self)))
 
 
 def _greedy(pieces: np.ndarray, seq_len: int, group: int) -> Rows:

@@ -392,13 +392,9 @@ def main(argv: list[str]) -> None:
   if dropped:
     print(f"note: holding out {cli.CONFIG.value.data.eval_percent:g}% of data.train_files for "
           f"eval, not the recipe's demo eval files ({dropped}); set data.eval_files to choose")
-  try:
+  with cli.user_errors():
     prepare(cli.CONFIG.value, _OUT.value, _WORKERS.value, _RECORDS.value, _RUNNER.value,
             beam_args)
-  except UserError as e:
-    if cli.VERBOSE.value:
-      raise
-    cli.fail(str(e))
 
 
 if __name__ == "__main__":
