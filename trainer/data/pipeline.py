@@ -330,6 +330,15 @@ def training_text(records: list[dict], template: templates.Template | None) -> l
   return ["".join(t for t, _ in template.render(r["messages"])) for r in records]
 
 
+def given_tokenizer(cfg):
+  """The tokenizer the config names, loaded, or None: `data.tokenizer`, else a Hugging Face
+  `model.init_from` folder's own."""
+  init = cfg.model.get("init_from", "")
+  if cfg.data.tokenizer:
+    return load_tokenizer(cfg.data.tokenizer, "data.tokenizer")
+  return load_tokenizer(init[3:], "model.init_from") if init.startswith("hf:") else None
+
+
 def load_tokenizer(source: str, key: str):
   """The tokenizer file or folder `source` names, or one line naming the config `key`."""
   try:
@@ -420,10 +429,8 @@ def _tokenizer(cfg, workdir: str, is_leader: bool, sync, template, train_records
   workdir by the leader; or one the leader trains there on the training text once per workdir,
   then read by every process after `sync()`, so that all agree on it."""
   d = cfg.data
-  init = cfg.model.get("init_from", "")
-  source = d.tokenizer or (init[3:] if init.startswith("hf:") else "")
-  if source:
-    tokenizer = load_tokenizer(source, "data.tokenizer" if d.tokenizer else "model.init_from")
+  tokenizer = given_tokenizer(cfg)
+  if tokenizer is not None:
     if is_leader:  # a copy beside the checkpoints
       tokenizer.save(os.path.join(workdir, tokenizer_lib.file_name(tokenizer)))
     return tokenizer
@@ -455,13 +462,10 @@ def _prepared(cfg, template) -> tuple[Any, list, list]:
                     "folders python -m trainer.data.prepare wrote")
   manifests = {(key, f): shards.read_manifest(f, f"data.{key}")
                for key, fs in folders.items() for f in fs}
-  init = cfg.model.get("init_from", "")
-  given = d.tokenizer or (init[3:] if init.startswith("hf:") else "")
   first = folders["train_files"][0]
-  if given:
-    tokenizer, whose = load_tokenizer(given, "data.tokenizer" if d.tokenizer else
-                                      "model.init_from"), f"this run's ({given})"
-  else:
+  tokenizer = given_tokenizer(cfg)
+  whose = f"this run's ({d.tokenizer or cfg.model.get('init_from', '')})"
+  if tokenizer is None:
     path = os.path.join(first, manifests["train_files", first]["tokenizer"])
     tokenizer, whose = load_tokenizer(path, "data.train_files"), f"{first}'s"
   want_tok = shards.tokenizer_fingerprint(tokenizer)

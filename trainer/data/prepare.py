@@ -224,12 +224,9 @@ def _training_texts(cfg, tasks: list[Task], s: Settings, template) -> Iterator[s
 def ensure_tokenizer(cfg, out: str, tasks: list[Task], s: Settings, log) -> Any:
   """The recipe's tokenizer, or one trained here (once: a rerun reuses it), saved in `out`."""
   d = cfg.data
-  init = cfg.model.get("init_from", "")
-  source = d.tokenizer or (init[3:] if init.startswith("hf:") else "")
   template = templates.get(s.template) if s.template else None
-  if source:
-    tokenizer = pipeline.load_tokenizer(source, "data.tokenizer" if d.tokenizer else
-                                        "model.init_from")
+  tokenizer = pipeline.given_tokenizer(cfg)
+  if tokenizer is not None:
     tokenizer.save(os.path.join(out, tokenizer_lib.file_name(tokenizer)))
   else:
     saved = os.path.join(out, "tokenizer.model")
