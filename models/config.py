@@ -18,6 +18,9 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "ring")
 FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gemma2")  # the Hugging Face layout on export
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
+ROUTER_ORDERS = ("softmax_topk", "topk_softmax")
+MOE_IMPLS = ("dropless", "capacity", "dense")
+GROUPED_MATMULS = ("auto", "blocks", "ragged_dot", "tokamax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,23 +53,51 @@ class ModelConfig:
   logit_softcap: float = 0.0  # Gemma 2: the same on the output logits
   post_norms: bool = False  # Gemma 2: also normalise attention and MLP outputs (sandwich)
   value_head: bool = False  # reward models: a scalar score per position (`score`, d_model x 1)
+  # Mixture of experts (models/moe.py); n_experts = 0: every layer has the dense MLP.
+  n_experts: int = 0  # routed experts per MoE layer
+  experts_per_token: int = 2  # top-k
+  expert_d_ff: int = 0  # hidden width of each routed expert; 0: d_ff
+  shared_expert_d_ff: int = 0  # an always-on expert of this width (Qwen2-MoE, DeepSeek); 0: none
+  shared_expert_gate: bool = False  # Qwen2-MoE: the shared expert scaled by sigmoid(x @ w)
+  moe_every: int = 1  # layer i is MoE when (i + 1) % moe_every == 0 (Qwen2-MoE decoder_sparse_step)
+  moe_first_dense: int = 0  # ... and i >= moe_first_dense (DeepSeek first_k_dense_replace)
+  router_order: str = "softmax_topk"  # one of ROUTER_ORDERS
+  router_norm_topk: bool = True  # renormalise the k weights to sum 1 (Mixtral yes, Qwen2-MoE no)
+  router_jitter: float = 0.0  # training: inputs times uniform(1 - j, 1 + j) (Mixtral's jitter)
+  router_aux_loss_weight: float = 0.0  # Switch load-balancing loss weight
+  router_z_loss_weight: float = 0.0  # router z-loss weight (ST-MoE)
 
   def __post_init__(self):
     problems = []
-    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len",
+                 "moe_every"):
       if getattr(self, name) <= 0:
         problems.append(f"{name}={getattr(self, name)} must be positive")
     if problems:  # the checks below divide by these
       raise ValueError("; ".join(problems))
     if self.head_dim == 0:
       object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+    if self.expert_d_ff == 0:
+      object.__setattr__(self, "expert_d_ff", self.d_ff)
     object.__setattr__(self, "sliding_window_layers", tuple(int(i) for i in self.sliding_window_layers))
     if self.n_heads % self.n_kv_heads:
       problems.append(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
     if self.head_dim <= 0 or self.head_dim % 2:
       problems.append(f"head_dim={self.head_dim} must be positive and even for rotary embeddings")
     problems += _choices(self, (("rope_scaling", ROPE_SCALINGS), ("family", FAMILIES),
-                                ("mlp_activation", MLP_ACTIVATIONS)))
+                                ("mlp_activation", MLP_ACTIVATIONS),
+                                ("router_order", ROUTER_ORDERS)))
+    if self.n_experts < 0 or self.expert_d_ff < 0 or self.shared_expert_d_ff < 0:
+      problems.append("n_experts, expert_d_ff and shared_expert_d_ff must be >= 0")
+    if self.n_experts and not 1 <= self.experts_per_token <= self.n_experts:
+      problems.append(f"experts_per_token={self.experts_per_token} must be in 1..n_experts="
+                      f"{self.n_experts}")
+    if self.n_experts and "moe" not in self.layer_kinds():
+      problems.append(f"no layer is MoE with moe_every={self.moe_every} and moe_first_dense="
+                      f"{self.moe_first_dense} over {self.n_layers} layers")
+    for name in ("router_jitter", "router_aux_loss_weight", "router_z_loss_weight"):
+      if not getattr(self, name) >= 0:
+        problems.append(f"{name}={getattr(self, name)} must be >= 0")
     bad_layers = [i for i in self.sliding_window_layers if not 0 <= i < self.n_layers]
     if bad_layers:
       problems.append(f"sliding_window_layers={bad_layers} are not layers of {self.n_layers}")
@@ -82,6 +113,12 @@ class ModelConfig:
     local = set(self.sliding_window_layers) or set(range(self.n_layers))
     return [self.sliding_window if i in local else 0 for i in range(self.n_layers)]
 
+  def layer_kinds(self) -> list[str]:
+    """Each layer's feed-forward kind: "moe" (a mixture of experts) or "mlp" (the dense MLP)."""
+    def is_moe(i):
+      return self.n_experts > 0 and i >= self.moe_first_dense and (i + 1) % self.moe_every == 0
+    return ["moe" if is_moe(i) else "mlp" for i in range(self.n_layers)]
+
   @property
   def scale(self) -> float:
     return self.query_scale or self.head_dim ** -0.5
@@ -89,14 +126,28 @@ class ModelConfig:
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
-  def num_params(self, include_embeddings: bool = True) -> int:
-    """Exact parameter count of `models.decoder.Decoder` built from this config."""
-    d, f, h, k, hd = self.d_model, self.d_ff, self.n_heads, self.n_kv_heads, self.head_dim
+  def ffn_params(self, kind: str, active: bool = False) -> int:
+    """Parameters of one layer's feed-forward block of `kind` ("mlp" or "moe"); `active`: only
+    those one token uses (its k routed experts, not all n_experts)."""
+    d = self.d_model
+    if kind == "mlp":
+      return 3 * d * self.d_ff
+    experts = self.experts_per_token if active else self.n_experts
+    n = d * self.n_experts + experts * 3 * d * self.expert_d_ff  # router + routed experts
+    if self.shared_expert_d_ff:
+      n += 3 * d * self.shared_expert_d_ff + (d if self.shared_expert_gate else 0)
+    return n
+
+  def num_params(self, include_embeddings: bool = True, active: bool = False) -> int:
+    """Exact parameter count of `models.decoder.Decoder` built from this config; `active`: the
+    parameters one token uses (a mixture of experts counts only its k routed experts)."""
+    d, h, k, hd = self.d_model, self.n_heads, self.n_kv_heads, self.head_dim
     attn = d * h * hd + 2 * d * k * hd + h * hd * d
     if self.qkv_bias:
       attn += h * hd + 2 * k * hd
-    per_layer = attn + 3 * d * f + (4 if self.post_norms else 2) * d  # RMSNorm scales
+    per_layer = attn + (4 if self.post_norms else 2) * d  # RMSNorm scales
     total = self.n_layers * per_layer + d  # final norm
+    total += sum(self.ffn_params(kind, active) for kind in self.layer_kinds())
     if include_embeddings:
       total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
     elif not self.tie_embeddings:
@@ -106,11 +157,12 @@ class ModelConfig:
   def flops_per_token(self, seq_len: int) -> float:
     """Training FLOPs per token: 6N for the matmuls plus attention scores, causal halved.
 
-    N excludes the input embedding lookup (a gather, not a matmul). Attention costs
+    N counts the parameters one token uses (a mixture of experts: its k routed experts) and
+    excludes the input embedding lookup (a gather, not a matmul). Attention costs
     2 matmuls (QK^T and PV) of 2*T*h*hd FLOPs each per token forward, times 3 for
     forward + backward, halved because a causal mask skips half the pairs.
     """
-    n = self.num_params(include_embeddings=False)
+    n = self.num_params(include_embeddings=False, active=True)
     if self.tie_embeddings:
       n += self.vocab_size * self.d_model  # tied head still does the logits matmul
     return 6 * n + self.attention_flops_per_token(seq_len)
@@ -126,15 +178,23 @@ class Execution:
 
   `remat`: what the backward pass recomputes (models/decoder.py REMAT_POLICIES). `attention_impl`:
   the attention kernel (models/layers.py `attention_inputs`). `init_std`: the normal init scale
-  of fresh weights (output projections divided by sqrt(2 layers))."""
+  of fresh weights (output projections divided by sqrt(2 layers)). `moe_impl`, `capacity_factor`,
+  `grouped_matmul`: how a mixture of experts dispatches tokens (models/moe.py); `capacity` drops
+  the tokens past an expert's capacity, so only it can change the function."""
   remat: str = "none"  # one of REMAT_POLICIES
   attention_impl: str = "xla"  # one of ATTENTION_IMPLS
   init_std: float = 0.02
+  moe_impl: str = "dropless"  # one of MOE_IMPLS (models/moe.py)
+  capacity_factor: float = 1.25  # moe_impl=capacity: slots per expert, x tokens * k / n_experts
+  grouped_matmul: str = "auto"  # one of GROUPED_MATMULS: the dropless path's kernel
 
   def __post_init__(self):
-    problems = _choices(self, (("remat", REMAT_POLICIES), ("attention_impl", ATTENTION_IMPLS)))
+    problems = _choices(self, (("remat", REMAT_POLICIES), ("attention_impl", ATTENTION_IMPLS),
+                               ("moe_impl", MOE_IMPLS), ("grouped_matmul", GROUPED_MATMULS)))
     if not self.init_std >= 0:
       problems.append(f"init_std={self.init_std} must be >= 0")
+    if not self.capacity_factor > 0:
+      problems.append(f"capacity_factor={self.capacity_factor} must be > 0")
     if problems:
       raise ValueError("; ".join(problems))
 

@@ -3,9 +3,14 @@
 Layers are created with `nnx.vmap`, so each parameter of a block is stored once with a leading
 `layers` axis, and applied with `jax.lax.scan`: compile time does not grow with depth. The scan
 drives `layer_body`, a plain function of (carry, one layer's parameters, that layer's inputs)
-that a pipeline schedule could drive as well; besides the carry it returns the layer's aux sums
-(auxiliary losses and metrics of its FFN, models/ffn.py), which leave the scan summed over the
+that a pipeline schedule could drive as well; besides the carry it returns the layer's aux
+(auxiliary losses and metrics of its FFN, models/ffn.py), which leave the scan reduced over the
 layers (`Decoder.forward`).
+
+A model whose layers all have one FFN kind (dense, or every layer a mixture of experts) keeps
+them in one stack, `layers`. One that mixes them (`moe_every`, `moe_first_dense`) keeps its MoE
+blocks in `layers` and its dense ones in `dense_layers`, and scans each run of consecutive
+layers of one kind in turn.
 
     h = model.hidden(tokens, positions, segment_ids)             # training, evaluation
     h, aux = model.forward(tokens, positions, segment_ids, ctx)  # the same, with the aux sums
@@ -92,7 +97,7 @@ class Context:
   `layers`: a `LayerSource` (PEFT) instead of the decoder's own layer parameters.
   `dropout_rng` (training steps, read by `PeftModel`): lora and adalora keep the low-rank path
   apart from the weights, with LoRA dropout when the PEFT config has some; the plain decoder
-  ignores it."""
+  ignores it. `router_rng` (training steps): a mixture of experts' router jitter noise."""
   cache: dict | None = None
   start: Any = 0
   embed_noise: tuple | None = None
@@ -101,6 +106,7 @@ class Context:
   shared_prompt: bool = False
   layers: LayerSource | None = None
   dropout_rng: Any = None
+  router_rng: Any = None
 
 
 class LayerShared(NamedTuple):
@@ -118,11 +124,12 @@ class LayerInputs(NamedTuple):
   """A layer's own inputs, stacked along a leading layer axis for the scan."""
   is_local: jax.Array  # bool: this layer uses the sliding-window mask
   kv: tuple | None  # decoding: this layer's cache (k, v), each (batch, slots, kv_heads, hd)
+  rng: jax.Array | None = None  # training a mixture of experts with router jitter: its key
 
 
 class LayerOut(NamedTuple):
   """A layer's outputs besides the carry, stacked by the scan."""
-  aux: dict  # float32 scalar sums of its FFN (models/ffn.py); {} for the dense MLP
+  aux: dict  # float32 scalars of its FFN (models/ffn.py); {} for the dense MLP
   kv: tuple | None  # decoding: the updated cache (k, v)
 
 
@@ -142,33 +149,48 @@ def layer_body(shared: LayerShared, x_btd, layer, inputs: LayerInputs):
     layer = filled
   block = nnx.merge(shared.graphdef, layer)
   kv = None if inputs.kv is None else (*inputs.kv, shared.start)
-  x_btd, kv, aux = block(x_btd, shared.cos, shared.sin, mask, kv, **extras)
+  x_btd, kv, aux = block(x_btd, shared.cos, shared.sin, mask, kv, rng=inputs.rng, **extras)
   return x_btd, LayerOut(aux, kv)
+
+
+def layer_runs(kinds: list[str]) -> list[tuple[str, tuple[int, int], tuple[int, int]]]:
+  """Maximal runs of consecutive layers of one FFN kind: (kind, (lo, hi) in that kind's stack,
+  (first, last) among all layers)."""
+  runs, seen = [], {}
+  for i, kind in enumerate(kinds):
+    if runs and runs[-1][0] == kind:
+      k, (lo, hi), (first, _) = runs[-1]
+      runs[-1] = (k, (lo, hi + 1), (first, i + 1))
+    else:
+      runs.append((kind, (seen.get(kind, 0), seen.get(kind, 0) + 1), (i, i + 1)))
+    seen[kind] = seen.get(kind, 0) + 1
+  return runs
 
 
 class Block(nnx.Module):
   """Pre-norm residual block; with `post_norms` (Gemma 2) the attention and MLP outputs are
   normalised too before they join the residual stream."""
 
-  def __init__(self, cfg: ModelConfig, run: Execution, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, run: Execution, rngs: nnx.Rngs, kind: str = "mlp"):
     norm = lambda: RMSNorm(cfg.d_model, cfg.norm_eps, rngs, offset=cfg.norm_offset)
     self.attn_norm = norm()
     self.attn = Attention(cfg, run, rngs)
     self.mlp_norm = norm()
-    self.mlp = ffn_lib.make_ffn(cfg, run, rngs)  # the attribute keeps its name: parameter paths
+    # the FFN of `kind` (models/ffn.py); the attribute keeps its name: parameter paths
+    self.mlp = ffn_lib.make_ffn(cfg, run, rngs, kind)
     if cfg.post_norms:
       self.post_attn_norm, self.post_mlp_norm = norm(), norm()
     self.post_norms = cfg.post_norms
 
   def __call__(self, x_btd, cos, sin, mask, kv_cache=None, adapters=None, deltas=None,
-               prefix_kv=None):
+               prefix_kv=None, rng=None):
     """PEFT, in activation space: `adapters`, Houlsby bottlenecks {"attn": ..., "mlp": ...} on
     the two outputs; `deltas`, {"attn": {"q": fn, ...}, "mlp": {...}}, fn(x) added to that
     projection of x (LoRA with dropout); `prefix_kv`, this layer's key and value prefix (prefix
-    tuning, see Attention).
+    tuning, see Attention); `rng`, the FFN's training key (a mixture of experts' router jitter).
 
     Returns (x, kv_cache: the updated cache when decoding, else None, aux: the FFN's float32
-    sums, models/ffn.py)."""
+    scalars, models/ffn.py)."""
     deltas = deltas or {}
     h = self.attn(self.attn_norm(x_btd), cos, sin, mask, kv_cache, deltas.get("attn"), prefix_kv)
     if kv_cache is not None:
@@ -176,7 +198,7 @@ class Block(nnx.Module):
     if adapters is not None:
       h = bottleneck(h, adapters["attn"])
     x_btd = x_btd + (self.post_attn_norm(h) if self.post_norms else h)
-    h, aux = ffn_lib.apply(self.mlp, self.mlp_norm(x_btd), deltas.get("mlp"))
+    h, aux = ffn_lib.apply(self.mlp, self.mlp_norm(x_btd), deltas.get("mlp"), rng)
     if adapters is not None:
       h = bottleneck(h, adapters["mlp"])
     x_btd = x_btd + (self.post_mlp_norm(h) if self.post_norms else h)
@@ -192,13 +214,18 @@ class Decoder(nnx.Module):
     self.cfg, self.run = cfg, run
     std = run.init_std
     self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), std)
+    kinds = cfg.layer_kinds()
 
-    @nnx.split_rngs(splits=cfg.n_layers)
-    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def make_blocks(rngs):
-      return Block(cfg, run, rngs)
+    def make_blocks(kind):
+      @nnx.split_rngs(splits=kinds.count(kind))
+      @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def make(rngs):
+        return Block(cfg, run, rngs, kind)
+      return make(rngs)
 
-    self.layers = make_blocks(rngs)
+    self.layers = make_blocks("moe" if "moe" in kinds else "mlp")
+    if len(set(kinds)) > 1:
+      self.dense_layers = make_blocks("mlp")
     self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs, offset=cfg.norm_offset)
     if not cfg.tie_embeddings and not cfg.value_head:
       self.head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), std)
@@ -214,8 +241,8 @@ class Decoder(nnx.Module):
 
   def forward(self, tokens_bt, positions_bt=None, segment_ids_bt=None,
               ctx: Context | None = None):
-    """(hidden as `hidden` gives it, aux): aux the FFNs' float32 sums over the layers (keys
-    ending in `_loss` are weighted auxiliary losses, models/ffn.py); {} for the dense MLP.
+    """(hidden as `hidden` gives it, aux): aux the FFNs' float32 scalars reduced over the layers
+    (keys ending in `_loss` are weighted auxiliary losses, models/ffn.py); {} for the dense MLP.
     Training and evaluation: no cache."""
     ctx = ctx or Context()
     if ctx.cache is not None:
@@ -274,20 +301,37 @@ class Decoder(nnx.Module):
       x = constrain(jnp.concatenate([virtual, x], axis=1), BTD)
     if self.cfg.embed_scale:
       x = x * jnp.asarray(self.cfg.d_model ** 0.5, x.dtype)
-    graphdef, layer_state = nnx.split(self.layers)
-    source = ctx.layers
-    shared = LayerShared(graphdef, layer_state, cos, sin, masks, start,
-                         None if source is None else source.fn)
-    body = functools.partial(layer_body, shared)
-    if self.run.remat != "none" and cache is None:
-      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.run.remat], prevent_cse=False)
     kv = None if cache is None else (cache["k"], cache["v"])
-    layers_in = layer_state if source is None else source.params
-    x, out = jax.lax.scan(lambda x, xs: body(x, *xs), x, (layers_in, LayerInputs(local, kv)))
-    aux = {k: jnp.sum(v, axis=0) for k, v in out.aux.items()}
+    keys = None
+    if ctx.router_rng is not None and self.cfg.router_jitter and self.cfg.n_experts:
+      keys = jax.random.split(ctx.router_rng, self.cfg.n_layers)
+    source = ctx.layers
+    runs = layer_runs(self.cfg.layer_kinds())
+    if source is not None and len(runs) > 1:
+      raise ValueError("a model that mixes dense and MoE layers takes no layer source (PEFT)")
+    auxes, kvs = [], []
+    for kind, (lo, hi), (first, last) in runs:
+      stack = self.dense_layers if kind == "mlp" and hasattr(self, "dense_layers") else self.layers
+      graphdef, layer_state = nnx.split(stack)
+      shared = LayerShared(graphdef, layer_state, cos, sin, masks, start,
+                           None if source is None else source.fn)
+      body = functools.partial(layer_body, shared)
+      if self.run.remat != "none" and cache is None:
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[self.run.remat], prevent_cse=False)
+      layers_in = layer_state if source is None else source.params
+      inputs = LayerInputs(local, kv, keys if kind == "moe" else None)
+      if len(runs) > 1:  # this run's slice of its stack and of the per-layer inputs
+        layers_in = jax.tree.map(lambda a: a[lo:hi], layers_in)
+        inputs = jax.tree.map(lambda a: a[first:last], inputs)
+      x, out = jax.lax.scan(lambda x, xs: body(x, *xs), x, (layers_in, inputs))
+      auxes.append(ffn_lib.reduce_layers(out.aux))
+      kvs.append(out.kv)
+    aux = ffn_lib.reduce_layers({k: jnp.stack([a[k] for a in auxes if k in a])
+                                 for k in {k for a in auxes for k in a}})
     x = x[:, x.shape[1] - t:]  # without the virtual tokens' outputs
     if cache is not None:
-      cache["k"], cache["v"] = out.kv
+      cache["k"], cache["v"] = (jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+                                for parts in zip(*kvs))
     return self.final_norm(x), cache, aux
 
   def init_cache(self, batch: int, length: int, dtype=jnp.float32) -> dict:

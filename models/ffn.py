@@ -3,15 +3,17 @@
     ffn = make_ffn(cfg, run, rngs)        # Block's `mlp`: FFNS[ffn_kind(cfg)](cfg, run, rngs)
     out, aux = apply(ffn, x_btd, deltas)  # what Block calls
 
-An FFN is an nnx.Module built as `cls(cfg, run, rngs)` (run: the Execution) whose call `ffn(x_btd, deltas=None)` returns
-its output (batch, length, embed), or (output, aux): aux a dict of scalar sums for this layer
-(router losses, load metrics). The decoder sums each key over the layers and hands the sums out
-of its layer scan (`Decoder.forward`). Keys ending in `_loss` are auxiliary losses already
-multiplied by their config weight: the trainer adds them to the loss. Every key is logged as a
-metric. `deltas` are PEFT's activation-space deltas of its projections (see layers.project).
+An FFN is an nnx.Module built as `cls(cfg, run, rngs)` (run: the Execution) whose call
+`ffn(x_btd, deltas=None)` returns its output (batch, length, embed), or (output, aux): aux a dict
+of float32 scalars for this layer (router losses, load metrics). An FFN that takes an `rng`
+keyword gets one in training steps. The decoder reduces each key over the layers (keys ending in
+`_max` by max, `_min` by min, the rest summed) and hands them out of its layer scan
+(`Decoder.forward`). Keys ending in `_loss` are auxiliary losses already multiplied by their
+config weight: the trainer adds them to the loss. Every key is logged as a metric. `deltas` are
+PEFT's deltas of its projections (see layers.project).
 
-Only the dense gated MLP exists now; a mixture of experts registers here and `ffn_kind` picks
-it from the ModelConfig's expert fields.
+Kinds: "mlp", the dense gated MLP (models/layers.py), and "moe", a mixture of experts
+(models/moe.py); `ModelConfig.layer_kinds()` says which layer is which.
 """
 
 from __future__ import annotations
@@ -21,22 +23,25 @@ from flax import nnx
 
 from models.config import Execution, ModelConfig
 from models.layers import MLP
+from models.moe import MoE
 
-FFNS: dict[str, type] = {"mlp": MLP}
-
-
-def ffn_kind(cfg: ModelConfig) -> str:
-  """The name in FFNS of the block `cfg` describes."""
-  del cfg  # one kind so far: the choice will read the expert fields
-  return "mlp"
+FFNS: dict[str, type] = {"mlp": MLP, "moe": MoE}
 
 
-def make_ffn(cfg: ModelConfig, run: Execution, rngs: nnx.Rngs) -> nnx.Module:
-  return FFNS[ffn_kind(cfg)](cfg, run, rngs)
+def make_ffn(cfg: ModelConfig, run: Execution, rngs: nnx.Rngs, kind: str = "mlp") -> nnx.Module:
+  return FFNS[kind](cfg, run, rngs)
 
 
-def apply(ffn, x_btd, deltas=None) -> tuple:
+def apply(ffn, x_btd, deltas=None, rng=None) -> tuple:
   """(output, aux) of an FFN, aux as float32 scalars ({} for an FFN that returns none)."""
-  out = ffn(x_btd, deltas)
+  out = ffn(x_btd, deltas) if rng is None else ffn(x_btd, deltas, rng=rng)
   out, aux = out if isinstance(out, tuple) else (out, {})
   return out, {k: jnp.asarray(v, jnp.float32) for k, v in aux.items()}
+
+
+def reduce_layers(aux_by_layer: dict, axis: int = 0) -> dict:
+  """Each aux key over the layers: max for `_max` keys, min for `_min`, else the sum."""
+  def one(key, v):
+    op = jnp.max if key.endswith("_max") else jnp.min if key.endswith("_min") else jnp.sum
+    return op(v, axis=axis)
+  return {k: one(k, v) for k, v in aux_by_layer.items()}

@@ -42,9 +42,10 @@ class Bound:
     peft = self.handle.peft
     if self.rng is not None and peft is not None and peft.splits_in_training:
       dropout = jax.random.fold_in(self.rng, 2)
+    router = None if self.rng is None else jax.random.fold_in(self.rng, 3)
     hidden, aux = model.forward(batch["inputs"], batch["positions"], batch["segment_ids"],
                                 Context(embed_noise=noise, shared_prompt=shared_prompt,
-                                        dropout_rng=dropout))
+                                        dropout_rng=dropout, router_rng=router))
     if self.aux is not None:
       self.aux.append(aux)
     return model, hidden

@@ -1,0 +1,228 @@
+"""A mixture-of-experts feed-forward block: a router picks k of n gated-MLP experts per token.
+
+    moe = MoE(cfg, run, rngs)          # built by models/ffn.py for the layers cfg makes MoE
+    y, aux = moe(x_btd, deltas, rng)   # aux: this layer's router losses and load metrics
+
+Routing (float32): logits = x @ router; "softmax_topk" takes the k largest softmax
+probabilities, renormalised to sum 1 when `router_norm_topk` (Mixtral, Qwen3-MoE) or not
+(Qwen2-MoE); "topk_softmax" takes a softmax over the k largest logits. With `router_jitter` j,
+training multiplies the layer's input by uniform(1 - j, 1 + j) noise first (Mixtral).
+
+The routed experts run one of three ways (`Execution.moe_impl`), all the same function when no
+token is dropped:
+  dropless: the (token, expert) pairs sorted by expert, each expert's rows through its weights
+    by a grouped matmul (models/kernels/grouped_matmul.py); no token is dropped.
+  capacity: each expert takes at most C = ceil(capacity_factor * tokens * k / n_experts) pairs,
+    first choices before second ones and earlier tokens first; the rest are dropped (that
+    expert adds nothing for them) and counted. Experts run as one batched matmul (E, C, d).
+  dense: every expert on every token, combined by the router weights (zero for the experts
+    not picked): the reference, E / k times the work.
+With expert parallelism (the `expert` mesh axis larger than 1) the dispatch crosses devices:
+parallel/experts.py.
+
+A shared expert (`shared_expert_d_ff`) runs on every token beside the routed ones, scaled by
+sigmoid(x @ shared_gate) when `shared_expert_gate` (Qwen2-MoE).
+
+aux (models/ffn.py): `moe_balance_loss` = weight * E * sum_e f_e P_e (Switch Transformer; f_e
+the share of the token-expert pairs that went to expert e, P_e its mean router probability: k
+when balanced), `moe_z_loss` = weight * mean(logsumexp(logits)^2) (ST-MoE), each only when its
+weight is set and divided by the number of MoE layers (the decoder sums over layers: their
+mean); `moe_dropped` the fraction of pairs dropped (mean over layers); `moe_share_max` and
+`moe_share_min`, the most and least loaded expert's share of the pairs times E (1 is uniform),
+the extremes over the layers (the decoder takes max and min of these keys).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.config import Execution, ModelConfig
+from models.kernels import grouped_matmul as gmm
+from models.layers import MLP, LowRank, param
+from parallel.rules import constrain
+
+
+class Experts(NamedTuple):
+  """The routed experts' weights: gate and up (E, d, f), down (E, f, d)."""
+  gate: jax.Array
+  up: jax.Array
+  down: jax.Array
+
+
+def activation(name: str):
+  return jax.nn.silu if name == "silu" else lambda z: jax.nn.gelu(z, approximate=True)
+
+
+def route(cfg: ModelConfig, logits_te):
+  """(weights (T, k) float32, expert ids (T, k) int32, probabilities (T, E)) from float32
+  router logits."""
+  k = cfg.experts_per_token
+  probs = jax.nn.softmax(logits_te, axis=-1)
+  if cfg.router_order == "topk_softmax":
+    top, ids = jax.lax.top_k(logits_te, k)
+    return jax.nn.softmax(top, axis=-1), ids, probs
+  weights, ids = jax.lax.top_k(probs, k)
+  if cfg.router_norm_topk:
+    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+  return weights, ids, probs
+
+
+def expert_ffn(x_md, group_sizes, w: Experts, act, kernel: str = "auto"):
+  """The gated MLP of each row's expert, rows sorted by expert (`group_sizes` per expert)."""
+  gate = gmm.grouped_matmul(x_md, w.gate, group_sizes, kernel)
+  up = gmm.grouped_matmul(x_md, w.up, group_sizes, kernel)
+  return gmm.grouped_matmul(act(gate) * up, w.down, group_sizes, kernel)
+
+
+def dropless(x_td, ids_tk, weights_tk, w: Experts, act, kernel: str = "auto"):
+  """Routed output (T, d): the T * k pairs sorted by expert through `expert_ffn`, then summed
+  back per token by their weights."""
+  t, k = ids_tk.shape
+  flat = ids_tk.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  sizes = jnp.bincount(flat, length=w.gate.shape[0]).astype(jnp.int32)
+  y = expert_ffn(jnp.take(x_td, order // k, axis=0), sizes, w, act, kernel)
+  pairs = jnp.zeros_like(y).at[order].set(y)  # back to (token, slot) order
+  return combine(pairs.reshape(t, k, -1), weights_tk)
+
+
+def combine(pairs_tkd, weights_tk):
+  """sum_k weight * output, accumulated in float32."""
+  out = jnp.einsum("tkd,tk->td", pairs_tkd, weights_tk.astype(pairs_tkd.dtype),
+                   preferred_element_type=jnp.float32)
+  return out.astype(pairs_tkd.dtype)
+
+
+def capacity(x_td, ids_tk, weights_tk, w: Experts, act, capacity_factor: float):
+  """(routed output (T, d), pairs dropped): each expert takes its first C pairs in the order
+  (slot, token), C = ceil(capacity_factor * T * k / E)."""
+  t, k = ids_tk.shape
+  n_exp = w.gate.shape[0]
+  slots = capacity_slots(t, k, n_exp, capacity_factor)
+  ids = ids_tk.T.reshape(-1)  # slot-major: every first choice before any second one
+  one_hot = jax.nn.one_hot(ids, n_exp, dtype=jnp.int32)
+  rank = jnp.take_along_axis(jnp.cumsum(one_hot, axis=0), ids[:, None], axis=1)[:, 0] - 1
+  kept = rank < slots
+  where = jnp.where(kept, ids * slots + rank, n_exp * slots)  # dropped: out of range
+  tokens = jnp.tile(jnp.arange(t), k)
+  buf = jnp.zeros((n_exp * slots, x_td.shape[1]), x_td.dtype)
+  buf = buf.at[where].set(jnp.take(x_td, tokens, axis=0), mode="drop")
+  buf = constrain(buf.reshape(n_exp, slots, -1), ("expert", None, "embed"))
+  dt = x_td.dtype
+  h = act(jnp.einsum("ecd,edf->ecf", buf, w.gate.astype(dt))) * \
+      jnp.einsum("ecd,edf->ecf", buf, w.up.astype(dt))
+  y = jnp.einsum("ecf,efd->ecd", h, w.down.astype(dt)).reshape(n_exp * slots, -1)
+  pairs = jnp.take(y, where, axis=0, mode="fill", fill_value=0)  # (k * T, d), slot-major
+  pairs = pairs.reshape(k, t, -1).transpose(1, 0, 2)
+  return combine(pairs, weights_tk), jnp.sum(~kept)
+
+
+def capacity_slots(tokens: int, k: int, n_experts: int, capacity_factor: float) -> int:
+  return max(1, math.ceil(capacity_factor * tokens * k / n_experts))
+
+
+def dense(x_td, ids_tk, weights_tk, w: Experts, act):
+  """The reference: every expert on every token, combined by the router weights."""
+  dt = x_td.dtype
+  n_exp = w.gate.shape[0]
+  combine_te = jnp.zeros((x_td.shape[0], n_exp), jnp.float32)
+  combine_te = combine_te.at[jnp.arange(x_td.shape[0])[:, None], ids_tk].add(weights_tk)
+  h = act(jnp.einsum("td,edf->etf", x_td, w.gate.astype(dt))) * \
+      jnp.einsum("td,edf->etf", x_td, w.up.astype(dt))
+  y = jnp.einsum("etf,efd->etd", h, w.down.astype(dt))
+  return jnp.einsum("etd,te->td", y, combine_te.astype(dt),
+                    preferred_element_type=jnp.float32).astype(dt)
+
+
+def routed(cfg: ModelConfig, run: Execution, x_td, ids_tk, weights_tk, w: Experts):
+  """(routed output (T, d), pairs dropped) by `run.moe_impl`, across devices when the mesh
+  has an expert axis."""
+  from parallel import experts as ep  # noqa: PLC0415 (parallel imports models' layers)
+  act = activation(cfg.mlp_activation)
+  if ep.expert_parallel_size() > 1:
+    return ep.routed(cfg, run, x_td, ids_tk, weights_tk, w, act)
+  if run.moe_impl == "dense":
+    return dense(x_td, ids_tk, weights_tk, w, act), jnp.zeros((), jnp.int32)
+  if run.moe_impl == "capacity":
+    return capacity(x_td, ids_tk, weights_tk, w, act, run.capacity_factor)
+  return dropless(x_td, ids_tk, weights_tk, w, act, run.grouped_matmul), jnp.zeros((), jnp.int32)
+
+
+def load_stats(cfg: ModelConfig, logits_te, probs_te, ids_tk, dropped, n_moe_layers: int):
+  """This layer's aux dict (module docstring)."""
+  t, k = ids_tk.shape
+  n_exp = cfg.n_experts
+  counts = jnp.bincount(ids_tk.reshape(-1), length=n_exp).astype(jnp.float32)
+  share = counts / (t * k)
+  aux = {"moe_share_max": jnp.max(share) * n_exp, "moe_share_min": jnp.min(share) * n_exp,
+         "moe_dropped": dropped.astype(jnp.float32) / (t * k) / n_moe_layers}
+  if cfg.router_aux_loss_weight:
+    balance = n_exp * jnp.sum(share * k * jnp.mean(probs_te, axis=0))
+    aux["moe_balance_loss"] = cfg.router_aux_loss_weight * balance / n_moe_layers
+  if cfg.router_z_loss_weight:
+    z = jnp.mean(jnp.square(jax.nn.logsumexp(logits_te, axis=-1)))
+    aux["moe_z_loss"] = cfg.router_z_loss_weight * z / n_moe_layers
+  return aux
+
+
+class MoE(nnx.Module):
+  """Router (d, E), routed experts gate/up (E, d, f) and down (E, f, d) on the `expert` axis,
+  and an optional shared expert (`shared`, a gated MLP, with `shared_gate` (d, 1))."""
+
+  def __init__(self, cfg: ModelConfig, run: Execution, rngs: nnx.Rngs):
+    self.cfg, self.run = cfg, run
+    d, f, n_exp, std = cfg.d_model, cfg.expert_d_ff, cfg.n_experts, run.init_std
+    out_std = std / math.sqrt(2 * cfg.n_layers)
+    self.router = param(rngs, (d, n_exp), ("embed", None), std)
+    self.gate = param(rngs, (n_exp, d, f), ("expert", "embed", "mlp"), std)
+    self.up = param(rngs, (n_exp, d, f), ("expert", "embed", "mlp"), std)
+    self.down = param(rngs, (n_exp, f, d), ("expert", "mlp", "embed"), out_std)
+    if cfg.shared_expert_d_ff:
+      self.shared = MLP(dataclasses.replace(cfg, d_ff=cfg.shared_expert_d_ff), run, rngs)
+      if cfg.shared_expert_gate:
+        self.shared_gate = param(rngs, (d, 1), ("embed", None), std)
+
+  def __call__(self, x_btd, deltas=None, rng=None):
+    """(output (batch, length, embed), aux). `deltas` (PEFT): {"gate" | "up" | "down":
+    LowRank with a leading expert axis on a and b, "shared": the shared MLP's deltas}; `rng`:
+    training (router jitter)."""
+    cfg = self.cfg
+    deltas = deltas or {}
+    b, t, d = x_btd.shape
+    if rng is not None and cfg.router_jitter:
+      noise = jax.random.uniform(rng, x_btd.shape, jnp.float32, 1.0 - cfg.router_jitter,
+                                 1.0 + cfg.router_jitter)
+      x_btd = (x_btd * noise).astype(x_btd.dtype)
+    x_td = x_btd.reshape(b * t, d)
+    logits = jnp.matmul(x_td.astype(jnp.float32), self.router[...].astype(jnp.float32))
+    weights, ids, probs = route(cfg, logits)
+    w = Experts(*(_with_delta(getattr(self, n)[...], deltas.get(n), x_td.dtype)
+                  for n in ("gate", "up", "down")))
+    y, dropped = routed(cfg, self.run, x_td, ids, weights, w)
+    y = y.reshape(b, t, d)
+    if cfg.shared_expert_d_ff:
+      shared = self.shared(x_btd, deltas.get("shared"))
+      if cfg.shared_expert_gate:
+        scale = jax.nn.sigmoid(jnp.matmul(x_btd, self.shared_gate[...].astype(x_btd.dtype)))
+        shared = shared * scale
+      y = y + shared
+    n_moe = cfg.layer_kinds().count("moe")
+    return y, load_stats(cfg, logits, probs, ids, dropped, n_moe)
+
+
+def _with_delta(w, delta, dtype):
+  """An expert weight (E, n_in, n_out) with a LowRank delta (a (E, n_in, r), b (E, r, n_out))
+  folded in: w + scale * a @ b, per expert."""
+  w = w.astype(dtype)
+  if delta is None:
+    return w
+  if not isinstance(delta, LowRank):
+    raise ValueError("expert weights take low-rank deltas only (LoRA folded per expert)")
+  return w + jnp.asarray(delta.scale, dtype) * jnp.matmul(delta.a.astype(dtype),
+                                                          delta.b.astype(dtype))
