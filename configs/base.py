@@ -41,6 +41,22 @@ def get_config(arg=None):
       logit_softcap=0.0,  # Gemma 2: 30
       post_norms=False,  # Gemma 2: RMSNorm on attention and MLP outputs too
       value_head=False,  # a score head instead of the LM head (train.objective=reward sets it)
+      # Mixture of experts (models/moe.py); n_experts=0: the dense MLP in every layer
+      n_experts=0,  # routed experts per MoE layer
+      experts_per_token=2,  # top-k
+      expert_d_ff=0,  # each routed expert's hidden width; 0: d_ff
+      shared_expert_d_ff=0,  # an always-on shared expert of this width; 0: none
+      shared_expert_gate=False,  # Qwen2-MoE: the shared expert scaled by sigmoid(x @ w)
+      moe_every=1,  # layer i is MoE when (i + 1) % moe_every == 0 ...
+      moe_first_dense=0,  # ... and i >= moe_first_dense
+      router_order="softmax_topk",  # softmax then top-k | topk_softmax: top-k logits, softmax
+      router_norm_topk=True,  # renormalise the k router weights to sum 1
+      router_jitter=0.0,  # training: MoE inputs times uniform(1 - j, 1 + j)
+      router_aux_loss_weight=0.0,  # Switch load-balancing loss (1.0 x k when balanced)
+      router_z_loss_weight=0.0,  # router z-loss: mean logsumexp(logits)^2
+      moe_impl="dropless",  # dropless (grouped matmuls) | capacity (drops overflow) | dense
+      capacity_factor=1.25,  # moe_impl=capacity: slots per expert x tokens * k / n_experts
+      grouped_matmul="auto",  # dropless kernel: auto | blocks (CPU) | ragged_dot | tokamax
       init_std=0.02,  # normal init scale of weights (output projections divided by sqrt(2 layers))
       remat="dots_no_batch",  # keep projection outputs, recompute the rest | none | full | dots
       init_from="",  # "hf:DIR": start from a Hugging Face folder (its shape, weights, tokenizer)

@@ -1,6 +1,7 @@
 """The decoder's seams: an FFN registered in models/ffn.py that returns aux values has them
-summed over the layers and handed out of the layer scan by `forward`, checked against the
-plain-jnp reference; the dense MLP gives none; `hidden` is unchanged."""
+reduced over the layers (summed; `_max` keys by max) and handed out of the layer scan by
+`forward`, checked against the plain-jnp reference; the dense MLP gives none; `hidden` is
+unchanged."""
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +45,7 @@ def reference_aux(params, cfg, tok):
   seen = []
   logits = reference.forward(params, cfg, tok, on_mlp_input=seen.append)
   aux = {"toy_loss": sum(0.01 * jnp.sum(h * h) for h in seen),
-         "toy_max": sum(jnp.max(h) for h in seen)}
+         "toy_max": jnp.max(jnp.stack([jnp.max(h) for h in seen]))}
   return logits, aux
 
 
@@ -52,7 +53,7 @@ TOKENS = np.asarray(jax.random.randint(jax.random.PRNGKey(0), (2, 13), 0, 97))
 
 
 @pytest.mark.parametrize("remat", ["none", "dots_no_batch"])
-def test_a_registered_ffn_hands_its_aux_out_summed_over_layers(toy, remat):
+def test_a_registered_ffn_hands_its_aux_out_reduced_over_layers(toy, remat):
   cfg, params = build()
   handle = model_handle(cfg, run=Execution(remat=remat))
   model = handle.bind(params)
