@@ -45,9 +45,12 @@ def forward(params, cfg, tokens, positions=None, segment_ids=None, inv_freq=None
     allowed = allowed & (i[:, None] - i[None, :] < cfg.sliding_window)
   allowed = allowed[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])  # (b, t, t)
   x = params["embed"][tokens]
-  L = params["layers"]
+  kinds = cfg.layer_kinds()
+  mixed = len(set(kinds)) > 1
   for l in range(cfg.n_layers):
-    p = jax.tree.map(lambda a: a[l], L)
+    stack = "dense_layers" if mixed and kinds[l] == "mlp" else "layers"
+    index = sum(1 for j in range(l) if kinds[j] == kinds[l])  # its place in its stack
+    p = jax.tree.map(lambda a: a[index], params[stack])
     h = rms_norm(x, p["attn_norm"]["scale"], cfg.norm_eps)
     q = jnp.einsum("btd,dhk->bthk", h, p["attn"]["q"])
     k = jnp.einsum("btd,dhk->bthk", h, p["attn"]["k"])
@@ -64,8 +67,51 @@ def forward(params, cfg, tokens, positions=None, segment_ids=None, inv_freq=None
     h = rms_norm(x, p["mlp_norm"]["scale"], cfg.norm_eps)
     if on_mlp_input is not None:
       on_mlp_input(h)
+    if kinds[l] == "moe":
+      x = x + moe(h.reshape(b * t, -1), p["mlp"], cfg).reshape(x.shape)
+      continue
     g = h @ p["mlp"]["gate"]
     x = x + ((g * jax.nn.sigmoid(g)) * (h @ p["mlp"]["up"])) @ p["mlp"]["down"]
   x = rms_norm(x, params["final_norm"]["scale"], cfg.norm_eps)
   head = params["embed"].T if cfg.tie_embeddings else params["head"]
   return x @ head
+
+
+def route(logits, cfg):
+  """(weights (T, k), expert ids (T, k)) by numpy sorting, from float32 router logits."""
+  logits = np.asarray(logits, np.float64)
+  k = cfg.experts_per_token
+  ids = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  if cfg.router_order == "topk_softmax":
+    top = np.take_along_axis(logits, ids, -1)
+    w = np.exp(top - top.max(-1, keepdims=True))
+    return w / w.sum(-1, keepdims=True), ids
+  w = np.take_along_axis(probs, ids, -1)
+  if cfg.router_norm_topk:
+    w = w / w.sum(-1, keepdims=True)
+  return w, ids
+
+
+def moe(h_td, p, cfg, dropped=None):
+  """A mixture of experts, token by token: each token's k experts' SwiGLU outputs (their
+  weights gathered per pair) summed by the router weights, plus the (gated) shared expert.
+  `dropped` (T, k) bool: pairs that contribute nothing (capacity)."""
+  logits = h_td @ p["router"]
+  w, ids = route(logits, cfg)
+  if dropped is not None:
+    w = np.where(dropped, 0.0, w)
+  gate, up, down = p["gate"][ids], p["up"][ids], p["down"][ids]  # (T, k, ...)
+  g = jnp.einsum("td,tkdf->tkf", h_td, gate)
+  y = jnp.einsum("tkf,tkfd->tkd", (g * jax.nn.sigmoid(g)) * jnp.einsum("td,tkdf->tkf", h_td, up),
+                 down)
+  out = jnp.einsum("tkd,tk->td", y, jnp.asarray(w, h_td.dtype))
+  if cfg.shared_expert_d_ff:
+    s = p["shared"]
+    g = h_td @ s["gate"]
+    shared = ((g * jax.nn.sigmoid(g)) * (h_td @ s["up"])) @ s["down"]
+    if cfg.shared_expert_gate:
+      shared = shared * jax.nn.sigmoid(h_td @ p["shared_gate"])
+    out = out + shared
+  return out

@@ -1,0 +1,227 @@
+"""Mixture of experts (models/moe.py): routing against numpy, the three execution paths against
+each other and against tests/reference.py's token-by-token experts (forward and gradients, f32),
+capacity drops against a numpy simulation, the auxiliary losses against their formulas, mixed
+dense/MoE layer stacks, and the metrics a training run logs."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import reference
+from models import moe
+from models.config import Execution, ModelConfig
+from models.decoder import Context, Decoder
+
+# odd sizes on purpose: 5 experts, width 22, d 36
+SMALL = dict(vocab_size=101, d_model=36, n_layers=2, n_heads=3, n_kv_heads=1, d_ff=44,
+             max_seq_len=64, rope_theta=10000.0, n_experts=5, experts_per_token=2,
+             expert_d_ff=22)
+TOKENS = np.asarray(jax.random.randint(jax.random.PRNGKey(0), (3, 11), 0, 101))
+PATHS = [("dense", "auto"), ("dropless", "blocks"), ("dropless", "ragged_dot"),
+         ("capacity", "auto")]
+
+
+def build(run=None, **overrides):
+  cfg = ModelConfig(**{**SMALL, **overrides})
+  model = Decoder(cfg, nnx.Rngs(0), run or Execution())
+  return cfg, model, nnx.to_pure_dict(nnx.split(model)[1])
+
+
+def bind(cfg, params, run):
+  model = Decoder(cfg, nnx.Rngs(0), run)
+  nnx.replace_by_pure_dict(state := nnx.split(model)[1], params)
+  return nnx.merge(nnx.split(model)[0], state)
+
+
+@pytest.mark.parametrize("order,norm", [("softmax_topk", True), ("softmax_topk", False),
+                                        ("topk_softmax", True)])
+def test_routing_matches_numpy(order, norm):
+  cfg = ModelConfig(**{**SMALL, "router_order": order, "router_norm_topk": norm})
+  logits = jax.random.normal(jax.random.PRNGKey(1), (50, cfg.n_experts)) * 3
+  weights, ids, probs = moe.route(cfg, logits)
+  want_w, want_ids = reference.route(logits, cfg)
+  np.testing.assert_array_equal(ids, want_ids)
+  np.testing.assert_allclose(weights, want_w, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shared", [0, 14])
+def test_every_path_equals_the_token_by_token_reference(shared):
+  """Logits of a 2-layer MoE decoder by each path (capacity with room for every pair) against
+  tests/reference.py, which gathers each token's k experts' weights and loops nothing shared
+  with models/moe.py."""
+  cfg, _, params = build(shared_expert_d_ff=shared, shared_expert_gate=bool(shared))
+  want = reference.forward(params, cfg, TOKENS)
+  for impl, kernel in PATHS:
+    run = Execution(moe_impl=impl, grouped_matmul=kernel,
+                    capacity_factor=cfg.n_experts / cfg.experts_per_token)
+    got = jax.jit(lambda p: bind(cfg, p, run)(TOKENS))(params)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=f"{impl}/{kernel}")
+
+
+def test_gradients_of_every_path_equal_the_dense_reference():
+  cfg, _, params = build(router_aux_loss_weight=0.01, router_z_loss_weight=0.001,
+                         shared_expert_d_ff=14)
+
+  def grads(run):
+    def loss(p):
+      h, aux = bind(cfg, p, run).forward(TOKENS)
+      logits = bind(cfg, p, run).logits(h)
+      return jnp.mean(jnp.square(logits)) + aux["moe_balance_loss"] + aux["moe_z_loss"]
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  want_loss, want = grads(Execution(moe_impl="dense"))
+  for impl, kernel in PATHS[1:]:
+    run = Execution(moe_impl=impl, grouped_matmul=kernel, capacity_factor=2.5)
+    got_loss, got = grads(run)
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max(),
+                                                         err_msg=f"{impl}/{kernel}"), got, want)
+  # the routed experts and the router all get gradients
+  layer = want["layers"]["mlp"]
+  assert all(np.abs(layer[n]).max() > 0 for n in ("router", "gate", "up", "down"))
+
+
+def capacity_reference(ids, n_experts, slots):
+  """(T, k) bool: the pairs a capacity of `slots` drops, visiting first choices of all tokens
+  in order, then second choices, ..."""
+  t, k = ids.shape
+  taken = np.zeros(n_experts, int)
+  dropped = np.zeros((t, k), bool)
+  for j in range(k):
+    for i in range(t):
+      e = ids[i, j]
+      dropped[i, j] = taken[e] >= slots
+      taken[e] += 1
+  return dropped
+
+
+@pytest.mark.parametrize("factor", [0.5, 1.0])
+def test_capacity_drops_the_overflow_and_counts_it(factor):
+  cfg, model, params = build()
+  p = jax.tree.map(lambda a: a[0], params["layers"])["mlp"]
+  x = jax.random.normal(jax.random.PRNGKey(2), (40, cfg.d_model))
+  _, ids = reference.route(x @ p["router"], cfg)
+  slots = moe.capacity_slots(40, cfg.experts_per_token, cfg.n_experts, factor)
+  assert slots == math.ceil(factor * 40 * 2 / 5)
+  dropped = capacity_reference(ids, cfg.n_experts, slots)
+  assert dropped.any()
+  weights, got_ids, _ = moe.route(cfg, x @ p["router"])
+  w = moe.Experts(p["gate"], p["up"], p["down"])
+  out, n_dropped = moe.capacity(x, got_ids, weights, w, jax.nn.silu, factor)
+  assert int(n_dropped) == dropped.sum()
+  np.testing.assert_allclose(out, reference.moe(x, p, cfg, dropped), atol=1e-5, rtol=1e-5)
+
+
+def test_aux_losses_and_load_metrics_match_their_formulas():
+  cfg, model, params = build(router_aux_loss_weight=0.02, router_z_loss_weight=0.003)
+  run = Execution(moe_impl="capacity", capacity_factor=0.75)
+  _, aux = jax.jit(lambda p: bind(cfg, p, run).forward(TOKENS))(params)
+  # recompute each layer's router input with the reference's own layers
+  seen = []
+  reference.forward(params, cfg, TOKENS, on_mlp_input=seen.append)
+  balance, z, share_max, share_min, drop = [], [], [], [], []
+  k, e = cfg.experts_per_token, cfg.n_experts
+  for layer, h in enumerate(seen):
+    p = jax.tree.map(lambda a: a[layer], params["layers"])["mlp"]
+    logits = np.asarray(h.reshape(-1, cfg.d_model) @ p["router"], np.float64)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    _, ids = reference.route(logits, cfg)
+    counts = np.bincount(ids.reshape(-1), minlength=e)
+    t = logits.shape[0]
+    # Hugging Face's load_balancing_loss_func for one layer: E * sum(tokens_per_expert * P)
+    balance.append(e * np.sum(counts / t * probs.mean(0)))
+    lse = np.log(np.exp(logits).sum(-1))
+    z.append(np.mean(lse ** 2))
+    share_max.append(counts.max() / (t * k) * e)
+    share_min.append(counts.min() / (t * k) * e)
+    slots = moe.capacity_slots(t, k, e, 0.75)
+    drop.append(capacity_reference(ids, e, slots).sum() / (t * k))
+  np.testing.assert_allclose(aux["moe_balance_loss"], 0.02 * np.mean(balance), rtol=1e-5)
+  np.testing.assert_allclose(aux["moe_z_loss"], 0.003 * np.mean(z), rtol=1e-4)
+  np.testing.assert_allclose(aux["moe_share_max"], max(share_max), rtol=1e-6)
+  np.testing.assert_allclose(aux["moe_share_min"], min(share_min), rtol=1e-6)
+  np.testing.assert_allclose(aux["moe_dropped"], np.mean(drop), rtol=1e-6)
+  assert aux["moe_dropped"] > 0
+
+
+@pytest.mark.parametrize("layout", [dict(moe_every=2), dict(moe_first_dense=1),
+                                    dict(moe_every=2, moe_first_dense=2, n_layers=5)])
+def test_mixed_dense_and_moe_layers(layout):
+  cfg, model, params = build(**layout)
+  kinds = cfg.layer_kinds()
+  assert "mlp" in kinds and "moe" in kinds
+  assert params["dense_layers"]["mlp"]["gate"].shape[0] == kinds.count("mlp")
+  assert params["layers"]["mlp"]["gate"].shape[0] == kinds.count("moe")
+  n = sum(a.size for a in jax.tree.leaves(params))
+  assert n == cfg.num_params()
+  run = Execution()
+
+  def both(p):
+    m = bind(cfg, p, run)
+    h, _ = m.hidden(TOKENS, ctx=Context(cache=m.init_cache(TOKENS.shape[0], 16), start=0))
+    return m(TOKENS), m.logits(h)
+
+  full, decoded = jax.jit(both)(params)
+  np.testing.assert_allclose(full, reference.forward(params, cfg, TOKENS), atol=1e-5, rtol=1e-5)
+  # the pass that fills a KV cache (decoding) gives the same logits
+  np.testing.assert_allclose(decoded, full, atol=1e-5, rtol=1e-5)
+
+
+def test_parameter_counts_total_and_active():
+  cfg = ModelConfig(**{**SMALL, "shared_expert_d_ff": 14, "shared_expert_gate": True})
+  d, f, e, k = 36, 22, 5, 2
+  ffn_total = d * e + e * 3 * d * f + 3 * d * 14 + d
+  ffn_active = d * e + k * 3 * d * f + 3 * d * 14 + d
+  assert cfg.num_params() - cfg.num_params(active=True) == 2 * (ffn_total - ffn_active)
+  dense = ModelConfig(**{**SMALL, "n_experts": 0})
+  assert cfg.num_params() - dense.num_params() == 2 * (ffn_total - 3 * d * 44)
+  assert cfg.flops_per_token(8) == 6 * cfg.num_params(False, active=True) + \
+      cfg.attention_flops_per_token(8)
+
+
+def test_router_jitter_only_in_training():
+  cfg, model, params = build(router_jitter=0.3)
+  h = model.hidden(TOKENS)
+  noisy, _ = model.forward(TOKENS, ctx=Context(router_rng=jax.random.PRNGKey(4)))
+  again, _ = model.forward(TOKENS, ctx=Context(router_rng=jax.random.PRNGKey(4)))
+  np.testing.assert_array_equal(noisy, again)
+  assert not np.allclose(noisy, h, atol=1e-4)
+  np.testing.assert_allclose(reference.forward(params, cfg, TOKENS), model.logits(h),
+                             atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(experts_per_token=6), "experts_per_token=6"),
+    (dict(moe_first_dense=2), "no layer is MoE"),
+    (dict(router_order="sorted"), "router_order"),
+])
+def test_bad_moe_settings_are_one_clear_error(bad, match):
+  with pytest.raises(ValueError, match=match):
+    ModelConfig(**{**SMALL, **bad})
+
+
+def test_a_training_run_logs_the_router_metrics(tmp_path):
+  """configs/tiny.py made MoE trains a few steps; metrics.jsonl carries the aux losses, the
+  expert shares and the dropped fraction, and the balance loss is part of the logged loss."""
+  import small_run  # noqa: PLC0415
+  from trainer import train  # noqa: PLC0415
+  workdir = tmp_path / "run"
+  c = small_run.config(steps=3)
+  c.model.update(n_experts=4, experts_per_token=2, router_aux_loss_weight=0.01,
+                 router_z_loss_weight=0.001, moe_impl="capacity", capacity_factor=1.0)
+  train.run(c, str(workdir))
+  lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  train = [l for l in lines if "moe_share_max" in l]
+  assert train, lines
+  last = train[-1]
+  assert 1.0 <= last["moe_share_max"] <= 4.0 and 0.0 <= last["moe_share_min"] <= 1.0
+  assert 0.0 <= last["moe_dropped"] < 1.0
+  assert 0.01 * 2 * 0.9 < last["moe_balance_loss"] < 0.01 * 4  # k at balance, E * k at worst
+  assert last["moe_z_loss"] > 0
