@@ -100,8 +100,7 @@ MOE_FAMILIES = {
                   dict(_QWEN_MOE, shared_expert_intermediate_size=14)),
     # dense layers 0 and 2 (decoder_sparse_step 2), the top k not renormalised
     "qwen2_moe_step2": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM,
-                        dict(_QWEN_MOE, shared_expert_intermediate_size=14, decoder_sparse_step=2,
-                             num_hidden_layers=4)),
+                        dict(_QWEN_MOE, shared_expert_intermediate_size=14, decoder_sparse_step=2)),
     # layer 0 dense (mlp_only_layers), the top k renormalised
     "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM,
                   dict(_QWEN_MOE, head_dim=10, norm_topk_prob=True, mlp_only_layers=[0])),
@@ -110,12 +109,14 @@ MOE_FAMILIES = {
 }
 
 
-def make_moe(family: str, folder: str, seed: int = 0):
-  """A randomly initialised model of MOE_FAMILIES[family] saved to `folder` (as transformers
-  writes it: one tensor per expert); returns the torch model."""
+def make_moe(family: str, folder: str, seed: int = 0, **config):
+  """A randomly initialised model of MOE_FAMILIES[family] (with `config` changed) saved to
+  `folder` as transformers writes it (one tensor per expert); returns the torch model, which
+  runs its experts one by one (transformers' grouped_mm path needs 16-byte strides, which
+  width 22 does not give)."""
   config_cls, model_cls, extra = MOE_FAMILIES[family]
   torch.manual_seed(seed)
-  model = model_cls(config_cls(**{**MOE_COMMON, **extra}, attn_implementation="eager",
+  model = model_cls(config_cls(**{**MOE_COMMON, **extra, **config}, attn_implementation="eager",
                                experts_implementation="eager")).eval()
   with torch.no_grad():  # norms, biases and routers away from their init (Qwen's router: zeros)
     for name, p in model.named_parameters():
