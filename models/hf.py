@@ -134,9 +134,10 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
   if family in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe") and not hf.get("use_sliding_window",
                                                                            False):
     window, types = 0, None
-  if family == "qwen2_moe" and window and not types:  # a file older than layer_types
-    types = ["sliding_attention" if (i + 1) % 2 and i < hf.get("max_window_layers", 28)
-             else "full_attention" for i in range(n_layers)]
+  if window and not types and family in ("qwen2_moe", "qwen3"):  # a file older than layer_types
+    local = ((lambda i: (i + 1) % 2 and i < hf.get("max_window_layers", 28)) if family == "qwen2_moe"
+             else lambda i: i >= hf.get("max_window_layers", 28))  # transformers' rules
+    types = ["sliding_attention" if local(i) else "full_attention" for i in range(n_layers)]
   if window:
     c["sliding_window"] = int(window)
     if types:

@@ -88,6 +88,27 @@ def test_fused_expert_layout_loads(family, tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, want)
 
 
+def test_load_streams_layers_and_experts_into_shardings(tmp_path):
+  """Loaded into shardings that split the layer stack, the experts and the model dimension over
+  8 devices: each device reads its layers' experts' slices, with the values of a one-device
+  load (the dense stack, one layer, stays whole along layers)."""
+  import jax
+  import parallel
+
+  hf_models.make_moe("qwen3_moe", str(tmp_path / "hf"), num_experts=4)
+  cfg, whole = hf.load(str(tmp_path / "hf"))
+  assert list(hf.stacks(cfg).values()) == [[1, 2], [0]]
+  mesh = parallel.make_mesh(dict(data=1, fsdp=2, expert=2, tensor=2))
+  rules = {"layers": "fsdp", "expert": "expert", "embed": "tensor", "head_dim": "tensor"}
+  shardings = handles.param_shardings(handles.model_handle(cfg), mesh, rules)
+  _, split = hf.load(str(tmp_path / "hf"), shardings)
+  gate = split["layers"]["mlp"]["gate"]  # (layers, expert, embed, mlp)
+  assert gate.sharding.spec[:3] == ("fsdp", "expert", "tensor")
+  assert len({str(s.index) for s in gate.addressable_shards}) == 8
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               split, whole)
+
+
 def test_balance_loss_and_router_settings_match_transformers(tmp_path):
   """router_aux_loss_coef counts only with output_router_logits (as in transformers' loss); on one
   MoE layer our balance loss is transformers' aux_loss times it. Mixtral's jitter maps too."""
