@@ -130,8 +130,8 @@ def main(argv):
       model_params = handle.peft.merge(params) if handle.peft is not None else params
       try:
         files = hf.save(flags.FLAGS.out, handle.cfg, model_params, dtype)
-      except hf.UnsupportedModel as e:  # e.g. experts under a dense family's name
-        raise UserError(f"--format=hf: {e} (model.family)") from None
+      except hf.UnsupportedModel as e:  # "family=llama cannot hold n_experts=8: ..."
+        raise UserError(f"--format=hf: model.{e}") from None
     files += copy_tokenizer(flags.FLAGS.workdir, flags.FLAGS.out)
     print(f"wrote step {step} of {flags.FLAGS.workdir} to {flags.FLAGS.out}: {', '.join(files)}",
           file=sys.stderr)
