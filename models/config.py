@@ -1,8 +1,9 @@
 """ModelConfig: what a decoder language model's weights are; Execution: how it runs.
 
-One frozen ModelConfig covers the Llama family (Llama 1/2/3, Mistral, Qwen2) and Gemma 1/2: the
-differences between them are values here (qkv bias, tied embeddings, rope scaling, sliding
-windows, norm offset, GeGLU, embedding scale, soft-caps, sandwich norms), not code paths.
+One frozen ModelConfig covers the Llama family (Llama 1/2/3, Mistral, Qwen2, Qwen3), Gemma 1/2
+and the mixtures of experts Mixtral, Qwen2-MoE and Qwen3-MoE: the differences between them are
+values here (qkv bias, query/key norms, tied embeddings, rope scaling, sliding windows, norm
+offset, GeGLU, embedding scale, soft-caps, sandwich norms, experts), not code paths.
 Rematerialisation, the attention implementation and the init scale change neither the weights'
 shapes nor the function they compute, so they live apart, in `Execution`: a checkpoint restores
 under any of them. The user's run config keeps all of them under `model.` (`split_fields`).
@@ -16,7 +17,9 @@ from typing import Any
 ROPE_SCALINGS = ("none", "linear", "dynamic", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "ring")
-FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gemma2")  # the Hugging Face layout on export
+# the Hugging Face layout on export (models/hf.py); each is its transformers model_type
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "mixtral", "qwen2_moe",
+            "qwen3_moe")
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 ROUTER_ORDERS = ("softmax_topk", "topk_softmax")
 MOE_IMPLS = ("dropless", "capacity", "dense")
@@ -41,6 +44,7 @@ class ModelConfig:
   rope_low_freq_factor: float = 1.0  # llama3 only
   rope_high_freq_factor: float = 4.0  # llama3 only
   qkv_bias: bool = False  # Qwen2
+  qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on queries and keys, before rope
   tie_embeddings: bool = False
   sliding_window: int = 0  # Mistral: attend to at most this many previous tokens (0: off)
   sliding_window_layers: tuple[int, ...] = ()  # layers that use it (Gemma 2: even); (): all
@@ -145,6 +149,8 @@ class ModelConfig:
     attn = d * h * hd + 2 * d * k * hd + h * hd * d
     if self.qkv_bias:
       attn += h * hd + 2 * k * hd
+    if self.qk_norm:
+      attn += 2 * hd
     per_layer = attn + (4 if self.post_norms else 2) * d  # RMSNorm scales
     total = self.n_layers * per_layer + d  # final norm
     total += sum(self.ffn_params(kind, active) for kind in self.layer_kinds())

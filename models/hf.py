@@ -1,18 +1,40 @@
-"""Hugging Face checkpoints in and out: Llama (1/2/3, 3.1 rope scaling), Mistral, Qwen2, Gemma,
-Gemma 2.
+"""Hugging Face checkpoints in and out: Llama (1/2/3, 3.1 rope scaling), Mistral, Qwen2, Qwen3,
+Gemma, Gemma 2, and the mixtures of experts Mixtral, Qwen2-MoE and Qwen3-MoE.
 
     cfg, params = hf.load(folder, shardings)   # config.json + *.safetensors (sharded or not)
     hf.save(folder, cfg, params)               # the same layout back, transformers loads it
 
 Loading streams: each parameter is built with `jax.make_array_from_callback`, so a process reads
 only the slices its devices hold, one Hugging Face tensor at a time (a stacked layer parameter
-reads the layers its shard covers). Saving brings one parameter at a time to the host.
+reads the layers its shard covers, an expert parameter the experts). Saving brings one tensor at
+a time to the host.
 
 Our layout versus Hugging Face's (torch Linear weights are (out, in)):
   q (d, heads, hd) <- q_proj (heads*hd, d) transposed;  k, v likewise with kv_heads
   o (heads, hd, d) <- o_proj (d, heads*hd) transposed;  gate/up (d, f), down (f, d) transposed
+  q_norm, k_norm (hd,) (Qwen3) <- self_attn.q_norm / k_norm
   layer parameters are stacked along a leading `layers` axis (the decoder scans over them).
 Rotary embeddings use the same half-split convention, so no permutation is needed.
+
+Mixtures of experts (models/moe.py): router (d, E) <- the router's (E, d) transposed; expert e's
+slice of gate/up (E, d, f) and down (E, f, d) <- that expert's own (out, in) matrices
+transposed, as transformers writes them and as the published checkpoints hold them: Mixtral's
+`block_sparse_moe.experts.{e}.w1` (gate), `w3` (up), `w2` (down) and `block_sparse_moe.gate`;
+Qwen's `mlp.experts.{e}.gate_proj` / `up_proj` / `down_proj` and `mlp.gate`. (transformers 5
+fuses them in memory, `mlp.experts.gate_up_proj` (E, 2f, d) gate rows first and `down_proj`
+(E, d, f), and a file holding that layout loads too.) Qwen2-MoE's shared expert is our `shared`
+MLP, its `shared_expert_gate` (1, d) our `shared_gate` (d, 1). A model that mixes dense and MoE
+layers (Qwen2-MoE's `decoder_sparse_step`, `mlp_only_layers`) keeps its MoE layers in `layers`
+and its dense ones in `dense_layers` (models/decoder.py): Hugging Face layer i goes to the stack
+of its kind (`ModelConfig.layer_kinds`), in order.
+
+Router losses: transformers adds `router_aux_loss_coef` times its load-balancing loss only when
+`output_router_logits` is set (off in the published configs), so that is when
+`router_aux_loss_weight` takes the coefficient; export writes it back the same way. The two
+losses are the Switch loss alike but for how they meet the layers: ours is the mean over MoE
+layers of each layer's loss, transformers' the product of the shares and probabilities pooled
+over all layers (and without the padding it masks), so their values differ slightly. Mixtral's
+`router_jitter_noise` is `router_jitter`. The router z-loss has no Hugging Face setting.
 """
 
 from __future__ import annotations
@@ -20,6 +42,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from typing import Any, Callable
 
 import jax
@@ -29,10 +52,14 @@ from models import safetensors_io
 from models.config import Execution, ModelConfig
 from models.handle import model_handle
 
+# architecture -> family; a family is its transformers model_type (config.json's)
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-                 "Qwen2ForCausalLM": "qwen2", "GemmaForCausalLM": "gemma",
-                 "Gemma2ForCausalLM": "gemma2"}
-MODEL_TYPES = {v: k.removesuffix("ForCausalLM").lower() for k, v in ARCHITECTURES.items()}
+                 "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+                 "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2",
+                 "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
+                 "Qwen3MoeForCausalLM": "qwen3_moe"}
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+QK_NORM_FAMILIES = ("qwen3", "qwen3_moe")
 # reward models: the same decoders with a one-output `score` head (value_head) instead of lm_head
 CLASSIFIERS = {k.replace("ForCausalLM", "ForSequenceClassification"): v
                for k, v in ARCHITECTURES.items()}
@@ -90,15 +117,27 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
            max_seq_len=hf.get("max_position_embeddings", 8192), norm_eps=hf.get("rms_norm_eps", 1e-6),
            tie_embeddings=bool(hf.get("tie_word_embeddings", family in ("gemma", "gemma2"))),
            qkv_bias=family == "qwen2" or bool(hf.get("attention_bias", False)),
-           family=family, value_head=value_head, **_rope(hf))
+           qk_norm=family in QK_NORM_FAMILIES, family=family, value_head=value_head, **_rope(hf))
+  if family == "qwen2_moe":
+    c["qkv_bias"] = bool(hf.get("qkv_bias", True))
+  if family in QK_NORM_FAMILIES and c["qkv_bias"]:
+    raise UnsupportedModel(f"{family} with attention_bias=true is not supported (it also biases "
+                           "o_proj, which our attention has no bias for)")
+  if family in MOE_FAMILIES:
+    c.update(_moe_from_hf(hf, family, n_layers))
   act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
   if act not in ("silu", "gelu_pytorch_tanh", "gelu"):
     raise UnsupportedModel(f"hidden activation {act!r} is not supported")
   c["mlp_activation"] = "silu" if act == "silu" else "gelu_tanh"  # HF runs Gemma's gelu as tanh
   window = hf.get("sliding_window") or 0
   types = hf.get("layer_types")
-  if family == "qwen2" and not hf.get("use_sliding_window", False):
+  if family in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe") and not hf.get("use_sliding_window",
+                                                                           False):
     window, types = 0, None
+  if window and not types and family in ("qwen2_moe", "qwen3"):  # a file older than layer_types
+    local = ((lambda i: (i + 1) % 2 and i < hf.get("max_window_layers", 28)) if family == "qwen2_moe"
+             else lambda i: i >= hf.get("max_window_layers", 28))  # transformers' rules
+    types = ["sliding_attention" if local(i) else "full_attention" for i in range(n_layers)]
   if window:
     c["sliding_window"] = int(window)
     if types:
@@ -119,11 +158,94 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
   return ModelConfig(**c)
 
 
+def _moe_from_hf(hf: dict, family: str, n_layers: int) -> dict:
+  """The ModelConfig expert fields of a Mixtral, Qwen2-MoE or Qwen3-MoE config.json."""
+  aux = dict(router_aux_loss_weight=float(hf.get("router_aux_loss_coef") or 0.0)
+             if hf.get("output_router_logits") else 0.0)
+  if family == "mixtral":  # every layer MoE, the top k always renormalised
+    return dict(n_experts=hf["num_local_experts"], experts_per_token=hf["num_experts_per_tok"],
+                expert_d_ff=hf["intermediate_size"], router_norm_topk=True,
+                router_jitter=float(hf.get("router_jitter_noise") or 0.0), **aux)
+  n = hf.get("num_experts") or hf.get("num_local_experts") or 0
+  step = int(hf.get("decoder_sparse_step") or 1)
+  only = sorted(set(hf.get("mlp_only_layers") or []))
+  moe = [i for i in range(n_layers) if i not in only and (i + 1) % step == 0]
+  if not n or not moe:
+    raise UnsupportedModel(f"{family} without MoE layers (num_experts={n}, decoder_sparse_step="
+                           f"{step}, mlp_only_layers={only}) is not supported")
+  first = min(moe) if only else 0  # our dense layers: the first ones and those off the step
+  if moe != [i for i in range(first, n_layers) if (i + 1) % step == 0]:
+    raise UnsupportedModel(f"mlp_only_layers={only} with decoder_sparse_step={step} is not "
+                           "supported: only the first layers can be dense besides the step's")
+  c = dict(n_experts=n, experts_per_token=hf["num_experts_per_tok"],
+           expert_d_ff=hf["moe_intermediate_size"], moe_every=step, moe_first_dense=first,
+           router_norm_topk=bool(hf.get("norm_topk_prob", False)), **aux)
+  if family == "qwen2_moe":  # always a shared expert, always gated
+    shared = int(hf.get("shared_expert_intermediate_size") or 0)
+    c.update(shared_expert_d_ff=shared, shared_expert_gate=shared > 0)
+  return c
+
+
+def _moe_to_hf(cfg: ModelConfig) -> dict:
+  """config.json's expert settings, or UnsupportedModel for what the family cannot hold."""
+  kinds, family = cfg.layer_kinds(), cfg.family
+  problems = []
+  if cfg.router_order != "softmax_topk":
+    problems.append(f"router_order={cfg.router_order} (transformers: softmax_topk)")
+  if family == "qwen2_moe" and not (cfg.shared_expert_d_ff and cfg.shared_expert_gate):
+    problems.append("no gated shared expert (Qwen2-MoE has one: shared_expert_d_ff and "
+                    "shared_expert_gate)")
+  if family != "qwen2_moe" and cfg.shared_expert_d_ff:
+    problems.append(f"shared_expert_d_ff={cfg.shared_expert_d_ff} (only qwen2_moe has one)")
+  if family == "mixtral" and "mlp" in kinds:
+    problems.append("dense layers (every Mixtral layer is MoE: moe_every=1, moe_first_dense=0)")
+  if family == "mixtral" and not cfg.router_norm_topk:
+    problems.append("router_norm_topk=False (Mixtral always renormalises)")
+  if family == "mixtral" and len(set(cfg.layer_windows())) > 1:
+    problems.append("sliding windows on some layers only (Mixtral: all or none)")
+  if family == "qwen3_moe" and len(set(cfg.layer_windows())) > 1:
+    problems.append("sliding windows on some layers only (Qwen3-MoE: all or none)")
+  if problems:
+    raise UnsupportedModel(f"family={family} cannot hold {'; '.join(problems)}")
+  aux = dict(output_router_logits=cfg.router_aux_loss_weight > 0,
+             router_aux_loss_coef=cfg.router_aux_loss_weight)
+  if family == "mixtral":
+    return dict(num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.experts_per_token,
+                intermediate_size=cfg.expert_d_ff, router_jitter_noise=cfg.router_jitter, **aux)
+  if cfg.router_jitter:
+    raise UnsupportedModel(f"family={family} cannot hold router_jitter={cfg.router_jitter} "
+                           "(only Mixtral has it)")
+  hf = dict(num_experts=cfg.n_experts, num_experts_per_tok=cfg.experts_per_token,
+            moe_intermediate_size=cfg.expert_d_ff, decoder_sparse_step=cfg.moe_every,
+            mlp_only_layers=list(range(cfg.moe_first_dense)), norm_topk_prob=cfg.router_norm_topk,
+            **aux)
+  if family == "qwen2_moe":
+    hf.update(shared_expert_intermediate_size=cfg.shared_expert_d_ff, qkv_bias=cfg.qkv_bias)
+  return hf
+
+
+def _check_family(cfg: ModelConfig):
+  """UnsupportedModel when the weights need what `cfg.family`'s Hugging Face model lacks."""
+  family, problems = cfg.family, []
+  if cfg.n_experts and family not in MOE_FAMILIES:
+    problems.append(f"n_experts={cfg.n_experts}: experts need family one of "
+                    f"{', '.join(MOE_FAMILIES)}")
+  if family in MOE_FAMILIES and not cfg.n_experts:
+    problems.append("n_experts=0: a dense model needs a dense family")
+  if cfg.qk_norm != (family in QK_NORM_FAMILIES):
+    problems.append(f"qk_norm={cfg.qk_norm}: only {', '.join(QK_NORM_FAMILIES)} have it, always")
+  if cfg.qkv_bias and family in QK_NORM_FAMILIES + ("mixtral",):
+    problems.append("qkv_bias=True (no bias on q, k, v alone)")
+  if problems:
+    raise UnsupportedModel(f"family={family} cannot hold {'; '.join(problems)}")
+
+
 def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
+  _check_family(cfg)
   arch = next(a for a, f in (CLASSIFIERS if cfg.value_head else ARCHITECTURES).items()
               if f == cfg.family)
   windows = cfg.layer_windows()
-  hf = dict(architectures=[arch], model_type=MODEL_TYPES[cfg.family], vocab_size=cfg.vocab_size,
+  hf = dict(architectures=[arch], model_type=cfg.family, vocab_size=cfg.vocab_size,
             hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
             num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
             head_dim=cfg.head_dim, intermediate_size=cfg.d_ff,
@@ -141,6 +263,10 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
     hf["rope_scaling"] = scaling
   if cfg.family in ("llama", "mistral"):
     hf.update(attention_bias=cfg.qkv_bias, mlp_bias=False)
+  if cfg.family in QK_NORM_FAMILIES:
+    hf["attention_bias"] = False
+  if cfg.family in MOE_FAMILIES:
+    hf.update(_moe_to_hf(cfg))
   if cfg.value_head:  # read by *ForSequenceClassification at the last token that is not padding
     hf.update(num_labels=1, pad_token_id=0)
   if cfg.family == "gemma2":
@@ -152,10 +278,10 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
   if cfg.sliding_window:
     hf["sliding_window"] = cfg.sliding_window
     hf["layer_types"] = ["sliding_attention" if w else "full_attention" for w in windows]
-    if cfg.family == "qwen2":
+    if cfg.family in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe"):
       hf.update(use_sliding_window=True,
                 max_window_layers=min([i for i, w in enumerate(windows) if w] or [cfg.n_layers]))
-  elif cfg.family in ("mistral", "qwen2", "gemma2"):
+  elif cfg.family in ("mistral", "qwen2", "gemma2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe"):
     hf["sliding_window"] = None
   return hf
 
@@ -164,45 +290,91 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
 # Tensor names and layouts
 # ----------------------------------------------------------------------------------------------
 
-# (our path, HF name with {i} for the layer, HF -> ours, ours -> HF). Shapes: see the docstring.
-Transform = Callable[[np.ndarray, ModelConfig], np.ndarray]
+# (our path, HF name, HF -> ours, ours -> HF). Shapes: see the docstring. A path starting with a
+# layer stack (`stacks`) is stacked over layers and its name has {i} for the Hugging Face layer;
+# a name with {e} too is one expert's tensor, our array's next axis the expert's.
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+def stacks(cfg: ModelConfig) -> dict[str, list[int]]:
+  """The Hugging Face layer of each entry of each stack of layers (models/decoder.py): all in
+  `layers`, or, in a model mixing dense and MoE layers, the MoE ones in `layers` and the dense
+  ones in `dense_layers`, in order."""
+  kinds = cfg.layer_kinds()
+  if len(set(kinds)) == 1:
+    return {"layers": list(range(cfg.n_layers))}
+  return {"layers": [i for i, k in enumerate(kinds) if k == "moe"],
+          "dense_layers": [i for i, k in enumerate(kinds) if k == "mlp"]}
 
 
 def _layouts(cfg: ModelConfig) -> list[tuple[tuple[str, ...], str, Transform, Transform]]:
+  out = [(("final_norm", "scale"), "model.norm.weight", _ident, _ident),
+         (("embed",), "model.embed_tokens.weight", _ident, _ident)]
+  for stack in stacks(cfg):
+    moe = stack == "layers" and "moe" in cfg.layer_kinds()
+    out += [((stack, *path), name, a, b) for path, name, a, b in _layer_layouts(cfg, moe)]
+  if cfg.value_head:  # a sequence classifier: its score head, no lm_head
+    out.append((("score",), "score.weight", _t, _t))
+  elif not cfg.tie_embeddings:
+    out.append((("head",), "lm_head.weight", _t, _t))
+  return out
+
+
+def _ident(w):
+  return w
+
+
+def _t(w):
+  return w.T
+
+
+def _layer_layouts(cfg: ModelConfig, moe: bool):
+  """One layer's (path in the Block, HF name, HF -> ours, ours -> HF); `moe`: its FFN is a
+  mixture of experts."""
   d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-  ident = lambda w: w
-  t = lambda w: w.T
+  ident, t = _ident, _t
   p = "model.layers.{i}."
   out = [
-      (("layers", "attn", "q"), p + "self_attn.q_proj.weight",
+      (("attn", "q"), p + "self_attn.q_proj.weight",
        lambda w: w.T.reshape(d, h, hd), lambda w: w.reshape(d, h * hd).T),
-      (("layers", "attn", "k"), p + "self_attn.k_proj.weight",
+      (("attn", "k"), p + "self_attn.k_proj.weight",
        lambda w: w.T.reshape(d, kv, hd), lambda w: w.reshape(d, kv * hd).T),
-      (("layers", "attn", "v"), p + "self_attn.v_proj.weight",
+      (("attn", "v"), p + "self_attn.v_proj.weight",
        lambda w: w.T.reshape(d, kv, hd), lambda w: w.reshape(d, kv * hd).T),
-      (("layers", "attn", "o"), p + "self_attn.o_proj.weight",
+      (("attn", "o"), p + "self_attn.o_proj.weight",
        lambda w: w.T.reshape(h, hd, d), lambda w: w.reshape(h * hd, d).T),
-      (("layers", "mlp", "gate"), p + "mlp.gate_proj.weight", t, t),
-      (("layers", "mlp", "up"), p + "mlp.up_proj.weight", t, t),
-      (("layers", "mlp", "down"), p + "mlp.down_proj.weight", t, t),
-      (("layers", "attn_norm", "scale"), p + "input_layernorm.weight", ident, ident),
-      (("final_norm", "scale"), "model.norm.weight", ident, ident),
-      (("embed",), "model.embed_tokens.weight", ident, ident),
+      (("attn_norm", "scale"), p + "input_layernorm.weight", ident, ident),
   ]
-  if cfg.post_norms:  # Gemma 2's four norms per layer
-    out += [(("layers", "post_attn_norm", "scale"), p + "post_attention_layernorm.weight", ident, ident),
-            (("layers", "mlp_norm", "scale"), p + "pre_feedforward_layernorm.weight", ident, ident),
-            (("layers", "post_mlp_norm", "scale"), p + "post_feedforward_layernorm.weight", ident, ident)]
+  if moe and cfg.family == "mixtral":
+    m = p + "block_sparse_moe."
+    names = dict(router=m + "gate.weight", gate=m + "experts.{e}.w1.weight",
+                 up=m + "experts.{e}.w3.weight", down=m + "experts.{e}.w2.weight")
+  elif moe:
+    m = p + "mlp."
+    names = dict(router=m + "gate.weight", gate=m + "experts.{e}.gate_proj.weight",
+                 up=m + "experts.{e}.up_proj.weight", down=m + "experts.{e}.down_proj.weight")
+    if cfg.shared_expert_d_ff:
+      names.update({("shared", n): m + f"shared_expert.{n}_proj.weight"
+                    for n in ("gate", "up", "down")})
+      if cfg.shared_expert_gate:
+        names["shared_gate"] = m + "shared_expert_gate.weight"
   else:
-    out.append((("layers", "mlp_norm", "scale"), p + "post_attention_layernorm.weight", ident, ident))
+    names = {n: p + f"mlp.{n}_proj.weight" for n in ("gate", "up", "down")}
+  for name, hf_name in names.items():  # all (out, in) Linear weights, ours (in, out)
+    out.append((("mlp", *((name,) if isinstance(name, str) else name)), hf_name, t, t))
+  if cfg.post_norms:  # Gemma 2's four norms per layer
+    out += [(("post_attn_norm", "scale"), p + "post_attention_layernorm.weight", ident, ident),
+            (("mlp_norm", "scale"), p + "pre_feedforward_layernorm.weight", ident, ident),
+            (("post_mlp_norm", "scale"), p + "post_feedforward_layernorm.weight", ident, ident)]
+  else:
+    out.append((("mlp_norm", "scale"), p + "post_attention_layernorm.weight", ident, ident))
   if cfg.qkv_bias:
     for name, heads in (("q", h), ("k", kv), ("v", kv)):
-      out.append((("layers", "attn", f"{name}_bias"), p + f"self_attn.{name}_proj.bias",
+      out.append((("attn", f"{name}_bias"), p + f"self_attn.{name}_proj.bias",
                   lambda w, heads=heads: w.reshape(heads, hd), lambda w: w.reshape(-1)))
-  if cfg.value_head:  # a sequence classifier: its score head, no lm_head
-    out.append((("score",), "score.weight", t, t))
-  elif not cfg.tie_embeddings:
-    out.append((("head",), "lm_head.weight", t, t))
+  if cfg.qk_norm:
+    out += [(("attn", f"{n}_norm", "scale"), p + f"self_attn.{n}_norm.weight", ident, ident)
+            for n in ("q", "k")]
   return out
 
 
@@ -221,6 +393,10 @@ def _set(tree, path, value):
 # ----------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------
+
+# One expert's tensor by its per-expert name, and where transformers 5's fused layout keeps it.
+_EXPERT = re.compile(r"(.*)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\."
+                     r"(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight")
 
 
 class _Checkpoint:
@@ -242,11 +418,34 @@ class _Checkpoint:
 
   def get(self, name: str) -> np.ndarray:
     if name not in self.files:
+      fused = self._fused(name)
+      if fused is not None:
+        return fused
       raise KeyError(f"tensor {name} is not in the checkpoint")
     path = self.files[name]
     if path not in self._open:
       self._open[path] = safetensors_io.SafetensorsFile(path)
     return self._open[path].get(name)
+
+  def _fused(self, name: str) -> np.ndarray | None:
+    """An expert's (out, in) matrix or a Mixtral router from the fused layout (a view), if the
+    file has it."""
+    if name.endswith(".block_sparse_moe.gate.weight"):
+      other = name.replace(".block_sparse_moe.", ".mlp.")
+      return self.get(other) if other in self.files else None
+    match = _EXPERT.fullmatch(name)
+    if match is None:
+      return None
+    layer, e, kind = match[1], int(match[2]), match[3]
+    if kind in ("w2", "down_proj"):
+      fused = layer + ".mlp.experts.down_proj"
+      return self.get(fused)[e] if fused in self.files else None
+    fused = layer + ".mlp.experts.gate_up_proj"  # (E, 2f, d): gate rows, then up rows
+    if fused not in self.files:
+      return None
+    gate_up = self.get(fused)[e]
+    f = gate_up.shape[0] // 2
+    return gate_up[:f] if kind in ("w1", "gate_proj") else gate_up[f:]
 
 
 def read_config(folder: str) -> dict:
@@ -268,23 +467,29 @@ def load(folder: str, shardings=None, dtype=np.float32, run: Execution | None = 
   cfg = config_from_hf(read_config(folder), **overrides)
   ckpt = _Checkpoint(folder)
   abstract = model_handle(cfg).abstract_params()
+  layer_ids = stacks(cfg)
   params: dict[str, Any] = {}
   for path, hf_name, to_ours, _ in _layouts(cfg):
     shape = _get(abstract, path).shape
     sharding = (_get(shardings, path) if shardings is not None
                 else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-    stacked = path[0] == "layers"
     if path == ("score",) and hf_name not in ckpt.files:  # a reward model from a causal LM
       fresh = np.random.default_rng(0).normal(0.0, run.init_std, shape).astype(dtype)
       _set(params, path, jax.make_array_from_callback(shape, sharding, lambda i, x=fresh: x[i]))
       continue
 
-    def read(index, hf_name=hf_name, to_ours=to_ours, stacked=stacked, shape=shape):
-      if not stacked:
-        return np.asarray(to_ours(ckpt.get(hf_name)), dtype)[index]
-      layers = range(*index[0].indices(shape[0]))
-      return np.stack([np.asarray(to_ours(ckpt.get(hf_name.format(i=i))), dtype)[index[1:]]
-                       for i in layers])
+    def one(name, index, to_ours=to_ours):
+      return np.asarray(to_ours(ckpt.get(name)), dtype)[index]
+
+    def read(index, hf_name=hf_name, layers=layer_ids.get(path[0]), shape=shape, one=one):
+      if layers is None:
+        return one(hf_name, index)
+      rows = [layers[j] for j in range(*index[0].indices(shape[0]))]
+      if "{e}" not in hf_name:
+        return np.stack([one(hf_name.format(i=i), index[1:]) for i in rows])
+      experts = range(*index[1].indices(shape[1]))
+      return np.stack([np.stack([one(hf_name.format(i=i, e=e), index[2:]) for e in experts])
+                       for i in rows])
 
     _set(params, path, jax.make_array_from_callback(shape, sharding, read))
   return cfg, params
@@ -297,16 +502,24 @@ def load(folder: str, shardings=None, dtype=np.float32, run: Execution | None = 
 
 def save(folder: str, cfg: ModelConfig, params: dict, dtype=np.float32,
          max_shard_bytes: int = 2 << 30) -> list[str]:
-  """Write config.json and safetensors (sharded with an index above `max_shard_bytes`)."""
+  """Write config.json and safetensors (sharded with an index above `max_shard_bytes`).
+  UnsupportedModel (before writing anything) when `cfg.family`'s Hugging Face model cannot hold
+  the weights."""
+  hf_config = config_to_hf(cfg, np.dtype(dtype).name)
   os.makedirs(folder, exist_ok=True)
+  layer_ids = stacks(cfg)
   tensors = []  # (hf name, lazy array)
   for path, hf_name, _, to_hf in _layouts(cfg):
     value = _get(params, path)
-    if path[0] == "layers":
-      for i in range(cfg.n_layers):
-        tensors.append((hf_name.format(i=i), _Lazy(value, i, to_hf, dtype)))
-    else:
-      tensors.append((hf_name, _Lazy(value, None, to_hf, dtype)))
+    if path[0] not in layer_ids:
+      tensors.append((hf_name, _Lazy(value, (), to_hf, dtype)))
+      continue
+    for j, i in enumerate(layer_ids[path[0]]):
+      if "{e}" in hf_name:
+        tensors += [(hf_name.format(i=i, e=e), _Lazy(value, (j, e), to_hf, dtype))
+                    for e in range(cfg.n_experts)]
+      else:
+        tensors.append((hf_name.format(i=i), _Lazy(value, (j,), to_hf, dtype)))
   shards, size = [[]], 0
   for name, t in tensors:
     if shards[-1] and size + t.nbytes > max_shard_bytes:
@@ -325,20 +538,20 @@ def save(folder: str, cfg: ModelConfig, params: dict, dtype=np.float32,
   for fn, shard in zip(names, shards):
     safetensors_io.write(os.path.join(folder, fn), shard)
   with open(os.path.join(folder, "config.json"), "w") as f:
-    json.dump(config_to_hf(cfg, np.dtype(dtype).name), f, indent=1)
+    json.dump(hf_config, f, indent=1)
   return names
 
 
 class _Lazy:
-  """One Hugging Face tensor of a (possibly stacked, sharded) parameter, fetched when written."""
+  """One Hugging Face tensor of a (possibly stacked, sharded) parameter, fetched when written:
+  `index`, its entry of the stacked axes (layer, and expert)."""
 
-  def __init__(self, value, layer, to_hf, dtype):
-    self.value, self.layer, self.to_hf, self.dtype = value, layer, to_hf, np.dtype(dtype)
-    shape = value.shape[1:] if layer is not None else value.shape
-    self.shape = to_hf(np.empty(shape, np.bool_)).shape
+  def __init__(self, value, index: tuple, to_hf, dtype):
+    self.value, self.index, self.to_hf, self.dtype = value, index, to_hf, np.dtype(dtype)
+    self.shape = to_hf(np.empty(value.shape[len(index):], np.bool_)).shape
     self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
 
   def __array__(self, dtype=None, copy=None):
-    value = self.value if self.layer is None else self.value[self.layer]
+    value = self.value[self.index] if self.index else self.value
     host = np.asarray(jax.device_get(value))
     return np.asarray(self.to_hf(host), self.dtype)

@@ -41,11 +41,13 @@ def param(rngs: nnx.Rngs, shape, axes, std: float | None, dtype=jnp.float32) -> 
 
 
 class RMSNorm(nnx.Module):
-  """x / rms(x) * scale; with `offset` (Gemma) * (1 + scale), the scale starting at 0."""
+  """x / rms(x) * scale; with `offset` (Gemma) * (1 + scale), the scale starting at 0. `axis`:
+  the logical name of the normalised dimension (Qwen3's query/key norms: head_dim)."""
 
-  def __init__(self, dim: int, eps: float, rngs: nnx.Rngs, offset: bool = False):
+  def __init__(self, dim: int, eps: float, rngs: nnx.Rngs, offset: bool = False,
+               axis: str = "embed"):
     self.eps, self.offset = eps, offset
-    self.scale = param(rngs, (dim,), ("embed",), std=0 if offset else None)
+    self.scale = param(rngs, (dim,), (axis,), std=0 if offset else None)
 
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
@@ -328,6 +330,9 @@ class Attention(nnx.Module):
       self.q_bias = param(rngs, (h, hd), ("heads", "head_dim"), std=0)
       self.k_bias = param(rngs, (k, hd), ("kv_heads", "head_dim"), std=0)
       self.v_bias = param(rngs, (k, hd), ("kv_heads", "head_dim"), std=0)
+    if cfg.qk_norm:  # Qwen3: each query and key head normalised over head_dim, before rope
+      self.q_norm = RMSNorm(hd, cfg.norm_eps, rngs, offset=cfg.norm_offset, axis="head_dim")
+      self.k_norm = RMSNorm(hd, cfg.norm_eps, rngs, offset=cfg.norm_offset, axis="head_dim")
 
   def __call__(self, x_btd, cos, sin, mask, kv_cache=None, deltas=None, prefix_kv=None):
     """`mask` is what `attention_inputs` built for this attention_impl.
@@ -345,6 +350,8 @@ class Attention(nnx.Module):
     v = project(x_btd, self.v[...], deltas.get("v"))
     if self.cfg.qkv_bias:
       q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+    if self.cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if prefix_kv is not None and kv_cache is None:  # with a cache, the prefix is in it
       k, v = (jnp.concatenate([jnp.broadcast_to(p.astype(x.dtype), (x.shape[0], *p.shape)), x],

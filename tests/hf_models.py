@@ -84,3 +84,45 @@ def make_tokenizer(kind: str, folder: str, vocab_size: int = COMMON["vocab_size"
   # tokenizer.json is what AutoTokenizer runs, as it is in a real model folder.
   transformers.AutoTokenizer.from_pretrained(folder).save_pretrained(folder)
   return transformers.AutoTokenizer.from_pretrained(folder)
+
+
+# Mixtures of experts (and Qwen3, whose attention Qwen3-MoE shares), with odd sizes: 3 heads of
+# 12 (Qwen3: of 10, head_dim apart from hidden / heads) over one KV head, 5 experts of width 22,
+# top 2, vocabulary 101.
+MOE_COMMON = dict(vocab_size=101, hidden_size=36, intermediate_size=30, num_hidden_layers=3,
+                  num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=128,
+                  rms_norm_eps=1e-6, initializer_range=0.3, num_experts_per_tok=2)
+_QWEN_MOE = dict(num_experts=5, moe_intermediate_size=22)
+MOE_FAMILIES = {
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM,
+                dict(num_local_experts=5, intermediate_size=22)),
+    "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM,
+                  dict(_QWEN_MOE, shared_expert_intermediate_size=14)),
+    # dense layers 0 and 2 (decoder_sparse_step 2), the top k not renormalised
+    "qwen2_moe_step2": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM,
+                        dict(_QWEN_MOE, shared_expert_intermediate_size=14, decoder_sparse_step=2)),
+    # layer 0 dense (mlp_only_layers), the top k renormalised
+    "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM,
+                  dict(_QWEN_MOE, head_dim=10, norm_topk_prob=True, mlp_only_layers=[0])),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
+              dict(head_dim=10, tie_word_embeddings=False)),
+}
+
+
+def make_moe(family: str, folder: str, seed: int = 0, **config):
+  """A randomly initialised model of MOE_FAMILIES[family] (with `config` changed) saved to
+  `folder` as transformers writes it (one tensor per expert); returns the torch model, which
+  runs its experts one by one (transformers' grouped_mm path needs 16-byte strides, which
+  width 22 does not give)."""
+  config_cls, model_cls, extra = MOE_FAMILIES[family]
+  torch.manual_seed(seed)
+  model = model_cls(config_cls(**{**MOE_COMMON, **extra, **config}, attn_implementation="eager",
+                               experts_implementation="eager")).eval()
+  with torch.no_grad():  # norms, biases and routers away from their init (Qwen's router: zeros)
+    for name, p in model.named_parameters():
+      if "norm" in name or name.endswith("bias"):
+        p.add_(0.1 * torch.randn_like(p))
+      if name.endswith("mlp.gate.weight"):
+        p.normal_(0.0, 0.3)
+  model.save_pretrained(folder)
+  return model

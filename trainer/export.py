@@ -128,7 +128,10 @@ def main(argv):
         raise UserError(f"peft.method={handle.peft.method} adds virtual tokens, which no weights "
                         "can hold; export them with --format=peft")
       model_params = handle.peft.merge(params) if handle.peft is not None else params
-      files = hf.save(flags.FLAGS.out, handle.cfg, model_params, dtype)
+      try:
+        files = hf.save(flags.FLAGS.out, handle.cfg, model_params, dtype)
+      except hf.UnsupportedModel as e:  # "family=llama cannot hold n_experts=8: ..."
+        raise UserError(f"--format=hf: model.{e}") from None
     files += copy_tokenizer(flags.FLAGS.workdir, flags.FLAGS.out)
     print(f"wrote step {step} of {flags.FLAGS.workdir} to {flags.FLAGS.out}: {', '.join(files)}",
           file=sys.stderr)
