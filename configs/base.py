@@ -32,7 +32,8 @@ def get_config(arg=None):
       tie_embeddings=False,  # the output head is the embedding table transposed
       sliding_window=0,  # attend to at most this many previous positions (Mistral); 0: all
       sliding_window_layers=(),  # layers with the window; (): all
-      family="llama",  # llama | mistral | qwen2 | gemma | gemma2: the Hugging Face layout on export
+      family="llama",  # the Hugging Face layout on export: llama | mistral | qwen2 | qwen3 | gemma |
+      # gemma2 | mixtral | qwen2_moe | qwen3_moe
       norm_offset=False,  # Gemma: RMSNorm scales by 1 + weight
       mlp_activation="silu",  # silu (SwiGLU) | gelu_tanh (GeGLU, Gemma)
       embed_scale=False,  # Gemma: embeddings times sqrt(d_model)
@@ -40,6 +41,7 @@ def get_config(arg=None):
       attn_softcap=0.0,  # Gemma 2: 50
       logit_softcap=0.0,  # Gemma 2: 30
       post_norms=False,  # Gemma 2: RMSNorm on attention and MLP outputs too
+      qk_norm=False,  # Qwen3: RMSNorm over head_dim on queries and keys before rope
       value_head=False,  # a score head instead of the LM head (train.objective=reward sets it)
       # Mixture of experts (models/moe.py); n_experts=0: the dense MLP in every layer
       n_experts=0,  # routed experts per MoE layer
