@@ -132,6 +132,9 @@ def check_config(cfg) -> None:
     raise UserError(f"config key {e}") from None
   mc = model_config(cfg, vocab_size=max(cfg.model.vocab_size, 1))  # shape checks, before data
   run = execution(cfg)
+  _require(cfg.peft.method == "none" or len(set(mc.layer_kinds())) == 1, "peft.method",
+           f"{cfg.peft.method!r} needs one kind of layer: this model mixes dense and MoE layers "
+           "(model.moe_every, model.moe_first_dense); fine-tune it fully (peft.method=none)")
   try:
     peft = peft_lib.Peft.from_config(cfg.peft, mc, cfg.train.steps)
     if peft is not None:
@@ -175,10 +178,17 @@ def init_folder(cfg) -> str | None:
   return folder
 
 
+# ModelConfig fields that shape no weight and only act in training: a run starting from a
+# Hugging Face folder takes them from its own config.
+TRAINING_ONLY = ("router_jitter", "router_aux_loss_weight", "router_z_loss_weight")
+
+
 def model_config(cfg, vocab_size: int) -> ModelConfig:
   """The ModelConfig of this run, with `vocab_size` filled in when the config says 0. With
-  `model.init_from=hf:DIR` the shape is the Hugging Face model's. The execution choices
-  (model.remat, model.attention_impl, model.init_std) are `execution`'s."""
+  `model.init_from=hf:DIR` the shape is the Hugging Face model's, and the run config gives only
+  the training-only router settings (TRAINING_ONLY: jitter and the aux loss weights). The
+  execution choices (model.remat, model.attention_impl, model.init_std, ...) are
+  `execution`'s."""
   fields, _ = split_fields({k: v for k, v in cfg.model.items() if k != "init_from"})
   fields["value_head"] = fields.get("value_head", False) or cfg.train.objective == "reward"
   if fields["vocab_size"] == 0:
@@ -186,7 +196,8 @@ def model_config(cfg, vocab_size: int) -> ModelConfig:
   folder = init_folder(cfg)
   if folder is not None:
     try:
-      mc = hf.config_from_hf(hf.read_config(folder), value_head=fields["value_head"])
+      mc = hf.config_from_hf(hf.read_config(folder), value_head=fields["value_head"],
+                             **{k: fields[k] for k in TRAINING_ONLY})
     except (ValueError, KeyError) as e:
       raise UserError(f"config key model.init_from: {folder}: {e}") from None
   else:
@@ -194,6 +205,9 @@ def model_config(cfg, vocab_size: int) -> ModelConfig:
       mc = ModelConfig.from_dict(fields)
     except ValueError as e:
       raise UserError(f"config key model.{e}") from None
+  for key in TRAINING_ONLY:
+    _require(mc.n_experts > 0 or not getattr(mc, key), f"model.{key}",
+             f"{getattr(mc, key)} is set but the model has no experts (model.n_experts=0)")
   _require(cfg.train.seq_len <= mc.max_seq_len, "train.seq_len",
            f"{cfg.train.seq_len} is beyond the model's {mc.max_seq_len} positions "
            "(model.max_seq_len)")
