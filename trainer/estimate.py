@@ -47,6 +47,7 @@ _STRATEGIES = flags.DEFINE_string("strategies", "", "Also estimate these mesh.st
 @dataclasses.dataclass
 class Estimate:
   params: int
+  active: int  # the parameters one token uses (a mixture of experts: its k routed experts)
   trainable: int
   flops_per_token: float
   tokens: int
@@ -80,7 +81,8 @@ def estimate(cfg, devices) -> tuple[Estimate, object]:
   batch = train.abstract_batch(cfg, pl.batch_sharding)
   comp, n_trainable = memory.components(cfg, pl, mcfg, sizes, batch)
   tokens = cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len
-  return Estimate(mcfg.num_params(), n_trainable, mcfg.flops_per_token(cfg.train.seq_len),
+  return Estimate(mcfg.num_params(), mcfg.num_params(active=True), n_trainable,
+                  mcfg.flops_per_token(cfg.train.seq_len),
                   tokens, sizes, cfg.mesh.strategy, comp), (pl, mcfg, batch)
 
 
@@ -135,7 +137,9 @@ def report(cfg, devices, mfu: float, peak_tflops: float, compile_step: bool,
   seconds = est.total_flops / (mfu * peak * n)
   attn = mcfg.attention_flops_per_token(cfg.train.seq_len)
   lines = [
-      f"parameters: {est.params:,} ({est.trainable:,} trainable)",
+      f"parameters: {est.params:,} ({est.trainable:,} trainable)"
+      + (f"; active per token: {est.active:,} ({mcfg.experts_per_token} of {mcfg.n_experts} "
+         "experts)" if mcfg.n_experts else ""),
       f"FLOPs per token: {_human(est.flops_per_token)} = 6N {_human(est.flops_per_token - attn)}"
       f" + attention {_human(attn)} (causal, remat not counted)",
       f"training: {cfg.train.steps:,} steps x {cfg.train.batch_size} x {cfg.train.seq_len} = "

@@ -367,7 +367,9 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
   if latest is not None:
     train_iter.set_state(data_state)
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-  _log(f"model: {n_params / 1e6:.2f}M parameters, vocab {mcfg.vocab_size}; mesh "
+  active = (f" ({mcfg.num_params(active=True) / 1e6:.2f}M active per token: "
+            f"{mcfg.experts_per_token} of {mcfg.n_experts} experts)" if mcfg.n_experts else "")
+  _log(f"model: {n_params / 1e6:.2f}M parameters{active}, vocab {mcfg.vocab_size}; mesh "
        f"{dict(mesh.shape)}")
   if pl.handle.peft is not None:
     trainable, total = peft_lib.count(state["params"], pl.handle.peft.labels(state["params"]))
