@@ -185,6 +185,7 @@ def test_ep_places_experts_on_the_expert_axis_and_the_rest_like_fsdp():
     (dict(n_experts=0), dict(data=2, expert=4), "model.n_experts=0"),
     (dict(n_experts=6), dict(data=2, expert=4), "6 experts"),
     (dict(n_experts=8), dict(data=4, expert=2), "mesh.data x mesh.fsdp x mesh.expert"),
+    (dict(n_experts=8), dict(data=2, expert=4, rules="expert="), "expert=None"),
 ])
 def test_expert_axis_config_errors_name_the_key(model, mesh, message):
   c = small_run.config(batch_size=4)
@@ -194,7 +195,9 @@ def test_expert_axis_config_errors_name_the_key(model, mesh, message):
     check_mesh(c, 8)
   text = str(e.value)
   assert "\n" not in text and message in text
-  assert ("mesh.expert" if model["n_experts"] != 8 else "train.batch_size") in text
+  key = ("mesh.expert" if model["n_experts"] != 8 else "mesh.rules" if "rules" in mesh
+         else "train.batch_size")
+  assert f"config key {key}" in text
 
 
 def test_expert_axis_accepted_for_an_moe_model():

@@ -237,6 +237,13 @@ def check_mesh(cfg, n_devices: int) -> dict[str, int]:
     _require(n_experts % sizes["expert"] == 0, "mesh.expert",
              f"the model's {n_experts} experts (model.n_experts) do not split over "
              f"{sizes['expert']} devices; use a divisor of {n_experts}")
+    try:
+      experts_rule = rules_lib.strategy(cfg.mesh.strategy, cfg.mesh.rules).activations["expert"]
+    except ValueError as e:
+      raise UserError(f"config key {e}") from None
+    _require(experts_rule == "expert", "mesh.rules",
+             f"expert={experts_rule}: with mesh.expert={sizes['expert']} the experts go over the "
+             "expert axis (parallel/experts.py); drop the override or set expert=expert")
   dp = sizes["data"] * sizes["fsdp"] * sizes["expert"]
   micro = cfg.train.batch_size // cfg.train.grad_accum
   _require(micro % dp == 0, "train.batch_size",
