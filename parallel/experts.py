@@ -63,6 +63,16 @@ def expert_parallel_size() -> int:
   return 1 if active is None else active[0].shape[AXIS]
 
 
+def local_dropless(n_tokens: int) -> bool:
+  """Whether dropless dispatch without an expert axis should still run per device here: when a
+  mesh is active and splits the tokens. The compiler cannot split the sort over all (token,
+  expert) pairs, so left to it every device would hold and run the whole batch's pairs; inside
+  shard_map each device sorts and runs its own (`routed` with one device on `expert`, where the
+  all_to_alls move nothing), the same function at 1 / devices the work."""
+  active = rules_lib.active()
+  return active is not None and bool(token_axes(active[0], n_tokens, ()))
+
+
 def _axes(entry) -> tuple[str, ...]:
   return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
@@ -73,8 +83,8 @@ def token_axes(mesh, n_tokens: int, exclude: tuple[str, ...]) -> tuple[str, ...]
   divides the tokens. An axis left out only means repeated work, never a wrong result."""
   out: list[str] = []
   for a in mesh.axis_names:
-    size = mesh.shape[a]
-    if size > 1 and a not in exclude and n_tokens % (math.prod(mesh.shape[b] for b in out) * size) == 0:
+    split = math.prod(mesh.shape[b] for b in out) * mesh.shape[a]
+    if mesh.shape[a] > 1 and a not in exclude and n_tokens % split == 0:
       out.append(a)
   return tuple(out)
 
@@ -82,21 +92,22 @@ def token_axes(mesh, n_tokens: int, exclude: tuple[str, ...]) -> tuple[str, ...]
 def routed(run, x_td, ids_tk, weights_tk, w, ffn: ExpertFn):
   """(routed output (T, d), pairs dropped (global int32 count)) with the experts of `w`
   (gate, up (E, d, f), down (E, f, d): a NamedTuple, models/moe.py `Experts`) split over the
-  `expert` axis of the active mesh; `run.moe_impl` capacity drops past each expert's capacity
-  per device (module docstring), anything else is dropless."""
+  `expert` axis of the active mesh (which may be 1: `local_dropless`); `run.moe_impl`
+  capacity drops past each expert's capacity per device (module docstring), anything else is
+  dropless."""
   mesh, rules = rules_lib.active()
   n = mesh.shape[AXIS]
   n_exp = w.gate.shape[0]
   if n_exp % n:
     raise ValueError(f"expert parallelism: {n_exp} experts do not split over mesh.expert={n}")
   w_spec = rules_lib.spec(("expert", None, "mlp"), rules, mesh, w.gate.shape)
-  if w_spec[0] != AXIS:
+  if n > 1 and w_spec[0] != AXIS:
     raise ValueError(f"expert parallelism needs the experts split over exactly '{AXIS}' "
                      f"(mesh.rules expert=expert), got {w_spec[0]}")
   mlp_axes = _axes(w_spec[2])
   tokens = token_axes(mesh, x_td.shape[0], mlp_axes)
   t_spec = P(tokens or None, None)
-  down_spec = P(AXIS, w_spec[2], None)
+  down_spec = P(w_spec[0], w_spec[2], None)
   capacity = run.moe_impl == "capacity"
 
   def local(x, ids, weights, gate, up, down):

@@ -110,6 +110,13 @@ def inputs(tokens: int = 64, seed: int = 0):
   return x, logits, w
 
 
+def test_dropless_runs_per_device_whenever_the_mesh_splits_the_tokens():
+  mesh = parallel.make_mesh(dict(data=4, fsdp=2))
+  assert not ep.local_dropless(64)  # no mesh active: the plain path
+  with parallel.activate(mesh, rules_lib.fsdp().activations):
+    assert ep.local_dropless(64) and not ep.local_dropless(1)
+
+
 def loss_and_grads(run, mesh=None, rules=None):
   def loss(x, logits, w):
     weights, ids, _ = moe.route(CFG, logits)
@@ -124,6 +131,7 @@ def loss_and_grads(run, mesh=None, rules=None):
 
 @pytest.mark.parametrize("mesh,strategy", [
     (dict(data=1, fsdp=2, expert=2, tensor=2), "fsdp_tp"),  # experts' hidden split: psum
+    (dict(data=4, fsdp=2), "fsdp"),  # no expert axis: dropless per device (local_dropless)
     pytest.param(dict(data=1, expert=8), "ep", marks=pytest.mark.slow),
 ])
 def test_dropless_dispatch_and_gradients_equal_the_unsharded_function(mesh, strategy):

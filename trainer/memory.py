@@ -90,17 +90,17 @@ def moe_rows_per_token(mcfg, run, mesh: dict[str, int]) -> float:
   """Rows one device's expert matmuls hold per token it holds, per MoE layer. With expert
   parallelism (parallel/experts.py) dropless sizes its buffers for the worst case, every pair
   of every device on the `expert` axis to one device's experts: n_expert * k; capacity holds
-  capacity_factor * k. Without it the dispatch (a sort over all pairs) is not split by the
-  compiler: every device holds the whole batch's pairs, and `dense` runs every expert on every
-  token."""
+  capacity_factor * k. Without it dropless runs per device too (k rows per token); capacity
+  is left to the compiler, which does not split its dispatch: every device holds the whole
+  batch's capacity_factor * k rows per token; `dense` runs every expert on every token."""
   k, n = mcfg.experts_per_token, mesh["expert"]
-  capacity = run is not None and run.moe_impl == "capacity"
-  factor = run.capacity_factor if capacity else 1.0
+  impl = "dropless" if run is None else run.moe_impl
+  if impl == "capacity":
+    spread = 1 if n > 1 else mesh["data"] * mesh["fsdp"] * mesh["sequence"]
+    return k * run.capacity_factor * spread
   if n > 1:
-    return k * (factor if capacity else n)
-  if run is not None and run.moe_impl == "dense":
-    return mcfg.n_experts
-  return k * factor * mesh["data"] * mesh["fsdp"] * mesh["sequence"]
+    return k * n
+  return mcfg.n_experts if impl == "dense" else k
 
 
 def element_bytes(platform: str, compute_dtype) -> int:
