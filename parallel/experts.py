@@ -3,6 +3,10 @@ sent to the devices holding their experts and back by all-to-all inside `shard_m
 
     y, dropped = routed(run, x_td, ids_tk, weights_tk, w, ffn)  # models/moe.py `routed` calls it
 
+models/moe.py calls it when the `expert` axis is larger than 1, and for dropless dispatch on
+any mesh that splits the tokens (`local_dropless`: one device on `expert`, all_to_alls that move
+nothing, each device sorting and running only its own tokens' pairs).
+
 Layout inside the shard_map: the tokens are split over every mesh axis the experts' hidden
 dimension is not (data, fsdp, expert, sequence: in EP the `expert` axis also splits the batch,
 so no device repeats another's work outside the experts); the experts over `expert`, device j
