@@ -18,7 +18,7 @@ token is dropped:
   dense: every expert on every token, combined by the router weights (zero for the experts
     not picked): the reference, E / k times the work.
 With expert parallelism (the `expert` mesh axis larger than 1) the dispatch crosses devices:
-parallel/experts.py.
+parallel/experts.py; dropless runs there per device on any mesh that splits the tokens.
 
 A shared expert (`shared_expert_d_ff`) runs on every token beside the routed ones, scaled by
 sigmoid(x @ shared_gate) when `shared_expert_gate` (Qwen2-MoE).
@@ -35,6 +35,7 @@ the extremes over the layers (the decoder takes max and min of these keys).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple
 
@@ -45,6 +46,7 @@ from flax import nnx
 from models.config import Execution, ModelConfig
 from models.kernels import grouped_matmul as gmm
 from models.layers import MLP, LowRank, param
+from parallel import experts as ep
 from parallel.rules import constrain
 
 
@@ -142,11 +144,13 @@ def dense(x_td, ids_tk, weights_tk, w: Experts, act):
 
 def routed(cfg: ModelConfig, run: Execution, x_td, ids_tk, weights_tk, w: Experts):
   """(routed output (T, d), pairs dropped) by `run.moe_impl`, across devices when the mesh
-  has an expert axis."""
-  from parallel import experts as ep  # noqa: PLC0415 (parallel imports models' layers)
+  has an expert axis; dropless per device whenever the mesh splits the tokens."""
   act = activation(cfg.mlp_activation)
-  if ep.expert_parallel_size() > 1:
-    return ep.routed(cfg, run, x_td, ids_tk, weights_tk, w, act)
+  if ep.expert_parallel_size() > 1 or (run.moe_impl == "dropless" and
+                                       ep.local_dropless(x_td.shape[0])):
+    # under EP dense runs dropless too: the same function
+    ffn = functools.partial(expert_ffn, act=act, kernel=run.grouped_matmul)
+    return ep.routed(run, x_td, ids_tk, weights_tk, w, ffn)
   if run.moe_impl == "dense":
     return dense(x_td, ids_tk, weights_tk, w, act), jnp.zeros((), jnp.int32)
   if run.moe_impl == "capacity":

@@ -26,14 +26,18 @@ LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "ml
 Rules = dict[str, str | tuple[str, ...] | None]
 
 # Activations: the batch is split over every data-parallel axis (fsdp is data parallelism whose
-# state is sharded too); the sequence over `sequence` (context parallelism). A mesh axis of size 1
-# drops out, so these rules cost nothing when the axis is not used.
-_ACTIVATIONS: Rules = {"batch": ("data", "fsdp"), "length": "sequence"}
+# state is sharded too; outside the experts `expert` is data parallelism as well); the sequence
+# over `sequence` (context parallelism). A mixture of experts' experts are split over `expert`
+# in every preset (parallel/experts.py moves the tokens to them). A mesh axis of size 1 drops
+# out, so these rules cost nothing when the axis is not used.
+_ACTIVATIONS: Rules = {"batch": ("data", "fsdp", "expert"), "length": "sequence",
+                       "expert": "expert"}
 # Megatron tensor parallelism: heads and the MLP hidden split (column-parallel q/k/v/gate/up,
 # row-parallel o/down), the vocabulary split (embedding and logits).
 _TENSOR: Rules = {"heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"}
-# ZeRO: state sharded over all data-parallel devices along the model dimension.
-_ZERO: Rules = {"embed": ("data", "fsdp")}
+# ZeRO: state sharded over all data-parallel devices along the model dimension (the experts'
+# own state is already split over `expert`, so theirs goes over the other two).
+_ZERO: Rules = {"embed": ("data", "fsdp", "expert")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +85,17 @@ def fsdp_tp_sp() -> Strategy:
   return _same({**_ACTIVATIONS, "embed": "fsdp", **_TENSOR, "length": ("sequence", "tensor")})
 
 
+def ep() -> Strategy:
+  """Expert parallelism with FSDP: the experts split over `expert`, and every other weight (with
+  its gradient and optimizer state) sharded like fsdp over `fsdp` and `expert` together, since
+  outside the experts the `expert` axis is data parallelism; an expert's weights go over `fsdp`
+  along the model dimension. With mesh.tensor, fsdp_tp keeps its Megatron split and places the
+  experts the same way."""
+  return _same({**_ACTIVATIONS, "embed": ("fsdp", "expert")})
+
+
 PRESETS = {"dp": dp, "zero1": zero1, "zero2": zero2, "fsdp": fsdp, "fsdp_tp": fsdp_tp,
-           "fsdp_tp_sp": fsdp_tp_sp}
+           "fsdp_tp_sp": fsdp_tp_sp, "ep": ep}
 
 
 def parse_rules(text: str) -> Rules:

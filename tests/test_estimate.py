@@ -42,6 +42,33 @@ def test_memory_estimate_within_15_percent_of_the_compiled_step(recipe, mesh, re
   assert state == compiled["arguments"]
 
 
+MOE = dict(n_experts=8, experts_per_token=2)  # each expert half the dense MLP's width
+
+
+@pytest.mark.parametrize("recipe,mesh,remat", [
+    (tiny, dict(data=8), "none"),  # no expert parallelism: dropless still per device
+    (tiny, dict(data=1, expert=8, strategy="ep"), "none"),
+    (tiny, dict(data=1, fsdp=2, expert=2, tensor=2, strategy="fsdp_tp"), "full"),
+    pytest.param(medium, dict(data=1, fsdp=2, expert=2, tensor=2, strategy="fsdp_tp"), "full",
+                 marks=pytest.mark.slow),
+])
+def test_memory_estimate_of_a_mixture_of_experts_within_15_percent(recipe, mesh, remat):
+  cfg = recipe.get_config()
+  cfg.model.update(**MOE, expert_d_ff=cfg.model.d_ff // 2)
+  cfg.mesh.update(**mesh)
+  cfg.model.remat = remat
+  est, (pl, mcfg, batch) = estimate.estimate(cfg, jax.devices()[:8])
+  compiled = estimate.compiled_bytes(pl, batch)
+  assert 0.85 < estimate.total_bytes(est) / compiled["total"] < 1.15, (est.bytes, compiled)
+  state = sum(v for k, v in est.bytes.items() if "state" in k or k in ("parameters", "batch"))
+  assert state == compiled["arguments"]
+  # the experts' weights are most of the model, and each device holds 1 / mesh.expert of them
+  experts = sum(k == "moe" for k in mcfg.layer_kinds()) * 3 * mcfg.n_experts * \
+      mcfg.d_model * mcfg.expert_d_ff * 4
+  others = mcfg.num_params() * 4 - experts
+  assert est.bytes["parameters"] <= others + experts / mesh.get("expert", 1)
+
+
 def test_command_line(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "trainer.estimate", "--config=configs/tiny.py", "--devices=8",

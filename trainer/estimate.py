@@ -156,7 +156,8 @@ def report(cfg, devices, mfu: float, peak_tflops: float, compile_step: bool,
   run = pl.handle.run
   other = "full" if run.remat == "none" else "none"
   element = element_bytes(devices[0].platform, pl.compute_dtype)
-  acts = activation_bytes(mcfg, cfg.train, est.mesh, other, element, run.attention_impl)
+  acts = activation_bytes(mcfg, cfg.train, est.mesh, other, element, run.attention_impl,
+                          run)
   lines.append(f"  {f'(activations with remat {other})':<{width}} {acts / MiB:10.1f} MiB")
   if compile_step:
     compiled = compiled_bytes(pl, batch)

@@ -58,6 +58,51 @@ ACTIVATIONS = {
 }
 
 
+# A mixture of experts' routed experts (models/moe.py, parallel/experts.py) work on rows: a
+# (token, expert) pair's slot in the dispatch buffers and grouped matmuls. Per row, a MoE layer
+# keeps `saved_f` * (its share of expert_d_ff) + `saved_d` * d_model elements for the backward
+# (the rows sorted by expert, the gate, up and gated products, masks) in place of the dense
+# MLP's `ff` term, and while it runs `work_f` and `work_d` more (the buffers of the all_to_all
+# and the grouped matmul's padding and gathers), once: one layer's at a time. The dots policies
+# keep none of the grouped matmuls' outputs (they are no plain dots), full remat one layer's.
+# The f : d proportions are read off XLA's buffer assignment of our train step on CPU (the
+# memory-usage report of --xla_dump_to: 5 f-wide float32 arrays and a mask kept per row, 2
+# d-wide); the two scales are fit to the compiled step of 6 expert-parallel tiny and medium
+# MoE configs (the saved scale on the remat none ones), which tests/test_estimate.py checks.
+@dataclasses.dataclass(frozen=True)
+class MoeRows:
+  saved_f: float
+  saved_d: float
+  work_f: float
+  work_d: float
+
+
+_WORK = dict(work_f=14.1, work_d=11.3)
+MOE_ROWS = {
+    "none": MoeRows(saved_f=5.85, saved_d=2.23, **_WORK),
+    "full": MoeRows(saved_f=5.85, saved_d=2.23, **_WORK),
+    "dots": MoeRows(saved_f=0.0, saved_d=0.0, **_WORK),
+    "dots_no_batch": MoeRows(saved_f=0.0, saved_d=0.0, **_WORK),
+}
+
+
+def moe_rows_per_token(mcfg, run, mesh: dict[str, int]) -> float:
+  """Rows one device's expert matmuls hold per token it holds, per MoE layer. With expert
+  parallelism (parallel/experts.py) dropless sizes its buffers for the worst case, every pair
+  of every device on the `expert` axis to one device's experts: n_expert * k; capacity holds
+  capacity_factor * k. Without it dropless runs per device too (k rows per token); capacity
+  is left to the compiler, which does not split its dispatch: every device holds the whole
+  batch's capacity_factor * k rows per token; `dense` runs every expert on every token."""
+  k, n = mcfg.experts_per_token, mesh["expert"]
+  impl = "dropless" if run is None else run.moe_impl
+  if impl == "capacity":
+    spread = 1 if n > 1 else mesh["data"] * mesh["fsdp"] * mesh["sequence"]
+    return k * run.capacity_factor * spread
+  if n > 1:
+    return k * n
+  return mcfg.n_experts if impl == "dense" else k
+
+
 def element_bytes(platform: str, compute_dtype) -> int:
   """Bytes of an activation: XLA:CPU computes bfloat16 and float16 in float32."""
   return 4 if platform == "cpu" else np.dtype(compute_dtype).itemsize
@@ -71,19 +116,27 @@ def score_keys(seq_len: int) -> float:
 
 
 def activation_bytes(mcfg, tc, mesh: dict[str, int], remat: str, element: int,
-                     attention_impl: str) -> float:
-  """The per-token model above, for the tokens and heads one device holds."""
+                     attention_impl: str, run=None) -> float:
+  """The per-token model above, for the tokens and heads one device holds; `run` (the
+  Execution) says how a mixture of experts dispatches (dropless when not given)."""
   c = ACTIVATIONS[remat]
-  dp = mesh["data"] * mesh["fsdp"]
+  dp = mesh["data"] * mesh["fsdp"] * mesh["expert"]  # outside the experts `expert` splits the batch
   tokens = tc.batch_size // tc.grad_accum * tc.seq_len / (dp * mesh["sequence"])
   tp = mesh["tensor"]
   scores = c.scores if attention_impl == "xla" else 0.0
-  layer = (c.d * mcfg.d_model + c.kv * mcfg.n_kv_heads * mcfg.head_dim / tp
-           + c.ff * mcfg.d_ff / tp + scores * mcfg.n_heads / tp * score_keys(tc.seq_len))
+  attention = (c.d * mcfg.d_model + c.kv * mcfg.n_kv_heads * mcfg.head_dim / tp
+               + scores * mcfg.n_heads / tp * score_keys(tc.seq_len))
+  m, rows = MOE_ROWS[remat], moe_rows_per_token(mcfg, run, mesh)
+  ffn = {"mlp": c.ff * mcfg.d_ff / tp,
+         "moe": c.ff * mcfg.shared_expert_d_ff / tp
+                + rows * (m.saved_f * mcfg.expert_d_ff / tp + m.saved_d * mcfg.d_model)}
+  kinds = mcfg.layer_kinds()
   if remat != "full":
-    per_token = mcfg.n_layers * layer
+    per_token = sum(attention + ffn[kind] for kind in kinds)
   else:
-    per_token = mcfg.n_layers * c.kept * mcfg.d_model + layer
+    per_token = mcfg.n_layers * c.kept * mcfg.d_model + attention + max(ffn[k] for k in kinds)
+  if "moe" in kinds:
+    per_token += rows * (m.work_f * mcfg.expert_d_ff / tp + m.work_d * mcfg.d_model)
   per_token += c.vocab * mcfg.vocab_size / tp + c.outside * mcfg.d_model
   return tokens * per_token * element
 
@@ -124,7 +177,7 @@ def components(cfg, pl, mcfg, sizes: dict[str, int], batch) -> tuple[dict[str, f
       "other state": device_bytes(rest),
       "gradients (+ update temporaries)": c.grads * grads,
       f"activations (remat {run.remat})": activation_bytes(mcfg, cfg.train, sizes, run.remat,
-                                                           element, run.attention_impl),
+                                                           element, run.attention_impl, run),
       "batch": device_bytes(batch),
   }
   host = device_bytes(abstract["opt_state"]) - comp["optimizer state"]

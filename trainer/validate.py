@@ -243,16 +243,26 @@ def check_mesh(cfg, n_devices: int) -> dict[str, int]:
     sizes = mesh_lib.resolve_axis_sizes(dict(cfg.mesh), n_devices)
   except ValueError as e:
     raise UserError(f"config key mesh: {e}") from None
-  # No model has expert layers yet (mixture of experts): devices on an expert axis would only
-  # repeat the work of the others.
-  _require(sizes["expert"] == 1, "mesh.expert",
-           f"{sizes['expert']} devices on the expert axis would hold copies of the same work: the "
-           "model has no expert (mixture-of-experts) layers; set mesh.expert=1")
-  dp = sizes["data"] * sizes["fsdp"]
+  if sizes["expert"] > 1:  # expert parallelism (parallel/experts.py): each device some experts
+    n_experts = model_config(cfg, vocab_size=max(cfg.model.vocab_size, 1)).n_experts
+    _require(n_experts > 0, "mesh.expert",
+             f"{sizes['expert']} devices on the expert axis would hold copies of the same work: "
+             "the model has no experts (model.n_experts=0); set mesh.expert=1")
+    _require(n_experts % sizes["expert"] == 0, "mesh.expert",
+             f"the model's {n_experts} experts (model.n_experts) do not split over "
+             f"{sizes['expert']} devices; use a divisor of {n_experts}")
+    try:
+      experts_rule = rules_lib.strategy(cfg.mesh.strategy, cfg.mesh.rules).activations["expert"]
+    except ValueError as e:
+      raise UserError(f"config key {e}") from None
+    _require(experts_rule == "expert", "mesh.rules",
+             f"expert={experts_rule}: with mesh.expert={sizes['expert']} the experts go over the "
+             "expert axis (parallel/experts.py); drop the override or set expert=expert")
+  dp = sizes["data"] * sizes["fsdp"] * sizes["expert"]
   micro = cfg.train.batch_size // cfg.train.grad_accum
   _require(micro % dp == 0, "train.batch_size",
            f"the microbatch of {micro} sequences (batch_size / grad_accum) does not split over "
-           f"the {dp} data-parallel devices (mesh.data x mesh.fsdp)")
+           f"the {dp} data-parallel devices (mesh.data x mesh.fsdp x mesh.expert)")
   if cfg.model.attention_impl in ("pallas", "cudnn") and sizes["sequence"] > 1:
     raise UserError(f"config key model.attention_impl: {cfg.model.attention_impl} keeps each "
                     f"sequence on one device, but mesh.sequence={sizes['sequence']} splits it; "
