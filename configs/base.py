@@ -189,7 +189,7 @@ def get_config(arg=None):
       expert=1,  # expert parallelism (MoE layers' experts)
       sequence=1,  # sequence/context parallelism (ring attention)
       tensor=1,  # tensor parallelism (fsdp_tp strategies)
-      strategy="dp",  # dp | zero1 | zero2 | fsdp | fsdp_tp | fsdp_tp_sp (parallel/rules.py)
+      strategy="dp",  # dp | zero1 | zero2 | fsdp | fsdp_tp | fsdp_tp_sp | ep (parallel/rules.py)
       rules="",  # overrides on top of the preset: "embed=fsdp,mlp=tensor,batch=data+fsdp"
       offload_optimizer=False,  # keep optimizer state in host memory between steps
   ))
