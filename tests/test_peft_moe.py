@@ -92,9 +92,15 @@ def logits_of(model):
     return model(torch.tensor(TOKENS)).logits.float().numpy()
 
 
+# Weights large enough for the logits to tell models apart; the experts run as the dense
+# reference (the same function as dropless when nothing is dropped, and quicker to compile on
+# CPU): the adapters' fold is the same for every implementation (the trainer tests run dropless).
+RUN = Execution(init_std=0.2, moe_impl="dense")
+
+
 def with_adapters(cfg, section, seed=0):
-  """(peft, params with the adapters moved away from their identity start, plain base)."""
-  run = Execution(init_std=0.2)  # weights large enough for the logits to tell models apart
+  """(peft, handle, params with the adapters moved away from their identity start, base)."""
+  run = RUN
   base = handles.init_params(handles.model_handle(cfg, None, run), seed=seed)
   peft = Peft.from_config(peft_section(**section), cfg)
   handle = handles.model_handle(cfg, peft, run)
@@ -102,6 +108,9 @@ def with_adapters(cfg, section, seed=0):
   keys = iter(jax.random.split(jax.random.PRNGKey(seed + 1), 64))
   params["peft"] = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(next(keys), x.shape),
                                 params["peft"])
+  if peft.train_router:  # "trained" routers as well
+    router = params["layers"]["mlp"]["router"]
+    params["layers"]["mlp"]["router"] = router + 0.3 * jax.random.normal(next(keys), router.shape)
   return peft, handle, params, base
 
 
@@ -111,9 +120,10 @@ def with_adapters(cfg, section, seed=0):
       "experts.lora_A.weight": (5 * 3, 24), "experts.lora_B.weight": (40, 5 * 3)}),
     (MIXTRAL, dict(method="lora", rank=2, alpha=3.0, rslora=True, targets="q_proj|experts.up"),
      {"experts.lora_A.weight": (5 * 2, 40), "experts.lora_B.weight": (48, 5 * 2)}),
-    (MIXTRAL, dict(method="lora", rank=2, targets="v_proj|experts.down_proj"),
-     {"experts.lora_A.weight": (5 * 2, 24), "experts.lora_B.weight": (40, 5 * 2)}),
-    (QWEN2_MOE, dict(method="lora", rank=3, alpha=7.0),  # with the shared expert's modules
+    pytest.param(MIXTRAL, dict(method="lora", rank=2, targets="v_proj|experts.down_proj"),
+                 {"experts.lora_A.weight": (5 * 2, 24), "experts.lora_B.weight": (40, 5 * 2)},
+                 marks=pytest.mark.slow),  # as up alone, on the other parameter
+    (QWEN2_MOE, dict(method="lora", rank=3, alpha=7.0, train_router=True),  # shared expert
      {"experts.base_layer.lora_A.weight": (5 * 6, 40), "shared_expert.up_proj.lora_A.weight": (3, 40)}),
     (QLORA, dict(method="lora", rank=4, base_quant="nf4", targets="k_proj|experts.(gate|down)"),
      {"experts.base_layer.lora_A.weight": (3 * 4, 64), "experts.lora_B.weight": (64, 3 * 4)}),
@@ -140,6 +150,7 @@ def test_export_loads_in_hf_peft_with_our_logits(model, section, want_names, tmp
   experts = sorted({"experts.gate_up_proj" if n in ("gate", "up") else "experts.down_proj"
                     for m, n in peft.targets if m == "experts"})
   assert config["target_parameters"] == experts
+  assert config["modules_to_save"] == (["mlp.gate"] if peft.train_router else None)
   loaded = hf_peft.PeftModel.from_pretrained(to_transformers(cfg, base), str(tmp_path)).eval()
   from safetensors.numpy import load_file
   stored = load_file(str(tmp_path / "adapter_model.safetensors"))
@@ -160,7 +171,7 @@ def test_reads_peft_own_fused_gate_up_lora(tmp_path):
   """PEFT's own LoRA over gate_up_proj (one rank-r pair for gate and up together) reads exactly
   into our separate gate and up adapters, sharing A: the same logits as PEFT's model."""
   cfg = ModelConfig(**MIXTRAL)
-  run = Execution(init_std=0.2)
+  run = RUN
   base = handles.init_params(handles.model_handle(cfg, None, run), seed=3)
   model = hf_peft.get_peft_model(to_transformers(cfg, base), hf_peft.LoraConfig(
       r=3, lora_alpha=6, target_modules=["o_proj"],
@@ -209,6 +220,9 @@ def test_targets_by_name_and_what_experts_refuse():
       Peft.from_config(peft_section(**section), ModelConfig(**MIXTRAL))
   # the shared expert is an ordinary MLP: dora and dropout are fine there
   Peft.from_config(peft_section(method="dora", targets="shared.*|q_proj", dropout=0.0), cfg)
+  with pytest.raises(ValueError, match=r"^peft.train_router=True needs a mixture of experts"):
+    Peft.from_config(peft_section(method="lora", train_router=True),
+                     ModelConfig(**dict(MIXTRAL, n_experts=0)))
   mixed = ModelConfig(**dict(MIXTRAL, moe_every=2))
   with pytest.raises(ValueError, match=r"^peft.method=lora needs every layer of one kind: "
                                        r"model.moe_every=2"):
@@ -227,20 +241,25 @@ def test_training_split_path_equals_folded_weights():
            "positions": np.broadcast_to(np.arange(12), (2, 12)),
            "segment_ids": np.ones((2, 12), int)}
   loss_fn = step_lib.make_loss_fn(handle, jnp.float32)
-  train = lambda p: loss_fn(p, batch, jax.random.PRNGKey(1))[0]
-  np.testing.assert_allclose(float(train(params)), float(loss_fn(params, batch)[0]), rtol=1e-6)
-  grads = jax.grad(train)(params)
+  train = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, batch, jax.random.PRNGKey(1))[0]))
+  loss, grads = train(params)
+  np.testing.assert_allclose(float(loss), float(jax.jit(loss_fn)(params, batch)[0]), rtol=1e-6)
   for name in ("gate", "up", "down"):
     g = np.asarray(grads["peft"]["experts"][name]["lora_b"])
     assert g.shape == (2, 5, 2, 24 if name != "down" else 40)
     assert (np.abs(g).sum(axis=(2, 3)) > 0).all()  # every expert of every layer
   labels = peft.labels(params)
-  assert labels["layers"]["mlp"]["router"] == "frozen"
+  assert labels["layers"]["mlp"]["router"] == "frozen"  # by default
   assert labels["peft"]["experts"]["gate"]["lora_a"] == "trainable"
+  assert float(jnp.abs(grads["layers"]["mlp"]["router"]).sum()) > 0  # were it to train
+  with_router = Peft.from_config(peft_section(method="lora", train_router=True), cfg)
+  assert with_router.labels(params)["layers"]["mlp"]["router"] == "trainable"
+  assert with_router.labels(params)["layers"]["mlp"]["gate"] == "frozen"
 
 
-@pytest.mark.parametrize("section", [dict(method="lora"), dict(method="lora", base_quant="nf4")],
-                         ids=["lora", "qlora"])
+@pytest.mark.parametrize("section", [
+    pytest.param(dict(method="lora"), marks=pytest.mark.slow),  # QLoRA's run covers its path
+    dict(method="lora", base_quant="nf4")], ids=["lora", "qlora"])
 def test_trainer_steps_change_only_the_adapters(section, tmp_path):
   """A few steps of the trainer on a tiny MoE (every layer 4 experts, top 2, a shared expert):
   the loss is finite and falls, the adapters move, every other parameter (router, experts'
@@ -250,6 +269,7 @@ def test_trainer_steps_change_only_the_adapters(section, tmp_path):
   c = small_run.config(steps=6, eval_every=0, checkpoint_every=0, sample_tokens=0, log_every=1,
                        lr=2e-2, warmup_steps=1)
   c.model.update(n_experts=4, experts_per_token=2, expert_d_ff=64, shared_expert_d_ff=64)
+  c.data.max_chars = 100_000  # the tokenizer's text: less to train it on
   c.peft.update(rank=4, **section)
   out = train.run(c, str(tmp_path))
   with open(tmp_path / "metrics.jsonl") as f:

@@ -56,8 +56,11 @@ adapters) have no dense MLP ("mlp.*"); their targets are, besides attention:
 nn.Linear there). Only lora (rsLoRA, LoRA+, gaussian init) and QLoRA (the expert weights stored
 as NF4 per expert) reach the routed experts, as in PEFT, whose expert LoRA has no DoRA and no
 dropout; PiSSA, DoRA, AdaLoRA, VeRA, IA3 and dropout there are refused naming the key. The
-router stays frozen: top-k routing is not differentiable in the expert choice, and neither PEFT
-nor this package trains it through an adapter.
+routers (d, E) are frozen by default: fine-tuning adapts what the experts compute, not which
+ones a token reaches, so the load balance the base model learned stays (and no router loss is
+needed). `train_router` (the run config's `peft.train_router`, read when present) trains them
+whole beside the adapters, a small matrix per layer; the PEFT export then saves them as
+`modules_to_save` (models/peft/hf_format.py).
 """
 
 from __future__ import annotations
@@ -166,6 +169,7 @@ class Peft:
   allocator: adalora.Allocator | None = None  # AdaLoRA's rank allocator
   orth_weight: float = 0.0  # AdaLoRA's orthogonality penalty weight
   prompt: prompt_lib.Prompt | None = None  # virtual-token methods
+  train_router: bool = False  # mixtures of experts: the routers train beside the adapters
 
   @classmethod
   def from_config(cls, pc, mcfg: ModelConfig, total_steps: int = 0) -> "Peft | None":
@@ -233,7 +237,12 @@ class Peft:
     peft = cls(pc.method, targets, mcfg, pc.rank, pc.alpha, pc.rslora, pc.init, pc.vera_rank,
                pc.vera_d_initial, pc.lora_plus_scale, pc.base_quant, pc.adapter_dim,
                pc.pissa_niter, pc.dropout, allocator,
-               pc.adalora_orth_weight if pc.method == "adalora" else 0.0, prompt)
+               pc.adalora_orth_weight if pc.method == "adalora" else 0.0, prompt,
+               bool(pc.get("train_router", False)))
+    if peft.train_router and not mcfg.n_experts:
+      raise ValueError("peft.train_router=True needs a mixture of experts (model.n_experts)")
+    if peft.train_router and prompt is not None:
+      raise ValueError(f"peft.train_router=True goes with weight adapters, not {pc.method}")
     if peft.base_quant == "nf4":
       for module, name in targets:
         nf4.check(_dims(mcfg, module, name)[0], f"{module}.{name}")
@@ -512,6 +521,8 @@ class Peft:
       keys = [str(getattr(p, "key", p)) for p in path]
       if self.method == "bitfit":
         return TRAINABLE if keys[-1].endswith("_bias") else FROZEN
+      if self.train_router and keys[:3] == ["layers", "mlp", "router"]:
+        return TRAINABLE
       if keys[0] != "peft" or keys[1] == "vera_shared" or keys[-1].endswith("_init"):
         return FROZEN
       return LORA_B if keys[-1] == "lora_b" and self.lora_plus_scale != 1.0 else TRAINABLE

@@ -29,6 +29,10 @@ exact, with rank_pattern and alpha_pattern {"experts.gate_up_proj": 2r, 2 alpha 
 sqrt(2) alpha)} keeping the scale; one of the two alone is a pair of rank r whose other half of B
 is zero. `read` takes these back, and also PEFT's own rank-r pair over gate_up (A shared by gate
 and up, exact as well).
+With `train_router`, each layer's router goes along whole as PEFT's `modules_to_save`
+["mlp.gate"] (transformers' router; PEFT matches names by suffix, and a bare "gate" would catch
+Qwen2-MoE's shared_expert_gate too): ...layers.{i}.mlp.gate.weight (E, d). `read` returns the
+adapters only; the routers are model weights.
 """
 
 from __future__ import annotations
@@ -168,7 +172,8 @@ def adapter_config(peft: Peft) -> dict:
   (see `write`), with alpha raised to keep the same scale."""
   modules = sorted({hf_name(*t) for t in peft.targets if t[0] != "experts"})
   common = {"target_modules": modules or None, "base_model_name_or_path": None, "task_type": "CAUSAL_LM",
-            "inference_mode": True, "fan_in_fan_out": False, "modules_to_save": None}
+            "inference_mode": True, "fan_in_fan_out": False,
+            "modules_to_save": ["mlp.gate"] if peft.train_router else None}
   if peft.method in ("lora", "dora"):
     pissa = peft.init_kind == "pissa"
     rank = 2 * peft.rank if pissa else peft.rank
@@ -240,6 +245,10 @@ def write(folder: str, peft: Peft, params: dict, dtype=np.float32) -> list[str]:
   for i in range(peft.mcfg.n_layers if peft.method == "lora" else 0):
     tensors += [(k, np.asarray(v, dtype)) for k, v in _expert_tensors(peft, adapters.get(
         "experts", {}), i)]
+  if peft.train_router:  # trained whole: PEFT's modules_to_save copy of each router
+    routers = np.asarray(params["layers"]["mlp"]["router"], np.float32)
+    tensors += [(PREFIX.format(i=i) + "mlp.gate.weight", np.asarray(routers[i].T, dtype))
+                for i in range(peft.mcfg.n_layers)]
   if peft.method == "vera":
     tensors += [("base_model.vera_A", np.asarray(adapters["vera_shared"]["a"], dtype)),
                 ("base_model.vera_B", np.asarray(adapters["vera_shared"]["b"], dtype))]
