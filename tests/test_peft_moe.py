@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import peft as hf_peft
 import pytest
+import small_run
 import torch
 import transformers
 
-import small_run
 from configs import base as base_config
 from models import ModelConfig, hf
 from models import handle as handles
@@ -115,19 +115,21 @@ def with_adapters(cfg, section, seed=0):
 
 
 @pytest.mark.parametrize("model,section,want_names", [
-    (MIXTRAL, dict(method="lora", rank=3, alpha=5.0),  # attention and every expert weight
-     {"experts.base_layer.lora_A.weight": (5 * 6, 40), "experts.base_layer.lora_B.weight": (48, 5 * 6),
+    (MIXTRAL, dict(method="lora", rank=3, alpha=5.0, rslora=True),  # attention, all experts
+     {"experts.base_layer.lora_A.weight": (5 * 6, 40),
+      "experts.base_layer.lora_B.weight": (48, 5 * 6),
       "experts.lora_A.weight": (5 * 3, 24), "experts.lora_B.weight": (40, 5 * 3)}),
-    (MIXTRAL, dict(method="lora", rank=2, alpha=3.0, rslora=True, targets="q_proj|experts.up"),
+    (MIXTRAL, dict(method="lora", rank=2, alpha=3.0, targets="q_proj|experts.up"),
      {"experts.lora_A.weight": (5 * 2, 40), "experts.lora_B.weight": (48, 5 * 2)}),
     pytest.param(MIXTRAL, dict(method="lora", rank=2, targets="v_proj|experts.down_proj"),
                  {"experts.lora_A.weight": (5 * 2, 24), "experts.lora_B.weight": (40, 5 * 2)},
                  marks=pytest.mark.slow),  # as up alone, on the other parameter
     (QWEN2_MOE, dict(method="lora", rank=3, alpha=7.0, train_router=True),  # shared expert
-     {"experts.base_layer.lora_A.weight": (5 * 6, 40), "shared_expert.up_proj.lora_A.weight": (3, 40)}),
+     {"experts.base_layer.lora_A.weight": (5 * 6, 40),
+      "shared_expert.up_proj.lora_A.weight": (3, 40)}),
     (QLORA, dict(method="lora", rank=4, base_quant="nf4", targets="k_proj|experts.(gate|down)"),
      {"experts.base_layer.lora_A.weight": (3 * 4, 64), "experts.lora_B.weight": (64, 3 * 4)}),
-], ids=["mixtral_all", "mixtral_up_rslora", "mixtral_down", "qwen2_moe_shared", "qlora"])
+], ids=["mixtral_all_rslora", "mixtral_up", "mixtral_down", "qwen2_moe_router", "qlora"])
 def test_export_loads_in_hf_peft_with_our_logits(model, section, want_names, tmp_path):
   """Our adapters written in PEFT's format, loaded by PeftModel.from_pretrained onto a
   transformers model holding the same base weights (QLoRA: the NF4 weights dequantized), give our

@@ -367,7 +367,8 @@ class Peft:
             a = jax.random.normal(ka, (L, *lead, n_in, self.rank)) / self.rank
           else:  # kaiming-uniform with a = sqrt(5), PEFT's default: bound 1 / sqrt(in)
             bound = 1.0 / math.sqrt(n_in)
-            a = jax.random.uniform(ka, (L, *lead, n_in, self.rank), minval=-bound, maxval=bound)
+            a = jax.random.uniform(ka, (L, *lead, n_in, self.rank), minval=-bound,
+                                   maxval=bound)
           b = jnp.zeros((L, *lead, self.rank, n_out))
         entry = {"lora_a": a, "lora_b": b}
         if self.init_kind == "pissa":

@@ -43,7 +43,7 @@ import os
 import numpy as np
 
 from models import safetensors_io
-from models.peft import Peft, _dims, _feedforward, hf_name
+from models.peft import Peft, _feedforward, hf_name
 from models.peft import prompt as prompt_lib
 
 METHODS = ("lora", "dora", "adalora", "vera", "ia3", *prompt_lib.METHODS)  # that PEFT can load
@@ -171,8 +171,8 @@ def adapter_config(peft: Peft) -> dict:
   """PEFT's adapter_config.json. A PiSSA adapter is written as a plain LoRA of twice the rank
   (see `write`), with alpha raised to keep the same scale."""
   modules = sorted({hf_name(*t) for t in peft.targets if t[0] != "experts"})
-  common = {"target_modules": modules or None, "base_model_name_or_path": None, "task_type": "CAUSAL_LM",
-            "inference_mode": True, "fan_in_fan_out": False,
+  common = {"target_modules": modules or None, "base_model_name_or_path": None,
+            "task_type": "CAUSAL_LM", "inference_mode": True, "fan_in_fan_out": False,
             "modules_to_save": ["mlp.gate"] if peft.train_router else None}
   if peft.method in ("lora", "dora"):
     pissa = peft.init_kind == "pissa"
