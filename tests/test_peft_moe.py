@@ -119,11 +119,13 @@ def with_adapters(cfg, section, seed=0):
      {"experts.base_layer.lora_A.weight": (5 * 6, 40),
       "experts.base_layer.lora_B.weight": (48, 5 * 6),
       "experts.lora_A.weight": (5 * 3, 24), "experts.lora_B.weight": (40, 5 * 3)}),
-    (MIXTRAL, dict(method="lora", rank=2, alpha=3.0, targets="q_proj|experts.up"),
-     {"experts.lora_A.weight": (5 * 2, 40), "experts.lora_B.weight": (48, 5 * 2)}),
+    # one expert parameter alone: not nested (slow: the default cases cover the rest)
+    pytest.param(MIXTRAL, dict(method="lora", rank=2, alpha=3.0, targets="q_proj|experts.up"),
+                 {"experts.lora_A.weight": (5 * 2, 40), "experts.lora_B.weight": (48, 5 * 2)},
+                 marks=pytest.mark.slow),
     pytest.param(MIXTRAL, dict(method="lora", rank=2, targets="v_proj|experts.down_proj"),
                  {"experts.lora_A.weight": (5 * 2, 24), "experts.lora_B.weight": (40, 5 * 2)},
-                 marks=pytest.mark.slow),  # as up alone, on the other parameter
+                 marks=pytest.mark.slow),
     (QWEN2_MOE, dict(method="lora", rank=3, alpha=7.0, train_router=True),  # shared expert
      {"experts.base_layer.lora_A.weight": (5 * 6, 40),
       "shared_expert.up_proj.lora_A.weight": (3, 40)}),
@@ -266,9 +268,9 @@ def test_trainer_steps_change_only_the_adapters(section, tmp_path):
   """A few steps of the trainer on a tiny MoE (every layer 4 experts, top 2, a shared expert):
   the loss is finite and falls, the adapters move, every other parameter (router, experts'
   NF4 codes, attention) is bit for bit its initial value."""
-  from trainer import export, train
+  from trainer import train, validate
   from trainer.seeds import fold_seed
-  c = small_run.config(steps=6, eval_every=0, checkpoint_every=0, sample_tokens=0, log_every=1,
+  c = small_run.config(steps=4, eval_every=0, checkpoint_every=0, sample_tokens=0, log_every=1,
                        lr=2e-2, warmup_steps=1)
   c.model.update(n_experts=4, experts_per_token=2, expert_d_ff=64, shared_expert_d_ff=64)
   c.data.max_chars = 100_000  # the tokenizer's text: less to train it on
@@ -276,14 +278,16 @@ def test_trainer_steps_change_only_the_adapters(section, tmp_path):
   out = train.run(c, str(tmp_path))
   with open(tmp_path / "metrics.jsonl") as f:
     losses = [json.loads(l)["loss"] for l in f if '"loss"' in l]
-  assert len(losses) == 6 and np.isfinite(losses).all()
+  assert len(losses) == 4 and np.isfinite(losses).all()
   assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
 
-  _, handle, _, _ = export.load_run(str(tmp_path))
-  assert [t for t in handle.peft.targets if t[0] == "experts"] == [
-      ("experts", "gate"), ("experts", "up"), ("experts", "down")]
-  start = handles.init_params(handle, fold_seed(c.train.seed))
   params = out["state"]["params"]
+  mcfg = validate.model_config(c, params["embed"].shape[0])
+  peft = Peft.from_config(c.peft, mcfg, c.train.steps)
+  assert [t for t in peft.targets if t[0] == "experts"] == [
+      ("experts", "gate"), ("experts", "up"), ("experts", "down")]
+  handle = handles.model_handle(mcfg, peft, validate.execution(c))
+  start = handles.init_params(handle, fold_seed(c.train.seed))
   if "nf4" in section.values():
     assert params["layers"]["mlp"]["up"]["nf4_codes"].dtype == jnp.uint8
   for path, got in jax.tree_util.tree_leaves_with_path(params):
