@@ -222,6 +222,16 @@ def test_targets_by_name_and_what_experts_refuse():
        r"NF4 needs the input size of experts.down \(24\)")]:
     with pytest.raises(ValueError, match=message):
       Peft.from_config(peft_section(**section), ModelConfig(**MIXTRAL))
+  # a run config: one line through trainer.validate (main prints it and exits 2)
+  from trainer import validate
+  from trainer.errors import UserError
+  c = small_run.config()
+  c.model.update(n_experts=4, expert_d_ff=64)
+  c.peft.update(method="lora", dropout=0.05, targets="q_proj|experts.down")
+  with pytest.raises(UserError, match=r"^config key peft.dropout=0.05: LoRA on the routed "
+                                      r"experts has no dropout, as in PEFT \(peft.targets="
+                                      r"'q_proj\|experts.down' selects experts.down\)"):
+    validate.check_config(c)
   # the shared expert is an ordinary MLP: dora and dropout are fine there
   Peft.from_config(peft_section(method="dora", targets="shared.*|q_proj", dropout=0.0), cfg)
   with pytest.raises(ValueError, match=r"^peft.train_router=True needs a mixture of experts"):
