@@ -41,6 +41,26 @@ folded weight whose backward pass takes A's and B's gradients directly
 
 Targets are matched on module names: ours ("attn.q", "mlp.down") or Hugging Face's ("q_proj",
 "down_proj"), by a regular expression (full match), or "all-linear".
+
+Mixture-of-experts models (every layer MoE: a model that mixes dense and MoE layers takes no
+adapters) have no dense MLP ("mlp.*"); their targets are, besides attention:
+  experts.gate, experts.up, experts.down  the routed experts, one LoRA per expert: A (E, in, r),
+          B (E, r, out) per layer, folded per expert before the dispatch (models/moe.py). Hugging
+          Face's names are the parameters of transformers 5's fused experts, which PEFT targets
+          with `target_parameters`: "experts.gate_up_proj" (or "gate_up_proj") selects gate and
+          up, "experts.down_proj" down. A bare "down_proj" keeps PEFT's `target_modules`
+          meaning: linear modules, i.e. the shared expert's.
+  shared.gate, shared.up, shared.down  the shared expert (Qwen2-MoE's "shared_expert.gate_proj",
+          or "gate_proj" ...), an ordinary gated MLP: every method works on it.
+"all-linear" takes all of these (PEFT's "all-linear" leaves out the experts, which are no
+nn.Linear there). Only lora (rsLoRA, LoRA+, gaussian init) and QLoRA (the expert weights stored
+as NF4 per expert) reach the routed experts, as in PEFT, whose expert LoRA has no DoRA and no
+dropout; PiSSA, DoRA, AdaLoRA, VeRA, IA3 and dropout there are refused naming the key. The
+routers (d, E) are frozen by default: fine-tuning adapts what the experts compute, not which
+ones a token reaches, so the load balance the base model learned stays (and no router loss is
+needed). `train_router` (the run config's `peft.train_router`, read when present) trains them
+whole beside the adapters, a small matrix per layer; the PEFT export then saves them as
+`modules_to_save` (models/peft/hf_format.py).
 """
 
 from __future__ import annotations
@@ -68,15 +88,66 @@ INITS = ("default", "gaussian", "pissa")
 LINEAR = {("attn", "q"): ("q_proj", 1), ("attn", "k"): ("k_proj", 1), ("attn", "v"): ("v_proj", 1),
           ("attn", "o"): ("o_proj", 2), ("mlp", "gate"): ("gate_proj", 1),
           ("mlp", "up"): ("up_proj", 1), ("mlp", "down"): ("down_proj", 1)}
+# Mixtures of experts: the routed experts' weights, (E, in, out) per layer, and the shared
+# expert's. (module, weight): (Hugging Face names; the first is the parameter's, or module's)
+EXPERTS = {("experts", "gate"): ("experts.gate_up_proj", "gate_up_proj"),
+           ("experts", "up"): ("experts.gate_up_proj", "gate_up_proj"),
+           ("experts", "down"): ("experts.down_proj",)}
+SHARED = {("shared", "gate"): ("shared_expert.gate_proj", "gate_proj"),
+          ("shared", "up"): ("shared_expert.up_proj", "up_proj"),
+          ("shared", "down"): ("shared_expert.down_proj", "down_proj")}
+# where a target module's weights sit in a layer's parameters (and its deltas in Block's)
+PATHS = {"attn": ("attn",), "mlp": ("mlp",), "experts": ("mlp",), "shared": ("mlp", "shared")}
 IA3_FEEDFORWARD = ("down_proj",)
 TRAINABLE, FROZEN, LORA_B = "trainable", "frozen", "lora_b"
 
 
 def _dims(mcfg: ModelConfig, module: str, name: str) -> tuple[int, int]:
-  """(in, out) of a targeted weight, flattened as the adapter sees it."""
-  d, f, h, kv, hd = mcfg.d_model, mcfg.d_ff, mcfg.n_heads, mcfg.n_kv_heads, mcfg.head_dim
+  """(in, out) of a targeted weight, flattened as the adapter sees it (per expert)."""
+  d, h, kv, hd = mcfg.d_model, mcfg.n_heads, mcfg.n_kv_heads, mcfg.head_dim
+  f = {"experts": mcfg.expert_d_ff, "shared": mcfg.shared_expert_d_ff}.get(module, mcfg.d_ff)
   return {"q": (d, h * hd), "k": (d, kv * hd), "v": (d, kv * hd), "o": (h * hd, d),
           "gate": (d, f), "up": (d, f), "down": (f, d)}[name]
+
+
+def _lead(mcfg: ModelConfig, module: str) -> tuple[int, ...]:
+  """The axes a targeted weight has per layer before (in, out): the routed experts'."""
+  return (mcfg.n_experts,) if module == "experts" else ()
+
+
+def linear(mcfg: ModelConfig | None) -> dict[tuple[str, str], tuple[str, ...]]:
+  """The targets this model has: (module, weight) -> Hugging Face names. None: a dense model."""
+  dense = {k: (hf,) for k, (hf, _) in LINEAR.items()}
+  if mcfg is None or not mcfg.n_experts:
+    return dense
+  out = {k: v for k, v in dense.items() if k[0] == "attn"}
+  out.update(EXPERTS)
+  if mcfg.shared_expert_d_ff:
+    out.update(SHARED)
+  return out
+
+
+def hf_name(module: str, name: str) -> str:
+  """The Hugging Face module (or, for the routed experts, parameter) name of a target."""
+  return {**EXPERTS, **SHARED}.get((module, name), (None,))[0] or LINEAR[(module, name)][0]
+
+
+def _feedforward(module: str, name: str) -> bool:
+  """IA3: whether the target scales its inputs (PEFT's feedforward modules) or its outputs."""
+  return hf_name(module, name).rsplit(".", 1)[-1] in IA3_FEEDFORWARD
+
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def _replace(tree: dict, path, value) -> dict:
+  """A copy of `tree` with tree[path] = value, the dicts on the way copied, nothing else."""
+  if not path:
+    return value
+  return {**tree, path[0]: _replace(tree.get(path[0], {}), path[1:], value)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +169,7 @@ class Peft:
   allocator: adalora.Allocator | None = None  # AdaLoRA's rank allocator
   orth_weight: float = 0.0  # AdaLoRA's orthogonality penalty weight
   prompt: prompt_lib.Prompt | None = None  # virtual-token methods
+  train_router: bool = False  # mixtures of experts: the routers train beside the adapters
 
   @classmethod
   def from_config(cls, pc, mcfg: ModelConfig, total_steps: int = 0) -> "Peft | None":
@@ -141,8 +213,14 @@ class Peft:
       if pc.init != "default":
         raise ValueError(f"peft.init={pc.init} is for lora; adalora starts as PEFT does")
     activations_only = pc.method == "adapter" or pc.method in prompt_lib.METHODS
-    targets = () if activations_only else select_targets(
-        pc.targets if pc.method != "ia3" else pc.ia3_targets)
+    if len(set(mcfg.layer_kinds())) > 1:  # the decoder takes one layer source for one stack
+      raise ValueError(f"peft.method={pc.method} needs every layer of one kind: model.moe_every="
+                       f"{mcfg.moe_every} and model.moe_first_dense={mcfg.moe_first_dense} mix "
+                       "dense and MoE layers")
+    targets_key = "peft.targets" if pc.method != "ia3" else "peft.ia3_targets"
+    spec = pc.targets if pc.method != "ia3" else pc.ia3_targets
+    targets = () if activations_only else select_targets(spec, mcfg)
+    _check_experts(pc, targets_key, spec, targets)
     prompt = None
     if pc.method in prompt_lib.METHODS:
       prompt = prompt_lib.Prompt(pc.method, mcfg, pc.num_virtual_tokens, pc.ptuning_encoder,
@@ -151,14 +229,20 @@ class Peft:
     if pc.method == "adapter" and pc.adapter_dim < 1:
       raise ValueError(f"peft.adapter_dim={pc.adapter_dim} must be positive")
     if not targets and pc.method not in ("bitfit", "adapter", *prompt_lib.METHODS):
-      raise ValueError(f"peft.targets={pc.targets!r} matches no linear module; names: "
-                       + ", ".join(f"{m}.{n} ({hf})" for (m, n), (hf, _) in LINEAR.items()))
+      raise ValueError(f"{targets_key}={spec!r} matches no linear module; names: "
+                       + ", ".join(f"{m}.{n} ({' or '.join(hf)})"
+                                   for (m, n), hf in linear(mcfg).items()))
     if pc.method == "bitfit" and not mcfg.qkv_bias:
       raise ValueError("peft.method=bitfit trains biases, and this model has none")
     peft = cls(pc.method, targets, mcfg, pc.rank, pc.alpha, pc.rslora, pc.init, pc.vera_rank,
                pc.vera_d_initial, pc.lora_plus_scale, pc.base_quant, pc.adapter_dim,
                pc.pissa_niter, pc.dropout, allocator,
-               pc.adalora_orth_weight if pc.method == "adalora" else 0.0, prompt)
+               pc.adalora_orth_weight if pc.method == "adalora" else 0.0, prompt,
+               bool(pc.get("train_router", False)))
+    if peft.train_router and not mcfg.n_experts:
+      raise ValueError("peft.train_router=True needs a mixture of experts (model.n_experts)")
+    if peft.train_router and prompt is not None:
+      raise ValueError(f"peft.train_router=True goes with weight adapters, not {pc.method}")
     if peft.base_quant == "nf4":
       for module, name in targets:
         nf4.check(_dims(mcfg, module, name)[0], f"{module}.{name}")
@@ -191,6 +275,12 @@ class Peft:
     L, r, out = self.mcfg.n_layers, self.rank, {}
     for module, name in self.targets:
       n_in, n_out = _dims(self.mcfg, module, name)
+      if module == "experts":  # lora only (from_config): one pair per expert
+        lead = _lead(self.mcfg, module)
+        out.setdefault(module, {})[name] = {
+            "lora_a": ((L, *lead, n_in, r), ("layers", "expert", None, None)),
+            "lora_b": ((L, *lead, r, n_out), ("layers", "expert", None, None))}
+        continue
       if self.method in ("lora", "dora"):
         entry = {"lora_a": ((L, n_in, r), ("layers", None, None)),
                  "lora_b": ((L, r, n_out), ("layers", None, None))}
@@ -206,7 +296,7 @@ class Peft:
         entry = {"lambda_d": ((L, self.vera_rank), ("layers", None)),
                  "lambda_b": ((L, n_out), ("layers", None))}
       else:  # ia3
-        size = n_in if LINEAR[(module, name)][0] in IA3_FEEDFORWARD else n_out
+        size = n_in if _feedforward(module, name) else n_out
         entry = {"ia3": ((L, size), ("layers", None))}
       out.setdefault(module, {})[name] = entry
     if self.method == "adapter":
@@ -234,15 +324,17 @@ class Peft:
     axes = None if axes is None else _copy(axes)
     for module, name in self.targets:
       n_in, n_out = _dims(self.mcfg, module, name)
-      w = abstract["layers"][module][name]
-      abstract["layers"][module][name] = nf4.abstract((w.shape[0], n_in, n_out))
+      path = ("layers", *PATHS[module], name)
+      w, lead = _get(abstract, path), _lead(self.mcfg, module)
+      _get(abstract, path[:-1])[name] = nf4.abstract((w.shape[0], *lead, n_in, n_out))
       if axes is None:
         continue
-      names = axes["layers"][module][name]
-      in_axis, out_axis = names[1], names[1 + LINEAR[(module, name)][1]]
-      axes["layers"][module][name] = {"nf4_codes": ("layers", in_axis, out_axis),
-                                      "nf4_absmax": ("layers", None, out_axis),
-                                      "nf4_scale": ("layers", None, out_axis)}
+      names = _get(axes, path)
+      k = 1 + len(lead)  # the layer axis, then the experts'
+      in_axis, out_axis = names[k], names[k + LINEAR.get((module, name), (None, 1))[1]]
+      _get(axes, path[:-1])[name] = {"nf4_codes": (*names[:k], in_axis, out_axis),
+                                     "nf4_absmax": (*names[:k], None, out_axis),
+                                     "nf4_scale": (*names[:k], None, out_axis)}
     return abstract, axes
 
   def abstract(self, dtype=jnp.float32) -> dict[str, Any]:
@@ -259,28 +351,30 @@ class Peft:
     keys = iter(jax.random.split(key, 2 * len(self.targets) + 4))
     for module, name in self.targets:
       n_in, n_out = _dims(self.mcfg, module, name)
-      w = base["layers"][module][name]
-      L = w.shape[0]
+      path = (*PATHS[module], name)
+      w = _get(base["layers"], path)
+      L, lead = w.shape[0], _lead(self.mcfg, module)  # lead: the experts' axis, if any
       entry: dict[str, jax.Array] = {}
       if self.method in ("lora", "dora"):
         if self.init_kind == "pissa":
           a, b, residual = _pissa(w.reshape(L, n_in, n_out).astype(jnp.float32), self.rank,
                                   self.scale, self.pissa_niter, next(keys))
-          base["layers"][module] = {**base["layers"][module],
-                                    name: residual.reshape(w.shape).astype(w.dtype)}
-        else:
+          base["layers"] = _replace(base["layers"], path,
+                                    residual.reshape(w.shape).astype(w.dtype))
+        else:  # per expert as PEFT's ParamWrapper: A over each expert's inputs, B = 0
           ka = next(keys)
           if self.init_kind == "gaussian":
-            a = jax.random.normal(ka, (L, n_in, self.rank)) / self.rank
+            a = jax.random.normal(ka, (L, *lead, n_in, self.rank)) / self.rank
           else:  # kaiming-uniform with a = sqrt(5), PEFT's default: bound 1 / sqrt(in)
             bound = 1.0 / math.sqrt(n_in)
-            a = jax.random.uniform(ka, (L, n_in, self.rank), minval=-bound, maxval=bound)
-          b = jnp.zeros((L, self.rank, n_out))
+            a = jax.random.uniform(ka, (L, *lead, n_in, self.rank), minval=-bound,
+                                   maxval=bound)
+          b = jnp.zeros((L, *lead, self.rank, n_out))
         entry = {"lora_a": a, "lora_b": b}
         if self.init_kind == "pissa":
           entry.update(lora_a_init=a, lora_b_init=b)
         if self.method == "dora":
-          w2 = base["layers"][module][name].reshape(L, n_in, n_out).astype(jnp.float32)
+          w2 = _get(base["layers"], path).reshape(L, n_in, n_out).astype(jnp.float32)
           entry["magnitude"] = jnp.linalg.norm(w2 + self.scale * a @ b, axis=1)
       elif self.method == "adalora":  # PEFT: P, Q normal(0, 0.02), lambda 0
         ka, kb = jax.random.split(next(keys))
@@ -308,11 +402,12 @@ class Peft:
       adapters["vera_shared"] = {"a": _kaiming(next(keys), a_shape),
                                  "b": _kaiming(next(keys), b_shape)}
     if self.base_quant == "nf4":
-      for module, name in self.targets:
+      for module, name in self.targets:  # the experts' per expert: (L, E, in, out)
         n_in, n_out = _dims(self.mcfg, module, name)
-        w = base["layers"][module][name]
-        q = nf4.quantize(w.reshape(w.shape[0], n_in, n_out))
-        base["layers"][module] = {**base["layers"][module], name: q}
+        path = (*PATHS[module], name)
+        w = _get(base["layers"], path)
+        q = nf4.quantize(w.reshape(w.shape[0], *_lead(self.mcfg, module), n_in, n_out))
+        base["layers"] = _replace(base["layers"], path, q)
         if self.method == "dora":  # the magnitude of what the forward pass will see
           entry = adapters[module][name]
           w2 = nf4.dequantize(q) + self.scale * entry["lora_a"] @ entry["lora_b"]
@@ -341,11 +436,10 @@ class Peft:
     and NF4-stored weights dequantized."""
     if self.method in ("bitfit", "adapter"):
       return layer
-    layer = {m: dict(v) if isinstance(v, dict) else v for m, v in layer.items()}
     for module, name in self.targets:
-      w = layer[module][name]
+      path = (*PATHS[module], name)
       entry = adapters.get(module, {}).get(name) if adapters else None
-      layer[module][name] = self._fold(module, name, w, entry, shared)
+      layer = _replace(layer, path, self._fold(module, name, _get(layer, path), entry, shared))
     return layer
 
   def split_layer(self, layer: dict, adapters: dict, key: jax.Array) -> tuple[dict, dict]:
@@ -353,15 +447,18 @@ class Peft:
     dequantized, {module: {weight: fn}}) where fn(x) = s * dropout(x) @ A @ B, x (tokens, in),
     a fresh dropout mask per targeted weight; without dropout a `LowRank` (a, b, s) instead,
     which `project` applies as one matmul with the folded weight whose backward pass still
-    skips the weight's own gradient (models/layers.py `low_rank_dense`)."""
-    layer = {m: dict(v) if isinstance(v, dict) else v for m, v in layer.items()}
+    skips the weight's own gradient (models/layers.py `low_rank_dense`). The routed experts'
+    deltas are `LowRank`s with a leading expert axis, which the MoE block folds per expert
+    (models/moe.py; from_config refuses dropout there). The deltas' tree follows the layer's:
+    {"attn": ..., "mlp": {"gate": experts' delta, ..., "shared": {...}}}."""
     deltas: dict = {}
     for i, (module, name) in enumerate(self.targets):
-      layer[module][name] = self._fold(module, name, layer[module][name], None, None)
+      path = (*PATHS[module], name)
+      layer = _replace(layer, path, self._fold(module, name, _get(layer, path), None, None))
       a, b = self._low_rank(adapters[module][name])
-      deltas.setdefault(module, {})[name] = (
-          _dropout_delta(a, b, self.scale, self.dropout, jax.random.fold_in(key, i))
-          if self.dropout else LowRank(a, b, self.scale))
+      delta = (_dropout_delta(a, b, self.scale, self.dropout, jax.random.fold_in(key, i))
+               if self.dropout else LowRank(a, b, self.scale))
+      deltas = _replace(deltas, path, delta)
     return layer, deltas
 
   def _low_rank(self, entry):
@@ -372,14 +469,13 @@ class Peft:
 
   def _fold(self, module, name, w, entry, shared):
     n_in, n_out = _dims(self.mcfg, module, name)
-    in_dims, _ = LINEAR[(module, name)]
     if nf4.is_quantized(w):
       dtype = entry["lora_a"].dtype if entry is not None and "lora_a" in entry else jnp.float32
       w2 = nf4.dequantize(w, dtype)
       shape = self._weight_shape(module, name)
     else:
       dtype, shape = w.dtype, w.shape
-      w2 = w.reshape(n_in, n_out)
+      w2 = w.reshape(*_lead(self.mcfg, module), n_in, n_out)
     if entry is None:
       return w2.reshape(shape)
     if self.method in ("lora", "dora", "adalora"):
@@ -395,16 +491,17 @@ class Peft:
       w2 = w2 + (a * d[None, :]) @ (b * bb[None, :])
     else:  # ia3
       scale = entry["ia3"].astype(dtype)
-      feedforward = LINEAR[(module, name)][0] in IA3_FEEDFORWARD
+      feedforward = _feedforward(module, name)
       w2 = w2 * (scale[:, None] if feedforward else scale[None, :])
     return w2.reshape(shape)
 
   def _weight_shape(self, module, name) -> tuple[int, ...]:
     """The per-layer shape of a targeted weight in the model (without the layer axis)."""
     c = self.mcfg
-    d, f, h, kv, hd = c.d_model, c.d_ff, c.n_heads, c.n_kv_heads, c.head_dim
-    return {"q": (d, h, hd), "k": (d, kv, hd), "v": (d, kv, hd), "o": (h, hd, d),
-            "gate": (d, f), "up": (d, f), "down": (f, d)}[name]
+    d, h, kv, hd = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
+    if module in ("mlp", "experts", "shared"):
+      return (*_lead(c, module), *_dims(c, module, name))
+    return {"q": (d, h, hd), "k": (d, kv, hd), "v": (d, kv, hd), "o": (h, hd, d)}[name]
 
   def reference_params(self, params: dict) -> dict:
     """The model before fine-tuning (DPO's reference) from the same parameters, without a second
@@ -425,10 +522,28 @@ class Peft:
       keys = [str(getattr(p, "key", p)) for p in path]
       if self.method == "bitfit":
         return TRAINABLE if keys[-1].endswith("_bias") else FROZEN
+      if self.train_router and keys[:3] == ["layers", "mlp", "router"]:
+        return TRAINABLE
       if keys[0] != "peft" or keys[1] == "vera_shared" or keys[-1].endswith("_init"):
         return FROZEN
       return LORA_B if keys[-1] == "lora_b" and self.lora_plus_scale != 1.0 else TRAINABLE
     return jax.tree_util.tree_map_with_path(label, params)
+
+
+def _check_experts(pc, key: str, spec: str, targets) -> None:
+  """ValueError naming the key when routed-expert targets meet what only lora can do there."""
+  experts = [f"{m}.{n}" for m, n in targets if m == "experts"]
+  if not experts:
+    return
+  picked = f"{key}={spec!r} selects {', '.join(experts)}"
+  if pc.method != "lora":
+    raise ValueError(f"peft.method={pc.method} cannot adapt the routed experts ({picked}); "
+                     "lora and QLoRA can, or leave experts.* out of the targets")
+  if pc.init == "pissa":
+    raise ValueError(f"peft.init=pissa is not implemented for the routed experts ({picked})")
+  if pc.dropout:
+    raise ValueError(f"peft.dropout={pc.dropout}: LoRA on the routed experts has no dropout, "
+                     f"as in PEFT ({picked}); set it to 0 or leave experts.* out")
 
 
 def _dropout_delta(a, b, scale: float, rate: float, key):
@@ -484,17 +599,19 @@ def randomized_svd(w, rank: int, niter: int, key, oversample: int = 8):
   return (q @ u_small)[..., :rank], s[..., :rank], vt[..., :rank, :]
 
 
-def select_targets(spec: str) -> tuple[tuple[str, str], ...]:
-  """(module, weight) pairs whose names (ours, "attn.q", or Hugging Face's, "q_proj") fully
-  match the regular expression `spec`; "all-linear" is every one."""
+def select_targets(spec: str, mcfg: ModelConfig | None = None) -> tuple[tuple[str, str], ...]:
+  """(module, weight) pairs of `mcfg`'s model (None: a dense one) whose names (ours, "attn.q",
+  or one of Hugging Face's, "q_proj") fully match the regular expression `spec`; "all-linear"
+  is every one."""
+  names = linear(mcfg)
   if spec == "all-linear":
-    return tuple(LINEAR)
+    return tuple(names)
   try:
     pattern = re.compile(spec)
   except re.error as e:
     raise ValueError(f"peft.targets={spec!r} is not a regular expression ({e})") from None
-  return tuple(k for k, (hf, _) in LINEAR.items()
-               if pattern.fullmatch(f"{k[0]}.{k[1]}") or pattern.fullmatch(hf))
+  return tuple(k for k, hf in names.items()
+               if pattern.fullmatch(f"{k[0]}.{k[1]}") or any(pattern.fullmatch(n) for n in hf))
 
 
 def count(params: dict, labels: dict) -> tuple[int, int]:
