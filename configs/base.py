@@ -70,7 +70,9 @@ def get_config(arg=None):
       # none (full fine-tuning) | lora | dora | adalora | vera | ia3 | bitfit | adapter | lisa
       # | prompt (prompt tuning) | ptuning (P-tuning) | prefix (prefix tuning, P-tuning v2)
       method="none",
-      targets="all-linear",  # regex over module names (attn.q or q_proj, ...) | all-linear
+      targets="all-linear",  # regex over module names (attn.q or q_proj, ...) | all-linear;
+      # mixtures of experts: experts.gate|up|down (one pair per expert), shared.gate|up|down
+      train_router=False,  # mixtures of experts: the routers train too (PEFT: modules_to_save)
       rank=8,  # adalora: the initial rank
       alpha=16.0,  # LoRA scale alpha / rank (alpha / sqrt(rank) with rslora)
       rslora=False,  # rank-stabilised LoRA: scale alpha / sqrt(rank)

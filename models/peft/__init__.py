@@ -238,7 +238,7 @@ class Peft:
                pc.vera_d_initial, pc.lora_plus_scale, pc.base_quant, pc.adapter_dim,
                pc.pissa_niter, pc.dropout, allocator,
                pc.adalora_orth_weight if pc.method == "adalora" else 0.0, prompt,
-               bool(pc.get("train_router", False)))
+               bool(pc.train_router))
     if peft.train_router and not mcfg.n_experts:
       raise ValueError("peft.train_router=True needs a mixture of experts (model.n_experts)")
     if peft.train_router and prompt is not None:
