@@ -75,20 +75,21 @@ def route(cfg: ModelConfig, logits_te):
 
 def expert_ffn(x_md, group_sizes, w: Experts, act, kernel: str = "auto"):
   """The gated MLP of each row's expert, rows sorted by expert (`group_sizes` per expert)."""
-  gate = gmm.grouped_matmul(x_md, w.gate, group_sizes, kernel)
-  up = gmm.grouped_matmul(x_md, w.up, group_sizes, kernel)
-  return gmm.grouped_matmul(act(gate) * up, w.down, group_sizes, kernel)
+  return gmm.gated_ffn(x_md, w.gate, w.up, w.down, group_sizes, act, kernel)
 
 
 def dropless(x_td, ids_tk, weights_tk, w: Experts, act, kernel: str = "auto"):
   """Routed output (T, d): the T * k pairs sorted by expert through `expert_ffn`, then summed
-  back per token by their weights."""
+  back per token by their weights. Both reorderings are gathers whose transposes are gathers
+  too (`gmm.permute`): a scatter's rows are slow on XLA:CPU."""
   t, k = ids_tk.shape
   flat = ids_tk.reshape(-1)
-  order = jnp.argsort(flat, stable=True)
+  order = jnp.argsort(flat, stable=True)  # sorted position -> pair
+  where = jnp.zeros_like(order).at[order].set(jnp.arange(t * k, dtype=order.dtype))  # inverse
   sizes = jnp.bincount(flat, length=w.gate.shape[0]).astype(jnp.int32)
-  y = expert_ffn(jnp.take(x_td, order // k, axis=0), sizes, w, act, kernel)
-  pairs = jnp.zeros_like(y).at[order].set(y)  # back to (token, slot) order
+  x_sorted = gmm.permute(jnp.repeat(x_td, k, axis=0), order, where)
+  y = expert_ffn(x_sorted, sizes, w, act, kernel)
+  pairs = gmm.permute(y, where, order)  # back to (token, slot) order
   return combine(pairs.reshape(t, k, -1), weights_tk)
 
 
