@@ -111,15 +111,17 @@ def capacity(x_td, ids_tk, weights_tk, w: Experts, act, capacity_factor: float):
   rank = jnp.take_along_axis(jnp.cumsum(one_hot, axis=0), ids[:, None], axis=1)[:, 0] - 1
   kept = rank < slots
   where = jnp.where(kept, ids * slots + rank, n_exp * slots)  # dropped: out of range
-  tokens = jnp.tile(jnp.arange(t), k)
-  buf = jnp.zeros((n_exp * slots, x_td.shape[1]), x_td.dtype)
-  buf = buf.at[where].set(jnp.take(x_td, tokens, axis=0), mode="drop")
+  # Which pair each slot holds (empty: out of range): the rows then move by gathers both ways
+  # (gmm.permute), not by a scatter of rows, slow on XLA:CPU.
+  holder = jnp.full((n_exp * slots,), t * k, jnp.int32).at[where].set(
+      jnp.arange(t * k, dtype=jnp.int32), mode="drop")
+  buf = gmm.permute(jnp.tile(x_td, (k, 1)), holder, where)
   buf = constrain(buf.reshape(n_exp, slots, -1), ("expert", None, "embed"))
   dt = x_td.dtype
   h = act(jnp.einsum("ecd,edf->ecf", buf, w.gate.astype(dt))) * \
       jnp.einsum("ecd,edf->ecf", buf, w.up.astype(dt))
   y = jnp.einsum("ecf,efd->ecd", h, w.down.astype(dt)).reshape(n_exp * slots, -1)
-  pairs = jnp.take(y, where, axis=0, mode="fill", fill_value=0)  # (k * T, d), slot-major
+  pairs = gmm.permute(y, where, holder)  # (k * T, d), slot-major; dropped: zero
   pairs = pairs.reshape(k, t, -1).transpose(1, 0, 2)
   return combine(pairs, weights_tk), jnp.sum(~kept)
 

@@ -113,3 +113,42 @@ def test_dropless_matches_dense_with_gradients():
     for g, want in zip(jax.tree.leaves(got), jax.tree.leaves(jax.grad(ref, (0, 1, 2))(x, w,
                                                                                    weights))):
       np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("capacity_factor", [0.6, 1.0, 4.0])
+def test_capacity_matches_dense_without_the_dropped_pairs(capacity_factor):
+  """Each expert keeps its first C pairs, every first choice before any second one and earlier
+  tokens first (counted here by a plain loop); the output is the dense reference with the
+  dropped pairs' weights zero, gradients too, and the count of dropped pairs is theirs."""
+  rng = np.random.default_rng(4)
+  t, d, f, n_exp, k = 19, 6, 7, 4, 2
+  x = jnp.asarray(rng.standard_normal((t, d)), jnp.float32)
+  w = moe.Experts(*(jnp.asarray(rng.standard_normal(s), jnp.float32)
+                    for s in [(n_exp, d, f), (n_exp, d, f), (n_exp, f, d)]))
+  ids_np = np.stack([rng.choice(n_exp, k, replace=False, p=[0.5, 0.3, 0.1, 0.1])
+                     for _ in range(t)])
+  ids = jnp.asarray(ids_np, jnp.int32)
+  weights = jax.nn.softmax(jnp.asarray(rng.standard_normal((t, k)), jnp.float32))
+  slots = moe.capacity_slots(t, k, n_exp, capacity_factor)
+  kept, used = np.zeros((t, k), np.float32), [0] * n_exp
+  for slot in range(k):
+    for tok in range(t):
+      e = ids_np[tok, slot]
+      if used[e] < slots:
+        kept[tok, slot], used[e] = 1.0, used[e] + 1
+  cot = jnp.asarray(rng.standard_normal((t, d)), jnp.float32)
+
+  def ours(x, w, weights):
+    y, dropped = moe.capacity(x, ids, weights, w, jax.nn.silu, capacity_factor)
+    return jnp.sum(y * cot), dropped
+
+  def ref(x, w, weights):
+    return jnp.sum(moe.dense(x, ids, weights * kept, w, jax.nn.silu) * cot)
+  value, dropped = jax.jit(ours)(x, w, weights)
+  assert int(dropped) == int((1 - kept).sum())
+  assert (int(dropped) > 0) == (capacity_factor < 4.0)
+  np.testing.assert_allclose(value, ref(x, w, weights), rtol=1e-5)
+  got = jax.jit(jax.grad(lambda *a: ours(*a)[0], (0, 1, 2)))(x, w, weights)
+  for g, want in zip(jax.tree.leaves(got), jax.tree.leaves(jax.grad(ref, (0, 1, 2))(x, w,
+                                                                                 weights))):
+    np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-4)
