@@ -10,7 +10,7 @@ work; the 8 experts hold 4x its MLP weights (10.3M parameters in all, 8.5M of th
 steps (half tiny's: a MoE step costs more on CPU). The Switch balancing loss brings every
 expert's share of the routed pairs back near 1 / 8 (weight 0.1: at 0.01 the least loaded expert
 still had under a third of its share after 110 steps; at 0.1 all are within 2x of uniform from
-step ~55 on, after the first steps' imbalance), and a small router z-loss (ST-MoE's 1e-3) keeps
+step 70 on, after the first steps' imbalance: benchmarks/results/moe_balance.json), and a small router z-loss (ST-MoE's 1e-3) keeps
 the router's logits from growing. metrics.jsonl
 carries moe_share_max and moe_share_min, the most and least loaded expert's share times 8
 (1 is uniform), and the two losses; benchmarks/moe_balance.py trains with and without the

@@ -28,8 +28,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 KERNELS = ("blocks", "ragged_dot", "tokamax")
+# The checkpoint name of the blocks gated FFN's output and pre-activations: a remat policy that
+# saves it keeps the backward pass from running the forward loop again (the dots policies
+# cannot see into it: it is a custom VJP's loop).
+EXPERT_FFN = "expert_ffn"
 
 
 def pick(impl: str) -> str:
@@ -222,6 +227,7 @@ def _ffn_loop(x, w_gate, w_up, w_down, block_group, n_blocks, block, act, keep: 
 
 def _ffn_fwd(x, w_gate, w_up, w_down, block_group, n_blocks, block, act):
   out, (gate, up) = _ffn_loop(x, w_gate, w_up, w_down, block_group, n_blocks, block, act, True)
+  out, gate, up = (checkpoint_name(a, EXPERT_FFN) for a in (out, gate, up))
   return out, (x, w_gate, w_up, w_down, block_group, n_blocks, gate, up)
 
 
