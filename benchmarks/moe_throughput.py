@@ -16,6 +16,9 @@ ones; figures are medians over the rounds, and the JSON records the CPU model an
 
 python benchmarks/moe_throughput.py [--rounds 3 --steps 2 --warm_steps 1
     --impls dropless,capacity,dense --remat POLICY --out benchmarks/results/moe_throughput.json]
+The recorded figures: --remat none --impls dropless,dropless@dots_no_batch,capacity,dense
+(the peer keeps every activation too; with the default dots_no_batch our step recomputes the
+experts' forward loop, a custom VJP's output, in the backward pass).
 """
 
 from __future__ import annotations
@@ -54,9 +57,11 @@ def config(impl: str = "dropless", remat: str = ""):
   return c
 
 
-def ours(impl: str, remat: str):
-  run, compile_s = compiled_step(config(impl, remat))
-  return run, compile_s
+def ours(name: str, remat: str):
+  """Our step for `name`: a dispatch (models/moe.py), or "dispatch@remat" with that remat
+  policy instead of `remat` (or the config's)."""
+  impl, _, own_remat = name.partition("@")
+  return compiled_step(config(impl, own_remat or remat))
 
 
 def peer():
@@ -113,7 +118,8 @@ def main():
   ap.add_argument("--steps", type=int, default=2)
   ap.add_argument("--warm_steps", type=int, default=1)
   ap.add_argument("--impls", default="dropless,capacity,dense",
-                  help="our dispatches to time (the first is the one against the peer)")
+                  help="our dispatches to time, each optionally @REMAT (a remat policy of "
+                       "its own); the first is the one against the peer")
   ap.add_argument("--no_peer", action="store_true")
   ap.add_argument("--remat", default="", help="our model.remat instead of the config's")
   ap.add_argument("--out", default="")
