@@ -5,7 +5,7 @@ each other, all in this one process, alternating in rounds.
 The shape: 4 layers, d_model 512, 8 heads over 2 KV heads, 8 experts of width 1792 (Mixtral's
 14336 / 4096 = 3.5 times d_model), top-2 with renormalised weights, vocab 8192 (Mixtral's 32000
 would make the LM head a third of the step and dilute what this measures), sequence 256, batch
-4 (1,024 tokens, ~2 s a step on two cores), float32, AdamW with clipping at 1.0, the Switch
+4 (1,024 tokens: 4-5 s a step on two shared cores), float32, AdamW with clipping at 1.0, the Switch
 balancing loss at Mixtral's 0.02 on both sides (the peer: `output_router_logits=True`). Ours is
 the step `trainer.train.plan` builds, exactly what `trainer.main` runs
 (benchmarks/train_throughput.py's `compiled_step`), with the config's remat policy unless
