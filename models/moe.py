@@ -77,20 +77,21 @@ def route(cfg: ModelConfig, logits_te):
 
 def expert_ffn(x_md, group_sizes, w: Experts, act, kernel: str = "auto"):
   """The gated MLP of each row's expert, rows sorted by expert (`group_sizes` per expert)."""
-  gate = gmm.grouped_matmul(x_md, w.gate, group_sizes, kernel)
-  up = gmm.grouped_matmul(x_md, w.up, group_sizes, kernel)
-  return gmm.grouped_matmul(act(gate) * up, w.down, group_sizes, kernel)
+  return gmm.gated_ffn(x_md, w.gate, w.up, w.down, group_sizes, act, kernel)
 
 
 def dropless(x_td, ids_tk, weights_tk, w: Experts, act, kernel: str = "auto"):
   """Routed output (T, d): the T * k pairs sorted by expert through `expert_ffn`, then summed
-  back per token by their weights."""
+  back per token by their weights. Both reorderings are gathers whose transposes are gathers
+  too (`gmm.permute`): a scatter's rows are slow on XLA:CPU."""
   t, k = ids_tk.shape
   flat = ids_tk.reshape(-1)
-  order = jnp.argsort(flat, stable=True)
+  order = jnp.argsort(flat, stable=True)  # sorted position -> pair
+  where = jnp.zeros_like(order).at[order].set(jnp.arange(t * k, dtype=order.dtype))  # inverse
   sizes = jnp.bincount(flat, length=w.gate.shape[0]).astype(jnp.int32)
-  y = expert_ffn(jnp.take(x_td, order // k, axis=0), sizes, w, act, kernel)
-  pairs = jnp.zeros_like(y).at[order].set(y)  # back to (token, slot) order
+  x_sorted = gmm.permute(jnp.repeat(x_td, k, axis=0), order, where)
+  y = expert_ffn(x_sorted, sizes, w, act, kernel)
+  pairs = gmm.permute(y, where, order)  # back to (token, slot) order
   return combine(pairs.reshape(t, k, -1), weights_tk)
 
 
@@ -112,15 +113,17 @@ def capacity(x_td, ids_tk, weights_tk, w: Experts, act, capacity_factor: float):
   rank = jnp.take_along_axis(jnp.cumsum(one_hot, axis=0), ids[:, None], axis=1)[:, 0] - 1
   kept = rank < slots
   where = jnp.where(kept, ids * slots + rank, n_exp * slots)  # dropped: out of range
-  tokens = jnp.tile(jnp.arange(t), k)
-  buf = jnp.zeros((n_exp * slots, x_td.shape[1]), x_td.dtype)
-  buf = buf.at[where].set(jnp.take(x_td, tokens, axis=0), mode="drop")
+  # Which pair each slot holds (empty: out of range): the rows then move by gathers both ways
+  # (gmm.permute), not by a scatter of rows, slow on XLA:CPU.
+  holder = jnp.full((n_exp * slots,), t * k, jnp.int32).at[where].set(
+      jnp.arange(t * k, dtype=jnp.int32), mode="drop")
+  buf = gmm.permute(jnp.tile(x_td, (k, 1)), holder, where)
   buf = constrain(buf.reshape(n_exp, slots, -1), ("expert", None, "embed"))
   dt = x_td.dtype
   h = act(jnp.einsum("ecd,edf->ecf", buf, w.gate.astype(dt))) * \
       jnp.einsum("ecd,edf->ecf", buf, w.up.astype(dt))
   y = jnp.einsum("ecf,efd->ecd", h, w.down.astype(dt)).reshape(n_exp * slots, -1)
-  pairs = jnp.take(y, where, axis=0, mode="fill", fill_value=0)  # (k * T, d), slot-major
+  pairs = gmm.permute(y, where, holder)  # (k * T, d), slot-major; dropped: zero
   pairs = pairs.reshape(k, t, -1).transpose(1, 0, 2)
   return combine(pairs, weights_tk), jnp.sum(~kept)
 

@@ -1,0 +1,95 @@
+"""Does the Switch balancing loss keep a mixture of experts' load even? configs/moe_tiny.py
+trained twice on the default corpus, with its balancing loss and with
+`model.router_aux_loss_weight=0`, and the experts' load read from metrics.jsonl: moe_share_max
+and moe_share_min, the most and least loaded expert's share of the routed (token, expert) pairs
+times n_experts (1 is uniform; the extremes over the layers, per logged step). Also runs the
+balanced config twice for a few steps and compares their metrics bit for bit, so that the figures
+are those of a deterministic run (one run per setting is then enough).
+
+python benchmarks/moe_balance.py [--steps N --repeat_steps 20
+    --out benchmarks/results/moe_balance.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = "configs/moe_tiny.py"
+BAND = (0.5, 2.0)  # within 2x of uniform
+TIMING_KEYS = ("tokens_per_sec", "mfu")  # wall-clock figures: differ between identical runs
+
+
+def train(workdir: str, *overrides: str) -> list[dict]:
+  """The metrics.jsonl lines of a `trainer.main` run of CONFIG with `overrides`."""
+  cmd = [sys.executable, "-m", "trainer.main", f"--config={CONFIG}", f"--workdir={workdir}",
+         *overrides]
+  print("$", " ".join(cmd[1:]), flush=True)
+  subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def summary(lines: list[dict]) -> dict:
+  """Loss and load figures of a run's training lines."""
+  steps = [m for m in lines if "moe_share_max" in m]
+  lo, hi = BAND
+  outside = [m["step"] for m in steps if not lo <= m["moe_share_min"] <= m["moe_share_max"] <= hi]
+  later = [m["step"] for m in steps if m["step"] > max(outside, default=0)]
+  return {
+      "logged_steps": len(steps), "loss_first": steps[0]["loss"], "loss_final": steps[-1]["loss"],
+      "share_max_final": steps[-1]["moe_share_max"],
+      "share_min_final": steps[-1]["moe_share_min"],
+      "share_max_worst": max(m["moe_share_max"] for m in steps),
+      "share_min_worst": min(m["moe_share_min"] for m in steps),
+      "steps_outside_band": outside,
+      "within_band_from_step": later[0] if later else None,
+      "share_max_worst_second_half": max(m["moe_share_max"] for m in steps[len(steps) // 2:]),
+      "share_min_worst_second_half": min(m["moe_share_min"] for m in steps[len(steps) // 2:]),
+      "trace": [{k: m[k] for k in ("step", "loss", "moe_share_max", "moe_share_min")}
+                for m in steps]}
+
+
+def same_run(a: list[dict], b: list[dict]) -> bool:
+  strip = lambda lines: [{k: v for k, v in m.items() if k not in TIMING_KEYS} for m in lines]
+  return strip(a) == strip(b)
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--steps", type=int, default=0, help="train.steps (0: the config's)")
+  ap.add_argument("--repeat_steps", type=int, default=20,
+                  help="steps of the twice-run repeatability check (0: skip it)")
+  ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results",
+                                                "moe_balance.json"))
+  args = ap.parse_args()
+  steps = [f"--config.train.steps={args.steps}"] if args.steps else []
+  results = {"config": CONFIG, "band": BAND}
+  with tempfile.TemporaryDirectory() as tmp:
+    if args.repeat_steps:
+      short = [f"--config.train.steps={args.repeat_steps}", "--config.train.log_every=5"]
+      twice = [train(os.path.join(tmp, f"repeat{i}"), *short) for i in range(2)]
+      results["bitwise_repeatable"] = same_run(*twice)
+      results["repeat_steps"] = args.repeat_steps
+      print(f"two {args.repeat_steps}-step runs alike bit for bit: "
+            f"{results['bitwise_repeatable']}", flush=True)
+    for name, extra in (("balanced", []), ("no_balancing",
+                                           ["--config.model.router_aux_loss_weight=0"])):
+      s = summary(train(os.path.join(tmp, name), *steps, *extra))
+      results[name] = {"overrides": steps + extra} | s
+      print(f"{name}: loss {s['loss_first']:.3f} -> {s['loss_final']:.3f}; share max final "
+            f"{s['share_max_final']:.2f}, worst {s['share_max_worst']:.2f}; share min final "
+            f"{s['share_min_final']:.2f}, worst {s['share_min_worst']:.2f}; within "
+            f"[{BAND[0]}, {BAND[1]}] from step {s['within_band_from_step']}", flush=True)
+  with open(args.out, "w") as f:
+    json.dump(results, f, indent=2)
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
