@@ -30,6 +30,7 @@ from flax import nnx
 from models import ffn as ffn_lib
 from models.config import Execution, ModelConfig
 from models.kernels import flashmask as fm
+from models.kernels.grouped_matmul import EXPERT_FFN
 from models.layers import (ATTENTION_BLOCK, LOW_RANK_OUTPUT, Attention, RMSNorm,
                            attention_inputs, attention_mask, dense, param, rope_tables)
 from parallel import ring_attention
@@ -38,9 +39,10 @@ from parallel.rules import constrain
 BTD = ("batch", "length", "embed")
 
 _policies = jax.checkpoint_policies
-# Outputs of custom VJPs (LoRA's projections, the xla path's attention blocks: layers.py), which
-# the dots policies would otherwise take for no matmul and recompute.
-_named = _policies.save_only_these_names(LOW_RANK_OUTPUT, ATTENTION_BLOCK)
+# Outputs of custom VJPs (LoRA's projections, the xla path's attention blocks: layers.py; a
+# mixture of experts' grouped FFN: kernels/grouped_matmul.py), which the dots policies would
+# otherwise take for no matmul and recompute.
+_named = _policies.save_only_these_names(LOW_RANK_OUTPUT, ATTENTION_BLOCK, EXPERT_FFN)
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
     "dots": _policies.save_from_both_policies(_policies.checkpoint_dots, _named),
