@@ -69,8 +69,8 @@ ACTIVATIONS = {
 # compiled step of 7 tiny and medium MoE configs with the fused kernel (kernels/
 # grouped_matmul.py gated_ffn): dp8, ep8, fsdp2 x ep2 x tp2 (full remat), fsdp2 x ep4
 # (capacity), medium data2 x ep4, ep2 x data4 (dots), medium fsdp4 x ep2 (full remat); each
-# within 0.91-1.06 of the compiler. The dots policies' saved scale fits as 0 (their case is met
-# without it). tests/test_estimate.py checks three of them.
+# within 0.91-1.06 of the compiler (benchmarks/moe_estimate.py). The dots policies' saved scale
+# fits as 0 (their case is met without it). tests/test_estimate.py checks three of them.
 @dataclasses.dataclass(frozen=True)
 class MoeRows:
   saved_f: float
