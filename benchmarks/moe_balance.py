@@ -2,11 +2,12 @@
 trained twice on the default corpus, with its balancing loss and with
 `model.router_aux_loss_weight=0`, and the experts' load read from metrics.jsonl: moe_share_max
 and moe_share_min, the most and least loaded expert's share of the routed (token, expert) pairs
-times n_experts (1 is uniform; the extremes over the layers, per logged step). Also runs the
+times n_experts (1 is uniform; the extremes over the layers, per logged step: every step by default,
+so that step 1, the routing of the freshly initialised model, is in the figures). Also runs the
 balanced config twice for a few steps and compares their metrics bit for bit, so that the figures
 are those of a deterministic run (one run per setting is then enough).
 
-python benchmarks/moe_balance.py [--steps N --repeat_steps 20
+python benchmarks/moe_balance.py [--steps N --log_every 1 --repeat_steps 20
     --out benchmarks/results/moe_balance.json]
 """
 
@@ -63,12 +64,14 @@ def same_run(a: list[dict], b: list[dict]) -> bool:
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--steps", type=int, default=0, help="train.steps (0: the config's)")
+  ap.add_argument("--log_every", type=int, default=1, help="train.log_every of the two runs")
   ap.add_argument("--repeat_steps", type=int, default=20,
                   help="steps of the twice-run repeatability check (0: skip it)")
   ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results",
                                                 "moe_balance.json"))
   args = ap.parse_args()
   steps = [f"--config.train.steps={args.steps}"] if args.steps else []
+  steps += [f"--config.train.log_every={args.log_every}"]
   results = {"config": CONFIG, "band": BAND}
   with tempfile.TemporaryDirectory() as tmp:
     if args.repeat_steps:
