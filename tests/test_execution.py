@@ -22,7 +22,8 @@ def test_resume_under_other_execution_choices_from_an_old_config_json(tmp_path):
   with open(path) as f:
     resolved = json.load(f)
   assert resolved["execution"] == {"remat": "dots_no_batch", "attention_impl": "xla",
-                                   "init_std": 0.02}
+                                   "init_std": 0.02, "moe_impl": "dropless",
+                                   "capacity_factor": 1.25, "grouped_matmul": "auto"}
   assert not set(resolved["execution"]) & set(resolved["model"])
   # as a run wrote it before the split: the execution choices among the model's keys
   resolved["model"].update(resolved.pop("execution"))
