@@ -17,8 +17,9 @@ ones; figures are medians over the rounds, and the JSON records the CPU model an
 python benchmarks/moe_throughput.py [--rounds 3 --steps 2 --warm_steps 1
     --impls dropless,capacity,dense --remat POLICY --out benchmarks/results/moe_throughput.json]
 The recorded figures: --remat none --impls dropless,dropless@dots_no_batch,capacity,dense
-(the peer keeps every activation too; with the default dots_no_batch our step recomputes the
-experts' forward loop, a custom VJP's output, in the backward pass).
+(the peer keeps every activation too; the default dots_no_batch keeps the grouped FFN's named
+outputs, gmm.EXPERT_FFN, so it times the same). Run it with nothing else on the machine: torch's
+threads slow down far more than XLA's under contention, which once inflated our ratio 3x.
 """
 
 from __future__ import annotations
