@@ -36,7 +36,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.host import host_info  # noqa: E402
-from benchmarks.train_throughput import _timed, compiled_step, tokens  # noqa: E402
+from benchmarks.train_throughput import _timed, compiled_step, runner, tokens  # noqa: E402
 from configs import base  # noqa: E402
 from trainer import hugepages, metrics as metrics_lib  # noqa: E402
 from trainer.validate import execution, model_config  # noqa: E402
@@ -69,8 +69,6 @@ def peer():
   """(run(n) -> loss, first step seconds, experts implementation): transformers'
   MixtralForCausalLM of `config()`'s shape, on all host cores, as train_throughput's peer
   trains its Llama."""
-  import time
-
   import torch
   from transformers import MixtralConfig, MixtralForCausalLM
 
@@ -102,15 +100,7 @@ def peer():
     opt.zero_grad(set_to_none=True)
     return float(loss.detach())
 
-  t = time.perf_counter()
-  one()
-  first_s = time.perf_counter() - t
-
-  def run(n):
-    for _ in range(n):
-      loss = one()
-    return loss
-  return run, first_s, experts_impl
+  return (*runner(one), experts_impl)
 
 
 def main():

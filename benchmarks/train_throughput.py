@@ -147,6 +147,12 @@ def peer(dtype: str, method: str):
     opt.zero_grad(set_to_none=True)
     return float(loss)
 
+  return runner(one)
+
+
+def runner(one):
+  """(run(n): n more steps of `one`, returning the last loss; the first step's seconds), after
+  taking that first step (the peer's warm-up)."""
   t = time.perf_counter()
   one()
   first_s = time.perf_counter() - t
