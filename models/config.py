@@ -91,8 +91,11 @@ class ModelConfig:
     problems += _choices(self, (("rope_scaling", ROPE_SCALINGS), ("family", FAMILIES),
                                 ("mlp_activation", MLP_ACTIVATIONS),
                                 ("router_order", ROUTER_ORDERS)))
-    if self.n_experts < 0 or self.expert_d_ff < 0 or self.shared_expert_d_ff < 0:
-      problems.append("n_experts, expert_d_ff and shared_expert_d_ff must be >= 0")
+    for name in ("n_experts", "expert_d_ff", "shared_expert_d_ff"):
+      if getattr(self, name) < 0:
+        problems.append(f"{name}={getattr(self, name)} must be >= 0")
+    if problems:  # the checks below assume these are counts
+      raise ValueError("; ".join(problems))
     if self.n_experts and not 1 <= self.experts_per_token <= self.n_experts:
       problems.append(f"experts_per_token={self.experts_per_token} must be in 1..n_experts="
                       f"{self.n_experts}")

@@ -29,6 +29,10 @@ def run_main(*args, workdir):
     (["--config.model.n_kv_heads=3"], "n_kv_heads"),
     (["--config.mesh.data=3"], "mesh"),
     (["--config.mesh.expert=2"], "mesh.expert"),  # no expert layers to split
+    (["--config.model.n_experts=-1"], "n_experts=-1 must be >= 0"),
+    (["--config.model.n_experts=4", "--config.model.moe_impl=fast"], "moe_impl"),
+    (["--config.model.n_experts=4", "--config.model.grouped_matmul=tokamax"],
+     "model.grouped_matmul: tokamax is not installed"),
     (["--config.train.batch_size=12"], "train.batch_size"),  # 12 rows over 8 devices
     (["--config.train.grad_accum=3"], "train.grad_accum"),
     (["--config.train.seq_len=4096"], "train.seq_len"),

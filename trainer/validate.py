@@ -12,6 +12,7 @@ import os
 from models import hf
 from models import peft as peft_lib
 from models.config import Execution, ModelConfig, split_fields
+from models.kernels import grouped_matmul as gmm
 from parallel import mesh as mesh_lib
 from parallel import rules as rules_lib
 from trainer.data.packing import MODES, TRUNCATION
@@ -236,6 +237,9 @@ def check_backend(cfg, backend: str) -> None:
              "cudnn flash attention needs precision.compute_dtype=bfloat16")
     _require(not cfg.model.attn_softcap, "model.attention_impl",
              "cudnn has no attention soft-cap (model.attn_softcap); use pallas or xla")
+  if cfg.model.get("grouped_matmul") == "tokamax":
+    _require(gmm.tokamax_installed(), "model.grouped_matmul",
+             "tokamax is not installed (pip install tokamax); use auto")
 
 
 def check_mesh(cfg, n_devices: int) -> dict[str, int]:

@@ -46,6 +46,10 @@ def pick(impl: str) -> str:
   return "tokamax" if _tokamax() is not None else "ragged_dot"
 
 
+def tokamax_installed() -> bool:
+  return _tokamax() is not None
+
+
 def _tokamax():
   try:
     import tokamax  # noqa: PLC0415 (optional)
