@@ -1,4 +1,4 @@
-"""Where the medium config's float32 step spends its time, ours against torch, same process.
+"""Where the medium config's step (float32 or bfloat16) spends its time, ours against torch, same process.
 
 Splits one full fine-tuning step of benchmarks/train_throughput.py's shape into forward alone and
 forward + backward, for the decoder stack alone (sum of the final hidden states) and for the
@@ -7,7 +7,11 @@ the trainer's compiler options) and for transformers' LlamaForCausalLM. Backward
 difference. Then profiles our stack's forward + backward once and sums the XLA:CPU thunks by
 kind (library matmuls show as `ynn_fusion`), which says how much of the step is matmul.
 
-python benchmarks/step_breakdown.py [--layers 8 --rounds 3 --no-profile]
+python benchmarks/step_breakdown.py [--layers 8 --rounds 3 --dtype float32 --no-profile]
+
+--dtype bfloat16: ours computes in bfloat16 (the trainer's mixed precision: float32 weights cast
+per step), torch runs under `torch.autocast("cpu", dtype=torch.bfloat16)`, as
+benchmarks/train_throughput.py's bfloat16 case does.
 """
 
 from __future__ import annotations
@@ -48,14 +52,15 @@ def ours(cfg):
   batch = {"inputs": jnp.asarray(toks[:, :-1]), "targets": jnp.asarray(toks[:, 1:]),
            "weights": jnp.ones((b, s)), "segment_ids": jnp.ones((b, s), jnp.int32),
            "positions": jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))}
-  loss_fn = step_lib.make_loss_fn(pl.handle, jnp.float32)
+  dtype = jnp.dtype(cfg.precision.compute_dtype)
+  loss_fn = step_lib.make_loss_fn(pl.handle, dtype)
 
   def loss(p, batch):
     total, count, _ = loss_fn(p, batch)
     return total / count
 
   def stack(p, batch):
-    model = pl.handle.bind(p)
+    model = pl.handle.bind(jax.tree.map(lambda w: w.astype(dtype), p))
     return jnp.sum(model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"]))
 
   compiled = {}
@@ -70,17 +75,20 @@ def ours(cfg):
 def peer(cfg):
   import torch
 
+  autocast = cfg.precision.compute_dtype == "bfloat16"
   model = tt.hf_llama(cfg).train()
   toks = torch.from_numpy(tt.tokens(cfg).astype(np.int64))
   inputs, labels = toks[:, :-1], toks[:, 1:]
 
   def stack():
-    return model.model(input_ids=inputs).last_hidden_state.sum()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+      return model.model(input_ids=inputs).last_hidden_state.float().sum()
 
   def loss():
-    logits = model(input_ids=inputs).logits
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                             labels.reshape(-1))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+      logits = model(input_ids=inputs).logits
+      return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                               labels.reshape(-1))
 
   def forward(fn):
     def run():
@@ -121,9 +129,10 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--layers", type=int, default=8)
   ap.add_argument("--rounds", type=int, default=3)
+  ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   ap.add_argument("--no-profile", action="store_true")
   args = ap.parse_args()
-  cfg = tt.config("float32", "full")
+  cfg = tt.config(args.dtype, "full")
   cfg.model.n_layers = args.layers
   runs = {"ours": ours(cfg), "torch": peer(cfg)}
   times = collections.defaultdict(list)
@@ -137,7 +146,7 @@ def main():
         fn()
         times[who, part].append(time.perf_counter() - t)
   med = {k: statistics.median(v) for k, v in times.items()}
-  print(f"{args.layers} layers, median of {args.rounds} rounds (s)")
+  print(f"{args.layers} layers, {args.dtype}, median of {args.rounds} rounds (s)")
   print(f"{'':16}{'ours':>8}{'torch':>8}{'ours/torch':>12}")
   for name in ("stack", "loss"):
     for part in ("fwd", "bwd", "fwd+bwd"):

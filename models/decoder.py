@@ -31,7 +31,7 @@ from models import ffn as ffn_lib
 from models.config import Execution, ModelConfig
 from models.kernels import flashmask as fm
 from models.kernels.grouped_matmul import EXPERT_FFN
-from models.layers import (ATTENTION_BLOCK, LOW_RANK_OUTPUT, Attention, RMSNorm,
+from models.layers import (ATTENTION_BLOCK, LOW_RANK_OUTPUT, PROJECTION, Attention, RMSNorm,
                            attention_inputs, attention_mask, dense, param, rope_tables)
 from parallel import ring_attention
 from parallel.rules import constrain
@@ -39,10 +39,11 @@ from parallel.rules import constrain
 BTD = ("batch", "length", "embed")
 
 _policies = jax.checkpoint_policies
-# Outputs of custom VJPs (LoRA's projections, the xla path's attention blocks: layers.py; a
-# mixture of experts' grouped FFN: kernels/grouped_matmul.py), which the dots policies would
-# otherwise take for no matmul and recompute.
-_named = _policies.save_only_these_names(LOW_RANK_OUTPUT, ATTENTION_BLOCK, EXPERT_FFN)
+# Outputs of custom VJPs (LoRA's projections, bfloat16 / float16 projections, the xla path's
+# attention blocks: layers.py; a mixture of experts' grouped FFN: kernels/grouped_matmul.py),
+# which the dots policies would otherwise take for no matmul and recompute.
+_named = _policies.save_only_these_names(LOW_RANK_OUTPUT, PROJECTION, ATTENTION_BLOCK,
+                                         EXPERT_FFN)
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
     "dots": _policies.save_from_both_policies(_policies.checkpoint_dots, _named),

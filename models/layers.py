@@ -19,6 +19,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from models.config import Execution, ModelConfig
 from models.kernels import flashmask as fm
+from models.kernels.matmul import LOW_PRECISION, mm, mm_nt, mm_tn
 from models.kernels.flash_attention import flash_attention
 from parallel import ring_attention as ring_attention_lib
 from parallel import rules as rules_lib
@@ -142,8 +143,45 @@ def dense(x, w, n_in: int = 1, out_dtype=None):
   twice as fast as that of the same product written as a 3-D einsum (benchmarks/).
   """
   lead, k = x.shape[:x.ndim - n_in], math.prod(w.shape[:n_in])
-  y = jnp.matmul(x.reshape(-1, k), w.reshape(k, -1), preferred_element_type=out_dtype)
+  y = matmul(x.reshape(-1, k), w.reshape(k, -1), out_dtype)
   return y.reshape(*lead, *w.shape[n_in:])
+
+
+PROJECTION = "projection"  # the checkpoint name of low_precision_matmul's outputs
+
+
+def matmul(x2, w2, out_dtype=None):
+  """x2 (m, k) @ w2 (k, n), in `out_dtype` (default: x2's dtype).
+
+  bfloat16 / float16 operands of one dtype go through `low_precision_matmul` (its output named
+  PROJECTION for the remat policies); anything else is a plain matmul."""
+  if x2.dtype == w2.dtype and x2.dtype in LOW_PRECISION:
+    # Named: the dots remat policies would take a custom VJP's output for no matmul.
+    return checkpoint_name(low_precision_matmul(x2, w2, jnp.dtype(out_dtype or x2.dtype)),
+                           PROJECTION)
+  return jnp.matmul(x2, w2, preferred_element_type=out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def low_precision_matmul(x2, w2, out_dtype):
+  """x2 @ w2 for bfloat16 / float16 x2 (m, k) and w2 (k, n): products summed in float32, the
+  result rounded to `out_dtype`; the backward's two products through `mm_nt` and `mm_tn`, after
+  rounding the output gradient to the operands' dtype, as mixed-precision training does (torch's
+  autocast too). The weight gradient comes out in w2's dtype."""
+  return mm(x2, w2, out_dtype)
+
+
+def _low_precision_fwd(x2, w2, out_dtype):
+  return mm(x2, w2, out_dtype), (x2, w2)
+
+
+def _low_precision_bwd(out_dtype, saved, dy):
+  x2, w2 = saved
+  dy = dy.astype(x2.dtype)
+  return mm_nt(dy, w2), mm_tn(x2, dy, w2.dtype)
+
+
+low_precision_matmul.defvjp(_low_precision_fwd, _low_precision_bwd)
 
 
 LOW_RANK_OUTPUT = "low_rank_dense"  # the checkpoint name of low_rank_dense's outputs
@@ -163,25 +201,26 @@ def low_rank_dense(x2, w2, a, b, scale):
   backward pass takes the gradients of a and b through rank-r products, x^T (dy b^T) and
   (x a)^T dy, instead of through the full (in x out) gradient of the folded weight, and dx
   through the folded weight again. The gradient of w2 is x^T dy, which XLA drops as dead code
-  when w2 is frozen (nothing asks for it)."""
-  return x2 @ _folded(w2, a, b, scale, x2.dtype)
+  when w2 is frozen (nothing asks for it). Products as `mm`, `mm_nt` and `mm_tn` write them."""
+  return mm(x2, _folded(w2, a, b, scale, x2.dtype))
 
 
 def _folded(w2, a, b, scale, dtype):
-  return w2.astype(dtype) + jnp.asarray(scale, dtype) * (a.astype(dtype) @ b.astype(dtype))
+  return w2.astype(dtype) + jnp.asarray(scale, dtype) * mm(a.astype(dtype), b.astype(dtype))
 
 
 def _low_rank_fwd(x2, w2, a, b, scale):
-  return x2 @ _folded(w2, a, b, scale, x2.dtype), (x2, w2, a, b)
+  return mm(x2, _folded(w2, a, b, scale, x2.dtype)), (x2, w2, a, b)
 
 
 def _low_rank_bwd(scale, saved, dy):
   x2, w2, a, b = saved
   s = jnp.asarray(scale, x2.dtype)
-  dx = dy @ _folded(w2, a, b, scale, x2.dtype).T
-  da = (s * x2.T) @ (dy @ b.astype(dy.dtype).T)
-  db = (s * (x2 @ a.astype(x2.dtype))).T @ dy
-  return dx, (x2.T @ dy).astype(w2.dtype), da.astype(a.dtype), db.astype(b.dtype)
+  dy = dy.astype(x2.dtype)
+  dx = mm_nt(dy, _folded(w2, a, b, scale, x2.dtype))
+  da = mm_tn(s * x2, mm_nt(dy, b.astype(dy.dtype)))
+  db = mm_tn(s * mm(x2, a.astype(x2.dtype)), dy)
+  return dx, mm_tn(x2, dy, w2.dtype), da.astype(a.dtype), db.astype(b.dtype)
 
 
 low_rank_dense.defvjp(_low_rank_fwd, _low_rank_bwd)

@@ -16,6 +16,8 @@ times that group's weight.
     (`permute`), not scatters. `gated_ffn` pads once and does a block's three matmuls in one
     loop, keeping the gate and up pre-activations for its backward loop, which does the
     block's five matmuls and three weight gradients.
+    Each product is one of models/kernels/matmul.py's forms (bfloat16 blocks reach XLA:CPU's
+    matmul library).
   "tokamax": tokamax's `ragged_dot` (Pallas kernels on GPU and TPU), when tokamax is installed.
   "auto": blocks on CPU, tokamax where it is installed, else ragged_dot.
 """
@@ -29,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
+
+from models.kernels.matmul import mm, mm_nt, mm_tn
 
 KERNELS = ("blocks", "ragged_dot", "tokamax")
 # The checkpoint name of the blocks gated FFN's output and pre-activations: a remat policy that
@@ -176,7 +180,7 @@ def _block_loop(x, w, block_group, n_blocks, block):
 
   def body(i, out):
     rows = jax.lax.dynamic_slice_in_dim(x, i * block, block)
-    return jax.lax.dynamic_update_slice_in_dim(out, rows @ w[block_group[i]], i * block, 0)
+    return jax.lax.dynamic_update_slice_in_dim(out, mm(rows, w[block_group[i]]), i * block, 0)
 
   return jax.lax.fori_loop(0, n_blocks, body, out)
 
@@ -187,13 +191,17 @@ def _blocks_fwd(x, w, block_group, n_blocks, block):
 
 def _blocks_bwd(block, saved, dy):
   x, w, block_group, n_blocks = saved
-  dx = _block_loop(dy, jnp.swapaxes(w, 1, 2), block_group, n_blocks, block)
+  def dx_body(i, dx):
+    d_rows = jax.lax.dynamic_slice_in_dim(dy, i * block, block)
+    return jax.lax.dynamic_update_slice_in_dim(dx, mm_nt(d_rows, w[block_group[i]]), i * block, 0)
+
+  dx = jax.lax.fori_loop(0, n_blocks, dx_body, jnp.zeros(x.shape, x.dtype))
 
   def body(i, dw):
     rows = jax.lax.dynamic_slice_in_dim(x, i * block, block)
     d_rows = jax.lax.dynamic_slice_in_dim(dy, i * block, block)
     g = block_group[i]
-    return dw.at[g].add(jnp.matmul(rows.T, d_rows, preferred_element_type=jnp.float32))
+    return dw.at[g].add(mm_tn(rows, d_rows, jnp.float32))
 
   dw = jax.lax.fori_loop(0, n_blocks, body, jnp.zeros(w.shape, jnp.float32))
   zero = lambda a: np.zeros(a.shape, jax.dtypes.float0)
@@ -219,8 +227,8 @@ def _ffn_loop(x, w_gate, w_up, w_down, block_group, n_blocks, block, act, keep: 
     out, pre = carry
     start, g = i * block, block_group[i]
     rows = jax.lax.dynamic_slice_in_dim(x, start, block)
-    gate, up = rows @ w_gate[g], rows @ w_up[g]
-    out = jax.lax.dynamic_update_slice_in_dim(out, (act(gate) * up) @ w_down[g], start, 0)
+    gate, up = mm(rows, w_gate[g]), mm(rows, w_up[g])
+    out = jax.lax.dynamic_update_slice_in_dim(out, mm(act(gate) * up, w_down[g]), start, 0)
     if keep:
       pre = tuple(jax.lax.dynamic_update_slice_in_dim(p, v, start, 0)
                   for p, v in zip(pre, (gate, up)))
@@ -248,12 +256,12 @@ def _ffn_bwd(block, act, saved, dy):
     piece = lambda a: jax.lax.dynamic_slice_in_dim(a, start, block)
     rows, d_out, gate, up = piece(x), piece(dy), piece(gate_all), piece(up_all)
     act_gate, act_vjp = jax.vjp(act, gate)
-    d_h = d_out @ w_down[g].T
+    d_h = mm_nt(d_out, w_down[g])
     d_up = d_h * act_gate
     d_gate, = act_vjp(d_h * up)
     dx = jax.lax.dynamic_update_slice_in_dim(
-        dx, d_gate @ w_gate[g].T + d_up @ w_up[g].T, start, 0)
-    outer = lambda a, b: jnp.matmul(a.T, b, preferred_element_type=f32)
+        dx, mm_nt(d_gate, w_gate[g]) + mm_nt(d_up, w_up[g]), start, 0)
+    outer = lambda a, b: mm_tn(a, b, f32)
     return (dx, dw_gate.at[g].add(outer(rows, d_gate)), dw_up.at[g].add(outer(rows, d_up)),
             dw_down.at[g].add(outer(act_gate * up, d_out)))
 

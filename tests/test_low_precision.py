@@ -1,0 +1,127 @@
+"""bfloat16 / float16 matmuls (models/kernels/matmul.py, models/layers.low_precision_matmul):
+the values and gradients against numpy float32 products of the same rounded operands, float32
+untouched, and the remat policies keeping the projections they name."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from models import layers
+from models.decoder import REMAT_POLICIES
+from models.kernels.matmul import mm, mm_nt, mm_tn
+
+LOW = [jnp.bfloat16, jnp.float16]
+
+
+def _rand(shape, dtype, seed):
+  """Random values already representable in `dtype`, as (jax array, float32 numpy copy)."""
+  x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+  x = jnp.asarray(x, dtype)
+  return x, np.asarray(x.astype(jnp.float32))
+
+
+def _rounded(x, dtype):
+  """float32 numpy x rounded to `dtype` and back (the reference's output rounding)."""
+  return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16 if dtype == jnp.bfloat16
+                                          else np.float16).astype(np.float32)
+
+
+def _close_to_rounded(got, want_f32, dtype):
+  """`got` (in `dtype`) is the float32 product rounded to `dtype`, give or take one unit in the
+  last place (the library's summation order differs from numpy's)."""
+  ulp = 2.0 ** -7 if dtype == jnp.bfloat16 else 2.0 ** -10
+  np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), _rounded(want_f32, dtype),
+                             rtol=2 * ulp, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_the_three_forms_are_float32_products_rounded_once(dtype):
+  a, a32 = _rand((64, 48), dtype, 0)
+  b, b32 = _rand((48, 40), dtype, 1)
+  c, c32 = _rand((64, 40), dtype, 2)
+  for got, want in ((mm(a, b), a32 @ b32), (mm_nt(c, b), c32 @ b32.T), (mm_tn(a, c), a32.T @ c32)):
+    assert got.dtype == dtype
+    _close_to_rounded(got, want, dtype)
+  # A float32 result is not rounded at all.
+  wide = mm_tn(a, c, jnp.float32)
+  assert wide.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(wide), a32.T @ c32, rtol=1e-5, atol=1e-5)
+
+
+def test_float32_forms_are_the_plain_products():
+  a, _ = _rand((32, 16), jnp.float32, 0)
+  b, _ = _rand((16, 24), jnp.float32, 1)
+  c, _ = _rand((32, 24), jnp.float32, 2)
+  np.testing.assert_array_equal(mm(a, b), a @ b)
+  np.testing.assert_array_equal(mm_nt(c, b), c @ b.T)
+  np.testing.assert_array_equal(mm_tn(a, c), a.T @ c)
+  np.testing.assert_array_equal(layers.matmul(a, b), a @ b)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_low_precision_matmul_value_and_gradients(dtype):
+  """dense in bf16 / f16: the forward is x @ w rounded once; the backward rounds dy to the
+  operands' dtype and gives dx = dy w^T and dw = x^T dy, each rounded once."""
+  x, x32 = _rand((2, 24, 48), dtype, 0)
+  w, w32 = _rand((48, 40), dtype, 1)
+  c, _ = _rand((2, 24, 40), jnp.float32, 2)
+  y, grads = jax.value_and_grad(
+      lambda x, w: jnp.sum(layers.dense(x, w).astype(jnp.float32) * c), (0, 1))(x, w)
+  dy = _rounded(np.asarray(c), dtype).reshape(48, 40)
+  want_y = _rounded(x32.reshape(48, 48) @ w32, dtype)
+  np.testing.assert_allclose(float(y), float(np.sum(want_y * np.asarray(c).reshape(48, 40))),
+                             rtol=1e-3)
+  dx, dw = grads
+  assert dx.dtype == dtype and dw.dtype == dtype
+  _close_to_rounded(dx.reshape(48, 48), dy @ w32.T, dtype)
+  _close_to_rounded(dw, x32.reshape(48, 48).T @ dy, dtype)
+
+
+def test_low_precision_logits_come_out_float32():
+  x, x32 = _rand((8, 32), jnp.bfloat16, 0)
+  w, w32 = _rand((32, 16), jnp.bfloat16, 1)
+  y = layers.dense(x, w, out_dtype=jnp.float32)
+  assert y.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(y), x32 @ w32, rtol=1e-5, atol=1e-5)
+
+
+def _dots_in_gradient(policy):
+  x, _ = _rand((16, 32), jnp.bfloat16, 0)
+  w1, _ = _rand((32, 32), jnp.bfloat16, 1)
+  w2, _ = _rand((32, 8), jnp.bfloat16, 2)
+  body = jax.checkpoint(lambda x, w1, w2: layers.dense(jnp.sin(layers.dense(x, w1)), w2),
+                        policy=policy, prevent_cse=False)
+  loss = lambda x, w1, w2: jnp.sum(body(x, w1, w2).astype(jnp.float32))
+  jaxpr = jax.make_jaxpr(jax.grad(loss, (0, 1, 2)))(x, w1, w2)
+  return str(jaxpr).count("dot_general")
+
+
+def test_dots_policies_keep_the_low_precision_projections():
+  """Two matmuls: 2 forward + 4 backward products when the first's output is kept; the policy
+  that keeps nothing reruns the first (7: the backward needs it for sin's derivative). Without
+  the PROJECTION name the dots policies would see no matmul in the custom VJP and rerun it too."""
+  assert _dots_in_gradient(REMAT_POLICIES["full"]) == 7
+  for name in ("dots", "dots_no_batch"):
+    assert _dots_in_gradient(REMAT_POLICIES[name]) == 6, name
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_low_rank_dense_in_low_precision(dtype):
+  """LoRA's folded matmul in bf16 / f16 against the float32 reference of the same rounded
+  operands, value and gradients, within the dtype's rounding."""
+  x, _ = _rand((40, 32), dtype, 0)
+  w, _ = _rand((32, 24), dtype, 1)
+  a, _ = _rand((32, 4), dtype, 2)
+  b, _ = _rand((4, 24), dtype, 3)
+  c, _ = _rand((40, 24), jnp.float32, 4)
+  ours = lambda *p: jnp.sum(layers.low_rank_dense(*p, 0.5).astype(jnp.float32) * c)
+  plain = lambda x, w, a, b: jnp.sum((x @ (w + 0.5 * a @ b)) * c)
+  f32 = [p.astype(jnp.float32) for p in (x, w, a, b)]
+  np.testing.assert_allclose(float(ours(x, w, a, b)), float(plain(*f32)), rtol=2e-2)
+  for got, want in zip(jax.grad(ours, (0, 1, 2, 3))(x, w, a, b), jax.grad(plain, (0, 1, 2, 3))(*f32)):
+    assert got.dtype == dtype
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), np.asarray(want),
+                               atol=0.03 * scale)
