@@ -255,7 +255,11 @@ def query_blocks(length: int) -> int:
 
 
 def dot_product_attention(q_bthd, k_bskd, v_bskd, mask, scale=None, softcap=0.0, blocks=1):
-  """Grouped-query attention without repeating K/V; the output in q's dtype.
+  """Grouped-query attention without repeating K/V, in float32; the output in q's dtype.
+
+  bfloat16 / float16 q, k, v are upcast first: XLA:CPU converted them for these batched
+  products anyway, and the upcast forward + backward ran 0.95x the time of leaving them in
+  bf16 on a Sapphire Rapids host (benchmarks/attention_cpu.py --dtype bfloat16).
 
   `mask` (batch, 1, 1, q_len, k_len) booleans. Scores are q.k * scale (default head_dim ** -0.5),
   then softcap * tanh(scores / softcap) when `softcap` is set (Gemma 2), then a float32 softmax.
@@ -278,9 +282,10 @@ def dot_product_attention(q_bthd, k_bskd, v_bskd, mask, scale=None, softcap=0.0,
                      f"divide; got {t} queries and {s} keys")
   size = t // blocks
   scale = d ** -0.5 if scale is None else scale
-  q = q_bthd.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4)  # (b, kv, g, t, d)
-  k = k_bskd.transpose(0, 2, 1, 3)  # (b, kv, s, d)
-  v = v_bskd.transpose(0, 2, 1, 3)
+  f32 = jnp.float32
+  q = q_bthd.astype(f32).reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4)  # (b, kv, g, t, d)
+  k = k_bskd.astype(f32).transpose(0, 2, 1, 3)  # (b, kv, s, d)
+  v = v_bskd.astype(f32).transpose(0, 2, 1, 3)
   outs = []
   for i in range(blocks):
     lo, hi = i * size, (i + 1) * size
