@@ -360,3 +360,23 @@ def test_a_run_with_the_routing_bias_is_deterministic_and_resumes_it(tmp_path):
   assert a_lines == b_lines
   for other in (b, c):
     jax.tree.map(np.testing.assert_array_equal, a, other)
+
+
+def test_hugging_face_export_leaves_the_bias_out_and_import_starts_it_at_zero(tmp_path):
+  from models import hf, safetensors_io  # noqa: PLC0415
+  cfg, _, params = build(family="mixtral", router_bias_update_rate=0.01)
+  params["layers"]["mlp"][moe.BIAS_STEPS] = np.asarray([[1, -2, 0, 3, 0], [0, 0, 1, 1, -2]],
+                                                       np.int32)
+  hf.save(str(tmp_path), cfg, params)
+  names = safetensors_io.SafetensorsFile(str(tmp_path / "model.safetensors")).names()
+  assert not [n for n in names if "bias" in n]
+  assert "bias" not in (tmp_path / "config.json").read_text()
+  plain, loaded = hf.load(str(tmp_path))  # no rate: no bias leaf
+  assert moe.BIAS_STEPS not in loaded["layers"]["mlp"] and not plain.router_bias_update_rate
+  cfg2, loaded = hf.load(str(tmp_path), router_bias_update_rate=0.01)
+  assert cfg2.router_bias_update_rate == 0.01
+  got = loaded["layers"]["mlp"].pop(moe.BIAS_STEPS)
+  np.testing.assert_array_equal(got, np.zeros((2, 5), np.int32))
+  assert got.dtype == np.int32
+  params["layers"]["mlp"].pop(moe.BIAS_STEPS)
+  jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(loaded))
