@@ -20,15 +20,18 @@ The routing bias, measured in 150-step runs pinned to one core (log_every=1; sha
     b stayed within -0.17 .. 0.31.
   the same without it (the balancing loss only): 74 steps outside, last at 135, 1.45 / 0.62 at
     step 150, loss -> 3.899.
-  rate 0.03 and 0.05 on the logits, 0.01 and 0.05 added to the probabilities instead: no better
-    in steps 1-60 (3.0-4.0 / 0.00 by step 15; the larger rates swing every token to the same
-    experts at once); the bias without the balancing loss: 3.99 / 0.00 by step 15.
-  So the bias does not keep the load within 2x of uniform while the representation collapses
-  (steps ~5-60, below); it helps after (in band from step 92 rather than 136). A likely reason,
-  not measured: the routers' logits then differ little from token to token, so a large rate
-  moves every token at once, while the router's own updates move the common per-expert offset
-  faster than a small rate follows. Step 1 cannot be in band with any bias that starts at zero
-  (the routing of step 1 comes before the first update).
+  other rates on the logits: 0.02 in band from step 110 (71 steps outside), 0.03 from step 122
+    (74); 0.003 was at 3.68 / 0.00 at step 20 (stopped at 47). Added to the probabilities
+    instead of the logits: 0.01 in band from step 149; 0.05 out of band in all of steps 1-77
+    (stopped there). Without the balancing loss, rate 0.01: 3.99 / 0.00 by step 15. So no rate
+    keeps the load within 2x of uniform while the representation collapses (steps ~5-60,
+    below); 0.01 helps after that (in band from step 92 rather than 136).
+  Why, measured on one batch per layer: in steps 8-16 the logits' common per-expert offsets
+    (+-0.1-0.2) shift by 0.03-0.04 per step while a token's logits spread only 0.09-0.13 about
+    them; a rate that keeps up moves most tokens at once, a smaller one lags. It is the inputs
+    that drift, not the router's training: with the routers frozen (not trained) and rate 0.01
+    the steps 1-54 were all out of band still. Step 1 cannot be in band with any bias that starts
+    at zero (the routing of step 1 comes before the first update).
 
 metrics.jsonl carries moe_share_max and moe_share_min, the most and least loaded expert's share
 of the routed pairs times 8 (1 is uniform; the extremes over the 4 layers, one batch's 4096
