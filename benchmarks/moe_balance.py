@@ -1,9 +1,11 @@
-"""Does the Switch balancing loss keep a mixture of experts' load even? configs/moe_tiny.py
-trained twice on the default corpus, with its balancing loss and with
-`model.router_aux_loss_weight=0`, and the experts' load read from metrics.jsonl: moe_share_max
-and moe_share_min, the most and least loaded expert's share of the routed (token, expert) pairs
-times n_experts (1 is uniform; the extremes over the layers, per logged step: every step by default,
-so that step 1, the routing of the freshly initialised model, is in the figures). Also runs the
+"""Does balancing keep a mixture of experts' load even? configs/moe_tiny.py trained three times on
+the default corpus: as configured (the Switch balancing loss and the auxiliary-loss-free routing
+bias, `model.router_bias_update_rate`), with the balancing loss only (`router_bias_update_rate=0`)
+and with neither (`router_aux_loss_weight=0` too), and the experts' load read from
+metrics.jsonl: moe_share_max and moe_share_min, the most and least loaded expert's share of the
+routed (token, expert) pairs times n_experts (1 is uniform; the extremes over the layers, per
+logged step: every step by default, so that step 1, the routing of the freshly initialised
+model, is in the figures). Also runs the
 balanced config twice for a few steps and compares their metrics bit for bit, so that the figures
 are those of a deterministic run (one run per setting is then enough).
 
@@ -81,8 +83,9 @@ def main():
       results["repeat_steps"] = args.repeat_steps
       print(f"two {args.repeat_steps}-step runs alike bit for bit: "
             f"{results['bitwise_repeatable']}", flush=True)
-    for name, extra in (("balanced", []), ("no_balancing",
-                                           ["--config.model.router_aux_loss_weight=0"])):
+    no_bias = "--config.model.router_bias_update_rate=0"
+    for name, extra in (("balanced", []), ("balance_loss_only", [no_bias]),
+                        ("no_balancing", [no_bias, "--config.model.router_aux_loss_weight=0"])):
       s = summary(train(os.path.join(tmp, name), *steps, *extra))
       results[name] = {"overrides": steps + extra} | s
       print(f"{name}: loss {s['loss_first']:.3f} -> {s['loss_final']:.3f}; share max final "

@@ -70,6 +70,9 @@ class ModelConfig:
   router_jitter: float = 0.0  # training: inputs times uniform(1 - j, 1 + j) (Mixtral's jitter)
   router_aux_loss_weight: float = 0.0  # Switch load-balancing loss weight
   router_z_loss_weight: float = 0.0  # router z-loss weight (ST-MoE)
+  # auxiliary-loss-free balancing (DeepSeek-V3): a per-expert routing bias, used only to pick
+  # the top k, moved by this much after each training step towards the less loaded experts
+  router_bias_update_rate: float = 0.0  # 0: no routing bias
 
   def __post_init__(self):
     problems = []
@@ -102,7 +105,8 @@ class ModelConfig:
     if self.n_experts and "moe" not in self.layer_kinds():
       problems.append(f"no layer is MoE with moe_every={self.moe_every} and moe_first_dense="
                       f"{self.moe_first_dense} over {self.n_layers} layers")
-    for name in ("router_jitter", "router_aux_loss_weight", "router_z_loss_weight"):
+    for name in ("router_jitter", "router_aux_loss_weight", "router_z_loss_weight",
+                 "router_bias_update_rate"):
       if not getattr(self, name) >= 0:
         problems.append(f"{name}={getattr(self, name)} must be >= 0")
     bad_layers = [i for i in self.sliding_window_layers if not 0 <= i < self.n_layers]

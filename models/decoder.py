@@ -329,8 +329,7 @@ class Decoder(nnx.Module):
       x, out = jax.lax.scan(lambda x, xs: body(x, *xs), x, (layers_in, inputs))
       auxes.append(ffn_lib.reduce_layers(out.aux))
       kvs.append(out.kv)
-    aux = ffn_lib.reduce_layers({k: jnp.stack([a[k] for a in auxes if k in a])
-                                 for k in {k for a in auxes for k in a}})
+    aux = ffn_lib.join_runs(auxes)
     x = x[:, x.shape[1] - t:]  # without the virtual tokens' outputs
     if cache is not None:
       cache["k"], cache["v"] = (jnp.concatenate(parts) if len(parts) > 1 else parts[0]

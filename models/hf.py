@@ -35,6 +35,11 @@ losses are the Switch loss alike but for how they meet the layers: ours is the m
 layers of each layer's loss, transformers' the product of the shares and probabilities pooled
 over all layers (and without the padding it masks), so their values differ slightly. Mixtral's
 `router_jitter_noise` is `router_jitter`. The router z-loss has no Hugging Face setting.
+
+A routing bias (`router_bias_update_rate`, models/moe.py) has no place in these families either:
+export leaves it out, so the exported model picks its experts without it (by the unbiased
+probabilities it combines with), and import (with the rate given, a run's
+`model.init_from`) starts it at zero.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from models import safetensors_io
+from models import moe, safetensors_io
 from models.config import Execution, ModelConfig
 from models.handle import model_handle
 
@@ -492,6 +497,12 @@ def load(folder: str, shardings=None, dtype=np.float32, run: Execution | None = 
                        for i in rows])
 
     _set(params, path, jax.make_array_from_callback(shape, sharding, read))
+  if cfg.router_bias_update_rate:  # no Hugging Face tensor: the routing bias starts at zero
+    path = ("layers", "mlp", moe.BIAS_STEPS)
+    sharding = (_get(shardings, path) if shardings is not None
+                else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    zeros = np.zeros(_get(abstract, path).shape, np.int32)
+    _set(params, path, jax.device_put(zeros, sharding))
   return cfg, params
 
 

@@ -8,6 +8,21 @@ probabilities, renormalised to sum 1 when `router_norm_topk` (Mixtral, Qwen3-MoE
 (Qwen2-MoE); "topk_softmax" takes a softmax over the k largest logits. With `router_jitter` j,
 training multiplies the layer's input by uniform(1 - j, 1 + j) noise first (Mixtral).
 
+Auxiliary-loss-free load balancing (DeepSeek-V3, arXiv 2412.19437 section 2.1.2), with
+`router_bias_update_rate` r > 0: each MoE layer keeps a per-expert routing bias b_e that is
+added to the router logits only to choose the k experts; the combine weights are those of the
+unbiased logits. (DeepSeek-V3 adds it to its sigmoid scores. On the logits of a softmax router it
+is a factor exp(b_e) on expert e's probability when choosing, and it can cancel what a random
+router makes of a part that all the layer's inputs share: the same logit offset for every
+token, which no additive bias on the probabilities undoes; configs/moe_tiny.py has the figures.)
+b is no parameter: no gradient reaches it and the optimizer leaves it alone (its leaf is
+"frozen", trainer/train.py). After each training step b_e += r * sign(mean_e' load_e' - load_e),
+load_e the (token, expert) pairs of that step that chose expert e in that layer (`bias_update`,
+applied by trainer/step.py). With a sign rule b is always r times an integer, so the layer stores
+that integer (`router_bias_steps`, int32: exact and kept out of the float casts of the
+parameters) and uses b = r * steps. It is saved in checkpoints with the model; Hugging Face
+export leaves it out (no family there has one) and import starts it at zero.
+
 The routed experts run one of three ways (`Execution.moe_impl`), all the same function when no
 token is dropped:
   dropless: the (token, expert) pairs sorted by expert, each expert's rows through its weights
@@ -29,7 +44,9 @@ when balanced), `moe_z_loss` = weight * mean(logsumexp(logits)^2) (ST-MoE), each
 weight is set and divided by the number of MoE layers (the decoder sums over layers: their
 mean); `moe_dropped` the fraction of pairs dropped (mean over layers); `moe_share_max` and
 `moe_share_min`, the most and least loaded expert's share of the pairs times E (1 is uniform),
-the extremes over the layers (the decoder takes max and min of these keys).
+the extremes over the layers (the decoder takes max and min of these keys); with a routing
+bias, `moe_load_by_layer`, the layer's pairs per expert (E,), which the decoder keeps per layer,
+and `moe_bias_max` / `moe_bias_min`, the largest and smallest b_e (over the layers too).
 """
 
 from __future__ import annotations
@@ -61,15 +78,32 @@ def activation(name: str):
   return jax.nn.silu if name == "silu" else lambda z: jax.nn.gelu(z, approximate=True)
 
 
-def route(cfg: ModelConfig, logits_te):
+BIAS_STEPS = "router_bias_steps"  # the MoE attribute (and parameter-tree leaf) holding b / r
+LOAD_KEY = "moe_load_by_layer"  # aux: a layer's pairs per expert (models/ffn.py: kept per layer)
+
+
+class RouterBiasSteps(nnx.Variable):
+  """A MoE layer's routing bias in units of `router_bias_update_rate` (int32, (E,)): not a
+  Param, and no gradient reaches it (it only picks the top k)."""
+
+
+def route(cfg: ModelConfig, logits_te, bias_e=None):
   """(weights (T, k) float32, expert ids (T, k) int32, probabilities (T, E)) from float32
-  router logits."""
+  router logits. `bias_e` (E,): added to the logits only to choose the k experts (module
+  docstring); the weights stay those of the unbiased logits."""
   k = cfg.experts_per_token
   probs = jax.nn.softmax(logits_te, axis=-1)
+  ids = None if bias_e is None else jax.lax.top_k(logits_te + bias_e, k)[1]
   if cfg.router_order == "topk_softmax":
-    top, ids = jax.lax.top_k(logits_te, k)
+    if ids is None:
+      top, ids = jax.lax.top_k(logits_te, k)
+    else:
+      top = jnp.take_along_axis(logits_te, ids, axis=-1)
     return jax.nn.softmax(top, axis=-1), ids, probs
-  weights, ids = jax.lax.top_k(probs, k)
+  if ids is None:
+    weights, ids = jax.lax.top_k(probs, k)
+  else:
+    weights = jnp.take_along_axis(probs, ids, axis=-1)
   if cfg.router_norm_topk:
     weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
   return weights, ids, probs
@@ -161,7 +195,15 @@ def routed(cfg: ModelConfig, run: Execution, x_td, ids_tk, weights_tk, w: Expert
   return dropless(x_td, ids_tk, weights_tk, w, act, run.grouped_matmul), jnp.zeros((), jnp.int32)
 
 
-def load_stats(cfg: ModelConfig, logits_te, probs_te, ids_tk, dropped, n_moe_layers: int):
+def bias_update(steps_le, load_le):
+  """The routing biases after a training step, in units of the rate: steps + sign(mean load -
+  load) per layer (rows) and expert (columns); `load_le` that step's pairs per expert."""
+  mean = jnp.mean(load_le, axis=-1, keepdims=True)
+  return steps_le + jnp.sign(mean - load_le).astype(steps_le.dtype)
+
+
+def load_stats(cfg: ModelConfig, logits_te, probs_te, ids_tk, dropped, n_moe_layers: int,
+               bias_e=None):
   """This layer's aux dict (module docstring)."""
   t, k = ids_tk.shape
   n_exp = cfg.n_experts
@@ -169,6 +211,9 @@ def load_stats(cfg: ModelConfig, logits_te, probs_te, ids_tk, dropped, n_moe_lay
   share = counts / (t * k)
   aux = {"moe_share_max": jnp.max(share) * n_exp, "moe_share_min": jnp.min(share) * n_exp,
          "moe_dropped": dropped.astype(jnp.float32) / (t * k) / n_moe_layers}
+  if cfg.router_bias_update_rate:  # what the step moves the routing bias by (trainer/step.py)
+    aux[LOAD_KEY] = counts
+    aux["moe_bias_max"], aux["moe_bias_min"] = jnp.max(bias_e), jnp.min(bias_e)
   if cfg.router_aux_loss_weight:
     balance = n_exp * jnp.sum(share * k * jnp.mean(probs_te, axis=0))
     aux["moe_balance_loss"] = cfg.router_aux_loss_weight * balance / n_moe_layers
@@ -194,6 +239,9 @@ class MoE(nnx.Module):
       self.shared = MLP(dataclasses.replace(cfg, d_ff=cfg.shared_expert_d_ff), run, rngs)
       if cfg.shared_expert_gate:
         self.shared_gate = param(rngs, (d, 1), ("embed", None), std)
+    if cfg.router_bias_update_rate:
+      setattr(self, BIAS_STEPS, RouterBiasSteps(jnp.zeros((n_exp,), jnp.int32),
+                                                out_sharding=(None,), eager_sharding=False))
 
   def __call__(self, x_btd, deltas=None, rng=None):
     """(output (batch, length, embed), aux). `deltas` (PEFT): {"gate" | "up" | "down":
@@ -208,7 +256,10 @@ class MoE(nnx.Module):
       x_btd = (x_btd * noise).astype(x_btd.dtype)
     x_td = x_btd.reshape(b * t, d)
     logits = jnp.matmul(x_td.astype(jnp.float32), self.router[...].astype(jnp.float32))
-    weights, ids, probs = route(cfg, logits)
+    bias = None
+    if cfg.router_bias_update_rate:
+      bias = cfg.router_bias_update_rate * getattr(self, BIAS_STEPS)[...].astype(jnp.float32)
+    weights, ids, probs = route(cfg, logits, bias)
     w = Experts(*(_with_delta(getattr(self, n)[...], deltas.get(n), x_td.dtype)
                   for n in ("gate", "up", "down")))
     y, dropped = routed(cfg, self.run, x_td, ids, weights, w)
@@ -220,7 +271,7 @@ class MoE(nnx.Module):
         shared = shared * scale
       y = y + shared
     n_moe = cfg.layer_kinds().count("moe")
-    return y, load_stats(cfg, logits, probs, ids, dropped, n_moe)
+    return y, load_stats(cfg, logits, probs, ids, dropped, n_moe, bias)
 
 
 def _with_delta(w, delta, dtype):

@@ -33,6 +33,11 @@ def run_main(*args, workdir):
     (["--config.model.n_experts=4", "--config.model.moe_impl=fast"], "moe_impl"),
     (["--config.model.n_experts=4", "--config.model.grouped_matmul=tokamax"],
      "model.grouped_matmul: tokamax is not installed"),
+    (["--config.model.n_experts=4", "--config.model.router_bias_update_rate=-0.01"],
+     "router_bias_update_rate=-0.01 must be >= 0"),
+    (["--config.model.router_bias_update_rate=0.01"], "model.router_bias_update_rate"),  # no experts
+    (["--config.model.n_experts=4", "--config.model.router_bias_update_rate=0.01",
+      "--config.peft.method=lora"], "model.router_bias_update_rate"),
     (["--config.train.batch_size=12"], "train.batch_size"),  # 12 rows over 8 devices
     (["--config.train.grad_accum=3"], "train.grad_accum"),
     (["--config.train.seq_len=4096"], "train.seq_len"),

@@ -225,3 +225,158 @@ def test_a_training_run_logs_the_router_metrics(tmp_path):
   assert 0.0 <= last["moe_dropped"] < 1.0
   assert 0.01 * 2 * 0.9 < last["moe_balance_loss"] < 0.01 * 4  # k at balance, E * k at worst
   assert last["moe_z_loss"] > 0
+
+
+# --- auxiliary-loss-free balancing: the routing bias (router_bias_update_rate) ----------------
+
+
+def numpy_biased_route(logits, bias, cfg):
+  """(weights, ids): the top k of the logits plus `bias`, weights from the unbiased logits."""
+  logits = np.asarray(logits, np.float64)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  ids = np.argsort(-(logits + bias), axis=-1, kind="stable")[:, :cfg.experts_per_token]
+  if cfg.router_order == "topk_softmax":
+    top = np.take_along_axis(logits, ids, -1)
+    w = np.exp(top - top.max(-1, keepdims=True))
+    return w / w.sum(-1, keepdims=True), ids
+  w = np.take_along_axis(probs, ids, -1)
+  return (w / w.sum(-1, keepdims=True) if cfg.router_norm_topk else w), ids
+
+
+@pytest.mark.parametrize("order,norm", [("softmax_topk", True), ("softmax_topk", False),
+                                        ("topk_softmax", True)])
+def test_routing_bias_picks_the_experts_but_not_their_weights(order, norm):
+  cfg = ModelConfig(**{**SMALL, "router_order": order, "router_norm_topk": norm,
+                       "router_bias_update_rate": 0.01})
+  logits = jax.random.normal(jax.random.PRNGKey(1), (200, cfg.n_experts)) * 0.5
+  bias = np.asarray([0.0, 3.0, -2.0, 1.0, 0.5], np.float32) * 0.5
+  weights, ids, _ = moe.route(cfg, logits, jnp.asarray(bias))
+  want_w, want_ids = numpy_biased_route(logits, bias, cfg)
+  np.testing.assert_array_equal(ids, want_ids)
+  np.testing.assert_allclose(weights, want_w, rtol=1e-6, atol=1e-7)
+  plain_w, plain_ids, _ = moe.route(cfg, logits)
+  assert (np.asarray(ids) != np.asarray(plain_ids)).any(axis=1).mean() > 0.5  # it moved them
+  counts = np.bincount(np.asarray(ids).ravel(), minlength=cfg.n_experts)
+  assert counts[1] > counts[2]  # towards the raised expert, away from the lowered one
+  # the weights are the unbiased ones of the chosen experts: where the choice is the same, the
+  # weights are the plain routing's, bit for bit
+  same = (np.sort(np.asarray(ids), 1) == np.sort(np.asarray(plain_ids), 1)).all(1)
+  same &= (np.asarray(ids) == np.asarray(plain_ids)).all(1)
+  assert same.any()
+  np.testing.assert_array_equal(np.asarray(weights)[same], np.asarray(plain_w)[same])
+  # a zero bias routes exactly as no bias
+  zero_w, zero_ids, _ = moe.route(cfg, logits, jnp.zeros(cfg.n_experts))
+  np.testing.assert_array_equal(zero_ids, plain_ids)
+  np.testing.assert_array_equal(zero_w, plain_w)
+
+
+def test_routing_bias_gets_no_gradient_and_the_weights_keep_theirs():
+  cfg = ModelConfig(**{**SMALL, "router_bias_update_rate": 0.01})
+  logits = jax.random.normal(jax.random.PRNGKey(2), (40, cfg.n_experts))
+  bias = jnp.asarray([0.0, 0.2, -0.1, 0.0, 0.05])
+  f = lambda lg, b: jnp.sum(moe.route(cfg, lg, b)[0] * jnp.arange(2.0))
+  g_logits, g_bias = jax.grad(f, argnums=(0, 1))(logits, bias)
+  np.testing.assert_array_equal(g_bias, 0.0)
+  assert np.abs(np.asarray(g_logits)).sum() > 0
+
+
+def test_bias_update_moves_each_layer_towards_its_mean_load():
+  """b_e += rate * sign(mean load - load_e), per layer, in units of the rate: numpy on given
+  counts (ties with the mean stay)."""
+  steps = np.asarray([[0, 3, -2, 1, 0], [5, 0, 0, -1, -4]], np.int32)
+  load = np.asarray([[10, 0, 5, 5, 5], [1, 2, 3, 4, 15]], np.float32)  # means 5 and 5
+  got = moe.bias_update(jnp.asarray(steps), jnp.asarray(load))
+  want = steps + np.sign(load.mean(-1, keepdims=True) - load).astype(np.int32)
+  np.testing.assert_array_equal(got, want)
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(got - steps, [[-1, 1, 0, 0, 0], [1, 1, 1, 1, -1]])
+
+
+def test_a_train_step_moves_the_bias_by_that_steps_loads():
+  """One train step of a 2-layer MoE with the routing bias: each layer's bias steps become
+  sign(mean - load) of the loads of tests/reference.py's routing of the step's batch (the bias
+  starts at zero); the optimizer keeps no state for it."""
+  import parallel  # noqa: PLC0415
+  import small_run  # noqa: PLC0415
+  from trainer import step as step_lib, train as train_lib  # noqa: PLC0415
+  cfg = ModelConfig(**{**SMALL, "router_bias_update_rate": 0.01})
+  mesh = parallel.make_mesh(dict(data=1, fsdp=1, expert=1, sequence=1, tensor=1),
+                            jax.devices()[:1])
+  pl = train_lib.plan(small_run.config(), cfg, mesh)
+  fn = step_lib.make_train_step(pl.spec, pl.objective, jnp.float32, 1)
+  state = pl.init_state(0)
+  params = jax.device_get(state["params"])
+  tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(5), (4, 17), 0, 101))
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+           "weights": np.ones((4, 16), np.float32),
+           "positions": np.broadcast_to(np.arange(16), (4, 16)).astype(np.int32),
+           "segment_ids": np.ones((4, 16), np.int32)}
+  loads = []
+
+  def count(h):
+    p = {k: np.asarray(v)[len(loads)] for k, v in params["layers"]["mlp"].items()}
+    _, ids = reference.route(np.asarray(h).reshape(-1, cfg.d_model) @ p["router"], cfg)
+    loads.append(np.bincount(ids.ravel(), minlength=cfg.n_experts))
+
+  reference.forward(params, cfg, tokens[:, :-1], on_mlp_input=count)
+  new, _ = jax.jit(fn)(state, {k: jnp.asarray(v) for k, v in batch.items()})
+  loads = np.asarray(loads, np.float64)
+  want = np.sign(loads.mean(-1, keepdims=True) - loads)
+  got = np.asarray(new["params"]["layers"]["mlp"][moe.BIAS_STEPS])
+  assert got.dtype == np.int32
+  np.testing.assert_array_equal(got, want)
+  assert np.abs(want).sum() > 0
+  # no optimizer moments for it: every moment leaf has a parameter's float shape
+  assert not any(x.dtype == jnp.int32 and x.shape == got.shape
+                 for x in jax.tree.leaves(new["opt_state"]))
+
+
+def test_a_run_with_the_routing_bias_is_deterministic_and_resumes_it(tmp_path):
+  """configs/tiny.py:smoke made an 8-expert MoE with the routing bias: two fresh 6-step runs
+  end bitwise equal (metrics and parameters, the bias included), and one stopped after 3 steps
+  and resumed from its checkpoint ends equal to them too: the bias is saved and restored (a
+  bias restarted at zero would route, and so train, differently)."""
+  import small_run  # noqa: PLC0415
+  from trainer import train  # noqa: PLC0415
+
+  def run(name, stop=0):
+    c = small_run.config(steps=6, log_every=1, eval_every=0, checkpoint_every=0,
+                         sample_tokens=0, stop_after_steps=stop)
+    c.model.update(n_experts=8, experts_per_token=2, router_aux_loss_weight=0.1,
+                   router_bias_update_rate=0.01)
+    out = train.run(c, str(tmp_path / name))
+    lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+    drop = ("tokens_per_sec", "mfu")
+    return jax.device_get(out["state"]["params"]), [
+        {k: v for k, v in json.loads(l).items() if k not in drop} for l in lines]
+
+  a, a_lines = run("a")
+  b, b_lines = run("b")
+  run("c", stop=3)
+  c, _ = run("c", stop=3)
+  bias = np.asarray(a["layers"]["mlp"][moe.BIAS_STEPS])
+  assert bias.shape == (2, 8) and np.abs(bias).max() >= 2, bias  # it moved, more than once
+  assert a_lines == b_lines
+  for other in (b, c):
+    jax.tree.map(np.testing.assert_array_equal, a, other)
+
+
+def test_hugging_face_export_leaves_the_bias_out_and_import_starts_it_at_zero(tmp_path):
+  from models import hf, safetensors_io  # noqa: PLC0415
+  cfg, _, params = build(family="mixtral", router_bias_update_rate=0.01)
+  params["layers"]["mlp"][moe.BIAS_STEPS] = np.asarray([[1, -2, 0, 3, 0], [0, 0, 1, 1, -2]],
+                                                       np.int32)
+  hf.save(str(tmp_path), cfg, params)
+  names = safetensors_io.SafetensorsFile(str(tmp_path / "model.safetensors")).names()
+  assert not [n for n in names if "bias" in n]
+  assert "bias" not in (tmp_path / "config.json").read_text()
+  plain, loaded = hf.load(str(tmp_path))  # no rate: no bias leaf
+  assert moe.BIAS_STEPS not in loaded["layers"]["mlp"] and not plain.router_bias_update_rate
+  cfg2, loaded = hf.load(str(tmp_path), router_bias_update_rate=0.01)
+  assert cfg2.router_bias_update_rate == 0.01
+  got = loaded["layers"]["mlp"].pop(moe.BIAS_STEPS)
+  np.testing.assert_array_equal(got, np.zeros((2, 5), np.int32))
+  assert got.dtype == np.int32
+  params["layers"]["mlp"].pop(moe.BIAS_STEPS)
+  jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(loaded))

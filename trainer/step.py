@@ -10,7 +10,10 @@ batch of 4.
 The objective (trainer/objectives/) gives the loss over the step's named models; this file names
 none. Gradients are taken with respect to each trainable slot's view (trainer/state.py: all of
 its parameters, or LISA's few layers) without the leaves PEFT freezes, so frozen weights cost no
-weight-gradient matmuls, no accumulation buffers and no part in the norm.
+weight-gradient matmuls, no accumulation buffers and no part in the norm. A mixture of experts'
+routing bias (models/moe.py, `router_bias_update_rate`) is no parameter: its leaf is frozen for
+the optimizer, and the step moves it from the expert loads of its forward passes
+(`with_bias_update`), after the optimizer update; a skipped step (non-finite) leaves it too.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from models import ffn as ffn_lib, moe
 from models.handle import ModelHandle
 from models.peft import adalora
 from parallel import ring_attention
@@ -85,12 +89,17 @@ def make_models_loss(handles: dict[str, ModelHandle], compute_dtype, objective: 
     # the models' own aux (e.g. a mixture of experts' router losses, summed over layers): as
     # count x value, so that they read as themselves after the division by the count; "_loss"
     # keys join the loss in training
+    # "_by_layer" keys (a routing bias's expert loads): training only, summed as they are
     for name, passes in collected.items():
       for model_aux in passes:
         for key, value in model_aux.items():
           if rng is not None and key.endswith("_loss"):
             loss_sum += count * value
           label = key if name == trainable[0] else f"{key}_{name}"
+          if key.endswith(ffn_lib.PER_LAYER):
+            if rng is not None:
+              aux = {**aux, label: aux.get(label, 0.0) + value}
+            continue
           aux = {**aux, label: aux.get(label, 0.0) + count * value}
     if rng is not None:
       for name in trainable:
@@ -182,6 +191,7 @@ def make_train_step(spec: StateSpec, objective: Objective, compute_dtype, grad_a
                                                 shapes[s.name]), masks[s.name]) for s in slots}
 
     loss_sum, count, aux, grads = mean_gradients(grad_fn, batch, rng, grad_accum, zeros)
+    per_layer = {k: aux.pop(k) for k in list(aux) if k.endswith(ffn_lib.PER_LAYER)}
     if scale is not None:
       grads = jax.tree.map(lambda g: (g / scale).astype(g.dtype), grads)
     ok = guard.all_finite(loss_sum, grads)
@@ -209,6 +219,11 @@ def make_train_step(spec: StateSpec, objective: Objective, compute_dtype, grad_a
       new_params = slot.view.merge(params[slot.name], updated, extras[slot.name])
       before[slot.name] = (params[slot.name], opt_states[slot.name])
       after[slot.name] = (new_params, opt_state)
+    for slot in slots:  # a mixture of experts' routing bias, from this step's expert loads
+      if slot.handle.cfg.router_bias_update_rate:
+        label = moe.LOAD_KEY if slot is slots[0] else f"{moe.LOAD_KEY}_{slot.name}"
+        new_params, opt_state = after[slot.name]
+        after[slot.name] = (with_bias_update(new_params, per_layer[label]), opt_state)
     for e in spec.extras:  # e.g. AdaLoRA reallocates ranks after the update
       if e.after_update is None:
         new_state[e.key] = state[e.key]
@@ -238,6 +253,14 @@ def make_train_step(spec: StateSpec, objective: Objective, compute_dtype, grad_a
     return new_state, metrics
 
   return train_step
+
+
+def with_bias_update(params, load_le):
+  """`params` with every MoE layer's routing bias moved by `moe.bias_update` from its load
+  (the MoE layers in the order of their stack, `layers`)."""
+  mlp = params["layers"]["mlp"]
+  steps = moe.bias_update(mlp[moe.BIAS_STEPS], load_le)
+  return {**params, "layers": {**params["layers"], "mlp": {**mlp, moe.BIAS_STEPS: steps}}}
 
 
 def make_eval_step(handle: ModelHandle, compute_dtype,

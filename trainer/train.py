@@ -23,7 +23,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 import parallel
-from models import hf
+from models import hf, moe
 from models import peft as peft_lib
 from models.handle import (ModelHandle, init_params, model_handle, param_shardings,
                            stored_abstract)
@@ -217,6 +217,8 @@ def policy_slot(cfg, mcfg, mesh, strategy, peft) -> state_lib.Slot:
   param_dtype = jnp.dtype(cfg.precision.param_dtype)
   handle = model_handle(mcfg, peft, execution(cfg))
   labels = None if peft is None else peft.labels(handle.abstract_params())
+  if labels is None and mcfg.router_bias_update_rate:
+    labels = routing_bias_frozen(handle.abstract_params())
   tx, schedule = optim.make_optimizer(tc, labels, cfg.peft.lora_plus_scale)
   p_shardings = param_shardings(handle, mesh, strategy.params)
   abstract_params = stored_abstract(handle, param_dtype)
@@ -232,6 +234,15 @@ def policy_slot(cfg, mcfg, mesh, strategy, peft) -> state_lib.Slot:
       moment_shardings=param_shardings(handle, mesh, strategy.opt_state),
       grad_shardings=param_shardings(handle, mesh, strategy.grads), labels=labels, view=view,
       offload=offload_kind(cfg))
+
+
+def routing_bias_frozen(params):
+  """Optimizer labels of a full training run whose mixture of experts has a routing bias: it is
+  "frozen" (no gradient, no update, no optimizer state; trainer/step.py moves it), the rest
+  "trainable"."""
+  def label(path, _):
+    return "frozen" if str(getattr(path[-1], "key", path[-1])) == moe.BIAS_STEPS else "trainable"
+  return jax.tree_util.tree_map_with_path(label, params)
 
 
 def adalora_extra(allocator) -> state_lib.Extra:

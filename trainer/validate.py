@@ -136,6 +136,10 @@ def check_config(cfg) -> None:
   _require(cfg.peft.method == "none" or len(set(mc.layer_kinds())) == 1, "peft.method",
            f"{cfg.peft.method!r} needs one kind of layer: this model mixes dense and MoE layers "
            "(model.moe_every, model.moe_first_dense); fine-tune it fully (peft.method=none)")
+  _require(cfg.peft.method == "none" or not mc.router_bias_update_rate,
+           "model.router_bias_update_rate",
+           f"{mc.router_bias_update_rate}: the routing bias is updated in full training only; "
+           f"set it to 0 with peft.method={cfg.peft.method}")
   try:
     peft = peft_lib.Peft.from_config(cfg.peft, mc, cfg.train.steps)
     if peft is not None:
@@ -181,13 +185,15 @@ def init_folder(cfg) -> str | None:
 
 # ModelConfig fields that shape no weight and only act in training: a run starting from a
 # Hugging Face folder takes them from its own config.
-TRAINING_ONLY = ("router_jitter", "router_aux_loss_weight", "router_z_loss_weight")
+TRAINING_ONLY = ("router_jitter", "router_aux_loss_weight", "router_z_loss_weight",
+                 "router_bias_update_rate")
 
 
 def model_config(cfg, vocab_size: int) -> ModelConfig:
   """The ModelConfig of this run, with `vocab_size` filled in when the config says 0. With
   `model.init_from=hf:DIR` the shape is the Hugging Face model's, and the run config gives only
-  the training-only router settings (TRAINING_ONLY: jitter and the aux loss weights). The
+  the training-only router settings (TRAINING_ONLY: jitter, the aux loss weights and the
+  routing bias's update rate, whose bias starts at zero there). The
   execution choices (model.remat, model.attention_impl, model.init_std, ...) are
   `execution`'s."""
   fields, _ = split_fields({k: v for k, v in cfg.model.items() if k != "init_from"})
