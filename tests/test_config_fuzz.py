@@ -130,6 +130,7 @@ STEP_MUTATION = st.sampled_from(STEP_KEYS).flatmap(lambda key: st.tuples(st.just
 @given(st.lists(STEP_MUTATION, min_size=1, max_size=2))
 @settings(max_examples=60, deadline=None, derandomize=True,
           suppress_health_check=list(HealthCheck))
+@pytest.mark.slow  # end-to-end: .ci/run runs the slow cases after the default suite
 def test_accepted_configs_build_and_trace_their_train_step(mutations):
   cfg = mutate(mutations)
   try:

@@ -14,6 +14,7 @@ from trainer import export, train
 STEPS = dict(log_every=1, eval_every=0, checkpoint_every=0, sample_tokens=0)
 
 
+@pytest.mark.slow  # end-to-end: .ci/run runs the slow cases after the default suite
 def test_resume_under_other_execution_choices_from_an_old_config_json(tmp_path):
   whole = train.run(small_run.config(steps=6, **STEPS), str(tmp_path / "whole"))
   run = str(tmp_path / "run")

@@ -48,6 +48,7 @@ def test_unsupported_architecture_is_one_line(tmp_path):
     hf.config_from_hf({"architectures": ["GPT2LMHeadModel"]})
 
 
+@pytest.mark.slow  # end-to-end: .ci/run runs the slow cases after the default suite
 def test_train_export_reload_and_continue(tmp_path):
   """Train a few steps, `python -m trainer.export --format=hf`: transformers computes the loss
   our trainer computes on the same batch, and its tokenizer encodes as ours; then a run with

@@ -207,6 +207,7 @@ def test_bad_moe_settings_are_one_clear_error(bad, match):
     ModelConfig(**{**SMALL, **bad})
 
 
+@pytest.mark.slow  # end-to-end: .ci/run runs the slow cases after the default suite
 def test_a_training_run_logs_the_router_metrics(tmp_path):
   """configs/tiny.py made MoE trains a few steps; metrics.jsonl carries the aux losses, the
   expert shares and the dropped fraction, and the balance loss is part of the logged loss."""

@@ -10,6 +10,7 @@ from nbclient import NotebookClient
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # end-to-end: .ci/run runs the slow cases after the default suite
 def test_colab_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   monkeypatch.setenv("JAXTRAIN_NOTEBOOK_SMALL", "1")
   monkeypatch.setenv("JAXTRAIN_NOTEBOOK_WORKDIR", str(tmp_path))

@@ -28,6 +28,7 @@ def test_own_training_files_drop_the_recipes_eval_files(recipe):
   assert config.data.eval_files == ""
 
 
+@pytest.mark.slow  # end-to-end: .ci/run runs the slow cases after the default suite
 def test_sft_chat_on_own_file_evaluates_on_it(tmp_path):
   records = [{"messages": [{"role": "user", "content": f"Capital of land {i}?"},
                            {"role": "assistant", "content": f"City {i}"}]} for i in range(200)]

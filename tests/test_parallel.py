@@ -150,6 +150,7 @@ def test_checkpoint_restores_into_another_mesh(tmp_path):
   assert gate.sharding.shard_shape(gate.shape)[1] == gate.shape[1] // 4
 
 
+@pytest.mark.slow  # end-to-end: .ci/run runs the slow cases after the default suite
 def test_optimizer_offload_to_host_memory(tmp_path):
   plain = train.run(config(dict(data=8)), str(tmp_path / "a"))
   c = config(dict(data=8))
@@ -169,6 +170,7 @@ def test_custom_rules_override_the_preset():
     rules_lib.strategy("fsdp", "embedding=fsdp")
 
 
+@pytest.mark.slow  # end-to-end: .ci/run runs the slow cases after the default suite
 def test_two_processes_match_one_and_resume_across_them(tmp_path):
   workdir = str(tmp_path / "mh")
   common = ["--config=configs/tiny.py:smoke", f"--workdir={workdir}", "--config.train.steps=6",

@@ -462,6 +462,7 @@ def test_qlora_forward_equals_lora_on_the_dequantized_weights(tmp_path):
   np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.slow  # end-to-end: .ci/run runs the slow cases after the default suite
 def test_qlora_stops_and_resumes_bit_identically(pretrained, tmp_path):
   """The 4-bit codes survive a checkpoint as integers: stop at step 2, resume to 4, same
   adapters as 4 steps in one go."""
@@ -481,6 +482,7 @@ def test_qlora_stops_and_resumes_bit_identically(pretrained, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, resumed["state"]["params"], whole["state"]["params"])
 
 
+@pytest.mark.slow  # end-to-end: .ci/run runs the slow cases after the default suite
 def test_lisa_trains_k_layers_at_a_time_with_their_moments_only(pretrained, tmp_path):
   """LISA, 1 of the 2 layers at a time: loss falls; with one draw (interval > steps) exactly one
   layer and the outside parameters change; Adam's moments cover the outside parameters and one

@@ -153,9 +153,11 @@ def run(pretrained, name, section, lr, steps, impl="xla"):
 
 @pytest.mark.parametrize("name,section,lr,impl", [
     ("prompt", dict(method="prompt", num_virtual_tokens=8), 3e-2, "xla"),
-    ("ptuning_lstm", dict(method="ptuning", ptuning_encoder="lstm", num_virtual_tokens=8,
-                          encoder_hidden=32), 3e-3, "xla"),
-    ("prefix", dict(method="prefix", num_virtual_tokens=8), 3e-2, "pallas"),
+    pytest.param("ptuning_lstm", dict(method="ptuning", ptuning_encoder="lstm",
+                                      num_virtual_tokens=8, encoder_hidden=32), 3e-3, "xla",
+                 marks=pytest.mark.slow),  # end-to-end: .ci/run runs the slow cases
+    pytest.param("prefix", dict(method="prefix", num_virtual_tokens=8), 3e-2, "pallas",
+                 marks=pytest.mark.slow),
 ])
 def test_virtual_tokens_train_and_lower_the_held_out_loss(pretrained, name, section, lr, impl):
   """30 steps lower the held-out loss below that of the same untrained virtual tokens (one step

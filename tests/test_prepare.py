@@ -119,6 +119,7 @@ def test_mixtures_by_weight_and_processes_reading_disjoint_rows(tmp_path):
   assert_same_batches(memory.train, two.train, 4, 40)
 
 
+@pytest.mark.slow  # end-to-end: .ci/run runs the slow cases after the default suite
 def test_stop_and_resume_from_prepared_shards_is_bit_identical(tmp_path):
   corpus = write_corpus(tmp_path / "data.jsonl", "text", 300)
   cfg = files_config(corpus)

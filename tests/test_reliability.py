@@ -36,6 +36,7 @@ def poison(monkeypatch, bad):
   monkeypatch.setattr(train, "to_global", to_global)
 
 
+@pytest.mark.slow  # end-to-end: .ci/run runs the slow cases after the default suite
 def test_a_non_finite_step_changes_nothing_and_training_goes_on(tmp_path, monkeypatch):
   poison(monkeypatch, lambda n: n in (4, 5))  # the 4th and 5th training batches
   c = small_run.config(steps=8, log_every=1, eval_every=0, checkpoint_every=0, sample_tokens=0,
@@ -58,6 +59,7 @@ def test_a_non_finite_step_changes_nothing_and_training_goes_on(tmp_path, monkey
   assert int(after5["guard"]["skipped"]) == 2 and int(after5["guard"]["streak"]) == 2
 
 
+@pytest.mark.slow  # end-to-end: .ci/run runs the slow cases after the default suite
 def test_too_many_non_finite_steps_stop_with_the_checkpoint_intact(tmp_path, monkeypatch):
   poison(monkeypatch, lambda n: n >= 7)
   c = small_run.config(steps=30, log_every=1, eval_every=0, checkpoint_every=5, sample_tokens=0,
@@ -95,6 +97,7 @@ def start(workdir, steps):
       stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow  # end-to-end: .ci/run runs the slow cases after the default suite
 def test_sigterm_checkpoints_the_current_step_and_exits_0_then_resumes_bitwise(tmp_path):
   whole = str(tmp_path / "whole")
   proc = start(whole, 40)
@@ -120,6 +123,7 @@ def test_sigterm_checkpoints_the_current_step_and_exits_0_then_resumes_bitwise(t
   assert dict(losses(cut))[40] == dict(losses(whole))[40]  # bitwise, on CPU
 
 
+@pytest.mark.slow  # end-to-end: .ci/run runs the slow cases after the default suite
 def test_an_unreadable_checkpoint_is_named_and_the_one_before_is_used(tmp_path, capsys):
   cfg = dict(log_every=1, eval_every=0, checkpoint_every=5, sample_tokens=0)
   whole = train.run(small_run.config(steps=12, **cfg), str(tmp_path / "whole"))
@@ -153,6 +157,7 @@ def test_a_checkpoint_of_another_configuration_is_refused_untouched(tmp_path):
   assert os.listdir(os.path.join(run, "checkpoints")) == ["3"]  # nothing moved or deleted
 
 
+@pytest.mark.slow  # end-to-end: .ci/run runs the slow cases after the default suite
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
   sys.path.insert(0, os.path.join(REPO, "launch"))
   import local  # launch/local.py: the commands and environment of a local multi-process job

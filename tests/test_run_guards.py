@@ -51,6 +51,7 @@ def small_disk(tmp_path):
   subprocess.run(["umount", str(where)], check=False)
 
 
+@pytest.mark.slow  # end-to-end: .ci/run runs the slow cases after the default suite
 def test_full_disk_is_one_line_naming_the_newest_complete_checkpoint(small_disk):
   workdir = os.path.join(small_disk, "run")
   proc = main("--config.train.checkpoint_every=10", workdir=workdir)
@@ -126,6 +127,7 @@ def test_check_fits_compares_the_estimate_with_the_device():
 # --- metrics after a resume -----------------------------------------------------------------
 
 
+@pytest.mark.slow  # end-to-end: .ci/run runs the slow cases after the default suite
 def test_resume_writes_no_duplicate_rows_and_tensorboard_forgets_them(tmp_path):
   from tensorboardX.proto import event_pb2
   whole = str(tmp_path / "whole")
@@ -171,6 +173,7 @@ def test_metrics_are_strict_json_and_survive_deletion(tmp_path):
 # --- the non-finite guard -------------------------------------------------------------------
 
 
+@pytest.mark.slow  # end-to-end: .ci/run runs the slow cases after the default suite
 def test_an_update_that_would_make_parameters_infinite_is_skipped(tmp_path):
   """lr=1e39 is a finite float in the config and infinite in float32: the gradients are finite,
   the update is not. Every step is skipped, every checkpoint holds the initial parameters."""
@@ -192,6 +195,7 @@ def test_an_update_that_would_make_parameters_infinite_is_skipped(tmp_path):
 # --- stop_after_steps -----------------------------------------------------------------------
 
 
+@pytest.mark.slow  # end-to-end: .ci/run runs the slow cases after the default suite
 def test_stop_after_steps_goes_on_with_the_same_command(tmp_path, capsys):
   workdir = str(tmp_path / "run")
   cfg = lambda: small_run.config(steps=5, stop_after_steps=2, checkpoint_every=0, **QUIET)

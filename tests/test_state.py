@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import parallel
 from models import ModelConfig
@@ -55,6 +56,7 @@ def batch(mesh):
   return {k: jax.device_put(v, sharding) for k, v in b.items()}
 
 
+@pytest.mark.slow  # end-to-end: .ci/run runs the slow cases after the default suite
 def test_two_trainable_models_and_a_frozen_one_on_eight_devices(tmp_path):
   mesh = parallel.make_mesh(dict(data=2, fsdp=4, tensor=1, sequence=1, expert=1))
   policy_tx, critic_tx = optax.adamw(0.01, weight_decay=0.1), optax.sgd(0.5, momentum=0.9)

@@ -63,6 +63,7 @@ def tensorboard_scalars(workdir):
   return out
 
 
+@pytest.mark.slow  # end-to-end: .ci/run runs the slow cases after the default suite
 def test_stopped_and_resumed_run_is_bit_identical(tmp_path):
   cfg = dict(steps=8, log_every=1, eval_every=0, checkpoint_every=0, sample_tokens=0)
   whole = train.run(small_run.config(**cfg), str(tmp_path / "whole"))
