@@ -15,7 +15,7 @@ which the JSON records. Each round gives every side one untimed step, then `--st
 ones; figures are medians over the rounds, and the JSON records the CPU model and ISA.
 
 python benchmarks/moe_throughput.py [--rounds 3 --steps 2 --warm_steps 1
-    --impls dropless,capacity,dense --remat POLICY --out benchmarks/results/moe_throughput.json]
+    --impls dropless,capacity,dense,dense_ffn --remat POLICY --out benchmarks/results/moe_throughput.json]
 The recorded figures: --remat none --impls dropless,dropless@dots_no_batch,capacity,dense
 (the peer keeps every activation too; the default dots_no_batch keeps the grouped FFN's named
 outputs, gmm.EXPERT_FFN, so it times the same). Run it with nothing else on the machine: torch's
@@ -60,8 +60,16 @@ def config(impl: str = "dropless", remat: str = ""):
 
 def ours(name: str, remat: str):
   """Our step for `name`: a dispatch (models/moe.py), or "dispatch@remat" with that remat
-  policy instead of `remat` (or the config's)."""
+  policy instead of `remat` (or the config's); "dense_ffn": no experts, a dense MLP of width k x
+  expert_d_ff in every layer, the same matmul FLOPs per token as the active experts (a bound
+  on what any dispatch can reach: the routing and the 3x larger optimizer update are gone)."""
   impl, _, own_remat = name.partition("@")
+  if impl == "dense_ffn":
+    cfg = config("dropless", own_remat or remat)
+    m = cfg.model
+    m.update(d_ff=m.experts_per_token * m.expert_d_ff, n_experts=0, experts_per_token=0,
+             router_aux_loss_weight=0.0)
+    return compiled_step(cfg)
   return compiled_step(config(impl, own_remat or remat))
 
 
