@@ -19,6 +19,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from models.config import Execution, ModelConfig
 from models.kernels import flashmask as fm
+from models.kernels import matmul as matmul_lib
 from models.kernels.matmul import LOW_PRECISION, mm, mm_nt, mm_tn
 from models.kernels.flash_attention import flash_attention
 from parallel import ring_attention as ring_attention_lib
@@ -153,9 +154,10 @@ PROJECTION = "projection"  # the checkpoint name of low_precision_matmul's outpu
 def matmul(x2, w2, out_dtype=None):
   """x2 (m, k) @ w2 (k, n), in `out_dtype` (default: x2's dtype).
 
-  bfloat16 / float16 operands of one dtype go through `low_precision_matmul` (its output named
-  PROJECTION for the remat policies); anything else is a plain matmul."""
-  if x2.dtype == w2.dtype and x2.dtype in LOW_PRECISION:
+  bfloat16 / float16 operands of one dtype, where the library forms are used
+  (models/kernels/matmul.py `library_forms`), go through `low_precision_matmul` (its output
+  named PROJECTION for the remat policies); anything else is a plain matmul."""
+  if x2.dtype == w2.dtype and x2.dtype in LOW_PRECISION and matmul_lib.library_forms():
     # Named: the dots remat policies would take a custom VJP's output for no matmul.
     return checkpoint_name(low_precision_matmul(x2, w2, jnp.dtype(out_dtype or x2.dtype)),
                            PROJECTION)
@@ -255,11 +257,12 @@ def query_blocks(length: int) -> int:
 
 
 def dot_product_attention(q_bthd, k_bskd, v_bskd, mask, scale=None, softcap=0.0, blocks=1):
-  """Grouped-query attention without repeating K/V, in float32; the output in q's dtype.
+  """Grouped-query attention without repeating K/V; the output in q's dtype.
 
-  bfloat16 / float16 q, k, v are upcast first: XLA:CPU converted them for these batched
-  products anyway, and the upcast forward + backward ran 0.95x the time of leaving them in
-  bf16 on a Sapphire Rapids host (benchmarks/attention_cpu.py --dtype bfloat16).
+  On CPU bfloat16 / float16 q, k, v are upcast to float32 first: XLA:CPU converted them for
+  these batched products anyway, and the upcast forward + backward ran 0.95x the time of
+  leaving them in bf16 on a Sapphire Rapids host (benchmarks/attention_cpu.py --dtype bfloat16).
+  Accelerators take the products in their dtype (float32 accumulation either way).
 
   `mask` (batch, 1, 1, q_len, k_len) booleans. Scores are q.k * scale (default head_dim ** -0.5),
   then softcap * tanh(scores / softcap) when `softcap` is set (Gemma 2), then a float32 softmax.
@@ -282,10 +285,12 @@ def dot_product_attention(q_bthd, k_bskd, v_bskd, mask, scale=None, softcap=0.0,
                      f"divide; got {t} queries and {s} keys")
   size = t // blocks
   scale = d ** -0.5 if scale is None else scale
-  f32 = jnp.float32
-  q = q_bthd.astype(f32).reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4)  # (b, kv, g, t, d)
-  k = k_bskd.astype(f32).transpose(0, 2, 1, 3)  # (b, kv, s, d)
-  v = v_bskd.astype(f32).transpose(0, 2, 1, 3)
+  out_dtype = q_bthd.dtype
+  if jax.default_backend() == "cpu":  # float32 operands (docstring); accelerators keep bf16
+    q_bthd, k_bskd, v_bskd = (a.astype(jnp.float32) for a in (q_bthd, k_bskd, v_bskd))
+  q = q_bthd.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4)  # (b, kv, g, t, d)
+  k = k_bskd.transpose(0, 2, 1, 3)  # (b, kv, s, d)
+  v = v_bskd.transpose(0, 2, 1, 3)
   outs = []
   for i in range(blocks):
     lo, hi = i * size, (i + 1) * size
@@ -295,7 +300,7 @@ def dot_product_attention(q_bthd, k_bskd, v_bskd, mask, scale=None, softcap=0.0,
                        softcap)
     outs.append(out.reshape(b, kv, g, size, d))
   out = jnp.concatenate(outs, axis=3) if blocks > 1 else outs[0]
-  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q_bthd.dtype)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(out_dtype)
 
 
 ATTENTION_BLOCK = "attention_block"  # the checkpoint name of attend_block's output and lse

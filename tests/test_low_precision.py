@@ -1,6 +1,7 @@
 """bfloat16 / float16 matmuls (models/kernels/matmul.py, models/layers.low_precision_matmul):
 the values and gradients against numpy float32 products of the same rounded operands, float32
-untouched, and the remat policies keeping the projections they name."""
+untouched, and the remat policies keeping the projections they name; each test with the
+library forms and with the plain products."""
 
 import jax
 import jax.numpy as jnp
@@ -10,9 +11,26 @@ import pytest
 
 from models import layers
 from models.decoder import REMAT_POLICIES
+from models.kernels import matmul as matmul_lib
 from models.kernels.matmul import mm, mm_nt, mm_tn
 
 LOW = [jnp.bfloat16, jnp.float16]
+
+
+@pytest.fixture(autouse=True, params=[True, False], ids=["forms", "plain"])
+def forms(request, monkeypatch):
+  """Every test twice: with the library forms (hosts with bf16 instructions) and with the plain
+  products (other hosts, accelerators), whatever this host is."""
+  monkeypatch.setattr(matmul_lib, "FORMS", request.param)
+  return request.param
+
+
+def test_the_forms_are_used_on_hosts_with_bf16_instructions(monkeypatch):
+  from benchmarks.host import host_info
+  monkeypatch.setattr(matmul_lib, "FORMS", None)
+  isa = host_info()["isa"]
+  assert matmul_lib.library_forms() == (jax.default_backend() == "cpu" and
+                                        bool(isa.get("amx_bf16") or isa.get("avx512_bf16")))
 
 
 def _rand(shape, dtype, seed):
@@ -125,3 +143,18 @@ def test_low_rank_dense_in_low_precision(dtype):
     scale = float(jnp.max(jnp.abs(want)))
     np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), np.asarray(want),
                                atol=0.03 * scale)
+
+
+def test_attention_on_bf16_inputs_gives_bf16_equal_to_float32_attention():
+  """The xla attention upcasts bf16 q, k, v on CPU: its output is the float32 attention of the
+  same values, rounded once to bf16 (the dtype of q)."""
+  q, q32 = _rand((2, 16, 4, 8), jnp.bfloat16, 0)
+  k, k32 = _rand((2, 16, 2, 8), jnp.bfloat16, 1)
+  v, v32 = _rand((2, 16, 2, 8), jnp.bfloat16, 2)
+  pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
+  seg = jnp.ones((2, 16), jnp.int32)
+  mask = layers.attention_mask(pos, seg, pos, seg)
+  got = layers.dot_product_attention(q, k, v, mask)
+  assert got.dtype == jnp.bfloat16
+  want = layers.dot_product_attention(*(jnp.asarray(a) for a in (q32, k32, v32)), mask)
+  _close_to_rounded(got, np.asarray(want), jnp.bfloat16)
