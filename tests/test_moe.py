@@ -333,6 +333,7 @@ def test_a_train_step_moves_the_bias_by_that_steps_loads():
                  for x in jax.tree.leaves(new["opt_state"]))
 
 
+@pytest.mark.slow  # end-to-end: .ci/run runs the slow cases after the default suite
 def test_a_run_with_the_routing_bias_is_deterministic_and_resumes_it(tmp_path):
   """configs/tiny.py:smoke made an 8-expert MoE with the routing bias: two fresh 6-step runs
   end bitwise equal (metrics and parameters, the bias included), and one stopped after 3 steps
