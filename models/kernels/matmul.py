@@ -8,7 +8,7 @@ For bfloat16 / float16 operands each is written in the one form XLA:CPU hands to
 library (YNNPACK, which runs bf16 on AMX and AVX512-BF16 where the host has them): low-precision
 operands, a float32 result (then rounded to `out_dtype`, default a's dtype), and a layout the
 library takes. The forms JAX writes otherwise, a bf16 result or a^T @ b contracting the rows of
-both operands in place, XLA:CPU runs in float32 on its own, 3-6x slower on a Sapphire Rapids
+both operands in place, XLA:CPU runs in float32 on its own, 2-7x slower on a Sapphire Rapids
 host (benchmarks/matmul_cpu.py). Other dtypes: the plain product, as `@` writes it.
 
 The forms are used where they pay: on CPU hosts with bf16 instructions (AMX-BF16 or
