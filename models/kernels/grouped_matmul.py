@@ -175,12 +175,16 @@ def _blocks(x, w, block_group, n_blocks, block):
   return _block_loop(x, w, block_group, n_blocks, block)
 
 
-def _block_loop(x, w, block_group, n_blocks, block):
-  out = jnp.zeros((x.shape[0], w.shape[2]), x.dtype)
+def _block_loop(x, w, block_group, n_blocks, block, product=mm):
+  """Each block in use: product(its rows, its group's weight); `mm_nt` for the rows times the
+  weight transposed (the backward's dx)."""
+  n_out = w.shape[1] if product is mm_nt else w.shape[2]
+  out = jnp.zeros((x.shape[0], n_out), x.dtype)
 
   def body(i, out):
     rows = jax.lax.dynamic_slice_in_dim(x, i * block, block)
-    return jax.lax.dynamic_update_slice_in_dim(out, mm(rows, w[block_group[i]]), i * block, 0)
+    return jax.lax.dynamic_update_slice_in_dim(out, product(rows, w[block_group[i]]),
+                                               i * block, 0)
 
   return jax.lax.fori_loop(0, n_blocks, body, out)
 
@@ -191,11 +195,7 @@ def _blocks_fwd(x, w, block_group, n_blocks, block):
 
 def _blocks_bwd(block, saved, dy):
   x, w, block_group, n_blocks = saved
-  def dx_body(i, dx):
-    d_rows = jax.lax.dynamic_slice_in_dim(dy, i * block, block)
-    return jax.lax.dynamic_update_slice_in_dim(dx, mm_nt(d_rows, w[block_group[i]]), i * block, 0)
-
-  dx = jax.lax.fori_loop(0, n_blocks, dx_body, jnp.zeros(x.shape, x.dtype))
+  dx = _block_loop(dy, w, block_group, n_blocks, block, mm_nt)
 
   def body(i, dw):
     rows = jax.lax.dynamic_slice_in_dim(x, i * block, block)
