@@ -187,6 +187,10 @@ def get_config(arg=None):
 
   # Device mesh: axis sizes (-1 = all devices left over) and the sharding strategy.
   c.mesh = ml_collections.ConfigDict(dict(
+      stage=1,  # pipeline stages: the layers split into this many consecutive groups
+      pipeline_schedule="gpipe",  # gpipe | circular | 1f1b (parallel/pipeline.py; README)
+      pipeline_repeats=1,  # circular: layer chunks per stage (a microbatch goes round this often)
+      microbatches=0,  # pipeline microbatches; 0: train.grad_accum if > 1, else mesh.stage
       data=-1,  # data parallelism: the batch split, everything else per the strategy
       fsdp=1,  # fully sharded data parallelism: the batch and (fsdp strategies) the weights
       expert=1,  # expert parallelism (MoE layers' experts)

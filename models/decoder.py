@@ -98,6 +98,9 @@ class Context:
   its pair's prompt.
 
   `layers`: a `LayerSource` (PEFT) instead of the decoder's own layer parameters.
+  `stack`: what runs the layer stack instead of the scan, stack(body, x, layer parameters,
+  LayerInputs) -> (x, LayerOut stacked over the layers it ran), with `scan_layers`'s
+  signature; a pipeline schedule (parallel/pipeline.py) runs one chunk of it per call.
   `dropout_rng` (training steps, read by `PeftModel`): lora and adalora keep the low-rank path
   apart from the weights, with LoRA dropout when the PEFT config has some; the plain decoder
   ignores it. `router_rng` (training steps): a mixture of experts' router jitter noise."""
@@ -110,6 +113,12 @@ class Context:
   layers: LayerSource | None = None
   dropout_rng: Any = None
   router_rng: Any = None
+  stack: Callable | None = None
+
+
+def scan_layers(body, x_btd, layers, inputs: "LayerInputs"):
+  """The layer stack as one scan of `body` over the layers' parameters and inputs."""
+  return jax.lax.scan(lambda x, xs: body(x, *xs), x_btd, (layers, inputs))
 
 
 class LayerShared(NamedTuple):
@@ -312,6 +321,8 @@ class Decoder(nnx.Module):
     runs = layer_runs(self.cfg.layer_kinds())
     if source is not None and len(runs) > 1:
       raise ValueError("a model that mixes dense and MoE layers takes no layer source (PEFT)")
+    if ctx.stack is not None and len(runs) > 1:
+      raise ValueError("a model that mixes dense and MoE layers cannot be pipelined")
     auxes, kvs = [], []
     for kind, (lo, hi), (first, last) in runs:
       stack = self.dense_layers if kind == "mlp" and hasattr(self, "dense_layers") else self.layers
@@ -326,7 +337,7 @@ class Decoder(nnx.Module):
       if len(runs) > 1:  # this run's slice of its stack and of the per-layer inputs
         layers_in = jax.tree.map(lambda a: a[lo:hi], layers_in)
         inputs = jax.tree.map(lambda a: a[first:last], inputs)
-      x, out = jax.lax.scan(lambda x, xs: body(x, *xs), x, (layers_in, inputs))
+      x, out = (ctx.stack or scan_layers)(body, x, layers_in, inputs)
       auxes.append(ffn_lib.reduce_layers(out.aux))
       kvs.append(out.kv)
     aux = ffn_lib.join_runs(auxes)

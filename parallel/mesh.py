@@ -1,8 +1,9 @@
 """Device mesh from named axis sizes.
 
-`mesh.data`, `mesh.fsdp`, `mesh.expert`, `mesh.sequence`, `mesh.tensor`: one of them may be -1,
-meaning "all devices left over". Axes are laid out outermost (data, slowest interconnect is fine)
-to innermost (tensor, needs the fastest links), the order MaxText and t5x use too.
+`mesh.stage`, `mesh.data`, `mesh.fsdp`, `mesh.expert`, `mesh.sequence`, `mesh.tensor`: one of
+them may be -1, meaning "all devices left over". Axes are laid out outermost (pipeline stages,
+which pass one activation per microbatch; data, slowest interconnect is fine) to innermost
+(tensor, needs the fastest links), the order MaxText and t5x use too.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh
 
-AXES = ("data", "fsdp", "expert", "sequence", "tensor")
+AXES = ("stage", "data", "fsdp", "expert", "sequence", "tensor")
 
 
 def resolve_axis_sizes(sizes: Mapping[str, int], n_devices: int) -> dict[str, int]:

@@ -30,8 +30,10 @@ Rules = dict[str, str | tuple[str, ...] | None]
 # over `sequence` (context parallelism). A mixture of experts' experts are split over `expert`
 # in every preset (parallel/experts.py moves the tokens to them). A mesh axis of size 1 drops
 # out, so these rules cost nothing when the axis is not used.
+# A stacked layer axis (`layers`) is split over `stage`: each pipeline stage keeps its layers'
+# weights, gradients and optimizer state (parallel/pipeline.py).
 _ACTIVATIONS: Rules = {"batch": ("data", "fsdp", "expert"), "length": "sequence",
-                       "expert": "expert"}
+                       "expert": "expert", "layers": "stage"}
 # Megatron tensor parallelism: heads and the MLP hidden split (column-parallel q/k/v/gate/up,
 # row-parallel o/down), the vocabulary split (embedding and logits).
 _TENSOR: Rules = {"heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"}

@@ -27,7 +27,7 @@ import optax
 from models import ffn as ffn_lib, moe
 from models.handle import ModelHandle
 from models.peft import adalora
-from parallel import ring_attention
+from parallel import pipeline as pipeline_lib, ring_attention
 from trainer import guard, objectives
 from trainer.objectives import Bound, Objective
 from trainer.state import StateSpec
@@ -67,15 +67,15 @@ def mean_gradients(grad_fn: Callable, batch: Batch, rng, grad_accum: int, zeros:
 def make_models_loss(handles: dict[str, ModelHandle], compute_dtype, objective: Objective,
                      neftune_alpha: float = 0.0, trainable: tuple[str, ...] = ("policy",)
                      ) -> Callable:
-  """loss(params by slot, batch, rng=None) -> (loss sum, count, aux sums): the objective over
-  the named models bound to their parameters; the mean is sum / count, and so is each aux
-  metric.
+  """loss(params by slot, batch, rng=None, stack=None) -> (loss sum, count, aux sums): the
+  objective over the named models bound to their parameters; the mean is sum / count, and so
+  is each aux metric. `stack`: how the trained models run their layers (a pipeline's chunk).
 
   An rng means a training step: then the `trainable` models' forward passes add NEFTune noise
   on the input embeddings (with `neftune_alpha`) and keep lora's low-rank path apart from the
   weights (with its dropout, if any), and AdaLoRA's orthogonality penalty joins the loss (as
   count x weight x penalty, so that it is weight x penalty after the division by the count)."""
-  def loss_fn(params: dict[str, Any], batch: Batch, rng=None):
+  def loss_fn(params: dict[str, Any], batch: Batch, rng=None, stack=None):
     batch = objective.annotate(batch)
     if any(h.run.attention_impl == "ring" for h in handles.values()) and \
         ring_attention.sequence_parallel_size() > 1:
@@ -83,7 +83,8 @@ def make_models_loss(handles: dict[str, ModelHandle], compute_dtype, objective: 
       batch = {k: v[:, order] for k, v in batch.items()}
     collected = {name: [] for name in trainable}
     models = {name: Bound(handle, params[name], compute_dtype,
-                          rng if name in trainable else None, neftune_alpha, collected.get(name))
+                          rng if name in trainable else None, neftune_alpha, collected.get(name),
+                          stack if name in trainable else None)
               for name, handle in handles.items()}
     loss_sum, count, aux = objective.loss(models, batch)
     # the models' own aux (e.g. a mixture of experts' router losses, summed over layers): as
@@ -129,13 +130,16 @@ def make_loss_fn(handle: ModelHandle, compute_dtype, neftune_alpha: float = 0.0,
 
 
 def make_train_step(spec: StateSpec, objective: Objective, compute_dtype, grad_accum: int,
-                    neftune_alpha: float = 0.0, scale_period: int = 2000) -> Callable:
+                    neftune_alpha: float = 0.0, scale_period: int = 2000,
+                    pipeline: pipeline_lib.Pipeline | None = None) -> Callable:
   """The train step of states described by `spec` (trainer/state.py). Each trainable slot's
   gradients are constrained to its `grad_shardings` (ZeRO-2 shards them, so the data-parallel
   sum is a reduce-scatter rather than an all-reduce); an optimizer state resting in host memory
   (`offload`) is brought to the devices for the update and the step's out_shardings send it
   back. The state's "guard" (trainer/guard.py) skips non-finite steps and, with a "scale"
-  (float16), scales the loss; `scale_period`: finite steps before the scale doubles."""
+  (float16), scales the loss; `scale_period`: finite steps before the scale doubles.
+  `pipeline`: the layers split over the mesh's `stage` axis, the batch through them in
+  microbatches (parallel/pipeline.py) instead of `grad_accum`'s scan."""
   slots = spec.trainable
   handles = {s.name: s.handle for s in spec.slots}
   loss_fn = make_models_loss(handles, compute_dtype, objective, neftune_alpha,
@@ -179,6 +183,17 @@ def make_train_step(spec: StateSpec, objective: Objective, compute_dtype, grad_a
         scaled = loss_sum if scale is None else loss_sum * scale
         return scaled, (loss_sum, count, aux)
 
+      if pipeline is not None:
+        def loss_of(full, micro, rng, stack):
+          loss_sum, count, aux = loss_fn(full, micro, rng, stack)
+          return (loss_sum if scale is None else loss_sum * scale), (loss_sum, count, aux)
+
+        names = [s.name for s in spec.slots]
+        out, grads = pipeline_lib.run(
+            pipeline, spec.mesh, loss_of, {k: params[k] for k in names},
+            {k: masks.get(k, [False] * len(jax.tree.leaves(params[k]))) for k in names},
+            {k: layered(handles[k]) for k in names}, batch, rng)
+        return out, {s.name: constrain(s, grads[s.name], masks[s.name]) for s in slots}
       trainable = {s.name: [x for x, m in zip(flat[s.name][0], masks[s.name]) if m]
                    for s in slots}
       (_, out), grads = jax.value_and_grad(of_trainable, has_aux=True)(trainable, batch)
@@ -253,6 +268,13 @@ def make_train_step(spec: StateSpec, objective: Objective, compute_dtype, grad_a
     return new_state, metrics
 
   return train_step
+
+
+def layered(handle: ModelHandle) -> list[bool]:
+  """For each parameter leaf of the handle's models (in flatten order): whether it is stacked
+  along a leading `layers` axis (split over pipeline stages)."""
+  axes = jax.tree.leaves(handle.axes, is_leaf=lambda x: isinstance(x, tuple))
+  return [bool(names) and names[0] == "layers" for names in axes]
 
 
 def with_bias_update(params, load_le):

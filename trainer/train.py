@@ -35,7 +35,7 @@ from trainer.objectives.base import Bound, Prepare
 from trainer.data import pipeline, tokenizer as tokenizer_lib
 from trainer.seeds import fold_seed
 from trainer.validate import (UserError, check_backend, check_config, check_mesh, execution,
-                              init_folder, model_config)
+                              init_folder, model_config, pipeline_of)
 
 BATCH_KEYS = ("inputs", "targets", "weights", "positions", "segment_ids")
 PAIR_KEYS = ("example", "reference")  # preference batches: the pair of each position, ref log-probs
@@ -197,8 +197,10 @@ def plan(cfg, mcfg, mesh) -> Plan:
   loss_scale = cfg.precision.loss_scale if cfg.precision.compute_dtype == "float16" else None
   spec = state_lib.StateSpec((policy, *frozen), mesh, extras, loss_scale)
   shardings = spec.shardings()
-  step_fn = step_lib.make_train_step(spec, objective, compute_dtype, tc.grad_accum,
-                                     tc.neftune_alpha, cfg.precision.loss_scale_period)
+  pipe = pipeline_of(cfg, mesh.shape["stage"])  # the microbatches go through the stages
+  step_fn = step_lib.make_train_step(spec, objective, compute_dtype,
+                                     1 if pipe else tc.grad_accum, tc.neftune_alpha,
+                                     cfg.precision.loss_scale_period, pipe)
   options = compiler_options(mesh)
   train_step = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
                        out_shardings=(shardings, None), donate_argnums=0,

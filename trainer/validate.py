@@ -14,6 +14,7 @@ from models import peft as peft_lib
 from models.config import Execution, ModelConfig, split_fields
 from models.kernels import grouped_matmul as gmm
 from parallel import mesh as mesh_lib
+from parallel import pipeline as pipeline_lib
 from parallel import rules as rules_lib
 from trainer.data.packing import MODES, TRUNCATION
 from trainer.data.sources import FORMATS, TEXT_SPLITS
@@ -248,6 +249,38 @@ def check_backend(cfg, backend: str) -> None:
              "tokamax is not installed (pip install tokamax); use auto")
 
 
+def pipeline_of(cfg, stages: int) -> pipeline_lib.Pipeline | None:
+  """The run's pipeline (parallel/pipeline.py), or None with one stage."""
+  if stages == 1:
+    return None
+  m = cfg.mesh
+  micro = m.microbatches or (cfg.train.grad_accum if cfg.train.grad_accum > 1 else stages)
+  return pipeline_lib.Pipeline(stages, m.pipeline_schedule, micro, m.pipeline_repeats)
+
+
+def check_pipeline(cfg, sizes: dict[str, int]) -> None:
+  """What a pipelined run (mesh.stage > 1) cannot do, each refused in one line."""
+  p = pipeline_of(cfg, sizes["stage"])
+  mc = model_config(cfg, vocab_size=max(cfg.model.vocab_size, 1))
+  for key, problem in p.problems(mc.n_layers, cfg.train.batch_size):
+    raise UserError(f"config key {key}: {problem}")
+  dp = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+  _require((cfg.train.batch_size // p.microbatches) % dp == 0, "mesh.microbatches",
+           f"a microbatch of {cfg.train.batch_size // p.microbatches} sequences (batch_size / "
+           f"{p.microbatches} microbatches) does not split over the {dp} data-parallel devices")
+  _require(not mc.n_experts, "mesh.stage", "pipelining a mixture of experts is not built yet "
+           "(its router losses and loads are per batch); use mesh.stage=1")
+  _require(cfg.peft.method != "lisa", "mesh.stage",
+           "LISA picks layers across the whole stack; use mesh.stage=1 or another peft.method")
+  _require(cfg.model.attention_impl != "ring", "mesh.stage",
+           "ring attention inside pipeline stages is not built yet; use attention_impl=xla")
+  uses_reference = (cfg.train.objective == "dpo" and cfg.dpo.loss not in ("simpo", "orpo")
+                    and not cfg.dpo.precompute_ref)
+  _require(not uses_reference, "dpo.precompute_ref",
+           "a pipelined run cannot run the reference model inside its step; set "
+           "dpo.precompute_ref=True (its log-probs are computed once before training)")
+
+
 def check_mesh(cfg, n_devices: int) -> dict[str, int]:
   try:
     sizes = mesh_lib.resolve_axis_sizes(dict(cfg.mesh), n_devices)
@@ -268,6 +301,8 @@ def check_mesh(cfg, n_devices: int) -> dict[str, int]:
     _require(experts_rule == "expert", "mesh.rules",
              f"expert={experts_rule}: with mesh.expert={sizes['expert']} the experts go over the "
              "expert axis (parallel/experts.py); drop the override or set expert=expert")
+  if sizes["stage"] > 1:
+    check_pipeline(cfg, sizes)
   dp = sizes["data"] * sizes["fsdp"] * sizes["expert"]
   micro = cfg.train.batch_size // cfg.train.grad_accum
   _require(micro % dp == 0, "train.batch_size",

@@ -26,13 +26,15 @@ class Bound:
   model that trains) its forward pass adds NEFTune noise on the input embeddings (with
   `neftune_alpha`) and keeps lora's low-rank path apart from the weights (with its dropout).
   `aux`: where its forward passes leave the decoder's aux sums (models/ffn.py), for the step to
-  add to the loss and the metrics; None for models whose aux nobody reads (a reference)."""
+  add to the loss and the metrics; None for models whose aux nobody reads (a reference).
+  `stack`: how its decoder runs the layer stack in a pipelined step (parallel/pipeline.py)."""
   handle: ModelHandle
   params: Any
   compute_dtype: Any
   rng: Any = None
   neftune_alpha: float = 0.0
   aux: list | None = None
+  stack: Any = None  # a pipeline's stack of layers (models/decoder.py Context.stack)
 
   def forward(self, batch: Batch, shared_prompt: bool = False):
     """(module, final hidden states) of the batch's rows. `shared_prompt`: preference rows."""
@@ -45,7 +47,8 @@ class Bound:
     router = None if self.rng is None else jax.random.fold_in(self.rng, 3)
     hidden, aux = model.forward(batch["inputs"], batch["positions"], batch["segment_ids"],
                                 Context(embed_noise=noise, shared_prompt=shared_prompt,
-                                        dropout_rng=dropout, router_rng=router))
+                                        dropout_rng=dropout, router_rng=router,
+                                        stack=self.stack))
     if self.aux is not None:
       self.aux.append(aux)
     return model, hidden
