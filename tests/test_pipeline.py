@@ -116,7 +116,7 @@ def test_circular_puts_each_stages_chunks_together():
 def config(mesh=None, n_layers=4, **train_overrides):
   c = small_run.config(**{**STEPS, **train_overrides})
   c.model.n_layers = n_layers
-  c.mesh.update(data=1, **(mesh or {}))
+  c.mesh.update(**{"data": 1, **(mesh or {})})
   return c
 
 
@@ -260,3 +260,33 @@ def test_bad_pipeline_configs_are_refused_in_one_line(mesh, key, tmp_path):
   assert "\n" not in str(e.value)
   if key == "mesh.stage" and mesh["stage"] == 4:
     assert "2 layers" in str(e.value) and "4 equal" in str(e.value)
+
+
+@pytest.mark.slow  # end-to-end: .ci/run runs the slow cases after the default suite
+def test_two_processes_with_the_stages_across_them_match_one(tmp_path):
+  """launch/local.py: 2 processes of 2 devices, mesh stage 2 x data 2: stage 0 lives in one
+  process, stage 1 in the other, so every activation and gradient between them crosses."""
+  import json
+  import os
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  workdir = str(tmp_path / "mh")
+  overrides = ["--config.model.n_layers=4", "--config.mesh.stage=2", "--config.mesh.data=2",
+               "--config.mesh.pipeline_schedule=1f1b", "--config.train.steps=3",
+               "--config.train.log_every=1", "--config.train.eval_every=0",
+               "--config.train.checkpoint_every=0", "--config.train.sample_tokens=0"]
+  proc = subprocess.run([sys.executable, os.path.join(repo, "launch", "local.py"),
+                         "--num_processes=2", "--devices_per_process=2", "--",
+                         "--config=configs/tiny.py:smoke", f"--workdir={workdir}", *overrides],
+                        cwd=repo, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    two = {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+  c = config(dict(data=2))
+  train.run(c, str(tmp_path / "one"), devices=jax.devices()[:2])
+  with open(tmp_path / "one" / "metrics.jsonl") as f:
+    one = {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+  assert sorted(two) == [1, 2, 3]
+  for step in (1, 2, 3):
+    assert two[step] == pytest.approx(one[step], rel=1e-5), step

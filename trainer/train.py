@@ -127,9 +127,25 @@ def offload_kind(cfg) -> str | None:
 
 
 def to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
-  """Host-local numpy batch -> global jax arrays laid out by `sharding`."""
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items()}
+  """Host-local numpy batch (this process's rows, `process_rows`) -> global jax arrays laid
+  out by `sharding`."""
+  _, parts = process_rows(sharding)
+  return {k: jax.make_array_from_process_local_data(
+      sharding, np.asarray(v), (len(v) * parts, *np.shape(v)[1:])) for k, v in batch.items()}
+
+
+def process_rows(sharding) -> tuple[int, int]:
+  """(which part, of how many) of a batch's rows this process's devices hold under the batch
+  `sharding`: the rows it reads. Processes holding the same rows (pipeline stages of one
+  data-parallel slice) read the same ones."""
+  n = sharding.mesh.size  # rows enough to split any way the mesh can
+  held = sorted({(s[0].start or 0, n if s[0].stop is None else s[0].stop)
+                 for s in sharding.addressable_devices_indices_map((n, 1)).values()})
+  lo, hi = held[0][0], held[-1][1]
+  if any(stop != start for (_, stop), (start, _) in zip(held, held[1:])) or lo % (hi - lo):
+    raise UserError("config key mesh: this process's devices hold rows of the batch that are "
+                    "not next to each other; order the mesh axes so that they are")
+  return lo // (hi - lo), n // (hi - lo)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,7 +350,6 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
     raise UserError(f"config key model.vocab_size: {mcfg.vocab_size} is smaller than the "
                     f"tokenizer's {tokenizer.vocab_size} pieces")
   write_run_config(cfg, mcfg, mesh_sizes, workdir)
-  shard = (jax.process_index(), jax.process_count())  # each process reads only its rows
   _log(f"data: {data_sources(cfg.data)}; " + ", ".join(
       f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(data_stats.items())))
   for warning in data.warnings:
@@ -367,6 +382,7 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
       _log(f"done: the run in {workdir} is complete at step {start_step} of {tc.steps} "
            "(train.steps); nothing to train (raise train.steps to go on)")
       return {"step": start_step, "state": state, "preempted": False}
+  shard = process_rows(pl.batch_sharding)  # each process reads only its rows
   with parallel.activate(mesh, pl.rules):  # e.g. DPO's precomputed reference log-probs
     pl.objective.prepare(Prepare(
         data, {s.name: Bound(s.handle, pl.spec.params(state, s.name), pl.compute_dtype)
