@@ -4,11 +4,12 @@ The layer stack is split into `stages` x `repeats` chunks of consecutive layers;
 on stage c % stages (GPipe and 1F1B: one chunk per stage; circular: `repeats` chunks per stage,
 a microbatch goes round the ring of stages `repeats` times). The batch is split into
 `microbatches` that flow through the stages. A schedule is a static table built here in Python:
-for every time slot and stage, one action, a forward (F) or backward (B) of one microbatch
-through one chunk, or nothing. `run` executes the table inside `shard_map` over the `stage`
-axis (the other mesh axes stay automatic, so the data, fsdp and tensor rules hold inside each
-stage); after each slot two `ppermute`s move the activations one stage on and the gradients one
-stage back.
+for every time slot and stage, at most one forward (F) and then at most one backward (B) of a
+microbatch through a chunk. `run` executes the table inside `shard_map` over the `stage` axis
+(the other mesh axes stay automatic, so the data, fsdp and tensor rules hold inside each stage);
+after each slot two `ppermute`s move the activations one stage on and the gradients one stage
+back. The stages thus step through the slots together, and a slot lasts as long as its busiest
+stage: `Table.bubble` is the idle share under that model.
 
 Each stage keeps the input of a chunk pass from its forward to its backward, which recomputes
 the chunk's forward (as GPipe does: only the activations between stages are held). The three
@@ -18,7 +19,8 @@ schedules differ only in the order of the actions:
     circular  gpipe over `repeats` chunks per stage: a smaller bubble, `repeats` x as many
               inputs held and as many messages.
     1f1b      after a warm-up of (stages - 1 - stage) forwards, one forward and one backward in
-              turn: at most `stages` inputs in flight, however many microbatches.
+              turn: at most `stages` inputs in flight, however many microbatches. In lock-step
+              slots its round trips leave more of them idle than gpipe's (its bubble is ~2x).
 
 The first stage's first chunk takes the token embeddings and the last stage's last chunk runs
 the head and the objective: both run inside the step's loss function, which the decoder calls
@@ -29,7 +31,7 @@ that runs through the decoder's scan runs pipelined unchanged.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

@@ -186,4 +186,10 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   if current is None:
     return x
   mesh, rules = current
+  inside = jax.sharding.get_abstract_mesh()
+  if not inside.empty and inside.manual_axes:
+    # inside shard_map (a pipeline stage): the constraint names the context's mesh, whose
+    # manual axes (`stage`) no activation rule uses
+    return jax.lax.with_sharding_constraint(
+        x, NamedSharding(inside, spec(names, rules, mesh, x.shape)))
   return jax.lax.with_sharding_constraint(x, sharding(names, mesh, rules, x.shape))

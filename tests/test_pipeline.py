@@ -159,10 +159,14 @@ PIPELINES = {
                                     pipeline_schedule="1f1b"),
     "circular stage 2 x 2 x tensor 2": dict(stage=2, tensor=2, strategy="fsdp_tp",
                                             pipeline_schedule="circular", pipeline_repeats=2),
+    "gpipe stage 4 x fsdp 2": dict(stage=4, fsdp=2, strategy="fsdp"),
+    "circular stage 4 x 2 x tensor 2": dict(stage=4, tensor=2, strategy="fsdp_tp",
+                                            pipeline_schedule="circular", pipeline_repeats=2),
 }
 # the default suite keeps one case of each schedule and axis (its time budget); `pytest -m slow`
 SLOW = ("gpipe stage 2 x fsdp 2", "gpipe stage 2 x tensor 2", "circular stage 2 x 2 x fsdp 2",
-        "1f1b stage 2", "gpipe stage 4", "circular stage 4 x 2", "circular stage 2 x 2 x tensor 2")
+        "1f1b stage 2", "gpipe stage 4", "circular stage 4 x 2", "circular stage 2 x 2 x tensor 2",
+        "gpipe stage 4 x fsdp 2", "circular stage 4 x 2 x tensor 2")
 
 
 @pytest.fixture

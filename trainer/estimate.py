@@ -26,12 +26,13 @@ import jax
 from absl import app, flags, logging
 
 import parallel
+from parallel import pipeline as pipeline_lib
 from trainer import memory, metrics as metrics_lib, train
 from trainer.data import tokenizer as tokenizer_lib
 from trainer.memory import MiB, activation_bytes, element_bytes
 from trainer import cli
 from trainer.validate import (UserError, check_backend, check_config, check_mesh,
-                              model_config)
+                              model_config, pipeline_of)
 
 _DEVICES = flags.DEFINE_integer("devices", 0, "Simulate this many CPU devices (0: the real ones).")
 _MFU = flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the time estimate.")
@@ -149,6 +150,14 @@ def report(cfg, devices, mfu: float, peak_tflops: float, compile_step: bool,
       "",
       f"memory per device, mesh {est.mesh}, strategy {est.strategy}:",
   ]
+  pipe = pipeline_of(cfg, est.mesh["stage"])
+  if pipe is not None:
+    table = pipeline_lib.build_table(pipe)
+    lines[-1:-1] = [
+        f"pipeline: {pipe.schedule}, {pipe.stages} stages x {pipe.repeats} chunk(s) of "
+        f"{mcfg.n_layers // (pipe.stages * pipe.repeats)} layers, {pipe.microbatches} "
+        f"microbatches: {table.slots} slots, bubble {table.bubble():.1%} (predicted), "
+        f"{table.inputs} microbatch inputs held per stage; memory below is per stage", ""]
   width = max(len(k) for k in est.bytes) + 2
   for k, v in est.bytes.items():
     lines.append(f"  {k:<{width}} {v / MiB:10.1f} MiB")
@@ -156,8 +165,9 @@ def report(cfg, devices, mfu: float, peak_tflops: float, compile_step: bool,
   run = pl.handle.run
   other = "full" if run.remat == "none" else "none"
   element = element_bytes(devices[0].platform, pl.compute_dtype)
-  acts = activation_bytes(mcfg, cfg.train, est.mesh, other, element, run.attention_impl,
-                          run)
+  acts = (activation_bytes(mcfg, cfg.train, est.mesh, other, element, run.attention_impl, run)
+          if pipe is None else memory.pipeline_activation_bytes(
+              mcfg, cfg.train, est.mesh, pipe, other, element, run.attention_impl, run))
   lines.append(f"  {f'(activations with remat {other})':<{width}} {acts / MiB:10.1f} MiB")
   if compile_step:
     compiled = compiled_bytes(pl, batch)

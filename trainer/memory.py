@@ -17,7 +17,8 @@ import numpy as np
 import parallel
 from models import layers
 from models.handle import param_shardings
-from trainer.validate import UserError
+from parallel import pipeline as pipeline_lib
+from trainer.validate import UserError, pipeline_of
 
 MiB = 2**20
 
@@ -144,6 +145,28 @@ def activation_bytes(mcfg, tc, mesh: dict[str, int], remat: str, element: int,
   return tokens * per_token * element
 
 
+def pipeline_activation_bytes(mcfg, tc, mesh: dict[str, int], p: pipeline_lib.Pipeline,
+                              remat: str, element: int, attention_impl: str, run=None) -> float:
+  """A pipeline stage's activations (parallel/pipeline.py): the chunk inputs and gradients it
+  holds between a microbatch's forward and backward (`Table.inputs`, `Table.cotangents`, plus
+  the two messages in flight), each a microbatch x d_model, and one microbatch's working set
+  through one chunk, head included, while its backward runs."""
+  table = pipeline_lib.build_table(p)
+  dp = mesh["data"] * mesh["fsdp"] * mesh["expert"]
+  micro_tokens = tc.batch_size // p.microbatches * tc.seq_len / (dp * mesh["sequence"])
+  held = (table.inputs + table.cotangents + 2) * micro_tokens * mcfg.d_model * element
+  chunk = dataclasses.replace(mcfg, n_layers=mcfg.n_layers // (p.stages * p.repeats))
+  one = _Train(tc.batch_size // p.microbatches, tc.seq_len)
+  return held + activation_bytes(chunk, one, mesh, remat, element, attention_impl, run)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Train:  # the fields of cfg.train that activation_bytes reads
+  batch_size: int
+  seq_len: int
+  grad_accum: int = 1
+
+
 def device_bytes(tree, memory_kind: str | None = None) -> float:
   """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (of `memory_kind`
   only, when given: the host-offloaded optimizer state is not device memory)."""
@@ -173,14 +196,17 @@ def components(cfg, pl, mcfg, sizes: dict[str, int], batch) -> tuple[dict[str, f
   element = element_bytes(pl.mesh.devices.flat[0].platform, pl.compute_dtype)
   run = pl.handle.run
   c = ACTIVATIONS[run.remat]
+  pipe = pipeline_of(cfg, sizes["stage"])
   rest = {k: v for k, v in abstract.items() if k not in ("params", "opt_state")}
   comp = {
       "parameters": device_bytes(params),
       "optimizer state": device_bytes(abstract["opt_state"], "device"),
       "other state": device_bytes(rest),
       "gradients (+ update temporaries)": c.grads * grads,
-      f"activations (remat {run.remat})": activation_bytes(mcfg, cfg.train, sizes, run.remat,
-                                                           element, run.attention_impl, run),
+      f"activations (remat {run.remat})": (
+          activation_bytes(mcfg, cfg.train, sizes, run.remat, element, run.attention_impl, run)
+          if pipe is None else pipeline_activation_bytes(
+              mcfg, cfg.train, sizes, pipe, run.remat, element, run.attention_impl, run)),
       "batch": device_bytes(batch),
   }
   host = device_bytes(abstract["opt_state"]) - comp["optimizer state"]
