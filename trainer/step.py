@@ -8,7 +8,9 @@ divided by the number of counted tokens, so 2 microbatches of 2 give the same up
 batch of 4.
 
 The objective (trainer/objectives/) gives the loss over the step's named models; this file names
-none. Gradients are taken with respect to each trainable slot's view (trainer/state.py: all of
+none. With pipeline stages (mesh.stage > 1) the gradients come from parallel/pipeline.py, which
+runs the same loss per microbatch with each stage's chunk of layers, instead of one
+`value_and_grad` (and instead of the accumulation scan). Gradients are taken with respect to each trainable slot's view (trainer/state.py: all of
 its parameters, or LISA's few layers) without the leaves PEFT freezes, so frozen weights cost no
 weight-gradient matmuls, no accumulation buffers and no part in the norm. A mixture of experts'
 routing bias (models/moe.py, `router_bias_update_rate`) is no parameter: its leaf is frozen for
@@ -172,6 +174,11 @@ def make_train_step(spec: StateSpec, objective: Objective, compute_dtype, grad_a
       view, in tree order); with `scale`, the gradients of scale x loss."""
       flat = {s.name: jax.tree.flatten(selected[s.name]) for s in slots}
 
+      def scaled_loss(full, batch, rng, stack=None):
+        loss_sum, count, aux = loss_fn(full, batch, rng, stack)
+        scaled = loss_sum if scale is None else loss_sum * scale
+        return scaled, (loss_sum, count, aux)
+
       def of_trainable(trainable, batch):
         full = dict(params)
         for s in slots:
@@ -179,18 +186,12 @@ def make_train_step(spec: StateSpec, objective: Objective, compute_dtype, grad_a
           it = iter(trainable[s.name])
           view = treedef.unflatten([next(it) if m else x for x, m in zip(leaves, masks[s.name])])
           full[s.name] = s.view.merge(params[s.name], view, extras[s.name])
-        loss_sum, count, aux = loss_fn(full, batch, rng)
-        scaled = loss_sum if scale is None else loss_sum * scale
-        return scaled, (loss_sum, count, aux)
+        return scaled_loss(full, batch, rng)
 
-      if pipeline is not None:
-        def loss_of(full, micro, rng, stack):
-          loss_sum, count, aux = loss_fn(full, micro, rng, stack)
-          return (loss_sum if scale is None else loss_sum * scale), (loss_sum, count, aux)
-
+      if pipeline is not None:  # the default view only (validate.check_pipeline refuses LISA)
         names = [s.name for s in spec.slots]
         out, grads = pipeline_lib.run(
-            pipeline, spec.mesh, loss_of, {k: params[k] for k in names},
+            pipeline, spec.mesh, scaled_loss, {k: params[k] for k in names},
             {k: masks.get(k, [False] * len(jax.tree.leaves(params[k]))) for k in names},
             {k: layered(handles[k]) for k in names}, batch, rng)
         return out, {s.name: constrain(s, grads[s.name], masks[s.name]) for s in slots}

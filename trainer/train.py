@@ -140,7 +140,7 @@ def process_rows(sharding) -> tuple[int, int]:
   data-parallel slice) read the same ones."""
   n = sharding.mesh.size  # rows enough to split any way the mesh can
   held = sorted({(s[0].start or 0, n if s[0].stop is None else s[0].stop)
-                 for s in sharding.addressable_devices_indices_map((n, 1)).values()})
+                 for s in sharding.addressable_devices_indices_map((n, n)).values()})
   lo, hi = held[0][0], held[-1][1]
   if any(stop != start for (_, stop), (start, _) in zip(held, held[1:])) or lo % (hi - lo):
     raise UserError("config key mesh: this process's devices hold rows of the batch that are "
