@@ -143,30 +143,30 @@ def unpipelined(tmp_path_factory):
   return get
 
 
-PIPELINES = {
-    "gpipe stage 2": dict(stage=2),
-    "gpipe stage 4": dict(stage=4),
-    "1f1b stage 2": dict(stage=2, pipeline_schedule="1f1b"),
-    "1f1b stage 4, 8 microbatches": dict(stage=4, pipeline_schedule="1f1b", microbatches=8),
-    "circular stage 2 x 2": dict(stage=2, pipeline_schedule="circular", pipeline_repeats=2),
-    "circular stage 4 x 2": dict(stage=4, pipeline_schedule="circular", pipeline_repeats=2),
-    "gpipe stage 2 x fsdp 2": dict(stage=2, fsdp=2, strategy="fsdp"),
-    "1f1b stage 2 x fsdp 2": dict(stage=2, fsdp=2, strategy="fsdp", pipeline_schedule="1f1b"),
-    "circular stage 2 x 2 x fsdp 2": dict(stage=2, fsdp=2, strategy="fsdp",
-                                          pipeline_schedule="circular", pipeline_repeats=2),
-    "gpipe stage 2 x tensor 2": dict(stage=2, tensor=2, strategy="fsdp_tp"),
-    "1f1b stage 4 x tensor 2": dict(stage=4, tensor=2, strategy="fsdp_tp",
-                                    pipeline_schedule="1f1b"),
-    "circular stage 2 x 2 x tensor 2": dict(stage=2, tensor=2, strategy="fsdp_tp",
-                                            pipeline_schedule="circular", pipeline_repeats=2),
-    "gpipe stage 4 x fsdp 2": dict(stage=4, fsdp=2, strategy="fsdp"),
-    "circular stage 4 x 2 x tensor 2": dict(stage=4, tensor=2, strategy="fsdp_tp",
-                                            pipeline_schedule="circular", pipeline_repeats=2),
-}
+def pipelines():
+  """Each schedule with stage 2 and stage 4, alone, with fsdp 2 and with tensor 2 (circular:
+  2 chunks per stage)."""
+  out = {}
+  for schedule, stage, extra in itertools.product(("gpipe", "circular", "1f1b"), (2, 4),
+                                                  ("", "fsdp", "tensor")):
+    mesh = dict(stage=stage, pipeline_schedule=schedule)
+    if schedule == "circular":
+      mesh["pipeline_repeats"] = 2
+    if schedule != "gpipe":
+      mesh["microbatches"] = 4  # 2 sequences each (gpipe: as many as stages)
+    if extra == "fsdp":
+      mesh.update(fsdp=2, strategy="fsdp")
+    elif extra == "tensor":
+      mesh.update(tensor=2, strategy="fsdp_tp")
+    out[f"{schedule} stage {stage}" + (f" x {extra} 2" if extra else "")] = mesh
+  return out
+
+
+PIPELINES = pipelines()
 # the default suite keeps one case of each schedule and axis (its time budget); `pytest -m slow`
-SLOW = ("gpipe stage 2 x fsdp 2", "gpipe stage 2 x tensor 2", "circular stage 2 x 2 x fsdp 2",
-        "1f1b stage 2", "gpipe stage 4", "circular stage 4 x 2", "circular stage 2 x 2 x tensor 2",
-        "gpipe stage 4 x fsdp 2", "circular stage 4 x 2 x tensor 2")
+# runs the rest
+DEFAULT = ("gpipe stage 2", "1f1b stage 4", "circular stage 2", "1f1b stage 2 x fsdp 2",
+           "1f1b stage 4 x tensor 2", "gpipe stage 2 x tensor 2")
 
 
 @pytest.fixture
@@ -183,7 +183,7 @@ def pipelined(monkeypatch):
   return calls
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
+@pytest.mark.parametrize("name", [n if n in DEFAULT else pytest.param(n, marks=pytest.mark.slow)
                                   for n in PIPELINES])
 def test_pipelined_steps_equal_the_unpipelined_run(name, unpipelined, tmp_path, pipelined):
   mesh = PIPELINES[name]
