@@ -103,3 +103,37 @@ def test_top_k_and_top_p_filters():
   assert keep(gen.filter_logits(logits, 1.0, top_p=0.3)) == [True, False, False, False, False]
   shuffled = logits[:, ::-1]  # order in the vocabulary must not matter
   assert keep(gen.filter_logits(shuffled, 1.0, top_p=0.8)) == [False, False, True, True, True]
+
+
+@pytest.mark.parametrize("temperature,top_k", [(0.0, 0), (0.7, 5), (1.3, 0)])
+def test_sampled_logps_equal_the_training_forward(temperature, top_k):
+  """The log-probs the sampler records (RL rollouts' old log-probs) equal those a training
+  forward gives the same tokens at the same temperature, with the prompts and completions packed
+  two to a row as training rows are (f32, 1e-5). Filtering (top-k) changes which tokens can be
+  drawn, not the recorded probabilities."""
+  handle, params = build(SMALL)
+  rng = np.random.default_rng(1)
+  prompts = [rng.integers(0, 97, n).tolist() for n in (3, 7, 5, 4)]
+  settings = dict(temperature=temperature, top_k=top_k, seed=3)
+  stop = gen.generate(handle, params, prompts, 8, **settings)[0][3]  # row 0's 4th token
+  outs, logps = gen.generate(handle, params, prompts, 8, stop_ids=[stop], with_logps=True,
+                             keep_stop=True, **settings)
+  assert len(outs[0]) <= 4 and outs[0][-1] == stop  # the stop ends row 0, and is kept
+  model = handle.bind(params)
+  scale = temperature if temperature > 0 else 1.0
+  for pair in ((0, 1), (2, 3)):  # two sequences per row: segments 1 and 2
+    tokens, seg, pos = [], [], []
+    for k, r in enumerate(pair):
+      seq = prompts[r] + outs[r]
+      tokens += seq
+      seg += [k + 1] * len(seq)
+      pos += list(range(len(seq)))
+    h = model.hidden(np.asarray([tokens], np.int32), np.asarray([pos], np.int32),
+                     np.asarray([seg], np.int32))
+    lp = jax.nn.log_softmax(model.logits(h)[0] / scale, axis=-1)
+    at = 0
+    for r in pair:
+      p, n = len(prompts[r]), len(outs[r])
+      want = [float(lp[at + p - 1 + j, outs[r][j]]) for j in range(n)]
+      np.testing.assert_allclose(logps[r], want, rtol=1e-5, atol=1e-5)
+      at += p + n

@@ -59,10 +59,16 @@ def filter_logits(logits, temperature: float, top_k: int = 0, top_p: float = 1.0
 
 
 def choose(logits, key, temperature: float, top_k: int, top_p: float):
+  """(the next token, its log-prob under softmax(logits / temperature), unfiltered: what a
+  training forward at that temperature gives it; temperature 0 (greedy): the plain softmax)."""
+  logits = logits.astype(jnp.float32)
   if temperature <= 0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p)).astype(
-      jnp.int32)
+    tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  else:
+    tok = jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p)).astype(
+        jnp.int32)
+  logp = jax.nn.log_softmax(logits / (temperature if temperature > 0 else 1.0), axis=-1)
+  return tok, jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
 
 
 _COMPILED: dict[tuple, tuple[ModelHandle, object]] = {}
@@ -84,38 +90,43 @@ def _generate(params, tokens, positions, segments, stops, key, *, handle, max_ne
   cache = model.init_cache(b, p + max_new_tokens, compute_dtype)
   h, cache = model.hidden(tokens, positions, segments, Context(cache=cache, start=0))
   logits = model.logits(h[:, -1:])[:, 0]
-  first = choose(logits, jax.random.fold_in(key, 0), temperature, top_k, top_p)
+  first, first_logp = choose(logits, jax.random.fold_in(key, 0), temperature, top_k, top_p)
   out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first)
+  logps = jnp.zeros((b, max_new_tokens), jnp.float32).at[:, 0].set(first_logp)
   done = jnp.isin(first, stops)
   next_pos = positions[:, -1] + 1
 
   def cond(carry):
-    i, _, _, done, _ = carry
+    i, _, _, _, done, _ = carry
     return (i < max_new_tokens) & ~jnp.all(done)
 
   def body(carry):
-    i, out, cache, done, pos = carry
+    i, out, logps, cache, done, pos = carry
     last = out[:, i - 1][:, None]
     h, cache = model.hidden(last, pos[:, None], jnp.ones((b, 1), jnp.int32),
                             Context(cache=cache, start=p + i - 1))
-    nxt = choose(model.logits(h)[:, 0], jax.random.fold_in(key, i), temperature, top_k, top_p)
-    nxt = jnp.where(done, 0, nxt)
-    out = out.at[:, i].set(nxt)
-    return i + 1, out, cache, done | jnp.isin(nxt, stops), pos + 1
+    nxt, logp = choose(model.logits(h)[:, 0], jax.random.fold_in(key, i), temperature, top_k,
+                       top_p)
+    nxt, logp = jnp.where(done, 0, nxt), jnp.where(done, 0.0, logp)
+    out, logps = out.at[:, i].set(nxt), logps.at[:, i].set(logp)
+    return i + 1, out, logps, cache, done | jnp.isin(nxt, stops), pos + 1
 
-  i, out, _, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), out, cache, done, next_pos))
-  return out, i
+  i, out, logps, _, _, _ = jax.lax.while_loop(
+      cond, body, (jnp.int32(1), out, logps, cache, done, next_pos))
+  return out, logps, i
 
 
 def generate(handle: ModelHandle, params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              stop_ids: Sequence[int] = (), seed: int = 0, compute_dtype=jnp.float32,
-             max_len: int | None = None) -> list[list[int]]:
-  """New token ids after each prompt: at most `max_new_tokens`, ending before the first stop id.
-  Prompts are cut from the left to fit `max_len` (default: the model's max_seq_len) with the
-  new tokens."""
+             max_len: int | None = None, with_logps: bool = False, keep_stop: bool = False):
+  """New token ids after each prompt: at most `max_new_tokens`, ending before the first stop id
+  (`keep_stop`: with it). Prompts are cut from the left to fit `max_len` (default: the model's
+  max_seq_len) with the new tokens. `with_logps`: (token lists, float32 arrays of each token's
+  log-prob under softmax(logits / temperature), `choose`)."""
   if max_new_tokens < 1:
-    return [[] for _ in prompts]
+    empty = [[] for _ in prompts]
+    return (empty, [np.zeros(0, np.float32) for _ in prompts]) if with_logps else empty
   max_len = max_len or handle.cfg.max_seq_len
   room = max_len - max_new_tokens
   if room < 1:
@@ -131,15 +142,17 @@ def generate(handle: ModelHandle, params, prompts: Sequence[Sequence[int]], max_
     positions[r, p - len(q):] = np.arange(len(q))
   run = _compiled(handle, max_new_tokens=max_new_tokens, temperature=float(temperature),
                   top_k=int(top_k), top_p=float(top_p), compute_dtype=jnp.dtype(compute_dtype))
-  out, n = run(params, tokens, positions, segments,
-               jnp.asarray(list(stop_ids) or [-1], jnp.int32), jax.random.PRNGKey(fold_seed(seed)))
-  out = np.asarray(out)[:, :int(n)]
+  out, logps, n = run(params, tokens, positions, segments,
+                      jnp.asarray(list(stop_ids) or [-1], jnp.int32),
+                      jax.random.PRNGKey(fold_seed(seed)))
+  out, logps = np.asarray(out)[:, :int(n)], np.asarray(logps)[:, :int(n)]
   stops = set(stop_ids)
-  result = []
-  for row in out.tolist():
-    cut = next((j for j, tok in enumerate(row) if tok in stops), len(row))
+  result, result_logps = [], []
+  for row, row_logps in zip(out.tolist(), logps):
+    cut = next((j + keep_stop for j, tok in enumerate(row) if tok in stops), len(row))
     result.append(row[:cut])
-  return result
+    result_logps.append(row_logps[:cut])
+  return (result, result_logps) if with_logps else result
 
 
 # ----------------------------------------------------------------------------------------------
