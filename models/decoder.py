@@ -94,8 +94,9 @@ class Context:
   `prefix_keys` = n, prefix tuning: every layer's attention gets n keys and values first (the
   `prefix_kv` its layer source hands its Block).
 
-  `shared_prompt`: the rows hold preference pairs (trainer/data/pairs.py), each answer seeing
-  its pair's prompt.
+  `shared_prompt`: the rows hold groups of this many answers after one prompt each (preference
+  pairs, trainer/data/pairs.py: 2; GRPO's completions: their number), each answer seeing its
+  group's prompt and not the other answers.
 
   `layers`: a `LayerSource` (PEFT) instead of the decoder's own layer parameters.
   `stack`: what runs the layer stack instead of the scan, stack(body, x, layer parameters,
@@ -109,7 +110,7 @@ class Context:
   embed_noise: tuple | None = None
   prefix_embeds: Any = None
   prefix_keys: int = 0
-  shared_prompt: bool = False
+  shared_prompt: int = 0
   layers: LayerSource | None = None
   dropout_rng: Any = None
   router_rng: Any = None

@@ -115,15 +115,16 @@ def apply_rope(x_bthd, cos_btd, sin_btd):
 
 
 def attention_mask(pos_q, seg_q, pos_k, seg_k, sliding_window: int = 0,
-                   shared_prompt: bool = False) -> jax.Array:
+                   shared_prompt: int = 0) -> jax.Array:
   """Boolean (batch, 1, 1, q_len, k_len): same segment, causal by position, inside the window.
 
   Rows of a packed batch hold several examples; segment ids keep attention inside each. Using
   positions rather than array indices keeps the mask right when the sequence is reordered
   (load-balanced ring attention). Keys of segment `fm.VIRTUAL` (virtual tokens of prompt and
   prefix tuning, at positions before every real token) are seen by every segment, outside any
-  window. `shared_prompt` (preference rows, trainer/data/pairs.py): segment 3k+1 (pair k's prompt)
-  is also seen by 3k+2 and 3k+3 (its answers).
+  window. `shared_prompt` = n answers per prompt (preference rows, trainer/data/pairs.py: 2; a
+  group of n completions of one prompt: n): with g = n + 1, segment g k + 1 (group k's prompt)
+  is also seen by g k + 2 .. g k + g (its answers).
   """
   virtual = (seg_k == fm.VIRTUAL)[:, None, :]
   causal = pos_k[:, None, :] <= pos_q[:, :, None]
@@ -131,8 +132,9 @@ def attention_mask(pos_q, seg_q, pos_k, seg_k, sliding_window: int = 0,
     causal &= (pos_q[:, :, None] - pos_k[:, None, :] < sliding_window) | virtual
   same = seg_q[:, :, None] == seg_k[:, None, :]
   if shared_prompt:
-    prompt_k = ((seg_k > 0) & ((seg_k - 1) % 3 == 0))[:, None, :]
-    same |= prompt_k & (((seg_q - 1) // 3)[:, :, None] == ((seg_k - 1) // 3)[:, None, :])
+    g = shared_prompt + 1
+    prompt_k = ((seg_k > 0) & ((seg_k - 1) % g == 0))[:, None, :]
+    same |= prompt_k & (((seg_q - 1) // g)[:, :, None] == ((seg_k - 1) // g)[:, None, :])
   mask = (same | virtual) & causal
   return mask[:, None, None]
 
@@ -466,7 +468,7 @@ def partitioned_flash_attention(q, k, v, mask: fm.FlashMask, scale, softcap, bac
 
 
 def attention_inputs(impl: str, positions_bt, segment_ids_bt, window: int, order=None,
-                     keys=None, shared_prompt: bool = False):
+                     keys=None, shared_prompt: int = 0):
   """The mask in the form attention_impl `impl` takes, built once for the layers with this
   sliding `window` (0: none).
 
@@ -476,7 +478,7 @@ def attention_inputs(impl: str, positions_bt, segment_ids_bt, window: int, order
   every key, both in the ring's `order`.
 
   `keys` (prefix tuning, xla and pallas): (positions, segment ids) of keys that are n virtual
-  keys followed by the queries' own. `shared_prompt`: preference rows (see `attention_mask`).
+  keys followed by the queries' own. `shared_prompt`: answers per prompt (see `attention_mask`).
   """
   if keys is not None:
     if impl == "xla":

@@ -106,7 +106,7 @@ def test_reward_model_export_scores_in_transformers(tmp_path):
   batch = pair_rows()
   model = handle.bind(params)
   h = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"],
-                   Context(shared_prompt=True))
+                   Context(shared_prompt=2))
   scores = pairwise.pair_sums(model.values(h) * pairwise.last_positions(
       jnp.asarray(batch["segment_ids"])), batch["segment_ids"], 4)
   for k, (p, c, r) in enumerate(zip(PROMPTS, CHOSEN, REJECTED)):

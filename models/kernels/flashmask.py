@@ -128,14 +128,14 @@ def from_vectors(lts, lte, uts, ute) -> FlashMask:
 
 
 def from_segments(segment_ids: jax.Array, sliding_window: int = 0,
-                  shared_prompt: bool = False) -> FlashMask:
+                  shared_prompt: int = 0) -> FlashMask:
   """jnp: the causal document mask of packed rows (as `document`), optionally also limited to a
   sliding window of `sliding_window` keys. Runs in O(N) inside jit: each key finds the end of its
   segment with a reversed cumulative minimum. Keys of segment `VIRTUAL` (leading virtual tokens)
-  are seen by every later row, outside any window. `shared_prompt` (preference rows,
-  trainer/data/pairs.py): segments 3k+1, 3k+2, 3k+3 are pair k's prompt and its two answers, and
-  a prompt key is seen up to the end of its pair (both answers), an answer key up to the end of
-  its own segment."""
+  are seen by every later row, outside any window. `shared_prompt` = n answers per prompt
+  (preference rows, trainer/data/pairs.py: 2; a group of n completions: n): with g = n + 1,
+  segments g k + 1 .. g k + g are group k's prompt and its answers, and a prompt key is seen up
+  to the end of its group (every answer), an answer key up to the end of its own segment."""
   seg = jnp.asarray(segment_ids)
   b, n = seg.shape
   idx = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
@@ -144,10 +144,11 @@ def from_segments(segment_ids: jax.Array, sliding_window: int = 0,
   boundary = jnp.where(starts_next, idx + 1, n)
   seg_end = jax.lax.cummin(boundary, axis=1, reverse=True)
   if shared_prompt:
-    pair = (seg - 1) // 3
-    pair_next = jnp.concatenate([pair[:, 1:] != pair[:, :-1], jnp.ones((b, 1), bool)], axis=1)
-    pair_end = jax.lax.cummin(jnp.where(pair_next, idx + 1, n), axis=1, reverse=True)
-    seg_end = jnp.where((seg > 0) & ((seg - 1) % 3 == 0), pair_end, seg_end)
+    g = shared_prompt + 1
+    group = (seg - 1) // g
+    group_next = jnp.concatenate([group[:, 1:] != group[:, :-1], jnp.ones((b, 1), bool)], axis=1)
+    group_end = jax.lax.cummin(jnp.where(group_next, idx + 1, n), axis=1, reverse=True)
+    seg_end = jnp.where((seg > 0) & ((seg - 1) % g == 0), group_end, seg_end)
   lts = seg_end if not sliding_window else jnp.minimum(seg_end, idx + sliding_window)
   lts = jnp.where(seg == VIRTUAL, n, lts)
   return FlashMask(lts.astype(jnp.int32), jnp.full((b, n), n, jnp.int32),

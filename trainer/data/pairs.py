@@ -29,19 +29,20 @@ from trainer.data import packing, templates
 from trainer.data.sources import DataError
 
 FIELDS = ("inputs", "targets", "weights", "positions", "segment_ids")
+ANSWERS = 2  # answers per prompt: the decoder's `Context.shared_prompt` for these rows
 
 
-class Pair:
-  """One pair's per-position arrays; len() is positions + 1 (as a piece of n tokens fills n - 1
-  positions in trainer/data/packing.py)."""
+class Group:
+  """One prompt and n answers laid out as above (answer i is branch i + 2, its segment
+  (n + 1) k + i + 2 in group k of a row); len() is positions + 1 (as a piece of n tokens fills
+  n - 1 positions in trainer/data/packing.py). GRPO's completions of one prompt are a group."""
 
-  def __init__(self, prompt, chosen, chosen_mask, rejected, rejected_mask):
-    if len(prompt) < 1 or len(chosen) < 1 or len(rejected) < 1:
-      raise ValueError("a preference pair needs a prompt and two non-empty answers")
-    self.parts = (prompt, chosen, chosen_mask, rejected, rejected_mask)  # as given (shards.py)
+  def __init__(self, prompt, answers, masks):
+    if len(prompt) < 1 or not answers or any(len(a) < 1 for a in answers):
+      raise ValueError("a group needs a prompt and non-empty answers")
     p = len(prompt)
     parts = [(prompt[:-1], prompt[1:], np.zeros(p - 1), np.arange(p - 1), 1)]
-    for branch, answer, mask in ((2, chosen, chosen_mask), (3, rejected, rejected_mask)):
+    for branch, (answer, mask) in enumerate(zip(answers, masks), start=2):
       n = len(answer)
       parts.append((np.concatenate([prompt[-1:], answer]), np.concatenate([answer, [0]]),
                     np.concatenate([mask, [0.0]]), np.arange(p - 1, p + n), branch))
@@ -51,10 +52,26 @@ class Pair:
     self.inputs, self.targets = self.inputs.astype(np.int32), self.targets.astype(np.int32)
     self.weights, self.positions = self.weights.astype(np.float32), self.positions.astype(np.int32)
     self.branch = self.branch.astype(np.int32)
-    self.first = {b: int(np.argmax(self.branch == b)) for b in (2, 3)}  # each answer's start
+    self.answers = len(answers)
+    # each answer's first position (its input there is the prompt's last token)
+    self.first = {b: int(np.argmax(self.branch == b)) for b in range(2, len(answers) + 2)}
 
   def __len__(self) -> int:
     return len(self.inputs) + 1
+
+  def segments(self, k: int) -> np.ndarray:
+    """The segment ids of this group as group k of its row."""
+    return (self.answers + 1) * k + self.branch
+
+
+class Pair(Group):
+  """A preference pair: a group of two answers, the chosen (branch 2) and the rejected (3)."""
+
+  def __init__(self, prompt, chosen, chosen_mask, rejected, rejected_mask):
+    if len(prompt) < 1 or len(chosen) < 1 or len(rejected) < 1:
+      raise ValueError("a preference pair needs a prompt and two non-empty answers")
+    super().__init__(prompt, [chosen, rejected], [chosen_mask, rejected_mask])
+    self.parts = (prompt, chosen, chosen_mask, rejected, rejected_mask)  # as given (shards.py)
 
 
 def messages(value, role: str, where: str) -> list[dict]:
@@ -103,7 +120,7 @@ def assemble(row, pairs: Sequence[Pair], _unused, seq_len: int,
     n = len(pair.inputs)
     for field in ("inputs", "targets", "weights", "positions"):
       out[field][at:at + n] = getattr(pair, field)
-    out["segment_ids"][at:at + n] = 3 * k + pair.branch
+    out["segment_ids"][at:at + n] = pair.segments(k)
     out["example"][at:at + n] = ex
     if reference is not None:
       out["reference"][at + pair.first[2]] = reference[ex, 0]

@@ -36,8 +36,9 @@ class Bound:
   aux: list | None = None
   stack: Any = None  # a pipeline's stack of layers (models/decoder.py Context.stack)
 
-  def forward(self, batch: Batch, shared_prompt: bool = False):
-    """(module, final hidden states) of the batch's rows. `shared_prompt`: preference rows."""
+  def forward(self, batch: Batch, shared_prompt: int = 0):
+    """(module, final hidden states) of the batch's rows. `shared_prompt`: answers per prompt
+    of rows laid out as trainer/data/pairs.py does (2: preference pairs)."""
     model = self.handle.bind(cast_floating(self.params, self.compute_dtype))
     noise = (self.rng, self.neftune_alpha) if self.neftune_alpha and self.rng is not None else None
     dropout = None

@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 
 from models import safetensors_io
 from trainer import losses
-from trainer.data import pipeline
+from trainer.data import pairs as pair_rows, pipeline
 from trainer.errors import UserError
 from trainer.objectives import pairwise
 from trainer.objectives.base import Bound, Objective
@@ -64,7 +64,7 @@ def preference_losses(kind: str, pi_c, pi_r, ref_c, ref_r, n_c, n_r, beta: float
 def answer_logps(model: Bound, batch):
   """(chosen, rejected), each (batch, pairs): the summed log-probs of each preference pair's
   answer tokens under `model`."""
-  module, hidden = model.forward(batch, shared_prompt=True)
+  module, hidden = model.forward(batch, shared_prompt=pair_rows.ANSWERS)
   logp = -losses.token_nll(module.logits(hidden), batch["targets"]) * batch["weights"]
   return pairwise.pair_sums(logp, batch["segment_ids"],
                             pairwise.max_pairs(batch["inputs"].shape[1]))
@@ -116,7 +116,7 @@ class DPO(Objective):
   def loss(self, models, batch):
     seg, w = batch["segment_ids"], batch["weights"]
     n_pairs = pairwise.max_pairs(batch["inputs"].shape[1])
-    model, hidden = models["policy"].forward(batch, shared_prompt=True)
+    model, hidden = models["policy"].forward(batch, shared_prompt=pair_rows.ANSWERS)
     nll = losses.token_nll(model.logits(hidden), batch["targets"])
     pi_c, pi_r = pairwise.pair_sums(-nll * w, seg, n_pairs)
     n_c, n_r = pairwise.pair_sums(w, seg, n_pairs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 
+from trainer.data import pairs as pair_rows
 from trainer.objectives import pairwise
 from trainer.objectives.base import Objective
 
@@ -24,7 +25,7 @@ class Reward(Objective):
   def loss(self, models, batch):
     seg, last = batch["segment_ids"], batch["last"]
     n_pairs = pairwise.max_pairs(batch["inputs"].shape[1])
-    model, hidden = models["policy"].forward(batch, shared_prompt=True)
+    model, hidden = models["policy"].forward(batch, shared_prompt=pair_rows.ANSWERS)
     scores = pairwise.pair_sums(model.values(hidden) * last, seg, n_pairs)
     present = pairwise.pair_sums(last, seg, n_pairs)
     valid = (present[0] > 0) & (present[1] > 0)
