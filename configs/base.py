@@ -131,7 +131,8 @@ def get_config(arg=None):
 
   # The run: objective, length, optimizer (AdamW + clipping), logging, eval, checkpoints.
   c.train = ml_collections.ConfigDict(dict(
-      # lm (every weighted token) | sft (chat: assistant tokens) | dpo | reward (trainer/objectives/)
+      # lm (every weighted token) | sft (chat: assistant tokens) | dpo | reward | grpo (online RL)
+      # (trainer/objectives/)
       objective="lm",
       steps=1000,  # optimizer steps
       batch_size=8,  # global, in sequences
@@ -166,6 +167,28 @@ def get_config(arg=None):
   # Supervised fine-tuning (train.objective=sft).
   c.sft = ml_collections.ConfigDict(dict(
       normalize="token",  # token: every assistant token counts once | sequence: every example
+  ))
+
+  # Online RL with group-relative advantages (train.objective=grpo; trainer/objectives/grpo.py).
+  c.rl = ml_collections.ConfigDict(dict(
+      prompts="",  # jsonl of chats, the last message the expected answer; "": data.train_files
+      group_size=4,  # completions sampled per prompt (G)
+      groups_per_row=1,  # prompts per row: a step samples train.batch_size x this many prompts
+      max_new_tokens=16,  # longest completion
+      temperature=1.0,  # sampling temperature (the loss's log-probs use it too)
+      top_k=0,  # sampling: 0 = all tokens
+      top_p=1.0,  # sampling: nucleus mass
+      reward="exact",  # exact (the reply is the expected answer) | module:function
+      loss_type="grpo",  # grpo | bnpo | dr_grpo (Dr. GRPO) | dapo (token-level)
+      level="token",  # importance ratio per token | sequence (GSPO)
+      eps_low=0.2,  # ratio clipped to [1 - eps_low, 1 + eps_high]
+      eps_high=0.2,  # DAPO's clip-higher: 0.28
+      beta=0.04,  # KL (k3) to the frozen reference; 0: no reference model
+      scale_rewards="group",  # advantages / the group's std | batch | none (Dr. GRPO)
+      dynamic_sampling=False,  # DAPO: groups whose rewards are all equal leave the loss
+      overlong_buffer=0,  # DAPO's soft overlong penalty over the last this many tokens; 0: off
+      overlong_factor=1.0,  # ... reaching -this at rl.max_new_tokens
+      length_penalty=0.0,  # reward minus this x length / rl.max_new_tokens
   ))
 
   # Preference optimisation (train.objective=dpo; data.format=preference).

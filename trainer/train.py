@@ -327,7 +327,7 @@ def intact(step: int | None) -> str:
 
 def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
   """Train as the config says, on `devices` (default: all). Returns the final metrics (also
-  written to metrics.jsonl) and the final state."""
+  written to metrics.jsonl), the final state and the plan (`plan`: its models and steps)."""
   t_start = time.time()
   check_config(cfg)
   tc = cfg.train
@@ -383,10 +383,13 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
            "(train.steps); nothing to train (raise train.steps to go on)")
       return {"step": start_step, "state": state, "preempted": False}
   shard = process_rows(pl.batch_sharding)  # each process reads only its rows
+  def bound_models(state):
+    return {s.name: Bound(s.handle, pl.spec.params(state, s.name), pl.compute_dtype)
+            for s in pl.spec.slots}
+
   with parallel.activate(mesh, pl.rules):  # e.g. DPO's precomputed reference log-probs
     pl.objective.prepare(Prepare(
-        data, {s.name: Bound(s.handle, pl.spec.params(state, s.name), pl.compute_dtype)
-               for s in pl.spec.slots}, start_step, workdir, shard, tc.batch_size,
+        data, bound_models(state), start_step, workdir, shard, tc.batch_size,
         lambda b: to_global(b, pl.batch_sharding), _log))
   # the rows are complete (reference log-probs included): now the batches can be read
   train_ds = pipeline.batches(data.train, tc.batch_size, shard=shard)
@@ -454,9 +457,14 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
       writer.write(0, before)
       writer.note(f"before training: {before}")
     for step in range(start_step + 1, end_step + 1):
-      batch = to_global(next(train_iter), pl.batch_sharding)
+      host, rollout = next(train_iter), {}
+      if pl.objective.online:  # RL: the batch is sampled with the current policy
+        with parallel.activate(mesh, pl.rules):
+          host, rollout = pl.objective.rollout(bound_models(state), step, pl.compute_dtype)
+      batch = to_global(host, pl.batch_sharding)
       with parallel.activate(mesh, pl.rules):
         state, m = pl.train_step(state, batch)
+      m = {**m, **rollout}
       # the step before this one (this one is still running): too many non-finite in a row?
       if previous is not None and tc.max_nonfinite_steps and \
           int(previous["nonfinite_streak"]) >= tc.max_nonfinite_steps:
@@ -539,5 +547,5 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
   _log(f"done: step {step}, {results + ', ' if results else ''}"
        f"{time.time() - t_start:.0f}s in all; workdir {workdir}")
   return {"step": step, **{k: float(v) for k, v in last.items()}, "state": state,
-          "preempted": preempted}
+          "preempted": preempted, "plan": pl}
 

@@ -4,6 +4,7 @@
   sft     the same on chat data, per token or per sequence (sft.py).
   dpo     preference pairs: DPO (cDPO), IPO, SimPO, ORPO (dpo.py).
   reward  a scalar score per answer, Bradley-Terry loss (reward.py).
+  grpo    online RL: GRPO, Dr. GRPO, DAPO, GSPO on the project's own rollouts (grpo.py).
 
 An objective is a small class (base.py: `Objective`) whose `loss(models, batch)` gives
 (sum, count, aux sums) over the step's named models; trainer/step.py calls it and names none.
@@ -14,11 +15,13 @@ from __future__ import annotations
 
 from trainer.objectives.base import Bound, Objective
 from trainer.objectives.dpo import DPO
+from trainer.objectives.grpo import GRPO
 from trainer.objectives.lm import LM
 from trainer.objectives.reward import Reward
 from trainer.objectives.sft import SFT
 
-REGISTRY: dict[str, type[Objective]] = {"lm": LM, "sft": SFT, "dpo": DPO, "reward": Reward}
+REGISTRY: dict[str, type[Objective]] = {"lm": LM, "sft": SFT, "dpo": DPO, "reward": Reward,
+                                        "grpo": GRPO}
 OBJECTIVES = tuple(REGISTRY)
 DEFAULT = "lm"  # train.objective's default, and a bare loss function's (trainer/step.py)
 

@@ -82,9 +82,11 @@ class Objective:
   `pairs`: batches hold preference pairs (shared-prompt rows, trainer/data/pairs.py).
   `frozen_models()`: frozen models the state keeps for this objective, {slot: slot whose starting
   parameters it copies}, e.g. DPO's reference. `prepare(...)`: work before the first step (DPO's
-  precomputed reference log-probs); it may attach columns to the rows."""
+  precomputed reference log-probs); it may attach columns to the rows. `online` objectives (RL)
+  make each step's batch themselves (`rollout`)."""
   name = ""
   pairs = False
+  online = False  # its batches are made each step by `rollout` (RL), not read from the data
 
   @classmethod
   def from_config(cls, cfg) -> "Objective":
@@ -110,3 +112,8 @@ class Objective:
 
   def prepare(self, run: Prepare) -> None:
     del run
+
+  def rollout(self, models: dict[str, Bound], step: int, compute_dtype) -> tuple[dict, dict]:
+    """An online objective's batch for train step `step` (from 1), made with its models'
+    current parameters: (host arrays, metrics to log)."""
+    raise NotImplementedError

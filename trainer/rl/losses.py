@@ -78,8 +78,19 @@ class GrpoLoss:
 
   def __call__(self, logps_bt, old_logps_bt, advantages_b, mask_bt, ref_logps_bt=None,
                n_tokens=None):
-    """(loss, metrics). `n_tokens`: dapo's normaliser (default: the mask's sum; give the whole
-    generation batch's when the batch is split into microbatches)."""
+    """(loss, metrics) of one batch, as TRL computes it. `n_tokens`: dapo's normaliser
+    (default: the mask's sum)."""
+    loss_sum, count, sums = self.sums(logps_bt, old_logps_bt, advantages_b, mask_bt, ref_logps_bt)
+    if self.loss_type == "dapo" and n_tokens is not None:
+      count = n_tokens
+    return loss_sum / jnp.maximum(count, 1.0), {k: v / jnp.maximum(c, 1.0)
+                                                for k, (v, c) in sums.items()}
+
+  def sums(self, logps_bt, old_logps_bt, advantages_b, mask_bt, ref_logps_bt=None):
+    """(loss sum, count, {metric: (sum, count)}): the loss is sum / count, so that microbatches
+    add up to the whole batch's loss: `grpo` sums each completion's token mean over the
+    completions, `dr_grpo` its token sum / max_len, both counting completions; `bnpo` and
+    `dapo` sum over tokens and count tokens."""
     mask = mask_bt.astype(jnp.float32)
     adv = advantages_b[:, None]
     log_ratio = logps_bt - old_logps_bt
@@ -92,23 +103,23 @@ class GrpoLoss:
     if self.beta:
       kl = k3_kl(logps_bt, ref_logps_bt)
       per_token = per_token + self.beta * kl
-      metrics["kl"] = masked_mean(kl, mask)
-    per_token = jnp.broadcast_to(per_token, mask.shape)
+      metrics["kl"] = ((kl * mask).sum(), mask.sum())
+    per_token = jnp.broadcast_to(per_token, mask.shape) * mask
+    completions = (mask.sum(-1) > 0).sum().astype(jnp.float32)
     if self.loss_type == "grpo":
-      loss = masked_mean(per_token, mask, axis=-1).mean()
-    elif self.loss_type == "bnpo":
-      loss = masked_mean(per_token, mask)
+      loss_sum, count = (per_token.sum(-1) / jnp.maximum(mask.sum(-1), 1.0)).sum(), completions
     elif self.loss_type == "dr_grpo":
-      loss = (per_token * mask).sum() / (mask.shape[0] * (self.max_len or mask.shape[1]))
-    else:  # dapo
-      loss = (per_token * mask).sum() / jnp.maximum(mask.sum() if n_tokens is None else n_tokens,
-                                                    1.0)
+      loss_sum, count = per_token.sum() / (self.max_len or mask.shape[1]), completions
+    else:  # bnpo, dapo
+      loss_sum, count = per_token.sum(), mask.sum()
     low = (ratio < 1 - self.eps_low) & (adv < 0)
     high = (ratio > 1 + self.eps_high) & (adv > 0)
-    clip_mask = mask if self.level == "token" else jnp.ones_like(ratio)
-    metrics["clip_fraction"] = masked_mean(jnp.broadcast_to(low | high, clip_mask.shape)
-                                           .astype(jnp.float32), clip_mask)
-    return loss, metrics
+    region = jnp.broadcast_to(low | high, mask.shape).astype(jnp.float32)
+    if self.level == "token":
+      metrics["clip_fraction"] = ((region * mask).sum(), mask.sum())
+    else:
+      metrics["clip_fraction"] = (region[:, 0].sum(), mask.shape[0] * jnp.ones(()))
+    return loss_sum, count, metrics
 
 
 def overlong_penalty(lengths_b, max_len: int, buffer: int, factor: float = 1.0):

@@ -1,0 +1,285 @@
+"""grpo: online RL with group-relative advantages (GRPO, and the Dr. GRPO, DAPO and GSPO
+variants: `rl.*`), its rollouts drawn each step by the project's own KV-cache sampler.
+
+Each train step's batch is made by `rollout`: the next prompts of the prompt stream (the chats
+of `rl.prompts`, their last assistant message the expected answer; a new permutation each epoch,
+fixed by train.seed, so the step number alone says where a resumed run is), `rl.group_size`
+completions of each sampled with the current policy on the training mesh (trainer/generate.py;
+it records each token's log-prob, which equals the training forward's), each completion scored
+by `rl.reward`, the rewards turned into group-relative advantages, and each prompt's group laid
+out in one row: the prompt once, the completions as branches that see it and not each other
+(trainer/data/pairs.py `Group`). `loss` runs the policy, and with `rl.beta` the frozen
+reference, over those rows and applies trainer/rl/losses.py `GrpoLoss`.
+
+Evaluation batches are the held-out chats as SFT rows: their loss is the policy's NLL of the
+reference replies, and `train.eval_exact_match` scores greedy replies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from trainer import generate, losses as token_losses
+from trainer.data import pairs, templates
+from trainer.errors import UserError
+from trainer.objectives.base import Bound, Objective
+from trainer.rl import losses
+from trainer.seeds import fold_seed
+
+REWARDS = ("exact",)  # or "module:function"
+
+
+def exact_answer(prompt: list[dict], completion: str, answer: str) -> float:
+  """1.0 when the completion, surrounding whitespace aside, is the expected answer, else 0."""
+  del prompt
+  return float(completion.strip() == answer.strip())
+
+
+def reward_function(name: str) -> Callable[[list[dict], str, str], float]:
+  """`exact`, or `module:function` importable from the working directory: f(prompt messages,
+  completion text, expected answer) -> float."""
+  if name == "exact":
+    return exact_answer
+  module, _, attr = name.partition(":")
+  try:
+    fn = getattr(importlib.import_module(module), attr)
+  except (ImportError, AttributeError, ValueError) as e:
+    raise UserError(f"config key rl.reward: cannot load {name!r} ({e}); use exact or "
+                    "module:function") from None
+  return fn
+
+
+def read_prompts(path: str) -> list[tuple[list[dict], str]]:
+  """(the messages before the last, the last one's content) of each chat of a jsonl file; a bad
+  line is one error naming file:line."""
+  out = []
+  with open(path, encoding="utf-8") as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        messages = json.loads(line)["messages"]
+        if messages[-1]["role"] != "assistant" or len(messages) < 2:
+          raise ValueError("the last message must be the assistant's expected answer")
+        out.append((messages[:-1], str(messages[-1]["content"])))
+      except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise UserError(f"{path}:{n}: not a chat with an expected answer ({e})") from None
+  if not out:
+    raise UserError(f"config key rl.prompts: {path} holds no chats")
+  return out
+
+
+@dataclasses.dataclass
+class GRPO(Objective):
+  """See the module docstring; the fields are the `rl` section of the config."""
+  name = "grpo"
+  online = True
+  prompts_path: str = ""
+  group: int = 4
+  groups_per_row: int = 1
+  max_new_tokens: int = 16
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  reward: str = "exact"
+  scale_rewards: str = "group"
+  dynamic_sampling: bool = False
+  overlong_buffer: int = 0
+  overlong_factor: float = 1.0
+  length_penalty: float = 0.0
+  loss_fn: losses.GrpoLoss = dataclasses.field(default_factory=losses.GrpoLoss)
+  seed: int = 0
+  row_len: int = 0  # train.seq_len
+  # set by `prepare`: the prompts, tokenizer, stop token, reward function, rows per step
+  state: dict = dataclasses.field(default_factory=dict)
+
+  @classmethod
+  def from_config(cls, cfg) -> "GRPO":
+    r = cfg.rl
+    return cls(r.prompts or cfg.data.train_files, r.group_size, r.groups_per_row,
+               r.max_new_tokens, r.temperature, r.top_k, r.top_p, r.reward, r.scale_rewards,
+               r.dynamic_sampling, r.overlong_buffer, r.overlong_factor, r.length_penalty,
+               losses.GrpoLoss(r.loss_type, r.level, r.eps_low, r.eps_high, r.beta,
+                               r.max_new_tokens),
+               fold_seed(cfg.train.seed), cfg.train.seq_len)
+
+  @classmethod
+  def problems(cls, cfg) -> list[tuple[str, str]]:
+    r, out = cfg.rl, []
+    if cfg.data.format != "chat":
+      out.append(("data.format", "train.objective=grpo samples replies to chats: set "
+                  "data.format=chat (its held-out chats are evaluated)"))
+    prompts = r.prompts or cfg.data.train_files
+    if not prompts or "," in prompts or not os.path.isfile(prompts):
+      out.append(("rl.prompts", f"{prompts!r} is not one jsonl file of chats (the last message "
+                  "of each the expected answer)"))
+    if r.group_size < 2:
+      out.append(("rl.group_size", f"{r.group_size}: group-relative advantages need >= 2"))
+    for key, allowed in (("loss_type", losses.LOSS_TYPES), ("level", losses.LEVELS),
+                         ("scale_rewards", losses.SCALES)):
+      if r[key] not in allowed:
+        out.append((f"rl.{key}", f"{r[key]!r} is not one of {', '.join(allowed)}"))
+    if r.reward != "exact" and ":" not in r.reward:
+      out.append(("rl.reward", f"{r.reward!r} is not exact or module:function"))
+    if r.max_new_tokens < 1 or r.groups_per_row < 1:
+      out.append(("rl.max_new_tokens", "rl.max_new_tokens and rl.groups_per_row must be >= 1"))
+    if r.overlong_buffer >= r.max_new_tokens:
+      out.append(("rl.overlong_buffer", f"{r.overlong_buffer} must be below rl.max_new_tokens"))
+    if r.temperature <= 0:
+      out.append(("rl.temperature", "must be > 0: a group of greedy replies is one reply"))
+    if cfg.mesh.stage > 1:
+      out.append(("mesh.stage", "train.objective=grpo is not pipelined yet; use mesh.stage=1"))
+    if cfg.train.grad_accum != 1:
+      out.append(("train.grad_accum", "train.objective=grpo normalises over the whole rollout "
+                  "batch; use 1"))
+    return out
+
+  # -- models ---------------------------------------------------------------------------------
+
+  def frozen_models(self, peft) -> dict[str, str]:
+    # with PEFT the reference is the policy with its adapters switched off: nothing to keep
+    return {"reference": "policy"} if self.loss_fn.beta and peft is None else {}
+
+  def reference(self, models) -> Bound:
+    if "reference" in models:
+      return models["reference"]
+    policy = models["policy"]
+    return policy.frozen(policy.handle.peft.reference_params(policy.params))
+
+  # -- rollouts -------------------------------------------------------------------------------
+
+  def prepare(self, run) -> None:
+    if jax.process_count() > 1:
+      raise UserError("config key train.objective: grpo runs in one process for now")
+    d = run.data
+    chats = read_prompts(self.prompts_path)
+    ids = [templates.encode_chat(d.template, d.tokenizer, msgs, add_generation_prompt=True)[0]
+           for msgs, _ in chats]
+    seq_len = next(iter(run.models.values())).handle.cfg.max_seq_len
+    row = self.row_len
+    need = max(len(i) for i in ids) + self.group * (self.max_new_tokens + 1)
+    if need * self.groups_per_row > row:
+      raise UserError(f"config key train.seq_len: a row of {row} tokens cannot hold "
+                      f"{self.groups_per_row} group(s) of the longest prompt ({max(map(len, ids))} "
+                      f"tokens) and {self.group} replies of rl.max_new_tokens="
+                      f"{self.max_new_tokens}; raise train.seq_len to "
+                      f"{need * self.groups_per_row} or lower rl.max_new_tokens")
+    if max(len(i) for i in ids) + self.max_new_tokens > seq_len:
+      raise UserError(f"config key rl.max_new_tokens: the longest prompt and "
+                      f"{self.max_new_tokens} new tokens exceed model.max_seq_len={seq_len}")
+    self.state.update(chats=chats, ids=[i.tolist() for i in ids], tokenizer=d.tokenizer,
+                      stop=d.template.stop_id(d.tokenizer), score=reward_function(self.reward),
+                      rows=run.batch_size, log=run.log)
+    run.log(f"grpo: {len(chats)} prompts from {self.prompts_path}; {self.prompts_per_step} per "
+            f"step x {self.group} replies of <= {self.max_new_tokens} tokens")
+
+  @property
+  def prompts_per_step(self) -> int:
+    return self.state["rows"] * self.groups_per_row
+
+  def stream(self, step: int) -> list[int]:
+    """The prompts of train step `step` (from 1): a permutation of all of them per epoch."""
+    n, k = len(self.state["ids"]), self.prompts_per_step
+    out = []
+    for pos in range((step - 1) * k, step * k):
+      epoch, at = divmod(pos, n)
+      out.append(int(np.random.default_rng([self.seed, epoch]).permutation(n)[at]))
+    return out
+
+  def rollout(self, models: dict[str, Bound], step: int, compute_dtype) -> tuple[dict, dict]:
+    """(the host batch of step `step`, its rollout metrics)."""
+    s, G, L = self.state, self.group, self.max_new_tokens
+    chosen = self.stream(step)
+    prompts = [s["ids"][i] for i in chosen for _ in range(G)]
+    policy = models["policy"]
+    outs, logps = generate.generate(
+        policy.handle, policy.params, prompts, L, temperature=self.temperature, top_k=self.top_k,
+        top_p=self.top_p, stop_ids=[s["stop"]], seed=fold_seed(self.seed * 1_000_003 + step),
+        compute_dtype=compute_dtype, with_logps=True, keep_stop=True)
+    rewards, lengths = np.zeros(len(outs), np.float32), np.zeros(len(outs), np.float32)
+    hits = np.zeros(len(outs), np.float32)
+    for j, out in enumerate(outs):
+      messages, answer = s["chats"][chosen[j // G]]
+      text = s["tokenizer"].decode([t for t in out if t != s["stop"]])
+      hits[j] = rewards[j] = float(s["score"](messages, text, answer))
+      lengths[j] = len(out)
+    rewards -= self.length_penalty * lengths / L
+    if self.overlong_buffer:
+      rewards += np.asarray(losses.overlong_penalty(jnp.asarray(lengths), L, self.overlong_buffer,
+                                                    self.overlong_factor))
+    adv = np.asarray(losses.group_advantages(jnp.asarray(rewards), G, self.scale_rewards))
+    keep = np.ones(len(chosen), bool)
+    if self.dynamic_sampling:
+      keep = np.asarray(losses.nonzero_variance_groups(jnp.asarray(rewards), G))
+    rows, k = s["rows"], self.groups_per_row
+    batch = {f: [] for f in pairs.FIELDS}
+    extra = {"gather": np.zeros((rows, k * G, L), np.int32),
+             "gather_mask": np.zeros((rows, k * G, L), np.float32),
+             "old_logps": np.zeros((rows, k * G, L), np.float32),
+             "advantages": np.zeros((rows, k * G), np.float32),
+             "rewards": np.zeros((rows, k * G), np.float32)}
+    for r in range(rows):
+      groups, at = [], 0
+      for g in range(r * k, (r + 1) * k):
+        done = outs[g * G:(g + 1) * G]
+        groups.append(pairs.Group(np.asarray(s["ids"][chosen[g]]), [np.asarray(o) for o in done],
+                                  [np.ones(len(o)) for o in done]))
+      pieces = np.array([[i, 0, len(grp)] for i, grp in enumerate(groups)])
+      row = pairs.assemble(pieces, groups, None, self.row_len)
+      for f in pairs.FIELDS:
+        batch[f].append(row[f])
+      for gi, grp in enumerate(groups):
+        g = r * k + gi
+        for i in range(G):
+          c, n = gi * G + i, len(outs[g * G + i])
+          start = at + grp.first[i + 2]
+          extra["gather"][r, c, :n] = np.arange(start, start + n)
+          extra["gather_mask"][r, c, :n] = float(keep[g])
+          extra["old_logps"][r, c, :n] = logps[g * G + i]
+          extra["advantages"][r, c] = adv[g * G + i]
+          extra["rewards"][r, c] = rewards[g * G + i]
+        at += len(grp.inputs)
+    host = {**{f: np.stack(v) for f, v in batch.items()}, **extra}
+    metrics = {"reward": float(rewards.mean()), "accuracy": float(hits.mean()),
+               "response_length": float(lengths.mean()),
+               "groups_kept": float(keep.mean())}
+    return host, metrics
+
+  # -- loss -----------------------------------------------------------------------------------
+
+  def token_logps(self, bound: Bound, batch):
+    """(model, hidden, each row position's target log-prob at the sampling temperature)."""
+    model, hidden = bound.forward(batch, shared_prompt=self.group)
+    logits = model.logits(hidden) / self.temperature
+    return model, hidden, -token_losses.token_nll(logits, batch["targets"]), logits
+
+  def loss(self, models, batch):
+    if "gather" not in batch:  # evaluation: the NLL of the held-out replies
+      model, hidden = models["policy"].forward(batch)
+      nll = token_losses.token_nll(model.logits(hidden), batch["targets"])
+      w = batch["weights"]
+      return jnp.sum(nll * w), jnp.sum(w), {}
+    _, _, lp_bt, logits = self.token_logps(models["policy"], batch)
+    b, c, L = batch["gather"].shape
+    take = lambda x: jnp.take_along_axis(x, batch["gather"].reshape(b, c * L), axis=1).reshape(
+        b * c, L)
+    mask = batch["gather_mask"].reshape(b * c, L)
+    ref = None
+    if self.loss_fn.beta:
+      ref_lp = self.token_logps(self.reference(models), batch)[2]
+      ref = take(jax.lax.stop_gradient(ref_lp))
+    loss_sum, count, sums = self.loss_fn.sums(take(lp_bt), batch["old_logps"].reshape(b * c, L),
+                                              batch["advantages"].reshape(-1), mask, ref)
+    # metrics as count x their mean (the step divides every aux sum by the count)
+    ent = take(losses.entropy(logits))
+    aux = {k: count * v / jnp.maximum(n, 1.0) for k, (v, n) in sums.items()}
+    aux["entropy"] = count * losses.masked_mean(ent, mask)
+    return loss_sum, count, aux
