@@ -149,7 +149,7 @@ def build_table(p: Pipeline) -> Table:
   needs arrived in an earlier slot, and then the one after it if that is a backward that can
   run too. Buffer slots are handed out as messages arrive and freed by the backward that reads
   them last."""
-  S, R = p.stages, p.repeats
+  S = p.stages
   acts = stage_actions(p)
   pos, stalled = [0] * S, 0
   done: dict[tuple, int] = {}  # (stage, FWD or BWD, micro, repeat) -> slot

@@ -14,7 +14,6 @@ from trainer import train
 from trainer.objectives import Bound
 from trainer.objectives.grpo import GRPO, read_prompts
 from trainer.errors import UserError
-from trainer.rl import losses
 
 CHATS = "data/arith_chat/train.jsonl"
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import small_run
-from parallel.pipeline import (BWD, BWD_LAST, FWD, IDLE, WAIT_LAST, Pipeline, build_table,
-                               chunk_order)
+from small_run import assert_same_training
+from parallel.pipeline import BWD, BWD_LAST, FWD, IDLE, Pipeline, build_table, chunk_order
 from trainer import train
 from trainer.errors import UserError
 
@@ -122,13 +122,6 @@ def config(mesh=None, n_layers=4, **train_overrides):
 
 def devices(c):
   return jax.devices()[:c.mesh.stage * c.mesh.fsdp * c.mesh.tensor * max(c.mesh.data, 1)]
-
-
-def assert_same_training(out, ref):
-  assert out["loss"] == pytest.approx(ref["loss"], rel=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
-                                                       atol=1e-6),
-               out["state"]["params"], ref["state"]["params"])
 
 
 @pytest.fixture(scope="module")
