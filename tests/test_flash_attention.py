@@ -329,7 +329,7 @@ def test_xla_query_blocks_equal_dense_attention(window, softcap, shared):
     pos = np.array([[int((seg[r, :i + 1] == seg[r, i]).sum()) - 1 for i in range(n)]
                     for r in range(b)])
   mask = attention_mask(jnp.asarray(pos), jnp.asarray(seg), jnp.asarray(pos), jnp.asarray(seg),
-                        window, shared)
+                        window, 2 if shared else 0)  # 2 answers per prompt
   q, k, v = qkv(rng, b, n, 8, 2, 16)
   d_out = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
 

@@ -143,6 +143,9 @@ def from_segments(segment_ids: jax.Array, sliding_window: int = 0,
   # end of the segment of key j: the first index k > j where a new segment starts (or n)
   boundary = jnp.where(starts_next, idx + 1, n)
   seg_end = jax.lax.cummin(boundary, axis=1, reverse=True)
+  if isinstance(shared_prompt, bool):  # it was a flag once: pairs are 2 answers per prompt
+    raise TypeError("shared_prompt is the number of answers per prompt (2 for preference "
+                    "pairs), not a bool")
   if shared_prompt:
     g = shared_prompt + 1
     group = (seg - 1) // g
