@@ -52,7 +52,8 @@ def one_device(tmp_path_factory):
 # ZeRO-1/2 change only where optimizer state and gradients rest (checked by
 # test_compiled_memory_follows_zero_formulas) and dp2 x fsdp2 x tp2 is the "+ sp" case without
 # sequence parallelism: the default suite leaves them to `pytest -m slow` (its time budget).
-SLOW_CASES = ("zero1 dp8", "zero2 dp8", "dp2 x fsdp2 x tp2")
+# fsdp2 x sp4 ring: ring attention's own parity test (below) stays in the default suite.
+SLOW_CASES = ("zero1 dp8", "zero2 dp8", "dp2 x fsdp2 x tp2", "fsdp2 x sp4 ring")
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_CASES

@@ -358,8 +358,10 @@ def test_each_method_trains_only_its_parameters(pretrained, name, section, lr, s
       np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-@pytest.mark.parametrize("section", [dict(method="lora", init="pissa", rslora=True),
-                                     dict(method="dora")], ids=["pissa", "dora"])
+@pytest.mark.parametrize("section", [
+    # the default suite keeps one (its 20-minute budget); `pytest -m slow` runs the other
+    pytest.param(dict(method="lora", init="pissa", rslora=True), marks=pytest.mark.slow),
+    dict(method="dora")], ids=["pissa", "dora"])
 def test_exports_load_in_hf_peft_and_transformers(pretrained, section, tmp_path):
   """After a few steps: `trainer.export --format=peft` loads onto the *original* base in HF PEFT
   (PiSSA converted to a plain LoRA against it), `--format=hf` holds the merged weights; both give

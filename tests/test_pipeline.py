@@ -215,8 +215,8 @@ def objective_config(kind, mesh, tmp_path):
   return c
 
 
-@pytest.mark.parametrize("kind", ["lora", "dpo", pytest.param("sft", marks=pytest.mark.slow),
-                                  pytest.param("remat", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kind", ["lora"] + [pytest.param(k, marks=pytest.mark.slow)
+                                            for k in ("dpo", "sft", "remat")])
 def test_objectives_and_peft_run_pipelined(kind, tmp_path, pipelined):
   ref_c = objective_config(kind, {}, tmp_path)
   ref = train.run(ref_c, str(tmp_path / "one"), devices=devices(ref_c))

@@ -40,7 +40,9 @@ def alone_logps(model, prompt, answer):
   return -nll[len(prompt) - 1:].sum(), logits[0, -1]
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
+# xla's shared-prompt mask is also checked by tests/test_rl_rows.py (groups of 4) in the default
+# suite; this case runs with `pytest -m slow`
+@pytest.mark.parametrize("impl", [pytest.param("xla", marks=pytest.mark.slow), "pallas"])
 def test_shared_prompt_rows_give_each_answer_its_own_sequence(tmp_path, impl):
   """Three pairs packed in one row, each answer seeing its prompt and not the other answer:
   the answers' summed log-probs equal those of prompt + answer run alone."""
