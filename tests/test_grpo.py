@@ -78,12 +78,12 @@ def test_rollout_logps_equal_the_training_forward_on_group_rows(rollout_run):
   last = np.take_along_axis(targets, np.maximum(n - 1, 0)[..., None], -1)[..., 0]
   assert np.all(n >= 1) and np.all((n == L) | (last == g.state["stop"]))
   batch = {key: jnp.asarray(v) for key, v in host.items()}
-  _, _, lp, _ = g.token_logps(models["policy"], batch)
+  lp, _ = g.token_logps(models["policy"], batch)
   got = np.take_along_axis(np.asarray(lp), host["gather"].reshape(b, -1), 1).reshape(b, k, L)
   np.testing.assert_allclose(got * mask, host["old_logps"] * mask, rtol=1e-5, atol=1e-5)
   # the objective's loss is GrpoLoss on the gathered completions (the ratio is 1 here)
   loss_sum, count, aux = g.loss(models, batch)
-  ref = np.take_along_axis(np.asarray(g.token_logps(g.reference(models), batch)[2]),
+  ref = np.take_along_axis(np.asarray(g.token_logps(g.reference(models), batch)[0]),
                            host["gather"].reshape(b, -1), 1).reshape(b * k, L)
   want, _ = g.loss_fn(jnp.asarray(got.reshape(b * k, L)), jnp.asarray(host["old_logps"]).reshape(
       b * k, L), jnp.asarray(host["advantages"]).reshape(-1), jnp.asarray(mask).reshape(b * k, L),

@@ -274,11 +274,10 @@ def check_pipeline(cfg, sizes: dict[str, int]) -> None:
            "LISA picks layers across the whole stack; use mesh.stage=1 or another peft.method")
   _require(cfg.model.attention_impl != "ring", "mesh.stage",
            "ring attention inside pipeline stages is not built yet; use attention_impl=xla")
-  uses_reference = (cfg.train.objective == "dpo" and cfg.dpo.loss not in ("simpo", "orpo")
-                    and not cfg.dpo.precompute_ref)
-  _require(not uses_reference, "dpo.precompute_ref",
-           "a pipelined run cannot run the reference model inside its step; set "
-           "dpo.precompute_ref=True (its log-probs are computed once before training)")
+  _require(not objectives.from_config(cfg).needs_reference, "mesh.stage",
+           f"train.objective={cfg.train.objective} runs a reference model inside each step, "
+           "which a pipelined step cannot yet; use mesh.stage=1 (dpo: or dpo.precompute_ref=True, "
+           "its log-probs computed once before training)")
 
 
 def check_mesh(cfg, n_devices: int) -> dict[str, int]:

@@ -83,10 +83,12 @@ class Objective:
   `frozen_models()`: frozen models the state keeps for this objective, {slot: slot whose starting
   parameters it copies}, e.g. DPO's reference. `prepare(...)`: work before the first step (DPO's
   precomputed reference log-probs); it may attach columns to the rows. `online` objectives (RL)
-  make each step's batch themselves (`rollout`)."""
+  make each step's batch themselves (`rollout`). `needs_reference`: its loss runs a frozen
+  reference model in every step (`reference`)."""
   name = ""
   pairs = False
   online = False  # its batches are made each step by `rollout` (RL), not read from the data
+  needs_reference = False
 
   @classmethod
   def from_config(cls, cfg) -> "Objective":
@@ -99,8 +101,16 @@ class Objective:
     return []
 
   def frozen_models(self, peft) -> dict[str, str]:
-    del peft
-    return {}
+    # the reference is a frozen copy of the starting policy; with PEFT it is the policy with its
+    # adapters switched off (`reference`): nothing to keep
+    return {"reference": "policy"} if self.needs_reference and peft is None else {}
+
+  def reference(self, models: dict[str, Bound]) -> Bound:
+    """The frozen reference model of `needs_reference` objectives."""
+    if "reference" in models:
+      return models["reference"]
+    policy = models["policy"]
+    return policy.frozen(policy.handle.peft.reference_params(policy.params))
 
   def annotate(self, batch: Batch) -> Batch:
     """Columns computed from the rows as packed, before the step may reorder positions (ring

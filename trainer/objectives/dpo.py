@@ -103,16 +103,6 @@ class DPO(Objective):
     """A reference model's log-probs in every step (no precomputation)."""
     return self.kind not in REFERENCE_FREE and not self.precompute_ref
 
-  def frozen_models(self, peft) -> dict[str, str]:
-    # with PEFT the reference is the policy with its adapters switched off: nothing to keep
-    return {"reference": "policy"} if self.needs_reference and peft is None else {}
-
-  def reference(self, models) -> Bound:
-    if "reference" in models:
-      return models["reference"]
-    policy = models["policy"]
-    return policy.frozen(policy.handle.peft.reference_params(policy.params))
-
   def loss(self, models, batch):
     seg, w = batch["segment_ids"], batch["weights"]
     n_pairs = pairwise.max_pairs(batch["inputs"].shape[1])

@@ -31,6 +31,7 @@ from trainer import generate, losses as token_losses
 from trainer.data import pairs, templates
 from trainer.errors import UserError
 from trainer.objectives.base import Bound, Objective
+from trainer.objectives.lm import LM
 from trainer.rl import losses
 from trainer.seeds import fold_seed
 
@@ -142,17 +143,10 @@ class GRPO(Objective):
                   "batch; use 1"))
     return out
 
-  # -- models ---------------------------------------------------------------------------------
-
-  def frozen_models(self, peft) -> dict[str, str]:
-    # with PEFT the reference is the policy with its adapters switched off: nothing to keep
-    return {"reference": "policy"} if self.loss_fn.beta and peft is None else {}
-
-  def reference(self, models) -> Bound:
-    if "reference" in models:
-      return models["reference"]
-    policy = models["policy"]
-    return policy.frozen(policy.handle.peft.reference_params(policy.params))
+  @property
+  def needs_reference(self) -> bool:
+    """The KL to the reference (`rl.beta`) needs its log-probs in every step."""
+    return bool(self.loss_fn.beta)
 
   # -- rollouts -------------------------------------------------------------------------------
 
@@ -164,15 +158,15 @@ class GRPO(Objective):
     ids = [templates.encode_chat(d.template, d.tokenizer, msgs, add_generation_prompt=True)[0]
            for msgs, _ in chats]
     seq_len = next(iter(run.models.values())).handle.cfg.max_seq_len
-    row = self.row_len
-    need = max(len(i) for i in ids) + self.group * (self.max_new_tokens + 1)
+    row, longest = self.row_len, max(len(i) for i in ids)
+    need = longest + self.group * (self.max_new_tokens + 1)
     if need * self.groups_per_row > row:
       raise UserError(f"config key train.seq_len: a row of {row} tokens cannot hold "
-                      f"{self.groups_per_row} group(s) of the longest prompt ({max(map(len, ids))} "
+                      f"{self.groups_per_row} group(s) of the longest prompt ({longest} "
                       f"tokens) and {self.group} replies of rl.max_new_tokens="
                       f"{self.max_new_tokens}; raise train.seq_len to "
                       f"{need * self.groups_per_row} or lower rl.max_new_tokens")
-    if max(len(i) for i in ids) + self.max_new_tokens > seq_len:
+    if longest + self.max_new_tokens > seq_len:
       raise UserError(f"config key rl.max_new_tokens: the longest prompt and "
                       f"{self.max_new_tokens} new tokens exceed model.max_seq_len={seq_len}")
     self.state.update(chats=chats, ids=[i.tolist() for i in ids], tokenizer=d.tokenizer,
@@ -188,10 +182,12 @@ class GRPO(Objective):
   def stream(self, step: int) -> list[int]:
     """The prompts of train step `step` (from 1): a permutation of all of them per epoch."""
     n, k = len(self.state["ids"]), self.prompts_per_step
-    out = []
+    orders, out = {}, []
     for pos in range((step - 1) * k, step * k):
       epoch, at = divmod(pos, n)
-      out.append(int(np.random.default_rng([self.seed, epoch]).permutation(n)[at]))
+      if epoch not in orders:  # a step's prompts span at most a few epochs
+        orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(n)
+      out.append(int(orders[epoch][at]))
     return out
 
   def rollout(self, models: dict[str, Bound], step: int, compute_dtype) -> tuple[dict, dict]:
@@ -224,8 +220,7 @@ class GRPO(Objective):
     extra = {"gather": np.zeros((rows, k * G, L), np.int32),
              "gather_mask": np.zeros((rows, k * G, L), np.float32),
              "old_logps": np.zeros((rows, k * G, L), np.float32),
-             "advantages": np.zeros((rows, k * G), np.float32),
-             "rewards": np.zeros((rows, k * G), np.float32)}
+             "advantages": np.zeros((rows, k * G), np.float32)}
     for r in range(rows):
       groups, at = [], 0
       for g in range(r * k, (r + 1) * k):
@@ -245,7 +240,6 @@ class GRPO(Objective):
           extra["gather_mask"][r, c, :n] = float(keep[g])
           extra["old_logps"][r, c, :n] = logps[g * G + i]
           extra["advantages"][r, c] = adv[g * G + i]
-          extra["rewards"][r, c] = rewards[g * G + i]
         at += len(grp.inputs)
     host = {**{f: np.stack(v) for f, v in batch.items()}, **extra}
     metrics = {"reward": float(rewards.mean()), "accuracy": float(hits.mean()),
@@ -256,25 +250,23 @@ class GRPO(Objective):
   # -- loss -----------------------------------------------------------------------------------
 
   def token_logps(self, bound: Bound, batch):
-    """(model, hidden, each row position's target log-prob at the sampling temperature)."""
+    """(each row position's target log-prob at the sampling temperature, the logits so
+    scaled)."""
     model, hidden = bound.forward(batch, shared_prompt=self.group)
     logits = model.logits(hidden) / self.temperature
-    return model, hidden, -token_losses.token_nll(logits, batch["targets"]), logits
+    return -token_losses.token_nll(logits, batch["targets"]), logits
 
   def loss(self, models, batch):
     if "gather" not in batch:  # evaluation: the NLL of the held-out replies
-      model, hidden = models["policy"].forward(batch)
-      nll = token_losses.token_nll(model.logits(hidden), batch["targets"])
-      w = batch["weights"]
-      return jnp.sum(nll * w), jnp.sum(w), {}
-    _, _, lp_bt, logits = self.token_logps(models["policy"], batch)
+      return LM().loss(models, batch)
+    lp_bt, logits = self.token_logps(models["policy"], batch)
     b, c, L = batch["gather"].shape
     take = lambda x: jnp.take_along_axis(x, batch["gather"].reshape(b, c * L), axis=1).reshape(
         b * c, L)
     mask = batch["gather_mask"].reshape(b * c, L)
     ref = None
     if self.loss_fn.beta:
-      ref_lp = self.token_logps(self.reference(models), batch)[2]
+      ref_lp = self.token_logps(self.reference(models), batch)[0]
       ref = take(jax.lax.stop_gradient(ref_lp))
     loss_sum, count, sums = self.loss_fn.sums(take(lp_bt), batch["old_logps"].reshape(b * c, L),
                                               batch["advantages"].reshape(-1), mask, ref)
