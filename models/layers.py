@@ -131,11 +131,8 @@ def attention_mask(pos_q, seg_q, pos_k, seg_k, sliding_window: int = 0,
   if sliding_window:
     causal &= (pos_q[:, :, None] - pos_k[:, None, :] < sliding_window) | virtual
   same = seg_q[:, :, None] == seg_k[:, None, :]
-  if isinstance(shared_prompt, bool):  # it was a flag once: pairs are 2 answers per prompt
-    raise TypeError("shared_prompt is the number of answers per prompt (2 for preference "
-                    "pairs), not a bool")
-  if shared_prompt:
-    g = shared_prompt + 1
+  g = fm.group_width(shared_prompt)
+  if g:
     prompt_k = ((seg_k > 0) & ((seg_k - 1) % g == 0))[:, None, :]
     same |= prompt_k & (((seg_q - 1) // g)[:, :, None] == ((seg_k - 1) // g)[:, None, :])
   mask = (same | virtual) & causal

@@ -251,9 +251,10 @@ def chunk_order(p: Pipeline, n_layers: int) -> np.ndarray | None:
 
 
 def run(p: Pipeline, mesh, loss_fn: Callable, params: dict, trainable: dict, layered: dict,
-        batch: dict, rng) -> tuple[tuple, dict]:
+        micro: dict, rng) -> tuple[tuple, dict]:
   """((loss sum, count, aux sums), gradients) of the batch through the pipeline, as the
   unpipelined step's `value_and_grad` gives them (the gradients of the scaled loss sum).
+  `micro`: the batch split into `p.microbatches`, each array (microbatches, rows, ...).
 
   `loss_fn(params, microbatch, rng, stack) -> (scaled loss, (loss sum, count, aux))`: the
   step's loss over the models by slot, with `stack` given to the trained models' decoders
@@ -261,7 +262,7 @@ def run(p: Pipeline, mesh, loss_fn: Callable, params: dict, trainable: dict, lay
   per leaf of its tree (in flatten order)}: the leaves differentiated, and those with a
   leading layer axis (split over the stages). Gradients: {slot: the trainable leaves' gradients,
   in order}."""
-  S, M = p.stages, p.microbatches
+  S = p.stages
   table = build_table(p)
   flat = {k: jax.tree.flatten(v) for k, v in params.items()}
   n_layers = next(leaf.shape[0] for k in flat for leaf, is_l in zip(flat[k][0], layered[k])
@@ -276,8 +277,6 @@ def run(p: Pipeline, mesh, loss_fn: Callable, params: dict, trainable: dict, lay
 
   leaves = {k: permute(flat[k][0], layered[k], order) for k in flat}
   specs = {k: [P("stage") if lay else P() for lay in layered[k]] for k in flat}
-  micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // M, M, *x.shape[1:]).swapaxes(0, 1),
-                       batch)  # microbatch i: rows i, i + M, ... (as grad accumulation splits)
   rows = {f: jnp.asarray(getattr(table, f)) for f in Table.FIELDS}
 
   def local(leaves, micro, rows, rng):

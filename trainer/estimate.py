@@ -29,7 +29,7 @@ import parallel
 from parallel import pipeline as pipeline_lib
 from trainer import memory, metrics as metrics_lib, train
 from trainer.data import tokenizer as tokenizer_lib
-from trainer.memory import MiB, activation_bytes, element_bytes
+from trainer.memory import MiB, element_bytes
 from trainer import cli
 from trainer.validate import (UserError, check_backend, check_config, check_mesh,
                               model_config, pipeline_of)
@@ -165,9 +165,8 @@ def report(cfg, devices, mfu: float, peak_tflops: float, compile_step: bool,
   run = pl.handle.run
   other = "full" if run.remat == "none" else "none"
   element = element_bytes(devices[0].platform, pl.compute_dtype)
-  acts = (activation_bytes(mcfg, cfg.train, est.mesh, other, element, run.attention_impl, run)
-          if pipe is None else memory.pipeline_activation_bytes(
-              mcfg, cfg.train, est.mesh, pipe, other, element, run.attention_impl, run))
+  acts = memory.stage_activation_bytes(mcfg, cfg.train, est.mesh, pipe, other, element,
+                                      run.attention_impl, run)
   lines.append(f"  {f'(activations with remat {other})':<{width}} {acts / MiB:10.1f} MiB")
   if compile_step:
     compiled = compiled_bytes(pl, batch)

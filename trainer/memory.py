@@ -145,12 +145,15 @@ def activation_bytes(mcfg, tc, mesh: dict[str, int], remat: str, element: int,
   return tokens * per_token * element
 
 
-def pipeline_activation_bytes(mcfg, tc, mesh: dict[str, int], p: pipeline_lib.Pipeline,
-                              remat: str, element: int, attention_impl: str, run=None) -> float:
-  """A pipeline stage's activations (parallel/pipeline.py): the chunk inputs and gradients it
-  holds between a microbatch's forward and backward (`Table.inputs`, `Table.cotangents`, plus
-  the two messages in flight), each a microbatch x d_model, and one microbatch's working set
-  through one chunk, head included, while its backward runs."""
+def stage_activation_bytes(mcfg, tc, mesh: dict[str, int], p: pipeline_lib.Pipeline | None,
+                           remat: str, element: int, attention_impl: str, run=None) -> float:
+  """`activation_bytes`, or with a pipeline `p` a stage's activations (parallel/pipeline.py):
+  the chunk inputs and gradients it holds between a microbatch's forward and backward
+  (`Table.inputs`, `Table.cotangents`, plus the two messages in flight), each a microbatch x
+  d_model, and one microbatch's working set through one chunk, head included, while its
+  backward runs."""
+  if p is None:
+    return activation_bytes(mcfg, tc, mesh, remat, element, attention_impl, run)
   table = pipeline_lib.build_table(p)
   dp = mesh["data"] * mesh["fsdp"] * mesh["expert"]
   micro_tokens = tc.batch_size // p.microbatches * tc.seq_len / (dp * mesh["sequence"])
@@ -196,17 +199,15 @@ def components(cfg, pl, mcfg, sizes: dict[str, int], batch) -> tuple[dict[str, f
   element = element_bytes(pl.mesh.devices.flat[0].platform, pl.compute_dtype)
   run = pl.handle.run
   c = ACTIVATIONS[run.remat]
-  pipe = pipeline_of(cfg, sizes["stage"])
   rest = {k: v for k, v in abstract.items() if k not in ("params", "opt_state")}
   comp = {
       "parameters": device_bytes(params),
       "optimizer state": device_bytes(abstract["opt_state"], "device"),
       "other state": device_bytes(rest),
       "gradients (+ update temporaries)": c.grads * grads,
-      f"activations (remat {run.remat})": (
-          activation_bytes(mcfg, cfg.train, sizes, run.remat, element, run.attention_impl, run)
-          if pipe is None else pipeline_activation_bytes(
-              mcfg, cfg.train, sizes, pipe, run.remat, element, run.attention_impl, run)),
+      f"activations (remat {run.remat})": stage_activation_bytes(
+          mcfg, cfg.train, sizes, pipeline_of(cfg, sizes["stage"]), run.remat, element,
+          run.attention_impl, run),
       "batch": device_bytes(batch),
   }
   host = device_bytes(abstract["opt_state"]) - comp["optimizer state"]

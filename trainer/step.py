@@ -193,7 +193,8 @@ def make_train_step(spec: StateSpec, objective: Objective, compute_dtype, grad_a
         out, grads = pipeline_lib.run(
             pipeline, spec.mesh, scaled_loss, {k: params[k] for k in names},
             {k: masks.get(k, [False] * len(jax.tree.leaves(params[k]))) for k in names},
-            {k: layered(handles[k]) for k in names}, batch, rng)
+            {k: layered(handles[k]) for k in names},
+            split_microbatches(batch, pipeline.microbatches), rng)
         return out, {s.name: constrain(s, grads[s.name], masks[s.name]) for s in slots}
       trainable = {s.name: [x for x, m in zip(flat[s.name][0], masks[s.name]) if m]
                    for s in slots}

@@ -134,6 +134,7 @@ def to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
       sharding, np.asarray(v), (len(v) * parts, *np.shape(v)[1:])) for k, v in batch.items()}
 
 
+@functools.lru_cache(maxsize=8)  # asked for every batch the loop places
 def process_rows(sharding) -> tuple[int, int]:
   """(which part, of how many) of a batch's rows this process's devices hold under the batch
   `sharding`: the rows it reads. Processes holding the same rows (pipeline stages of one
@@ -457,10 +458,11 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
       writer.write(0, before)
       writer.note(f"before training: {before}")
     for step in range(start_step + 1, end_step + 1):
-      host, rollout = next(train_iter), {}
       if pl.objective.online:  # RL: the batch is sampled with the current policy
         with parallel.activate(mesh, pl.rules):
           host, rollout = pl.objective.rollout(bound_models(state), step, pl.compute_dtype)
+      else:
+        host, rollout = next(train_iter), {}
       batch = to_global(host, pl.batch_sharding)
       with parallel.activate(mesh, pl.rules):
         state, m = pl.train_step(state, batch)

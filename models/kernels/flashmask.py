@@ -127,6 +127,14 @@ def from_vectors(lts, lte, uts, ute) -> FlashMask:
   return FlashMask(*arrays)
 
 
+def group_width(shared_prompt: int) -> int:
+  """Segments per shared-prompt group: the prompt and its `shared_prompt` answers (0: off)."""
+  if isinstance(shared_prompt, bool):  # it was a flag once: pairs are 2 answers per prompt
+    raise TypeError("shared_prompt is the number of answers per prompt (2 for preference "
+                    "pairs), not a bool")
+  return shared_prompt + 1 if shared_prompt else 0
+
+
 def from_segments(segment_ids: jax.Array, sliding_window: int = 0,
                   shared_prompt: int = 0) -> FlashMask:
   """jnp: the causal document mask of packed rows (as `document`), optionally also limited to a
@@ -143,11 +151,8 @@ def from_segments(segment_ids: jax.Array, sliding_window: int = 0,
   # end of the segment of key j: the first index k > j where a new segment starts (or n)
   boundary = jnp.where(starts_next, idx + 1, n)
   seg_end = jax.lax.cummin(boundary, axis=1, reverse=True)
-  if isinstance(shared_prompt, bool):  # it was a flag once: pairs are 2 answers per prompt
-    raise TypeError("shared_prompt is the number of answers per prompt (2 for preference "
-                    "pairs), not a bool")
-  if shared_prompt:
-    g = shared_prompt + 1
+  g = group_width(shared_prompt)
+  if g:
     group = (seg - 1) // g
     group_next = jnp.concatenate([group[:, 1:] != group[:, :-1], jnp.ones((b, 1), bool)], axis=1)
     group_end = jax.lax.cummin(jnp.where(group_next, idx + 1, n), axis=1, reverse=True)
