@@ -47,7 +47,7 @@ def measure(cfg, name: str, mesh_settings: dict, vocab_size: int) -> dict:
   mcfg = model_config(cfg, vocab_size)
   mesh = parallel.make_mesh(dict(cfg.mesh), jax.devices()[:8])
   pl = train.plan(cfg, mcfg, mesh)
-  batch = train.abstract_batch(cfg, pl.batch_sharding)
+  batch = train.abstract_batch(cfg, pl.batch_sharding, pl.objective)
   with parallel.activate(mesh, pl.rules):
     compiled = pl.train_step.lower(pl.abstract_state, batch).compile()
   mem = compiled.memory_analysis()

@@ -76,7 +76,7 @@ def measure(cfg, steps: int) -> dict:
   m = compiled.memory_analysis()
   total = (m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
            - m.alias_size_in_bytes)
-  comp, _ = memory.components(cfg, pl, mcfg, sizes, train.abstract_batch(cfg, pl.batch_sharding))
+  comp, _ = memory.components(cfg, pl, mcfg, sizes, train.abstract_batch(cfg, pl.batch_sharding, pl.objective))
   state, out = compiled(state, batch)
   jax.block_until_ready(out)
   times = []

@@ -131,8 +131,8 @@ def get_config(arg=None):
 
   # The run: objective, length, optimizer (AdamW + clipping), logging, eval, checkpoints.
   c.train = ml_collections.ConfigDict(dict(
-      # lm (every weighted token) | sft (chat: assistant tokens) | dpo | reward | grpo (online RL)
-      # (trainer/objectives/)
+      # lm (every weighted token) | sft (chat: assistant tokens) | dpo | reward | grpo | ppo
+      # (online RL) | distill (from a teacher) (trainer/objectives/)
       objective="lm",
       steps=1000,  # optimizer steps
       batch_size=8,  # global, in sequences
@@ -169,7 +169,7 @@ def get_config(arg=None):
       normalize="token",  # token: every assistant token counts once | sequence: every example
   ))
 
-  # Online RL with group-relative advantages (train.objective=grpo; trainer/objectives/grpo.py).
+  # Online RL (train.objective=grpo: trainer/objectives/grpo.py; ppo: ppo.py).
   c.rl = ml_collections.ConfigDict(dict(
       prompts="",  # jsonl of chats, the last message the expected answer; "": data.train_files
       group_size=4,  # completions sampled per prompt (G)
@@ -189,6 +189,30 @@ def get_config(arg=None):
       overlong_buffer=0,  # DAPO's soft overlong penalty over the last this many tokens; 0: off
       overlong_factor=1.0,  # ... reaching -this at rl.max_new_tokens
       length_penalty=0.0,  # reward minus this x length / rl.max_new_tokens
+      iterations=1,  # train steps (optimizer updates) per rollout; > 1: the ratio moves off 1
+      # ppo only:
+      reward_model="",  # a train.objective=reward run's folder: its score is the reward
+      critic="reward",  # the critic starts from: reward (the reward model) | policy (zero head)
+      critic_lr=0.0,  # the critic's own optimizer's peak rate; 0: train.lr
+      gamma=1.0,  # GAE discount
+      lam=0.95,  # GAE lambda
+      vf_coef=0.1,  # value loss weight (the policy loss's clip is rl.eps_low)
+      cliprange_value=0.2,  # values clipped to the rollout's +- this
+      entropy_coef=0.0,  # entropy bonus
+      kl_coef=0.05,  # per-token KL penalty in the reward (the adaptive controller's start)
+      kl_target=0.0,  # > 0: adaptive KL coefficient aiming at this KL per completion
+      kl_horizon=10000,  # the adaptive controller's horizon (completions)
+      whiten_advantages=True,  # advantages standardised over each rollout
+      missing_stop_penalty=0.0,  # score minus this for a reply cut off at rl.max_new_tokens
+  ))
+
+  # Distillation from a frozen teacher (train.objective=distill; trainer/objectives/distill.py).
+  c.distill = ml_collections.ConfigDict(dict(
+      teacher="",  # a training run's folder or hf:DIR; it must share the run's tokenizer
+      loss="forward_kl",  # forward_kl (KL(teacher || student)) | reverse_kl | jsd
+      beta=0.5,  # jsd: the generalized JSD's mixing weight (0 forward KL, 1 reverse KL)
+      temperature=1.0,  # both distributions softened by this
+      on_policy=False,  # the student samples replies to the chats (rl.* sampling settings)
   ))
 
   # Preference optimisation (train.objective=dpo; data.format=preference).

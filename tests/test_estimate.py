@@ -38,8 +38,32 @@ def test_memory_estimate_within_15_percent_of_the_compiled_step(recipe, mesh, re
   compiled = estimate.compiled_bytes(pl, batch)
   assert 0.85 < estimate.total_bytes(est) / compiled["total"] < 1.15, (est.bytes, compiled)
   # the state is exact: the step's arguments are the state and the batch
-  state = sum(v for k, v in est.bytes.items() if "state" in k or k in ("parameters", "batch"))
+  state = sum(v for k, v in est.bytes.items() if "state" in k or "parameters" in k or
+              k == "batch")
   assert state == compiled["arguments"]
+
+
+@pytest.mark.parametrize("critic", ["policy", "lora"])
+def test_memory_plan_of_ppo_models_within_15_percent(critic):
+  """PPO's four models' slots (here three: the reward is a Python function) in the estimate:
+  each model's parameters and the critic's optimizer state exactly, the total within 15%."""
+  from configs import ppo_arith
+  cfg = ppo_arith.get_config()
+  cfg.rl.update(critic="policy", reward_model="", reward="exact")
+  cfg.mesh.update(data=8)
+  if critic == "lora":  # the reference is then the policy with its adapters off: no copy
+    cfg.peft.update(method="lora", lora_rank=8)
+  est, (pl, _, batch) = estimate.estimate(cfg, jax.devices()[:8])
+  names = [s.name for s in pl.spec.slots]
+  assert names == (["policy", "critic"] if critic == "lora" else
+                   ["policy", "reference", "critic"])
+  assert est.bytes["critic (trains): optimizer state"] > 0
+  compiled = estimate.compiled_bytes(pl, batch)
+  assert 0.85 < estimate.total_bytes(est) / compiled["total"] < 1.15, (est.bytes, compiled)
+  state = sum(v for k, v in est.bytes.items() if "state" in k or "parameters" in k)
+  # the state exactly; jit leaves out the rollout's columns the loss does not read (its weights,
+  # its KL bookkeeping)
+  assert state < compiled["arguments"] <= state + est.bytes["batch"]
 
 
 MOE = dict(n_experts=8, experts_per_token=2)  # each expert half the dense MLP's width
@@ -60,7 +84,8 @@ def test_memory_estimate_of_a_mixture_of_experts_within_15_percent(recipe, mesh,
   est, (pl, mcfg, batch) = estimate.estimate(cfg, jax.devices()[:8])
   compiled = estimate.compiled_bytes(pl, batch)
   assert 0.85 < estimate.total_bytes(est) / compiled["total"] < 1.15, (est.bytes, compiled)
-  state = sum(v for k, v in est.bytes.items() if "state" in k or k in ("parameters", "batch"))
+  state = sum(v for k, v in est.bytes.items() if "state" in k or "parameters" in k or
+              k == "batch")
   assert state == compiled["arguments"]
   # the experts' weights are most of the model, and each device holds 1 / mesh.expert of them
   experts = sum(k == "moe" for k in mcfg.layer_kinds()) * 3 * mcfg.n_experts * \

@@ -79,7 +79,7 @@ def estimate(cfg, devices) -> tuple[Estimate, object]:
   mcfg = model_config(cfg, vocab_size(cfg))
   mesh = parallel.make_mesh(sizes, devices)
   pl = train.plan(cfg, mcfg, mesh)
-  batch = train.abstract_batch(cfg, pl.batch_sharding)
+  batch = train.abstract_batch(cfg, pl.batch_sharding, pl.objective)
   comp, n_trainable = memory.components(cfg, pl, mcfg, sizes, batch)
   tokens = cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len
   return Estimate(mcfg.num_params(), mcfg.num_params(active=True), n_trainable,
@@ -150,6 +150,10 @@ def report(cfg, devices, mfu: float, peak_tflops: float, compile_step: bool,
       "",
       f"memory per device, mesh {est.mesh}, strategy {est.strategy}:",
   ]
+  if len(pl.spec.slots) > 1:  # the models of the run and what each costs
+    lines[-1:-1] = ["models: " + ", ".join(
+        f"{s.name} ({'trains, its own optimizer' if s.trains else 'frozen'})"
+        for s in pl.spec.slots), ""]
   pipe = pipeline_of(cfg, est.mesh["stage"])
   if pipe is not None:
     table = pipeline_lib.build_table(pipe)

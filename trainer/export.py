@@ -35,11 +35,10 @@ from trainer.errors import UserError
 FORMATS = ("hf", "peft")
 
 
-def load_run(workdir: str, step: int | None = None):
-  """(run config, ModelHandle, params, step) from a workdir's config.json and checkpoint; the
-  handle's `cfg` is the ModelConfig, its `peft` the adapters' description (or None). Only the
-  trained model's parameters are read, split over this machine's devices (FSDP)."""
-
+def read_run(workdir: str, step: int | None = None):
+  """(run config, ModelHandle, checkpoint folder, step) of a workdir's config.json and its
+  newest checkpoint (or `step`), without reading the weights; the handle's `cfg` is the
+  ModelConfig, its `peft` the adapters' description (or None)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise UserError(f"--workdir={workdir} has no config.json: not a training run's folder")
@@ -62,6 +61,14 @@ def load_run(workdir: str, step: int | None = None):
   if step not in steps:
     raise UserError(f"--step={step}: the checkpoints in {workdir} are at steps {sorted(steps)}")
   handle = model_handle(mcfg, peft_lib.Peft.from_config(cfg.peft, mcfg, cfg.train.steps), run)
+  return cfg, handle, directory, step
+
+
+def load_run(workdir: str, step: int | None = None):
+  """(run config, ModelHandle, params, step) from a workdir's config.json and checkpoint (see
+  `read_run`). Only the trained model's parameters are read, split over this machine's devices
+  (FSDP)."""
+  cfg, handle, directory, step = read_run(workdir, step)
   mesh = parallel.make_mesh({"data": 1, "fsdp": jax.device_count(), "tensor": 1, "sequence": 1,
                              "expert": 1})
   shardings = param_shardings(handle, mesh, parallel.strategy("fsdp", "").params)

@@ -199,18 +199,36 @@ def components(cfg, pl, mcfg, sizes: dict[str, int], batch) -> tuple[dict[str, f
   element = element_bytes(pl.mesh.devices.flat[0].platform, pl.compute_dtype)
   run = pl.handle.run
   c = ACTIVATIONS[run.remat]
-  rest = {k: v for k, v in abstract.items() if k not in ("params", "opt_state")}
+  acts = stage_activation_bytes(mcfg, cfg.train, sizes, pipeline_of(cfg, sizes["stage"]),
+                                run.remat, element, run.attention_impl, run)
+  # the other models of the run (a reference, PPO's critic and reward model, a teacher): their
+  # parameters, and for one that trains its optimizer state, gradients and the activations its
+  # backward pass keeps (frozen models only run forward: nothing kept)
+  others, host = {}, 0.0
+  for slot in pl.spec.slots[1:]:
+    kind = "trains" if slot.trains else "frozen"
+    tree = abstract[slot.name]["params"] if slot.trains else abstract[slot.name]
+    others[f"{slot.name} ({kind}): parameters"] = device_bytes(tree)
+    if slot.trains:
+      opt = abstract[slot.name]["opt_state"]
+      others[f"{slot.name} ({kind}): optimizer state"] = device_bytes(opt, "device")
+      host += device_bytes(opt) - others[f"{slot.name} ({kind}): optimizer state"]
+      grads += sum(math.prod(s.shard_shape(p.shape)) * p.dtype.itemsize for p, s in zip(
+          jax.tree.leaves(tree), jax.tree.leaves(slot.grad_shardings)))
+      acts += activation_bytes(slot.handle.cfg, cfg.train, sizes, slot.handle.run.remat,
+                               element, slot.handle.run.attention_impl, slot.handle.run)
+  slots = {s.name for s in pl.spec.slots[1:]}
+  rest = {k: v for k, v in abstract.items() if k not in ("params", "opt_state", *slots)}
   comp = {
       "parameters": device_bytes(params),
       "optimizer state": device_bytes(abstract["opt_state"], "device"),
+      **others,
       "other state": device_bytes(rest),
       "gradients (+ update temporaries)": c.grads * grads,
-      f"activations (remat {run.remat})": stage_activation_bytes(
-          mcfg, cfg.train, sizes, pipeline_of(cfg, sizes["stage"]), run.remat, element,
-          run.attention_impl, run),
+      f"activations (remat {run.remat})": acts,
       "batch": device_bytes(batch),
   }
-  host = device_bytes(abstract["opt_state"]) - comp["optimizer state"]
+  host += device_bytes(abstract["opt_state"]) - comp["optimizer state"]
   if host:
     comp["optimizer state in host memory (not counted)"] = host
   return comp, sum(math.prod(p.shape) for p, _ in trainable)

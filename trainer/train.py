@@ -19,6 +19,7 @@ from typing import Any
 import grain
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -28,7 +29,7 @@ from models import peft as peft_lib
 from models.handle import (ModelHandle, init_params, model_handle, param_shardings,
                            stored_abstract)
 from models.peft import adalora
-from trainer import checkpoint as ckpt_lib
+from trainer import checkpoint as ckpt_lib, export as export_lib
 from trainer import evaluate as evaluate_lib, generate, metrics as metrics_lib, optim
 from trainer import guard, lisa, memory, objectives, state as state_lib, step as step_lib
 from trainer.objectives.base import Bound, Prepare
@@ -41,8 +42,12 @@ BATCH_KEYS = ("inputs", "targets", "weights", "positions", "segment_ids")
 PAIR_KEYS = ("example", "reference")  # preference batches: the pair of each position, ref log-probs
 
 
-def abstract_batch(cfg, sharding) -> dict[str, jax.ShapeDtypeStruct]:
-  """The train step's batch argument as ShapeDtypeStructs: for lowering without data."""
+def abstract_batch(cfg, sharding, objective=None) -> dict[str, jax.ShapeDtypeStruct]:
+  """The train step's batch argument as ShapeDtypeStructs: for lowering without data. An
+  online `objective` (RL) makes its own batches: their columns."""
+  if objective is not None and objective.online:
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+            for k, (shape, dtype) in objective.batch_shapes(cfg.train.batch_size).items()}
   keys = BATCH_KEYS + (PAIR_KEYS if cfg.data.format == "preference" else ())
   shape = (cfg.train.batch_size, cfg.train.seq_len)
   return {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k in ("weights", "reference")
@@ -164,6 +169,9 @@ class Plan:
   train_step: Any  # jitted
   eval_step: Any  # jitted: (params by slot, batch) -> (loss sum, count, aux sums)
   compute_dtype: Any
+  # the objective's own models (objectives.base.Model): slot name -> its starting parameters,
+  # f(seed, the policy's base weights or None)
+  sources: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   @property
   def mesh(self):
@@ -182,9 +190,12 @@ class Plan:
     """A new train state: the policy's parameters drawn from `seed` (or `base`, e.g. a Hugging
     Face import, with adapters added when it has PEFT) straight into their shardings."""
     policy = self.spec.primary
-    params = init_params(policy.handle, seed, policy.shardings, policy.dtype, base=base,
-                         model_shardings=policy.model_shardings)
-    return self.spec.init({"policy": params}, seed)
+    # the objective's models first: one may start from the policy's base, which the policy's
+    # initialisation consumes
+    params = {name: source(seed, base) for name, source in self.sources.items()}
+    params["policy"] = init_params(policy.handle, seed, policy.shardings, policy.dtype,
+                                   base=base, model_shardings=policy.model_shardings)
+    return self.spec.init(params, seed)
 
 
 def compiler_options(mesh) -> dict[str, int] | None:
@@ -208,11 +219,17 @@ def plan(cfg, mcfg, mesh) -> Plan:
   frozen = tuple(dataclasses.replace(policy, name=name, tx=None, schedule=None, labels=None,
                                      view=state_lib.View(), copy_of=source)
                  for name, source in objective.frozen_models(peft).items())
+  added, sources = [], {}
+  for want in objective.models():
+    slot, sources[want.name] = objective_slot(cfg, mcfg, mesh, strategy, want)
+    added.append(slot)
   extras = ()
   if peft is not None and peft.allocator is not None:
     extras = (adalora_extra(peft.allocator),)
+  if objective.online:
+    extras += (rollout_extra(objective.batch_shapes(tc.batch_size)),)
   loss_scale = cfg.precision.loss_scale if cfg.precision.compute_dtype == "float16" else None
-  spec = state_lib.StateSpec((policy, *frozen), mesh, extras, loss_scale)
+  spec = state_lib.StateSpec((policy, *frozen, *added), mesh, extras, loss_scale)
   shardings = spec.shardings()
   pipe = pipeline_of(cfg, mesh.shape["stage"])  # the microbatches go through the stages
   step_fn = step_lib.make_train_step(spec, objective, compute_dtype,
@@ -227,7 +244,73 @@ def plan(cfg, mcfg, mesh) -> Plan:
                                                 compute_dtype, objective),
                       compiler_options=options)  # (its inputs are placed)
   return Plan(spec, objective, strategy.activations, batch_sharding, train_step, eval_step,
-              compute_dtype)
+              compute_dtype, sources)
+
+
+def objective_slot(cfg, mcfg, mesh, strategy, want: objectives.Model):
+  """(the slot of an objective's model, f(seed, policy base) -> its starting parameters). From a
+  run's folder or a Hugging Face folder it has that model's shape and weights; else the
+  policy's shape and starting weights, with a zero score head in place of the LM head when
+  `want.value_head`. It trains with AdamW of its own (train's settings, peak rate `want.lr`)
+  or is frozen. Its vocabulary must be the policy's."""
+  tc = cfg.train
+  param_dtype = jnp.dtype(cfg.precision.param_dtype)
+  folder = want.source[3:] if want.source.startswith("hf:") else ""
+  if folder:
+    try:
+      theirs = hf.config_from_hf(hf.read_config(folder))
+    except (OSError, ValueError, KeyError) as e:
+      raise UserError(f"config key {want.key}: {folder} is not a Hugging Face model folder "
+                      f"({e})") from None
+    handle = model_handle(theirs, None, execution(cfg))
+  elif want.source:
+    try:
+      _, loaded, directory, step = export_lib.read_run(want.source)
+    except UserError as e:  # its message names the flag of trainer.export
+      raise UserError(f"config key {want.key}: {str(e).split(': ', 1)[-1]}") from None
+    handle = model_handle(loaded.cfg, loaded.peft, execution(cfg))
+  else:
+    handle = model_handle(dataclasses.replace(mcfg, value_head=want.value_head), None,
+                          execution(cfg))
+  if handle.cfg.vocab_size != mcfg.vocab_size:
+    raise UserError(f"config key {want.key}: the model in {folder or want.source} has a "
+                    f"vocabulary of {handle.cfg.vocab_size}, the policy {mcfg.vocab_size}: "
+                    "they must share a tokenizer")
+  shardings = param_shardings(handle, mesh, strategy.params)
+  abstract = stored_abstract(handle, param_dtype)
+  labels = None if handle.peft is None or not want.lr else handle.peft.labels(abstract)
+  tx = schedule = None
+  if want.lr:
+    tx, schedule = optim.make_optimizer(
+        ml_collections.ConfigDict({**tc.to_dict(), "lr": want.lr}), labels)
+  slot = state_lib.Slot(
+      want.name, handle, abstract, shardings, param_dtype, model_shardings=shardings, tx=tx,
+      schedule=schedule, moment_shardings=param_shardings(handle, mesh, strategy.opt_state),
+      grad_shardings=param_shardings(handle, mesh, strategy.grads), labels=labels)
+
+  def source(seed, base):
+    if folder:
+      return hf.load(folder, shardings, param_dtype, handle.run)[1]
+    if want.source:
+      return ckpt_lib.read_params(directory, step, stored_abstract(handle, param_dtype,
+                                                                   shardings))
+    zero = lambda: jax.device_put(jnp.zeros((mcfg.d_model, 1), param_dtype), shardings["score"])
+    if base is not None and want.value_head:  # the policy's weights, a new (zero) score head
+      base = {**jax.tree.map(jnp.copy, {k: v for k, v in base.items() if k != "head"}),
+              "score": zero()}
+    params = init_params(handle, seed, shardings, param_dtype, base=base)
+    return {**params, "score": zero()} if want.value_head else params
+
+  return slot, source
+
+
+def rollout_extra(shapes: dict) -> state_lib.Extra:
+  """An online objective's current rollout batch in the state (replicated; zeros before the
+  first), so that a checkpoint taken between two steps of one rollout resumes with it."""
+  return state_lib.Extra(
+      "rollout", init=lambda params: {k: jnp.zeros(shape, dtype)
+                                      for k, (shape, dtype) in shapes.items()},
+      shardings=lambda shardings, replicated: {k: replicated for k in shapes})
 
 
 def policy_slot(cfg, mcfg, mesh, strategy, peft) -> state_lib.Slot:
@@ -360,7 +443,8 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
   pl = plan(cfg, mcfg, mesh)
   if tc.memory_check:  # refuse what cannot fit before allocating any of it
     memory.check_fits(memory.components(cfg, pl, mcfg, mesh_sizes,
-                                        abstract_batch(cfg, pl.batch_sharding))[0], devices)
+                                        abstract_batch(cfg, pl.batch_sharding, pl.objective))[0],
+                       devices)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), tc.keep_checkpoints)
   restored = checkpointer.restore_latest(pl.abstract_state, _log)
   latest = None if restored is None else restored[0]
@@ -457,12 +541,21 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
       before = evaluate(state)  # the baseline the run improves on
       writer.write(0, before)
       writer.note(f"before training: {before}")
+    current, rollout = None, {}  # online: the rollout batch on the host, and its metrics
+    if pl.objective.online and start_step:  # resumed: the state holds the last rollout
+      current = jax.device_get(state["rollout"])
     for step in range(start_step + 1, end_step + 1):
-      if pl.objective.online:  # RL: the batch is sampled with the current policy
+      if not pl.objective.online:
+        host = next(train_iter)
+      elif (step - 1) % pl.objective.iterations == 0:  # RL: sampled with the current policy
         with parallel.activate(mesh, pl.rules):
-          host, rollout = pl.objective.rollout(bound_models(state), step, pl.compute_dtype)
-      else:
-        host, rollout = next(train_iter), {}
+          host, rollout = pl.objective.rollout(bound_models(state), step, pl.compute_dtype,
+                                               current)
+        current = host
+        state = {**state, "rollout": jax.device_put(
+            {k: host[k] for k in state["rollout"]}, pl.spec.shardings()["rollout"])}
+      else:  # the next update on the same rollout
+        host = current
       batch = to_global(host, pl.batch_sharding)
       with parallel.activate(mesh, pl.rules):
         state, m = pl.train_step(state, batch)

@@ -16,6 +16,8 @@ import jax
 
 from models.decoder import Context
 from models.handle import ModelHandle, cast_floating
+from trainer.data import tokenizer as tokenizer_lib
+from trainer.errors import UserError
 
 Batch = dict[str, jax.Array]
 
@@ -60,6 +62,38 @@ class Bound:
 
 
 @dataclasses.dataclass(frozen=True)
+class Model:
+  """A model an objective adds to the run besides the policy and its frozen copies (PPO's
+  critic and reward model, a distillation teacher): its slot `name`, where its weights start
+  (`source`: a training run's folder, its newest checkpoint; `hf:DIR`, a Hugging Face folder;
+  "": the policy's starting weights), whether it carries a score head instead of the LM head
+  (`value_head`; a run's folder says its own), and `lr`: > 0 trains it with an optimizer of
+  its own at that peak rate (train.lr_schedule), 0 keeps it frozen. `key`: the config key that
+  named it (for errors)."""
+  name: str
+  source: str = ""
+  value_head: bool = False
+  lr: float = 0.0
+  key: str = ""
+
+
+def require_same_tokenizer(folder: str, ours, key: str) -> None:
+  """One line naming `key` unless the tokenizer kept in `folder` (a run's or a Hugging Face
+  folder) is the run's own: the same vocabulary size and the same ids for texts spanning the
+  vocabulary (each the decoding of 16 consecutive ids)."""
+  try:
+    theirs = tokenizer_lib.load(folder)
+  except (OSError, ValueError) as e:
+    raise UserError(f"config key {key}: no tokenizer in {folder} ({e})") from None
+  texts = [ours.decode(list(range(i, min(i + 16, ours.vocab_size))))
+           for i in range(0, ours.vocab_size, 16)]
+  if theirs.vocab_size != ours.vocab_size or any(theirs.encode(t) != ours.encode(t)
+                                                 for t in texts):
+    raise UserError(f"config key {key}: the model in {folder} has another tokenizer than the "
+                    "run's; train it from the same one (or give the run data.tokenizer=its file)")
+
+
+@dataclasses.dataclass(frozen=True)
 class Prepare:
   """What an objective's `prepare` hook gets: the run's data (whose rows it may extend), its
   models bound to their current parameters, the step it starts from, the workdir, this
@@ -83,11 +117,13 @@ class Objective:
   `frozen_models()`: frozen models the state keeps for this objective, {slot: slot whose starting
   parameters it copies}, e.g. DPO's reference. `prepare(...)`: work before the first step (DPO's
   precomputed reference log-probs); it may attach columns to the rows. `online` objectives (RL)
-  make each step's batch themselves (`rollout`). `needs_reference`: its loss runs a frozen
-  reference model in every step (`reference`)."""
+  make each step's batch themselves (`rollout`), one rollout for `iterations` consecutive steps.
+  `needs_reference`: its loss runs a frozen reference model in every step (`reference`).
+  `models()`: further models of the run (`Model`: PPO's critic and reward model)."""
   name = ""
   pairs = False
   online = False  # its batches are made each step by `rollout` (RL), not read from the data
+  iterations = 1  # online: the train steps (optimizer updates) each rollout feeds
   needs_reference = False
 
   @classmethod
@@ -104,6 +140,9 @@ class Objective:
     # the reference is a frozen copy of the starting policy; with PEFT it is the policy with its
     # adapters switched off (`reference`): nothing to keep
     return {"reference": "policy"} if self.needs_reference and peft is None else {}
+
+  def models(self) -> tuple[Model, ...]:
+    return ()
 
   def reference(self, models: dict[str, Bound]) -> Bound:
     """The frozen reference model of `needs_reference` objectives."""
@@ -123,7 +162,15 @@ class Objective:
   def prepare(self, run: Prepare) -> None:
     del run
 
-  def rollout(self, models: dict[str, Bound], step: int, compute_dtype) -> tuple[dict, dict]:
+  def rollout(self, models: dict[str, Bound], step: int, compute_dtype,
+              previous: dict | None = None) -> tuple[dict, dict]:
     """An online objective's batch for train step `step` (from 1), made with its models'
-    current parameters: (host arrays, metrics to log)."""
+    current parameters: (host arrays, metrics to log). `previous`: the last rollout's batch
+    (None for the first), for what carries over between rollouts (PPO's KL coefficient)."""
+    raise NotImplementedError
+
+  def batch_shapes(self, rows: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """An online objective's rollout batch of `rows` rows: (shape, dtype) of each column. The
+    train state keeps the current rollout (checkpointed: a run resumed between two of its
+    `iterations` steps goes on with the same batch)."""
     raise NotImplementedError

@@ -58,6 +58,15 @@ def reward_function(name: str) -> Callable[[list[dict], str, str], float]:
   return fn
 
 
+def turn_suffix(template, tokenizer, stop: int) -> list[int]:
+  """The tokens the chat template writes after an assistant turn's end-of-turn token (chatml:
+  a newline), which a reply sampled up to its stop token lacks."""
+  ids, _ = templates.encode_chat(template, tokenizer, [{"role": "user", "content": "x"},
+                                                       {"role": "assistant", "content": "y"}])
+  at = np.flatnonzero(np.asarray(ids) == stop)
+  return [] if not len(at) else [int(t) for t in ids[at[-1] + 1:]]
+
+
 def read_prompts(path: str) -> list[tuple[list[dict], str]]:
   """(the messages before the last, the last one's content) of each chat of a jsonl file; a bad
   line is one error naming file:line."""
@@ -97,6 +106,8 @@ class GRPO(Objective):
   overlong_factor: float = 1.0
   length_penalty: float = 0.0
   loss_fn: losses.GrpoLoss = dataclasses.field(default_factory=losses.GrpoLoss)
+  iterations: int = 1  # train steps per rollout
+  finished_turns = False  # rollout rows end a stopped reply as the template ends a turn
   seed: int = 0
   row_len: int = 0  # train.seq_len
   # set by `prepare`: the prompts, tokenizer, stop token, reward function, rows per step
@@ -110,7 +121,7 @@ class GRPO(Objective):
                r.dynamic_sampling, r.overlong_buffer, r.overlong_factor, r.length_penalty,
                losses.GrpoLoss(r.loss_type, r.level, r.eps_low, r.eps_high, r.beta,
                                r.max_new_tokens),
-               fold_seed(cfg.train.seed), cfg.train.seq_len)
+               r.iterations, fold_seed(cfg.train.seed), cfg.train.seq_len)
 
   @classmethod
   def problems(cls, cfg) -> list[tuple[str, str]]:
@@ -132,6 +143,8 @@ class GRPO(Objective):
       out.append(("rl.reward", f"{r.reward!r} is not exact or module:function"))
     if r.max_new_tokens < 1 or r.groups_per_row < 1:
       out.append(("rl.max_new_tokens", "rl.max_new_tokens and rl.groups_per_row must be >= 1"))
+    if r.iterations < 1:
+      out.append(("rl.iterations", f"{r.iterations}: each rollout feeds at least one step"))
     if r.overlong_buffer >= r.max_new_tokens:
       out.append(("rl.overlong_buffer", f"{r.overlong_buffer} must be below rl.max_new_tokens"))
     if r.temperature <= 0:
@@ -152,14 +165,17 @@ class GRPO(Objective):
 
   def prepare(self, run) -> None:
     if jax.process_count() > 1:
-      raise UserError("config key train.objective: grpo runs in one process for now")
+      raise UserError(f"config key train.objective: {self.name} samples in one process for "
+                      "now; run it with one process")
     d = run.data
     chats = read_prompts(self.prompts_path)
     ids = [templates.encode_chat(d.template, d.tokenizer, msgs, add_generation_prompt=True)[0]
            for msgs, _ in chats]
     seq_len = next(iter(run.models.values())).handle.cfg.max_seq_len
+    stop = d.template.stop_id(d.tokenizer)
+    suffix = turn_suffix(d.template, d.tokenizer, stop) if self.finished_turns else []
     row, longest = self.row_len, max(len(i) for i in ids)
-    need = longest + self.group * (self.max_new_tokens + 1)
+    need = longest + self.group * (self.max_new_tokens + 1 + len(suffix))
     if need * self.groups_per_row > row:
       raise UserError(f"config key train.seq_len: a row of {row} tokens cannot hold "
                       f"{self.groups_per_row} group(s) of the longest prompt ({longest} "
@@ -170,10 +186,11 @@ class GRPO(Objective):
       raise UserError(f"config key rl.max_new_tokens: the longest prompt and "
                       f"{self.max_new_tokens} new tokens exceed model.max_seq_len={seq_len}")
     self.state.update(chats=chats, ids=[i.tolist() for i in ids], tokenizer=d.tokenizer,
-                      stop=d.template.stop_id(d.tokenizer), score=reward_function(self.reward),
+                      stop=stop, suffix=suffix, score=reward_function(self.reward),
                       rows=run.batch_size, log=run.log)
-    run.log(f"grpo: {len(chats)} prompts from {self.prompts_path}; {self.prompts_per_step} per "
-            f"step x {self.group} replies of <= {self.max_new_tokens} tokens")
+    run.log(f"{self.name}: {len(chats)} prompts from {self.prompts_path}; "
+            f"{self.prompts_per_step} per step x {self.group} replies of <= "
+            f"{self.max_new_tokens} tokens")
 
   @property
   def prompts_per_step(self) -> int:
@@ -190,42 +207,48 @@ class GRPO(Objective):
       out.append(int(orders[epoch][at]))
     return out
 
-  def rollout(self, models: dict[str, Bound], step: int, compute_dtype) -> tuple[dict, dict]:
-    """(the host batch of step `step`, its rollout metrics)."""
-    s, G, L = self.state, self.group, self.max_new_tokens
+  def sample(self, policy: Bound, step: int, compute_dtype):
+    """Step `step`'s prompts (indices), `rl.group_size` sampled completions of each (token ids,
+    stop token kept) with their recorded log-probs, each completion's `rl.reward` score and its
+    length."""
+    s, G = self.state, self.group
     chosen = self.stream(step)
     prompts = [s["ids"][i] for i in chosen for _ in range(G)]
-    policy = models["policy"]
     outs, logps = generate.generate(
-        policy.handle, policy.params, prompts, L, temperature=self.temperature, top_k=self.top_k,
-        top_p=self.top_p, stop_ids=[s["stop"]], seed=fold_seed(self.seed * 1_000_003 + step),
-        compute_dtype=compute_dtype, with_logps=True, keep_stop=True)
-    rewards, lengths = np.zeros(len(outs), np.float32), np.zeros(len(outs), np.float32)
-    hits = np.zeros(len(outs), np.float32)
+        policy.handle, policy.params, prompts, self.max_new_tokens, temperature=self.temperature,
+        top_k=self.top_k, top_p=self.top_p, stop_ids=[s["stop"]],
+        seed=fold_seed(self.seed * 1_000_003 + step), compute_dtype=compute_dtype,
+        with_logps=True, keep_stop=True)
+    scores, lengths = np.zeros(len(outs), np.float32), np.zeros(len(outs), np.float32)
     for j, out in enumerate(outs):
       messages, answer = s["chats"][chosen[j // G]]
       text = s["tokenizer"].decode([t for t in out if t != s["stop"]])
-      hits[j] = rewards[j] = float(s["score"](messages, text, answer))
+      scores[j] = float(s["score"](messages, text, answer))
       lengths[j] = len(out)
-    rewards -= self.length_penalty * lengths / L
-    if self.overlong_buffer:
-      rewards += np.asarray(losses.overlong_penalty(jnp.asarray(lengths), L, self.overlong_buffer,
-                                                    self.overlong_factor))
-    adv = np.asarray(losses.group_advantages(jnp.asarray(rewards), G, self.scale_rewards))
-    keep = np.ones(len(chosen), bool)
-    if self.dynamic_sampling:
-      keep = np.asarray(losses.nonzero_variance_groups(jnp.asarray(rewards), G))
+    return chosen, outs, logps, scores, lengths
+
+  def layout(self, chosen: list[int], outs, logps, tails=None) -> dict[str, np.ndarray]:
+    """The rows of a rollout: each prompt's group in one row (`rl.groups_per_row` per row), and
+    per completion c of a row: `gather` (rows, c, L) the positions whose targets are its tokens,
+    `gather_mask` 1 on its tokens, `old_logps` their recorded log-probs and `last` (rows, c) the
+    position whose input is its last token (where a score head reads it). `tails`: tokens to
+    follow each completion in its row, not gathered (what the chat template writes after the
+    end of turn, so that a reward model reads a finished turn as it learnt it); `last` is then
+    the tail's last token."""
+    tails = tails or [[] for _ in outs]
+    s, G, L = self.state, self.group, self.max_new_tokens
     rows, k = s["rows"], self.groups_per_row
     batch = {f: [] for f in pairs.FIELDS}
     extra = {"gather": np.zeros((rows, k * G, L), np.int32),
              "gather_mask": np.zeros((rows, k * G, L), np.float32),
              "old_logps": np.zeros((rows, k * G, L), np.float32),
-             "advantages": np.zeros((rows, k * G), np.float32)}
+             "last": np.zeros((rows, k * G), np.int32)}
     for r in range(rows):
       groups, at = [], 0
       for g in range(r * k, (r + 1) * k):
-        done = outs[g * G:(g + 1) * G]
-        groups.append(pairs.Group(np.asarray(s["ids"][chosen[g]]), [np.asarray(o) for o in done],
+        done = [np.asarray(list(o) + list(t), np.int32)
+                for o, t in zip(outs[g * G:(g + 1) * G], tails[g * G:(g + 1) * G])]
+        groups.append(pairs.Group(np.asarray(s["ids"][chosen[g]]), done,
                                   [np.ones(len(o)) for o in done]))
       pieces = np.array([[i, 0, len(grp)] for i, grp in enumerate(groups)])
       row = pairs.assemble(pieces, groups, None, self.row_len)
@@ -237,15 +260,46 @@ class GRPO(Objective):
           c, n = gi * G + i, len(outs[g * G + i])
           start = at + grp.first[i + 2]
           extra["gather"][r, c, :n] = np.arange(start, start + n)
-          extra["gather_mask"][r, c, :n] = float(keep[g])
+          extra["gather_mask"][r, c, :n] = 1.0
           extra["old_logps"][r, c, :n] = logps[g * G + i]
-          extra["advantages"][r, c] = adv[g * G + i]
+          extra["last"][r, c] = start + n + len(tails[g * G + i])
         at += len(grp.inputs)
-    host = {**{f: np.stack(v) for f, v in batch.items()}, **extra}
+    return {**{f: np.stack(v) for f, v in batch.items()}, **extra}
+
+  def rollout(self, models: dict[str, Bound], step: int, compute_dtype,
+              previous: dict | None = None) -> tuple[dict, dict]:
+    """(the host batch of step `step`, its rollout metrics). `previous`: the last rollout's
+    batch (unused here: GRPO keeps no state between rollouts)."""
+    del previous
+    G, L = self.group, self.max_new_tokens
+    chosen, outs, logps, rewards, lengths = self.sample(models["policy"], step, compute_dtype)
+    hits = rewards.copy()
+    rewards -= self.length_penalty * lengths / L
+    if self.overlong_buffer:
+      rewards += np.asarray(losses.overlong_penalty(jnp.asarray(lengths), L, self.overlong_buffer,
+                                                    self.overlong_factor))
+    adv = np.asarray(losses.group_advantages(jnp.asarray(rewards), G, self.scale_rewards))
+    keep = np.ones(len(chosen), bool)
+    if self.dynamic_sampling:
+      keep = np.asarray(losses.nonzero_variance_groups(jnp.asarray(rewards), G))
+    host = self.layout(chosen, outs, logps)
+    rows = host["gather"].shape[0]
+    host["advantages"] = adv.reshape(rows, -1)
+    host["gather_mask"] *= np.repeat(keep, G).astype(np.float32).reshape(rows, -1, 1)
     metrics = {"reward": float(rewards.mean()), "accuracy": float(hits.mean()),
                "response_length": float(lengths.mean()),
                "groups_kept": float(keep.mean())}
     return host, metrics
+
+  def batch_shapes(self, rows: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) of each column of a rollout batch of `rows` rows."""
+    c, L = self.groups_per_row * self.group, self.max_new_tokens
+    out = {f: ((rows, self.row_len), np.float32 if f == "weights" else np.int32)
+           for f in pairs.FIELDS}
+    out.update(gather=((rows, c, L), np.int32), gather_mask=((rows, c, L), np.float32),
+               old_logps=((rows, c, L), np.float32), last=((rows, c), np.int32),
+               advantages=((rows, c), np.float32))
+    return out
 
   # -- loss -----------------------------------------------------------------------------------
 

@@ -155,6 +155,16 @@ def gae(rewards_bt, values_bt, mask_bt, gamma: float, lam: float):
   return adv, (adv + values) * mask
 
 
+def masked_whiten(x, mask, shift_mean: bool = True, eps: float = 1e-8):
+  """x standardised over its real entries: (x - mean) / sqrt(var + eps), the variance with
+  Bessel's correction (as TRL's PPO whitens advantages); `shift_mean` False adds the mean back."""
+  mean = masked_mean(x, mask)
+  n = mask.sum()
+  var = masked_mean((x - mean) ** 2, mask) * n / jnp.maximum(n - 1, 1.0)
+  out = (x - mean) * jax.lax.rsqrt(var + eps)
+  return out if shift_mean else out + mean
+
+
 def ppo_policy_loss(logps_bt, old_logps_bt, advantages_bt, mask_bt, clip: float = 0.2):
   """PPO's clipped surrogate, the mean over real tokens: (loss, metrics)."""
   ratio = jnp.exp(logps_bt - old_logps_bt)
@@ -201,20 +211,25 @@ class KlController:
 # ----------------------------------------------------------------------------------------------
 
 
-def generalized_jsd(student_btv, teacher_btv, mask_bt, beta: float = 0.5,
-                    temperature: float = 1.0):
-  """The generalized Jensen-Shannon divergence of GKD (arXiv 2306.13649) per real token,
-  averaged: beta KL(teacher || M) + (1 - beta) KL(student || M), M = beta teacher + (1 - beta)
-  student, on softmax(logits / temperature). beta = 0 is the forward KL(teacher || student),
-  beta = 1 the reverse KL(student || teacher)."""
+def generalized_jsd_per_token(student_btv, teacher_btv, beta: float = 0.5,
+                              temperature: float = 1.0):
+  """The generalized Jensen-Shannon divergence of GKD (arXiv 2306.13649) per token:
+  beta KL(teacher || M) + (1 - beta) KL(student || M), M = beta teacher + (1 - beta) student,
+  on softmax(logits / temperature). beta = 0 is the forward KL(teacher || student), beta = 1
+  the reverse KL(student || teacher)."""
   s = jax.nn.log_softmax(student_btv.astype(jnp.float32) / temperature, axis=-1)
   t = jax.nn.log_softmax(teacher_btv.astype(jnp.float32) / temperature, axis=-1)
   kl = lambda p, q: (jnp.exp(p) * (p - q)).sum(-1)  # KL(p || q) of log-probs
   if beta == 0:
-    per_token = kl(t, s)
-  elif beta == 1:
-    per_token = kl(s, t)
-  else:
-    m = jnp.logaddexp(s + jnp.log1p(-beta), t + jnp.log(beta))
-    per_token = beta * kl(t, m) + (1 - beta) * kl(s, m)
-  return masked_mean(per_token, mask_bt.astype(jnp.float32))
+    return kl(t, s)
+  if beta == 1:
+    return kl(s, t)
+  m = jnp.logaddexp(s + jnp.log1p(-beta), t + jnp.log(beta))
+  return beta * kl(t, m) + (1 - beta) * kl(s, m)
+
+
+def generalized_jsd(student_btv, teacher_btv, mask_bt, beta: float = 0.5,
+                    temperature: float = 1.0):
+  """`generalized_jsd_per_token` averaged over the real tokens."""
+  return masked_mean(generalized_jsd_per_token(student_btv, teacher_btv, beta, temperature),
+                     mask_bt.astype(jnp.float32))
