@@ -105,7 +105,7 @@ def test_rollout_equals_each_completion_alone(ppo_run):
   rows, k, L = host["gather"].shape
   chosen = g.stream(3)
   coef, gamma, lam = g.kl.coef, g.gamma, g.lam
-  all_adv, all_mask, checks = [], [], []
+  all_adv, checks = [], []
   for r in range(rows):
     for i in range(k):
       n = int(host["gather_mask"][r, i].sum())
