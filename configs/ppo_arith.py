@@ -47,4 +47,6 @@ def get_config(arg=None):
                  eval_batches=2, eval_exact_match=200, checkpoint_every=50, clip_norm=1.0)
   c.rl.update(group_size=16, max_new_tokens=8, temperature=1.0, iterations=2, kl_coef=0.05,
               critic="reward", critic_lr=1e-4, vf_coef=0.1, gamma=1.0, lam=0.95)
+  if not arg:  # no reward model given: the exact-answer reward, a critic from the policy
+    c.rl.critic = "policy"
   return c

@@ -196,25 +196,28 @@ def chat_template(f, run_cfg, tokenizer):
   raise UserError(f"--chat: {where}; give --template=one of {', '.join(templates.TEMPLATES)}")
 
 
+def load_model(workdir: str | None, hf_dir: str | None, step: int | None = None):
+  """(run config or None, ModelHandle, params, tokenizer) of exactly one of a training run's
+  folder (its checkpoint at `step`, default the newest) and a Hugging Face folder."""
+  if bool(workdir) == bool(hf_dir):
+    raise UserError("give exactly one of --workdir and --hf")
+  if workdir:
+    run_cfg, handle, params, _ = export.load_run(workdir, step)
+    return run_cfg, handle, params, tokenizer_lib.load(workdir)
+  try:
+    mcfg, params = hf.load(hf_dir)
+    return None, model_handle(mcfg), params, tokenizer_lib.load(hf_dir)
+  except (OSError, ValueError) as e:
+    raise UserError(f"--hf={hf_dir}: {e}") from None
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
   try:
-    if bool(f.workdir) == bool(f.hf):
-      raise UserError("give exactly one of --workdir and --hf")
     check_flags(f)
-    if f.workdir:
-      run_cfg, handle, params, _ = export.load_run(f.workdir, f.step)
-      tokenizer = tokenizer_lib.load(f.workdir)
-    else:
-      run_cfg = None
-      try:
-        mcfg, params = hf.load(f.hf)
-        handle = model_handle(mcfg)
-        tokenizer = tokenizer_lib.load(f.hf)
-      except (OSError, ValueError) as e:
-        raise UserError(f"--hf={f.hf}: {e}") from None
+    run_cfg, handle, params, tokenizer = load_model(f.workdir, f.hf, f.step)
     check_flags(f, handle.cfg.max_seq_len)
     stops = [tokenizer.eos_id] if tokenizer.eos_id >= 0 else []
     if f.chat:

@@ -23,10 +23,8 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-from models import hf
-from models.handle import model_handle
-from trainer import export, generate as generate_lib
-from trainer.data import templates, tokenizer as tokenizer_lib
+from trainer import generate as generate_lib
+from trainer.data import templates
 from trainer.errors import UserError
 from trainer.objectives.grpo import read_prompts, reward_function
 
@@ -53,24 +51,13 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
   try:
-    if bool(f.workdir) == bool(f.hf):
-      raise UserError("give exactly one of --workdir and --hf")
     if f.samples < 2:
       raise UserError(f"--samples={f.samples}: a pair needs at least 2 replies to choose from")
     if f.temperature <= 0:
       raise UserError(f"--temperature={f.temperature} must be > 0: greedy replies are all one")
     chats = read_prompts(f.prompts)
     score = reward_function(f.reward)
-    if f.workdir:
-      run_cfg, handle, params, _ = export.load_run(f.workdir)
-      tokenizer = tokenizer_lib.load(f.workdir)
-    else:
-      run_cfg = None
-      try:
-        mcfg, params = hf.load(f.hf)
-        handle, tokenizer = model_handle(mcfg), tokenizer_lib.load(f.hf)
-      except (OSError, ValueError) as e:
-        raise UserError(f"--hf={f.hf}: {e}") from None
+    run_cfg, handle, params, tokenizer = generate_lib.load_model(f.workdir, f.hf)
     template = generate_lib.chat_template(f, run_cfg, tokenizer)
     stop = template.stop_id(tokenizer)
     os.makedirs(f.out, exist_ok=True)

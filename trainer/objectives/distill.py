@@ -43,10 +43,8 @@ class Distill(GRPO):
   @classmethod
   def from_config(cls, cfg) -> "Distill":
     d = cfg.distill
-    base = GRPO.from_config(cfg)
-    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(GRPO)}
     beta = KINDS.get(d.loss)
-    return cls(**fields, teacher=d.teacher, beta=d.beta if beta is None else beta,
+    return cls(**GRPO.fields_of(cfg), teacher=d.teacher, beta=d.beta if beta is None else beta,
                distill_temperature=d.temperature, on_policy=d.on_policy)
 
   @classmethod

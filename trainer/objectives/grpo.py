@@ -123,6 +123,12 @@ class GRPO(Objective):
                                r.max_new_tokens),
                r.iterations, fold_seed(cfg.train.seed), cfg.train.seq_len)
 
+  @staticmethod
+  def fields_of(cfg) -> dict:
+    """GRPO's fields from the config: what objectives built on its rollouts start from."""
+    base = GRPO.from_config(cfg)
+    return {f.name: getattr(base, f.name) for f in dataclasses.fields(GRPO)}
+
   @classmethod
   def problems(cls, cfg) -> list[tuple[str, str]]:
     r, out = cfg.rl, []

@@ -61,9 +61,7 @@ class PPO(GRPO):
   @classmethod
   def from_config(cls, cfg) -> "PPO":
     r = cfg.rl
-    base = GRPO.from_config(cfg)
-    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(GRPO)}
-    return cls(**fields, reward_model=r.reward_model, critic=r.critic,
+    return cls(**GRPO.fields_of(cfg), reward_model=r.reward_model, critic=r.critic,
                critic_lr=r.critic_lr or cfg.train.lr, gamma=r.gamma, lam=r.lam,
                vf_coef=r.vf_coef, cliprange=r.eps_low, cliprange_value=r.cliprange_value,
                entropy_coef=r.entropy_coef,
