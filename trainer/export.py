@@ -52,6 +52,8 @@ def read_run(workdir: str, step: int | None = None):
   cfg = ml_collections.ConfigDict(resolved)
   mcfg = ModelConfig.from_dict(fields)
   directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory) or not os.listdir(directory):  # (looking creates nothing)
+    raise UserError(f"--workdir={workdir} has no checkpoints yet")
   checkpointer = ckpt_lib.Checkpointer(directory, keep=1000, async_save=False)
   steps = checkpointer.manager.all_steps()
   checkpointer.close()

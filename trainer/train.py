@@ -266,8 +266,8 @@ def objective_slot(cfg, mcfg, mesh, strategy, want: objectives.Model):
   elif want.source:
     try:
       _, loaded, directory, step = export_lib.read_run(want.source)
-    except UserError as e:  # its message names the flag of trainer.export
-      raise UserError(f"config key {want.key}: {str(e).split(': ', 1)[-1]}") from None
+    except UserError as e:  # its message names trainer.export's flag
+      raise UserError(f"config key {want.key}: {str(e).replace('--workdir=', '')}") from None
     handle = model_handle(loaded.cfg, loaded.peft, execution(cfg))
   else:
     handle = model_handle(dataclasses.replace(mcfg, value_head=want.value_head), None,
