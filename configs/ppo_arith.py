@@ -43,7 +43,7 @@ def get_config(arg=None):
     c.model.init_from = f"hf:{parts[0]}"
     c.rl.reward_model = parts[1]
   c.train.update(objective="ppo", steps=300, batch_size=16, seq_len=192, lr=3e-5,
-                 lr_schedule="constant", warmup_steps=10, log_every=10, eval_every=50,
+                 lr_schedule="cosine", warmup_steps=10, log_every=10, eval_every=50,
                  eval_batches=2, eval_exact_match=200, checkpoint_every=50, clip_norm=1.0)
   c.rl.update(group_size=16, max_new_tokens=8, temperature=1.0, iterations=2, kl_coef=0.05,
               critic="reward", critic_lr=1e-4, vf_coef=0.1, gamma=1.0, lam=0.95)
