@@ -255,7 +255,7 @@ def objective_slot(cfg, mcfg, mesh, strategy, want: objectives.Model):
   or is frozen. Its vocabulary must be the policy's."""
   tc = cfg.train
   param_dtype = jnp.dtype(cfg.precision.param_dtype)
-  folder = want.source[3:] if want.source.startswith("hf:") else ""
+  folder = want.folder if want.hf else ""
   if folder:
     try:
       theirs = hf.config_from_hf(hf.read_config(folder))
@@ -542,6 +542,7 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
       writer.write(0, before)
       writer.note(f"before training: {before}")
     current, rollout = None, {}  # online: the rollout batch on the host, and its metrics
+    rollout_sharding = pl.spec.shardings().get("rollout")
     if pl.objective.online and start_step:  # resumed: the state holds the last rollout
       current = jax.device_get(state["rollout"])
     for step in range(start_step + 1, end_step + 1):
@@ -553,7 +554,7 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
                                                current)
         current = host
         state = {**state, "rollout": jax.device_put(
-            {k: host[k] for k in state["rollout"]}, pl.spec.shardings()["rollout"])}
+            {k: host[k] for k in state["rollout"]}, rollout_sharding)}
       else:  # the next update on the same rollout
         host = current
       batch = to_global(host, pl.batch_sharding)

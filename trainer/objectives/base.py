@@ -76,6 +76,15 @@ class Model:
   lr: float = 0.0
   key: str = ""
 
+  @property
+  def hf(self) -> bool:
+    return self.source.startswith("hf:")
+
+  @property
+  def folder(self) -> str:
+    """The folder its weights come from ("" for the policy's)."""
+    return self.source[3:] if self.hf else self.source
+
 
 def require_same_tokenizer(folder: str, ours, key: str) -> None:
   """One line naming `key` unless the tokenizer kept in `folder` (a run's or a Hugging Face

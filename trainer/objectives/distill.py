@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from trainer import losses as token_losses
 from trainer.objectives.base import Model, require_same_tokenizer
-from trainer.objectives.grpo import GRPO
+from trainer.objectives.grpo import GRPO, at_completions
 from trainer.rl import losses
 
 KINDS = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": None}  # distill.loss -> its beta
@@ -50,7 +50,7 @@ class Distill(GRPO):
   @classmethod
   def problems(cls, cfg) -> list[tuple[str, str]]:
     d, r, out = cfg.distill, cfg.rl, []
-    teacher = d.teacher[3:] if d.teacher.startswith("hf:") else d.teacher
+    teacher = Model("teacher", d.teacher).folder
     if not teacher or not os.path.isfile(os.path.join(teacher, "config.json")):
       out.append(("distill.teacher", f"{d.teacher!r} is not a training run's folder or hf:DIR "
                   "of a Hugging Face model (no config.json there)"))
@@ -81,8 +81,7 @@ class Distill(GRPO):
     return (Model("teacher", self.teacher, key="distill.teacher"),)
 
   def prepare(self, run) -> None:
-    folder = self.teacher[3:] if self.teacher.startswith("hf:") else self.teacher
-    require_same_tokenizer(folder, run.data.tokenizer, "distill.teacher")
+    require_same_tokenizer(self.models()[0].folder, run.data.tokenizer, "distill.teacher")
     if self.on_policy:
       super().prepare(run)
 
@@ -104,12 +103,9 @@ class Distill(GRPO):
     s_logits = student.logits(hidden)
     t_logits = jax.lax.stop_gradient(teacher.logits(t_hidden))
     if "gather" in batch:  # on-policy: the student's sampled tokens
-      b, c, L = batch["gather"].shape
-      at = batch["gather"].reshape(b, c * L)[..., None]
-      s_logits = jnp.take_along_axis(s_logits, at, axis=1)
-      t_logits = jnp.take_along_axis(t_logits, at, axis=1)
-      targets = jnp.take_along_axis(batch["targets"], at[..., 0], axis=1)
-      w = batch["gather_mask"].reshape(b, c * L)
+      s_logits, t_logits, targets = (at_completions(x, batch["gather"])
+                                     for x in (s_logits, t_logits, batch["targets"]))
+      w = batch["gather_mask"].reshape(targets.shape)
     else:
       targets, w = batch["targets"], batch["weights"]
     per_token = losses.generalized_jsd_per_token(s_logits, t_logits, self.beta,

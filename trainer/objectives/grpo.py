@@ -67,6 +67,14 @@ def turn_suffix(template, tokenizer, stop: int) -> list[int]:
   return [] if not len(at) else [int(t) for t in ids[at[-1] + 1:]]
 
 
+def at_completions(x, gather):
+  """`x` (rows, positions, ...) at each completion's gathered positions (`gather`: rows,
+  completions per row, L; as `GRPO.layout` makes it): (rows x completions, L, ...)."""
+  b, c, L = gather.shape
+  index = gather.reshape(b, c * L, *([1] * (x.ndim - 2)))
+  return jnp.take_along_axis(x, index, axis=1).reshape(b * c, L, *x.shape[2:])
+
+
 def read_prompts(path: str) -> list[tuple[list[dict], str]]:
   """(the messages before the last, the last one's content) of each chat of a jsonl file; a bad
   line is one error naming file:line."""
@@ -321,8 +329,7 @@ class GRPO(Objective):
       return LM().loss(models, batch)
     lp_bt, logits = self.token_logps(models["policy"], batch)
     b, c, L = batch["gather"].shape
-    take = lambda x: jnp.take_along_axis(x, batch["gather"].reshape(b, c * L), axis=1).reshape(
-        b * c, L)
+    take = lambda x: at_completions(x, batch["gather"])
     mask = batch["gather_mask"].reshape(b * c, L)
     ref = None
     if self.loss_fn.beta:

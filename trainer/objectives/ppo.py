@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from trainer.objectives.base import Bound, Model, require_same_tokenizer
-from trainer.objectives.grpo import GRPO
+from trainer.objectives.grpo import GRPO, at_completions
 from trainer.objectives.lm import LM
 from trainer.rl import losses
 
@@ -128,9 +128,7 @@ class PPO(GRPO):
 
       def score(params, batch):
         bound = {k: Bound(handles[k], p, compute_dtype) for k, p in params.items()}
-        b, c, L = batch["gather"].shape
-        take = lambda x: jnp.take_along_axis(x, batch["gather"].reshape(b, c * L),
-                                             axis=1).reshape(b * c, L)
+        take = lambda x: at_completions(x, batch["gather"])
         ref = None
         if self.needs_reference:
           ref = take(self.token_logps(self.reference(bound), batch)[0])
@@ -199,8 +197,7 @@ class PPO(GRPO):
     if "gather" not in batch:  # evaluation: the NLL of the held-out replies
       return LM().loss(models, batch)
     b, c, L = batch["gather"].shape
-    take = lambda x: jnp.take_along_axis(x, batch["gather"].reshape(b, c * L), axis=1).reshape(
-        b * c, L)
+    take = lambda x: at_completions(x, batch["gather"])
     flat = lambda k: batch[k].reshape(b * c, L)
     mask = flat("gather_mask")
     count = mask.sum()
