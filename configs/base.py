@@ -186,6 +186,7 @@ def get_config(arg=None):
       beta=0.04,  # KL (k3) to the frozen reference; 0: no reference model
       scale_rewards="group",  # advantages / the group's std | batch | none (Dr. GRPO)
       dynamic_sampling=False,  # DAPO: groups whose rewards are all equal leave the loss
+      max_draws=4,  # dynamic_sampling: draws of prompts (after the first, random) to fill a step
       overlong_buffer=0,  # DAPO's soft overlong penalty over the last this many tokens; 0: off
       overlong_factor=1.0,  # ... reaching -this at rl.max_new_tokens
       length_penalty=0.0,  # reward minus this x length / rl.max_new_tokens

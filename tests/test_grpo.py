@@ -2,6 +2,7 @@
 equal the training forward's on the packed group rows, the loss on them equal to GrpoLoss on
 the gathered completions, and a run that resumes bit-identically."""
 
+import dataclasses
 import json
 
 import jax
@@ -90,6 +91,40 @@ def test_rollout_logps_equal_the_training_forward_on_group_rows(rollout_run):
       jnp.asarray(ref))
   np.testing.assert_allclose(float(loss_sum / count), float(want), rtol=1e-5, atol=1e-7)
   assert 0 <= float(aux["entropy"] / count)
+
+
+def test_dynamic_sampling_redraws_prompts_until_every_group_has_a_signal(rollout_run):
+  """DAPO: a group whose replies all score the same is set aside and later draws of prompts
+  fill its place; with rl.max_draws=1 it stays in the batch, out of the loss."""
+  c, out = rollout_run
+  plan, state = out["plan"], out["state"]
+  g = dataclasses.replace(plan.objective, dynamic_sampling=True, state=dict(plan.objective.state))
+  models = {s.name: Bound(s.handle, plan.spec.params(state, s.name), plan.compute_dtype)
+            for s in plan.spec.slots}
+  step = 2
+  blocked = g.stream(step)[0]  # this prompt's replies all score 0: no signal
+  g.state["score"] = lambda messages, text, answer: (
+      0.0 if messages == g.state["chats"][blocked][0] else float(sum(map(ord, text)) % 7))
+
+  def prompts_of(host):
+    return [next(i for i, ids in enumerate(g.state["ids"])
+                 if np.array_equal(host["inputs"][r, :len(ids)], ids)) for r in range(2)]
+
+  g.max_draws = 1
+  host, metrics = g.rollout(models, step, plan.compute_dtype)
+  assert metrics["draws"] == 1 and metrics["groups_kept"] == 0.5
+  assert prompts_of(host) == g.stream(step)[::-1]  # the groups with a signal first
+  assert host["gather_mask"][0].any() and not host["gather_mask"][1].any()
+
+  g.max_draws = 5
+  host, metrics = g.rollout(models, step, plan.compute_dtype)
+  assert metrics["draws"] == 2 and metrics["groups_kept"] == 1.0
+  got = prompts_of(host)
+  assert got[0] == g.stream(step)[1] and got[1] == g.draw(step, 1)[0] != blocked
+  assert np.all(np.abs(host["advantages"]).max(1) > 0)  # each group has a signal
+  again, _ = g.rollout(models, step, plan.compute_dtype)
+  for k in host:
+    np.testing.assert_array_equal(again[k], host[k])
 
 
 def test_bad_rl_settings_are_one_line(tmp_path):

@@ -1,6 +1,7 @@
-"""trainer/rl/losses.py against TRL's own code (GRPOTrainer._compute_loss for the GRPO family's
-loss types, GKD's generalized_jsd_loss), values and gradients, and against plain loops (group
-advantages, GAE, PPO's clipped losses: TRL 1.x no longer ships a PPOTrainer)."""
+"""trainer/rl/losses.py against TRL's own code, values and gradients: GRPOTrainer._compute_loss
+for the GRPO family's loss types and GKD's generalized_jsd_loss (the installed TRL), and the
+rewards, GAE, whitening and clipped losses of PPOTrainer.train (TRL 0.20, the last release with
+a PPOTrainer, read from its wheel); and against plain loops (group advantages, GAE)."""
 
 import collections
 import types
@@ -161,3 +162,137 @@ def test_kl_pieces():
   assert losses.KlController(0.1).update(0.1, 50.0, 10) == 0.1  # fixed
   np.testing.assert_allclose(np.asarray(losses.overlong_penalty(jnp.array([10, 18, 20]), 20, 4)),
                              [0.0, -0.5, -1.0])
+
+
+# -- PPO against TRL's PPOTrainer (last shipped in TRL 0.20; read from its wheel, run here) -----
+
+TRL_PPO = "trl==0.20.0"
+
+
+@pytest.fixture(scope="module")
+def trl_ppo(tmp_path_factory):
+  """The source of TRL 0.20's ppo_trainer.py and core.py, from the wheel in
+  $JAXTRAIN_CACHE (default ~/.cache/jaxtrain), downloaded there from PyPI if absent."""
+  import glob
+  import os
+  import subprocess
+  import sys
+  import zipfile
+  cache = os.environ.get("JAXTRAIN_CACHE", os.path.expanduser("~/.cache/jaxtrain"))
+  pattern = os.path.join(cache, "trl-0.20.0-py3-none-any.whl")
+  if not glob.glob(pattern):
+    tmp = tmp_path_factory.mktemp("trl")
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d",
+                        str(tmp), TRL_PPO], capture_output=True, text=True, timeout=300)
+    wheels = glob.glob(str(tmp / "trl-*.whl"))
+    if r.returncode or not wheels:
+      pytest.skip(f"{TRL_PPO}'s wheel is not in {cache} and pip could not download it "
+                  f"(run: pip download --no-deps -d {cache} {TRL_PPO})")
+    os.makedirs(cache, exist_ok=True)
+    os.replace(wheels[0], pattern)  # atomic: parallel workers may download it at once
+  with zipfile.ZipFile(pattern) as z:
+    return (z.read("trl/trainer/ppo_trainer.py").decode(), z.read("trl/core.py").decode())
+
+
+def trl_fragment(source: str, first: str, last: str) -> str:
+  """The lines of `source` from the one that starts with `first` through the statement that
+  starts with `last`, dedented: a piece of PPOTrainer.train to run on our inputs."""
+  import textwrap
+  lines = source.splitlines()
+  start = next(i for i, line in enumerate(lines) if line.strip().startswith(first))
+  end = next(i for i in range(start, len(lines)) if lines[i].strip().startswith(last))
+  while lines[end].count("(") > lines[end].count(")") or lines[end].rstrip().endswith(","):
+    end += 1  # a statement that goes on over several lines
+  return textwrap.dedent("\n".join(lines[start:end + 1]))
+
+
+def trl_functions(source: str, *names: str) -> dict:
+  """The named top-level functions of a TRL module, compiled on their own."""
+  import ast
+  import typing
+  tree = ast.parse(source)
+  keep = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names]
+  assert {n.name for n in keep} == set(names)
+  space = {"torch": torch, "Optional": typing.Optional}
+  exec(compile(ast.Module(keep, []), "trl/core.py", "exec"), space)
+  return space
+
+
+@pytest.mark.parametrize("gamma,lam,whiten_rewards", [(1.0, 0.95, False), (0.9, 0.8, True)])
+def test_ppo_rewards_gae_and_losses_equal_trl_ppo_trainer(trl_ppo, gamma, lam, whiten_rewards):
+  """TRL's own lines from PPOTrainer.train (the rewards, GAE, whitening, clipped policy and
+  value losses) run on the same rollout as trainer/rl/losses.py: values and gradients equal.
+  TRL lays a reply out padded, with its score and a value one position past the reply's last
+  token (its `padding_mask_p1`); our functions take the mask, so they are given TRL's."""
+  ppo_src, core_src = trl_ppo
+  rng = np.random.default_rng(7)
+  Bq, W, ctx = 5, 8, 3
+  args = types.SimpleNamespace(kl_estimator="k1", kl_coef=0.07, whiten_rewards=whiten_rewards,
+                               gamma=gamma, lam=lam, cliprange=0.2, cliprange_value=0.2,
+                               vf_coef=0.1)
+  seq = np.array([7, 2, 5, 0, 6])  # the index of each reply's last token
+  space = dict(trl_functions(core_src, "masked_mean", "masked_var", "masked_whiten"),
+               args=args, INVALID_LOGPROB=1.0,
+               responses=torch.zeros(Bq, W, dtype=torch.long),
+               sequence_lengths=torch.tensor(seq),
+               logprobs=torch.tensor(rng.normal(-1.5, 0.4, (Bq, W)), dtype=torch.float32),
+               ref_logprobs=torch.tensor(rng.normal(-1.5, 0.4, (Bq, W)), dtype=torch.float32),
+               values=torch.tensor(rng.normal(0, 1, (Bq, W)), dtype=torch.float32),
+               scores=torch.tensor(rng.normal(0, 1, Bq), dtype=torch.float32))
+  keep = {k: space[k].clone() for k in ("logprobs", "ref_logprobs", "values", "scores")}
+  exec(trl_fragment(ppo_src, "response_idxs = torch.arange",
+                    "advantages = torch.masked_fill(advantages, padding_mask, 0)"), space)
+  valid = ~space["padding_mask"].numpy()  # the reply's tokens
+  valid_p1 = ~space["padding_mask_p1"].numpy()  # and one more: where TRL puts the score
+  valid_f, valid_p1_f = valid.astype(np.float32), valid_p1.astype(np.float32)
+  invalid = lambda x: np.where(valid, x, 1.0).astype(np.float32)  # TRL's INVALID_LOGPROB
+  rewards, kl = losses.ppo_rewards(jnp.asarray(invalid(keep["logprobs"].numpy())),
+                                   jnp.asarray(invalid(keep["ref_logprobs"].numpy())),
+                                   jnp.asarray(valid_p1_f), jnp.asarray(keep["scores"].numpy()),
+                                   args.kl_coef)
+  np.testing.assert_allclose(np.asarray(kl), space["kl"].numpy() * valid_p1, atol=1e-7)
+  if whiten_rewards:
+    rewards = losses.masked_whiten(rewards, jnp.asarray(valid_p1_f), shift_mean=False)
+    rewards = rewards * valid_p1_f
+  np.testing.assert_allclose(np.asarray(rewards), space["rewards"].numpy(), rtol=1e-5, atol=1e-6)
+  adv, ret = losses.gae(rewards, jnp.asarray(keep["values"].numpy()), jnp.asarray(valid_p1_f),
+                        gamma, lam)
+  np.testing.assert_allclose(np.asarray(ret), space["returns"].numpy(), rtol=1e-5, atol=1e-5)
+  adv = losses.masked_whiten(adv, jnp.asarray(valid_f)) * valid_f
+  np.testing.assert_allclose(np.asarray(adv), space["advantages"].numpy(), rtol=1e-5, atol=1e-5)
+
+  # one micro-batch of the update: TRL's loss lines and their gradients
+  new = torch.tensor(rng.normal(-1.5, 0.4, (Bq, W)), dtype=torch.float32)
+  new = torch.where(torch.rand(Bq, W, generator=torch.Generator().manual_seed(0)) < 0.3,
+                    space["logprobs"] + 0.5, new).requires_grad_()  # some ratios past the clip
+  vpred_temp = torch.tensor(rng.normal(0, 1, (Bq, ctx - 1 + W + 1, 1)), dtype=torch.float32)
+  vpred_temp.requires_grad_()
+  inds = np.arange(Bq)
+  space.update(new_logprobs=new, vpred_temp=vpred_temp, context_length=ctx,
+               micro_batch_inds=inds, mb_advantage=space["advantages"][inds],
+               mb_logprobs=space["logprobs"][inds], mb_return=space["returns"][inds],
+               mb_values=space["values"][inds])
+  exec(trl_fragment(ppo_src, "new_logprobs = torch.masked_fill(",
+                    "loss = pg_loss + args.vf_coef * vf_loss"), space)
+  space["loss"].backward()
+
+  def ours(new_logps, vpred):
+    pg, _ = losses.ppo_policy_loss(new_logps, jnp.asarray(space["logprobs"].numpy()),
+                                   jnp.asarray(space["advantages"].numpy()),
+                                   jnp.asarray(valid_f), args.cliprange)
+    vf, vm = losses.ppo_value_loss(vpred, jnp.asarray(space["values"].numpy()),
+                                   jnp.asarray(space["returns"].numpy()),
+                                   jnp.asarray(valid_p1_f), args.cliprange_value)
+    return pg + args.vf_coef * vf, (pg, vf, vm["value_clip_fraction"])
+
+  vpred = vpred_temp.detach().numpy()[:, ctx - 1:-1, 0]
+  (loss, (pg, vf, vclip)), (g_new, g_v) = jax.value_and_grad(ours, argnums=(0, 1), has_aux=True)(
+      jnp.asarray(new.detach().numpy()), jnp.asarray(vpred))
+  assert 0 < float(space["vf_clipfrac"]) < 1
+  np.testing.assert_allclose(float(pg), float(space["pg_loss"]), rtol=1e-5)
+  np.testing.assert_allclose(float(vf), float(space["vf_loss"]), rtol=1e-5)
+  np.testing.assert_allclose(float(vclip), float(space["vf_clipfrac"]), rtol=1e-6)
+  np.testing.assert_allclose(float(loss), float(space["loss"]), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(g_new), new.grad.numpy(), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(g_v), vpred_temp.grad.numpy()[:, ctx - 1:-1, 0],
+                             rtol=1e-5, atol=1e-7)

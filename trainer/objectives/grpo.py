@@ -6,7 +6,9 @@ of `rl.prompts`, their last assistant message the expected answer; a new permuta
 fixed by train.seed, so the step number alone says where a resumed run is), `rl.group_size`
 completions of each sampled with the current policy on the training mesh (trainer/generate.py;
 it records each token's log-prob, which equals the training forward's), each completion scored
-by `rl.reward`, the rewards turned into group-relative advantages, and each prompt's group laid
+by `rl.reward`, the rewards turned into group-relative advantages (DAPO's dynamic sampling: groups
+whose replies all scored the same are set aside and more prompts drawn, up to `rl.max_draws`
+draws, until the step is full of groups with a signal), and each prompt's group laid
 out in one row: the prompt once, the completions as branches that see it and not each other
 (trainer/data/pairs.py `Group`). `loss` runs the policy, and with `rl.beta` the frozen
 reference, over those rows and applies trainer/rl/losses.py `GrpoLoss`.
@@ -110,6 +112,7 @@ class GRPO(Objective):
   reward: str = "exact"
   scale_rewards: str = "group"
   dynamic_sampling: bool = False
+  max_draws: int = 1  # DAPO: draws of prompts per step to fill the batch with signal
   overlong_buffer: int = 0
   overlong_factor: float = 1.0
   length_penalty: float = 0.0
@@ -126,7 +129,7 @@ class GRPO(Objective):
     r = cfg.rl
     return cls(r.prompts or cfg.data.train_files, r.group_size, r.groups_per_row,
                r.max_new_tokens, r.temperature, r.top_k, r.top_p, r.reward, r.scale_rewards,
-               r.dynamic_sampling, r.overlong_buffer, r.overlong_factor, r.length_penalty,
+               r.dynamic_sampling, r.max_draws, r.overlong_buffer, r.overlong_factor, r.length_penalty,
                losses.GrpoLoss(r.loss_type, r.level, r.eps_low, r.eps_high, r.beta,
                                r.max_new_tokens),
                r.iterations, fold_seed(cfg.train.seed), cfg.train.seq_len)
@@ -157,6 +160,8 @@ class GRPO(Objective):
       out.append(("rl.reward", f"{r.reward!r} is not exact or module:function"))
     if r.max_new_tokens < 1 or r.groups_per_row < 1:
       out.append(("rl.max_new_tokens", "rl.max_new_tokens and rl.groups_per_row must be >= 1"))
+    if r.max_draws < 1:
+      out.append(("rl.max_draws", f"{r.max_draws}: at least the step's own draw"))
     if r.iterations < 1:
       out.append(("rl.iterations", f"{r.iterations}: each rollout feeds at least one step"))
     if r.overlong_buffer >= r.max_new_tokens:
@@ -221,17 +226,28 @@ class GRPO(Objective):
       out.append(int(orders[epoch][at]))
     return out
 
-  def sample(self, policy: Bound, step: int, compute_dtype):
-    """Step `step`'s prompts (indices), `rl.group_size` sampled completions of each (token ids,
-    stop token kept) with their recorded log-probs, each completion's `rl.reward` score and its
-    length."""
+  def draw(self, step: int, draw: int) -> list[int]:
+    """The prompts of draw `draw` of step `step`: draw 0 is the prompt stream's; DAPO's re-draws
+    (`rl.max_draws`) pick prompts at random, fixed by (seed, step, draw), so that the step number
+    alone still says where a resumed run is."""
+    if draw == 0:
+      return self.stream(step)
+    n, k = len(self.state["ids"]), self.prompts_per_step
+    rng = np.random.default_rng([self.seed, step, draw])
+    return [int(i) for i in rng.choice(n, k, replace=k > n)]
+
+  def sample(self, policy: Bound, step: int, compute_dtype, draw: int = 0):
+    """Step `step`'s prompts (indices; `draw` > 0: a re-draw's), `rl.group_size` sampled
+    completions of each (token ids, stop token kept) with their recorded log-probs, each
+    completion's `rl.reward` score and its length."""
     s, G = self.state, self.group
-    chosen = self.stream(step)
+    chosen = self.draw(step, draw)
     prompts = [s["ids"][i] for i in chosen for _ in range(G)]
+    seed = self.seed * 1_000_003 + step
     outs, logps = generate.generate(
         policy.handle, policy.params, prompts, self.max_new_tokens, temperature=self.temperature,
         top_k=self.top_k, top_p=self.top_p, stop_ids=[s["stop"]],
-        seed=fold_seed(self.seed * 1_000_003 + step), compute_dtype=compute_dtype,
+        seed=fold_seed(seed if draw == 0 else seed * 7919 + draw), compute_dtype=compute_dtype,
         with_logps=True, keep_stop=True)
     scores, lengths = np.zeros(len(outs), np.float32), np.zeros(len(outs), np.float32)
     for j, out in enumerate(outs):
@@ -285,10 +301,37 @@ class GRPO(Objective):
     """(the host batch of step `step`, its rollout metrics). `previous`: the last rollout's
     batch (unused here: GRPO keeps no state between rollouts)."""
     del previous
+    G, k = self.group, self.prompts_per_step
+    draws = [self.scored(models["policy"], step, compute_dtype, 0)]
+    while (self.dynamic_sampling and len(draws) < self.max_draws
+           and sum(int(d["keep"].sum()) for d in draws) < k):
+      draws.append(self.scored(models["policy"], step, compute_dtype, len(draws)))
+    # DAPO: the groups that carry a signal first, in draw order, then set-aside ones to fill
+    # the batch, out of the loss
+    order = [(i, g) for i, d in enumerate(draws) for g in np.flatnonzero(d["keep"])]
+    order += [(i, g) for i, d in enumerate(draws) for g in np.flatnonzero(~d["keep"])]
+    order = order[:k]
+    pick = lambda f: [draws[i][f][g] for i, g in order]
+    each = lambda f: np.concatenate([draws[i][f][g * G:(g + 1) * G] for i, g in order])
+    keep = np.array(pick("keep"))
+    outs = [draws[i]["outs"][g * G + j] for i, g in order for j in range(G)]
+    logps = [draws[i]["logps"][g * G + j] for i, g in order for j in range(G)]
+    host = self.layout(pick("chosen"), outs, logps)
+    rows = host["gather"].shape[0]
+    host["advantages"] = each("advantages").reshape(rows, -1)
+    host["gather_mask"] *= np.repeat(keep, G).astype(np.float32).reshape(rows, -1, 1)
+    first = draws[0]  # the reward and accuracy of the step's own prompts, as without re-draws
+    metrics = {"reward": float(first["rewards"].mean()), "accuracy": float(first["hits"].mean()),
+               "response_length": float(each("lengths").mean()),
+               "groups_kept": float(keep.mean()), "draws": float(len(draws))}
+    return host, metrics
+
+  def scored(self, policy: Bound, step: int, compute_dtype, draw: int) -> dict:
+    """One draw of step `step`: its samples, shaped rewards (length and overlong penalties),
+    group advantages and which groups carry a signal (all, without `rl.dynamic_sampling`)."""
     G, L = self.group, self.max_new_tokens
-    chosen, outs, logps, rewards, lengths = self.sample(models["policy"], step, compute_dtype)
-    hits = rewards.copy()
-    rewards -= self.length_penalty * lengths / L
+    chosen, outs, logps, hits, lengths = self.sample(policy, step, compute_dtype, draw)
+    rewards = hits - self.length_penalty * lengths / L
     if self.overlong_buffer:
       rewards += np.asarray(losses.overlong_penalty(jnp.asarray(lengths), L, self.overlong_buffer,
                                                     self.overlong_factor))
@@ -296,14 +339,8 @@ class GRPO(Objective):
     keep = np.ones(len(chosen), bool)
     if self.dynamic_sampling:
       keep = np.asarray(losses.nonzero_variance_groups(jnp.asarray(rewards), G))
-    host = self.layout(chosen, outs, logps)
-    rows = host["gather"].shape[0]
-    host["advantages"] = adv.reshape(rows, -1)
-    host["gather_mask"] *= np.repeat(keep, G).astype(np.float32).reshape(rows, -1, 1)
-    metrics = {"reward": float(rewards.mean()), "accuracy": float(hits.mean()),
-               "response_length": float(lengths.mean()),
-               "groups_kept": float(keep.mean())}
-    return host, metrics
+    return dict(chosen=chosen, outs=outs, logps=logps, hits=hits, rewards=rewards,
+                lengths=lengths, advantages=adv, keep=keep)
 
   def batch_shapes(self, rows: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """(shape, dtype) of each column of a rollout batch of `rows` rows."""

@@ -163,10 +163,8 @@ class PPO(GRPO):
     scores = scores - self.missing_stop_penalty * ~stopped  # a reply cut off at the limit
     mask = host["gather_mask"].reshape(rows * c, L)
     old = host["old_logps"].reshape(rows * c, L)
-    kl = (old - ref) * mask if ref is not None else np.zeros_like(old)
-    rewards = -coef * kl
-    ends = np.maximum(mask.sum(1).astype(np.int64) - 1, 0)
-    rewards[np.arange(rows * c), ends] += scores
+    rewards, kl = jax.device_get(losses.ppo_rewards(old, old if ref is None else ref, mask,
+                                                    scores, coef))
     adv, returns = losses.gae(jnp.asarray(rewards), jnp.asarray(values), jnp.asarray(mask),
                               self.gamma, self.lam)
     if self.whiten:

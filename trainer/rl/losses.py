@@ -134,6 +134,17 @@ def overlong_penalty(lengths_b, max_len: int, buffer: int, factor: float = 1.0):
 # ----------------------------------------------------------------------------------------------
 
 
+def ppo_rewards(logps_bt, ref_logps_bt, mask_bt, scores_b, kl_coef: float):
+  """PPO's per-token rewards: -kl_coef x (log-prob - reference log-prob) on each real token (the
+  k1 estimate of the KL), the sequence's score added at its last real token: (rewards, kl)."""
+  logps_bt, ref_logps_bt, mask_bt = map(jnp.asarray, (logps_bt, ref_logps_bt, mask_bt))
+  kl = (logps_bt - ref_logps_bt) * mask_bt
+  rewards = -kl_coef * kl
+  ends = jnp.maximum(mask_bt.sum(1).astype(jnp.int32) - 1, 0)
+  rewards = rewards.at[jnp.arange(rewards.shape[0]), ends].add(scores_b)
+  return rewards, kl
+
+
 def gae(rewards_bt, values_bt, mask_bt, gamma: float, lam: float):
   """Generalised advantage estimation over each completion's tokens: (advantages, returns),
   A_t = delta_t + gamma * lam * A_{t+1}, delta_t = r_t + gamma * V_{t+1} - V_t, with V and A
