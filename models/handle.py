@@ -20,6 +20,7 @@ from models.config import Execution, ModelConfig
 from models.decoder import Decoder
 from models.peft import Peft
 from models.peft.model import PeftModel
+from models.quant.model import QuantModel, Quantized
 from parallel import rules as rules_lib
 
 Params = dict[str, Any]
@@ -33,9 +34,13 @@ class ModelHandle:
   axes: Params  # logical axis names of each parameter, same tree as the params
   peft: Peft | None = None  # adapters, stored under params["peft"]
   run: Execution = Execution()  # how the model runs (remat, attention_impl, init_std)
+  quant: Quantized | None = None  # projection weights stored as integers (trainer/quantize.py)
 
   def abstract_params(self) -> Params:
     params = nnx.to_pure_dict(self.template)
+    if self.quant is not None:
+      layers = jax.eval_shape(lambda l: self.quant.quantize_layers(self.cfg, l), params["layers"])
+      return {**params, "layers": layers}
     if self.peft is not None:
       params, _ = self.peft.base_abstract(params, None)
       if self.peft.method != "bitfit":
@@ -47,6 +52,9 @@ class ModelHandle:
     adapters folded into each layer's weights inside the decoder's scan. The template is never
     modified."""
     state = jax.tree.map(lambda x: x, self.template)
+    if self.quant is not None:
+      nnx.replace_by_pure_dict(state, {k: v for k, v in params.items() if k != "layers"})
+      return QuantModel(nnx.merge(self.graphdef, state), self.quant, params)
     if self.peft is None:
       nnx.replace_by_pure_dict(state, params)
       return nnx.merge(self.graphdef, state)
@@ -56,10 +64,12 @@ class ModelHandle:
 
 
 def model_handle(cfg: ModelConfig, peft: Peft | None = None,
-                 run: Execution | None = None) -> ModelHandle:
-  """The handle of a `cfg` model (with `peft` adapters) that runs as `run` says (default:
-  Execution(): no remat, xla attention)."""
+                 run: Execution | None = None, quant: Quantized | None = None) -> ModelHandle:
+  """The handle of a `cfg` model (with `peft` adapters, or with `quant`'s integer weights) that
+  runs as `run` says (default: Execution(): no remat, xla attention)."""
   run = run or Execution()
+  if quant is not None and peft is not None:
+    raise ValueError("a quantized model (trainer/quantize.py) takes no PEFT adapters")
   if peft is not None:
     peft.check_run(run)
   abstract = nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0), run))
@@ -74,7 +84,13 @@ def model_handle(cfg: ModelConfig, peft: Peft | None = None,
     _, axes = peft.base_abstract(nnx.to_pure_dict(template), axes)
     if peft.method != "bitfit":
       axes["peft"] = peft.axes()
-  return ModelHandle(cfg, graphdef, template, axes, peft, run)
+  if quant is not None:  # integers and scales: split over layers only
+    stored = jax.eval_shape(lambda l: quant.quantize_layers(cfg, l),
+                            nnx.to_pure_dict(template)["layers"])
+    for module, name in quant.targets:
+      axes["layers"][module][name] = jax.tree.map(
+          lambda x: ("layers",) + (None,) * (x.ndim - 1), stored[module][name])
+  return ModelHandle(cfg, graphdef, template, axes, peft, run, quant)
 
 
 def stored_abstract(handle: ModelHandle, dtype, shardings: Params | None = None) -> Params:

@@ -32,6 +32,7 @@ from absl import app, flags, logging
 from models import hf
 from models.decoder import Context
 from models.handle import ModelHandle, cast_floating, model_handle
+from models.quant import model as quant_model
 from trainer import export
 from trainer.data import templates, tokenizer as tokenizer_lib
 from trainer.errors import UserError
@@ -205,6 +206,9 @@ def load_model(workdir: str | None, hf_dir: str | None, step: int | None = None)
     run_cfg, handle, params, _ = export.load_run(workdir, step)
     return run_cfg, handle, params, tokenizer_lib.load(workdir)
   try:
+    if quant_model.read(hf_dir) is not None:  # trainer/quantize.py's integers and scales
+      mcfg, quant, params = quant_model.load(hf_dir)
+      return None, model_handle(mcfg, quant=quant), params, tokenizer_lib.load(hf_dir)
     mcfg, params = hf.load(hf_dir)
     return None, model_handle(mcfg), params, tokenizer_lib.load(hf_dir)
   except (OSError, ValueError) as e:

@@ -1,0 +1,195 @@
+"""A decoder whose projection weights are stored as integers (trainer/quantize.py writes them).
+
+`Quantized` says which weights are stored so and how: each targeted weight of the layer stack
+(attention q, k, v, o; MLP gate, up, down; routed and shared experts' too) becomes a dict of
+models/quant/uniform.py's arrays over (layers, [experts,] in, out), plus, where a method found
+per-input-channel scales (AWQ), `smooth` (layers, in): the stored integers quantize
+diag(smooth) W, and W is read back as diag(1 / smooth) x that. `QuantModel` dequantizes one
+layer at a time inside the decoder's scan (a `LayerSource`), so the float weights of the whole
+stack never exist at once; embeddings, norms and the LM head stay in floating point, as in
+GPTQ and AWQ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.config import ModelConfig
+from models.decoder import Context, Decoder, LayerSource
+from models.quant import uniform
+
+Params = dict[str, Any]
+FILE = "quantization.json"
+LINEAR = (("attn", "q"), ("attn", "k"), ("attn", "v"), ("attn", "o"),
+          ("mlp", "gate"), ("mlp", "up"), ("mlp", "down"))
+
+
+def dims(mcfg: ModelConfig, module: str, name: str) -> tuple[int, int]:
+  """(in, out) of a projection weight, flattened (attention heads into one axis)."""
+  d, h, kv, hd = mcfg.d_model, mcfg.n_heads, mcfg.n_kv_heads, mcfg.head_dim
+  return {"q": (d, h * hd), "k": (d, kv * hd), "v": (d, kv * hd), "o": (h * hd, d),
+          "gate": (d, mcfg.d_ff), "up": (d, mcfg.d_ff), "down": (mcfg.d_ff, d)}[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantized:
+  """How a model's projection weights are stored: one `Scheme` for all of `targets`."""
+  scheme: uniform.Scheme
+  method: str = "rtn"
+  targets: tuple[tuple[str, str], ...] = LINEAR
+  smooth: bool = False  # per-input-channel scales stored with each weight (AWQ)
+
+  def to_json(self) -> dict:
+    return {"method": self.method, "bits": self.scheme.bits, "symmetric": self.scheme.symmetric,
+            "group_size": self.scheme.group, "targets": ["/".join(t) for t in self.targets],
+            "smooth": self.smooth}
+
+  @classmethod
+  def from_json(cls, d: dict) -> "Quantized":
+    return cls(uniform.Scheme(d["bits"], d["symmetric"], d["group_size"]), d["method"],
+               tuple(tuple(t.split("/")) for t in d["targets"]), d.get("smooth", False))
+
+  def check(self, mcfg: ModelConfig) -> None:
+    """ValueError naming the weight when a target's shape cannot take the scheme."""
+    if mcfg.n_experts:
+      raise ValueError("quantizing a mixture-of-experts model's weights is not supported yet")
+    for module, name in self.targets:
+      n_in, n_out = dims(mcfg, module, name)
+      self.scheme.check((n_in, n_out), f"{module}.{name} (in {n_in})")
+
+  # -- the stored tree -----------------------------------------------------------------------
+
+  def quantize_layers(self, mcfg: ModelConfig, layers: Params, found: dict | None = None):
+    """The layer stack with every target stored quantized: round to nearest, or with the
+    parameters (and smoothing scales) another method `found`: {(module, name): dict of
+    quantize()'s arrays, [smooth]} over the stacked layers."""
+    out = layers
+    for module, name in self.targets:
+      if found and (module, name) in found:
+        stored = found[(module, name)]
+      else:
+        w = layers[module][name]
+        n_in, n_out = dims(mcfg, module, name)
+        stored = uniform.quantize(w.reshape(w.shape[0], n_in, n_out), self.scheme)
+      out = {**out, module: {**out[module], name: dict(stored)}}
+    return out
+
+  def dequantize_layer(self, mcfg: ModelConfig, layer: Params, dtype=jnp.float32) -> Params:
+    """One layer's parameters (no layer axis) with float weights of their usual shapes."""
+    out = layer
+    for module, name in self.targets:
+      stored = layer[module][name]
+      w = uniform.dequantize({k: v for k, v in stored.items() if k != "smooth"}, self.scheme,
+                             jnp.float32)
+      if "smooth" in stored:
+        w = w / stored["smooth"][:, None]
+      out = {**out, module: {**out[module], name: w.reshape(_shape(mcfg, module, name))
+                             .astype(dtype)}}
+    return out
+
+
+def _shape(mcfg: ModelConfig, module: str, name: str) -> tuple[int, ...]:
+  d, h, kv, hd, f = mcfg.d_model, mcfg.n_heads, mcfg.n_kv_heads, mcfg.head_dim, mcfg.d_ff
+  return {"q": (d, h, hd), "k": (d, kv, hd), "v": (d, kv, hd), "o": (h, hd, d),
+          "gate": (d, f), "up": (d, f), "down": (f, d)}[name]
+
+
+def dequantize(mcfg: ModelConfig, quant: Quantized, params: Params) -> Params:
+  """Float parameters of the whole model (tests; `QuantModel` does it layer by layer)."""
+  return {**params, "layers": jax.vmap(lambda l: quant.dequantize_layer(mcfg, l))(
+      params["layers"])}
+
+
+class QuantModel:
+  """A decoder whose layers' weights are dequantized one layer at a time in its scan. Its
+  methods are the decoder's (`ModelHandle.bind` with `quant`)."""
+
+  def __init__(self, decoder: Decoder, quant: Quantized, params: Params):
+    self.decoder, self.cfg, self.quant = decoder, decoder.cfg, quant
+    self._layers = params["layers"]
+    self._dtype = params["embed"].dtype  # the float weights' dtype as stored
+    self.n_virtual = 0
+
+  def _layer(self, layer):
+    return self.quant.dequantize_layer(self.cfg, layer, self._dtype), {}
+
+  def _context(self, ctx: Context | None) -> Context:
+    return dataclasses.replace(ctx or Context(), layers=LayerSource(self._layers, self._layer))
+
+  def hidden(self, tokens_bt, positions_bt=None, segment_ids_bt=None, ctx: Context | None = None):
+    return self.decoder.hidden(tokens_bt, positions_bt, segment_ids_bt, self._context(ctx))
+
+  def forward(self, tokens_bt, positions_bt=None, segment_ids_bt=None,
+              ctx: Context | None = None):
+    return self.decoder.forward(tokens_bt, positions_bt, segment_ids_bt, self._context(ctx))
+
+  def logits(self, h):
+    return self.decoder.logits(h)
+
+  def values(self, h):
+    return self.decoder.values(h)
+
+  def init_cache(self, batch: int, length: int, dtype=jnp.float32) -> dict:
+    return self.decoder.init_cache(batch, length, dtype)
+
+  def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None):
+    return self.logits(self.hidden(tokens_bt, positions_bt, segment_ids_bt))
+
+
+def read(folder: str) -> Quantized | None:
+  """The folder's quantization, or None when it holds a float model."""
+  path = os.path.join(folder, FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return Quantized.from_json(json.load(f))
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"{path}: not a quantization description ({e})") from None
+
+
+def load(folder: str):
+  """(ModelConfig, Quantized, params) of a folder trainer/quantize.py wrote."""
+  from safetensors.numpy import load_file
+
+  from models import hf  # (hf imports the model handle, which imports this module)
+  quant = read(folder)
+  if quant is None:
+    raise ValueError(f"{folder} holds no {FILE}: not a quantized model")
+  mcfg = hf.config_from_hf(hf.read_config(folder))
+  params = jax.tree.map(jnp.asarray, unflat(load_file(os.path.join(folder, "model.safetensors"))))
+  return mcfg, quant, params
+
+
+def write(folder: str, quant: Quantized) -> None:
+  with open(os.path.join(folder, FILE), "w") as f:
+    json.dump(quant.to_json(), f, indent=1)
+
+
+def flat(params: Params, prefix: str = "") -> dict[str, np.ndarray]:
+  """{"layers/attn/q/qweight": array, ...}: a tree as safetensors names."""
+  out = {}
+  for k, v in params.items():
+    if isinstance(v, dict):
+      out.update(flat(v, f"{prefix}{k}/"))
+    else:
+      out[f"{prefix}{k}"] = np.asarray(v)
+  return out
+
+
+def unflat(tensors: dict[str, np.ndarray]) -> Params:
+  out: Params = {}
+  for name, v in tensors.items():
+    node = out
+    *path, leaf = name.split("/")
+    for k in path:
+      node = node.setdefault(k, {})
+    node[leaf] = v
+  return out

@@ -1,0 +1,182 @@
+"""trainer/quantize.py and models/quant/{gptq,model}.py: GPTQ against its update rule written
+out with the full inverse Hessian (no Cholesky, no blocks), the calibration pass's Hessians
+against a plain-jnp one, a quantized model equal to its dequantized float model, and the command
+line: a folder that trainer.generate samples from, and bad input as one line, exit 2."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models.config import ModelConfig
+from models.handle import init_params, model_handle
+from models.quant import gptq, uniform
+from models.quant.model import Quantized, dequantize
+from models.quant.uniform import Scheme
+from trainer import generate
+from trainer import quantize as quantize_cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def gptq_written_out(w, h, scheme, damp=0.01):
+  """Optimal Brain Quantization in input order, as GPTQ states it: quantize input i, spread its
+  error over the inputs left through H^-1 and remove i from H^-1; group parameters from the
+  updated weights when a group starts (float64)."""
+  w, h = w.astype(np.float64).copy(), h.astype(np.float64).copy()
+  n_in, n_out = w.shape
+  h[np.diag_indices(n_in)] += damp * np.mean(np.diag(h))
+  hinv = np.linalg.inv(h)
+  group = scheme.group or n_in
+  out = np.zeros_like(w)
+  for i in range(n_in):
+    if i % group == 0:
+      block = w[i:i + group]
+      scale, zero = uniform.params_from_range(block.min(0), block.max(0), scheme)
+      scale = np.asarray(scale, np.float64)
+      zero = 0.0 if zero is None else np.asarray(zero, np.float64)
+    q = np.clip(np.round(w[i] / scale) + zero, scheme.qmin, scheme.qmax)
+    out[i] = (q - zero) * scale
+    err = (w[i] - out[i]) / hinv[i, i]
+    w[i + 1:] -= np.outer(hinv[i + 1:, i], err)
+    hinv = hinv - np.outer(hinv[:, i], hinv[i, :]) / hinv[i, i]  # input i leaves
+  return out
+
+
+def calibration(seed=0, n=512, n_in=32, n_out=12):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, n_in)) @ rng.normal(size=(n_in, n_in)) * 0.3  # correlated inputs
+  x[:, 3] *= 6
+  return x, rng.normal(0, 0.1, (n_in, n_out))
+
+
+@pytest.mark.parametrize("scheme", [Scheme(4, True, 0), Scheme(4, False, 8), Scheme(8, True, 16)],
+                         ids=str)
+def test_gptq_equals_its_update_rule_written_out(scheme):
+  x, w = calibration()
+  h = gptq.hessian(x)
+  _, got = gptq.quantize(w, h, scheme, block=5)  # blocks that do not divide the inputs
+  want = gptq_written_out(w, h, scheme)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_reconstructs_the_layer_better_than_rounding(act_order):
+  x, w = calibration(1)
+  scheme = Scheme(4, True, 8)
+  rtn = np.asarray(uniform.dequantize(uniform.quantize(w, scheme), scheme))
+  stored, got = gptq.quantize(w, gptq.hessian(x), scheme, act_order=act_order)
+  err = lambda v: np.mean((x @ v - x @ w) ** 2)
+  assert err(got) < 0.7 * err(rtn)
+  np.testing.assert_array_equal(np.asarray(uniform.dequantize(stored, scheme)), got)
+
+
+MCFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
+                   max_seq_len=32)
+
+
+def test_layer_hessians_are_the_projections_inputs():
+  handle = model_handle(MCFG)
+  params = init_params(handle, 0)
+  rows = np.random.default_rng(0).integers(0, 64, (4, 17)).astype(np.int32)
+  hs = quantize_cli.layer_hessians(MCFG, handle, params, rows, 0, batch=2)
+  assert set(hs) == {"q", "o", "gate", "down"}
+  # layer 0's attention reads the normalised embeddings: plain jnp
+  x = params["embed"][rows[:, :-1]].reshape(-1, MCFG.d_model)
+  x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + MCFG.norm_eps)
+  x = x * params["layers"]["attn_norm"]["scale"][0]
+  np.testing.assert_allclose(hs["q"], 2 * np.asarray(x.T @ x, np.float64) / len(x), rtol=2e-5,
+                             atol=1e-6)
+  later = quantize_cli.layer_hessians(MCFG, handle, params, rows, 1, batch=4)
+  assert not np.allclose(later["q"], hs["q"])
+
+
+def test_a_quantized_model_is_its_dequantized_float_model():
+  params = init_params(model_handle(MCFG), 1)
+  for scheme in (Scheme(8, True, 0), Scheme(4, False, 16)):
+    quant = Quantized(scheme)
+    stored = {**params, "layers": quant.quantize_layers(MCFG, params["layers"])}
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, 64, (2, 11)))
+    got = model_handle(MCFG, quant=quant).bind(stored)(tokens)
+    want = model_handle(MCFG).bind(dequantize(MCFG, quant, stored))(tokens)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert 0 < float(jnp.abs(want - model_handle(MCFG).bind(params)(tokens)).max()) < 0.05
+
+
+# -- the command line ------------------------------------------------------------------------
+
+def run_tool(tool, *args):
+  proc = subprocess.run([sys.executable, "-m", f"trainer.{tool}", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=600)
+  return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+  import hf_models
+  folder = str(tmp_path_factory.mktemp("hf") / "qwen2")
+  hf_models.make("qwen2", folder)
+  hf_models.make_tokenizer("qwen2", folder)
+  text = tmp_path_factory.mktemp("text")
+  (text / "calib.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
+  (text / "eval.jsonl").write_text("\n".join(json.dumps({"text": f"lazy dogs {i} jump"})
+                                             for i in range(300)))
+  return folder, str(text)
+
+
+def test_gptq_folder_generates_and_reports(hf_folder, tmp_path):
+  folder, text = hf_folder
+  out = str(tmp_path / "q")
+  rc, stdout, stderr = run_tool(
+      "quantize", f"--hf={folder}", "--method=gptq", "--group_size=16", f"--out={out}",
+      f"--calibration_files={text}/calib.txt", f"--eval_files={text}/eval.jsonl",
+      "--samples=4", "--eval_samples=4", "--seq_len=32")
+  assert rc == 0, stderr
+  report = json.loads(stdout.strip().splitlines()[-1])
+  assert report["method"] == "gptq" and report["bytes"] < report["float_bytes"]
+  assert np.isfinite(report["perplexity"]) and np.isfinite(report["perplexity_float"])
+  assert {"config.json", "model.safetensors", "quantization.json", "tokenizer.json",
+          "quantize_report.json"} <= set(os.listdir(out))
+  # the folder loads as a quantized handle, and samples greedily as its dequantized model does
+  _, handle, params, tok = generate.load_model(None, out)
+  assert handle.quant.scheme == Scheme(4, True, 16)
+  assert params["layers"]["attn"]["q"]["qweight"].dtype == jnp.uint8
+  prompt = [[5, 6, 7]]
+  got = generate.generate(handle, params, prompt, 6, temperature=0.0)
+  want = generate.generate(model_handle(handle.cfg), dequantize(handle.cfg, handle.quant, params),
+                           prompt, 6, temperature=0.0)
+  assert got == want
+  rc, stdout, stderr = run_tool("generate", f"--hf={out}", "--prompt=the lazy",
+                                "--max_new_tokens=4")
+  assert rc == 0, stderr
+
+
+@pytest.mark.parametrize("args,named", [
+    (["--method=int4", "--group_size=32"], "group size 32 does not divide the input dimension 48"),
+    (["--method=gptq", "--calibration_files={text}/empty.txt"], "needs calibration text"),
+    (["--method=gptq", "--calibration_files={text}/short.txt"], "fewer than one row"),
+    (["--method=int8", "--calibration_files={text}/ids.bin"], "is not UTF-8 text"),
+    (["--method=gptq", "--eval_files={text}/bad.jsonl",
+      "--calibration_files={text}/calib.txt"], "bad.jsonl:2"),
+    (["--method=gptq", "--bits=3"], "--bits=3"),
+    (["--method=int8"], "give --method and --out"),
+])
+def test_bad_input_is_one_line(hf_folder, tmp_path, args, named):
+  folder, text = hf_folder
+  (tmp_path / "t").mkdir(exist_ok=True)
+  for name, content in (("empty.txt", ""), ("short.txt", "fox"),
+                        ("bad.jsonl", '{"text": "a"}\n{"txt": "b"}\n')):
+    (tmp_path / "t" / name).write_text(content)
+  (tmp_path / "t" / "ids.bin").write_bytes(np.arange(300, dtype=np.int32).tobytes())
+  os.symlink(f"{text}/calib.txt", tmp_path / "t" / "calib.txt")
+  args = [a.replace("{text}", str(tmp_path / "t")) for a in args]
+  out = [] if named == "give --method and --out" else [f"--out={tmp_path / 'q'}"]
+  rc, _, stderr = run_tool("quantize", f"--hf={folder}", "--seq_len=32", "--group_size=16", *args,
+                           *out)
+  assert rc == 2, stderr
+  assert named in stderr and len(stderr.strip().splitlines()) == 1, stderr

@@ -1,0 +1,287 @@
+"""Post-training quantization of a trained model's projection weights.
+
+python -m trainer.quantize --workdir=DIR|--hf=DIR --method=int8|int8_asym|int4|gptq --out=DIR
+    [--group_size=N] [--bits=4] [--act_order] [--damp=0.01]
+    [--calibration_files=F,...] [--eval_files=F,...] [--samples=128] [--seq_len=256]
+
+Methods (models/quant/): `int8` symmetric per output channel, `int8_asym` with zero points,
+`int4` symmetric per group of --group_size inputs (round to nearest), `gptq` (--bits, groups,
+--act_order, --damp; layer by layer, each layer's Hessian from the calibration tokens run
+through the layers already quantized). Attention and MLP projections are quantized; embeddings,
+norms and the LM head stay in floating point.
+
+Calibration and evaluation text: --calibration_files / --eval_files (plain text, or jsonl with a
+"text" field), tokenized with the model's tokenizer and cut into rows of --seq_len tokens; by
+default the embedded corpus (the standard library's source): its training split calibrates, its
+held-out split is evaluated. The held-out perplexity of the float and the quantized model, the
+bytes stored and the method's settings are printed and written to DIR/quantize_report.json.
+
+DIR then holds config.json (the model, as a Hugging Face folder has it), model.safetensors (the
+integers, scales and zero points, and the float weights; no pickle), quantization.json and the
+tokenizer. `python -m trainer.generate --hf=DIR` samples from it and `models.quant.model.load`
+reads it; layers are dequantized one at a time as they run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+
+from models import hf, safetensors_io
+from models.config import ModelConfig
+from models.decoder import Context, LayerSource
+from models.handle import model_handle
+from models.quant import gptq, model as quant_model
+from models.quant.uniform import PER_CHANNEL, Scheme
+from trainer import export, generate, losses
+from trainer.data import stdlib_corpus, tokenizer as tokenizer_lib
+from trainer.errors import UserError
+
+METHODS = ("int8", "int8_asym", "int4", "gptq")
+CALIBRATED = ("gptq",)
+
+
+def define_flags():
+  flags.DEFINE_string("workdir", None, "a training run's folder")
+  flags.DEFINE_string("hf", None, "or a Hugging Face folder")
+  flags.DEFINE_integer("step", None, "--workdir: the checkpoint step (default: the newest)")
+  flags.DEFINE_enum("method", None, METHODS, "how to quantize")
+  flags.DEFINE_string("out", None, "the folder to write")
+  flags.DEFINE_integer("bits", 4, "gptq: 4 or 8")
+  flags.DEFINE_integer("group_size", None, "inputs per scale: N, 0 per channel, -1 per tensor "
+                       "(default: 128 for int4 and gptq, 0 for int8)")
+  flags.DEFINE_bool("act_order", False, "gptq: the inputs with the largest Hessian first")
+  flags.DEFINE_float("damp", 0.01, "gptq: dampening, a fraction of the Hessian's mean diagonal")
+  flags.DEFINE_string("calibration_files", "", "text or jsonl files (\"\": the embedded corpus)")
+  flags.DEFINE_string("eval_files", "", "held-out text or jsonl files (\"\": the embedded corpus)")
+  flags.DEFINE_integer("samples", 128, "calibration rows")
+  flags.DEFINE_integer("eval_samples", 64, "held-out rows evaluated")
+  flags.DEFINE_integer("seq_len", 256, "tokens per row")
+
+
+def scheme_of(method: str, bits: int, group: int | None) -> Scheme:
+  if method == "int8":
+    return Scheme(8, True, PER_CHANNEL if group is None else group)
+  if method == "int8_asym":
+    return Scheme(8, False, PER_CHANNEL if group is None else group)
+  if method == "int4":
+    return Scheme(4, True, 128 if group is None else group)
+  if bits not in (4, 8):
+    raise UserError(f"--bits={bits}: gptq writes 4 or 8 bits")
+  return Scheme(bits, True, 128 if group is None else group)
+
+
+# -- text ---------------------------------------------------------------------------------------
+
+def read_texts(files: str, flag: str) -> list[str]:
+  texts = []
+  for path in [p for p in files.split(",") if p]:
+    try:
+      with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+          for n, line in enumerate(f, 1):
+            if not line.strip():
+              continue
+            try:
+              texts.append(str(json.loads(line)["text"]))
+            except (ValueError, KeyError, TypeError):
+              raise UserError(f"{path}:{n}: not a json object with a \"text\" field") from None
+        else:
+          texts.append(f.read())
+      texts = [t for t in texts if t.strip()]
+    except OSError as e:
+      raise UserError(f"{flag}: cannot read {path} ({e.strerror})") from None
+    except UnicodeDecodeError:
+      raise UserError(f"{flag}: {path} is not UTF-8 text (tokenized data is not taken: give the "
+                      "text, which the model's own tokenizer reads)") from None
+  return texts
+
+
+def rows_of(texts: list[str], tokenizer, seq_len: int, n: int, flag: str) -> np.ndarray:
+  """(up to n, seq_len + 1) token rows: the texts tokenized, each followed by EOS, concatenated
+  and cut."""
+  ids: list[int] = []
+  need = n * (seq_len + 1)
+  for t in texts:
+    ids += tokenizer_lib.prompt_ids(tokenizer, t)
+    if tokenizer.eos_id >= 0:
+      ids.append(tokenizer.eos_id)
+    if len(ids) >= need:
+      break
+  rows = len(ids) // (seq_len + 1)
+  if rows == 0:
+    raise UserError(f"{flag}: the text holds {len(ids)} tokens, fewer than one row of "
+                    f"--seq_len={seq_len} + 1")
+  rows = min(rows, n)
+  return np.asarray(ids[:rows * (seq_len + 1)], np.int32).reshape(rows, seq_len + 1)
+
+
+# -- the model's passes ---------------------------------------------------------------------------
+
+def perplexity(handle, params, rows: np.ndarray, batch: int = 8) -> float:
+  """exp(mean next-token NLL) over the rows."""
+  @jax.jit
+  def nll(params, tokens):
+    h, _ = handle.bind(params).forward(tokens[:, :-1])
+    return losses.token_nll(handle.bind(params).logits(h), tokens[:, 1:]).sum()
+
+  total = sum(float(nll(params, jnp.asarray(rows[i:i + batch])))
+              for i in range(0, len(rows), batch))
+  return float(np.exp(total / (rows.shape[0] * (rows.shape[1] - 1))))
+
+
+INPUTS = {"attn": ("q", "o"), "mlp": ("gate", "down")}  # one weight per distinct input
+SAME_INPUT = {"k": "q", "v": "q", "up": "gate"}
+
+
+def layer_hessians(mcfg: ModelConfig, handle, params, rows: np.ndarray, layer: int,
+                   batch: int = 8) -> dict[str, np.ndarray]:
+  """2 X^T X / n of the inputs of layer `layer`'s projections ("q" for q, k, v; "o"; "gate" for
+  gate and up; "down") over the rows, the layers before it as `params` holds them. The layers run
+  one by one in Python (no scan) so that a zero-valued PEFT-style delta on each projection can
+  hand its input out of the pass."""
+  @jax.jit
+  def grams(params, tokens):
+    seen: dict[str, jax.Array] = {}
+    current = [-1]
+
+    def probe(name, n_out):
+      def delta(x2):
+        if current[0] == layer:
+          seen[name] = x2.astype(jnp.float32).T @ x2.astype(jnp.float32)
+        return jnp.zeros((x2.shape[0], n_out), x2.dtype)
+      return delta
+
+    deltas = {m: {w: probe(w, quant_model.dims(mcfg, m, w)[1]) for w in names}
+              for m, names in INPUTS.items()}
+
+    def stack(body, x, layers, inputs):
+      outs = []
+      for i in range(mcfg.n_layers):
+        current[0] = i
+        x, out = body(x, *jax.tree.map(lambda a: a[i], (layers, inputs)))
+        outs.append(out)
+      return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+    source = LayerSource(params["layers"], lambda layer_p: (layer_p, {"deltas": deltas}))
+    handle.bind(params).forward(tokens, ctx=Context(layers=source, stack=stack))
+    return seen
+
+  total: dict[str, np.ndarray] = {}
+  for i in range(0, len(rows), batch):
+    for k, v in grams(params, jnp.asarray(rows[i:i + batch, :-1])).items():
+      total[k] = total.get(k, 0) + np.asarray(v, np.float64)
+  n = rows.shape[0] * (rows.shape[1] - 1)
+  return {k: 2.0 * v / n for k, v in total.items()}
+
+
+def run_gptq(mcfg: ModelConfig, quant: quant_model.Quantized, handle, params, rows, log,
+             act_order: bool, damp: float) -> dict:
+  """{(module, name): stored arrays over the layers} by GPTQ, layer after layer."""
+  current = jax.tree.map(np.array, params)  # writable copies
+  found: dict = {t: [] for t in quant.targets}
+  for layer in range(mcfg.n_layers):
+    t0 = time.perf_counter()
+    hs = layer_hessians(mcfg, handle, current, rows, layer)
+    for module, name in quant.targets:
+      n_in, n_out = quant_model.dims(mcfg, module, name)
+      w = current["layers"][module][name][layer]
+      stored, deq = gptq.quantize(w.reshape(n_in, n_out), hs[SAME_INPUT.get(name, name)],
+                                  quant.scheme, damp=damp, act_order=act_order)
+      found[(module, name)].append(stored)
+      current["layers"][module][name][layer] = deq.reshape(w.shape).astype(w.dtype)
+    log(f"gptq: layer {layer + 1}/{mcfg.n_layers} ({time.perf_counter() - t0:.1f}s)")
+  return {t: {k: np.stack([s[k] for s in per]) for k in per[0]} for t, per in found.items()}
+
+
+# -- the folder -------------------------------------------------------------------------------
+
+def save(out: str, mcfg: ModelConfig, quant: quant_model.Quantized, params) -> int:
+  """Write config.json, model.safetensors and quantization.json: the bytes of the tensors."""
+  tensors = quant_model.flat(jax.tree.map(np.asarray, params))
+  safetensors_io.write(os.path.join(out, "model.safetensors"), sorted(tensors.items()))
+  with open(os.path.join(out, "config.json"), "w") as f:
+    json.dump(hf.config_to_hf(mcfg, "float32"), f, indent=1)
+  quant_model.write(out, quant)
+  return int(sum(v.nbytes for v in tensors.values()))
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  try:
+    report = quantize(flags.FLAGS)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(json.dumps(report))
+
+
+def quantize(f) -> dict:
+  """The command: the report it prints (UserError on bad input, before anything is written but
+  the --out folder)."""
+  log = lambda m: print(m, file=sys.stderr, flush=True)
+  if not f.method or not f.out:
+    raise UserError("give --method and --out")
+  scheme = scheme_of(f.method, f.bits, f.group_size)
+  if f.seq_len < 2 or f.samples < 1 or f.eval_samples < 1:
+    raise UserError("--seq_len must be >= 2 and --samples, --eval_samples >= 1")
+  export.prepare_out(f.out)
+  _, handle, params, tokenizer = generate.load_model(f.workdir, f.hf, f.step)
+  if handle.peft is not None:
+    raise UserError("a PEFT run: merge its adapters first (python -m trainer.export "
+                    "--format=hf) and quantize that folder with --hf")
+  mcfg = handle.cfg
+  quant = quant_model.Quantized(scheme, "gptq" if f.method == "gptq" else "rtn")
+  try:
+    quant.check(mcfg)
+  except ValueError as e:
+    raise UserError(f"--group_size / --method: {e}") from None
+  seq_len = min(f.seq_len, mcfg.max_seq_len - 1)
+  if f.calibration_files or f.eval_files:
+    calib = read_texts(f.calibration_files, "--calibration_files")
+    held = read_texts(f.eval_files, "--eval_files")
+  else:
+    calib, held = stdlib_corpus.load_documents(2_000_000, 5.0)
+  if f.method in CALIBRATED and not calib:
+    raise UserError(f"--method={f.method} needs calibration text: give --calibration_files "
+                    "(or neither file flag, for the embedded corpus)")
+  calib_rows = (rows_of(calib, tokenizer, seq_len, f.samples, "--calibration_files")
+                if f.method in CALIBRATED else None)
+  eval_rows = rows_of(held, tokenizer, seq_len, f.eval_samples, "--eval_files") if held else None
+  params = jax.tree.map(np.asarray, params)
+
+  t0 = time.perf_counter()
+  found = None
+  if f.method == "gptq":
+    log(f"gptq: {calib_rows.shape[0]} calibration rows of {seq_len} tokens")
+    # the plain decoder (no remat): the calibration pass reads inputs out of each layer's body
+    found = run_gptq(mcfg, quant, model_handle(mcfg), params, calib_rows, log, f.act_order,
+                     f.damp)
+  qparams = {**params, "layers": quant.quantize_layers(mcfg, params["layers"], found)}
+  seconds = time.perf_counter() - t0
+  stored = save(f.out, mcfg, quant, qparams)
+  export.copy_tokenizer(f.workdir or f.hf, f.out)
+  report = {**quant.to_json(), "method": f.method, "act_order": f.act_order, "damp": f.damp,
+            "seconds": round(seconds, 2), "bytes": stored,
+            "float_bytes": int(sum(np.asarray(v).nbytes for v in jax.tree.leaves(params)))}
+  if eval_rows is not None:
+    qhandle = model_handle(mcfg, quant=quant)
+    report.update(eval_rows=int(eval_rows.shape[0]), seq_len=seq_len,
+                  perplexity_float=perplexity(handle, params, eval_rows),
+                  perplexity=perplexity(qhandle, jax.tree.map(jnp.asarray, qparams), eval_rows))
+  with open(os.path.join(f.out, "quantize_report.json"), "w") as fp:
+    json.dump(report, fp, indent=1)
+  return report
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
