@@ -15,7 +15,7 @@ import pytest
 
 from models.config import ModelConfig
 from models.handle import init_params, model_handle
-from models.quant import gptq, uniform
+from models.quant import awq, gptq, uniform
 from models.quant.model import Quantized, dequantize
 from models.quant.uniform import Scheme
 from trainer import generate
@@ -76,24 +76,54 @@ def test_gptq_reconstructs_the_layer_better_than_rounding(act_order):
   np.testing.assert_array_equal(np.asarray(uniform.dequantize(stored, scheme)), got)
 
 
+def test_awq_search_picks_the_alpha_of_least_output_error():
+  x, w = calibration(2)
+  x[:, [1, 7]] *= 20  # channels with large activations: AWQ's case
+  weights = {"a": w, "b": w[:, ::-1] * 0.5}
+  scheme = Scheme(4, True, 8)
+  got, alpha = awq.quantize(weights, x, scheme)
+
+  def output_error(a):  # the published objective, on the activations themselves
+    s = np.abs(x).mean(0) ** a
+    s = s / np.sqrt(s.max() * s.min())
+    err = 0.0
+    for v in weights.values():
+      q = np.asarray(uniform.dequantize(uniform.quantize((v * s[:, None]).astype(np.float32),
+                                                         scheme), scheme), np.float64)
+      err += np.sum((x @ v - (x / s) @ q) ** 2)
+    return err
+
+  errors = {a: output_error(a) for a in np.arange(20) / 20}
+  assert alpha == min(errors, key=errors.get) > 0
+  assert errors[alpha] < 0.8 * errors[0.0]  # alpha 0: round to nearest
+  stored, deq = got["a"]
+  np.testing.assert_allclose(np.sum((x @ w - x @ deq) ** 2) + np.sum(
+      (x @ weights["b"] - x @ got["b"][1]) ** 2), errors[alpha], rtol=1e-6)
+  back = Quantized(scheme, "awq", (("attn", "q"),), smooth=True).dequantize_layer(
+      ModelConfig(vocab_size=8, d_model=32, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=12,
+                  d_ff=8), {"attn": {"q": stored}})
+  np.testing.assert_allclose(np.asarray(back["attn"]["q"]).reshape(32, 12), deq, rtol=1e-5,
+                             atol=1e-7)
+
+
 MCFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
                    max_seq_len=32)
 
 
-def test_layer_hessians_are_the_projections_inputs():
+def test_layer_inputs_are_the_projections_inputs():
   handle = model_handle(MCFG)
   params = init_params(handle, 0)
   rows = np.random.default_rng(0).integers(0, 64, (4, 17)).astype(np.int32)
-  hs = quantize_cli.layer_hessians(MCFG, handle, params, rows, 0, batch=2)
-  assert set(hs) == {"q", "o", "gate", "down"}
+  xs = quantize_cli.layer_inputs(MCFG, handle, params, rows, 0, batch=2)
+  assert {k: v.shape for k, v in xs.items()} == {"q": (64, 32), "o": (64, 32), "gate": (64, 32),
+                                                 "down": (64, 48)}
   # layer 0's attention reads the normalised embeddings: plain jnp
   x = params["embed"][rows[:, :-1]].reshape(-1, MCFG.d_model)
   x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + MCFG.norm_eps)
   x = x * params["layers"]["attn_norm"]["scale"][0]
-  np.testing.assert_allclose(hs["q"], 2 * np.asarray(x.T @ x, np.float64) / len(x), rtol=2e-5,
-                             atol=1e-6)
-  later = quantize_cli.layer_hessians(MCFG, handle, params, rows, 1, batch=4)
-  assert not np.allclose(later["q"], hs["q"])
+  np.testing.assert_allclose(xs["q"], np.asarray(x), rtol=1e-5, atol=1e-6)
+  later = quantize_cli.layer_inputs(MCFG, handle, params, rows, 1, batch=4)
+  assert not np.allclose(later["q"], xs["q"])
 
 
 def test_a_quantized_model_is_its_dequantized_float_model():
@@ -129,16 +159,17 @@ def hf_folder(tmp_path_factory):
   return folder, str(text)
 
 
-def test_gptq_folder_generates_and_reports(hf_folder, tmp_path):
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_calibrated_folder_generates_and_reports(hf_folder, tmp_path, method):
   folder, text = hf_folder
   out = str(tmp_path / "q")
   rc, stdout, stderr = run_tool(
-      "quantize", f"--hf={folder}", "--method=gptq", "--group_size=16", f"--out={out}",
+      "quantize", f"--hf={folder}", f"--method={method}", "--group_size=16", f"--out={out}",
       f"--calibration_files={text}/calib.txt", f"--eval_files={text}/eval.jsonl",
       "--samples=4", "--eval_samples=4", "--seq_len=32")
   assert rc == 0, stderr
   report = json.loads(stdout.strip().splitlines()[-1])
-  assert report["method"] == "gptq" and report["bytes"] < report["float_bytes"]
+  assert report["method"] == method and report["bytes"] < report["float_bytes"]
   assert np.isfinite(report["perplexity"]) and np.isfinite(report["perplexity_float"])
   assert {"config.json", "model.safetensors", "quantization.json", "tokenizer.json",
           "quantize_report.json"} <= set(os.listdir(out))

@@ -2,7 +2,7 @@
 
 python -m trainer.quantize --workdir=DIR|--hf=DIR --method=int8|int8_asym|int4|gptq --out=DIR
     [--group_size=N] [--bits=4] [--act_order] [--damp=0.01]
-    [--calibration_files=F,...] [--eval_files=F,...] [--samples=128] [--seq_len=256]
+    [--calibration_files=F,...] [--eval_files=F,...] [--samples=128] [--seq_len=N]
 
 Methods (models/quant/): `int8` symmetric per output channel, `int8_asym` with zero points,
 `int4` symmetric per group of --group_size inputs (round to nearest), `gptq` (--bits, groups,
@@ -38,14 +38,14 @@ from models import hf, safetensors_io
 from models.config import ModelConfig
 from models.decoder import Context, LayerSource
 from models.handle import model_handle
-from models.quant import gptq, model as quant_model
+from models.quant import awq, gptq, model as quant_model
 from models.quant.uniform import PER_CHANNEL, Scheme
 from trainer import export, generate, losses
 from trainer.data import stdlib_corpus, tokenizer as tokenizer_lib
 from trainer.errors import UserError
 
-METHODS = ("int8", "int8_asym", "int4", "gptq")
-CALIBRATED = ("gptq",)
+METHODS = ("int8", "int8_asym", "int4", "gptq", "awq")
+CALIBRATED = ("gptq", "awq")
 
 
 def define_flags():
@@ -63,7 +63,7 @@ def define_flags():
   flags.DEFINE_string("eval_files", "", "held-out text or jsonl files (\"\": the embedded corpus)")
   flags.DEFINE_integer("samples", 128, "calibration rows")
   flags.DEFINE_integer("eval_samples", 64, "held-out rows evaluated")
-  flags.DEFINE_integer("seq_len", 256, "tokens per row")
+  flags.DEFINE_integer("seq_len", 0, "tokens per row (0: the run's train.seq_len; --hf: 512)")
 
 
 def scheme_of(method: str, bits: int, group: int | None) -> Scheme:
@@ -74,7 +74,7 @@ def scheme_of(method: str, bits: int, group: int | None) -> Scheme:
   if method == "int4":
     return Scheme(4, True, 128 if group is None else group)
   if bits not in (4, 8):
-    raise UserError(f"--bits={bits}: gptq writes 4 or 8 bits")
+    raise UserError(f"--bits={bits}: {method} writes 4 or 8 bits")
   return Scheme(bits, True, 128 if group is None else group)
 
 
@@ -141,21 +141,21 @@ INPUTS = {"attn": ("q", "o"), "mlp": ("gate", "down")}  # one weight per distinc
 SAME_INPUT = {"k": "q", "v": "q", "up": "gate"}
 
 
-def layer_hessians(mcfg: ModelConfig, handle, params, rows: np.ndarray, layer: int,
-                   batch: int = 8) -> dict[str, np.ndarray]:
-  """2 X^T X / n of the inputs of layer `layer`'s projections ("q" for q, k, v; "o"; "gate" for
-  gate and up; "down") over the rows, the layers before it as `params` holds them. The layers run
-  one by one in Python (no scan) so that a zero-valued PEFT-style delta on each projection can
-  hand its input out of the pass."""
+def layer_inputs(mcfg: ModelConfig, handle, params, rows: np.ndarray, layer: int,
+                 batch: int = 8) -> dict[str, np.ndarray]:
+  """The inputs (tokens, in), float32, of layer `layer`'s projections over the rows ("q" for q,
+  k and v; "o"; "gate" for gate and up; "down"), the layers before it as `params` holds them.
+  The layers run one by one in Python (no scan), so a zero-valued PEFT-style delta on each
+  projection can hand its input out of the pass."""
   @jax.jit
-  def grams(params, tokens):
+  def inputs(params, tokens):
     seen: dict[str, jax.Array] = {}
     current = [-1]
 
     def probe(name, n_out):
       def delta(x2):
         if current[0] == layer:
-          seen[name] = x2.astype(jnp.float32).T @ x2.astype(jnp.float32)
+          seen[name] = x2.astype(jnp.float32)
         return jnp.zeros((x2.shape[0], n_out), x2.dtype)
       return delta
 
@@ -174,30 +174,34 @@ def layer_hessians(mcfg: ModelConfig, handle, params, rows: np.ndarray, layer: i
     handle.bind(params).forward(tokens, ctx=Context(layers=source, stack=stack))
     return seen
 
-  total: dict[str, np.ndarray] = {}
-  for i in range(0, len(rows), batch):
-    for k, v in grams(params, jnp.asarray(rows[i:i + batch, :-1])).items():
-      total[k] = total.get(k, 0) + np.asarray(v, np.float64)
-  n = rows.shape[0] * (rows.shape[1] - 1)
-  return {k: 2.0 * v / n for k, v in total.items()}
+  parts = [jax.device_get(inputs(params, jnp.asarray(rows[i:i + batch, :-1])))
+           for i in range(0, len(rows), batch)]
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def run_gptq(mcfg: ModelConfig, quant: quant_model.Quantized, handle, params, rows, log,
-             act_order: bool, damp: float) -> dict:
-  """{(module, name): stored arrays over the layers} by GPTQ, layer after layer."""
+def calibrated(mcfg: ModelConfig, quant: quant_model.Quantized, handle, params, rows, log,
+               method: str, fn) -> dict:
+  """{(module, name): stored arrays over the layers} by a calibrated method, layer after layer:
+    fn(weights {name: (in, out) float}, inputs X (tokens, in) they share) -> {name: (stored
+    dict, dequantized (in, out))}; each layer's inputs come through the layers already
+    quantized."""
   current = jax.tree.map(np.array, params)  # writable copies
   found: dict = {t: [] for t in quant.targets}
   for layer in range(mcfg.n_layers):
     t0 = time.perf_counter()
-    hs = layer_hessians(mcfg, handle, current, rows, layer)
-    for module, name in quant.targets:
-      n_in, n_out = quant_model.dims(mcfg, module, name)
-      w = current["layers"][module][name][layer]
-      stored, deq = gptq.quantize(w.reshape(n_in, n_out), hs[SAME_INPUT.get(name, name)],
-                                  quant.scheme, damp=damp, act_order=act_order)
-      found[(module, name)].append(stored)
-      current["layers"][module][name][layer] = deq.reshape(w.shape).astype(w.dtype)
-    log(f"gptq: layer {layer + 1}/{mcfg.n_layers} ({time.perf_counter() - t0:.1f}s)")
+    xs = layer_inputs(mcfg, handle, current, rows, layer)
+    for (module, first), x in ((k, xs[k[1]]) for k in
+                               (("attn", "q"), ("attn", "o"), ("mlp", "gate"), ("mlp", "down"))):
+      names = [n for m, n in quant.targets if m == module and SAME_INPUT.get(n, n) == first]
+      weights = {}
+      for name in names:
+        n_in, n_out = quant_model.dims(mcfg, module, name)
+        weights[name] = current["layers"][module][name][layer].reshape(n_in, n_out)
+      for name, (stored, deq) in fn(weights, x).items():
+        found[(module, name)].append(stored)
+        w = current["layers"][module][name]
+        w[layer] = deq.reshape(w.shape[1:]).astype(w.dtype)
+    log(f"{method}: layer {layer + 1}/{mcfg.n_layers} ({time.perf_counter() - t0:.1f}s)")
   return {t: {k: np.stack([s[k] for s in per]) for k in per[0]} for t, per in found.items()}
 
 
@@ -231,20 +235,23 @@ def quantize(f) -> dict:
   if not f.method or not f.out:
     raise UserError("give --method and --out")
   scheme = scheme_of(f.method, f.bits, f.group_size)
-  if f.seq_len < 2 or f.samples < 1 or f.eval_samples < 1:
-    raise UserError("--seq_len must be >= 2 and --samples, --eval_samples >= 1")
+  if f.seq_len < 0 or f.seq_len == 1 or f.samples < 1 or f.eval_samples < 1:
+    raise UserError("--seq_len must be >= 2 (or 0) and --samples, --eval_samples >= 1")
   export.prepare_out(f.out)
-  _, handle, params, tokenizer = generate.load_model(f.workdir, f.hf, f.step)
+  run_cfg, handle, params, tokenizer = generate.load_model(f.workdir, f.hf, f.step)
   if handle.peft is not None:
     raise UserError("a PEFT run: merge its adapters first (python -m trainer.export "
                     "--format=hf) and quantize that folder with --hf")
   mcfg = handle.cfg
-  quant = quant_model.Quantized(scheme, "gptq" if f.method == "gptq" else "rtn")
+  quant = quant_model.Quantized(scheme, f.method if f.method in CALIBRATED else "rtn",
+                                smooth=f.method == "awq")
   try:
     quant.check(mcfg)
   except ValueError as e:
     raise UserError(f"--group_size / --method: {e}") from None
-  seq_len = min(f.seq_len, mcfg.max_seq_len - 1)
+  # rows as long as the model trained on: positions past those are not what is measured here
+  seq_len = f.seq_len or (run_cfg.train.seq_len if run_cfg is not None else 512)
+  seq_len = min(seq_len, mcfg.max_seq_len - 1)
   if f.calibration_files or f.eval_files:
     calib = read_texts(f.calibration_files, "--calibration_files")
     held = read_texts(f.eval_files, "--eval_files")
@@ -260,17 +267,30 @@ def quantize(f) -> dict:
 
   t0 = time.perf_counter()
   found = None
-  if f.method == "gptq":
-    log(f"gptq: {calib_rows.shape[0]} calibration rows of {seq_len} tokens")
+  alphas: list[float] = []  # awq: the alpha chosen for each group of weights
+
+  def by_gptq(weights, x):
+    h = gptq.hessian(x)
+    return {n: gptq.quantize(w, h, scheme, damp=f.damp, act_order=f.act_order)
+            for n, w in weights.items()}
+
+  def by_awq(weights, x):
+    out, alpha = awq.quantize(weights, x, scheme)
+    alphas.append(alpha)
+    return out
+
+  if f.method in CALIBRATED:
+    log(f"{f.method}: {calib_rows.shape[0]} calibration rows of {seq_len} tokens")
+    fn = {"gptq": by_gptq, "awq": by_awq}[f.method]
     # the plain decoder (no remat): the calibration pass reads inputs out of each layer's body
-    found = run_gptq(mcfg, quant, model_handle(mcfg), params, calib_rows, log, f.act_order,
-                     f.damp)
+    found = calibrated(mcfg, quant, model_handle(mcfg), params, calib_rows, log, f.method, fn)
   qparams = {**params, "layers": quant.quantize_layers(mcfg, params["layers"], found)}
   seconds = time.perf_counter() - t0
   stored = save(f.out, mcfg, quant, qparams)
   export.copy_tokenizer(f.workdir or f.hf, f.out)
   report = {**quant.to_json(), "method": f.method, "act_order": f.act_order, "damp": f.damp,
             "seconds": round(seconds, 2), "bytes": stored,
+            **({"awq_alphas": alphas} if alphas else {}),
             "float_bytes": int(sum(np.asarray(v).nbytes for v in jax.tree.leaves(params)))}
   if eval_rows is not None:
     qhandle = model_handle(mcfg, quant=quant)

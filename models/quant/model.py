@@ -78,6 +78,8 @@ class Quantized:
         w = layers[module][name]
         n_in, n_out = dims(mcfg, module, name)
         stored = uniform.quantize(w.reshape(w.shape[0], n_in, n_out), self.scheme)
+        if self.smooth:  # (the layout of a method that found scales: none found here)
+          stored["smooth"] = jnp.ones((w.shape[0], n_in), jnp.float32)
       out = {**out, module: {**out[module], name: dict(stored)}}
     return out
 
