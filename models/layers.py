@@ -22,6 +22,7 @@ from models.kernels import flashmask as fm
 from models.kernels import matmul as matmul_lib
 from models.kernels.matmul import LOW_PRECISION, mm, mm_nt, mm_tn
 from models.kernels.flash_attention import flash_attention
+from models.quant import uniform as uniform_quant
 from parallel import ring_attention as ring_attention_lib
 from parallel import rules as rules_lib
 from parallel.ring_attention import ring_attention
@@ -230,10 +231,25 @@ def _low_rank_bwd(scale, saved, dy):
 low_rank_dense.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 
+class ActQuant(NamedTuple):
+  """W8A8 (SmoothQuant, trainer/quantize.py): a projection's inputs divided by per-channel
+  smoothing scales and quantized to int8 with one static scale before the matmul."""
+  inv_smooth: jax.Array  # (features in,)
+  scale: jax.Array  # ()
+
+
+INT8 = uniform_quant.Scheme(8, True)
+
+
 def project(x, w, delta=None, n_in: int = 1):
   """dense(x, w), plus delta(x) when given: a function of the inputs flattened to
   (tokens, features in) giving (tokens, features out), e.g. a LoRA path with dropout; or, for a
-  `LowRank` delta, x @ (w + scale * a @ b) through `low_rank_dense`."""
+  `LowRank` delta, x @ (w + scale * a @ b) through `low_rank_dense`; or, for an `ActQuant`, the
+  inputs quantized first."""
+  if isinstance(delta, ActQuant):
+    flat = x.reshape(*x.shape[:x.ndim - n_in], -1) * delta.inv_smooth.astype(x.dtype)
+    x = uniform_quant.fake_quant(flat, delta.scale.astype(x.dtype), None, INT8).reshape(x.shape)
+    return dense(x, w, n_in)
   if isinstance(delta, LowRank):
     lead, k = x.shape[:x.ndim - n_in], math.prod(w.shape[:n_in])
     y = low_rank_dense(x.reshape(-1, k), w.reshape(k, -1), delta.a, delta.b, delta.scale)

@@ -15,7 +15,8 @@ import pytest
 
 from models.config import ModelConfig
 from models.handle import init_params, model_handle
-from models.quant import awq, gptq, uniform
+from models import layers
+from models.quant import awq, gptq, smoothquant, uniform
 from models.quant.model import Quantized, dequantize
 from models.quant.uniform import Scheme
 from trainer import generate
@@ -106,6 +107,26 @@ def test_awq_search_picks_the_alpha_of_least_output_error():
                              atol=1e-7)
 
 
+def test_smoothquant_moves_outliers_into_the_weights_and_quantizes_both():
+  x, w = calibration(3)
+  x[:, [2, 9]] *= 30  # outlier channels, as LLM activations have
+  weights = {"a": w}
+  s = smoothquant.smoothing(np.abs(x).max(0), np.abs(w).max(1), 0.5)
+  np.testing.assert_allclose((x / s) @ (w * s[:, None]), x @ w, rtol=1e-10)  # exact migration
+  errors = {}
+  for alpha in (0.0, 0.5):
+    (stored, _), = smoothquant.quantize(weights, x, alpha).values()
+    inv, act = 1.0 / stored["smooth"], stored["act_scale"]
+    w_int8 = np.asarray(uniform.dequantize(
+        {k: v for k, v in stored.items() if k in ("qweight", "scales")}, smoothquant.WEIGHTS))
+    got = np.asarray(layers.project(jnp.asarray(x, jnp.float32), jnp.asarray(w_int8),
+                                    layers.ActQuant(jnp.asarray(inv), jnp.asarray(act))))
+    xq = np.clip(np.round(x.astype(np.float32) * inv / act), -127, 127) * act  # by hand
+    np.testing.assert_allclose(got, xq @ w_int8, rtol=1e-4, atol=1e-5)
+    errors[alpha] = np.mean((got - x @ w) ** 2)
+  assert errors[0.5] < 0.5 * errors[0.0]
+
+
 MCFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
                    max_seq_len=32)
 
@@ -159,12 +180,13 @@ def hf_folder(tmp_path_factory):
   return folder, str(text)
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq"])
-def test_calibrated_folder_generates_and_reports(hf_folder, tmp_path, method):
+@pytest.mark.parametrize("method", ["gptq", "awq", "smoothquant"])
+def test_calibrated_folder_generates_and_reports(hf_folder, tmp_path, method, monkeypatch):
   folder, text = hf_folder
   out = str(tmp_path / "q")
+  group = [] if method == "smoothquant" else ["--group_size=16"]
   rc, stdout, stderr = run_tool(
-      "quantize", f"--hf={folder}", f"--method={method}", "--group_size=16", f"--out={out}",
+      "quantize", f"--hf={folder}", f"--method={method}", *group, f"--out={out}",
       f"--calibration_files={text}/calib.txt", f"--eval_files={text}/eval.jsonl",
       "--samples=4", "--eval_samples=4", "--seq_len=32")
   assert rc == 0, stderr
@@ -175,13 +197,24 @@ def test_calibrated_folder_generates_and_reports(hf_folder, tmp_path, method):
           "quantize_report.json"} <= set(os.listdir(out))
   # the folder loads as a quantized handle, and samples greedily as its dequantized model does
   _, handle, params, tok = generate.load_model(None, out)
-  assert handle.quant.scheme == Scheme(4, True, 16)
-  assert params["layers"]["attn"]["q"]["qweight"].dtype == jnp.uint8
+  assert handle.quant.scheme == (Scheme(8, True, 0) if method == "smoothquant" else
+                                 Scheme(4, True, 16))
+  assert params["layers"]["attn"]["q"]["qweight"].dtype == (
+      jnp.int8 if method == "smoothquant" else jnp.uint8)
   prompt = [[5, 6, 7]]
-  got = generate.generate(handle, params, prompt, 6, temperature=0.0)
-  want = generate.generate(model_handle(handle.cfg), dequantize(handle.cfg, handle.quant, params),
-                           prompt, 6, temperature=0.0)
-  assert got == want
+  floats = dequantize(handle.cfg, handle.quant, params)
+  if method == "smoothquant":  # W8A8: the smoothed inputs are quantized too
+    tokens = jnp.asarray([list(range(5, 25))])
+    want = model_handle(handle.cfg).bind(floats)(tokens)
+    quantized = handle.bind(params)(tokens)
+    with monkeypatch.context() as m:  # the inputs' quantization off: the float model's logits
+      m.setattr(layers.uniform_quant, "fake_quant", lambda x, scale, zero, scheme: x)
+      np.testing.assert_allclose(np.asarray(handle.bind(params)(tokens)), np.asarray(want),
+                                 rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(quantized - want).max()) > 1e-3
+  else:
+    got = generate.generate(handle, params, prompt, 6, temperature=0.0)
+    assert got == generate.generate(model_handle(handle.cfg), floats, prompt, 6, temperature=0.0)
   rc, stdout, stderr = run_tool("generate", f"--hf={out}", "--prompt=the lazy",
                                 "--max_new_tokens=4")
   assert rc == 0, stderr

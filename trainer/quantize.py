@@ -6,8 +6,9 @@ python -m trainer.quantize --workdir=DIR|--hf=DIR --method=int8|int8_asym|int4|g
 
 Methods (models/quant/): `int8` symmetric per output channel, `int8_asym` with zero points,
 `int4` symmetric per group of --group_size inputs (round to nearest), `gptq` (--bits, groups,
---act_order, --damp; layer by layer, each layer's Hessian from the calibration tokens run
-through the layers already quantized). Attention and MLP projections are quantized; embeddings,
+--act_order, --damp), `awq` (--bits, groups: activation-aware scales), `smoothquant` (W8A8:
+--alpha, --act_calibration). The calibrated ones go layer by layer, each layer's inputs from the
+calibration tokens run through the layers already quantized (activations unquantized). Attention and MLP projections are quantized; embeddings,
 norms and the LM head stay in floating point.
 
 Calibration and evaluation text: --calibration_files / --eval_files (plain text, or jsonl with a
@@ -38,14 +39,14 @@ from models import hf, safetensors_io
 from models.config import ModelConfig
 from models.decoder import Context, LayerSource
 from models.handle import model_handle
-from models.quant import awq, gptq, model as quant_model
+from models.quant import awq, gptq, model as quant_model, smoothquant
 from models.quant.uniform import PER_CHANNEL, Scheme
 from trainer import export, generate, losses
 from trainer.data import stdlib_corpus, tokenizer as tokenizer_lib
 from trainer.errors import UserError
 
-METHODS = ("int8", "int8_asym", "int4", "gptq", "awq")
-CALIBRATED = ("gptq", "awq")
+METHODS = ("int8", "int8_asym", "int4", "gptq", "awq", "smoothquant")
+CALIBRATED = ("gptq", "awq", "smoothquant")
 
 
 def define_flags():
@@ -59,6 +60,10 @@ def define_flags():
                        "(default: 128 for int4 and gptq, 0 for int8)")
   flags.DEFINE_bool("act_order", False, "gptq: the inputs with the largest Hessian first")
   flags.DEFINE_float("damp", 0.01, "gptq: dampening, a fraction of the Hessian's mean diagonal")
+  flags.DEFINE_float("alpha", 0.5, "smoothquant: migration strength (0: no smoothing)")
+  flags.DEFINE_enum("act_calibration", "absmax", ["absmax", "percentile", "mse", "kl"],
+                    "smoothquant: how the activations' int8 range is chosen")
+  flags.DEFINE_float("percentile", 99.99, "--act_calibration=percentile: of |x|")
   flags.DEFINE_string("calibration_files", "", "text or jsonl files (\"\": the embedded corpus)")
   flags.DEFINE_string("eval_files", "", "held-out text or jsonl files (\"\": the embedded corpus)")
   flags.DEFINE_integer("samples", 128, "calibration rows")
@@ -73,6 +78,11 @@ def scheme_of(method: str, bits: int, group: int | None) -> Scheme:
     return Scheme(8, False, PER_CHANNEL if group is None else group)
   if method == "int4":
     return Scheme(4, True, 128 if group is None else group)
+  if method == "smoothquant":  # W8A8: int8 weights per output channel
+    if group not in (None, PER_CHANNEL):
+      raise UserError("--method=smoothquant quantizes weights per output channel; leave "
+                      "--group_size unset")
+    return Scheme(8, True, PER_CHANNEL)
   if bits not in (4, 8):
     raise UserError(f"--bits={bits}: {method} writes 4 or 8 bits")
   return Scheme(bits, True, 128 if group is None else group)
@@ -244,7 +254,10 @@ def quantize(f) -> dict:
                     "--format=hf) and quantize that folder with --hf")
   mcfg = handle.cfg
   quant = quant_model.Quantized(scheme, f.method if f.method in CALIBRATED else "rtn",
-                                smooth=f.method == "awq")
+                                smooth=f.method in ("awq", "smoothquant"),
+                                activations=f.method == "smoothquant")
+  if not 0 <= f.alpha <= 1:
+    raise UserError(f"--alpha={f.alpha} must be in [0, 1]")
   try:
     quant.check(mcfg)
   except ValueError as e:
@@ -281,14 +294,17 @@ def quantize(f) -> dict:
 
   if f.method in CALIBRATED:
     log(f"{f.method}: {calib_rows.shape[0]} calibration rows of {seq_len} tokens")
-    fn = {"gptq": by_gptq, "awq": by_awq}[f.method]
+    fn = {"gptq": by_gptq, "awq": by_awq, "smoothquant": lambda weights, x: smoothquant.quantize(
+        weights, x, f.alpha, f.act_calibration, f.percentile)}[f.method]
     # the plain decoder (no remat): the calibration pass reads inputs out of each layer's body
     found = calibrated(mcfg, quant, model_handle(mcfg), params, calib_rows, log, f.method, fn)
   qparams = {**params, "layers": quant.quantize_layers(mcfg, params["layers"], found)}
   seconds = time.perf_counter() - t0
   stored = save(f.out, mcfg, quant, qparams)
   export.copy_tokenizer(f.workdir or f.hf, f.out)
-  report = {**quant.to_json(), "method": f.method, "act_order": f.act_order, "damp": f.damp,
+  settings = {"gptq": {"act_order": f.act_order, "damp": f.damp},
+              "smoothquant": {"alpha": f.alpha, "act_calibration": f.act_calibration}}
+  report = {**quant.to_json(), "method": f.method, **settings.get(f.method, {}),
             "seconds": round(seconds, 2), "bytes": stored,
             **({"awq_alphas": alphas} if alphas else {}),
             "float_bytes": int(sum(np.asarray(v).nbytes for v in jax.tree.leaves(params)))}

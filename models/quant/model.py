@@ -3,8 +3,10 @@
 `Quantized` says which weights are stored so and how: each targeted weight of the layer stack
 (attention q, k, v, o; MLP gate, up, down; routed and shared experts' too) becomes a dict of
 models/quant/uniform.py's arrays over (layers, [experts,] in, out), plus, where a method found
-per-input-channel scales (AWQ), `smooth` (layers, in): the stored integers quantize
-diag(smooth) W, and W is read back as diag(1 / smooth) x that. `QuantModel` dequantizes one
+per-input-channel scales (AWQ, SmoothQuant), `smooth` (layers, in): the stored integers quantize
+diag(smooth) W, and W is read back as diag(1 / smooth) x that; with `act_scale` (layers,)
+(SmoothQuant's W8A8) the inputs are divided by `smooth` instead and quantized to int8 with that
+static scale before the matmul (models/layers.py `ActQuant`). `QuantModel` dequantizes one
 layer at a time inside the decoder's scan (a `LayerSource`), so the float weights of the whole
 stack never exist at once; embeddings, norms and the LM head stay in floating point, as in
 GPTQ and AWQ.
@@ -23,10 +25,12 @@ import numpy as np
 
 from models.config import ModelConfig
 from models.decoder import Context, Decoder, LayerSource
+from models.layers import ActQuant
 from models.quant import uniform
 
 Params = dict[str, Any]
 FILE = "quantization.json"
+EXTRA = ("smooth", "act_scale")  # stored beside a weight's integers and scales
 LINEAR = (("attn", "q"), ("attn", "k"), ("attn", "v"), ("attn", "o"),
           ("mlp", "gate"), ("mlp", "up"), ("mlp", "down"))
 
@@ -44,17 +48,19 @@ class Quantized:
   scheme: uniform.Scheme
   method: str = "rtn"
   targets: tuple[tuple[str, str], ...] = LINEAR
-  smooth: bool = False  # per-input-channel scales stored with each weight (AWQ)
+  smooth: bool = False  # per-input-channel scales stored with each weight (AWQ, SmoothQuant)
+  activations: bool = False  # W8A8 (SmoothQuant): inputs quantized with a stored static scale
 
   def to_json(self) -> dict:
     return {"method": self.method, "bits": self.scheme.bits, "symmetric": self.scheme.symmetric,
             "group_size": self.scheme.group, "targets": ["/".join(t) for t in self.targets],
-            "smooth": self.smooth}
+            "smooth": self.smooth, "activations": self.activations}
 
   @classmethod
   def from_json(cls, d: dict) -> "Quantized":
     return cls(uniform.Scheme(d["bits"], d["symmetric"], d["group_size"]), d["method"],
-               tuple(tuple(t.split("/")) for t in d["targets"]), d.get("smooth", False))
+               tuple(tuple(t.split("/")) for t in d["targets"]), d.get("smooth", False),
+               d.get("activations", False))
 
   def check(self, mcfg: ModelConfig) -> None:
     """ValueError naming the weight when a target's shape cannot take the scheme."""
@@ -80,17 +86,21 @@ class Quantized:
         stored = uniform.quantize(w.reshape(w.shape[0], n_in, n_out), self.scheme)
         if self.smooth:  # (the layout of a method that found scales: none found here)
           stored["smooth"] = jnp.ones((w.shape[0], n_in), jnp.float32)
+        if self.activations:
+          stored["act_scale"] = jnp.ones((w.shape[0],), jnp.float32)
       out = {**out, module: {**out[module], name: dict(stored)}}
     return out
 
-  def dequantize_layer(self, mcfg: ModelConfig, layer: Params, dtype=jnp.float32) -> Params:
-    """One layer's parameters (no layer axis) with float weights of their usual shapes."""
+  def dequantize_layer(self, mcfg: ModelConfig, layer: Params, dtype=jnp.float32,
+                       float_inputs: bool = False) -> Params:
+    """One layer's parameters (no layer axis) with float weights of their usual shapes; W8A8's
+    as its quantized inputs see them (smoothing left to the inputs), unless `float_inputs`."""
     out = layer
     for module, name in self.targets:
       stored = layer[module][name]
-      w = uniform.dequantize({k: v for k, v in stored.items() if k != "smooth"}, self.scheme,
+      w = uniform.dequantize({k: v for k, v in stored.items() if k not in EXTRA}, self.scheme,
                              jnp.float32)
-      if "smooth" in stored:
+      if "smooth" in stored and (float_inputs or "act_scale" not in stored):
         w = w / stored["smooth"][:, None]
       out = {**out, module: {**out[module], name: w.reshape(_shape(mcfg, module, name))
                              .astype(dtype)}}
@@ -104,9 +114,10 @@ def _shape(mcfg: ModelConfig, module: str, name: str) -> tuple[int, ...]:
 
 
 def dequantize(mcfg: ModelConfig, quant: Quantized, params: Params) -> Params:
-  """Float parameters of the whole model (tests; `QuantModel` does it layer by layer)."""
-  return {**params, "layers": jax.vmap(lambda l: quant.dequantize_layer(mcfg, l))(
-      params["layers"])}
+  """Float parameters of the whole model, for float inputs (tests, and the calibration passes;
+  `QuantModel` dequantizes layer by layer)."""
+  return {**params, "layers": jax.vmap(
+      lambda l: quant.dequantize_layer(mcfg, l, float_inputs=True))(params["layers"])}
 
 
 class QuantModel:
@@ -120,7 +131,14 @@ class QuantModel:
     self.n_virtual = 0
 
   def _layer(self, layer):
-    return self.quant.dequantize_layer(self.cfg, layer, self._dtype), {}
+    deltas: dict = {}
+    if self.quant.activations:  # W8A8: each projection's inputs smoothed and quantized
+      for module, name in self.quant.targets:
+        stored = layer[module][name]
+        deltas.setdefault(module, {})[name] = ActQuant(1.0 / stored["smooth"],
+                                                       stored["act_scale"])
+    extras = {"deltas": deltas} if deltas else {}
+    return self.quant.dequantize_layer(self.cfg, layer, self._dtype), extras
 
   def _context(self, ctx: Context | None) -> Context:
     return dataclasses.replace(ctx or Context(), layers=LayerSource(self._layers, self._layer))
