@@ -102,6 +102,15 @@ def get_config(arg=None):
       lisa_step_interval=20,  # lisa: steps between redrawing them
   ))
 
+  # Quantization-aware training (models/quant/; post-training quantization: trainer/quantize.py).
+  c.quant = ml_collections.ConfigDict(dict(
+      mode="none",  # qat: train with fake-quantized projections (trainer.quantize --method=qat)
+      bits=8,  # qat: weight bits, 8 or 4
+      group_size=0,  # qat: inputs per weight scale; 0 per output channel, -1 per tensor
+      symmetric=True,  # qat: absmax scales (False: scale and zero point)
+      activations="token",  # qat: projection inputs to int8 with a scale per token | "" (float)
+  ))
+
   # Where tokens come from (trainer/data/).
   c.data = ml_collections.ConfigDict(dict(
       # stdlib: the Python standard library's source (offline, real text) | files | prepared

@@ -38,7 +38,7 @@ class ModelHandle:
 
   def abstract_params(self) -> Params:
     params = nnx.to_pure_dict(self.template)
-    if self.quant is not None:
+    if self.quant is not None and not self.quant.fake:
       layers = jax.eval_shape(lambda l: self.quant.quantize_layers(self.cfg, l), params["layers"])
       return {**params, "layers": layers}
     if self.peft is not None:
@@ -84,7 +84,7 @@ def model_handle(cfg: ModelConfig, peft: Peft | None = None,
     _, axes = peft.base_abstract(nnx.to_pure_dict(template), axes)
     if peft.method != "bitfit":
       axes["peft"] = peft.axes()
-  if quant is not None:  # integers and scales: split over layers only
+  if quant is not None and not quant.fake:  # integers and scales: split over layers only
     stored = jax.eval_shape(lambda l: quant.quantize_layers(cfg, l),
                             nnx.to_pure_dict(template)["layers"])
     for module, name in quant.targets:

@@ -232,10 +232,11 @@ low_rank_dense.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 
 class ActQuant(NamedTuple):
-  """W8A8 (SmoothQuant, trainer/quantize.py): a projection's inputs divided by per-channel
-  smoothing scales and quantized to int8 with one static scale before the matmul."""
-  inv_smooth: jax.Array  # (features in,)
-  scale: jax.Array  # ()
+  """W8A8 (models/quant/model.py): a projection's inputs divided by per-channel smoothing
+  scales (SmoothQuant) and quantized to int8 before the matmul, with one static scale or, where
+  `scale` is None, each token's own (its absmax / 127)."""
+  inv_smooth: jax.Array | None  # (features in,)
+  scale: jax.Array | None  # ()
 
 
 INT8 = uniform_quant.Scheme(8, True)
@@ -247,8 +248,15 @@ def project(x, w, delta=None, n_in: int = 1):
   `LowRank` delta, x @ (w + scale * a @ b) through `low_rank_dense`; or, for an `ActQuant`, the
   inputs quantized first."""
   if isinstance(delta, ActQuant):
-    flat = x.reshape(*x.shape[:x.ndim - n_in], -1) * delta.inv_smooth.astype(x.dtype)
-    x = uniform_quant.fake_quant(flat, delta.scale.astype(x.dtype), None, INT8).reshape(x.shape)
+    flat = x.reshape(*x.shape[:x.ndim - n_in], -1)
+    if delta.inv_smooth is not None:
+      flat = flat * delta.inv_smooth.astype(x.dtype)
+    if delta.scale is None:  # per token, from its own range (held constant in the gradient)
+      top = jnp.max(jnp.abs(jax.lax.stop_gradient(flat)), axis=-1, keepdims=True)
+      scale = jnp.maximum(top, jnp.finfo(x.dtype).tiny) / INT8.qmax
+    else:
+      scale = delta.scale.astype(x.dtype)
+    x = uniform_quant.fake_quant(flat, scale, None, INT8).reshape(x.shape)
     return dense(x, w, n_in)
   if isinstance(delta, LowRank):
     lead, k = x.shape[:x.ndim - n_in], math.prod(w.shape[:n_in])

@@ -154,3 +154,14 @@ def test_kl_threshold_is_the_minimum_over_candidates():
 
   best = kl_at(i)
   assert all(kl_at(k) >= best - 1e-12 for k in (128, 200, i - 7, i + 7, 400, 512) if k != i)
+
+
+@pytest.mark.parametrize("scheme", [Scheme(8, True, 0), Scheme(4, False, 16), Scheme(4, True, -1)],
+                         ids=str)
+def test_fake_quantized_weight_is_the_round_trip_with_a_straight_through_gradient(scheme):
+  w = jnp.asarray(weight(7))
+  got = uniform.fake_quant_weight(w, scheme)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(uniform.dequantize(
+      uniform.quantize(w, scheme), scheme)), rtol=1e-6, atol=1e-7)
+  g = jax.grad(lambda v: (uniform.fake_quant_weight(v, scheme) * w).sum())(w)
+  np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6)  # identity: all inside

@@ -244,3 +244,50 @@ def test_bad_input_is_one_line(hf_folder, tmp_path, args, named):
                            *out)
   assert rc == 2, stderr
   assert named in stderr and len(stderr.strip().splitlines()) == 1, stderr
+
+
+# -- quantization-aware training --------------------------------------------------------------
+
+def test_qat_trains_through_fake_quantization_and_stores_what_it_trained(tmp_path):
+  import small_run
+  from trainer import export, train
+  c = small_run.config(steps=3, eval_every=0, checkpoint_every=3, sample_tokens=0)
+  plain = train.run(c, str(tmp_path / "float"), devices=jax.devices()[:1])
+  c.quant.update(mode="qat", bits=4, group_size=16)
+  qat = train.run(c, str(tmp_path / "qat"), devices=jax.devices()[:1])
+  assert np.isfinite(qat["loss"]) and qat["loss"] != plain["loss"]
+  # the straight-through gradient reaches every projection
+  start = init_params(model_handle(qat["plan"].spec.slots[0].handle.cfg), c.train.seed)
+  for module, name in (("attn", "q"), ("mlp", "down")):
+    assert not np.allclose(np.asarray(qat["state"]["params"]["layers"][module][name]),
+                           np.asarray(start["layers"][module][name]))
+  out = str(tmp_path / "q")
+  rc, stdout, stderr = run_tool("quantize", f"--workdir={tmp_path / 'qat'}", "--method=qat",
+                                f"--out={out}", "--eval_samples=2")
+  assert rc == 0, stderr
+  _, trained_handle, trained, _ = export.load_run(str(tmp_path / "qat"))
+  assert trained_handle.quant.fake and trained_handle.quant.activations == "token"
+  _, handle, stored, _ = generate.load_model(None, out)
+  assert handle.quant.scheme == Scheme(4, True, 16) and not handle.quant.fake
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 500, (2, 12)))
+  np.testing.assert_allclose(np.asarray(handle.bind(stored)(tokens)),
+                             np.asarray(trained_handle.bind(trained)(tokens)), rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_bad_qat_settings_are_one_line(tmp_path):
+  import small_run
+  from trainer import train
+  from trainer.errors import UserError
+  for update, key in (({"mode": "qta"}, "quant.mode"), ({"mode": "qat", "bits": 3}, "quant.bits"),
+                      ({"mode": "qat", "group_size": 48}, "group size 48")):
+    c = small_run.config(steps=1)
+    c.quant.update(**update)
+    with pytest.raises(UserError, match=key) as e:
+      train.run(c, str(tmp_path / key), devices=jax.devices()[:1])
+    assert "\n" not in str(e.value)
+  c = small_run.config(steps=1)
+  c.quant.mode = "qat"
+  c.peft.method = "lora"
+  with pytest.raises(UserError, match="quant.mode"):
+    train.run(c, str(tmp_path / "peft"), devices=jax.devices()[:1])

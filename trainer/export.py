@@ -28,6 +28,7 @@ from models import peft as peft_lib
 from models.config import Execution, ModelConfig, split_fields
 from models.handle import model_handle, param_shardings, stored_abstract
 from models.peft import hf_format
+from models.quant import model as quant_model
 from trainer import checkpoint as ckpt_lib
 from trainer.data import tokenizer as tokenizer_lib
 from trainer.errors import UserError
@@ -62,7 +63,9 @@ def read_run(workdir: str, step: int | None = None):
   step = max(steps) if step is None else step
   if step not in steps:
     raise UserError(f"--step={step}: the checkpoints in {workdir} are at steps {sorted(steps)}")
-  handle = model_handle(mcfg, peft_lib.Peft.from_config(cfg.peft, mcfg, cfg.train.steps), run)
+  qat = quant_model.from_config(cfg.quant) if "quant" in cfg else None  # (older runs: none)
+  handle = model_handle(mcfg, peft_lib.Peft.from_config(cfg.peft, mcfg, cfg.train.steps), run,
+                        qat)
   return cfg, handle, directory, step
 
 

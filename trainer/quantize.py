@@ -7,9 +7,11 @@ python -m trainer.quantize --workdir=DIR|--hf=DIR --method=int8|int8_asym|int4|g
 Methods (models/quant/): `int8` symmetric per output channel, `int8_asym` with zero points,
 `int4` symmetric per group of --group_size inputs (round to nearest), `gptq` (--bits, groups,
 --act_order, --damp), `awq` (--bits, groups: activation-aware scales), `smoothquant` (W8A8:
---alpha, --act_calibration). The calibrated ones go layer by layer, each layer's inputs from the
-calibration tokens run through the layers already quantized (activations unquantized). Attention and MLP projections are quantized; embeddings,
-norms and the LM head stay in floating point.
+--alpha, --act_calibration), `qat` (a run trained with quant.mode=qat: its own scheme, so the
+stored model computes what the trained one did). The calibrated ones go layer by layer, each layer's inputs from the
+calibration tokens run through the layers already quantized (activations unquantized).
+Attention and MLP projections are quantized; embeddings, norms and the LM head stay in floating
+point.
 
 Calibration and evaluation text: --calibration_files / --eval_files (plain text, or jsonl with a
 "text" field), tokenized with the model's tokenizer and cut into rows of --seq_len tokens; by
@@ -25,6 +27,7 @@ reads it; layers are dequantized one at a time as they run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -45,7 +48,7 @@ from trainer import export, generate, losses
 from trainer.data import stdlib_corpus, tokenizer as tokenizer_lib
 from trainer.errors import UserError
 
-METHODS = ("int8", "int8_asym", "int4", "gptq", "awq", "smoothquant")
+METHODS = ("int8", "int8_asym", "int4", "gptq", "awq", "smoothquant", "qat")
 CALIBRATED = ("gptq", "awq", "smoothquant")
 
 
@@ -72,6 +75,8 @@ def define_flags():
 
 
 def scheme_of(method: str, bits: int, group: int | None) -> Scheme:
+  if method == "qat":  # (the run's own; see quantize)
+    return Scheme(8)
   if method == "int8":
     return Scheme(8, True, PER_CHANNEL if group is None else group)
   if method == "int8_asym":
@@ -255,7 +260,13 @@ def quantize(f) -> dict:
   mcfg = handle.cfg
   quant = quant_model.Quantized(scheme, f.method if f.method in CALIBRATED else "rtn",
                                 smooth=f.method in ("awq", "smoothquant"),
-                                activations=f.method == "smoothquant")
+                                activations="static" if f.method == "smoothquant" else "")
+  if f.method == "qat":  # the scheme the run trained with, now stored as integers
+    if handle.quant is None:
+      raise UserError(f"--method=qat: {f.workdir or f.hf} did not train with quant.mode=qat")
+    quant = dataclasses.replace(handle.quant, fake=False)
+    scheme = quant.scheme
+  handle = model_handle(mcfg, run=handle.run)  # the float model, for the float perplexity
   if not 0 <= f.alpha <= 1:
     raise UserError(f"--alpha={f.alpha} must be in [0, 1]")
   try:

@@ -29,6 +29,7 @@ from models import peft as peft_lib
 from models.handle import (ModelHandle, init_params, model_handle, param_shardings,
                            stored_abstract)
 from models.peft import adalora
+from models.quant import model as quant_model
 from trainer import checkpoint as ckpt_lib, export as export_lib
 from trainer import evaluate as evaluate_lib, generate, metrics as metrics_lib, optim
 from trainer import guard, lisa, memory, objectives, state as state_lib, step as step_lib
@@ -317,7 +318,7 @@ def policy_slot(cfg, mcfg, mesh, strategy, peft) -> state_lib.Slot:
   """The model being trained: its handle, placement, optimizer and what of it trains."""
   tc = cfg.train
   param_dtype = jnp.dtype(cfg.precision.param_dtype)
-  handle = model_handle(mcfg, peft, execution(cfg))
+  handle = model_handle(mcfg, peft, execution(cfg), quant_model.from_config(cfg.quant))
   labels = None if peft is None else peft.labels(handle.abstract_params())
   if labels is None and mcfg.router_bias_update_rate:
     labels = routing_bias_frozen(handle.abstract_params())

@@ -13,6 +13,7 @@ from models import hf
 from models import peft as peft_lib
 from models.config import Execution, ModelConfig, split_fields
 from models.kernels import grouped_matmul as gmm
+from models.quant import model as quant_model
 from parallel import mesh as mesh_lib
 from parallel import pipeline as pipeline_lib
 from parallel import rules as rules_lib
@@ -147,6 +148,16 @@ def check_config(cfg) -> None:
       peft.check_run(run)
   except ValueError as e:
     raise UserError(f"config key {e}") from None
+  try:
+    qat = quant_model.from_config(cfg.quant)
+    if qat is not None:
+      qat.check(mc)
+  except ValueError as e:
+    raise UserError(f"config key quant: {e}" if not str(e).startswith("quant.")
+                    else f"config key {e}") from None
+  _require(qat is None or peft is None, "quant.mode",
+           f"qat trains the full weights; with peft.method={cfg.peft.method} store the frozen "
+           "base in 4 bits instead (peft.base_quant=nf4, QLoRA)")
 
 
 def check_objective(cfg) -> None:

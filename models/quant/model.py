@@ -6,7 +6,11 @@ models/quant/uniform.py's arrays over (layers, [experts,] in, out), plus, where 
 per-input-channel scales (AWQ, SmoothQuant), `smooth` (layers, in): the stored integers quantize
 diag(smooth) W, and W is read back as diag(1 / smooth) x that; with `act_scale` (layers,)
 (SmoothQuant's W8A8) the inputs are divided by `smooth` instead and quantized to int8 with that
-static scale before the matmul (models/layers.py `ActQuant`). `QuantModel` dequantizes one
+static scale before the matmul (models/layers.py `ActQuant`); `activations="token"` quantizes them
+with a scale per token instead. `fake` (quantization-aware training, `quant.mode=qat`): the
+weights stay float, trainable, and pass through quantize-dequantize in the forward with a
+straight-through gradient; trainer/quantize.py --method=qat then stores them as integers, and
+the stored model computes what the trained one did. `QuantModel` dequantizes one
 layer at a time inside the decoder's scan (a `LayerSource`), so the float weights of the whole
 stack never exist at once; embeddings, norms and the LM head stay in floating point, as in
 GPTQ and AWQ.
@@ -49,18 +53,21 @@ class Quantized:
   method: str = "rtn"
   targets: tuple[tuple[str, str], ...] = LINEAR
   smooth: bool = False  # per-input-channel scales stored with each weight (AWQ, SmoothQuant)
-  activations: bool = False  # W8A8 (SmoothQuant): inputs quantized with a stored static scale
+  # inputs quantized to int8 too: "static" (SmoothQuant's W8A8, a stored scale per weight) or
+  # "token" (one scale per token, from its own absmax); "": float inputs
+  activations: str = ""
+  fake: bool = False  # QAT: weights stay float and are fake-quantized in the forward
 
   def to_json(self) -> dict:
     return {"method": self.method, "bits": self.scheme.bits, "symmetric": self.scheme.symmetric,
             "group_size": self.scheme.group, "targets": ["/".join(t) for t in self.targets],
-            "smooth": self.smooth, "activations": self.activations}
+            "smooth": self.smooth, "activations": self.activations, "fake": self.fake}
 
   @classmethod
   def from_json(cls, d: dict) -> "Quantized":
     return cls(uniform.Scheme(d["bits"], d["symmetric"], d["group_size"]), d["method"],
                tuple(tuple(t.split("/")) for t in d["targets"]), d.get("smooth", False),
-               d.get("activations", False))
+               d.get("activations", ""), d.get("fake", False))
 
   def check(self, mcfg: ModelConfig) -> None:
     """ValueError naming the weight when a target's shape cannot take the scheme."""
@@ -86,7 +93,7 @@ class Quantized:
         stored = uniform.quantize(w.reshape(w.shape[0], n_in, n_out), self.scheme)
         if self.smooth:  # (the layout of a method that found scales: none found here)
           stored["smooth"] = jnp.ones((w.shape[0], n_in), jnp.float32)
-        if self.activations:
+        if self.activations == "static":
           stored["act_scale"] = jnp.ones((w.shape[0],), jnp.float32)
       out = {**out, module: {**out[module], name: dict(stored)}}
     return out
@@ -98,6 +105,11 @@ class Quantized:
     out = layer
     for module, name in self.targets:
       stored = layer[module][name]
+      if self.fake:  # QAT: the float weight through quantize-dequantize, straight through
+        n_in, n_out = dims(mcfg, module, name)
+        w = uniform.fake_quant_weight(stored.reshape(n_in, n_out), self.scheme)
+        out = {**out, module: {**out[module], name: w.reshape(stored.shape).astype(dtype)}}
+        continue
       w = uniform.dequantize({k: v for k, v in stored.items() if k not in EXTRA}, self.scheme,
                              jnp.float32)
       if "smooth" in stored and (float_inputs or "act_scale" not in stored):
@@ -105,6 +117,26 @@ class Quantized:
       out = {**out, module: {**out[module], name: w.reshape(_shape(mcfg, module, name))
                              .astype(dtype)}}
     return out
+
+
+QAT_MODES = ("none", "qat")
+ACTIVATIONS = ("", "token")
+
+
+def from_config(qc) -> Quantized | None:
+  """The `quant` section of a run's config: quantization-aware training's fake quantization, or
+  None. ValueError naming the key on a bad value."""
+  if qc.mode not in QAT_MODES:
+    raise ValueError(f"quant.mode={qc.mode!r} is not one of {', '.join(QAT_MODES)}")
+  if qc.mode == "none":
+    return None
+  if qc.activations not in ACTIVATIONS:
+    raise ValueError(f"quant.activations={qc.activations!r} is not \"token\" or \"\" (float)")
+  try:
+    scheme = uniform.Scheme(qc.bits, qc.symmetric, qc.group_size)
+  except ValueError as e:
+    raise ValueError(f"quant.bits / quant.group_size: {e}") from None
+  return Quantized(scheme, "qat", activations=qc.activations, fake=True)
 
 
 def _shape(mcfg: ModelConfig, module: str, name: str) -> tuple[int, ...]:
@@ -132,11 +164,13 @@ class QuantModel:
 
   def _layer(self, layer):
     deltas: dict = {}
-    if self.quant.activations:  # W8A8: each projection's inputs smoothed and quantized
+    if self.quant.activations:  # W8A8: each projection's inputs (smoothed and) quantized
       for module, name in self.quant.targets:
         stored = layer[module][name]
-        deltas.setdefault(module, {})[name] = ActQuant(1.0 / stored["smooth"],
-                                                       stored["act_scale"])
+        smooth = stored.get("smooth") if isinstance(stored, dict) else None
+        deltas.setdefault(module, {})[name] = ActQuant(
+            None if smooth is None else 1.0 / smooth,
+            stored["act_scale"] if self.quant.activations == "static" else None)
     extras = {"deltas": deltas} if deltas else {}
     return self.quant.dequantize_layer(self.cfg, layer, self._dtype), extras
 

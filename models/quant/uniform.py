@@ -166,20 +166,22 @@ def stored_bytes(stored: dict) -> int:
 
 # -- fake quantization (QAT, calibrated activations) -----------------------------------------
 
-@jax.custom_vjp
-def _round_ste(x):
-  return jnp.round(x)
-
-
-_round_ste.defvjp(lambda x: (jnp.round(x), None), lambda _, g: (g,))
-
-
 def fake_quant(x, scale, zero, scheme: Scheme):
   """dequantize(quantize(x)) with broadcastable `scale` (and `zero`, asymmetric), differentiable
   as the straight-through estimator: the gradient with respect to x is 1 where x / scale + zero
-  lies in [qmin, qmax] and 0 where it was clipped."""
+  rounds into [qmin, qmax] and 0 where it was clipped (the scale and zero point get none)."""
   z = 0.0 if zero is None else zero
-  u = x / scale + z
-  inside = (u >= scheme.qmin) & (u <= scheme.qmax)
-  y = (jnp.clip(_round_ste(u), scheme.qmin, scheme.qmax) - z) * scale
-  return jnp.where(inside, y, jax.lax.stop_gradient(y))
+  u = jax.lax.stop_gradient(x / scale + z)
+  y = jax.lax.stop_gradient((jnp.clip(jnp.round(u), scheme.qmin, scheme.qmax) - z) * scale)
+  inside = (u >= scheme.qmin - 0.5) & (u <= scheme.qmax + 0.5)
+  return jnp.where(inside, x + jax.lax.stop_gradient(y - x), y)
+
+
+def fake_quant_weight(w, scheme: Scheme):
+  """A (..., in, out) weight through round-to-nearest quantize-dequantize with its own
+  parameters (held constant in the gradient), the gradient passing straight through:
+  quantization-aware training. Equals dequantize(quantize(w))."""
+  scale, zero = weight_params(jax.lax.stop_gradient(w), scheme)
+  if scheme.group == PER_TENSOR:
+    return fake_quant(w, scale, zero, scheme)
+  return fake_quant(_grouped(w, scheme), scale, zero, scheme).reshape(w.shape)
