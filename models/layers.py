@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -242,11 +242,34 @@ class ActQuant(NamedTuple):
 INT8 = uniform_quant.Scheme(8, True)
 
 
+class QtDot(NamedTuple):
+  """Quantized training (quant.mode=qt): a projection's matmul as qwix's quantized dot_general,
+  both operands quantized (inputs per token, weights per output channel) in the forward pass
+  and the incoming gradients in the backward pass, to `dtype` (jnp.int8 or jnp.int4)."""
+  dtype: Any
+
+
+@functools.lru_cache(maxsize=None)
+def _qt_config(dtype):
+  from qwix._src.core import dot_general_qt  # (qwix 0.1.8, pinned: its quantized-training dot)
+  return dot_general_qt.DotGeneralQtConfig(lhs_qtype=dtype, rhs_qtype=dtype,
+                                           dlhs_grad_qtype=dtype, drhs_grad_qtype=dtype)
+
+
+def qt_matmul(x2, w2, dtype):
+  from qwix._src.core import dot_general_qt
+  return dot_general_qt.dot_general_qt(x2, w2, (((1,), (0,)), ((), ())), _qt_config(dtype))
+
+
 def project(x, w, delta=None, n_in: int = 1):
   """dense(x, w), plus delta(x) when given: a function of the inputs flattened to
   (tokens, features in) giving (tokens, features out), e.g. a LoRA path with dropout; or, for a
   `LowRank` delta, x @ (w + scale * a @ b) through `low_rank_dense`; or, for an `ActQuant`, the
   inputs quantized first."""
+  if isinstance(delta, QtDot):
+    lead, k = x.shape[:x.ndim - n_in], math.prod(w.shape[:n_in])
+    y = qt_matmul(x.reshape(-1, k), w.reshape(k, -1).astype(x.dtype), delta.dtype)
+    return y.reshape(*lead, *w.shape[n_in:])
   if isinstance(delta, ActQuant):
     flat = x.reshape(*x.shape[:x.ndim - n_in], -1)
     if delta.inv_smooth is not None:

@@ -262,7 +262,7 @@ def quantize(f) -> dict:
                                 smooth=f.method in ("awq", "smoothquant"),
                                 activations="static" if f.method == "smoothquant" else "")
   if f.method == "qat":  # the scheme the run trained with, now stored as integers
-    if handle.quant is None:
+    if handle.quant is None or handle.quant.method != "qat":
       raise UserError(f"--method=qat: {f.workdir or f.hf} did not train with quant.mode=qat")
     quant = dataclasses.replace(handle.quant, fake=False)
     scheme = quant.scheme

@@ -7,7 +7,9 @@ per-input-channel scales (AWQ, SmoothQuant), `smooth` (layers, in): the stored i
 diag(smooth) W, and W is read back as diag(1 / smooth) x that; with `act_scale` (layers,)
 (SmoothQuant's W8A8) the inputs are divided by `smooth` instead and quantized to int8 with that
 static scale before the matmul (models/layers.py `ActQuant`); `activations="token"` quantizes them
-with a scale per token instead. `fake` (quantization-aware training, `quant.mode=qat`): the
+with a scale per token instead. `qt` (quantized training, `quant.mode=qt`): float weights, and every projection's
+matmul is qwix's quantized dot_general, forward and backward (models/layers.py `QtDot`).
+`fake` (quantization-aware training, `quant.mode=qat`): the
 weights stay float, trainable, and pass through quantize-dequantize in the forward with a
 straight-through gradient; trainer/quantize.py --method=qat then stores them as integers, and
 the stored model computes what the trained one did. `QuantModel` dequantizes one
@@ -29,7 +31,7 @@ import numpy as np
 
 from models.config import ModelConfig
 from models.decoder import Context, Decoder, LayerSource
-from models.layers import ActQuant
+from models.layers import ActQuant, QtDot
 from models.quant import uniform
 
 Params = dict[str, Any]
@@ -57,17 +59,19 @@ class Quantized:
   # "token" (one scale per token, from its own absmax); "": float inputs
   activations: str = ""
   fake: bool = False  # QAT: weights stay float and are fake-quantized in the forward
+  qt: str = ""  # quantized training: weights float, every projection qwix's int8 / int4 dot
 
   def to_json(self) -> dict:
     return {"method": self.method, "bits": self.scheme.bits, "symmetric": self.scheme.symmetric,
             "group_size": self.scheme.group, "targets": ["/".join(t) for t in self.targets],
-            "smooth": self.smooth, "activations": self.activations, "fake": self.fake}
+            "smooth": self.smooth, "activations": self.activations, "fake": self.fake,
+            "qt": self.qt}
 
   @classmethod
   def from_json(cls, d: dict) -> "Quantized":
     return cls(uniform.Scheme(d["bits"], d["symmetric"], d["group_size"]), d["method"],
                tuple(tuple(t.split("/")) for t in d["targets"]), d.get("smooth", False),
-               d.get("activations", ""), d.get("fake", False))
+               d.get("activations", ""), d.get("fake", False), d.get("qt", ""))
 
   def check(self, mcfg: ModelConfig) -> None:
     """ValueError naming the weight when a target's shape cannot take the scheme."""
@@ -105,6 +109,8 @@ class Quantized:
     out = layer
     for module, name in self.targets:
       stored = layer[module][name]
+      if self.qt:  # quantized training: the weight as it is; the matmul quantizes it
+        continue
       if self.fake:  # QAT: the float weight through quantize-dequantize, straight through
         n_in, n_out = dims(mcfg, module, name)
         w = uniform.fake_quant_weight(stored.reshape(n_in, n_out), self.scheme)
@@ -119,7 +125,8 @@ class Quantized:
     return out
 
 
-QAT_MODES = ("none", "qat")
+QAT_MODES = ("none", "qat", "qt")
+QT_DTYPES = {"int8": jnp.int8, "int4": jnp.int4}
 ACTIVATIONS = ("", "token")
 
 
@@ -130,6 +137,10 @@ def from_config(qc) -> Quantized | None:
     raise ValueError(f"quant.mode={qc.mode!r} is not one of {', '.join(QAT_MODES)}")
   if qc.mode == "none":
     return None
+  if qc.mode == "qt":
+    if qc.bits not in (4, 8):
+      raise ValueError(f"quant.bits={qc.bits}: qt runs int8 or int4 matmuls")
+    return Quantized(uniform.Scheme(qc.bits), "qt", fake=True, qt=f"int{qc.bits}")
   if qc.activations not in ACTIVATIONS:
     raise ValueError(f"quant.activations={qc.activations!r} is not \"token\" or \"\" (float)")
   try:
@@ -164,6 +175,9 @@ class QuantModel:
 
   def _layer(self, layer):
     deltas: dict = {}
+    if self.quant.qt:
+      for module, name in self.quant.targets:
+        deltas.setdefault(module, {})[name] = QtDot(QT_DTYPES[self.quant.qt])
     if self.quant.activations:  # W8A8: each projection's inputs (smoothed and) quantized
       for module, name in self.quant.targets:
         stored = layer[module][name]
