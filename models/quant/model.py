@@ -1,21 +1,24 @@
-"""A decoder whose projection weights are stored as integers (trainer/quantize.py writes them).
+"""A decoder whose projection weights are stored as integers (trainer/quantize.py writes them),
+or trained through quantization (`quant.mode`).
 
-`Quantized` says which weights are stored so and how: each targeted weight of the layer stack
-(attention q, k, v, o; MLP gate, up, down; routed and shared experts' too) becomes a dict of
-models/quant/uniform.py's arrays over (layers, [experts,] in, out), plus, where a method found
+`Quantized` says which weights and how. Stored (post-training): each targeted weight of the
+layer stack (attention q, k, v, o; MLP gate, up, down; dense models) becomes a dict of
+models/quant/uniform.py's arrays over (layers, in, out), plus, where a method found
 per-input-channel scales (AWQ, SmoothQuant), `smooth` (layers, in): the stored integers quantize
-diag(smooth) W, and W is read back as diag(1 / smooth) x that; with `act_scale` (layers,)
-(SmoothQuant's W8A8) the inputs are divided by `smooth` instead and quantized to int8 with that
-static scale before the matmul (models/layers.py `ActQuant`); `activations="token"` quantizes them
-with a scale per token instead. `qt` (quantized training, `quant.mode=qt`): float weights, and every projection's
-matmul is qwix's quantized dot_general, forward and backward (models/layers.py `QtDot`).
-`fake` (quantization-aware training, `quant.mode=qat`): the
-weights stay float, trainable, and pass through quantize-dequantize in the forward with a
-straight-through gradient; trainer/quantize.py --method=qat then stores them as integers, and
-the stored model computes what the trained one did. `QuantModel` dequantizes one
-layer at a time inside the decoder's scan (a `LayerSource`), so the float weights of the whole
-stack never exist at once; embeddings, norms and the LM head stay in floating point, as in
-GPTQ and AWQ.
+diag(smooth) W, read back as diag(1 / smooth) x that. With `act_scale` (layers,) (SmoothQuant's
+W8A8) the inputs are divided by `smooth` instead and quantized to int8 with that static scale
+before the matmul (models/layers.py `ActQuant`); `activations="token"` quantizes them with a
+scale per token.
+
+In training the weights stay float (`fake`): `quant.mode=qat` passes them through
+quantize-dequantize in the forward with a straight-through gradient (trainer/quantize.py
+--method=qat then stores them as integers that compute what the run trained), `quant.mode=qt`
+runs each projection's matmul as qwix's quantized dot_general, forward and backward
+(models/layers.py `QtDot`).
+
+`QuantModel` makes each layer's weights inside the decoder's scan (a `LayerSource`), so the
+float weights of the whole stack never exist at once; embeddings, norms and the LM head stay in
+floating point, as in GPTQ and AWQ.
 """
 
 from __future__ import annotations
@@ -58,8 +61,8 @@ class Quantized:
   # inputs quantized to int8 too: "static" (SmoothQuant's W8A8, a stored scale per weight) or
   # "token" (one scale per token, from its own absmax); "": float inputs
   activations: str = ""
-  fake: bool = False  # QAT: weights stay float and are fake-quantized in the forward
-  qt: str = ""  # quantized training: weights float, every projection qwix's int8 / int4 dot
+  fake: bool = False  # weights stored float (training): fake-quantized in the forward (qat)
+  qt: str = ""  # ... or as they are, every projection's matmul qwix's int8 / int4 dot (qt)
 
   def to_json(self) -> dict:
     return {"method": self.method, "bits": self.scheme.bits, "symmetric": self.scheme.symmetric,
@@ -131,8 +134,8 @@ ACTIVATIONS = ("", "token")
 
 
 def from_config(qc) -> Quantized | None:
-  """The `quant` section of a run's config: quantization-aware training's fake quantization, or
-  None. ValueError naming the key on a bad value."""
+  """The `quant` section of a run's config: how training quantizes (qat, qt), or None.
+  ValueError naming the key on a bad value."""
   if qc.mode not in QAT_MODES:
     raise ValueError(f"quant.mode={qc.mode!r} is not one of {', '.join(QAT_MODES)}")
   if qc.mode == "none":
