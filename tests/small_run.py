@@ -1,6 +1,10 @@
 """A run config small enough for tests: `configs/tiny.py:smoke`, with overrides; and how two
 runs are compared."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -22,3 +26,13 @@ def assert_same_training(out, ref):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
                                                        atol=1e-6),
                out["state"]["params"], ref["state"]["params"])
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_tool(tool, *args, timeout=600):
+  """`python -m trainer.TOOL ARGS` from the repository: (exit code, stdout, stderr)."""
+  proc = subprocess.run([sys.executable, "-m", f"trainer.{tool}", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout)
+  return proc.returncode, proc.stdout, proc.stderr

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from small_run import run_tool
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -90,12 +92,6 @@ def test_data_errors_exit_2_with_one_line(lines, extra, named, tmp_path):
   code, _, err = run_main("--config=configs/sft_chat.py", f"--config.data.train_files={path}",
                           *extra, workdir=str(tmp_path / "w"))
   assert code == 2 and len(err.strip().splitlines()) == 1 and named in err, err
-
-
-def run_tool(tool, *args):
-  proc = subprocess.run([sys.executable, "-m", f"trainer.{tool}", *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=300)
-  return proc.returncode, proc.stdout, proc.stderr
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,6 @@ line: a folder that trainer.generate samples from, and bad input as one line, ex
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,9 +19,7 @@ from models.quant.model import Quantized, dequantize
 from models.quant.uniform import Scheme
 from trainer import generate
 from trainer import quantize as quantize_cli
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
+from small_run import run_tool
 
 def gptq_written_out(w, h, scheme, damp=0.01):
   """Optimal Brain Quantization in input order, as GPTQ states it: quantize input i, spread its
@@ -160,12 +156,6 @@ def test_a_quantized_model_is_its_dequantized_float_model():
 
 
 # -- the command line ------------------------------------------------------------------------
-
-def run_tool(tool, *args):
-  proc = subprocess.run([sys.executable, "-m", f"trainer.{tool}", *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=600)
-  return proc.returncode, proc.stdout, proc.stderr
-
 
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
