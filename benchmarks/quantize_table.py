@@ -57,6 +57,8 @@ def main(argv):
         reports))), bits=4, group_size=_GROUP.value, act_order=False, damp=0.01, alpha=0.5,
         act_calibration="absmax", percentile=99.99, calibration_files="", eval_files="",
         samples=_SAMPLES.value, eval_samples=_EVAL.value, seq_len=0)
+    if settings["method"] in ("int8", "int8_asym", "smoothquant"):
+      f["group_size"] = None  # per channel
     f.update(settings)
     report = quantize.quantize(types.SimpleNamespace(**f))
     reports.append({"label": label, **report})

@@ -78,7 +78,7 @@ def test_awq_search_picks_the_alpha_of_least_output_error():
   x[:, [1, 7]] *= 20  # channels with large activations: AWQ's case
   weights = {"a": w, "b": w[:, ::-1] * 0.5}
   scheme = Scheme(4, True, 8)
-  got, alpha = awq.quantize(weights, x, scheme)
+  got, alpha = awq.quantize(weights, x, scheme, clipping=False)
 
   def output_error(a):  # the published objective, on the activations themselves
     s = np.abs(x).mean(0) ** a
@@ -96,6 +96,10 @@ def test_awq_search_picks_the_alpha_of_least_output_error():
   stored, deq = got["a"]
   np.testing.assert_allclose(np.sum((x @ w - x @ deq) ** 2) + np.sum(
       (x @ weights["b"] - x @ got["b"][1]) ** 2), errors[alpha], rtol=1e-6)
+  # the clipping search then lowers the error further (per group; r = 1 is among its ratios)
+  clipped, same = awq.quantize(weights, x, scheme)
+  total = sum(np.sum((x @ weights[k] - x @ clipped[k][1]) ** 2) for k in weights)
+  assert same == alpha and total < errors[alpha]
   back = Quantized(scheme, "awq", (("attn", "q"),), smooth=True).dequantize_layer(
       ModelConfig(vocab_size=8, d_model=32, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=12,
                   d_ff=8), {"attn": {"q": stored}})
