@@ -159,6 +159,25 @@ def test_a_quantized_model_is_its_dequantized_float_model():
     assert 0 < float(jnp.abs(want - model_handle(MCFG).bind(params)(tokens)).max()) < 0.05
 
 
+def test_int8_folder_round_trips_bit_for_bit(tmp_path):
+  from models import hf
+  from models.quant import model as quant_model
+  mcfg = hf.config_from_hf(hf.config_to_hf(MCFG))  # as a folder's config.json reads back
+  params = init_params(model_handle(mcfg), 3)
+  for i, quant in enumerate((Quantized(Scheme(8, True, 0)), Quantized(Scheme(8, False, 16)))):
+    stored = {**params, "layers": quant.quantize_layers(mcfg, params["layers"])}
+    out = str(tmp_path / str(i))
+    os.makedirs(out)
+    quantize_cli.save(out, mcfg, quant, stored)
+    cfg2, quant2, loaded = quant_model.load(out)
+    assert cfg2 == mcfg and quant2 == quant
+    flat, back = quant_model.flat(jax.tree.map(np.asarray, stored)), quant_model.flat(loaded)
+    assert flat.keys() == back.keys()
+    for k in flat:
+      assert flat[k].dtype == np.asarray(back[k]).dtype, k
+      np.testing.assert_array_equal(flat[k], np.asarray(back[k]))
+
+
 # -- the command line ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
