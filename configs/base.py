@@ -105,7 +105,7 @@ def get_config(arg=None):
   # Quantization-aware training (models/quant/; post-training quantization: trainer/quantize.py).
   c.quant = ml_collections.ConfigDict(dict(
       mode="none",  # qat: fake-quantized projections | qt: their matmuls quantized (qwix)
-      bits=8,  # qat: weight bits, 8 or 4; qt: int8 or int4 operands and gradients
+      bits=8,  # qat: weight bits, 8 or 4 (qt: 8)
       group_size=0,  # qat: inputs per weight scale; 0 per output channel, -1 per tensor
       symmetric=True,  # qat: absmax scales (False: scale and zero point)
       activations="token",  # qat: projection inputs to int8 with a scale per token | "" (float)

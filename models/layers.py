@@ -245,7 +245,7 @@ INT8 = uniform_quant.Scheme(8, True)
 class QtDot(NamedTuple):
   """Quantized training (quant.mode=qt): a projection's matmul as qwix's quantized dot_general,
   both operands quantized (inputs per token, weights per output channel) in the forward pass
-  and the incoming gradients in the backward pass, to `dtype` (jnp.int8 or jnp.int4)."""
+  and the incoming gradients in the backward pass, to `dtype` (jnp.int8)."""
   dtype: Any
 
 

@@ -293,7 +293,8 @@ def test_bad_qat_settings_are_one_line(tmp_path):
   from trainer import train
   from trainer.errors import UserError
   for update, key in (({"mode": "qta"}, "quant.mode"), ({"mode": "qat", "bits": 3}, "quant.bits"),
-                      ({"mode": "qat", "group_size": 48}, "group size 48")):
+                      ({"mode": "qat", "group_size": 48}, "group size 48"),
+                      ({"mode": "qt", "bits": 4}, "quant.bits=4: qt runs int8")):
     c = small_run.config(steps=1)
     c.quant.update(**update)
     with pytest.raises(UserError, match=key) as e:
