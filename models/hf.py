@@ -51,11 +51,14 @@ import re
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
 
 from models import moe, safetensors_io
 from models.config import Execution, ModelConfig
 from models.handle import model_handle
+from models.quant import model as quant_model
 
 # architecture -> family; a family is its transformers model_type (config.json's)
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
@@ -504,6 +507,18 @@ def load(folder: str, shardings=None, dtype=np.float32, run: Execution | None = 
     zeros = np.zeros(_get(abstract, path).shape, np.int32)
     _set(params, path, jax.device_put(zeros, sharding))
   return cfg, params
+
+
+def load_quantized(folder: str) -> tuple[ModelConfig, quant_model.Quantized, dict]:
+  """(ModelConfig, Quantized, params) of a folder trainer/quantize.py wrote: its config.json is
+  a Hugging Face config, its model.safetensors our parameter tree (integers and scales for the
+  quantized weights, models/quant/model.py)."""
+  quant = quant_model.read(folder)
+  if quant is None:
+    raise ValueError(f"{folder} holds no {quant_model.FILE}: not a quantized model")
+  cfg = config_from_hf(read_config(folder))
+  tensors = safetensors.numpy.load_file(os.path.join(folder, "model.safetensors"))
+  return cfg, quant, jax.tree.map(jnp.asarray, quant_model.unflat(tensors))
 
 
 # ----------------------------------------------------------------------------------------------

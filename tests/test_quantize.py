@@ -169,7 +169,7 @@ def test_int8_folder_round_trips_bit_for_bit(tmp_path):
     out = str(tmp_path / str(i))
     os.makedirs(out)
     quantize_cli.save(out, mcfg, quant, stored)
-    cfg2, quant2, loaded = quant_model.load(out)
+    cfg2, quant2, loaded = hf.load_quantized(out)
     assert cfg2 == mcfg and quant2 == quant
     flat, back = quant_model.flat(jax.tree.map(np.asarray, stored)), quant_model.flat(loaded)
     assert flat.keys() == back.keys()

@@ -207,7 +207,7 @@ def load_model(workdir: str | None, hf_dir: str | None, step: int | None = None)
     return run_cfg, handle, params, tokenizer_lib.load(workdir)
   try:
     if quant_model.read(hf_dir) is not None:  # trainer/quantize.py's integers and scales
-      mcfg, quant, params = quant_model.load(hf_dir)
+      mcfg, quant, params = hf.load_quantized(hf_dir)
       return None, model_handle(mcfg, quant=quant), params, tokenizer_lib.load(hf_dir)
     mcfg, params = hf.load(hf_dir)
     return None, model_handle(mcfg), params, tokenizer_lib.load(hf_dir)

@@ -1,17 +1,18 @@
 """Post-training quantization of a trained model's projection weights.
 
-python -m trainer.quantize --workdir=DIR|--hf=DIR --method=int8|int8_asym|int4|gptq --out=DIR
-    [--group_size=N] [--bits=4] [--act_order] [--damp=0.01]
-    [--calibration_files=F,...] [--eval_files=F,...] [--samples=128] [--seq_len=N]
+python -m trainer.quantize --workdir=DIR|--hf=DIR --method=METHOD --out=DIR
+    [--group_size=N] [--bits=4] [--act_order] [--damp=0.01] [--alpha=0.5]
+    [--act_calibration=absmax|percentile|mse|kl] [--calibration_files=F,...]
+    [--eval_files=F,...] [--samples=128] [--eval_samples=64] [--seq_len=N]
 
 Methods (models/quant/): `int8` symmetric per output channel, `int8_asym` with zero points,
 `int4` symmetric per group of --group_size inputs (round to nearest), `gptq` (--bits, groups,
---act_order, --damp), `awq` (--bits, groups: activation-aware scales), `smoothquant` (W8A8:
---alpha, --act_calibration), `qat` (a run trained with quant.mode=qat: its own scheme, so the
-stored model computes what the trained one did). The calibrated ones go layer by layer, each layer's inputs from the
-calibration tokens run through the layers already quantized (activations unquantized).
-Attention and MLP projections are quantized; embeddings, norms and the LM head stay in floating
-point.
+--act_order, --damp), `awq` (--bits, groups: activation-aware scales and clipping),
+`smoothquant` (W8A8: --alpha, --act_calibration), `qat` (a run trained with quant.mode=qat: its
+own scheme, so the stored model computes what the trained one did). The calibrated ones go layer
+by layer, each layer's inputs from the calibration tokens run through the layers already
+quantized (activations unquantized). Attention and MLP projections are quantized; embeddings,
+norms and the LM head stay in floating point.
 
 Calibration and evaluation text: --calibration_files / --eval_files (plain text, or jsonl with a
 "text" field), tokenized with the model's tokenizer and cut into rows of --seq_len tokens; by
@@ -21,7 +22,7 @@ bytes stored and the method's settings are printed and written to DIR/quantize_r
 
 DIR then holds config.json (the model, as a Hugging Face folder has it), model.safetensors (the
 integers, scales and zero points, and the float weights; no pickle), quantization.json and the
-tokenizer. `python -m trainer.generate --hf=DIR` samples from it and `models.quant.model.load`
+tokenizer. `python -m trainer.generate --hf=DIR` samples from it and `models.hf.load_quantized`
 reads it; layers are dequantized one at a time as they run.
 """
 

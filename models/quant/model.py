@@ -226,19 +226,6 @@ def read(folder: str) -> Quantized | None:
     raise ValueError(f"{path}: not a quantization description ({e})") from None
 
 
-def load(folder: str):
-  """(ModelConfig, Quantized, params) of a folder trainer/quantize.py wrote."""
-  from safetensors.numpy import load_file
-
-  from models import hf  # (hf imports the model handle, which imports this module)
-  quant = read(folder)
-  if quant is None:
-    raise ValueError(f"{folder} holds no {FILE}: not a quantized model")
-  mcfg = hf.config_from_hf(hf.read_config(folder))
-  params = jax.tree.map(jnp.asarray, unflat(load_file(os.path.join(folder, "model.safetensors"))))
-  return mcfg, quant, params
-
-
 def write(folder: str, quant: Quantized) -> None:
   with open(os.path.join(folder, FILE), "w") as f:
     json.dump(quant.to_json(), f, indent=1)
