@@ -147,6 +147,15 @@ def test_layer_inputs_are_the_projections_inputs():
   assert not np.allclose(later["q"], xs["q"])
 
 
+def test_the_default_group_size_divides_every_projection():
+  assert quantize_cli.default_group(MCFG) == 16  # inputs 32 (d_model, heads) and 48 (d_ff)
+  from configs import tiny
+  from trainer import train
+  assert quantize_cli.default_group(train.model_config(tiny.get_config(), 2048)) == 16  # d_ff 688
+  assert quantize_cli.default_group(ModelConfig(vocab_size=8, d_model=4096, n_layers=1,
+                                                n_heads=32, d_ff=11008)) == 128
+
+
 def test_a_quantized_model_is_its_dequantized_float_model():
   params = init_params(model_handle(MCFG), 1)
   for scheme in (Scheme(8, True, 0), Scheme(4, False, 16)):

@@ -6,7 +6,8 @@ python -m trainer.quantize --workdir=DIR|--hf=DIR --method=METHOD --out=DIR
     [--eval_files=F,...] [--samples=128] [--eval_samples=64] [--seq_len=N]
 
 Methods (models/quant/): `int8` symmetric per output channel, `int8_asym` with zero points,
-`int4` symmetric per group of --group_size inputs (round to nearest), `gptq` (--bits, groups,
+`int4` symmetric per group of --group_size inputs (default: the first of 128, 64, 32, 16, 8 that
+divides every projection's input) (round to nearest), `gptq` (--bits, groups,
 --act_order, --damp), `awq` (--bits, groups: activation-aware scales and clipping),
 `smoothquant` (W8A8: --alpha, --act_calibration), `qat` (a run trained with quant.mode=qat: its
 own scheme, so the stored model computes what the trained one did). The calibrated ones go layer
@@ -61,7 +62,8 @@ def define_flags():
   flags.DEFINE_string("out", None, "the folder to write")
   flags.DEFINE_integer("bits", 4, "gptq: 4 or 8")
   flags.DEFINE_integer("group_size", None, "inputs per scale: N, 0 per channel, -1 per tensor "
-                       "(default: 128 for int4 and gptq, 0 for int8)")
+                       "(default: int8 per channel; int4, gptq and awq the first of 128, 64, "
+                       "32, 16, 8 that divides every projection's input size)")
   flags.DEFINE_bool("act_order", False, "gptq: the inputs with the largest Hessian first")
   flags.DEFINE_float("damp", 0.01, "gptq: dampening, a fraction of the Hessian's mean diagonal")
   flags.DEFINE_float("alpha", 0.5, "smoothquant: migration strength (0: no smoothing)")
@@ -75,7 +77,17 @@ def define_flags():
   flags.DEFINE_integer("seq_len", 0, "tokens per row (0: the run's train.seq_len; --hf: 512)")
 
 
+GROUPS = (128, 64, 32, 16, 8)  # the default group size: the first that divides every input
+
+
+def default_group(mcfg: ModelConfig) -> int:
+  """The largest of GROUPS that divides every projection's input size (0: per channel)."""
+  sizes = {quant_model.dims(mcfg, m, n)[0] for m, n in quant_model.LINEAR}
+  return next((g for g in GROUPS if all(n % g == 0 and n > g for n in sizes)), PER_CHANNEL)
+
+
 def scheme_of(method: str, bits: int, group: int | None) -> Scheme:
+  """The scheme of a method; `group` None for int4, gptq and awq is filled in later (GROUPS)."""
   if method == "qat":  # (the run's own; see quantize)
     return Scheme(8)
   if method == "int8":
@@ -83,7 +95,7 @@ def scheme_of(method: str, bits: int, group: int | None) -> Scheme:
   if method == "int8_asym":
     return Scheme(8, False, PER_CHANNEL if group is None else group)
   if method == "int4":
-    return Scheme(4, True, 128 if group is None else group)
+    return Scheme(4, True, 128 if group is None else group)  # (128: a placeholder)
   if method == "smoothquant":  # W8A8: int8 weights per output channel
     if group not in (None, PER_CHANNEL):
       raise UserError("--method=smoothquant quantizes weights per output channel; leave "
@@ -259,6 +271,9 @@ def quantize(f) -> dict:
     raise UserError("a PEFT run: merge its adapters first (python -m trainer.export "
                     "--format=hf) and quantize that folder with --hf")
   mcfg = handle.cfg
+  if f.group_size is None and scheme.group == 128:  # the default: a size this model can take
+    scheme = dataclasses.replace(scheme, group=default_group(mcfg))
+    log(f"{f.method}: groups of {scheme.group or 'a whole channel'} inputs (--group_size)")
   quant = quant_model.Quantized(scheme, f.method if f.method in CALIBRATED else "rtn",
                                 smooth=f.method in ("awq", "smoothquant"),
                                 activations="static" if f.method == "smoothquant" else "")
