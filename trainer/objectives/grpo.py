@@ -129,7 +129,8 @@ class GRPO(Objective):
     r = cfg.rl
     return cls(r.prompts or cfg.data.train_files, r.group_size, r.groups_per_row,
                r.max_new_tokens, r.temperature, r.top_k, r.top_p, r.reward, r.scale_rewards,
-               r.dynamic_sampling, r.max_draws, r.overlong_buffer, r.overlong_factor, r.length_penalty,
+               r.dynamic_sampling, r.max_draws, r.overlong_buffer, r.overlong_factor,
+               r.length_penalty,
                losses.GrpoLoss(r.loss_type, r.level, r.eps_low, r.eps_high, r.beta,
                                r.max_new_tokens),
                r.iterations, fold_seed(cfg.train.seed), cfg.train.seq_len)
