@@ -123,13 +123,12 @@ def read_texts(files: str, flag: str) -> list[str]:
               raise UserError(f"{path}:{n}: not a json object with a \"text\" field") from None
         else:
           texts.append(f.read())
-      texts = [t for t in texts if t.strip()]
     except OSError as e:
       raise UserError(f"{flag}: cannot read {path} ({e.strerror})") from None
     except UnicodeDecodeError:
       raise UserError(f"{flag}: {path} is not UTF-8 text (tokenized data is not taken: give the "
                       "text, which the model's own tokenizer reads)") from None
-  return texts
+  return [t for t in texts if t.strip()]
 
 
 def rows_of(texts: list[str], tokenizer, seq_len: int, n: int, flag: str) -> np.ndarray:
@@ -157,8 +156,9 @@ def perplexity(handle, params, rows: np.ndarray, batch: int = 8) -> float:
   """exp(mean next-token NLL) over the rows."""
   @jax.jit
   def nll(params, tokens):
-    h, _ = handle.bind(params).forward(tokens[:, :-1])
-    return losses.token_nll(handle.bind(params).logits(h), tokens[:, 1:]).sum()
+    model = handle.bind(params)
+    h, _ = model.forward(tokens[:, :-1])
+    return losses.token_nll(model.logits(h), tokens[:, 1:]).sum()
 
   total = sum(float(nll(params, jnp.asarray(rows[i:i + batch])))
               for i in range(0, len(rows), batch))
@@ -218,8 +218,8 @@ def calibrated(mcfg: ModelConfig, quant: quant_model.Quantized, handle, params, 
   for layer in range(mcfg.n_layers):
     t0 = time.perf_counter()
     xs = layer_inputs(mcfg, handle, current, rows, layer)
-    for (module, first), x in ((k, xs[k[1]]) for k in
-                               (("attn", "q"), ("attn", "o"), ("mlp", "gate"), ("mlp", "down"))):
+    for module, first in ((m, w) for m, firsts in INPUTS.items() for w in firsts):
+      x = xs[first]
       names = [n for m, n in quant.targets if m == module and SAME_INPUT.get(n, n) == first]
       weights = {}
       for name in names:

@@ -27,13 +27,6 @@ def scales(x_absmean, alpha: float) -> np.ndarray:
   return s / np.sqrt(s.max() * s.min())
 
 
-def _round_trip(w, s, scheme: Scheme):
-  """(stored dict, diag(1/s) Q(diag(s) w))."""
-  stored = uniform.quantize((w * s[:, None]).astype(np.float32), scheme)
-  stored = {k: np.asarray(v) for k, v in stored.items()}
-  return stored, np.asarray(uniform.dequantize(stored, scheme), np.float64) / s[:, None]
-
-
 def clip(w_scaled, x_scaled, scheme: Scheme, shrink: float = 0.5, grid: int = GRID):
   """AWQ's clipping search: per group of inputs and output column, the range shrunk by the ratio
   r in [shrink, 1] (`grid` steps) whose quantized weights give that group's least output error
@@ -52,8 +45,7 @@ def clip(w_scaled, x_scaled, scheme: Scheme, shrink: float = 0.5, grid: int = GR
     scale, zero = uniform.params_from_range(r * lo, r * hi, scheme)
     scale = np.asarray(scale, np.float64)
     z = 0.0 if zero is None else np.asarray(zero, np.float64)
-    q = (np.clip(np.round(w / scale) + z, scheme.qmin, scheme.qmax) - z) * scale
-    d = w - q
+    d = w - uniform.rounded(w, scale, z, scheme)[1]
     err = np.einsum("gio,gij,gjo->go", d, grams, d)[:, None, :]
     better = err < best_err
     best_err = np.where(better, err, best_err)
@@ -64,13 +56,10 @@ def clip(w_scaled, x_scaled, scheme: Scheme, shrink: float = 0.5, grid: int = GR
 
 def _round_trip(w, s, scheme: Scheme, x=None):
   """(stored dict, diag(1/s) Q(diag(s) w)); with the inputs x, AWQ's clipping search first."""
-  w_scaled = (w * s[:, None]).astype(np.float32)
   scale = zero = None
   if x is not None:
-    scale, zero = clip(w_scaled, x / s, scheme)
-  stored = uniform.quantize(w_scaled, scheme, scale, zero)
-  stored = {k: np.asarray(v) for k, v in stored.items()}
-  return stored, np.asarray(uniform.dequantize(stored, scheme), np.float64) / s[:, None]
+    scale, zero = clip((w * s[:, None]).astype(np.float32), x / s, scheme)
+  return uniform.quantize_scaled(w, s, scheme, scale, zero)
 
 
 def quantize(weights: dict[str, np.ndarray], x_ni, scheme: Scheme, grid: int = GRID,

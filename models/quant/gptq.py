@@ -34,12 +34,6 @@ def _params(w_rows, scheme: Scheme):
   return np.asarray(scale, np.float64), None if zero is None else np.asarray(zero, np.float64)
 
 
-def _quant(w, scale, zero, scheme: Scheme):
-  z = 0.0 if zero is None else zero
-  q = np.clip(np.round(w / scale) + z, scheme.qmin, scheme.qmax)
-  return q, (q - z) * scale
-
-
 def quantize(w_io, h_ii, scheme: Scheme, damp: float = 0.01, act_order: bool = False,
              block: int = 128) -> tuple[dict, np.ndarray]:
   """(quantize()'s dict for w (in, out), the dequantized weight) by GPTQ with Hessian h."""
@@ -78,7 +72,7 @@ def quantize(w_io, h_ii, scheme: Scheme, damp: float = 0.01, act_order: bool = F
         scales[g], z = _params(w[i:i + group], scheme)
         if zeros is not None:
           zeros[g] = z
-      q, deq = _quant(w[i], scales[g], None if zeros is None else zeros[g], scheme)
+      q, deq = uniform.rounded(w[i], scales[g], None if zeros is None else zeros[g], scheme)
       codes[i] = q
       e = (w[i] - deq) / u[i, i]
       w[i + 1:b1] -= np.outer(u[i, i + 1:b1], e)

@@ -39,8 +39,6 @@ def quantize(weights: dict[str, np.ndarray], x_ni, alpha: float = 0.5,
   act_scale = np.float32(max(threshold, 1e-8) / WEIGHTS.qmax)
   out = {}
   for name, w in weights.items():
-    stored = uniform.quantize((np.asarray(w, np.float64) * s[:, None]).astype(np.float32), WEIGHTS)
-    stored = {k: np.asarray(v) for k, v in stored.items()}
-    deq = np.asarray(uniform.dequantize(stored, WEIGHTS), np.float64) / s[:, None]
+    stored, deq = uniform.quantize_scaled(w, s, WEIGHTS)
     out[name] = ({**stored, "smooth": s.astype(np.float32), "act_scale": act_scale}, deq)
   return out

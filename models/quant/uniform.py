@@ -160,6 +160,24 @@ def dequantize(stored: dict, scheme: Scheme, dtype=jnp.float32):
   return _dequantize_codes(q, stored["scales"], zero, scheme).astype(dtype)
 
 
+def rounded(w, scale, zero, scheme: Scheme):
+  """numpy, in w's precision: (the codes of w on the grid of `scale` and `zero` (None:
+  symmetric), clipped to [qmin, qmax], and the values they stand for). The search loops of
+  GPTQ and AWQ's clipping use it on float64 weights."""
+  z = 0.0 if zero is None else zero
+  q = np.clip(np.round(w / scale) + z, scheme.qmin, scheme.qmax)
+  return q, (q - z) * scale
+
+
+def quantize_scaled(w, s, scheme: Scheme, scale=None, zero=None):
+  """A weight (in, out) whose inputs are divided by s (in,) (AWQ, SmoothQuant): (quantize()'s
+  arrays of diag(s) w, as numpy; diag(1/s) x their dequantized weight, float64, which is what
+  float inputs see)."""
+  scaled = (np.asarray(w, np.float64) * s[:, None]).astype(np.float32)
+  stored = {k: np.asarray(v) for k, v in quantize(scaled, scheme, scale, zero).items()}
+  return stored, np.asarray(dequantize(stored, scheme), np.float64) / s[:, None]
+
+
 def stored_bytes(stored: dict) -> int:
   return int(sum(np.prod(v.shape) * jnp.dtype(v.dtype).itemsize for v in stored.values()))
 
