@@ -156,8 +156,8 @@ def check_config(cfg) -> None:
     raise UserError(f"config key quant: {e}" if not str(e).startswith("quant.")
                     else f"config key {e}") from None
   _require(qat is None or peft is None, "quant.mode",
-           f"{cfg.quant.mode} trains the full weights; with peft.method={cfg.peft.method} store the frozen "
-           "base in 4 bits instead (peft.base_quant=nf4, QLoRA)")
+           f"{cfg.quant.mode} trains the full weights; with peft.method={cfg.peft.method} "
+           "store the frozen base in 4 bits instead (peft.base_quant=nf4, QLoRA)")
 
 
 def check_objective(cfg) -> None:
