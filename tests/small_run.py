@@ -31,8 +31,11 @@ def assert_same_training(out, ref):
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_tool(tool, *args, timeout=600):
-  """`python -m trainer.TOOL ARGS` from the repository: (exit code, stdout, stderr)."""
-  proc = subprocess.run([sys.executable, "-m", f"trainer.{tool}", *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=timeout)
+def run_tool(tool, *args, timeout=600, shell_prefix=""):
+  """`python -m trainer.TOOL ARGS` from the repository: (exit code, stdout, stderr).
+  shell_prefix: sh commands run first in the same process (`ulimit -f 64; `)."""
+  cmd = [sys.executable, "-m", f"trainer.{tool}", *args]
+  if shell_prefix:
+    cmd = ["sh", "-c", f'{shell_prefix} exec "$@"', "sh", *cmd]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
   return proc.returncode, proc.stdout, proc.stderr

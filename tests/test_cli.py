@@ -1,12 +1,16 @@
 """The command line: user errors are one line on stderr and exit code 2, never a traceback."""
 
+import errno
 import os
+import pathlib
 import subprocess
 import sys
 
 import pytest
 
 from small_run import run_tool
+from trainer import export
+from trainer.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -131,3 +135,20 @@ def test_export_out_that_is_a_file_or_unwritable(tmp_path):
     code, _, err = run_tool("export", f"--workdir={tmp_path / 'run'}", f"--out={out}")
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and named in lines[0], err
+
+
+def test_export_writes_all_of_out_or_none_of_it(tmp_path):
+  """trainer.export and trainer.quantize write through export.staged: a write that fails (a full
+  disk) leaves --out as it was; one that succeeds replaces --out's files of the same name."""
+  (tmp_path / "config.json").write_text("old")
+  with pytest.raises(UserError, match=f"--out={tmp_path}: writing failed .*left as it was"):
+    with export.staged(str(tmp_path)) as tmp:
+      (pathlib.Path(tmp) / "config.json").write_text("new")
+      (pathlib.Path(tmp) / "model.safetensors").write_text("half")
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  assert os.listdir(tmp_path) == ["config.json"] and (tmp_path / "config.json").read_text() == "old"
+  with export.staged(str(tmp_path)) as tmp:
+    (pathlib.Path(tmp) / "config.json").write_text("new")
+    (pathlib.Path(tmp) / "model.safetensors").write_text("whole")
+  assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+  assert (tmp_path / "config.json").read_text() == "new"

@@ -268,6 +268,26 @@ def test_bad_input_is_one_line(hf_folder, tmp_path, args, named):
   assert named in stderr and len(stderr.strip().splitlines()) == 1, stderr
 
 
+def test_a_full_disk_leaves_out_as_it_was(hf_folder, tmp_path):
+  """Writes past a file-size limit fail (EFBIG, as ENOSPC on a full disk): one line, exit 2, and
+  --out keeps what it held, with no half-written files."""
+  folder, _ = hf_folder
+  out = tmp_path / "q"
+  out.mkdir()
+  (out / "model.safetensors").write_bytes(b"an earlier model")
+
+  rc, _, stderr = run_tool("quantize", f"--hf={folder}", "--method=int8", f"--out={out}",
+                           "--seq_len=32", "--eval_samples=2",
+                           # files of at most 128 blocks; SIGXFSZ ignored, so writes fail (EFBIG)
+                           shell_prefix="trap '' XFSZ; ulimit -f 128;")
+  assert rc == 2, stderr
+  last = stderr.strip().splitlines()[-1]
+  assert last.startswith("error: --out=") and "left as it was" in last, stderr
+  assert "Traceback" not in stderr
+  assert os.listdir(out) == ["model.safetensors"]
+  assert (out / "model.safetensors").read_bytes() == b"an earlier model"
+
+
 # -- quantization-aware training --------------------------------------------------------------
 
 def test_qat_trains_through_fake_quantization_and_stores_what_it_trained(tmp_path):

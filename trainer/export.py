@@ -12,10 +12,12 @@ The checkpoint (latest, or --step) is restored onto this machine's devices, spli
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -97,6 +99,23 @@ def prepare_out(out: str) -> None:
     raise UserError(f"--out={out} is not a writable folder: {e.strerror}") from None
 
 
+@contextlib.contextmanager
+def staged(out: str):
+  """A hidden folder inside --out to write into; at the end its files replace --out's. A full
+  disk or a quota mid-write leaves --out as it was and is one line (UserError), not a traceback
+  over half-written files."""
+  tmp = tempfile.mkdtemp(prefix=".writing-", dir=out)
+  try:
+    yield tmp
+    for name in os.listdir(tmp):
+      os.replace(os.path.join(tmp, name), os.path.join(out, name))
+  except OSError as e:
+    raise UserError(f"--out={out}: writing failed ({e.strerror or e}); the folder was left as it "
+                    "was") from None
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def copy_tokenizer(workdir: str, out: str) -> list[str]:
   """The run's tokenizer files, as transformers' AutoTokenizer reads them. A run's own
   SentencePiece model gets a tokenizer_config.json with `add_bos_token`, as the run trained:
@@ -127,24 +146,25 @@ def main(argv):
     cfg, handle, params, step = load_run(flags.FLAGS.workdir, flags.FLAGS.step)
 
     dtype = jnp.dtype(flags.FLAGS.dtype or cfg.precision.param_dtype)
-    if flags.FLAGS.format == "peft":
-      if handle.peft is None or handle.peft.method not in hf_format.METHODS:
-        raise UserError(f"--format=peft needs a run with peft.method one of "
-                        f"{', '.join(hf_format.METHODS)}; use --format=hf for the whole model")
-      files = hf_format.write(flags.FLAGS.out, handle.peft, params, dtype)
-    else:
-      if handle.peft is not None and handle.peft.method == "adapter":
-        raise UserError("Houlsby adapters act on activations and cannot be merged into a "
-                        "Hugging Face model; there is no export for them yet")
-      if handle.peft is not None and handle.peft.prompt is not None:
-        raise UserError(f"peft.method={handle.peft.method} adds virtual tokens, which no weights "
-                        "can hold; export them with --format=peft")
-      model_params = handle.peft.merge(params) if handle.peft is not None else params
-      try:
-        files = hf.save(flags.FLAGS.out, handle.cfg, model_params, dtype)
-      except hf.UnsupportedModel as e:  # "family=llama cannot hold n_experts=8: ..."
-        raise UserError(f"--format=hf: model.{e}") from None
-    files += copy_tokenizer(flags.FLAGS.workdir, flags.FLAGS.out)
+    with staged(flags.FLAGS.out) as tmp:
+      if flags.FLAGS.format == "peft":
+        if handle.peft is None or handle.peft.method not in hf_format.METHODS:
+          raise UserError(f"--format=peft needs a run with peft.method one of "
+                          f"{', '.join(hf_format.METHODS)}; use --format=hf for the whole model")
+        files = hf_format.write(tmp, handle.peft, params, dtype)
+      else:
+        if handle.peft is not None and handle.peft.method == "adapter":
+          raise UserError("Houlsby adapters act on activations and cannot be merged into a "
+                          "Hugging Face model; there is no export for them yet")
+        if handle.peft is not None and handle.peft.prompt is not None:
+          raise UserError(f"peft.method={handle.peft.method} adds virtual tokens, which no weights "
+                          "can hold; export them with --format=peft")
+        model_params = handle.peft.merge(params) if handle.peft is not None else params
+        try:
+          files = hf.save(tmp, handle.cfg, model_params, dtype)
+        except hf.UnsupportedModel as e:  # "family=llama cannot hold n_experts=8: ..."
+          raise UserError(f"--format=hf: model.{e}") from None
+      files += copy_tokenizer(flags.FLAGS.workdir, tmp)
     print(f"wrote step {step} of {flags.FLAGS.workdir} to {flags.FLAGS.out}: {', '.join(files)}",
           file=sys.stderr)
   except UserError as e:

@@ -235,14 +235,18 @@ def calibrated(mcfg: ModelConfig, quant: quant_model.Quantized, handle, params, 
 
 # -- the folder -------------------------------------------------------------------------------
 
-def save(out: str, mcfg: ModelConfig, quant: quant_model.Quantized, params) -> int:
-  """Write config.json, model.safetensors and quantization.json: the bytes of the tensors."""
+def save(out: str, mcfg: ModelConfig, quant: quant_model.Quantized, params) -> None:
+  """Write config.json, model.safetensors and quantization.json."""
   tensors = quant_model.flat(jax.tree.map(np.asarray, params))
   safetensors_io.write(os.path.join(out, "model.safetensors"), sorted(tensors.items()))
   with open(os.path.join(out, "config.json"), "w") as f:
     json.dump(hf.config_to_hf(mcfg, "float32"), f, indent=1)
   quant_model.write(out, quant)
-  return int(sum(v.nbytes for v in tensors.values()))
+
+
+def stored_bytes(params) -> int:
+  """The bytes of the tensors model.safetensors holds."""
+  return int(sum(np.asarray(v).nbytes for v in quant_model.flat(params).values()))
 
 
 def main(argv):
@@ -327,12 +331,10 @@ def quantize(f) -> dict:
     found = calibrated(mcfg, quant, model_handle(mcfg), params, calib_rows, log, f.method, fn)
   qparams = {**params, "layers": quant.quantize_layers(mcfg, params["layers"], found)}
   seconds = time.perf_counter() - t0
-  stored = save(f.out, mcfg, quant, qparams)
-  export.copy_tokenizer(f.workdir or f.hf, f.out)
   settings = {"gptq": {"act_order": f.act_order, "damp": f.damp},
               "smoothquant": {"alpha": f.alpha, "act_calibration": f.act_calibration}}
   report = {**quant.to_json(), "method": f.method, **settings.get(f.method, {}),
-            "seconds": round(seconds, 2), "bytes": stored,
+            "seconds": round(seconds, 2), "bytes": stored_bytes(qparams),
             **({"awq_alphas": alphas} if alphas else {}),
             "float_bytes": int(sum(np.asarray(v).nbytes for v in jax.tree.leaves(params)))}
   if eval_rows is not None:
@@ -340,8 +342,11 @@ def quantize(f) -> dict:
     report.update(eval_rows=int(eval_rows.shape[0]), seq_len=seq_len,
                   perplexity_float=perplexity(handle, params, eval_rows),
                   perplexity=perplexity(qhandle, jax.tree.map(jnp.asarray, qparams), eval_rows))
-  with open(os.path.join(f.out, "quantize_report.json"), "w") as fp:
-    json.dump(report, fp, indent=1)
+  with export.staged(f.out) as tmp:  # a full disk leaves --out as it was
+    save(tmp, mcfg, quant, qparams)
+    export.copy_tokenizer(f.workdir or f.hf, tmp)
+    with open(os.path.join(tmp, "quantize_report.json"), "w") as fp:
+      json.dump(report, fp, indent=1)
   return report
 
 
