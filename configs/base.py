@@ -143,7 +143,7 @@ def get_config(arg=None):
       # lm (every weighted token) | sft (chat: assistant tokens) | dpo | reward | grpo | ppo
       # (online RL) | distill (from a teacher) (trainer/objectives/)
       objective="lm",
-      steps=1000,  # optimizer steps
+      steps=1000,  # optimizer steps (0: only evaluate the starting weights, e.g. model.init_from)
       batch_size=8,  # global, in sequences
       seq_len=512,  # tokens per sequence (row)
       grad_accum=1,  # microbatches per step, accumulated inside the step

@@ -36,9 +36,15 @@ class ModelHandle:
   run: Execution = Execution()  # how the model runs (remat, attention_impl, init_std)
   quant: Quantized | None = None  # projection weights stored as integers (trainer/quantize.py)
 
+  @property
+  def integers(self) -> Quantized | None:
+    """The quantization whose integers and scales the parameters hold; None for float weights
+    (also under QAT's or qt's quantization, which train floats)."""
+    return self.quant if self.quant is not None and not self.quant.fake else None
+
   def abstract_params(self) -> Params:
     params = nnx.to_pure_dict(self.template)
-    if self.quant is not None and not self.quant.fake:
+    if self.integers is not None:
       layers = jax.eval_shape(lambda l: self.quant.quantize_layers(self.cfg, l), params["layers"])
       return {**params, "layers": layers}
     if self.peft is not None:

@@ -526,6 +526,19 @@ def load_quantized(folder: str) -> tuple[ModelConfig, quant_model.Quantized, dic
 # ----------------------------------------------------------------------------------------------
 
 
+def save_quantized(folder: str, cfg: ModelConfig, quant: quant_model.Quantized,
+                   params: dict) -> list[str]:
+  """The folder `load_quantized` reads: config.json (a Hugging Face config), model.safetensors
+  (our parameter tree: integers, scales and zero points, and the float weights) and
+  quantization.json."""
+  tensors = quant_model.flat(jax.tree.map(np.asarray, params))
+  safetensors_io.write(os.path.join(folder, "model.safetensors"), sorted(tensors.items()))
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(config_to_hf(cfg, "float32"), f, indent=1)
+  quant_model.write(folder, quant)
+  return ["config.json", "model.safetensors", quant_model.FILE]
+
+
 def save(folder: str, cfg: ModelConfig, params: dict, dtype=np.float32,
          max_shard_bytes: int = 2 << 30) -> list[str]:
   """Write config.json and safetensors (sharded with an index above `max_shard_bytes`).

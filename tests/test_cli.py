@@ -25,7 +25,7 @@ def run_main(*args, workdir):
     (["--config.train.stepz=3"], "train.stepz"),
     (["--config.trainn.steps=3"], "trainn.steps"),
     (["--config.train.steps=abc"], "train.steps"),
-    (["--config.train.steps=0"], "train.steps"),
+    (["--config.train.steps=-1"], "train.steps"),
     (["--config.precision.compute_dtype=float8"], "precision.compute_dtype"),
     (["--config.model.remat=sometimes"], "remat"),
     (["--config.model.attention_impl=magic"], "attention_impl"),
@@ -79,7 +79,7 @@ def test_unreadable_tokenizer(tmp_path):
 
 
 def test_verbose_shows_the_traceback(tmp_path):
-  code, _, err = run_main("--config.train.steps=0", "--verbose", workdir=str(tmp_path / "w"))
+  code, _, err = run_main("--config.train.steps=-1", "--verbose", workdir=str(tmp_path / "w"))
   assert code != 0 and "Traceback" in err and "train.steps" in err
 
 

@@ -5,6 +5,7 @@ line: a folder that trainer.generate samples from, and bad input as one line, ex
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +18,10 @@ from models import layers
 from models.quant import awq, gptq, smoothquant, uniform
 from models.quant.model import Quantized, dequantize
 from models.quant.uniform import Scheme
-from trainer import generate
+from models import hf
+from trainer import estimate as estimate_lib, export, generate, train
 from trainer import quantize as quantize_cli
+import small_run
 from small_run import run_tool
 
 def gptq_written_out(w, h, scheme, damp=0.01):
@@ -169,7 +172,6 @@ def test_a_quantized_model_is_its_dequantized_float_model():
 
 
 def test_int8_folder_round_trips_bit_for_bit(tmp_path):
-  from models import hf
   from models.quant import model as quant_model
   mcfg = hf.config_from_hf(hf.config_to_hf(MCFG))  # as a folder's config.json reads back
   params = init_params(model_handle(mcfg), 3)
@@ -177,7 +179,7 @@ def test_int8_folder_round_trips_bit_for_bit(tmp_path):
     stored = {**params, "layers": quant.quantize_layers(mcfg, params["layers"])}
     out = str(tmp_path / str(i))
     os.makedirs(out)
-    quantize_cli.save(out, mcfg, quant, stored)
+    hf.save_quantized(out, mcfg, quant, stored)
     cfg2, quant2, loaded = hf.load_quantized(out)
     assert cfg2 == mcfg and quant2 == quant
     flat, back = quant_model.flat(jax.tree.map(np.asarray, stored)), quant_model.flat(loaded)
@@ -286,6 +288,94 @@ def test_a_full_disk_leaves_out_as_it_was(hf_folder, tmp_path):
   assert "Traceback" not in stderr
   assert os.listdir(out) == ["model.safetensors"]
   assert (out / "model.safetensors").read_bytes() == b"an earlier model"
+
+
+# -- a quantized folder as a run's model ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def int4_folder(hf_folder, tmp_path_factory):
+  folder, _ = hf_folder
+  out = str(tmp_path_factory.mktemp("q") / "int4")
+  rc, _, stderr = run_tool("quantize", f"--hf={folder}", "--method=int4", "--group_size=16",
+                           f"--out={out}", "--eval_samples=1", "--seq_len=32")
+  assert rc == 0, stderr
+  return out
+
+
+def run_from(init, workdir, steps=0):
+  c = small_run.config(steps=steps, eval_every=0, checkpoint_every=0, sample_tokens=0,
+                       log_every=1)
+  c.model.init_from = f"hf:{init}"
+  return c, train.run(c, str(workdir))
+
+
+def test_the_eval_loop_measures_a_quantized_folder_as_its_dequantized_model(
+    hf_folder, int4_folder, tmp_path):
+  """model.init_from=hf:QDIR with train.steps=0: the eval loop's loss of the integers equals the
+  eval loss of the dequantized float model written as a plain Hugging Face folder, and is not
+  the original float model's."""
+  folder, _ = hf_folder
+  mcfg, quant, qparams = hf.load_quantized(int4_folder)
+  plain = str(tmp_path / "dequantized")
+  hf.save(plain, mcfg, dequantize(mcfg, quant, qparams))
+  export.copy_tokenizer(int4_folder, plain)
+  losses = {name: run_from(init, tmp_path / name)[1]["eval_loss"]
+            for name, init in (("int4", int4_folder), ("plain", plain), ("float", folder))}
+  assert losses["int4"] == pytest.approx(losses["plain"], rel=1e-5), losses
+  assert abs(losses["int4"] - losses["float"]) > 1e-3, losses
+
+
+def test_a_run_from_a_quantized_folder_trains_its_floats_and_exports_integers(
+    hf_folder, int4_folder, tmp_path):
+  """Its integers and scales stay as they were, the float parameters train; trainer.export
+  writes the quantized folder back (what trainer.generate --hf reads), and trainer.estimate counts
+  the integers' bytes and only the floats as trainable."""
+  folder, _ = hf_folder
+  _, _, start = hf.load_quantized(int4_folder)
+  cfg, result = run_from(int4_folder, tmp_path / "run", steps=2)
+  params = result["state"]["params"]
+  moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), params, start)
+  assert moved["embed"] and moved["final_norm"]["scale"]
+  q = params["layers"]["attn"]["q"]
+  assert q["qweight"].dtype == jnp.uint8
+  for module, name in Quantized(Scheme(4)).targets:
+    assert not any(jax.tree.leaves(moved["layers"][module][name])), (module, name)
+  out = tmp_path / "out"
+  rc, _, stderr = run_tool("export", f"--workdir={tmp_path / 'run'}", f"--out={out}")
+  assert rc == 0, stderr
+  _, quant, written = hf.load_quantized(str(out))
+  assert quant.scheme == Scheme(4, True, 16)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               written, params)
+  est, _ = estimate_lib.estimate(cfg, jax.devices()[:1])
+  floats = sum(x.size for k, x in jax.tree_util.tree_leaves_with_path(start)
+               if jnp.issubdtype(x.dtype, jnp.floating)
+               and not any(f"'{m}'" in jax.tree_util.keystr(k) and f"'{n}'" in
+                           jax.tree_util.keystr(k) for m, n in quant.targets))
+  assert est.trainable == floats < est.params
+  cfg.model.init_from = f"hf:{folder}"
+  assert est.bytes["parameters"] < estimate_lib.estimate(cfg, jax.devices()[:1])[0].bytes[
+      "parameters"] / 2
+
+
+@pytest.mark.parametrize("override,named", [
+    ("--config.peft.method=lora", "peft.method"),
+    ("--config.quant.mode=qat", "quant.mode=qat"),
+    ("broken", "quantization.json"),
+])
+def test_a_quantized_folder_with_a_run_it_cannot_take_is_one_line(int4_folder, tmp_path,
+                                                                    override, named):
+  init = int4_folder
+  if override == "broken":
+    init = str(tmp_path / "broken")
+    shutil.copytree(int4_folder, init)
+    with open(os.path.join(init, "quantization.json"), "w") as f:
+      f.write('{"bits": 4}')
+  rc, _, stderr = run_tool("main", "--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}",
+                           f"--config.model.init_from=hf:{init}",
+                           *([override] if override.startswith("--") else []))
+  lines = stderr.strip().splitlines()
+  assert rc == 2 and len(lines) == 1 and named in lines[0], stderr
 
 
 # -- quantization-aware training --------------------------------------------------------------

@@ -137,10 +137,13 @@ def report(cfg, devices, mfu: float, peak_tflops: float, compile_step: bool,
   peak, source = metrics_lib.peak_flops_per_device(peak_tflops)
   seconds = est.total_flops / (mfu * peak * n)
   attn = mcfg.attention_flops_per_token(cfg.train.seq_len)
+  stored = pl.handle.integers
   lines = [
       f"parameters: {est.params:,} ({est.trainable:,} trainable)"
       + (f"; active per token: {est.active:,} ({mcfg.experts_per_token} of {mcfg.n_experts} "
-         "experts)" if mcfg.n_experts else ""),
+         "experts)" if mcfg.n_experts else "")
+      + (f"; projections stored as {stored.scheme.bits}-bit {stored.method} integers, frozen "
+         "(model.init_from)" if stored is not None else ""),
       f"FLOPs per token: {_human(est.flops_per_token)} = 6N {_human(est.flops_per_token - attn)}"
       f" + attention {_human(attn)} (causal, remat not counted)",
       f"training: {cfg.train.steps:,} steps x {cfg.train.batch_size} x {cfg.train.seq_len} = "

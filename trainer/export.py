@@ -4,6 +4,8 @@ python -m trainer.export --workdir=DIR --format=hf|peft --out=DIR [--step=N] [--
 
 --format=hf: a Hugging Face folder (config.json, safetensors sharded above 2 GiB, the tokenizer
 files) that transformers' AutoModelForCausalLM loads; PEFT adapters are merged into the weights.
+A run that started from a folder trainer/quantize.py wrote is written as such a folder again
+(integers and scales), which trainer.generate --hf and model.init_from read.
 --format=peft: the adapters alone (adapter_config.json + adapter_model.safetensors) for HF
 PEFT's PeftModel.from_pretrained(original base, DIR); LoRA, rsLoRA, PiSSA, DoRA, VeRA, IA3.
 The checkpoint (latest, or --step) is restored onto this machine's devices, split over them
@@ -51,6 +53,7 @@ def read_run(workdir: str, step: int | None = None):
   # were apart has both in "model". The run config gets its model section back as users write it.
   fields, ran = split_fields(resolved["model"])
   run = Execution.from_dict(resolved.pop("execution", ran))
+  stored = resolved.pop("quantized", None)
   resolved["model"] = {**fields, **run.to_dict()}
   cfg = ml_collections.ConfigDict(resolved)
   mcfg = ModelConfig.from_dict(fields)
@@ -65,9 +68,11 @@ def read_run(workdir: str, step: int | None = None):
   step = max(steps) if step is None else step
   if step not in steps:
     raise UserError(f"--step={step}: the checkpoints in {workdir} are at steps {sorted(steps)}")
-  qat = quant_model.from_config(cfg.quant) if "quant" in cfg else None  # (older runs: none)
+  quant = quant_model.from_config(cfg.quant) if "quant" in cfg else None  # (older runs: none)
+  if stored is not None:  # a run that started from a folder trainer/quantize.py wrote
+    quant = quant_model.Quantized.from_json(stored)
   handle = model_handle(mcfg, peft_lib.Peft.from_config(cfg.peft, mcfg, cfg.train.steps), run,
-                        qat)
+                        quant)
   return cfg, handle, directory, step
 
 
@@ -161,7 +166,10 @@ def main(argv):
                           "can hold; export them with --format=peft")
         model_params = handle.peft.merge(params) if handle.peft is not None else params
         try:
-          files = hf.save(tmp, handle.cfg, model_params, dtype)
+          if handle.integers is not None:  # a run from a quantized folder
+            files = hf.save_quantized(tmp, handle.cfg, handle.quant, model_params)
+          else:
+            files = hf.save(tmp, handle.cfg, model_params, dtype)
         except hf.UnsupportedModel as e:  # "family=llama cannot hold n_experts=8: ..."
           raise UserError(f"--format=hf: model.{e}") from None
       files += copy_tokenizer(flags.FLAGS.workdir, tmp)

@@ -187,7 +187,7 @@ def components(cfg, pl, mcfg, sizes: dict[str, int], batch) -> tuple[dict[str, f
   (trainer.train.plan) on a mesh of `sizes`, with `batch` its abstract batch."""
   abstract = pl.abstract_state
   params = abstract["params"]
-  labels = None if pl.handle.peft is None else pl.handle.peft.labels(params)
+  labels = pl.spec.primary.labels  # PEFT's, or a quantized start's frozen integers (or None)
   grad_shardings = param_shardings(
       pl.handle, pl.mesh, parallel.strategy(cfg.mesh.strategy, cfg.mesh.rules).grads)
   trainable = [(p, s) for p, s, l in zip(

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from models import hf, safetensors_io
+from models import hf
 from models.config import ModelConfig
 from models.decoder import Context, LayerSource
 from models.handle import model_handle
@@ -235,15 +235,6 @@ def calibrated(mcfg: ModelConfig, quant: quant_model.Quantized, handle, params, 
 
 # -- the folder -------------------------------------------------------------------------------
 
-def save(out: str, mcfg: ModelConfig, quant: quant_model.Quantized, params) -> None:
-  """Write config.json, model.safetensors and quantization.json."""
-  tensors = quant_model.flat(jax.tree.map(np.asarray, params))
-  safetensors_io.write(os.path.join(out, "model.safetensors"), sorted(tensors.items()))
-  with open(os.path.join(out, "config.json"), "w") as f:
-    json.dump(hf.config_to_hf(mcfg, "float32"), f, indent=1)
-  quant_model.write(out, quant)
-
-
 def stored_bytes(params) -> int:
   """The bytes of the tensors model.safetensors holds."""
   return int(sum(np.asarray(v).nbytes for v in quant_model.flat(params).values()))
@@ -343,7 +334,7 @@ def quantize(f) -> dict:
                   perplexity_float=perplexity(handle, params, eval_rows),
                   perplexity=perplexity(qhandle, jax.tree.map(jnp.asarray, qparams), eval_rows))
   with export.staged(f.out) as tmp:  # a full disk leaves --out as it was
-    save(tmp, mcfg, quant, qparams)
+    hf.save_quantized(tmp, mcfg, quant, qparams)
     export.copy_tokenizer(f.workdir or f.hf, tmp)
     with open(os.path.join(tmp, "quantize_report.json"), "w") as fp:
       json.dump(report, fp, indent=1)

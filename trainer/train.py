@@ -26,8 +26,8 @@ from jax.experimental import multihost_utils
 import parallel
 from models import hf, moe
 from models import peft as peft_lib
-from models.handle import (ModelHandle, init_params, model_handle, param_shardings,
-                           stored_abstract)
+from models.handle import (ModelHandle, cast_floating, init_params, model_handle,
+                           param_shardings, stored_abstract)
 from models.peft import adalora
 from models.quant import model as quant_model
 from trainer import checkpoint as ckpt_lib, export as export_lib
@@ -37,7 +37,7 @@ from trainer.objectives.base import Bound, Prepare
 from trainer.data import pipeline, tokenizer as tokenizer_lib
 from trainer.seeds import fold_seed
 from trainer.validate import (UserError, check_backend, check_config, check_mesh, execution,
-                              init_folder, model_config, pipeline_of)
+                              init_folder, model_config, pipeline_of, quantization)
 
 BATCH_KEYS = ("inputs", "targets", "weights", "positions", "segment_ids")
 PAIR_KEYS = ("example", "reference")  # preference batches: the pair of each position, ref log-probs
@@ -89,7 +89,8 @@ def prepare_workdir(workdir: str) -> None:
 def write_run_config(cfg, mcfg, mesh_sizes: dict[str, int], workdir: str) -> None:
   """config.json: the run config with everything resolved (vocab size, head_dim, mesh sizes);
   "model" holds what the weights are (the ModelConfig), "execution" how the model runs
-  (model.remat, model.attention_impl, model.init_std of the run config).
+  (model.remat, model.attention_impl, model.init_std of the run config), "quantized" how a
+  quantized model.init_from stores its weights.
 
   A workdir whose checkpoints belong to a different model is refused rather than overwritten;
   one of the same model resumes under any execution choices. (A config.json written before the
@@ -98,6 +99,9 @@ def write_run_config(cfg, mcfg, mesh_sizes: dict[str, int], workdir: str) -> Non
   resolved["model"] = json.loads(json.dumps(mcfg.to_dict()))  # tuples as lists, as read back
   resolved["execution"] = execution(cfg).to_dict()
   resolved["mesh"].update(mesh_sizes)
+  quant = quantization(cfg)
+  if quant is not None and not quant.fake:  # model.init_from's integers: the weights' format
+    resolved["quantized"] = quant.to_json()
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path) and os.path.isdir(os.path.join(workdir, "checkpoints")):
     with open(path) as f:
@@ -318,10 +322,13 @@ def policy_slot(cfg, mcfg, mesh, strategy, peft) -> state_lib.Slot:
   """The model being trained: its handle, placement, optimizer and what of it trains."""
   tc = cfg.train
   param_dtype = jnp.dtype(cfg.precision.param_dtype)
-  handle = model_handle(mcfg, peft, execution(cfg), quant_model.from_config(cfg.quant))
+  quant = quantization(cfg)
+  handle = model_handle(mcfg, peft, execution(cfg), quant)
   labels = None if peft is None else peft.labels(handle.abstract_params())
   if labels is None and mcfg.router_bias_update_rate:
     labels = routing_bias_frozen(handle.abstract_params())
+  if quant is not None and not quant.fake:  # a quantized model.init_from: its integers stay
+    labels = quant_model.stored_frozen(quant, handle.abstract_params())
   tx, schedule = optim.make_optimizer(tc, labels, cfg.peft.lora_plus_scale)
   p_shardings = param_shardings(handle, mesh, strategy.params)
   abstract_params = stored_abstract(handle, param_dtype)
@@ -455,8 +462,12 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
     base = None
     if init is not None:
       _log(f"loading {init}")
-      base = hf.load(init, policy.model_shardings, policy.dtype, policy.handle.run,
-                     value_head=mcfg.value_head)[1]
+      if policy.handle.integers is not None:
+        base = jax.device_put(cast_floating(hf.load_quantized(init)[2], policy.dtype),
+                              policy.model_shardings)
+      else:
+        base = hf.load(init, policy.model_shardings, policy.dtype, policy.handle.run,
+                       value_head=mcfg.value_head)[1]
     state = pl.init_state(seed, base)
     start_step = 0
   else:
@@ -487,6 +498,14 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   active = (f" ({mcfg.num_params(active=True) / 1e6:.2f}M active per token: "
             f"{mcfg.experts_per_token} of {mcfg.n_experts} experts)" if mcfg.n_experts else "")
+  stored = pl.handle.integers
+  if stored is not None:  # the integers and scales are not the model's parameter count
+    n_params = mcfg.num_params()
+    labels = jax.tree.leaves(policy.labels)
+    floats = sum(x.size for x, label in zip(jax.tree.leaves(state["params"]), labels)
+                 if label != "frozen")
+    active += (f" ({stored.scheme.bits}-bit {stored.method} projections, frozen; "
+               f"{floats / 1e6:.2f}M float parameters train)")
   _log(f"model: {n_params / 1e6:.2f}M parameters{active}, vocab {mcfg.vocab_size}; mesh "
        f"{dict(mesh.shape)}")
   if pl.handle.peft is not None:

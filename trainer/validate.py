@@ -40,13 +40,13 @@ def _require(ok: bool, key: str, message: str) -> None:
 # matter under some other setting (precision.loss_scale, dpo.beta) are checked where that is.
 POSITIVE, NON_NEGATIVE = "(0, inf)", "[0, inf)"
 RANGES = {
-    **dict.fromkeys(("train.steps", "train.batch_size", "train.seq_len", "train.grad_accum",
+    **dict.fromkeys(("train.batch_size", "train.seq_len", "train.grad_accum",
                      "train.log_every", "train.eval_batches", "train.keep_checkpoints", "train.lr",
                      "data.max_chars", "data.pack_group", "data.num_threads", "model.rope_theta",
                      "model.norm_eps", "model.rope_factor", "model.rope_original_max_len",
                      "model.rope_low_freq_factor", "model.rope_high_freq_factor",
                      "peft.lora_plus_scale"), POSITIVE),
-    **dict.fromkeys(("train.eval_every", "train.checkpoint_every", "train.eval_exact_match",
+    **dict.fromkeys(("train.steps", "train.eval_every", "train.checkpoint_every", "train.eval_exact_match",
                      "train.stop_after_steps", "train.warmup_steps", "train.sample_tokens",
                      "train.weight_decay", "train.clip_norm", "train.peak_tflops",
                      "train.neftune_alpha", "train.max_nonfinite_steps", "train.eps",
@@ -149,15 +149,37 @@ def check_config(cfg) -> None:
   except ValueError as e:
     raise UserError(f"config key {e}") from None
   try:
-    qat = quant_model.from_config(cfg.quant)
-    if qat is not None:
-      qat.check(mc)
+    quant = quantization(cfg)
+    if quant is not None:
+      quant.check(mc)
   except ValueError as e:
-    raise UserError(f"config key quant: {e}" if not str(e).startswith("quant.")
+    raise UserError(f"config key quant: {e}" if not str(e).startswith(("quant.", "model."))
                     else f"config key {e}") from None
-  _require(qat is None or peft is None, "quant.mode",
+  if quant is not None and not quant.fake:  # a model.init_from folder of integers
+    _require(peft is None, "peft.method",
+             f"{cfg.peft.method}: model.init_from holds a quantized model, which takes no "
+             "adapters yet; start from its float model with peft.base_quant=nf4 (QLoRA)")
+  _require(quant is None or peft is None, "quant.mode",
            f"{cfg.quant.mode} trains the full weights; with peft.method={cfg.peft.method} "
            "store the frozen base in 4 bits instead (peft.base_quant=nf4, QLoRA)")
+
+
+def quantization(cfg) -> quant_model.Quantized | None:
+  """How this run's projection weights are quantized: as quant.mode says (qat: fake-quantized
+  floats; qt: int8 matmuls), or as the `model.init_from` folder trainer/quantize.py wrote holds
+  them (integers and scales; they stay frozen and only the float parameters train). ValueError
+  naming the key on a bad value."""
+  folder = init_folder(cfg)
+  try:
+    stored = quant_model.read(folder) if folder else None
+  except ValueError as e:
+    raise ValueError(f"model.init_from: {e}") from None
+  mode = quant_model.from_config(cfg.quant)
+  if stored is not None and mode is not None:
+    raise ValueError(f"quant.mode={cfg.quant.mode}: model.init_from={cfg.model.init_from} holds "
+                     "integer weights already; start from its float model to train with "
+                     f"quant.mode={cfg.quant.mode}")
+  return stored or mode
 
 
 def check_objective(cfg) -> None:

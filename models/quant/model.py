@@ -214,6 +214,18 @@ class QuantModel:
     return self.logits(self.hidden(tokens_bt, positions_bt, segment_ids_bt))
 
 
+def stored_frozen(quant: Quantized, params: Params) -> Params:
+  """Optimizer labels of a model whose targets are stored as integers (a run starting from a
+  folder trainer/quantize.py wrote): their integers, scales and zero points "frozen", the float
+  parameters (embeddings, norms, head) "trainable"."""
+  targets = set(quant.targets)
+
+  def label(path, _):
+    keys = tuple(str(getattr(k, "key", k)) for k in path)
+    return "frozen" if keys[0] == "layers" and keys[1:3] in targets else "trainable"
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
 def read(folder: str) -> Quantized | None:
   """The folder's quantization, or None when it holds a float model."""
   path = os.path.join(folder, FILE)
