@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-ROPE_SCALINGS = ("none", "linear", "dynamic", "llama3")
+ROPE_SCALINGS = ("none", "linear", "ntk", "dynamic", "llama3", "yarn", "longrope")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "ring")
 # the Hugging Face layout on export (models/hf.py); each is its transformers model_type
@@ -38,11 +38,17 @@ class ModelConfig:
   max_seq_len: int = 8192  # positions the model was built (or pretrained) for
   norm_eps: float = 1e-5
   rope_theta: float = 500000.0
-  rope_scaling: str = "none"  # one of ROPE_SCALINGS
-  rope_factor: float = 1.0
-  rope_original_max_len: int = 8192  # dynamic / llama3: the pretraining context length
+  rope_scaling: str = "none"  # one of ROPE_SCALINGS (models/layers.py rope_inv_freq)
+  rope_factor: float = 1.0  # how many times the context grows
+  rope_original_max_len: int = 8192  # llama3 / yarn / longrope: the pretraining context length
   rope_low_freq_factor: float = 1.0  # llama3 only
   rope_high_freq_factor: float = 4.0  # llama3 only
+  rope_beta_fast: float = 32.0  # yarn: rotations above which a frequency is kept as it is
+  rope_beta_slow: float = 1.0  # yarn: rotations below which it is interpolated (/ factor)
+  rope_truncate: bool = True  # yarn: round the ramp's ends to whole dimensions
+  rope_attention_factor: float = 0.0  # yarn / longrope: cos and sin times this; 0: the default
+  rope_long_factor: tuple[float, ...] = ()  # longrope: per-frequency divisors past original
+  rope_short_factor: tuple[float, ...] = ()  # longrope: the same within it
   qkv_bias: bool = False  # Qwen2
   qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on queries and keys, before rope
   tie_embeddings: bool = False
@@ -87,6 +93,8 @@ class ModelConfig:
     if self.expert_d_ff == 0:
       object.__setattr__(self, "expert_d_ff", self.d_ff)
     object.__setattr__(self, "sliding_window_layers", tuple(int(i) for i in self.sliding_window_layers))
+    for name in ("rope_long_factor", "rope_short_factor"):
+      object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
     if self.n_heads % self.n_kv_heads:
       problems.append(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
     if self.head_dim <= 0 or self.head_dim % 2:
@@ -109,11 +117,28 @@ class ModelConfig:
                  "router_bias_update_rate"):
       if not getattr(self, name) >= 0:
         problems.append(f"{name}={getattr(self, name)} must be >= 0")
+    problems += self._rope_problems()
     bad_layers = [i for i in self.sliding_window_layers if not 0 <= i < self.n_layers]
     if bad_layers:
       problems.append(f"sliding_window_layers={bad_layers} are not layers of {self.n_layers}")
     if problems:
       raise ValueError("; ".join(problems))
+
+  def _rope_problems(self) -> list[str]:
+    problems = []
+    if self.rope_scaling != "none" and not self.rope_factor > 0:
+      problems.append(f"rope_factor={self.rope_factor} must be > 0")
+    if not self.rope_attention_factor >= 0:
+      problems.append(f"rope_attention_factor={self.rope_attention_factor} must be >= 0")
+    if self.rope_scaling == "yarn" and not self.rope_beta_fast > self.rope_beta_slow > 0:
+      problems.append(f"rope_beta_fast={self.rope_beta_fast} and rope_beta_slow="
+                      f"{self.rope_beta_slow}: yarn needs beta_fast > beta_slow > 0")
+    if self.rope_scaling == "longrope":
+      for name in ("rope_long_factor", "rope_short_factor"):
+        if len(getattr(self, name)) != self.head_dim // 2:
+          problems.append(f"{name} has {len(getattr(self, name))} values; longrope needs one "
+                          f"per frequency, head_dim / 2 = {self.head_dim // 2}")
+    return problems
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":

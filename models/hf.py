@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import re
 from typing import Any, Callable
@@ -93,15 +94,36 @@ def _rope(hf: dict) -> dict:
   out = dict(rope_theta=float(theta))
   if kind == "default":
     return out
-  if kind not in ("linear", "dynamic", "llama3"):
-    raise UnsupportedModel(f"rope scaling {kind!r} is not supported (linear, dynamic, llama3 are)")
-  out.update(rope_scaling=kind, rope_factor=float(info["factor"]))
-  if kind in ("dynamic", "llama3"):
-    out["rope_original_max_len"] = int(info.get("original_max_position_embeddings")
-                                       or hf.get("max_position_embeddings"))
+  if kind not in ("linear", "dynamic", "llama3", "yarn", "longrope"):
+    raise UnsupportedModel(f"rope scaling {kind!r} is not supported (linear, dynamic, llama3, "
+                           "yarn, longrope are)")
+  max_len = hf.get("max_position_embeddings")
+  orig = info.get("original_max_position_embeddings") or hf.get(
+      "original_max_position_embeddings")
+  factor = info.get("factor")
+  if factor is None and kind in ("yarn", "longrope") and orig:  # transformers' default
+    factor = max_len / orig
+  out.update(rope_scaling=kind, rope_factor=float(factor))
+  if kind == "dynamic":  # transformers grows the base past max_position_embeddings
+    out["rope_original_max_len"] = int(max_len)
+  elif kind in ("llama3", "yarn", "longrope"):
+    out["rope_original_max_len"] = int(orig or max_len)
   if kind == "llama3":
     out.update(rope_low_freq_factor=float(info["low_freq_factor"]),
                rope_high_freq_factor=float(info["high_freq_factor"]))
+  attention = info.get("attention_factor")
+  if kind == "yarn":
+    out.update(rope_beta_fast=float(info.get("beta_fast") or 32),
+               rope_beta_slow=float(info.get("beta_slow") or 1),
+               rope_truncate=bool(info.get("truncate", True)))
+    mscale, mscale_all = info.get("mscale"), info.get("mscale_all_dim")
+    if attention is None and mscale and mscale_all and factor > 1:  # DeepSeek's form
+      attention = (0.1 * mscale * math.log(factor) + 1) / (0.1 * mscale_all * math.log(factor) + 1)
+  if kind == "longrope":
+    out.update(rope_long_factor=tuple(info["long_factor"]),
+               rope_short_factor=tuple(info["short_factor"]))
+  if attention is not None:
+    out["rope_attention_factor"] = float(attention)
   return out
 
 
@@ -248,6 +270,33 @@ def _check_family(cfg: ModelConfig):
     raise UnsupportedModel(f"family={family} cannot hold {'; '.join(problems)}")
 
 
+def _rope_to_hf(cfg: ModelConfig) -> dict:
+  """The rope_scaling of a config.json (transformers reads rope_type, factor and the rest)."""
+  kind = cfg.rope_scaling
+  if kind == "ntk":
+    raise UnsupportedModel("rope_scaling=ntk (static NTK-aware) has no transformers rope_type; "
+                           "use dynamic or yarn to export")
+  if kind == "dynamic" and cfg.rope_original_max_len != cfg.max_seq_len:
+    raise UnsupportedModel(f"rope_scaling=dynamic from rope_original_max_len="
+                           f"{cfg.rope_original_max_len}: transformers grows the base past "
+                           f"max_position_embeddings, which is max_seq_len={cfg.max_seq_len}")
+  scaling = dict(rope_type=kind, factor=cfg.rope_factor)
+  if kind in ("llama3", "yarn", "longrope"):
+    scaling["original_max_position_embeddings"] = cfg.rope_original_max_len
+  if kind == "llama3":
+    scaling.update(low_freq_factor=cfg.rope_low_freq_factor,
+                   high_freq_factor=cfg.rope_high_freq_factor)
+  if kind == "yarn":
+    scaling.update(beta_fast=cfg.rope_beta_fast, beta_slow=cfg.rope_beta_slow,
+                   truncate=cfg.rope_truncate)
+  if kind == "longrope":
+    scaling.update(long_factor=list(cfg.rope_long_factor),
+                   short_factor=list(cfg.rope_short_factor))
+  if cfg.rope_attention_factor and kind in ("yarn", "longrope"):
+    scaling["attention_factor"] = cfg.rope_attention_factor
+  return scaling
+
+
 def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
   _check_family(cfg)
   arch = next(a for a, f in (CLASSIFIERS if cfg.value_head else ARCHITECTURES).items()
@@ -262,13 +311,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
             hidden_act="silu" if cfg.mlp_activation == "silu" else "gelu_pytorch_tanh",
             rope_theta=cfg.rope_theta, attention_dropout=0.0)
   if cfg.rope_scaling != "none":
-    scaling = dict(rope_type=cfg.rope_scaling, factor=cfg.rope_factor)
-    if cfg.rope_scaling in ("dynamic", "llama3"):
-      scaling["original_max_position_embeddings"] = cfg.rope_original_max_len
-    if cfg.rope_scaling == "llama3":
-      scaling.update(low_freq_factor=cfg.rope_low_freq_factor,
-                     high_freq_factor=cfg.rope_high_freq_factor)
-    hf["rope_scaling"] = scaling
+    hf["rope_scaling"] = _rope_to_hf(cfg)
   if cfg.family in ("llama", "mistral"):
     hf.update(attention_bias=cfg.qkv_bias, mlp_bias=False)
   if cfg.family in QK_NORM_FAMILIES:

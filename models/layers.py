@@ -64,25 +64,40 @@ class RMSNorm(nnx.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-def rope_inv_freq(cfg: ModelConfig, seq_len: int) -> jax.Array:
-  """Inverse frequencies (head_dim // 2,) after the configured scaling.
+def rope_inv_freq(cfg: ModelConfig, seq_len) -> tuple[jax.Array, jax.Array | float]:
+  """(inverse frequencies (head_dim // 2,), attention factor) after the configured scaling, for
+  rows whose positions reach `seq_len` - 1 (a Python int or a traced scalar). The attention factor
+  multiplies cos and sin, so the attention logits by its square (YaRN's temperature).
 
-  linear: positions divided by `rope_factor`.
-  dynamic (NTK-aware): when `seq_len` exceeds `rope_original_max_len`, the base grows to
-    theta * (factor * seq_len / original - (factor - 1)) ** (d / (d - 2)).
+  linear (position interpolation): every frequency divided by `rope_factor`.
+  ntk (NTK-aware): the base grows to theta * factor ** (d / (d - 2)): low frequencies are
+    interpolated, high ones barely move.
+  dynamic (dynamic NTK): the same, with the factor grown to what `seq_len` needs past the
+    original length L (`rope_original_max_len`): theta * (factor * seq_len / L - (factor - 1))
+    ** (d / (d - 2)).
   llama3 (Llama 3.1): wavelengths longer than original / low_freq_factor are divided by
     `rope_factor`, shorter than original / high_freq_factor kept, smoothly blended between.
+  yarn: frequencies that turn fewer than beta_slow times over `rope_original_max_len`
+    interpolated, more than beta_fast kept, a linear ramp between; attention factor
+    0.1 ln(factor) + 1 unless `rope_attention_factor` gives one.
+  longrope (Phi-3): each frequency divided by its own factor, `rope_long_factor` when `seq_len`
+    passes `rope_original_max_len`, else `rope_short_factor`; attention factor
+    sqrt(1 + ln(factor) / ln(original)) unless given.
   """
-  d = cfg.head_dim
+  d, kind, factor = cfg.head_dim, cfg.rope_scaling, cfg.rope_factor
+  exponents = jnp.arange(0, d, 2, dtype=jnp.float32) / d
   theta = cfg.rope_theta
-  if cfg.rope_scaling == "dynamic" and seq_len > cfg.rope_original_max_len:
-    ratio = cfg.rope_factor * seq_len / cfg.rope_original_max_len - (cfg.rope_factor - 1)
-    theta = theta * ratio ** (d / (d - 2))
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-  if cfg.rope_scaling == "linear":
-    inv_freq = inv_freq / cfg.rope_factor
-  elif cfg.rope_scaling == "llama3":
-    orig, factor = cfg.rope_original_max_len, cfg.rope_factor
+  if kind == "ntk":
+    theta = theta * factor ** (d / (d - 2))
+  elif kind == "dynamic":  # (no change within the original length: the ratio is 1 there)
+    orig = cfg.rope_original_max_len
+    theta = theta * (factor * jnp.maximum(seq_len, orig) / orig - (factor - 1)) ** (d / (d - 2))
+  inv_freq = 1.0 / (theta ** exponents)
+  attention = cfg.rope_attention_factor or 1.0
+  if kind == "linear":
+    inv_freq = inv_freq / factor
+  elif kind == "llama3":
+    orig = cfg.rope_original_max_len
     low_wavelen = orig / cfg.rope_low_freq_factor
     high_wavelen = orig / cfg.rope_high_freq_factor
     wavelen = 2 * math.pi / inv_freq
@@ -91,15 +106,39 @@ def rope_inv_freq(cfg: ModelConfig, seq_len: int) -> jax.Array:
     blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
     inv_freq = jnp.where(wavelen > low_wavelen, inv_freq / factor,
                          jnp.where(wavelen < high_wavelen, inv_freq, blended))
-  return inv_freq
+  elif kind == "yarn":
+    def dim_of(rotations):  # the dimension whose frequency turns `rotations` times over orig
+      return d * math.log(cfg.rope_original_max_len / (rotations * 2 * math.pi)) / (
+          2 * math.log(cfg.rope_theta))
+    low, high = dim_of(cfg.rope_beta_fast), dim_of(cfg.rope_beta_slow)
+    if cfg.rope_truncate:
+      low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+      high += 0.001
+    ramp = jnp.clip((jnp.arange(d // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+    inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+    if not cfg.rope_attention_factor:
+      attention = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+  elif kind == "longrope":
+    orig = cfg.rope_original_max_len
+    ext = jnp.where(seq_len > orig, jnp.asarray(cfg.rope_long_factor, jnp.float32),
+                    jnp.asarray(cfg.rope_short_factor, jnp.float32))
+    inv_freq = inv_freq / ext
+    if not cfg.rope_attention_factor:
+      attention = math.sqrt(1 + math.log(factor) / math.log(orig)) if factor > 1 else 1.0
+  return inv_freq, attention
 
 
 def rope_tables(cfg: ModelConfig, positions_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """cos and sin, each (batch, length, head_dim) in float32, for the half-split convention."""
-  inv_freq = rope_inv_freq(cfg, positions_bt.shape[1])
+  """cos and sin, each (batch, length, head_dim) in float32, for the half-split convention. The
+  length the scaling sees (dynamic, longrope) is the largest position + 1, as transformers'."""
+  inv_freq, attention = rope_inv_freq(cfg, jnp.max(positions_bt) + 1)
   angles = positions_bt.astype(jnp.float32)[..., None] * inv_freq  # (b, t, head_dim/2)
   angles = jnp.concatenate([angles, angles], axis=-1)
-  return jnp.cos(angles), jnp.sin(angles)
+  if isinstance(attention, float) and attention == 1.0:
+    return jnp.cos(angles), jnp.sin(angles)
+  return jnp.cos(angles) * attention, jnp.sin(angles) * attention
 
 
 def apply_rope(x_bthd, cos_btd, sin_btd):

@@ -15,9 +15,17 @@ FAMILIES = {
         rope_theta=500000.0, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
                                                high_freq_factor=4.0,
                                                original_max_position_embeddings=16))),
+    "llama-yarn": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(
+        rope_theta=10000.0, rope_scaling=dict(rope_type="yarn", factor=8.0,
+                                              original_max_position_embeddings=16))),
+    "llama-longrope": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(
+        rope_theta=10000.0, rope_scaling=dict(rope_type="longrope", long_factor=[1.0, 2.5, 6.0, 11.0],
+                                              short_factor=[1.0, 1.2, 1.5, 2.0],
+                                              original_max_position_embeddings=16))),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM,
                 dict(sliding_window=5)),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(tie_word_embeddings=False)),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(tie_word_embeddings=False)),
     "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM, {}),
     "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM, dict(
         sliding_window=5, query_pre_attn_scalar=12, attn_logit_softcapping=3.0,

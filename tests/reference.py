@@ -20,10 +20,11 @@ def rotate_half(x):
   return jnp.concatenate([-x[..., h:], x[..., :h]], axis=-1)
 
 
-def rope(x_bthd, positions_bt, inv_freq):
+def rope(x_bthd, positions_bt, inv_freq, scale=1.0):
+  """`scale`: YaRN's and LongRoPE's attention factor, which multiplies cos and sin."""
   ang = positions_bt[:, :, None].astype(np.float32) * inv_freq[None, None, :]
   emb = jnp.concatenate([ang, ang], -1)[:, :, None, :]
-  return x_bthd * jnp.cos(emb) + rotate_half(x_bthd) * jnp.sin(emb)
+  return (x_bthd * jnp.cos(emb) + rotate_half(x_bthd) * jnp.sin(emb)) * scale
 
 
 def plain_inv_freq(head_dim, theta):
@@ -31,7 +32,7 @@ def plain_inv_freq(head_dim, theta):
 
 
 def forward(params, cfg, tokens, positions=None, segment_ids=None, inv_freq=None,
-            on_mlp_input=None):
+            on_mlp_input=None, rope_scale=1.0):
   """Logits (batch, length, vocab). `on_mlp_input(h)`, if given, sees each layer's normalised
   MLP input, in layer order."""
   b, t = tokens.shape
@@ -57,7 +58,7 @@ def forward(params, cfg, tokens, positions=None, segment_ids=None, inv_freq=None
     v = jnp.einsum("btd,dhk->bthk", h, p["attn"]["v"])
     if cfg.qkv_bias:
       q, k, v = q + p["attn"]["q_bias"], k + p["attn"]["k_bias"], v + p["attn"]["v_bias"]
-    q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
+    q, k = rope(q, positions, inv_freq, rope_scale), rope(k, positions, inv_freq, rope_scale)
     rep = cfg.n_heads // cfg.n_kv_heads
     k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
     s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd)

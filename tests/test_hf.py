@@ -30,6 +30,8 @@ def test_import_matches_transformers_and_export_reloads(family, tmp_path):
   # The features that set the family apart change the logits: the test could see them wrong.
   features = {"mistral": dict(sliding_window=0), "gemma2": dict(attn_softcap=0.0),
               "llama3.1": dict(rope_scaling="none"), "qwen2": dict(qkv_bias=False),
+              "llama-yarn": dict(rope_scaling="linear"), "llama-longrope": dict(rope_scaling="none"),
+              "qwen3": dict(qk_norm=False),
               "gemma": dict(embed_scale=False)}.get(family)
   if features:
     plain_cfg, plain = hf.load(str(tmp_path / "hf"), **features)
@@ -41,6 +43,22 @@ def test_import_matches_transformers_and_export_reloads(family, tmp_path):
       str(tmp_path / "out"), attn_implementation="eager").eval()
   again = hf_logits(reloaded, TOKENS)
   assert np.abs(again - want).max() <= 1e-4, np.abs(again - want).max()
+
+
+@pytest.mark.parametrize("family", list(hf_models.FAMILIES))
+def test_greedy_generation_matches_transformers(family, tmp_path):
+  """Our KV-cache decoder and transformers' generate pick the same tokens; 6 + 14 positions pass
+  the rope-scaled families' original 16 mid-generation (LongRoPE switches factors there)."""
+  from trainer import generate
+  model = hf_models.make(family, str(tmp_path / "hf"))
+  cfg, params = hf.load(str(tmp_path / "hf"))
+  prompt = TOKENS[:1, :6]
+  with torch.no_grad():
+    want = model.generate(torch.tensor(prompt), max_new_tokens=14, do_sample=False,
+                          min_new_tokens=14, pad_token_id=0)[0, 6:].tolist()
+  got = generate.generate(handles.model_handle(cfg), params, prompt.tolist(), 14,
+                          temperature=0.0)[0]
+  assert got == want
 
 
 def test_unsupported_architecture_is_one_line(tmp_path):

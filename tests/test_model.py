@@ -9,7 +9,7 @@ from flax import nnx
 import reference
 from models import Decoder, ModelConfig
 from models.config import Execution
-from models import layers
+from models import hf, layers
 from models.layers import rope_inv_freq
 from parallel.rules import LOGICAL_AXES
 from models import handle as handles
@@ -146,29 +146,69 @@ def test_every_parameter_has_logical_axes_and_count_matches():
   assert handle.axes["layers"]["mlp"]["gate"] == ("layers", "embed", "mlp")
 
 
+LONG = [1.0, 1.5, 2.0, 3.5, 5.0, 8.0, 13.0, 21.0]  # longrope: one per frequency (head_dim 16)
+SHORT = [1.0, 1.0, 1.1, 1.2, 1.4, 1.8, 2.5, 3.0]
+
+
 @pytest.mark.parametrize("scaling,extra,seq_len", [
     ("linear", {"factor": 4.0}, 64),
     ("dynamic", {"factor": 2.0}, 100),  # beyond the original length: the base grows
     ("dynamic", {"factor": 2.0}, 16),  # within it: unchanged
     ("llama3", {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 32}, 64),
+    ("yarn", {"factor": 4.0, "original_max_position_embeddings": 32}, 128),
+    ("yarn", {"factor": 8.0, "original_max_position_embeddings": 64, "beta_fast": 16.0,
+              "beta_slow": 2.0, "truncate": False}, 128),
+    ("yarn", {"factor": 4.0, "original_max_position_embeddings": 32, "mscale": 0.707,
+              "mscale_all_dim": 1.0}, 128),  # DeepSeek's attention factor
+    ("yarn", {"factor": 4.0, "original_max_position_embeddings": 32,
+              "attention_factor": 1.3}, 128),
+    ("longrope", {"long_factor": LONG, "short_factor": SHORT,
+                  "original_max_position_embeddings": 32}, 128),  # long: past 32
+    ("longrope", {"long_factor": LONG, "short_factor": SHORT,
+                  "original_max_position_embeddings": 32}, 20),  # short
 ])
 def test_rope_scaling_matches_transformers(scaling, extra, seq_len):
+  """Inverse frequencies and the attention factor (what multiplies cos and sin) of a
+  transformers config read by models/hf.py, against transformers' own rope-init function."""
   pytest.importorskip("torch")
   from transformers import LlamaConfig
   from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-  hf = LlamaConfig(hidden_size=64, num_attention_heads=2, max_position_embeddings=32,
-                   rope_parameters={"rope_type": scaling, "rope_theta": 10000.0, **extra})
-  kwargs = {"seq_len": seq_len} if scaling == "dynamic" else {}
-  expected = ROPE_INIT_FUNCTIONS[scaling](hf, "cpu", **kwargs)[0].numpy()
-  ours = rope_inv_freq(ModelConfig(
-      vocab_size=10, d_model=64, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=8, rope_theta=10000.0,
-      rope_scaling=scaling, rope_factor=extra["factor"],
-      rope_original_max_len=extra.get("original_max_position_embeddings", 32),
-      rope_low_freq_factor=extra.get("low_freq_factor", 1.0),
-      rope_high_freq_factor=extra.get("high_freq_factor", 4.0)), seq_len)
-  np.testing.assert_allclose(ours, expected, rtol=1e-6)
+  hf_cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=128,
+                       vocab_size=10, architectures=["LlamaForCausalLM"],
+                       rope_parameters={"rope_type": scaling,
+                                        "rope_theta": 10000.0, **extra})
+  if scaling == "dynamic":  # (transformers' dynamic grows past max_position_embeddings)
+    hf_cfg.max_position_embeddings = 32
+  want, want_attention = ROPE_INIT_FUNCTIONS[scaling](hf_cfg, "cpu", seq_len=seq_len)
+  cfg = hf.config_from_hf(hf_cfg.to_dict())
+  ours, attention = rope_inv_freq(cfg, seq_len)
+  np.testing.assert_allclose(ours, want.numpy(), rtol=1e-6)
+  assert float(attention) == pytest.approx(want_attention, rel=1e-6)
+  if scaling in ("yarn", "longrope", "llama3"):  # what a model written back declares
+    again = hf.config_from_hf(hf.config_to_hf(cfg))
+    assert again == cfg
+
+
+def test_ntk_aware_rope_grows_the_base():
+  """Static NTK-aware scaling (no transformers rope_type has it): the plain formula."""
+  cfg = ModelConfig(**{**SMALL, "rope_scaling": "ntk", "rope_factor": 4.0})
+  d = cfg.head_dim
+  want = 1.0 / (cfg.rope_theta * 4.0 ** (d / (d - 2))) ** (np.arange(0, d, 2) / d)
+  np.testing.assert_allclose(rope_inv_freq(cfg, 10)[0], want, rtol=1e-6)
+  assert rope_inv_freq(cfg, 10)[0][0] == 1.0  # the highest frequency is not moved
+
+
+def test_rope_attention_factor_scales_the_logits():
+  """YaRN's temperature: cos and sin times the factor, so q.k times its square."""
+  cfg, params = build(rope_scaling="yarn", rope_factor=4.0, rope_original_max_len=8)
+  tok = tokens()
+  inv, attention = rope_inv_freq(cfg, tok.shape[1])
+  assert attention == pytest.approx(0.1 * np.log(4.0) + 1)
+  ours = handles.model_handle(cfg).bind(params)(tok)
+  want = reference.forward(params, cfg, tok, inv_freq=np.asarray(inv), rope_scale=attention)
+  np.testing.assert_allclose(ours, want, atol=1e-5)
 
 
 def test_scaled_rope_reaches_the_forward_pass():
