@@ -18,8 +18,8 @@ ROPE_SCALINGS = ("none", "linear", "ntk", "dynamic", "llama3", "yarn", "longrope
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "ring")
 # the Hugging Face layout on export (models/hf.py); each is its transformers model_type
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "mixtral", "qwen2_moe",
-            "qwen3_moe")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "mixtral",
+            "qwen2_moe", "qwen3_moe")
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 ROUTER_ORDERS = ("softmax_topk", "topk_softmax")
 MOE_IMPLS = ("dropless", "capacity", "dense")

@@ -64,6 +64,7 @@ from models.quant import model as quant_model
 # architecture -> family; a family is its transformers model_type (config.json's)
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                  "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+                 "Phi3ForCausalLM": "phi3",
                  "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2",
                  "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
                  "Qwen3MoeForCausalLM": "qwen3_moe"}
@@ -90,7 +91,13 @@ def _rope(hf: dict) -> dict:
   scaling = dict(hf.get("rope_scaling") or {})
   theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
   kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+  if hf.get("model_type") == "phi3" and kind in ("su", "yarn"):  # as transformers reads Phi-3
+    kind = "longrope"
   info = {**scaling, **params}
+  partial = info.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+  if partial != 1.0:
+    raise UnsupportedModel(f"partial_rotary_factor={partial}: rope over part of each head is "
+                           "not supported")
   out = dict(rope_theta=float(theta))
   if kind == "default":
     return out
@@ -264,7 +271,9 @@ def _check_family(cfg: ModelConfig):
     problems.append("n_experts=0: a dense model needs a dense family")
   if cfg.qk_norm != (family in QK_NORM_FAMILIES):
     problems.append(f"qk_norm={cfg.qk_norm}: only {', '.join(QK_NORM_FAMILIES)} have it, always")
-  if cfg.qkv_bias and family in QK_NORM_FAMILIES + ("mixtral",):
+  if family == "phi3" and len(set(cfg.layer_windows())) > 1:
+    problems.append("sliding_window_layers: Phi-3's window is on every layer or none")
+  if cfg.qkv_bias and family in QK_NORM_FAMILIES + ("mixtral", "phi3"):
     problems.append("qkv_bias=True (no bias on q, k, v alone)")
   if problems:
     raise UnsupportedModel(f"family={family} cannot hold {'; '.join(problems)}")
@@ -314,6 +323,8 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
     hf["rope_scaling"] = _rope_to_hf(cfg)
   if cfg.family in ("llama", "mistral"):
     hf.update(attention_bias=cfg.qkv_bias, mlp_bias=False)
+  if cfg.family == "phi3":  # its original length is a top-level key; no padding row
+    hf.update(original_max_position_embeddings=cfg.rope_original_max_len, pad_token_id=None)
   if cfg.family in QK_NORM_FAMILIES:
     hf["attention_bias"] = False
   if cfg.family in MOE_FAMILIES:
@@ -332,7 +343,8 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
     if cfg.family in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe"):
       hf.update(use_sliding_window=True,
                 max_window_layers=min([i for i, w in enumerate(windows) if w] or [cfg.n_layers]))
-  elif cfg.family in ("mistral", "qwen2", "gemma2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe"):
+  elif cfg.family in ("mistral", "qwen2", "gemma2", "qwen3", "phi3", "mixtral", "qwen2_moe",
+                      "qwen3_moe"):
     hf["sliding_window"] = None
   return hf
 
@@ -385,12 +397,15 @@ def _layer_layouts(cfg: ModelConfig, moe: bool):
   d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
   ident, t = _ident, _t
   p = "model.layers.{i}."
+  # Phi-3 fuses q, k and v into one matrix, and gate and up: "fused|part" names (see _FUSED)
+  qkv = {n: (p + "self_attn.qkv_proj.weight|" + n if cfg.family == "phi3"
+             else p + f"self_attn.{n}_proj.weight") for n in ("q", "k", "v")}
   out = [
-      (("attn", "q"), p + "self_attn.q_proj.weight",
+      (("attn", "q"), qkv["q"],
        lambda w: w.T.reshape(d, h, hd), lambda w: w.reshape(d, h * hd).T),
-      (("attn", "k"), p + "self_attn.k_proj.weight",
+      (("attn", "k"), qkv["k"],
        lambda w: w.T.reshape(d, kv, hd), lambda w: w.reshape(d, kv * hd).T),
-      (("attn", "v"), p + "self_attn.v_proj.weight",
+      (("attn", "v"), qkv["v"],
        lambda w: w.T.reshape(d, kv, hd), lambda w: w.reshape(d, kv * hd).T),
       (("attn", "o"), p + "self_attn.o_proj.weight",
        lambda w: w.T.reshape(h, hd, d), lambda w: w.reshape(h * hd, d).T),
@@ -409,6 +424,9 @@ def _layer_layouts(cfg: ModelConfig, moe: bool):
                     for n in ("gate", "up", "down")})
       if cfg.shared_expert_gate:
         names["shared_gate"] = m + "shared_expert_gate.weight"
+  elif cfg.family == "phi3":
+    names = {"gate": p + "mlp.gate_up_proj.weight|gate", "up": p + "mlp.gate_up_proj.weight|up",
+             "down": p + "mlp.down_proj.weight"}
   else:
     names = {n: p + f"mlp.{n}_proj.weight" for n in ("gate", "up", "down")}
   for name, hf_name in names.items():  # all (out, in) Linear weights, ours (in, out)
@@ -427,6 +445,27 @@ def _layer_layouts(cfg: ModelConfig, moe: bool):
     out += [(("attn", f"{n}_norm", "scale"), p + f"self_attn.{n}_norm.weight", ident, ident)
             for n in ("q", "k")]
   return out
+
+
+def _fused_rows(cfg: ModelConfig, fused: str) -> dict[str, int]:
+  """The parts of a fused Hugging Face matrix, in row order, and their rows: Phi-3's qkv_proj
+  (q, k, v) and gate_up_proj (gate, then up)."""
+  if fused.endswith("qkv_proj.weight"):
+    return {"q": cfg.n_heads * cfg.head_dim, "k": cfg.n_kv_heads * cfg.head_dim,
+            "v": cfg.n_kv_heads * cfg.head_dim}
+  if fused.endswith("gate_up_proj.weight"):
+    return {"gate": cfg.d_ff, "up": cfg.d_ff}
+  raise KeyError(fused)
+
+
+def _read(ckpt: "_Checkpoint", cfg: ModelConfig, name: str) -> np.ndarray:
+  """A tensor by its layout name; "fused|part" is that part's rows of the fused matrix."""
+  if "|" not in name:
+    return ckpt.get(name)
+  fused, part = name.split("|")
+  rows = _fused_rows(cfg, fused)
+  start = sum(n for p, n in rows.items() if list(rows).index(p) < list(rows).index(part))
+  return ckpt.get(fused)[start:start + rows[part]]
 
 
 def _get(tree, path):
@@ -530,7 +569,7 @@ def load(folder: str, shardings=None, dtype=np.float32, run: Execution | None = 
       continue
 
     def one(name, index, to_ours=to_ours):
-      return np.asarray(to_ours(ckpt.get(name)), dtype)[index]
+      return np.asarray(to_ours(_read(ckpt, cfg, name)), dtype)[index]
 
     def read(index, hf_name=hf_name, layers=layer_ids.get(path[0]), shape=shape, one=one):
       if layers is None:
@@ -602,6 +641,7 @@ def save(folder: str, cfg: ModelConfig, params: dict, dtype=np.float32,
                     for e in range(cfg.n_experts)]
       else:
         tensors.append((hf_name.format(i=i), _Lazy(value, (j,), to_hf, dtype)))
+  tensors = _fuse(cfg, tensors)
   shards, size = [[]], 0
   for name, t in tensors:
     if shards[-1] and size + t.nbytes > max_shard_bytes:
@@ -622,6 +662,34 @@ def save(folder: str, cfg: ModelConfig, params: dict, dtype=np.float32,
   with open(os.path.join(folder, "config.json"), "w") as f:
     json.dump(hf_config, f, indent=1)
   return names
+
+
+def _fuse(cfg: ModelConfig, tensors: list) -> list:
+  """The "fused|part" entries of `tensors` joined into their fused matrix, rows in order."""
+  out, parts = [], {}
+  for name, t in tensors:
+    if "|" not in name:
+      out.append((name, t))
+      continue
+    fused, part = name.split("|")
+    if fused not in parts:
+      parts[fused] = {}
+      out.append((fused, None))  # its place; filled below
+    parts[fused][part] = t
+  return [(name, t if t is not None else _Rows([parts[name][p] for p in _fused_rows(cfg, name)]))
+          for name, t in out]
+
+
+class _Rows:
+  """Lazy tensors stacked along their first axis, fetched when written."""
+
+  def __init__(self, parts: list):
+    self.parts, self.dtype = parts, parts[0].dtype
+    self.shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+    self.nbytes = sum(p.nbytes for p in parts)
+
+  def __array__(self, dtype=None, copy=None):
+    return np.concatenate([np.asarray(p) for p in self.parts])
 
 
 class _Lazy:

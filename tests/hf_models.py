@@ -26,6 +26,11 @@ FAMILIES = {
                 dict(sliding_window=5)),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(tie_word_embeddings=False)),
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(tie_word_embeddings=False)),
+    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM, dict(
+        sliding_window=7, original_max_position_embeddings=16, pad_token_id=0, eos_token_id=1,
+        bos_token_id=2,
+        rope_scaling=dict(rope_type="longrope", long_factor=[1.0, 2.5, 6.0, 11.0],
+                          short_factor=[1.0, 1.2, 1.5, 2.0]))),
     "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM, {}),
     "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM, dict(
         sliding_window=5, query_pre_attn_scalar=12, attn_logit_softcapping=3.0,

@@ -84,6 +84,35 @@ def test_greedy_equals_a_naive_loop_and_stops():
     assert g == w[:cut]
 
 
+def test_longrope_generation_runs_the_sequence_again_past_the_original_length():
+  """LongRoPE takes its long factors once a sequence passes the original length (8 here): the
+  tokens then equal greedy decoding by full forwards of exactly the sequence so far (no padding:
+  the longest position picks the factors), for prompts that cross it at different steps."""
+  half = SMALL["d_model"] // SMALL["n_heads"] // 2
+  handle, params = build(dict(SMALL, rope_scaling="longrope", rope_factor=4.0,
+                              rope_original_max_len=8, rope_short_factor=[1.0] * half,
+                              rope_long_factor=[1.0 + 3 * i for i in range(half)]))
+  model = handle.bind(params)
+  forward = jax.jit(lambda row: model(row[None])[0])
+  prompts = [[5, 9, 2], [1, 2, 3, 4, 5, 6, 7]]
+  want = []
+  for prompt in prompts:
+    seq = list(prompt)
+    for _ in range(9):
+      seq.append(int(jnp.argmax(forward(np.asarray(seq, np.int32))[-1])))
+    want.append(seq[len(prompt):])
+  for prompt, tokens in zip(prompts, want):
+    got, logps = gen.generate(handle, params, [prompt], 9, with_logps=True)
+    assert got == [tokens]
+    assert len(logps[0]) == 9 and np.all(logps[0] <= 0)
+  # together, the longest row picks the factors for all (as transformers' batches): row 1 is
+  # as alone; a stop token still ends its row
+  assert gen.generate(handle, params, prompts, 9)[1] == want[1]
+  stop = want[1][3]
+  assert gen.generate(handle, params, prompts[1:], 9, stop_ids=[stop]) == [
+      want[1][:want[1].index(stop)]]
+
+
 def test_sampling_is_seeded_and_top_k_1_is_greedy():
   handle, params = build(SMALL)
   prompts = [[5, 9, 2], [7, 7]]

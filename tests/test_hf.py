@@ -31,7 +31,7 @@ def test_import_matches_transformers_and_export_reloads(family, tmp_path):
   features = {"mistral": dict(sliding_window=0), "gemma2": dict(attn_softcap=0.0),
               "llama3.1": dict(rope_scaling="none"), "qwen2": dict(qkv_bias=False),
               "llama-yarn": dict(rope_scaling="linear"), "llama-longrope": dict(rope_scaling="none"),
-              "qwen3": dict(qk_norm=False),
+              "qwen3": dict(qk_norm=False), "phi3": dict(rope_scaling="none"),
               "gemma": dict(embed_scale=False)}.get(family)
   if features:
     plain_cfg, plain = hf.load(str(tmp_path / "hf"), **features)
@@ -45,7 +45,9 @@ def test_import_matches_transformers_and_export_reloads(family, tmp_path):
   assert np.abs(again - want).max() <= 1e-4, np.abs(again - want).max()
 
 
-@pytest.mark.parametrize("family", list(hf_models.FAMILIES))
+# (transformers' Llama keeps the keys it cached with LongRoPE's short factors past the switch;
+# Phi-3, the model LongRoPE is for, runs the whole sequence again, as trainer/generate.py does)
+@pytest.mark.parametrize("family", [f for f in hf_models.FAMILIES if f != "llama-longrope"])
 def test_greedy_generation_matches_transformers(family, tmp_path):
   """Our KV-cache decoder and transformers' generate pick the same tokens; 6 + 14 positions pass
   the rope-scaled families' original 16 mid-generation (LongRoPE switches factors there)."""

@@ -141,6 +141,12 @@ def generate(handle: ModelHandle, params, prompts: Sequence[Sequence[int]], max_
     tokens[r, p - len(q):] = q
     segments[r, p - len(q):] = 1
     positions[r, p - len(q):] = np.arange(len(q))
+  first = handle.cfg.rope_original_max_len + 1 - p  # new tokens before LongRoPE's switch
+  if handle.cfg.rope_scaling == "longrope" and 1 <= first < max_new_tokens:
+    return _longrope_generate(handle, params, prompts, max_new_tokens, first, stop_ids,
+                              with_logps, keep_stop, dict(
+                                  temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                  compute_dtype=compute_dtype, max_len=max_len))
   run = _compiled(handle, max_new_tokens=max_new_tokens, temperature=float(temperature),
                   top_k=int(top_k), top_p=float(top_p), compute_dtype=jnp.dtype(compute_dtype))
   out, logps, n = run(params, tokens, positions, segments,
@@ -153,6 +159,33 @@ def generate(handle: ModelHandle, params, prompts: Sequence[Sequence[int]], max_
     cut = next((j + keep_stop for j, tok in enumerate(row) if tok in stops), len(row))
     result.append(row[:cut])
     result_logps.append(row_logps[:cut])
+  return (result, result_logps) if with_logps else result
+
+
+def _longrope_generate(handle, params, prompts, max_new_tokens, first, stop_ids, with_logps,
+                       keep_stop, kw):
+  """Phi-3's rule (transformers' Phi3ForCausalLM.prepare_inputs_for_generation): when the
+  sequence first passes the original length, the cache built with LongRoPE's short factors is
+  dropped and the whole sequence runs again, with the long ones. Here: `first` new tokens, then
+  the rest after prompts of prompt + those (the longest row's positions then pass the original
+  length, so its prefill takes the long factors)."""
+  stops = set(stop_ids)
+  head, head_logps = generate(handle, params, prompts, first, stop_ids=stop_ids,
+                              with_logps=True, keep_stop=True, **kw)
+  live = [r for r, row in enumerate(head) if len(row) == first and not stops & set(row)]
+  tails, tail_logps = {}, {}
+  if live:
+    more, more_logps = generate(handle, params, [list(prompts[r]) + head[r] for r in live],
+                                max_new_tokens - first, stop_ids=stop_ids, with_logps=True,
+                                keep_stop=True, **{**kw, "seed": kw["seed"] + 1})
+    tails, tail_logps = dict(zip(live, more)), dict(zip(live, more_logps))
+  result, result_logps = [], []
+  for r, row in enumerate(head):
+    row = row + tails.get(r, [])
+    logps = np.concatenate([head_logps[r], tail_logps.get(r, np.zeros(0, np.float32))])
+    cut = next((j + keep_stop for j, tok in enumerate(row) if tok in stops), len(row))
+    result.append(row[:cut])
+    result_logps.append(logps[:cut])
   return (result, result_logps) if with_logps else result
 
 
