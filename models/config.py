@@ -18,7 +18,7 @@ ROPE_SCALINGS = ("none", "linear", "ntk", "dynamic", "llama3", "yarn", "longrope
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "ring")
 # the Hugging Face layout on export (models/hf.py); each is its transformers model_type
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "mixtral",
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma", "gemma2", "mixtral",
             "qwen2_moe", "qwen3_moe")
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 ROUTER_ORDERS = ("softmax_topk", "topk_softmax")
@@ -51,6 +51,7 @@ class ModelConfig:
   rope_short_factor: tuple[float, ...] = ()  # longrope: the same within it
   qkv_bias: bool = False  # Qwen2
   qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on queries and keys, before rope
+  qk_norm_full: bool = False  # OLMo 2: ... over all their heads at once (heads * head_dim)
   tie_embeddings: bool = False
   sliding_window: int = 0  # Mistral: attend to at most this many previous tokens (0: off)
   sliding_window_layers: tuple[int, ...] = ()  # layers that use it (Gemma 2: even); (): all
@@ -62,6 +63,7 @@ class ModelConfig:
   attn_softcap: float = 0.0  # Gemma 2: scores -> cap * tanh(scores / cap); 0: off
   logit_softcap: float = 0.0  # Gemma 2: the same on the output logits
   post_norms: bool = False  # Gemma 2: also normalise attention and MLP outputs (sandwich)
+  pre_norms: bool = True  # normalise the attention and MLP inputs (OLMo 2: no, outputs only)
   value_head: bool = False  # reward models: a scalar score per position (`score`, d_model x 1)
   # Mixture of experts (models/moe.py); n_experts = 0: every layer has the dense MLP.
   n_experts: int = 0  # routed experts per MoE layer
@@ -118,6 +120,10 @@ class ModelConfig:
       if not getattr(self, name) >= 0:
         problems.append(f"{name}={getattr(self, name)} must be >= 0")
     problems += self._rope_problems()
+    if self.qk_norm_full and not self.qk_norm:
+      problems.append("qk_norm_full=True needs qk_norm=True")
+    if not (self.pre_norms or self.post_norms):
+      problems.append("pre_norms=False needs post_norms=True: a block normalises somewhere")
     bad_layers = [i for i in self.sliding_window_layers if not 0 <= i < self.n_layers]
     if bad_layers:
       problems.append(f"sliding_window_layers={bad_layers} are not layers of {self.n_layers}")

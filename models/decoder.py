@@ -182,18 +182,21 @@ def layer_runs(kinds: list[str]) -> list[tuple[str, tuple[int, int], tuple[int, 
 
 class Block(nnx.Module):
   """Pre-norm residual block; with `post_norms` (Gemma 2) the attention and MLP outputs are
-  normalised too before they join the residual stream."""
+  normalised too before they join the residual stream, and without `pre_norms` (OLMo 2) only
+  they are."""
 
   def __init__(self, cfg: ModelConfig, run: Execution, rngs: nnx.Rngs, kind: str = "mlp"):
     norm = lambda: RMSNorm(cfg.d_model, cfg.norm_eps, rngs, offset=cfg.norm_offset)
-    self.attn_norm = norm()
+    if cfg.pre_norms:
+      self.attn_norm = norm()
     self.attn = Attention(cfg, run, rngs)
-    self.mlp_norm = norm()
+    if cfg.pre_norms:
+      self.mlp_norm = norm()
     # the FFN of `kind` (models/ffn.py); the attribute keeps its name: parameter paths
     self.mlp = ffn_lib.make_ffn(cfg, run, rngs, kind)
     if cfg.post_norms:
       self.post_attn_norm, self.post_mlp_norm = norm(), norm()
-    self.post_norms = cfg.post_norms
+    self.post_norms, self.pre_norms = cfg.post_norms, cfg.pre_norms
 
   def __call__(self, x_btd, cos, sin, mask, kv_cache=None, adapters=None, deltas=None,
                prefix_kv=None, rng=None):
@@ -205,13 +208,16 @@ class Block(nnx.Module):
     Returns (x, kv_cache: the updated cache when decoding, else None, aux: the FFN's float32
     scalars, models/ffn.py)."""
     deltas = deltas or {}
-    h = self.attn(self.attn_norm(x_btd), cos, sin, mask, kv_cache, deltas.get("attn"), prefix_kv)
+    pre = lambda norm, x: norm(x) if self.pre_norms else x
+    h = self.attn(pre(getattr(self, "attn_norm", None), x_btd), cos, sin, mask, kv_cache,
+                  deltas.get("attn"), prefix_kv)
     if kv_cache is not None:
       h, kv_cache = h
     if adapters is not None:
       h = bottleneck(h, adapters["attn"])
     x_btd = x_btd + (self.post_attn_norm(h) if self.post_norms else h)
-    h, aux = ffn_lib.apply(self.mlp, self.mlp_norm(x_btd), deltas.get("mlp"), rng)
+    h, aux = ffn_lib.apply(self.mlp, pre(getattr(self, "mlp_norm", None), x_btd),
+                           deltas.get("mlp"), rng)
     if adapters is not None:
       h = bottleneck(h, adapters["mlp"])
     x_btd = x_btd + (self.post_mlp_norm(h) if self.post_norms else h)

@@ -64,12 +64,12 @@ from models.quant import model as quant_model
 # architecture -> family; a family is its transformers model_type (config.json's)
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                  "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
-                 "Phi3ForCausalLM": "phi3",
+                 "Phi3ForCausalLM": "phi3", "Olmo2ForCausalLM": "olmo2",
                  "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2",
                  "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
                  "Qwen3MoeForCausalLM": "qwen3_moe"}
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
-QK_NORM_FAMILIES = ("qwen3", "qwen3_moe")
+QK_NORM_FAMILIES = ("qwen3", "qwen3_moe", "olmo2")
 # reward models: the same decoders with a one-output `score` head (value_head) instead of lm_head
 CLASSIFIERS = {k.replace("ForCausalLM", "ForSequenceClassification"): v
                for k, v in ARCHITECTURES.items()}
@@ -157,6 +157,8 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
            qk_norm=family in QK_NORM_FAMILIES, family=family, value_head=value_head, **_rope(hf))
   if family == "qwen2_moe":
     c["qkv_bias"] = bool(hf.get("qkv_bias", True))
+  if family == "olmo2":  # norms on the outputs only; query and key norms over all heads
+    c.update(pre_norms=False, post_norms=True, qk_norm_full=True)
   if family in QK_NORM_FAMILIES and c["qkv_bias"]:
     raise UnsupportedModel(f"{family} with attention_bias=true is not supported (it also biases "
                            "o_proj, which our attention has no bias for)")
@@ -271,6 +273,9 @@ def _check_family(cfg: ModelConfig):
     problems.append("n_experts=0: a dense model needs a dense family")
   if cfg.qk_norm != (family in QK_NORM_FAMILIES):
     problems.append(f"qk_norm={cfg.qk_norm}: only {', '.join(QK_NORM_FAMILIES)} have it, always")
+  if cfg.qk_norm_full != (family == "olmo2") or (not cfg.pre_norms) != (family == "olmo2"):
+    problems.append(f"qk_norm_full={cfg.qk_norm_full}, pre_norms={cfg.pre_norms}: OLMo 2's "
+                    "norms, which only olmo2 has (always)")
   if family == "phi3" and len(set(cfg.layer_windows())) > 1:
     problems.append("sliding_window_layers: Phi-3's window is on every layer or none")
   if cfg.qkv_bias and family in QK_NORM_FAMILIES + ("mixtral", "phi3"):
@@ -409,8 +414,9 @@ def _layer_layouts(cfg: ModelConfig, moe: bool):
        lambda w: w.T.reshape(d, kv, hd), lambda w: w.reshape(d, kv * hd).T),
       (("attn", "o"), p + "self_attn.o_proj.weight",
        lambda w: w.T.reshape(h, hd, d), lambda w: w.reshape(h * hd, d).T),
-      (("attn_norm", "scale"), p + "input_layernorm.weight", ident, ident),
   ]
+  if cfg.pre_norms:
+    out.append((("attn_norm", "scale"), p + "input_layernorm.weight", ident, ident))
   if moe and cfg.family == "mixtral":
     m = p + "block_sparse_moe."
     names = dict(router=m + "gate.weight", gate=m + "experts.{e}.w1.weight",
@@ -431,17 +437,22 @@ def _layer_layouts(cfg: ModelConfig, moe: bool):
     names = {n: p + f"mlp.{n}_proj.weight" for n in ("gate", "up", "down")}
   for name, hf_name in names.items():  # all (out, in) Linear weights, ours (in, out)
     out.append((("mlp", *((name,) if isinstance(name, str) else name)), hf_name, t, t))
-  if cfg.post_norms:  # Gemma 2's four norms per layer
+  if cfg.post_norms:  # Gemma 2's four norms per layer; OLMo 2's two after
     out += [(("post_attn_norm", "scale"), p + "post_attention_layernorm.weight", ident, ident),
-            (("mlp_norm", "scale"), p + "pre_feedforward_layernorm.weight", ident, ident),
             (("post_mlp_norm", "scale"), p + "post_feedforward_layernorm.weight", ident, ident)]
+    if cfg.pre_norms:
+      out.append((("mlp_norm", "scale"), p + "pre_feedforward_layernorm.weight", ident, ident))
   else:
     out.append((("mlp_norm", "scale"), p + "post_attention_layernorm.weight", ident, ident))
   if cfg.qkv_bias:
     for name, heads in (("q", h), ("k", kv), ("v", kv)):
       out.append((("attn", f"{name}_bias"), p + f"self_attn.{name}_proj.bias",
                   lambda w, heads=heads: w.reshape(heads, hd), lambda w: w.reshape(-1)))
-  if cfg.qk_norm:
+  if cfg.qk_norm_full:  # (heads * head_dim,) in the file, (heads, head_dim) here
+    out += [(("attn", f"{n}_norm", "scale"), p + f"self_attn.{n}_norm.weight",
+             lambda w, heads=heads: w.reshape(heads, hd), lambda w: w.reshape(-1))
+            for n, heads in (("q", h), ("k", kv))]
+  elif cfg.qk_norm:
     out += [(("attn", f"{n}_norm", "scale"), p + f"self_attn.{n}_norm.weight", ident, ident)
             for n in ("q", "k")]
   return out

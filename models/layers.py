@@ -45,16 +45,20 @@ def param(rngs: nnx.Rngs, shape, axes, std: float | None, dtype=jnp.float32) -> 
 
 class RMSNorm(nnx.Module):
   """x / rms(x) * scale; with `offset` (Gemma) * (1 + scale), the scale starting at 0. `axis`:
-  the logical name of the normalised dimension (Qwen3's query/key norms: head_dim)."""
+  the logical name of the normalised dimension (Qwen3's query/key norms: head_dim). `dim` and
+  `axis` may be tuples: the trailing dimensions normalised together (OLMo 2's query/key norms:
+  heads and head_dim)."""
 
-  def __init__(self, dim: int, eps: float, rngs: nnx.Rngs, offset: bool = False,
-               axis: str = "embed"):
-    self.eps, self.offset = eps, offset
-    self.scale = param(rngs, (dim,), (axis,), std=0 if offset else None)
+  def __init__(self, dim: int | tuple[int, ...], eps: float, rngs: nnx.Rngs,
+               offset: bool = False, axis: str | tuple[str, ...] = "embed"):
+    dims, axes = ((dim,), (axis,)) if isinstance(dim, int) else (tuple(dim), tuple(axis))
+    self.eps, self.offset, self.n_axes = eps, offset, len(dims)
+    self.scale = param(rngs, dims, axes, std=0 if offset else None)
 
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    over = tuple(range(-self.n_axes, 0))
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=over, keepdims=True) + self.eps)
     scale = self.scale[...].astype(jnp.float32)
     return (x32 * (1.0 + scale if self.offset else scale)).astype(x.dtype)
 
@@ -467,7 +471,12 @@ class Attention(nnx.Module):
       self.q_bias = param(rngs, (h, hd), ("heads", "head_dim"), std=0)
       self.k_bias = param(rngs, (k, hd), ("kv_heads", "head_dim"), std=0)
       self.v_bias = param(rngs, (k, hd), ("kv_heads", "head_dim"), std=0)
-    if cfg.qk_norm:  # Qwen3: each query and key head normalised over head_dim, before rope
+    if cfg.qk_norm_full:  # OLMo 2: queries and keys normalised over all their heads at once
+      self.q_norm = RMSNorm((h, hd), cfg.norm_eps, rngs, offset=cfg.norm_offset,
+                            axis=("heads", "head_dim"))
+      self.k_norm = RMSNorm((k, hd), cfg.norm_eps, rngs, offset=cfg.norm_offset,
+                            axis=("kv_heads", "head_dim"))
+    elif cfg.qk_norm:  # Qwen3: each query and key head normalised over head_dim, before rope
       self.q_norm = RMSNorm(hd, cfg.norm_eps, rngs, offset=cfg.norm_offset, axis="head_dim")
       self.k_norm = RMSNorm(hd, cfg.norm_eps, rngs, offset=cfg.norm_offset, axis="head_dim")
 

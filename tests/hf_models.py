@@ -31,6 +31,7 @@ FAMILIES = {
         bos_token_id=2,
         rope_scaling=dict(rope_type="longrope", long_factor=[1.0, 2.5, 6.0, 11.0],
                           short_factor=[1.0, 1.2, 1.5, 2.0]))),
+    "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM, dict(pad_token_id=0)),
     "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM, {}),
     "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM, dict(
         sliding_window=5, query_pre_attn_scalar=12, attn_logit_softcapping=3.0,

@@ -32,6 +32,7 @@ def test_import_matches_transformers_and_export_reloads(family, tmp_path):
               "llama3.1": dict(rope_scaling="none"), "qwen2": dict(qkv_bias=False),
               "llama-yarn": dict(rope_scaling="linear"), "llama-longrope": dict(rope_scaling="none"),
               "qwen3": dict(qk_norm=False), "phi3": dict(rope_scaling="none"),
+              "olmo2": dict(qk_norm_full=False, qk_norm=False),
               "gemma": dict(embed_scale=False)}.get(family)
   if features:
     plain_cfg, plain = hf.load(str(tmp_path / "hf"), **features)
