@@ -18,8 +18,8 @@ ROPE_SCALINGS = ("none", "linear", "ntk", "dynamic", "llama3", "yarn", "longrope
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "ring")
 # the Hugging Face layout on export (models/hf.py); each is its transformers model_type
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma", "gemma2", "mixtral",
-            "qwen2_moe", "qwen3_moe")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma", "gemma2", "gemma3",
+            "mixtral", "qwen2_moe", "qwen3_moe")
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 ROUTER_ORDERS = ("softmax_topk", "topk_softmax")
 MOE_IMPLS = ("dropless", "capacity", "dense")
@@ -38,6 +38,7 @@ class ModelConfig:
   max_seq_len: int = 8192  # positions the model was built (or pretrained) for
   norm_eps: float = 1e-5
   rope_theta: float = 500000.0
+  rope_local_theta: float = 0.0  # Gemma 3: sliding-window layers' own base, unscaled; 0: as all
   rope_scaling: str = "none"  # one of ROPE_SCALINGS (models/layers.py rope_inv_freq)
   rope_factor: float = 1.0  # how many times the context grows
   rope_original_max_len: int = 8192  # llama3 / yarn / longrope: the pretraining context length
@@ -120,6 +121,9 @@ class ModelConfig:
       if not getattr(self, name) >= 0:
         problems.append(f"{name}={getattr(self, name)} must be >= 0")
     problems += self._rope_problems()
+    if self.rope_local_theta and not self.sliding_window:
+      problems.append(f"rope_local_theta={self.rope_local_theta} is for sliding-window layers; "
+                      "the model has none (sliding_window=0)")
     if self.qk_norm_full and not self.qk_norm:
       problems.append("qk_norm_full=True needs qk_norm=True")
     if not (self.pre_norms or self.post_norms):

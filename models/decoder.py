@@ -131,6 +131,7 @@ class LayerShared(NamedTuple):
   masks: dict  # sliding window (0: none) -> the attention mask in its impl's form
   start: Any  # decoding: the cache slot of the first token
   layer_fn: Callable | None  # LayerSource.fn, or None: the layer parameters are the Block's
+  local_rope: tuple | None = None  # Gemma 3: (cos, sin) of the sliding-window layers
 
 
 class LayerInputs(NamedTuple):
@@ -154,6 +155,9 @@ def layer_body(shared: LayerShared, x_btd, layer, inputs: LayerInputs):
   if len(masks) == 2:  # Gemma 2: a global and a local mask, picked per layer
     pick = lambda a, b: jnp.where(inputs.is_local, a, b)
     mask = jax.tree.map(pick, masks[max(masks)], masks[0])
+  cos, sin = shared.cos, shared.sin
+  if shared.local_rope is not None:  # Gemma 3: local layers have their own rope base
+    cos, sin = (jnp.where(inputs.is_local, a, b) for a, b in zip(shared.local_rope, (cos, sin)))
   extras = {}
   if shared.layer_fn is not None:
     filled = jax.tree.map(lambda v: v, shared.template)
@@ -162,7 +166,7 @@ def layer_body(shared: LayerShared, x_btd, layer, inputs: LayerInputs):
     layer = filled
   block = nnx.merge(shared.graphdef, layer)
   kv = None if inputs.kv is None else (*inputs.kv, shared.start)
-  x_btd, kv, aux = block(x_btd, shared.cos, shared.sin, mask, kv, rng=inputs.rng, **extras)
+  x_btd, kv, aux = block(x_btd, cos, sin, mask, kv, rng=inputs.rng, **extras)
   return x_btd, LayerOut(aux, kv)
 
 
@@ -291,6 +295,8 @@ class Decoder(nnx.Module):
       keys = (jnp.concatenate([virtual_pos, positions_bt], axis=1),
               jnp.concatenate([virtual_seg, segment_ids_bt], axis=1))
     cos, sin = rope_tables(self.cfg, positions_bt)
+    local_rope = rope_tables(self.cfg, positions_bt, local=True) if self.cfg.rope_local_theta \
+        else None
     windows = self.cfg.layer_windows()
     if cache is not None:
       cache = dict(cache)
@@ -335,7 +341,7 @@ class Decoder(nnx.Module):
       stack = self.dense_layers if kind == "mlp" and hasattr(self, "dense_layers") else self.layers
       graphdef, layer_state = nnx.split(stack)
       shared = LayerShared(graphdef, layer_state, cos, sin, masks, start,
-                           None if source is None else source.fn)
+                           None if source is None else source.fn, local_rope)
       body = functools.partial(layer_body, shared)
       if self.run.remat != "none" and cache is None:
         body = jax.checkpoint(body, policy=REMAT_POLICIES[self.run.remat], prevent_cse=False)

@@ -66,10 +66,13 @@ ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                  "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
                  "Phi3ForCausalLM": "phi3", "Olmo2ForCausalLM": "olmo2",
                  "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2",
+                 "Gemma3ForCausalLM": "gemma3",
                  "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
                  "Qwen3MoeForCausalLM": "qwen3_moe"}
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
-QK_NORM_FAMILIES = ("qwen3", "qwen3_moe", "olmo2")
+QK_NORM_FAMILIES = ("qwen3", "qwen3_moe", "olmo2", "gemma3")
+GEMMAS = ("gemma", "gemma2", "gemma3")  # (1 + w) norms, scaled embeddings, tied by default
+MODEL_TYPES = {"gemma3": "gemma3_text"}  # config.json's model_type where it is not the family
 # reward models: the same decoders with a one-output `score` head (value_head) instead of lm_head
 CLASSIFIERS = {k.replace("ForCausalLM", "ForSequenceClassification"): v
                for k, v in ARCHITECTURES.items()}
@@ -86,8 +89,16 @@ class UnsupportedModel(ValueError):
 
 def _rope(hf: dict) -> dict:
   """Rope settings from either transformers 5 (`rope_parameters`) or older files (`rope_theta` +
-  `rope_scaling`)."""
+  `rope_scaling`). Gemma 3's are per layer type: the full-attention layers' (with any scaling)
+  and the sliding-window layers' own base (`rope_local_base_freq` in older files)."""
   params = dict(hf.get("rope_parameters") or {})
+  if "full_attention" in params or "rope_local_base_freq" in hf:
+    local = params.get("sliding_attention") or {"rope_theta": hf.get("rope_local_base_freq")}
+    if local.get("rope_type", "default") != "default":
+      raise UnsupportedModel(f"rope scaling {local['rope_type']!r} on sliding-window layers is "
+                             "not supported")
+    out = _rope({**hf, "rope_parameters": params.get("full_attention") or {}})
+    return {**out, "rope_local_theta": float(local.get("rope_theta") or 10000.0)}
   scaling = dict(hf.get("rope_scaling") or {})
   theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
   kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
@@ -152,7 +163,7 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
            n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
            head_dim=hf.get("head_dim") or 0, d_ff=hf["intermediate_size"],
            max_seq_len=hf.get("max_position_embeddings", 8192), norm_eps=hf.get("rms_norm_eps", 1e-6),
-           tie_embeddings=bool(hf.get("tie_word_embeddings", family in ("gemma", "gemma2"))),
+           tie_embeddings=bool(hf.get("tie_word_embeddings", family in GEMMAS)),
            qkv_bias=family == "qwen2" or bool(hf.get("attention_bias", False)),
            qk_norm=family in QK_NORM_FAMILIES, family=family, value_head=value_head, **_rope(hf))
   if family == "qwen2_moe":
@@ -187,9 +198,12 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
         c["sliding_window_layers"] = tuple(local)
     elif family == "gemma2":
       c["sliding_window_layers"] = tuple(range(0, n_layers, 2))
-  if family in ("gemma", "gemma2"):
+    elif family == "gemma3":  # a file older than layer_types: every 6th layer global
+      pattern = int(hf.get("sliding_window_pattern") or 6)
+      c["sliding_window_layers"] = tuple(i for i in range(n_layers) if (i + 1) % pattern)
+  if family in GEMMAS:
     c.update(norm_offset=True, embed_scale=True)
-  if family == "gemma2":
+  if family in ("gemma2", "gemma3"):
     c.update(post_norms=True, query_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5,
              attn_softcap=float(hf.get("attn_logit_softcapping") or 0.0),
              logit_softcap=float(hf.get("final_logit_softcapping") or 0.0))
@@ -276,6 +290,9 @@ def _check_family(cfg: ModelConfig):
   if cfg.qk_norm_full != (family == "olmo2") or (not cfg.pre_norms) != (family == "olmo2"):
     problems.append(f"qk_norm_full={cfg.qk_norm_full}, pre_norms={cfg.pre_norms}: OLMo 2's "
                     "norms, which only olmo2 has (always)")
+  if bool(cfg.rope_local_theta) != (family == "gemma3"):
+    problems.append(f"rope_local_theta={cfg.rope_local_theta}: only gemma3 has a local base "
+                    "(always)")
   if family == "phi3" and len(set(cfg.layer_windows())) > 1:
     problems.append("sliding_window_layers: Phi-3's window is on every layer or none")
   if cfg.qkv_bias and family in QK_NORM_FAMILIES + ("mixtral", "phi3"):
@@ -316,7 +333,8 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
   arch = next(a for a, f in (CLASSIFIERS if cfg.value_head else ARCHITECTURES).items()
               if f == cfg.family)
   windows = cfg.layer_windows()
-  hf = dict(architectures=[arch], model_type=cfg.family, vocab_size=cfg.vocab_size,
+  hf = dict(architectures=[arch], model_type=MODEL_TYPES.get(cfg.family, cfg.family),
+            vocab_size=cfg.vocab_size,
             hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
             num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
             head_dim=cfg.head_dim, intermediate_size=cfg.d_ff,
@@ -326,6 +344,11 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
             rope_theta=cfg.rope_theta, attention_dropout=0.0)
   if cfg.rope_scaling != "none":
     hf["rope_scaling"] = _rope_to_hf(cfg)
+  if cfg.family == "gemma3":  # transformers 5's per-layer-type form, and the older keys
+    full = {"rope_type": "default", "rope_theta": cfg.rope_theta, **hf.get("rope_scaling", {})}
+    hf.update(rope_local_base_freq=cfg.rope_local_theta, rope_parameters={
+        "full_attention": full,
+        "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_theta}})
   if cfg.family in ("llama", "mistral"):
     hf.update(attention_bias=cfg.qkv_bias, mlp_bias=False)
   if cfg.family == "phi3":  # its original length is a top-level key; no padding row
@@ -336,7 +359,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
     hf.update(_moe_to_hf(cfg))
   if cfg.value_head:  # read by *ForSequenceClassification at the last token that is not padding
     hf.update(num_labels=1, pad_token_id=0)
-  if cfg.family == "gemma2":
+  if cfg.family in ("gemma2", "gemma3"):
     scalar = cfg.scale ** -2  # scale = query_pre_attn_scalar ** -0.5; transformers wants an int
     hf.update(hidden_activation=hf["hidden_act"],
               query_pre_attn_scalar=round(scalar) if abs(scalar - round(scalar)) < 1e-6 else scalar,
@@ -348,8 +371,8 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
     if cfg.family in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe"):
       hf.update(use_sliding_window=True,
                 max_window_layers=min([i for i, w in enumerate(windows) if w] or [cfg.n_layers]))
-  elif cfg.family in ("mistral", "qwen2", "gemma2", "qwen3", "phi3", "mixtral", "qwen2_moe",
-                      "qwen3_moe"):
+  elif cfg.family in ("mistral", "qwen2", "gemma2", "gemma3", "qwen3", "phi3", "mixtral",
+                      "qwen2_moe", "qwen3_moe"):
     hf["sliding_window"] = None
   return hf
 

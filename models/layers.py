@@ -7,6 +7,7 @@ of its inputs and parameters, except norms and softmax, which run in float32.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, NamedTuple
@@ -134,9 +135,15 @@ def rope_inv_freq(cfg: ModelConfig, seq_len) -> tuple[jax.Array, jax.Array | flo
   return inv_freq, attention
 
 
-def rope_tables(cfg: ModelConfig, positions_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+def rope_tables(cfg: ModelConfig, positions_bt: jax.Array,
+                local: bool = False) -> tuple[jax.Array, jax.Array]:
   """cos and sin, each (batch, length, head_dim) in float32, for the half-split convention. The
-  length the scaling sees (dynamic, longrope) is the largest position + 1, as transformers'."""
+  length the scaling sees (dynamic, longrope) is the largest position + 1, as transformers'.
+  `local`: the sliding-window layers' tables of a model with `rope_local_theta` (Gemma 3: their
+  own base, no scaling)."""
+  if local:
+    cfg = dataclasses.replace(cfg, rope_theta=cfg.rope_local_theta, rope_scaling="none",
+                              rope_attention_factor=0.0)
   inv_freq, attention = rope_inv_freq(cfg, jnp.max(positions_bt) + 1)
   angles = positions_bt.astype(jnp.float32)[..., None] * inv_freq  # (b, t, head_dim/2)
   angles = jnp.concatenate([angles, angles], axis=-1)

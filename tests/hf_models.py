@@ -33,6 +33,12 @@ FAMILIES = {
                           short_factor=[1.0, 1.2, 1.5, 2.0]))),
     "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM, dict(pad_token_id=0)),
     "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM, {}),
+    "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM, dict(
+        sliding_window=5, query_pre_attn_scalar=12, layer_types=[
+            "sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0,
+                                            "rope_theta": 100000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}})),
     "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM, dict(
         sliding_window=5, query_pre_attn_scalar=12, attn_logit_softcapping=3.0,
         final_logit_softcapping=2.0)),
