@@ -23,17 +23,27 @@ def get_config(arg=None):
       max_seq_len=8192,  # longest position the model is built for (train.seq_len must fit)
       norm_eps=1e-5,  # RMSNorm epsilon
       rope_theta=500000.0,  # RoPE base
-      rope_scaling="none",  # none | linear | dynamic | llama3
-      rope_factor=1.0,  # linear, dynamic, llama3: the scaling factor
-      rope_original_max_len=8192,  # dynamic, llama3: the context length the model was trained at
+      rope_local_theta=0.0,  # Gemma 3: the sliding-window layers' own base; 0: rope_theta
+      # none | linear (position interpolation) | ntk (NTK-aware) | dynamic (dynamic NTK) | llama3
+      # | yarn | longrope (Phi-3); with model.init_from, a setting here rescales the folder's
+      rope_scaling="none",
+      rope_factor=1.0,  # how many times the context grows
+      rope_original_max_len=8192,  # the context length the model was trained at
       rope_low_freq_factor=1.0,  # llama3: wavelengths above original / this are scaled
       rope_high_freq_factor=4.0,  # llama3: wavelengths below original / this are kept
+      rope_beta_fast=32.0,  # yarn: frequencies turning more often than this over original: kept
+      rope_beta_slow=1.0,  # yarn: ... less often than this: interpolated; a ramp between
+      rope_truncate=True,  # yarn: the ramp's ends rounded to whole dimensions
+      rope_attention_factor=0.0,  # yarn, longrope: cos and sin times this; 0: the method's own
+      rope_long_factor=(),  # longrope: one divisor per frequency past the original length
+      rope_short_factor=(),  # longrope: ... within it
       qkv_bias=False,  # biases on the q, k, v projections (Qwen2)
       tie_embeddings=False,  # the output head is the embedding table transposed
       sliding_window=0,  # attend to at most this many previous positions (Mistral); 0: all
       sliding_window_layers=(),  # layers with the window; (): all
-      family="llama",  # the Hugging Face layout on export: llama | mistral | qwen2 | qwen3 | gemma |
-      # gemma2 | mixtral | qwen2_moe | qwen3_moe
+      # the Hugging Face layout on export: llama | mistral | qwen2 | qwen3 | phi3 | olmo2 | gemma
+      # | gemma2 | gemma3 | mixtral | qwen2_moe | qwen3_moe
+      family="llama",
       norm_offset=False,  # Gemma: RMSNorm scales by 1 + weight
       mlp_activation="silu",  # silu (SwiGLU) | gelu_tanh (GeGLU, Gemma)
       embed_scale=False,  # Gemma: embeddings times sqrt(d_model)
@@ -41,7 +51,9 @@ def get_config(arg=None):
       attn_softcap=0.0,  # Gemma 2: 50
       logit_softcap=0.0,  # Gemma 2: 30
       post_norms=False,  # Gemma 2: RMSNorm on attention and MLP outputs too
+      pre_norms=True,  # RMSNorm on attention and MLP inputs (OLMo 2: off, outputs only)
       qk_norm=False,  # Qwen3: RMSNorm over head_dim on queries and keys before rope
+      qk_norm_full=False,  # OLMo 2: that norm over all heads at once
       value_head=False,  # a score head instead of the LM head (train.objective=reward sets it)
       # Mixture of experts (models/moe.py); n_experts=0: the dense MLP in every layer
       n_experts=0,  # routed experts per MoE layer

@@ -65,6 +65,38 @@ def test_greedy_generation_matches_transformers(family, tmp_path):
   assert got == want
 
 
+def test_context_extension_from_a_folder_trains_with_ring_attention_and_exports(tmp_path):
+  """model.init_from with model.rope_scaling=yarn (configs/long_context.py's way): the folder's
+  rope is rescaled and its positions grow to original x factor; two steps on rows 4x the
+  original length with ring attention over 2 devices of the sequence axis; the export declares
+  YaRN, and transformers computes our logits from it."""
+  import jax
+  import small_run
+  from trainer import export, train
+  folder = str(tmp_path / "hf")
+  hf_models.make("llama", folder)
+  hf_models.make_tokenizer("qwen2", folder)
+  c = small_run.config(steps=2, eval_every=0, checkpoint_every=2, sample_tokens=0, log_every=1,
+                       seq_len=64, batch_size=4)
+  c.model.update(init_from=f"hf:{folder}", rope_scaling="yarn", rope_factor=4.0,
+                 rope_original_max_len=16, attention_impl="ring")
+  c.mesh.update(data=4, sequence=2)
+  result = train.run(c, str(tmp_path / "run"))
+  assert np.isfinite(result["loss"])
+  _, handle, params, _ = export.load_run(str(tmp_path / "run"))
+  assert (handle.cfg.rope_scaling, handle.cfg.rope_factor, handle.cfg.max_seq_len) == (
+      "yarn", 4.0, 128)  # max(the folder's 128, 16 x 4)
+  out = str(tmp_path / "out")
+  hf.save(out, handle.cfg, params)
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(
+      out, attn_implementation="eager").eval()
+  assert reloaded.config.rope_parameters["rope_type"] == "yarn"
+  tokens = np.random.default_rng(1).integers(0, 97, (2, 60))
+  ours = np.asarray(handles.model_handle(handle.cfg).bind(params)(tokens))
+  assert np.abs(ours - hf_logits(reloaded, tokens)).max() <= 1e-4
+  jax.clear_caches()
+
+
 def test_unsupported_architecture_is_one_line(tmp_path):
   with pytest.raises(hf.UnsupportedModel, match="architectures=\\['GPT2LMHeadModel'\\]"):
     hf.config_from_hf({"architectures": ["GPT2LMHeadModel"]})

@@ -223,11 +223,20 @@ TRAINING_ONLY = ("router_jitter", "router_aux_loss_weight", "router_z_loss_weigh
                  "router_bias_update_rate")
 
 
+# ModelConfig fields of the rope's scaling: set in a run starting from a Hugging Face folder
+# (model.rope_scaling not "none"), they replace the folder's, and the model's positions grow to
+# rope_original_max_len x rope_factor (context extension, configs/long_context.py).
+CONTEXT = ("rope_scaling", "rope_factor", "rope_original_max_len", "rope_low_freq_factor",
+           "rope_high_freq_factor", "rope_beta_fast", "rope_beta_slow", "rope_truncate",
+           "rope_attention_factor", "rope_long_factor", "rope_short_factor")
+
+
 def model_config(cfg, vocab_size: int) -> ModelConfig:
   """The ModelConfig of this run, with `vocab_size` filled in when the config says 0. With
   `model.init_from=hf:DIR` the shape is the Hugging Face model's, and the run config gives only
   the training-only router settings (TRAINING_ONLY: jitter, the aux loss weights and the
-  routing bias's update rate, whose bias starts at zero there). The
+  routing bias's update rate, whose bias starts at zero there) and a rope scaling to extend its
+  context with (CONTEXT). The
   execution choices (model.remat, model.attention_impl, model.init_std, ...) are
   `execution`'s."""
   fields, _ = split_fields({k: v for k, v in cfg.model.items() if k != "init_from"})
@@ -237,7 +246,13 @@ def model_config(cfg, vocab_size: int) -> ModelConfig:
   folder = init_folder(cfg)
   if folder is not None:
     try:
-      mc = hf.config_from_hf(hf.read_config(folder), value_head=fields["value_head"],
+      read = hf.read_config(folder)
+      extend = {}
+      if fields["rope_scaling"] != "none":  # context extension: this rope over the folder's
+        extend = {k: fields[k] for k in CONTEXT}
+        extend["max_seq_len"] = max(int(read.get("max_position_embeddings") or 0), int(
+            fields["rope_original_max_len"] * fields["rope_factor"]))
+      mc = hf.config_from_hf(read, value_head=fields["value_head"], **extend,
                              **{k: fields[k] for k in TRAINING_ONLY})
     except (ValueError, KeyError) as e:
       raise UserError(f"config key model.init_from: {folder}: {e}") from None
