@@ -202,6 +202,10 @@ class Block(nnx.Module):
       self.post_attn_norm, self.post_mlp_norm = norm(), norm()
     self.post_norms, self.pre_norms = cfg.post_norms, cfg.pre_norms
 
+  def _input(self, norm: str, x):
+    """A sublayer's input: normalised by `norm`, or as it is without pre_norms (OLMo 2)."""
+    return getattr(self, norm)(x) if self.pre_norms else x
+
   def __call__(self, x_btd, cos, sin, mask, kv_cache=None, adapters=None, deltas=None,
                prefix_kv=None, rng=None):
     """PEFT, in activation space: `adapters`, Houlsby bottlenecks {"attn": ..., "mlp": ...} on
@@ -212,16 +216,14 @@ class Block(nnx.Module):
     Returns (x, kv_cache: the updated cache when decoding, else None, aux: the FFN's float32
     scalars, models/ffn.py)."""
     deltas = deltas or {}
-    pre = lambda norm, x: norm(x) if self.pre_norms else x
-    h = self.attn(pre(getattr(self, "attn_norm", None), x_btd), cos, sin, mask, kv_cache,
-                  deltas.get("attn"), prefix_kv)
+    h = self.attn(self._input("attn_norm", x_btd), cos, sin, mask, kv_cache, deltas.get("attn"),
+                  prefix_kv)
     if kv_cache is not None:
       h, kv_cache = h
     if adapters is not None:
       h = bottleneck(h, adapters["attn"])
     x_btd = x_btd + (self.post_attn_norm(h) if self.post_norms else h)
-    h, aux = ffn_lib.apply(self.mlp, pre(getattr(self, "mlp_norm", None), x_btd),
-                           deltas.get("mlp"), rng)
+    h, aux = ffn_lib.apply(self.mlp, self._input("mlp_norm", x_btd), deltas.get("mlp"), rng)
     if adapters is not None:
       h = bottleneck(h, adapters["mlp"])
     x_btd = x_btd + (self.post_mlp_norm(h) if self.post_norms else h)
