@@ -22,6 +22,7 @@ def get_config(arg=None):
       d_ff=14336,  # hidden width of the gated MLP
       max_seq_len=8192,  # longest position the model is built for (train.seq_len must fit)
       norm_eps=1e-5,  # RMSNorm epsilon
+      alibi=False,  # BLOOM: attention scores minus slope_h x distance, instead of RoPE
       rope_theta=500000.0,  # RoPE base
       rope_local_theta=0.0,  # Gemma 3: the sliding-window layers' own base; 0: rope_theta
       # none | linear (position interpolation) | ntk (NTK-aware) | dynamic (dynamic NTK) | llama3

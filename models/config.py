@@ -37,6 +37,7 @@ class ModelConfig:
   d_ff: int = 14336
   max_seq_len: int = 8192  # positions the model was built (or pretrained) for
   norm_eps: float = 1e-5
+  alibi: bool = False  # BLOOM: scores biased by -slope_h * distance, instead of rope
   rope_theta: float = 500000.0
   rope_local_theta: float = 0.0  # Gemma 3: sliding-window layers' own base, unscaled; 0: as all
   rope_scaling: str = "none"  # one of ROPE_SCALINGS (models/layers.py rope_inv_freq)
@@ -121,6 +122,9 @@ class ModelConfig:
       if not getattr(self, name) >= 0:
         problems.append(f"{name}={getattr(self, name)} must be >= 0")
     problems += self._rope_problems()
+    if self.alibi and (self.rope_scaling != "none" or self.rope_local_theta):
+      problems.append("alibi=True takes no rope settings (rope_scaling, rope_local_theta): "
+                      "ALiBi replaces the rotary embeddings")
     if self.rope_local_theta and not self.sliding_window:
       problems.append(f"rope_local_theta={self.rope_local_theta} is for sliding-window layers; "
                       "the model has none (sliding_window=0)")

@@ -132,6 +132,7 @@ class LayerShared(NamedTuple):
   start: Any  # decoding: the cache slot of the first token
   layer_fn: Callable | None  # LayerSource.fn, or None: the layer parameters are the Block's
   local_rope: tuple | None = None  # Gemma 3: (cos, sin) of the sliding-window layers
+  positions: tuple | None = None  # ALiBi: (query positions, key positions)
 
 
 class LayerInputs(NamedTuple):
@@ -166,7 +167,8 @@ def layer_body(shared: LayerShared, x_btd, layer, inputs: LayerInputs):
     layer = filled
   block = nnx.merge(shared.graphdef, layer)
   kv = None if inputs.kv is None else (*inputs.kv, shared.start)
-  x_btd, kv, aux = block(x_btd, cos, sin, mask, kv, rng=inputs.rng, **extras)
+  x_btd, kv, aux = block(x_btd, cos, sin, mask, kv, rng=inputs.rng, positions=shared.positions,
+                         **extras)
   return x_btd, LayerOut(aux, kv)
 
 
@@ -207,7 +209,7 @@ class Block(nnx.Module):
     return getattr(self, norm)(x) if self.pre_norms else x
 
   def __call__(self, x_btd, cos, sin, mask, kv_cache=None, adapters=None, deltas=None,
-               prefix_kv=None, rng=None):
+               prefix_kv=None, rng=None, positions=None):
     """PEFT, in activation space: `adapters`, Houlsby bottlenecks {"attn": ..., "mlp": ...} on
     the two outputs; `deltas`, {"attn": {"q": fn, ...}, "mlp": {...}}, fn(x) added to that
     projection of x (LoRA with dropout); `prefix_kv`, this layer's key and value prefix (prefix
@@ -217,7 +219,7 @@ class Block(nnx.Module):
     scalars, models/ffn.py)."""
     deltas = deltas or {}
     h = self.attn(self._input("attn_norm", x_btd), cos, sin, mask, kv_cache, deltas.get("attn"),
-                  prefix_kv)
+                  prefix_kv, positions)
     if kv_cache is not None:
       h, kv_cache = h
     if adapters is not None:
@@ -313,6 +315,10 @@ class Decoder(nnx.Module):
       masks = {w: attention_inputs(impl, positions_bt, segment_ids_bt, w, order, keys,
                                    ctx.shared_prompt) for w in sorted(set(windows))}
     local = jnp.asarray([w > 0 for w in windows])
+    alibi_positions = None
+    if self.cfg.alibi:  # the keys: the cache's slots, or the row's (prefix keys first)
+      alibi_positions = (positions_bt, cache["positions"] if cache is not None
+                         else keys[0] if keys is not None else positions_bt)
 
     # Gather the table's model dimension first (as FSDP does for any weight it uses), keeping
     # the vocabulary split: a lookup into a table split along both leaves the partitioner only
@@ -329,9 +335,9 @@ class Decoder(nnx.Module):
     if self.cfg.embed_scale:
       x = x * jnp.asarray(self.cfg.d_model ** 0.5, x.dtype)
     kv = None if cache is None else (cache["k"], cache["v"])
-    keys = None
+    router_keys = None
     if ctx.router_rng is not None and self.cfg.router_jitter and self.cfg.n_experts:
-      keys = jax.random.split(ctx.router_rng, self.cfg.n_layers)
+      router_keys = jax.random.split(ctx.router_rng, self.cfg.n_layers)
     source = ctx.layers
     runs = layer_runs(self.cfg.layer_kinds())
     if source is not None and len(runs) > 1:
@@ -343,12 +349,13 @@ class Decoder(nnx.Module):
       stack = self.dense_layers if kind == "mlp" and hasattr(self, "dense_layers") else self.layers
       graphdef, layer_state = nnx.split(stack)
       shared = LayerShared(graphdef, layer_state, cos, sin, masks, start,
-                           None if source is None else source.fn, local_rope)
+                           None if source is None else source.fn, local_rope,
+                           alibi_positions)
       body = functools.partial(layer_body, shared)
       if self.run.remat != "none" and cache is None:
         body = jax.checkpoint(body, policy=REMAT_POLICIES[self.run.remat], prevent_cse=False)
       layers_in = layer_state if source is None else source.params
-      inputs = LayerInputs(local, kv, keys if kind == "moe" else None)
+      inputs = LayerInputs(local, kv, router_keys if kind == "moe" else None)
       if len(runs) > 1:  # this run's slice of its stack and of the per-layer inputs
         layers_in = jax.tree.map(lambda a: a[lo:hi], layers_in)
         inputs = jax.tree.map(lambda a: a[first:last], inputs)

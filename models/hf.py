@@ -290,6 +290,8 @@ def _check_family(cfg: ModelConfig):
   if cfg.qk_norm_full != (family == "olmo2") or (not cfg.pre_norms) != (family == "olmo2"):
     problems.append(f"qk_norm_full={cfg.qk_norm_full}, pre_norms={cfg.pre_norms}: OLMo 2's "
                     "norms, which only olmo2 has (always)")
+  if cfg.alibi:
+    problems.append("alibi=True: no supported family has ALiBi yet (BLOOM is not supported)")
   if bool(cfg.rope_local_theta) != (family == "gemma3"):
     problems.append(f"rope_local_theta={cfg.rope_local_theta}: only gemma3 has a local base "
                     "(always)")

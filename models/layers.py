@@ -355,7 +355,29 @@ def query_blocks(length: int) -> int:
   return QUERY_BLOCKS if length >= 256 and length % QUERY_BLOCKS == 0 else 1
 
 
-def dot_product_attention(q_bthd, k_bskd, v_bskd, mask, scale=None, softcap=0.0, blocks=1):
+def alibi_slopes(n_heads: int) -> np.ndarray:
+  """ALiBi's per-head slopes (Press et al.; BLOOM's): for n a power of two, 2^(-8i/n) for head
+  i = 1..n; otherwise those of the power of two below, then every other slope of the one above."""
+  def powers(n):
+    start = 2.0 ** (-8.0 / n)
+    return start ** np.arange(1, n + 1)
+  below = 2 ** math.floor(math.log2(n_heads))
+  slopes = powers(below)
+  if below != n_heads:
+    slopes = np.concatenate([slopes, powers(2 * below)[0::2][:n_heads - below]])
+  return slopes.astype(np.float32)
+
+
+class Alibi(NamedTuple):
+  """What ALiBi's bias -slope_h * (query position - key position) is computed from, inside the
+  score function (no (heads, q_len, k_len) tensor is kept for the backward pass)."""
+  slopes: jax.Array  # (kv_heads, group) float32: each query head's slope
+  q_pos: jax.Array  # (batch, q_len) int32
+  k_pos: jax.Array  # (batch, k_len) int32
+
+
+def dot_product_attention(q_bthd, k_bskd, v_bskd, mask, scale=None, softcap=0.0, blocks=1,
+                          alibi: Alibi | None = None):
   """Grouped-query attention without repeating K/V; the output in q's dtype.
 
   On CPU bfloat16 / float16 q, k, v are upcast to float32 first: XLA:CPU converted them for
@@ -375,6 +397,9 @@ def dot_product_attention(q_bthd, k_bskd, v_bskd, mask, scale=None, softcap=0.0,
   before their answers). With 4 blocks it does 5/8 of the score work, and XLA:CPU runs the
   forward + backward pass in 0.53-0.70x the time of one block (benchmarks/attention_cpu.py).
   Each block is one `attend_block`, whose backward pass recomputes the probabilities.
+
+  `alibi` (BLOOM): each score plus -slope_h * (query position - key position), after the scale;
+  positions count per document, so packed rows keep their own distances.
   """
   b, t, h, d = q_bthd.shape
   s, kv = k_bskd.shape[1], k_bskd.shape[2]
@@ -395,8 +420,10 @@ def dot_product_attention(q_bthd, k_bskd, v_bskd, mask, scale=None, softcap=0.0,
     lo, hi = i * size, (i + 1) * size
     end = s if blocks == 1 else hi
     qi = q[:, :, :, lo:hi].reshape(b, kv, g * size, d)
-    out = attend_block(qi, k[:, :, :end], v[:, :, :end], mask[..., lo:hi, :end], g, scale,
-                       softcap)
+    part = None if alibi is None else alibi._replace(q_pos=alibi.q_pos[:, lo:hi],
+                                                     k_pos=alibi.k_pos[:, :end])
+    out = attend_block(qi, k[:, :, :end], v[:, :, :end], mask[..., lo:hi, :end], part, g,
+                       scale, softcap)
     outs.append(out.reshape(b, kv, g, size, d))
   out = jnp.concatenate(outs, axis=3) if blocks > 1 else outs[0]
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(out_dtype)
@@ -405,7 +432,7 @@ def dot_product_attention(q_bthd, k_bskd, v_bskd, mask, scale=None, softcap=0.0,
 ATTENTION_BLOCK = "attention_block"  # the checkpoint name of attend_block's output and lse
 
 
-def _block_scores(q, k, mask, g, scale, softcap):
+def _block_scores(q, k, mask, alibi, g, scale, softcap):
   """Masked float32 scores (b, kv, g * q_len, k_len), and tanh(scores / softcap) if capped."""
   b, kv, gq, _ = q.shape
   scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
@@ -414,12 +441,15 @@ def _block_scores(q, k, mask, g, scale, softcap):
   if softcap:
     capped = jnp.tanh(scores / softcap)
     scores = softcap * capped
+  if alibi is not None:
+    distance = (alibi.q_pos[:, :, None] - alibi.k_pos[:, None, :]).astype(jnp.float32)
+    scores = scores - alibi.slopes[None, :, :, None, None] * distance[:, None, None]
   scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   return scores.reshape(b, kv, gq, k.shape[2]), capped
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def attend_block(q, k, v, mask, g, scale, softcap):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def attend_block(q, k, v, mask, alibi, g, scale, softcap):
   """softmax(mask(q k^T * scale)) v in float32, for q (b, kv, g * q_len, d) (the query heads of
   each KV head folded into the length), k and v (b, kv, k_len, d), `mask` broadcasting to
   (b, kv, g, q_len, k_len).
@@ -428,12 +458,12 @@ def attend_block(q, k, v, mask, g, scale, softcap):
   log-sum-exp of each row (both under the checkpoint name ATTENTION_BLOCK, which the remat
   policies keep) instead of the probabilities; the backward recomputes the probabilities from
   the scores and the log-sum-exp and never reruns the product with v. On CPU the medium step's
-  ratio to torch's went from 0.98 to 1.04 with it (BENCHMARKS.md)."""
-  return _attend_fwd(q, k, v, mask, g, scale, softcap)[0]
+  ratio to torch's went from 0.98 to 1.04 with it (BENCHMARKS.md). `alibi`: an Alibi or None."""
+  return _attend_fwd(q, k, v, mask, alibi, g, scale, softcap)[0]
 
 
-def _attend_fwd(q, k, v, mask, g, scale, softcap):
-  scores, _ = _block_scores(q, k, mask, g, scale, softcap)
+def _attend_fwd(q, k, v, mask, alibi, g, scale, softcap):
+  scores, _ = _block_scores(q, k, mask, alibi, g, scale, softcap)
   top = jnp.max(scores, axis=-1, keepdims=True)
   probs = jnp.exp(scores - top)
   total = jnp.sum(probs, axis=-1, keepdims=True)
@@ -441,12 +471,12 @@ def _attend_fwd(q, k, v, mask, g, scale, softcap):
                    preferred_element_type=jnp.float32) / total
   lse = checkpoint_name(top + jnp.log(total), ATTENTION_BLOCK)
   out = checkpoint_name(out, ATTENTION_BLOCK)
-  return out, (q, k, v, mask, out, lse)
+  return out, (q, k, v, mask, alibi, out, lse)
 
 
 def _attend_bwd(g, scale, softcap, saved, d_out):
-  q, k, v, mask, out, lse = saved
-  scores, capped = _block_scores(q, k, mask, g, scale, softcap)
+  q, k, v, mask, alibi, out, lse = saved
+  scores, capped = _block_scores(q, k, mask, alibi, g, scale, softcap)
   probs = jnp.exp(scores - lse)  # masked entries: exp(min - lse) = 0
   d_out = d_out.astype(jnp.float32)
   dv = jnp.einsum("bkqs,bkqd->bksd", probs, d_out)
@@ -459,7 +489,7 @@ def _attend_bwd(g, scale, softcap, saved, d_out):
   d_scores = d_scores * scale
   dq = jnp.einsum("bkqs,bksd->bkqd", d_scores, k.astype(jnp.float32))
   dk = jnp.einsum("bkqs,bkqd->bksd", d_scores, q.astype(jnp.float32))
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 
 attend_block.defvjp(_attend_fwd, _attend_bwd)
@@ -487,8 +517,11 @@ class Attention(nnx.Module):
       self.q_norm = RMSNorm(hd, cfg.norm_eps, rngs, offset=cfg.norm_offset, axis="head_dim")
       self.k_norm = RMSNorm(hd, cfg.norm_eps, rngs, offset=cfg.norm_offset, axis="head_dim")
 
-  def __call__(self, x_btd, cos, sin, mask, kv_cache=None, deltas=None, prefix_kv=None):
-    """`mask` is what `attention_inputs` built for this attention_impl.
+  def __call__(self, x_btd, cos, sin, mask, kv_cache=None, deltas=None, prefix_kv=None,
+               positions=None):
+    """`mask` is what `attention_inputs` built for this attention_impl. `positions` (ALiBi):
+    (query positions (b, t), key positions (b, keys), the cache's slots when decoding); the
+    rope tables are unused then.
     `deltas` (PEFT): {"q": fn, ...}, fn(x) added to that projection (see `project`).
     `prefix_kv` (prefix tuning): (k, v), each (n, kv_heads, head_dim), keys and values placed
     before the sequence's own (not rotated, as in PEFT, where they enter as a KV cache); the
@@ -505,7 +538,13 @@ class Attention(nnx.Module):
       q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
     if self.cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    alibi = None
+    if self.cfg.alibi:  # positions enter as score biases, not rotations
+      heads, kv_heads = self.cfg.n_heads, self.cfg.n_kv_heads
+      slopes = jnp.asarray(alibi_slopes(heads).reshape(kv_heads, heads // kv_heads))
+      alibi = Alibi(slopes, *positions)
+    else:
+      q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if prefix_kv is not None and kv_cache is None:  # with a cache, the prefix is in it
       k, v = (jnp.concatenate([jnp.broadcast_to(p.astype(x.dtype), (x.shape[0], *p.shape)), x],
                               axis=1) for p, x in zip(prefix_kv, (k, v)))
@@ -516,11 +555,11 @@ class Attention(nnx.Module):
       k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start, 1)
       v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, 1)
       out = dot_product_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask,
-                                  scale, cap)
+                                  scale, cap, alibi=alibi)
       return project(out, self.o[...], deltas.get("o"), n_in=2), (k_cache, v_cache)
     if impl == "xla":
       blocks = query_blocks(q.shape[1]) if prefix_kv is None else 1
-      out = dot_product_attention(q, k, v, mask, scale, cap, blocks)
+      out = dot_product_attention(q, k, v, mask, scale, cap, blocks, alibi=alibi)
     elif impl == "pallas" or (impl == "ring" and ring_attention_lib.sequence_parallel_size() == 1):
       if impl == "ring":  # no ring to run: the keys' vectors in natural order are the mask
         mask = fm.FlashMask(*mask[1])

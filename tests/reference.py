@@ -27,6 +27,15 @@ def rope(x_bthd, positions_bt, inv_freq, scale=1.0):
   return (x_bthd * jnp.cos(emb) + rotate_half(x_bthd) * jnp.sin(emb)) * scale
 
 
+def alibi_slopes(n_heads):
+  """Press et al.'s slopes: 2^(-8 i / n) for i = 1..n when n is a power of two; otherwise the
+  power of two p below n's, then the odd-numbered ones of 2p's."""
+  p = 2 ** int(math.log2(n_heads))
+  slopes = [2.0 ** (-8.0 * i / p) for i in range(1, p + 1)]
+  slopes += [2.0 ** (-8.0 * i / (2 * p)) for i in range(1, 2 * p + 1, 2)][:n_heads - p]
+  return np.asarray(slopes, np.float32)
+
+
 def plain_inv_freq(head_dim, theta):
   return 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
 
@@ -58,10 +67,14 @@ def forward(params, cfg, tokens, positions=None, segment_ids=None, inv_freq=None
     v = jnp.einsum("btd,dhk->bthk", h, p["attn"]["v"])
     if cfg.qkv_bias:
       q, k, v = q + p["attn"]["q_bias"], k + p["attn"]["k_bias"], v + p["attn"]["v_bias"]
-    q, k = rope(q, positions, inv_freq, rope_scale), rope(k, positions, inv_freq, rope_scale)
+    if not cfg.alibi:
+      q, k = rope(q, positions, inv_freq, rope_scale), rope(k, positions, inv_freq, rope_scale)
     rep = cfg.n_heads // cfg.n_kv_heads
     k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
     s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd)
+    if cfg.alibi:  # minus slope_h times the distance within the document
+      distance = positions[:, :, None] - positions[:, None, :]
+      s = s - alibi_slopes(cfg.n_heads)[None, :, None, None] * distance[:, None]
     s = jnp.where(allowed[:, None], s, -jnp.inf)
     a = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), v)
     x = x + jnp.einsum("bthk,hkd->btd", a, p["attn"]["o"])

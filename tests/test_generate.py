@@ -26,7 +26,8 @@ def build(overrides):
   return handles.model_handle(cfg, run=run), params
 
 
-@pytest.mark.parametrize("overrides", [SMALL, GEMMA2], ids=["llama", "gemma2"])
+@pytest.mark.parametrize("overrides", [SMALL, GEMMA2, dict(SMALL, alibi=True)],
+                         ids=["llama", "gemma2", "alibi"])
 def test_cached_decoding_equals_full_forward(overrides):
   """Prompts of 3, 7 and 5 tokens, left-padded and prefilled together, then 6 tokens fed one
   at a time: every step's logits equal a full forward over that row alone."""

@@ -74,12 +74,14 @@ def test_long_rows_run_the_blocked_causal_attention_exactly():
   np.testing.assert_allclose(ours, reference.forward(params, cfg, tok, pos, seg), atol=1e-5)
 
 
-@pytest.mark.parametrize("remat", ["none", "dots_no_batch"])
-def test_attention_backward_matches_autodiff_of_the_plain_reference(remat):
+@pytest.mark.parametrize("remat,alibi", [("none", False), ("dots_no_batch", False),
+                                         ("none", True)])
+def test_attention_backward_matches_autodiff_of_the_plain_reference(remat, alibi):
   """The xla path's hand-written attention backward (models/layers.attend_block: probabilities
   recomputed from the saved log-sum-exp) against jax.grad of tests/reference.py's plain softmax
-  attention: packed 256-token rows (so the query blocks run), grouped-query heads."""
-  cfg, params = build(max_seq_len=256)
+  attention: packed 256-token rows (so the query blocks run), grouped-query heads; with ALiBi,
+  each document's own distances."""
+  cfg, params = build(max_seq_len=256, alibi=alibi)
   tok = tokens(2, 256)
   seg = np.repeat(np.array([[1] * 100 + [2] * 120 + [3] * 36]), 2, axis=0)
   pos = np.concatenate([np.arange(100), np.arange(120), np.arange(36)])[None].repeat(2, 0)
@@ -89,6 +91,30 @@ def test_attention_backward_matches_autodiff_of_the_plain_reference(remat):
   plain = lambda p: jnp.sum(reference.forward(p, cfg, tok, pos, seg) * weights)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                jax.grad(ours)(params), jax.grad(plain)(params))
+
+
+@pytest.mark.parametrize("n_heads", [4, 6, 12, 16])
+def test_alibi_slopes_are_blooms(n_heads):
+  """Against transformers' BLOOM: build_alibi_tensor is slope_h * key position."""
+  pytest.importorskip("torch")
+  import torch
+  from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+  bias = build_alibi_tensor(torch.ones(1, 5), n_heads, torch.float32).numpy()  # (h, 1, 5)
+  np.testing.assert_allclose(layers.alibi_slopes(n_heads), bias[:, 0, 1], rtol=1e-6)
+  np.testing.assert_allclose(layers.alibi_slopes(n_heads), reference.alibi_slopes(n_heads),
+                             rtol=1e-6)
+
+
+def test_alibi_packed_rows_keep_each_documents_distances():
+  """A document's logits with ALiBi are the same alone and packed after another one."""
+  cfg, params = build(alibi=True)
+  model = handles.model_handle(cfg).bind(params)
+  first, second = tokens(1, 5, seed=1), tokens(1, 8, seed=2)
+  packed = np.concatenate([first, second], axis=1)
+  pos = np.concatenate([np.arange(5), np.arange(8)])[None]
+  seg = np.asarray([[1] * 5 + [2] * 8])
+  np.testing.assert_allclose(model(packed, pos, seg)[:, 5:], model(second), atol=1e-5)
+  assert np.abs(model(packed)[:, 5:] - model(second)).max() > 1e-3  # unpacked: it sees more
 
 
 def test_attention_block_backward_with_softcap():
@@ -109,7 +135,7 @@ def test_attention_block_backward_with_softcap():
     probs = jax.nn.softmax(scores, axis=-1).reshape(b, kv, g * q_len, k_len)
     return jnp.sum(jnp.einsum("bkqs,bksd->bkqd", probs, v) * d_out)
 
-  ours = lambda q, k, v: jnp.sum(layers.attend_block(q, k, v, mask, g, 0.5, 5.0) * d_out)
+  ours = lambda q, k, v: jnp.sum(layers.attend_block(q, k, v, mask, None, g, 0.5, 5.0) * d_out)
   np.testing.assert_allclose(ours(q, k, v), plain(q, k, v), rtol=1e-5)
   for got, want in zip(jax.grad(ours, (0, 1, 2))(q, k, v), jax.grad(plain, (0, 1, 2))(q, k, v)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
