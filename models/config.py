@@ -19,7 +19,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "ring")
 # the Hugging Face layout on export (models/hf.py); each is its transformers model_type
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma", "gemma2", "gemma3",
-            "mixtral", "qwen2_moe", "qwen3_moe")
+            "bloom", "mixtral", "qwen2_moe", "qwen3_moe")
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 ROUTER_ORDERS = ("softmax_topk", "topk_softmax")
 MOE_IMPLS = ("dropless", "capacity", "dense")
@@ -66,6 +66,10 @@ class ModelConfig:
   logit_softcap: float = 0.0  # Gemma 2: the same on the output logits
   post_norms: bool = False  # Gemma 2: also normalise attention and MLP outputs (sandwich)
   pre_norms: bool = True  # normalise the attention and MLP inputs (OLMo 2: no, outputs only)
+  layer_norm: bool = False  # BLOOM: LayerNorm (mean removed, a bias) wherever RMSNorm would be
+  embed_norm: bool = False  # BLOOM: a norm on the embeddings before the first layer
+  mlp_gated: bool = True  # False (BLOOM): down(act(up(x))), no gate
+  out_bias: bool = False  # BLOOM: biases on the attention output and the MLP's projections
   value_head: bool = False  # reward models: a scalar score per position (`score`, d_model x 1)
   # Mixture of experts (models/moe.py); n_experts = 0: every layer has the dense MLP.
   n_experts: int = 0  # routed experts per MoE layer
@@ -128,6 +132,8 @@ class ModelConfig:
     if self.rope_local_theta and not self.sliding_window:
       problems.append(f"rope_local_theta={self.rope_local_theta} is for sliding-window layers; "
                       "the model has none (sliding_window=0)")
+    if not self.mlp_gated and self.n_experts:
+      problems.append("mlp_gated=False: the experts are gated MLPs")
     if self.qk_norm_full and not self.qk_norm:
       problems.append("qk_norm_full=True needs qk_norm=True")
     if not (self.pre_norms or self.post_norms):
@@ -181,7 +187,8 @@ class ModelConfig:
     those one token uses (its k routed experts, not all n_experts)."""
     d = self.d_model
     if kind == "mlp":
-      return 3 * d * self.d_ff
+      return (3 if self.mlp_gated else 2) * d * self.d_ff + (
+          self.d_ff + d if self.out_bias else 0)
     experts = self.experts_per_token if active else self.n_experts
     n = d * self.n_experts + experts * 3 * d * self.expert_d_ff  # router + routed experts
     if self.shared_expert_d_ff:
@@ -196,9 +203,12 @@ class ModelConfig:
     if self.qkv_bias:
       attn += h * hd + 2 * k * hd
     if self.qk_norm:
-      attn += 2 * hd
-    per_layer = attn + (4 if self.post_norms else 2) * d  # RMSNorm scales
-    total = self.n_layers * per_layer + d  # final norm
+      attn += (h + k) * hd if self.qk_norm_full else 2 * hd
+    if self.out_bias:
+      attn += d
+    norm = 2 * d if self.layer_norm else d  # a scale (and LayerNorm's bias)
+    per_layer = attn + (2 * self.pre_norms + 2 * self.post_norms) * norm
+    total = self.n_layers * per_layer + norm * (2 if self.embed_norm else 1)  # final norm
     total += sum(self.ffn_params(kind, active) for kind in self.layer_kinds())
     if include_embeddings:
       total += self.vocab_size * d * (1 if self.tie_embeddings else 2)

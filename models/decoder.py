@@ -31,7 +31,7 @@ from models import ffn as ffn_lib
 from models.config import Execution, ModelConfig
 from models.kernels import flashmask as fm
 from models.kernels.grouped_matmul import EXPERT_FFN
-from models.layers import (ATTENTION_BLOCK, LOW_RANK_OUTPUT, PROJECTION, Attention, RMSNorm,
+from models.layers import (ATTENTION_BLOCK, LOW_RANK_OUTPUT, PROJECTION, Attention, make_norm,
                            attention_inputs, attention_mask, dense, param, rope_tables)
 from parallel import ring_attention
 from parallel.rules import constrain
@@ -192,7 +192,7 @@ class Block(nnx.Module):
   they are."""
 
   def __init__(self, cfg: ModelConfig, run: Execution, rngs: nnx.Rngs, kind: str = "mlp"):
-    norm = lambda: RMSNorm(cfg.d_model, cfg.norm_eps, rngs, offset=cfg.norm_offset)
+    norm = lambda: make_norm(cfg, rngs)
     if cfg.pre_norms:
       self.attn_norm = norm()
     self.attn = Attention(cfg, run, rngs)
@@ -253,7 +253,9 @@ class Decoder(nnx.Module):
     self.layers = make_blocks("moe" if "moe" in kinds else "mlp")
     if len(set(kinds)) > 1:
       self.dense_layers = make_blocks("mlp")
-    self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs, offset=cfg.norm_offset)
+    self.final_norm = make_norm(cfg, rngs)
+    if cfg.embed_norm:  # BLOOM: the embeddings normalised before the first layer
+      self.embed_norm = make_norm(cfg, rngs)
     if not cfg.tie_embeddings and not cfg.value_head:
       self.head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), std)
     if cfg.value_head:  # reward models: a score head instead of the LM head
@@ -334,6 +336,8 @@ class Decoder(nnx.Module):
       x = constrain(jnp.concatenate([virtual, x], axis=1), BTD)
     if self.cfg.embed_scale:
       x = x * jnp.asarray(self.cfg.d_model ** 0.5, x.dtype)
+    if self.cfg.embed_norm:
+      x = self.embed_norm(x)
     kv = None if cache is None else (cache["k"], cache["v"])
     router_keys = None
     if ctx.router_rng is not None and self.cfg.router_jitter and self.cfg.n_experts:

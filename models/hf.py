@@ -66,7 +66,7 @@ ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                  "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
                  "Phi3ForCausalLM": "phi3", "Olmo2ForCausalLM": "olmo2",
                  "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2",
-                 "Gemma3ForCausalLM": "gemma3",
+                 "Gemma3ForCausalLM": "gemma3", "BloomForCausalLM": "bloom",
                  "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
                  "Qwen3MoeForCausalLM": "qwen3_moe"}
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
@@ -157,6 +157,8 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
     raise UnsupportedModel(
         f"architectures={archs} is not supported; supported: "
         f"{', '.join([*ARCHITECTURES, *CLASSIFIERS])}")
+  if family == "bloom":
+    return _bloom_from_hf(hf, value_head, overrides)
   n_layers = hf["num_hidden_layers"]
   c = dict(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=n_layers,
            n_heads=hf["num_attention_heads"],
@@ -207,6 +209,27 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
     c.update(post_norms=True, query_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5,
              attn_softcap=float(hf.get("attn_logit_softcapping") or 0.0),
              logit_softcap=float(hf.get("final_logit_softcapping") or 0.0))
+  c.update(overrides)
+  return ModelConfig(**c)
+
+
+# BLOOM: what sets it apart, fixed for the family
+BLOOM = dict(alibi=True, layer_norm=True, embed_norm=True, mlp_gated=False, out_bias=True,
+             qkv_bias=True, mlp_activation="gelu_tanh", family="bloom")
+
+
+def _bloom_from_hf(hf: dict, value_head: bool, overrides: dict) -> ModelConfig:
+  """A BloomConfig (n_layer, n_head, layer_norm_epsilon; 4 x hidden MLP; no positions limit:
+  seq_length, else 2048, is the model's max_seq_len)."""
+  if hf.get("apply_residual_connection_post_layernorm"):
+    raise UnsupportedModel("apply_residual_connection_post_layernorm=true is not supported")
+  d, heads = hf["hidden_size"], hf.get("n_head") or hf["num_attention_heads"]
+  c = dict(vocab_size=hf["vocab_size"], d_model=d,
+           n_layers=hf.get("n_layer") or hf["num_hidden_layers"], n_heads=heads,
+           n_kv_heads=heads, d_ff=4 * d, max_seq_len=int(hf.get("seq_length") or 2048),
+           norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+           tie_embeddings=bool(hf.get("tie_word_embeddings", True)), value_head=value_head,
+           **BLOOM)
   c.update(overrides)
   return ModelConfig(**c)
 
@@ -290,8 +313,18 @@ def _check_family(cfg: ModelConfig):
   if cfg.qk_norm_full != (family == "olmo2") or (not cfg.pre_norms) != (family == "olmo2"):
     problems.append(f"qk_norm_full={cfg.qk_norm_full}, pre_norms={cfg.pre_norms}: OLMo 2's "
                     "norms, which only olmo2 has (always)")
-  if cfg.alibi:
-    problems.append("alibi=True: no supported family has ALiBi yet (BLOOM is not supported)")
+  bloom = {k: v for k, v in BLOOM.items() if k != "family"}
+  if family == "bloom":
+    problems += [f"{k}={getattr(cfg, k)}" for k, v in bloom.items() if getattr(cfg, k) != v]
+    if cfg.n_kv_heads != cfg.n_heads or cfg.d_ff != 4 * cfg.d_model or cfg.sliding_window:
+      problems.append(f"n_kv_heads={cfg.n_kv_heads}, d_ff={cfg.d_ff}, sliding_window="
+                      f"{cfg.sliding_window} (BLOOM: all heads, 4 x d_model, no window)")
+  else:
+    problems += [f"{k}={getattr(cfg, k)} (BLOOM's)" for k in ("alibi", "layer_norm",
+                                                              "embed_norm", "out_bias")
+                 if getattr(cfg, k)]
+    if not cfg.mlp_gated:
+      problems.append("mlp_gated=False (BLOOM's)")
   if bool(cfg.rope_local_theta) != (family == "gemma3"):
     problems.append(f"rope_local_theta={cfg.rope_local_theta}: only gemma3 has a local base "
                     "(always)")
@@ -334,6 +367,14 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
   _check_family(cfg)
   arch = next(a for a, f in (CLASSIFIERS if cfg.value_head else ARCHITECTURES).items()
               if f == cfg.family)
+  if cfg.family == "bloom":
+    return dict(architectures=[arch], model_type="bloom", vocab_size=cfg.vocab_size,
+                hidden_size=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads,
+                layer_norm_epsilon=cfg.norm_eps, seq_length=cfg.max_seq_len,
+                tie_word_embeddings=cfg.tie_embeddings, torch_dtype=dtype, dtype=dtype,
+                apply_residual_connection_post_layernorm=False, hidden_dropout=0.0,
+                attention_dropout=0.0, pretraining_tp=1, slow_but_exact=False,
+                **(dict(num_labels=1, pad_token_id=0) if cfg.value_head else {}))
   windows = cfg.layer_windows()
   hf = dict(architectures=[arch], model_type=MODEL_TYPES.get(cfg.family, cfg.family),
             vocab_size=cfg.vocab_size,
@@ -400,7 +441,41 @@ def stacks(cfg: ModelConfig) -> dict[str, list[int]]:
           "dense_layers": [i for i, k in enumerate(kinds) if k == "mlp"]}
 
 
+def _bloom_layouts(cfg: ModelConfig) -> list[tuple[tuple[str, ...], str, Transform, Transform]]:
+  """BLOOM's names: transformer.h.{i}..., LayerNorms with biases, one query_key_value matrix
+  whose rows interleave q, k and v head by head (see _split_fused), tied head."""
+  d, h, hd, ident, t = cfg.d_model, cfg.n_heads, cfg.head_dim, _ident, _t
+  p = "transformer.h.{i}."
+  qkv = p + "self_attention.query_key_value."
+  layer = [(("attn", n), qkv + "weight|" + n, lambda w: w.T.reshape(d, h, hd),
+            lambda w: w.reshape(d, h * hd).T) for n in ("q", "k", "v")]
+  layer += [(("attn", f"{n}_bias"), qkv + "bias|" + n, lambda w: w.reshape(h, hd),
+             lambda w: w.reshape(-1)) for n in ("q", "k", "v")]
+  layer += [(("attn", "o"), p + "self_attention.dense.weight", lambda w: w.T.reshape(h, hd, d),
+             lambda w: w.reshape(h * hd, d).T),
+            (("attn", "o_bias"), p + "self_attention.dense.bias", ident, ident),
+            (("mlp", "up"), p + "mlp.dense_h_to_4h.weight", t, t),
+            (("mlp", "up_bias"), p + "mlp.dense_h_to_4h.bias", ident, ident),
+            (("mlp", "down"), p + "mlp.dense_4h_to_h.weight", t, t),
+            (("mlp", "down_bias"), p + "mlp.dense_4h_to_h.bias", ident, ident)]
+  norms = [("attn_norm", p + "input_layernorm"), ("mlp_norm", p + "post_attention_layernorm")]
+  layer += [((ours, kind), f"{name}.{theirs}", ident, ident) for ours, name in norms
+            for kind, theirs in (("scale", "weight"), ("bias", "bias"))]
+  out = [(("embed",), "transformer.word_embeddings.weight", ident, ident)]
+  out += [((ours, kind), f"transformer.{name}.{theirs}", ident, ident)
+          for ours, name in (("embed_norm", "word_embeddings_layernorm"), ("final_norm", "ln_f"))
+          for kind, theirs in (("scale", "weight"), ("bias", "bias"))]
+  out += [(("layers", *path), name, a, b) for path, name, a, b in layer]
+  if cfg.value_head:
+    out.append((("score",), "score.weight", t, t))
+  elif not cfg.tie_embeddings:
+    out.append((("head",), "lm_head.weight", t, t))
+  return out
+
+
 def _layouts(cfg: ModelConfig) -> list[tuple[tuple[str, ...], str, Transform, Transform]]:
+  if cfg.family == "bloom":
+    return _bloom_layouts(cfg)
   out = [(("final_norm", "scale"), "model.norm.weight", _ident, _ident),
          (("embed",), "model.embed_tokens.weight", _ident, _ident)]
   for stack in stacks(cfg):
@@ -483,25 +558,36 @@ def _layer_layouts(cfg: ModelConfig, moe: bool):
   return out
 
 
-def _fused_rows(cfg: ModelConfig, fused: str) -> dict[str, int]:
-  """The parts of a fused Hugging Face matrix, in row order, and their rows: Phi-3's qkv_proj
-  (q, k, v) and gate_up_proj (gate, then up)."""
-  if fused.endswith("qkv_proj.weight"):
-    return {"q": cfg.n_heads * cfg.head_dim, "k": cfg.n_kv_heads * cfg.head_dim,
-            "v": cfg.n_kv_heads * cfg.head_dim}
-  if fused.endswith("gate_up_proj.weight"):
-    return {"gate": cfg.d_ff, "up": cfg.d_ff}
-  raise KeyError(fused)
+def _split_fused(cfg: ModelConfig, fused: str, full: np.ndarray) -> dict[str, np.ndarray]:
+  """A fused Hugging Face tensor's parts by name, in their order: Phi-3's qkv_proj (q, k, v
+  rows one after the other) and gate_up_proj (gate rows, then up), BLOOM's query_key_value
+  (q, k and v rows interleaved head by head: (heads, 3, head_dim, ...))."""
+  h, kv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+  if ".query_key_value." in fused:
+    heads = full.reshape(h, 3, hd, *full.shape[1:])
+    return {n: heads[:, i].reshape(h * hd, *full.shape[1:]) for i, n in enumerate("qkv")}
+  rows = ({"q": h * hd, "k": kv * hd, "v": kv * hd} if fused.endswith("qkv_proj.weight")
+          else {"gate": cfg.d_ff, "up": cfg.d_ff})
+  bounds = np.cumsum([0, *rows.values()])
+  return {n: full[bounds[i]:bounds[i + 1]] for i, n in enumerate(rows)}
+
+
+def _merge_fused(cfg: ModelConfig, fused: str, parts: dict[str, np.ndarray]) -> np.ndarray:
+  """`_split_fused` undone."""
+  if ".query_key_value." in fused:
+    h, hd = cfg.n_heads, cfg.head_dim
+    rest = parts["q"].shape[1:]
+    return np.stack([parts[n].reshape(h, hd, *rest) for n in "qkv"], axis=1).reshape(
+        3 * h * hd, *rest)
+  return np.concatenate(list(parts.values()))
 
 
 def _read(ckpt: "_Checkpoint", cfg: ModelConfig, name: str) -> np.ndarray:
-  """A tensor by its layout name; "fused|part" is that part's rows of the fused matrix."""
+  """A tensor by its layout name; "fused|part" is that part of the fused tensor."""
   if "|" not in name:
     return ckpt.get(name)
   fused, part = name.split("|")
-  rows = _fused_rows(cfg, fused)
-  start = sum(n for p, n in rows.items() if list(rows).index(p) < list(rows).index(part))
-  return ckpt.get(fused)[start:start + rows[part]]
+  return _split_fused(cfg, fused, ckpt.get(fused))[part]
 
 
 def _get(tree, path):
@@ -701,7 +787,7 @@ def save(folder: str, cfg: ModelConfig, params: dict, dtype=np.float32,
 
 
 def _fuse(cfg: ModelConfig, tensors: list) -> list:
-  """The "fused|part" entries of `tensors` joined into their fused matrix, rows in order."""
+  """The "fused|part" entries of `tensors` joined into their fused tensor."""
   out, parts = [], {}
   for name, t in tensors:
     if "|" not in name:
@@ -712,20 +798,21 @@ def _fuse(cfg: ModelConfig, tensors: list) -> list:
       parts[fused] = {}
       out.append((fused, None))  # its place; filled below
     parts[fused][part] = t
-  return [(name, t if t is not None else _Rows([parts[name][p] for p in _fused_rows(cfg, name)]))
-          for name, t in out]
+  return [(name, t if t is not None else _Fused(cfg, name, parts[name])) for name, t in out]
 
 
-class _Rows:
-  """Lazy tensors stacked along their first axis, fetched when written."""
+class _Fused:
+  """A fused tensor of lazy parts (`_merge_fused`), fetched when written."""
 
-  def __init__(self, parts: list):
-    self.parts, self.dtype = parts, parts[0].dtype
-    self.shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
-    self.nbytes = sum(p.nbytes for p in parts)
+  def __init__(self, cfg: ModelConfig, name: str, parts: dict):
+    self.cfg, self.name, self.parts = cfg, name, parts
+    first = next(iter(parts.values()))
+    self.dtype = first.dtype
+    self.shape = (sum(p.shape[0] for p in parts.values()), *first.shape[1:])
+    self.nbytes = sum(p.nbytes for p in parts.values())
 
   def __array__(self, dtype=None, copy=None):
-    return np.concatenate([np.asarray(p) for p in self.parts])
+    return _merge_fused(self.cfg, self.name, {n: np.asarray(p) for n, p in self.parts.items()})
 
 
 class _Lazy:

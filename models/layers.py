@@ -64,6 +64,29 @@ class RMSNorm(nnx.Module):
     return (x32 * (1.0 + scale if self.offset else scale)).astype(x.dtype)
 
 
+class LayerNorm(nnx.Module):
+  """(x - mean(x)) / std(x) * scale + bias, in float32 (BLOOM)."""
+
+  def __init__(self, dim: int, eps: float, rngs: nnx.Rngs):
+    self.eps = eps
+    self.scale = param(rngs, (dim,), ("embed",), std=None)
+    self.bias = param(rngs, (dim,), ("embed",), std=0)
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (x32 * self.scale[...].astype(jnp.float32)
+            + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def make_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
+  """The model's norm over d_model: RMSNorm (Gemma's with its offset), or BLOOM's LayerNorm."""
+  if cfg.layer_norm:
+    return LayerNorm(cfg.d_model, cfg.norm_eps, rngs)
+  return RMSNorm(cfg.d_model, cfg.norm_eps, rngs, offset=cfg.norm_offset)
+
+
 # ----------------------------------------------------------------------------------------------
 # Rotary position embeddings
 # ----------------------------------------------------------------------------------------------
@@ -516,6 +539,8 @@ class Attention(nnx.Module):
     elif cfg.qk_norm:  # Qwen3: each query and key head normalised over head_dim, before rope
       self.q_norm = RMSNorm(hd, cfg.norm_eps, rngs, offset=cfg.norm_offset, axis="head_dim")
       self.k_norm = RMSNorm(hd, cfg.norm_eps, rngs, offset=cfg.norm_offset, axis="head_dim")
+    if cfg.out_bias:
+      self.o_bias = param(rngs, (d,), ("embed",), std=0)
 
   def __call__(self, x_btd, cos, sin, mask, kv_cache=None, deltas=None, prefix_kv=None,
                positions=None):
@@ -556,7 +581,7 @@ class Attention(nnx.Module):
       v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, 1)
       out = dot_product_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask,
                                   scale, cap, alibi=alibi)
-      return project(out, self.o[...], deltas.get("o"), n_in=2), (k_cache, v_cache)
+      return self._out(out, deltas), (k_cache, v_cache)
     if impl == "xla":
       blocks = query_blocks(q.shape[1]) if prefix_kv is None else 1
       out = dot_product_attention(q, k, v, mask, scale, cap, blocks, alibi=alibi)
@@ -569,7 +594,12 @@ class Attention(nnx.Module):
     else:  # ring
       block = functools.partial(_ring_block, scale=scale, softcap=cap)
       out = ring_attention(block, _ring_visible, q, k, v, *mask)
-    return project(out, self.o[...], deltas.get("o"), n_in=2)
+    return self._out(out, deltas)
+
+  def _out(self, out, deltas):
+    """The output projection (with BLOOM's bias)."""
+    y = project(out, self.o[...], deltas.get("o"), n_in=2)
+    return y + self.o_bias[...].astype(y.dtype) if self.cfg.out_bias else y
 
 
 def library_attention(q, k, v, mask, scale, implementation: str):
@@ -658,20 +688,29 @@ def _ring_visible(q_aux, k_aux):
 
 
 class MLP(nnx.Module):
-  """Gated: down(act(gate(x)) * up(x)); act silu (SwiGLU) or tanh-approximated gelu (GeGLU)."""
+  """Gated: down(act(gate(x)) * up(x)); act silu (SwiGLU) or tanh-approximated gelu (GeGLU).
+  Without `mlp_gated` (BLOOM): down(act(up(x))); `out_bias`: up and down have biases."""
 
   def __init__(self, cfg: ModelConfig, run: Execution, rngs: nnx.Rngs):
-    self.activation = cfg.mlp_activation
+    self.activation, self.gated, self.biased = cfg.mlp_activation, cfg.mlp_gated, cfg.out_bias
     d, f, std = cfg.d_model, cfg.d_ff, run.init_std
-    self.gate = param(rngs, (d, f), ("embed", "mlp"), std)
+    if cfg.mlp_gated:
+      self.gate = param(rngs, (d, f), ("embed", "mlp"), std)
     self.up = param(rngs, (d, f), ("embed", "mlp"), std)
     self.down = param(rngs, (f, d), ("mlp", "embed"), std / math.sqrt(2 * cfg.n_layers))
+    if cfg.out_bias:
+      self.up_bias = param(rngs, (f,), ("mlp",), std=0)
+      self.down_bias = param(rngs, (d,), ("embed",), std=0)
 
   def __call__(self, x_btd, deltas=None):
     """`deltas` (PEFT): {"gate": fn, ...}, fn(x) added to that projection (see `project`)."""
     deltas = deltas or {}
-    gate = project(x_btd, self.gate[...], deltas.get("gate"))
-    gate = jax.nn.silu(gate) if self.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-    h = gate * project(x_btd, self.up[...], deltas.get("up"))
+    act = jax.nn.silu if self.activation == "silu" else functools.partial(jax.nn.gelu,
+                                                                          approximate=True)
+    up = project(x_btd, self.up[...], deltas.get("up"))
+    if self.biased:
+      up = up + self.up_bias[...].astype(up.dtype)
+    h = act(project(x_btd, self.gate[...], deltas.get("gate"))) * up if self.gated else act(up)
     h = constrain(h, ("batch", "length", "mlp"))
-    return project(h, self.down[...], deltas.get("down"))
+    y = project(h, self.down[...], deltas.get("down"))
+    return y + self.down_bias[...].astype(y.dtype) if self.biased else y

@@ -39,6 +39,7 @@ FAMILIES = {
         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0,
                                             "rope_theta": 100000.0},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}})),
+    "bloom": (transformers.BloomConfig, transformers.BloomForCausalLM, dict(pad_token_id=0)),
     "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM, dict(
         sliding_window=5, query_pre_attn_scalar=12, attn_logit_softcapping=3.0,
         final_logit_softcapping=2.0)),
@@ -49,7 +50,11 @@ def make(family: str, folder: str, seed: int = 0):
   """A randomly initialised model of `family` saved to `folder`; returns the torch model."""
   config_cls, model_cls, extra = FAMILIES[family]
   torch.manual_seed(seed)
-  model = model_cls(config_cls(**COMMON, **extra, attn_implementation="eager")).eval()
+  common = COMMON if family != "bloom" else dict(  # BLOOM's own keys; MHA, a 4 x d MLP
+      vocab_size=COMMON["vocab_size"], hidden_size=COMMON["hidden_size"],
+      n_layer=COMMON["num_hidden_layers"], n_head=COMMON["num_attention_heads"],
+      initializer_range=COMMON["initializer_range"])
+  model = model_cls(config_cls(**common, **extra, attn_implementation="eager")).eval()
   with torch.no_grad():  # norms and biases away from their init, so that each one matters
     for name, p in model.named_parameters():
       if "norm" in name or name.endswith("bias"):

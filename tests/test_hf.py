@@ -33,7 +33,7 @@ def test_import_matches_transformers_and_export_reloads(family, tmp_path):
               "llama-yarn": dict(rope_scaling="linear"), "llama-longrope": dict(rope_scaling="none"),
               "qwen3": dict(qk_norm=False), "phi3": dict(rope_scaling="none"),
               "olmo2": dict(qk_norm_full=False, qk_norm=False),
-              "gemma3": dict(rope_local_theta=100000.0),
+              "gemma3": dict(rope_local_theta=100000.0), "bloom": dict(alibi=False),
               "gemma": dict(embed_scale=False)}.get(family)
   if features:
     plain_cfg, plain = hf.load(str(tmp_path / "hf"), **features)

@@ -157,9 +157,9 @@ def main(argv):
           raise UserError(f"--format=peft needs a run with peft.method one of "
                           f"{', '.join(hf_format.METHODS)}; use --format=hf for the whole model")
         if handle.cfg.family in hf_format.FUSED_FAMILIES:
-          raise UserError(f"--format=peft: {handle.cfg.family} fuses q, k, v (and gate, up) into "
-                          "one matrix, which PEFT adapts as one; merge the adapters with "
-                          "--format=hf instead")
+          raise UserError(f"--format=peft: {handle.cfg.family} fuses q, k and v into one "
+                          "matrix, which PEFT adapts as one; merge the adapters with --format=hf "
+                          "instead")
         files = hf_format.write(tmp, handle.peft, params, dtype)
       else:
         if handle.peft is not None and handle.peft.method == "adapter":

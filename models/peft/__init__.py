@@ -117,7 +117,8 @@ def _lead(mcfg: ModelConfig, module: str) -> tuple[int, ...]:
 
 def linear(mcfg: ModelConfig | None) -> dict[tuple[str, str], tuple[str, ...]]:
   """The targets this model has: (module, weight) -> Hugging Face names. None: a dense model."""
-  dense = {k: (hf,) for k, (hf, _) in LINEAR.items()}
+  dense = {k: (hf,) for k, (hf, _) in LINEAR.items()
+           if mcfg is None or mcfg.mlp_gated or k != ("mlp", "gate")}
   if mcfg is None or not mcfg.n_experts:
     return dense
   out = {k: v for k, v in dense.items() if k[0] == "attn"}

@@ -53,7 +53,7 @@ CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 _SCOPE = {"attn": "self_attn", "mlp": "mlp", "shared": "mlp"}
 GATE_UP, DOWN = "experts.gate_up_proj", "experts.down_proj"
-FUSED_FAMILIES = ("phi3",)  # one qkv_proj and gate_up_proj: no PEFT names for our adapters
+FUSED_FAMILIES = ("phi3", "bloom")  # fused q, k, v: no PEFT names for our adapters
 
 
 def _module(module: str, name: str) -> str:

@@ -80,6 +80,8 @@ class Quantized:
     """ValueError naming the weight when a target's shape cannot take the scheme."""
     if mcfg.n_experts:
       raise ValueError("quantizing a mixture-of-experts model's weights is not supported yet")
+    if not mcfg.mlp_gated or mcfg.out_bias:
+      raise ValueError("quantizing BLOOM's MLP (no gate, biases) is not supported yet")
     for module, name in self.targets:
       n_in, n_out = dims(mcfg, module, name)
       self.scheme.check((n_in, n_out), f"{module}.{name} (in {n_in})")
