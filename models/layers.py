@@ -587,13 +587,14 @@ class Attention(nnx.Module):
       out = dot_product_attention(q, k, v, mask, scale, cap, blocks, alibi=alibi)
     elif impl == "pallas" or (impl == "ring" and ring_attention_lib.sequence_parallel_size() == 1):
       if impl == "ring":  # no ring to run: the keys' vectors in natural order are the mask
-        mask = fm.FlashMask(*mask[1])
-      out = partitioned_flash_attention(q, k, v, mask, scale, cap)
+        mask = fm.FlashMask(*mask[1][:4])
+      out = partitioned_flash_attention(q, k, v, mask, scale, cap, alibi=alibi)
     elif impl == "cudnn":
       out = library_attention(q, k, v, mask, scale, "cudnn")
     else:  # ring
       block = functools.partial(_ring_block, scale=scale, softcap=cap)
-      out = ring_attention(block, _ring_visible, q, k, v, *mask)
+      out = ring_attention(block, _ring_visible, q, k, v, *mask,
+                           heads=None if alibi is None else alibi.slopes.reshape(-1))
     return self._out(out, deltas)
 
   def _out(self, out, deltas):
@@ -609,13 +610,17 @@ def library_attention(q, k, v, mask, scale, implementation: str):
                                       implementation=implementation)
 
 
-def partitioned_flash_attention(q, k, v, mask: fm.FlashMask, scale, softcap, backend=None):
+def partitioned_flash_attention(q, k, v, mask: fm.FlashMask, scale, softcap, backend=None,
+                                alibi: Alibi | None = None):
   """The Pallas kernel under the active mesh: a `shard_map` over batch and heads, since XLA
   cannot partition a Mosaic call (TPU) and would replicate a Triton one (GPU). Each device runs
-  the kernel on its rows and heads; sequences stay whole (splitting them is `ring`'s job)."""
+  the kernel on its rows and heads; sequences stay whole (splitting them is `ring`'s job).
+  `alibi`: ALiBi's slopes and positions, which the kernel turns into the bias tile by tile."""
+  bias = None if alibi is None else (alibi.slopes.reshape(-1), alibi.q_pos, alibi.k_pos)
   active = rules_lib.active()
   if active is None:
-    return flash_attention(q, k, v, mask, scale=scale, softcap=softcap, backend=backend)[0]
+    return flash_attention(q, k, v, mask, scale=scale, softcap=softcap, backend=backend,
+                           alibi=bias)[0]
   mesh, rules = active
   q_spec = rules_lib.spec(("batch", "length", "heads", "head_dim"), rules, mesh, q.shape)
   kv_spec = rules_lib.spec(("batch", "length", "kv_heads", "head_dim"), rules, mesh, k.shape)
@@ -628,14 +633,19 @@ def partitioned_flash_attention(q, k, v, mask: fm.FlashMask, scale, softcap, bac
   if q_spec[3] is not None:
     raise ValueError("pallas attention needs whole heads on each device (head_dim unsplit)")
   vec_spec = jax.sharding.PartitionSpec(q_spec[0], None)
+  # ALiBi: the slopes split as the heads are, the positions as the rows
+  bias_specs = () if bias is None else (jax.sharding.PartitionSpec(q_spec[2]), vec_spec,
+                                        vec_spec)
 
   def local(q, k, v, *vectors):
-    return flash_attention(q, k, v, fm.FlashMask(*vectors), scale=scale, softcap=softcap,
-                           backend=backend)[0]
+    local_bias = tuple(vectors[4:]) or None
+    return flash_attention(q, k, v, fm.FlashMask(*vectors[:4]), scale=scale, softcap=softcap,
+                           backend=backend, alibi=local_bias)[0]
 
-  return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, *[vec_spec] * 4),
+  return jax.shard_map(local, mesh=mesh,
+                       in_specs=(q_spec, kv_spec, kv_spec, *[vec_spec] * 4, *bias_specs),
                        out_specs=q_spec, check_vma=False)(
-                           q, k, v, mask.lts, mask.lte, mask.uts, mask.ute)
+                           q, k, v, mask.lts, mask.lte, mask.uts, mask.ute, *(bias or ()))
 
 
 def attention_inputs(impl: str, positions_bt, segment_ids_bt, window: int, order=None,
@@ -667,19 +677,21 @@ def attention_inputs(impl: str, positions_bt, segment_ids_bt, window: int, order
   order = np.arange(t) if order is None else np.asarray(order)
   natural = fm.from_segments(segment_ids_bt[:, np.argsort(order)], window, shared_prompt)
   rows = jnp.broadcast_to(jnp.asarray(order, jnp.int32), (b, t))
-  return (rows,), tuple(getattr(natural, f)[:, order] for f in ("lts", "lte", "uts", "ute"))
+  vectors = tuple(getattr(natural, f)[:, order] for f in ("lts", "lte", "uts", "ute"))
+  return (rows, positions_bt), (*vectors, positions_bt)  # (positions: ALiBi's distances)
 
 
 def _ring_mask(q_aux, k_aux, q_len):
   """A ring block's FlashMask: the keys' bands over global rows, renumbered for this contiguous
   chunk of queries."""
-  (rows,) = q_aux
-  return fm.shift_rows(fm.FlashMask(*k_aux), rows[0, 0], q_len)
+  return fm.shift_rows(fm.FlashMask(*k_aux[:4]), q_aux[0][0, 0], q_len)
 
 
-def _ring_block(q, k, v, q_aux, k_aux, scale, softcap):
+def _ring_block(q, k, v, q_aux, k_aux, slopes=None, *, scale, softcap):
+  """One ring step's flash attention; `slopes` (ALiBi), with the positions both aux carry."""
+  alibi = None if slopes is None else (slopes, q_aux[1], k_aux[4])
   return flash_attention(q, k, v, _ring_mask(q_aux, k_aux, q.shape[1]), scale=scale,
-                         softcap=softcap, out_dtype=jnp.float32)
+                         softcap=softcap, alibi=alibi, out_dtype=jnp.float32)
 
 
 def _ring_visible(q_aux, k_aux):

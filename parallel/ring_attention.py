@@ -64,12 +64,15 @@ def _combine(o, lse, o_blk, lse_blk):
   return (o * jnp.exp(lse - new)[..., None] + o_blk * jnp.exp(lse_blk - new)[..., None]), new
 
 
-def ring_attention(block_fn: BlockFn, visible_fn: VisibleFn, q, k, v, q_aux, k_aux):
+def ring_attention(block_fn: BlockFn, visible_fn: VisibleFn, q, k, v, q_aux, k_aux,
+                   heads=None):
   """q (batch, length, heads, head_dim), k/v (batch, length, kv_heads, head_dim), q_aux/k_aux
-  tuples of (batch, length) arrays; the length already in the order it is sharded in (`layout`)."""
+  tuples of (batch, length) arrays; the length already in the order it is sharded in (`layout`).
+  `heads`: an array with one entry per query head (ALiBi's slopes), split as the heads are and
+  given to block_fn as a last argument."""
   active = rules_lib.active()
   if active is None or active[0].shape[AXIS] == 1:
-    out, _ = block_fn(q, k, v, q_aux, k_aux)
+    out, _ = block_fn(q, k, v, q_aux, k_aux, *(() if heads is None else (heads,)))
     return out.astype(q.dtype)
   mesh, rules = active
   n = mesh.shape[AXIS]
@@ -86,8 +89,9 @@ def ring_attention(block_fn: BlockFn, visible_fn: VisibleFn, q, k, v, q_aux, k_a
   split = lambda x: jnp.split(x, halves, axis=1)
   split_aux = lambda aux: list(zip(*(split(a) for a in aux)))  # per half: a tuple of arrays
 
-  def local(q, k, v, q_aux, k_aux):
+  def local(q, k, v, q_aux, k_aux, heads):
     q_parts, q_aux_parts = split(q), split_aux(q_aux)
+    extra = () if heads is None else (heads,)  # this device's heads' entries
     b, t, h, d = q.shape
     o = [jnp.zeros((b, t // halves, h, d), jnp.float32) for _ in range(halves)]
     lse = [jnp.full((b, t // halves, h), jnp.finfo(jnp.float32).min) for _ in range(halves)]
@@ -98,7 +102,7 @@ def ring_attention(block_fn: BlockFn, visible_fn: VisibleFn, q, k, v, q_aux, k_a
       for kj, vj, aux_j in zip(split(k), split(v), split_aux(k_aux)):
         for i in range(halves):
           def attend(o_i, lse_i, i=i, kj=kj, vj=vj, aux_j=aux_j):
-            o_blk, lse_blk = block(q_parts[i], kj, vj, q_aux_parts[i], aux_j)
+            o_blk, lse_blk = block(q_parts[i], kj, vj, q_aux_parts[i], aux_j, *extra)
             return _combine(o_i, lse_i, o_blk, lse_blk)
           o[i], lse[i] = jax.lax.cond(visible_fn(q_aux_parts[i], aux_j), attend,
                                       lambda a, b: (a, b), o[i], lse[i])
@@ -110,6 +114,8 @@ def ring_attention(block_fn: BlockFn, visible_fn: VisibleFn, q, k, v, q_aux, k_a
     return jnp.concatenate(o, axis=1).astype(q.dtype)
 
   aux_specs = lambda aux: tuple(s_spec for _ in aux)
+  head_spec = None if heads is None else jax.sharding.PartitionSpec(q_spec[2])
   return jax.shard_map(
-      local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, aux_specs(q_aux), aux_specs(k_aux)),
-      out_specs=q_spec, check_vma=False)(q, k, v, tuple(q_aux), tuple(k_aux))
+      local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, aux_specs(q_aux), aux_specs(k_aux),
+                                  head_spec),
+      out_specs=q_spec, check_vma=False)(q, k, v, tuple(q_aux), tuple(k_aux), heads)

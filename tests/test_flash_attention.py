@@ -12,8 +12,9 @@ from models.kernels import flashmask as fm
 from models.kernels.flash_attention import flash_attention
 
 
-def dense_attention(q, k, v, allowed, softcap=0.0):
-  """Plain jnp: K/V repeated per query head, the (b, t, s) boolean mask applied to the scores.
+def dense_attention(q, k, v, allowed, softcap=0.0, alibi=None):
+  """Plain jnp: K/V repeated per query head, the (b, t, s) boolean mask applied to the scores,
+  `alibi` (slopes, query positions, key positions) subtracting slope x distance.
   A row that sees no key gives 0 and lse -inf."""
   b, t, h, d = q.shape
   g = h // k.shape[2]
@@ -22,6 +23,9 @@ def dense_attention(q, k, v, allowed, softcap=0.0):
   s = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(d)
   if softcap:
     s = softcap * jnp.tanh(s / softcap)
+  if alibi is not None:
+    slopes, q_pos, k_pos = (np.asarray(a, np.float32) for a in alibi)
+    s = s - slopes[None, :, None, None] * (q_pos[:, None, :, None] - k_pos[:, None, None, :])
   allowed = jnp.asarray(allowed)[:, None]
   m = jnp.max(jnp.where(allowed, s, -jnp.inf), axis=-1, keepdims=True)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
@@ -72,7 +76,7 @@ def make_mask(kind, rng, b, n):
 
 
 def compare(q, k, v, mask, atol, softcap=0.0, block_q=16, block_k=16, seed=0, d_scale=1.0,
-            out_dtype=None):
+            out_dtype=None, alibi=None):
   """Outputs, lse and the gradients of a random linear function of both (cotangents normal
   times d_scale: bf16 tests keep gradients near 1, where 2e-2 is a few bf16 steps)."""
   rng = np.random.default_rng(seed)
@@ -88,8 +92,9 @@ def compare(q, k, v, mask, atol, softcap=0.0, block_q=16, block_k=16, seed=0, d_
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))
 
   ours = loss(lambda q, k, v: flash_attention(q, k, v, mask, softcap=softcap, block_q=block_q,
-                                              block_k=block_k, out_dtype=out_dtype))(q, k, v)
-  want = loss(lambda q, k, v: dense_attention(q, k, v, allowed, softcap))(q, k, v)
+                                              block_k=block_k, out_dtype=out_dtype,
+                                              alibi=alibi))(q, k, v)
+  want = loss(lambda q, k, v: dense_attention(q, k, v, allowed, softcap, alibi))(q, k, v)
   (_, (out, lse)), grads = ours
   (_, (want_out, want_lse)), want_grads = want
   assert out.dtype == (out_dtype or q.dtype)
@@ -127,6 +132,24 @@ def test_gqa_ratios_on_packed_rows(group):
   b, n, kv = 3, 45, 8 // group
   q, k, v = qkv(rng, b, n, 8, kv, 8)
   compare(q, k, v, fm.document(random_segments(rng, b, n)), atol=1e-5, block_q=16, block_k=32)
+
+
+@pytest.mark.parametrize("group,softcap", [(1, 0.0), (4, 0.0), (2, 5.0)])
+def test_alibi_computed_in_the_kernels_on_packed_rows(group, softcap):
+  """ALiBi's bias from per-document positions (packed rows, odd length), computed per tile in
+  the forward, dq and dk/dv kernels: against dense attention with the bias written out."""
+  from models.layers import alibi_slopes
+  rng = np.random.default_rng(30 + group)
+  b, n, heads = 2, 53, 8
+  seg = random_segments(rng, b, n)
+  pos = np.zeros_like(seg)
+  for r in range(b):
+    for doc in np.unique(seg[r]):
+      where = seg[r] == doc
+      pos[r, where] = np.arange(where.sum())
+  q, k, v = qkv(rng, b, n, heads, heads // group, 16)
+  compare(q, k, v, fm.document(seg), atol=1e-5, softcap=softcap, block_k=32,
+          alibi=(alibi_slopes(heads), pos, pos))
 
 
 def test_rows_that_see_nothing_keys_unlike_queries_and_default_blocks():
@@ -234,8 +257,9 @@ def test_tiny_config_trains_the_same_with_pallas_and_xla(tmp_path):
   assert losses["xla"][-1] < losses["xla"][0]
 
 
-@pytest.mark.parametrize("platform", ["cuda", "tpu"])
-def test_kernels_lower_for_gpu_triton_and_tpu_mosaic(platform):
+@pytest.mark.parametrize("platform,alibi", [("cuda", False), ("tpu", False), ("cuda", True),
+                                            ("tpu", True)])
+def test_kernels_lower_for_gpu_triton_and_tpu_mosaic(platform, alibi):
   """No GPU or TPU here: check that forward and backward lower through Triton (GPU) and Mosaic
   (TPU, for an abstract v5p) with odd shapes: padded lengths and head_dim, GQA 7, a soft-cap.
   Compiling and running on the devices is the device benchmark's job."""
@@ -255,7 +279,10 @@ def test_kernels_lower_for_gpu_triton_and_tpu_mosaic(platform):
 
   def grads(q, k, v, seg):
     mask = fm.from_segments(seg, sliding_window=17)
-    loss = lambda q, k, v: flash_attention(q, k, v, mask, softcap=50.0, backend=backend)[0].sum()
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    bias = (jnp.linspace(0.5, 0.01, h), positions, positions) if alibi else None
+    loss = lambda q, k, v: flash_attention(q, k, v, mask, softcap=50.0, backend=backend,
+                                           alibi=bias)[0].sum()
     return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
   with context:

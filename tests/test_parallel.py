@@ -69,9 +69,13 @@ def test_strategy_trains_like_one_device(name, one_device, tmp_path):
   assert moment.sharding.shard_shape(moment.shape)[1] == moment.shape[1] // shards
 
 
-def test_ring_attention_equals_plain_attention_with_gradients():
+@pytest.mark.parametrize("alibi", [False, True])
+def test_ring_attention_equals_plain_attention_with_gradients(alibi):
+  """Ring attention over 4 sequence shards against the xla path: logits and gradients on
+  packed rows; with ALiBi (its bias from each document's positions, inside the kernels) the
+  single-device Pallas path too."""
   base = dict(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
-              max_seq_len=64, rope_theta=10000.0)
+              max_seq_len=64, rope_theta=10000.0, alibi=alibi)
   cfg = ModelConfig(**base)
   ring, xla = Execution(attention_impl="ring"), Execution()
   params = handles.init_params(handles.model_handle(cfg, run=xla), seed=1)
@@ -95,6 +99,12 @@ def test_ring_attention_equals_plain_attention_with_gradients():
         params, ring, tuple(order))
   np.testing.assert_allclose(np.asarray(logits)[:, np.argsort(order)], ref_logits, atol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), grad, ref_grad)
+  if alibi:
+    grad, logits = jax.jit(jax.grad(loss, has_aux=True), static_argnums=(1, 2))(
+        params, Execution(attention_impl="pallas"), tuple(range(t)))
+    np.testing.assert_allclose(np.asarray(logits), ref_logits, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), grad,
+                 ref_grad)
 
 
 def test_zigzag_order_balances_the_causal_work():

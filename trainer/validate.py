@@ -142,8 +142,8 @@ def check_config(cfg) -> None:
            "model.router_bias_update_rate",
            f"{mc.router_bias_update_rate}: the routing bias is updated in full training only; "
            f"set it to 0 with peft.method={cfg.peft.method}")
-  _require(not mc.alibi or run.attention_impl == "xla", "model.attention_impl",
-           f"{run.attention_impl}: ALiBi (model.alibi) runs on the xla attention path so far")
+  _require(not mc.alibi or run.attention_impl != "cudnn", "model.attention_impl",
+           "cudnn takes no ALiBi bias (model.alibi): use xla, pallas or ring")
   _require(not mc.alibi or cfg.peft.method != "prefix", "peft.method",
            "prefix tuning's keys have no positions for ALiBi's distances (model.alibi)")
   try:

@@ -56,14 +56,35 @@ def _visible(rows, lts, lte, uts, ute):
   return ~(((rows >= lts) & (rows < lte)) | ((rows >= uts) & (rows < ute)))
 
 
-def _scores(q, k, scale, softcap):
-  """float32 scores of a tile and, with a soft-cap, tanh(raw / cap) for the backward pass."""
+def _scores(q, k, scale, softcap, bias=None):
+  """float32 scores of a tile and, with a soft-cap, tanh(raw / cap) for the backward pass;
+  `bias` (ALiBi's, a constant of the tile) is added after the cap."""
   s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
   s = s * scale
+  t = None
   if softcap:
     t = jnp.tanh(s / softcap)
-    return softcap * t, t
-  return s, None
+    s = softcap * t
+  if bias is not None:
+    s = s + bias
+  return s, t
+
+
+def _alibi_bias(slope_ref, q_pos, k_pos):
+  """ALiBi over one tile, computed here from positions: -slope * (query pos - key pos), for
+  q_pos (block_q, 1) and k_pos (1, block_k) float32; None without ALiBi."""
+  if slope_ref is None:
+    return None
+  return slope_ref[...] * (k_pos - q_pos)
+
+
+def _split_refs(refs, alibi: bool, n_rest: int):
+  """A kernel's refs after the mask vectors: (slope, q positions, key positions) or Nones, then
+  the `n_rest` others."""
+  if alibi:
+    return refs[:3], refs[3:]
+  assert len(refs) == n_rest
+  return (None, None, None), refs
 
 
 def _rows(block, size):
@@ -94,16 +115,20 @@ def _tile_loop(kinds_ref, bounds_ref, where, body, carry):
 # ----------------------------------------------------------------------------------------------
 
 
-def _forward_kernel(kinds_ref, bounds_ref, lts_ref, lte_ref, uts_ref, ute_ref, q_ref, k_ref, v_ref,
-                    o_ref, lse_ref, *, scale, softcap, block_q, block_k):
+def _forward_kernel(kinds_ref, bounds_ref, lts_ref, lte_ref, uts_ref, ute_ref, *refs, scale,
+                    softcap, block_q, block_k, alibi):
+  (slope_ref, qpos_ref, kpos_ref), (q_ref, k_ref, v_ref, o_ref, lse_ref) = _split_refs(
+      refs, alibi, 5)
   q = q_ref[...]
+  q_pos = qpos_ref[...] if alibi else None
   i = pl.program_id(2)
   rows = _rows(i, block_q)
 
   def tile(j, carry, masked):
     o, m, l = carry
     cols = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
-    s, _ = _scores(q, k_ref[cols, :], scale, softcap)
+    bias = _alibi_bias(slope_ref, q_pos, kpos_ref[:, cols]) if alibi else None
+    s, _ = _scores(q, k_ref[cols, :], scale, softcap, bias)
     if masked:
       vis = _visible(rows, lts_ref[:, cols], lte_ref[:, cols], uts_ref[:, cols], ute_ref[:, cols])
       s = jnp.where(vis, s, _NEG)
@@ -125,9 +150,11 @@ def _forward_kernel(kinds_ref, bounds_ref, lts_ref, lte_ref, uts_ref, ute_ref, q
   lse_ref[...] = jnp.where(seen, m + jnp.log(l), -jnp.inf)
 
 
-def _probs_and_dscores(q, k, v, do, lse, delta, rows, vectors, scale, softcap, masked):
-  """Recomputed probabilities p and d(loss)/d(raw scaled scores) of one tile."""
-  s, t = _scores(q, k, scale, softcap)
+def _probs_and_dscores(q, k, v, do, lse, delta, rows, vectors, scale, softcap, masked,
+                       bias=None):
+  """Recomputed probabilities p and d(loss)/d(raw scaled scores) of one tile (ALiBi's `bias`
+  is a constant: it changes p, not the rule)."""
+  s, t = _scores(q, k, scale, softcap, bias)
   p = jnp.exp(s - lse)  # lse = +inf for rows that see nothing: p = 0
   if masked:
     p = jnp.where(_visible(rows, *vectors), p, 0.0)
@@ -138,9 +165,12 @@ def _probs_and_dscores(q, k, v, do, lse, delta, rows, vectors, scale, softcap, m
   return p, ds
 
 
-def _dq_kernel(kinds_ref, bounds_ref, lts_ref, lte_ref, uts_ref, ute_ref, q_ref, k_ref, v_ref,
-               do_ref, lse_ref, delta_ref, dq_ref, *, scale, softcap, block_q, block_k):
+def _dq_kernel(kinds_ref, bounds_ref, lts_ref, lte_ref, uts_ref, ute_ref, *refs, scale, softcap,
+               block_q, block_k, alibi):
+  (slope_ref, qpos_ref, kpos_ref), (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+                                    dq_ref) = _split_refs(refs, alibi, 7)
   q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+  q_pos = qpos_ref[...] if alibi else None
   i = pl.program_id(2)
   rows = _rows(i, block_q)
 
@@ -148,8 +178,9 @@ def _dq_kernel(kinds_ref, bounds_ref, lts_ref, lte_ref, uts_ref, ute_ref, q_ref,
     cols = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
     k = k_ref[cols, :]
     vectors = (lts_ref[:, cols], lte_ref[:, cols], uts_ref[:, cols], ute_ref[:, cols])
+    bias = _alibi_bias(slope_ref, q_pos, kpos_ref[:, cols]) if alibi else None
     _, ds = _probs_and_dscores(q, k, v_ref[cols, :], do, lse, delta, rows, vectors, scale,
-                               softcap, masked)
+                               softcap, masked, bias)
     return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
   dq = _tile_loop(kinds_ref, bounds_ref, (pl.program_id(0), i), tile,
@@ -157,11 +188,13 @@ def _dq_kernel(kinds_ref, bounds_ref, lts_ref, lte_ref, uts_ref, ute_ref, q_ref,
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(kinds_ref, bounds_ref, lts_ref, lte_ref, uts_ref, ute_ref, q_ref, k_ref, v_ref,
-                do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, scale, softcap, block_q, block_k,
-                group):
+def _dkv_kernel(kinds_ref, bounds_ref, lts_ref, lte_ref, uts_ref, ute_ref, *refs, scale, softcap,
+                block_q, block_k, group, alibi):
+  (slopes_ref, qpos_ref, kpos_ref), (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
+                                     dv_ref) = _split_refs(refs, alibi, 8)
   k, v = k_ref[...], v_ref[...]
   vectors = (lts_ref[...], lte_ref[...], uts_ref[...], ute_ref[...])
+  k_pos = kpos_ref[...] if alibi else None
   where = (pl.program_id(0), pl.program_id(2))
 
   def head(h, carry):
@@ -169,8 +202,9 @@ def _dkv_kernel(kinds_ref, bounds_ref, lts_ref, lte_ref, uts_ref, ute_ref, q_ref
       dk, dv = carry
       at = pl.ds(pl.multiple_of(i * block_q, block_q), block_q)
       q, do = q_ref[h, at, :], do_ref[h, at, :]
+      bias = (slopes_ref[pl.ds(h, 1), :] * (k_pos - qpos_ref[at, :])) if alibi else None
       p, ds = _probs_and_dscores(q, k, v, do, lse_ref[h, at, :], delta_ref[h, at, :],
-                                 _rows(i, block_q), vectors, scale, softcap, masked)
+                                 _rows(i, block_q), vectors, scale, softcap, masked, bias)
       contract_rows = (((0,), (0,)), ((), ()))
       dv = dv + jax.lax.dot_general(p.astype(do.dtype), do, contract_rows,
                                     preferred_element_type=jnp.float32)
@@ -207,9 +241,10 @@ def _pad(x, axis, size):
   return jnp.pad(x, widths)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
-def _flash(q, k, v, vectors, scale, softcap, block_q, block_k, backend, out_dtype):
-  return _forward(q, k, v, vectors, scale, softcap, block_q, block_k, backend, out_dtype)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
+def _flash(q, k, v, vectors, alibi, scale, softcap, block_q, block_k, backend, out_dtype):
+  return _forward(q, k, v, vectors, alibi, scale, softcap, block_q, block_k, backend,
+                  out_dtype)[0]
 
 
 def _plan(vectors, q_len, block_q, block_k):
@@ -237,13 +272,23 @@ def _whole(backend):
   return pl.BlockSpec(memory_space=pltpu.SMEM) if backend == "tpu" else pl.BlockSpec()
 
 
-def _forward(q, k, v, vectors, scale, softcap, block_q, block_k, backend, out_dtype):
+def _alibi_specs(alibi, block_q, s):
+  """BlockSpecs of ALiBi's (slopes (heads, 1, 1), query positions (b, t, 1), key positions
+  (b, 1, s)) for a (batch, head, query block) grid; [] without ALiBi."""
+  if alibi is None:
+    return []
+  return [pl.BlockSpec((None, 1, 1), lambda b_, h_, i: (h_, 0, 0)),
+          pl.BlockSpec((None, block_q, 1), lambda b_, h_, i: (b_, i, 0)),
+          pl.BlockSpec((None, 1, s), lambda b_, h_, i: (b_, 0, 0))]
+
+
+def _forward(q, k, v, vectors, alibi, scale, softcap, block_q, block_k, backend, out_dtype):
   b, h, t, d = q.shape
   kv, s = k.shape[1], k.shape[2]
   group = h // kv
   kinds, bounds = _plan(vectors, t, block_q, block_k)
   kernel = functools.partial(_forward_kernel, scale=scale, softcap=softcap, block_q=block_q,
-                             block_k=block_k)
+                             block_k=block_k, alibi=alibi is not None)
   q_spec = pl.BlockSpec((None, None, block_q, d), lambda b_, h_, i: (b_, h_, i, 0))
   row_spec = pl.BlockSpec((None, None, block_q, 1), lambda b_, h_, i: (b_, h_, i, 0))
   kv_spec = pl.BlockSpec((None, None, s, d), lambda b_, h_, i: (b_, h_ // group, 0, 0))
@@ -251,22 +296,23 @@ def _forward(q, k, v, vectors, scale, softcap, block_q, block_k, backend, out_dt
   out, lse = pl.pallas_call(
       kernel,
       grid=(b, h, t // block_q),
-      in_specs=[_whole(backend), _whole(backend), *[mask_spec] * 4, q_spec, kv_spec, kv_spec],
+      in_specs=[_whole(backend), _whole(backend), *[mask_spec] * 4,
+                *_alibi_specs(alibi, block_q, s), q_spec, kv_spec, kv_spec],
       out_specs=[q_spec, row_spec],
       out_shape=[jax.ShapeDtypeStruct(q.shape, out_dtype),
                  jax.ShapeDtypeStruct((b, h, t, 1), jnp.float32)],
       name="flashmask_attention_forward",
       **_lowering(backend, d),
-  )(kinds, bounds, *vectors, q, k, v)
-  return (out, lse), (q, k, v, vectors, out, lse)
+  )(kinds, bounds, *vectors, *(alibi or ()), q, k, v)
+  return (out, lse), (q, k, v, vectors, alibi, out, lse)
 
 
-def _flash_fwd(q, k, v, vectors, scale, softcap, block_q, block_k, backend, out_dtype):
-  return _forward(q, k, v, vectors, scale, softcap, block_q, block_k, backend, out_dtype)
+def _flash_fwd(q, k, v, vectors, alibi, scale, softcap, block_q, block_k, backend, out_dtype):
+  return _forward(q, k, v, vectors, alibi, scale, softcap, block_q, block_k, backend, out_dtype)
 
 
 def _flash_bwd(scale, softcap, block_q, block_k, backend, out_dtype, residuals, cotangents):
-  q, k, v, vectors, out, lse = residuals
+  q, k, v, vectors, alibi, out, lse = residuals
   do, dlse = cotangents
   b, h, t, d = q.shape
   kv, s = k.shape[1], k.shape[2]
@@ -276,7 +322,8 @@ def _flash_bwd(scale, softcap, block_q, block_k, backend, out_dtype, residuals, 
   lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse)  # rows that see nothing: p = exp(-inf) = 0
   kinds, bounds = _plan(vectors, t, block_q, block_k)
   do = do.astype(q.dtype)
-  common = dict(scale=scale, softcap=softcap, block_q=block_q, block_k=block_k)
+  common = dict(scale=scale, softcap=softcap, block_q=block_q, block_k=block_k,
+                alibi=alibi is not None)
 
   q_spec = pl.BlockSpec((None, None, block_q, d), lambda b_, h_, i: (b_, h_, i, 0))
   row_spec = pl.BlockSpec((None, None, block_q, 1), lambda b_, h_, i: (b_, h_, i, 0))
@@ -286,36 +333,43 @@ def _flash_bwd(scale, softcap, block_q, block_k, backend, out_dtype, residuals, 
       functools.partial(_dq_kernel, **common),
       grid=(b, h, t // block_q),
       in_specs=[_whole(backend), _whole(backend), *[mask_full] * 4,
-                q_spec, kv_full, kv_full, q_spec, row_spec, row_spec],
+                *_alibi_specs(alibi, block_q, s), q_spec, kv_full, kv_full, q_spec, row_spec,
+                row_spec],
       out_specs=q_spec,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       name="flashmask_attention_dq",
       **_lowering(backend, d),
-  )(kinds, bounds, *vectors, q, k, v, do, lse, delta)
+  )(kinds, bounds, *vectors, *(alibi or ()), q, k, v, do, lse, delta)
 
   kinds_t = kinds.transpose(0, 2, 1)  # (b, key blocks, query blocks)
   kv_spec = pl.BlockSpec((None, None, block_k, d), lambda b_, g_, j: (b_, g_, j, 0))
   q_group = pl.BlockSpec((None, group, t, d), lambda b_, g_, j: (b_, g_, 0, 0))
   rows_group = pl.BlockSpec((None, group, t, 1), lambda b_, g_, j: (b_, g_, 0, 0))
   mask_cols = pl.BlockSpec((None, 1, block_k), lambda b_, g_, j: (b_, 0, j))
+  alibi_specs, alibi_args = [], ()
+  if alibi is not None:  # a group's slopes, every query row's position, this block's keys'
+    slopes, q_pos, k_pos = alibi
+    alibi_specs = [pl.BlockSpec((None, group, 1), lambda b_, g_, j: (g_, 0, 0)),
+                   pl.BlockSpec((None, t, 1), lambda b_, g_, j: (b_, 0, 0)), mask_cols]
+    alibi_args = (slopes.reshape(kv, group, 1), q_pos, k_pos)
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, group=group, **common),
       grid=(b, kv, s // block_k),
-      in_specs=[_whole(backend), _whole(backend), *[mask_cols] * 4,
+      in_specs=[_whole(backend), _whole(backend), *[mask_cols] * 4, *alibi_specs,
                 q_group, kv_spec, kv_spec, q_group, rows_group, rows_group],
       out_specs=[kv_spec, kv_spec],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       name="flashmask_attention_dkv",
       **_lowering(backend, d),
-  )(kinds_t, _tile_bounds(kinds_t), *vectors, q, k, v, do, lse, delta)
-  return dq, dk, dv, None
+  )(kinds_t, _tile_bounds(kinds_t), *vectors, *alibi_args, q, k, v, do, lse, delta)
+  return dq, dk, dv, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def flash_attention(q, k, v, mask: fm.FlashMask | None = None, *, scale: float | None = None,
-                    softcap: float = 0.0,
+                    softcap: float = 0.0, alibi=None,
                     block_q: int | None = None, block_k: int | None = None,
                     backend: str | None = None, out_dtype=None) -> tuple[jax.Array, jax.Array]:
   """(out (batch, q_len, heads, head_dim) in `out_dtype` (default q's), lse (batch, q_len, heads)
@@ -324,6 +378,9 @@ def flash_attention(q, k, v, mask: fm.FlashMask | None = None, *, scale: float |
   `mask` vectors are (batch, k_len) over query rows 0..q_len-1; None: every row sees every key.
   `scale`: scores are q.k * scale, default head_dim ** -0.5.
   `softcap`: scores become softcap * tanh(scores / softcap) (Gemma 2); 0 is off.
+  `alibi`: (slopes (heads,), query positions (batch, q_len), key positions (batch, k_len)):
+  each score plus -slope * (query position - key position), computed per tile inside the
+  kernels (BLOOM); None is off.
   `backend`: "gpu" (Triton), "tpu" (Mosaic) or "cpu" (Pallas' interpreter); default: jax's.
   """
   b, t, h, d = q.shape
@@ -359,6 +416,11 @@ def flash_attention(q, k, v, mask: fm.FlashMask | None = None, *, scale: float |
   q_, k_, v_ = (_pad(_pad(x, 1, n), 3, d_pad).transpose(0, 2, 1, 3)
                 for x, n in ((q, t_pad), (k, s_pad), (v, s_pad)))
   scale = d ** -0.5 if scale is None else scale
-  out, lse = _flash(q_, k_, v_, vectors, float(scale), float(softcap), block_q, block_k,
+  if alibi is not None:  # float32 positions (exact below 2^24), padded rows and keys at 0
+    slopes, q_pos, k_pos = alibi
+    alibi = (jnp.asarray(slopes, jnp.float32).reshape(h, 1, 1),
+             _pad(jnp.asarray(q_pos, jnp.float32), 1, t_pad)[:, :, None],
+             _pad(jnp.asarray(k_pos, jnp.float32), 1, s_pad)[:, None, :])
+  out, lse = _flash(q_, k_, v_, vectors, alibi, float(scale), float(softcap), block_q, block_k,
                     backend, jnp.dtype(out_dtype or q.dtype))
   return out.transpose(0, 2, 1, 3)[:, :t, :, :d], lse[..., 0].transpose(0, 2, 1)[:, :t]
