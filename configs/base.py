@@ -53,6 +53,10 @@ def get_config(arg=None):
       logit_softcap=0.0,  # Gemma 2: 30
       post_norms=False,  # Gemma 2: RMSNorm on attention and MLP outputs too
       pre_norms=True,  # RMSNorm on attention and MLP inputs (OLMo 2: off, outputs only)
+      layer_norm=False,  # BLOOM: LayerNorm (mean removed, a bias) instead of RMSNorm
+      embed_norm=False,  # BLOOM: a norm on the embeddings before the first layer
+      mlp_gated=True,  # False (BLOOM): down(act(up(x))), no gate
+      out_bias=False,  # BLOOM: biases on the attention output and the MLP's projections
       qk_norm=False,  # Qwen3: RMSNorm over head_dim on queries and keys before rope
       qk_norm_full=False,  # OLMo 2: that norm over all heads at once
       value_head=False,  # a score head instead of the LM head (train.objective=reward sets it)
@@ -81,8 +85,8 @@ def get_config(arg=None):
 
   # Parameter-efficient fine-tuning (models/peft): which weights train.
   c.peft = ml_collections.ConfigDict(dict(
-      # none (full fine-tuning) | lora | dora | adalora | vera | ia3 | bitfit | adapter | lisa
-      # | prompt (prompt tuning) | ptuning (P-tuning) | prefix (prefix tuning, P-tuning v2)
+      # none (full fine-tuning) | lora | relora | dora | adalora | vera | ia3 | bitfit | adapter
+      # | lisa | prompt (prompt tuning) | ptuning (P-tuning) | prefix (prefix tuning, P-tuning v2)
       method="none",
       targets="all-linear",  # regex over module names (attn.q or q_proj, ...) | all-linear;
       # mixtures of experts: experts.gate|up|down (one pair per expert), shared.gate|up|down
@@ -105,6 +109,9 @@ def get_config(arg=None):
       vera_d_initial=0.1,  # vera: initial value of the trained scaling vector d
       ia3_targets="k_proj|v_proj|down_proj",  # ia3 scales these (down_proj on its input side)
       base_quant="none",  # nf4: targeted base weights stored in 4 bits (QLoRA)
+      relora_every=100,  # relora: steps between merging the adapters into the base
+      relora_prune=0.99,  # relora: share of the adapters' Adam moments zeroed at each merge
+      relora_warmup=10,  # relora: steps of linear warmup after each merge (a jagged schedule)
       adapter_dim=16,  # adapter: Houlsby bottleneck size
       num_virtual_tokens=20,  # prompt, ptuning, prefix: virtual tokens before every sequence
       prompt_init="vocab",  # prompt, ptuning: vocab (embeddings of random tokens) | random

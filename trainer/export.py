@@ -156,6 +156,9 @@ def main(argv):
         if handle.peft is None or handle.peft.method not in hf_format.METHODS:
           raise UserError(f"--format=peft needs a run with peft.method one of "
                           f"{', '.join(hf_format.METHODS)}; use --format=hf for the whole model")
+        if handle.peft.restart_every:
+          raise UserError("--format=peft: ReLoRA merged its adapters into the base weights as "
+                          "it trained; export the whole model with --format=hf")
         if handle.cfg.family in hf_format.FUSED_FAMILIES:
           raise UserError(f"--format=peft: {handle.cfg.family} fuses q, k and v into one "
                           "matrix, which PEFT adapts as one; merge the adapters with --format=hf "

@@ -4,6 +4,7 @@ biases, and a learning-rate schedule of linear warmup then cosine, linear or con
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -35,13 +36,28 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(tc, labels=None, lora_plus_scale: float = 1.0
+def jagged(sched: optax.Schedule, every: int, warmup: int) -> optax.Schedule:
+  """ReLoRA's jagged schedule: `sched`, restarted from 0 with a linear warmup of `warmup`
+  steps after every `every` steps (the first stretch keeps `sched`'s own warmup)."""
+  if warmup == 0:
+    return sched
+
+  def lr(step):
+    since = step % every
+    ramp = jnp.where(step < every, 1.0, jnp.minimum(1.0, since / warmup))
+    return sched(step) * ramp
+  return lr
+
+
+def make_optimizer(tc, labels=None, lora_plus_scale: float = 1.0, restart: tuple | None = None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """`labels` (a params-shaped tree of "trainable" / "lora_b" / "frozen", or a function of the
   params giving one; PEFT): frozen parameters get zero updates and no optimizer state, and their
   gradients are dropped before clipping, so the compiler never computes them. "lora_b" learns
-  `lora_plus_scale` times faster (LoRA+)."""
+  `lora_plus_scale` times faster (LoRA+). `restart` (ReLoRA): (every, warmup) of `jagged`."""
   sched = schedule(tc)
+  if restart is not None:
+    sched = jagged(sched, *restart)
 
   def adamw(lr):
     return optax.adamw(lr, b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay,

@@ -114,6 +114,9 @@ class Extra:
   shardings: Callable
   slot: str = "policy"
   after_update: Callable | None = None
+  # after_update also takes and returns the slot's optimizer state (ReLoRA resets it):
+  # (step, params, gradients, value, opt_state) -> (params, value, opt_state)
+  with_opt_state: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

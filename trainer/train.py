@@ -32,7 +32,7 @@ from models.peft import adalora
 from models.quant import model as quant_model
 from trainer import checkpoint as ckpt_lib, export as export_lib
 from trainer import evaluate as evaluate_lib, generate, metrics as metrics_lib, optim
-from trainer import guard, lisa, memory, objectives, state as state_lib, step as step_lib
+from trainer import guard, lisa, memory, objectives, relora, state as state_lib, step as step_lib
 from trainer.objectives.base import Bound, Prepare
 from trainer.data import pipeline, tokenizer as tokenizer_lib
 from trainer.seeds import fold_seed
@@ -231,6 +231,8 @@ def plan(cfg, mcfg, mesh) -> Plan:
   extras = ()
   if peft is not None and peft.allocator is not None:
     extras = (adalora_extra(peft.allocator),)
+  if peft is not None and peft.restart_every:
+    extras = (relora.extra(peft, cfg.peft.relora_prune, fold_seed(tc.seed)),)
   if objective.online:
     extras += (rollout_extra(objective.batch_shapes(tc.batch_size)),)
   loss_scale = cfg.precision.loss_scale if cfg.precision.compute_dtype == "float16" else None
@@ -329,7 +331,8 @@ def policy_slot(cfg, mcfg, mesh, strategy, peft) -> state_lib.Slot:
     labels = routing_bias_frozen(handle.abstract_params())
   if quant is not None and not quant.fake:  # a quantized model.init_from: its integers stay
     labels = quant_model.stored_frozen(quant, handle.abstract_params())
-  tx, schedule = optim.make_optimizer(tc, labels, cfg.peft.lora_plus_scale)
+  restart = (peft.restart_every, cfg.peft.relora_warmup) if peft and peft.restart_every else None
+  tx, schedule = optim.make_optimizer(tc, labels, cfg.peft.lora_plus_scale, restart)
   p_shardings = param_shardings(handle, mesh, strategy.params)
   abstract_params = stored_abstract(handle, param_dtype)
   view = state_lib.View()

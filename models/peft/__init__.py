@@ -80,7 +80,7 @@ from models.peft import adalora
 from models.peft import prompt as prompt_lib
 from models.quant import nf4
 
-METHODS = ("none", "lora", "dora", "adalora", "vera", "ia3", "bitfit", "adapter",
+METHODS = ("none", "lora", "relora", "dora", "adalora", "vera", "ia3", "bitfit", "adapter",
            *prompt_lib.METHODS, "lisa")  # lisa: trainer/lisa.py
 INITS = ("default", "gaussian", "pissa")
 
@@ -151,6 +151,13 @@ def _replace(tree: dict, path, value) -> dict:
   return {**tree, path[0]: _replace(tree.get(path[0], {}), path[1:], value)}
 
 
+def _with_method(pc, method: str):
+  """The peft config section with another method (ReLoRA runs as LoRA)."""
+  pc = pc.copy_and_resolve_references()
+  pc.method = method
+  return pc
+
+
 @dataclasses.dataclass(frozen=True)
 class Peft:
   method: str
@@ -171,6 +178,9 @@ class Peft:
   orth_weight: float = 0.0  # AdaLoRA's orthogonality penalty weight
   prompt: prompt_lib.Prompt | None = None  # virtual-token methods
   train_router: bool = False  # mixtures of experts: the routers train beside the adapters
+  # ReLoRA (method "relora", run as "lora"): every `restart_every` steps the adapters merge into
+  # the base and start again (trainer/relora.py); 0: never
+  restart_every: int = 0
 
   @classmethod
   def from_config(cls, pc, mcfg: ModelConfig, total_steps: int = 0) -> "Peft | None":
@@ -187,6 +197,21 @@ class Peft:
       if pc.lisa_step_interval < 1:
         raise ValueError(f"peft.lisa_step_interval={pc.lisa_step_interval} must be positive")
       return None
+    restart_every = 0
+    if pc.method == "relora":  # LoRA whose adapters merge into the base every K steps
+      if pc.relora_every < 1:
+        raise ValueError(f"peft.relora_every={pc.relora_every} must be positive (steps between "
+                         "merges)")
+      if not 0.0 <= pc.relora_prune < 1.0:
+        raise ValueError(f"peft.relora_prune={pc.relora_prune} must be in [0, 1)")
+      if pc.relora_warmup < 0 or pc.relora_warmup >= pc.relora_every:
+        raise ValueError(f"peft.relora_warmup={pc.relora_warmup} must be in [0, "
+                         f"peft.relora_every={pc.relora_every})")
+      if pc.base_quant != "none" or pc.init == "pissa" or pc.dropout:
+        raise ValueError("peft.method=relora merges into float base weights from the default "
+                         "init: not with base_quant, init=pissa or dropout")
+      restart_every = int(pc.relora_every)
+      pc = _with_method(pc, "lora")
     if pc.init not in INITS:
       raise ValueError(f"peft.init={pc.init!r} is not one of {', '.join(INITS)}")
     if pc.init == "pissa" and pc.method != "lora":
@@ -239,7 +264,7 @@ class Peft:
                pc.vera_d_initial, pc.lora_plus_scale, pc.base_quant, pc.adapter_dim,
                pc.pissa_niter, pc.dropout, allocator,
                pc.adalora_orth_weight if pc.method == "adalora" else 0.0, prompt,
-               bool(pc.train_router))
+               bool(pc.train_router), restart_every)
     if peft.train_router and not mcfg.n_experts:
       raise ValueError("peft.train_router=True needs a mixture of experts (model.n_experts)")
     if peft.train_router and prompt is not None:
