@@ -19,13 +19,14 @@ FAMILIES = {
         rope_theta=10000.0, rope_scaling=dict(rope_type="yarn", factor=8.0,
                                               original_max_position_embeddings=16))),
     "llama-longrope": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(
-        rope_theta=10000.0, rope_scaling=dict(rope_type="longrope", long_factor=[1.0, 2.5, 6.0, 11.0],
-                                              short_factor=[1.0, 1.2, 1.5, 2.0],
-                                              original_max_position_embeddings=16))),
+        rope_theta=10000.0, rope_scaling=dict(
+            rope_type="longrope", long_factor=[1.0, 2.5, 6.0, 11.0],
+            short_factor=[1.0, 1.2, 1.5, 2.0], original_max_position_embeddings=16))),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM,
                 dict(sliding_window=5)),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(tie_word_embeddings=False)),
-    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(tie_word_embeddings=False)),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
+              dict(tie_word_embeddings=False)),
     "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM, dict(
         sliding_window=7, original_max_position_embeddings=16, pad_token_id=0, eos_token_id=1,
         bos_token_id=2,
