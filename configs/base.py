@@ -43,7 +43,7 @@ def get_config(arg=None):
       sliding_window=0,  # attend to at most this many previous positions (Mistral); 0: all
       sliding_window_layers=(),  # layers with the window; (): all
       # the Hugging Face layout on export: llama | mistral | qwen2 | qwen3 | phi3 | olmo2 | gemma
-      # | gemma2 | gemma3 | mixtral | qwen2_moe | qwen3_moe
+      # | gemma2 | gemma3 | bloom | mixtral | qwen2_moe | qwen3_moe
       family="llama",
       norm_offset=False,  # Gemma: RMSNorm scales by 1 + weight
       mlp_activation="silu",  # silu (SwiGLU) | gelu_tanh (GeGLU, Gemma)
