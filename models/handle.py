@@ -20,7 +20,7 @@ from models.config import Execution, ModelConfig
 from models.decoder import Decoder
 from models.peft import Peft
 from models.peft.model import PeftModel
-from models.quant.model import QuantModel, Quantized
+from models.quant.model import QuantModel, Quantized, integers
 from parallel import rules as rules_lib
 
 Params = dict[str, Any]
@@ -40,7 +40,7 @@ class ModelHandle:
   def integers(self) -> Quantized | None:
     """The quantization whose integers and scales the parameters hold; None for float weights
     (also under QAT's or qt's quantization, which train floats)."""
-    return self.quant if self.quant is not None and not self.quant.fake else None
+    return integers(self.quant)
 
   def abstract_params(self) -> Params:
     params = nnx.to_pure_dict(self.template)

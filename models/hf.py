@@ -213,9 +213,10 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
   return ModelConfig(**c)
 
 
-# BLOOM: what sets it apart, fixed for the family
+# BLOOM: what sets it apart, fixed for the family; BLOOM_ONLY: the settings no other family has
 BLOOM = dict(alibi=True, layer_norm=True, embed_norm=True, mlp_gated=False, out_bias=True,
              qkv_bias=True, mlp_activation="gelu_tanh", family="bloom")
+BLOOM_ONLY = ("alibi", "layer_norm", "embed_norm", "mlp_gated", "out_bias")
 
 
 def _bloom_from_hf(hf: dict, value_head: bool, overrides: dict) -> ModelConfig:
@@ -313,18 +314,15 @@ def _check_family(cfg: ModelConfig):
   if cfg.qk_norm_full != (family == "olmo2") or (not cfg.pre_norms) != (family == "olmo2"):
     problems.append(f"qk_norm_full={cfg.qk_norm_full}, pre_norms={cfg.pre_norms}: OLMo 2's "
                     "norms, which only olmo2 has (always)")
-  bloom = {k: v for k, v in BLOOM.items() if k != "family"}
   if family == "bloom":
-    problems += [f"{k}={getattr(cfg, k)}" for k, v in bloom.items() if getattr(cfg, k) != v]
+    problems += [f"{k}={getattr(cfg, k)}" for k, v in BLOOM.items()
+                 if k != "family" and getattr(cfg, k) != v]
     if cfg.n_kv_heads != cfg.n_heads or cfg.d_ff != 4 * cfg.d_model or cfg.sliding_window:
       problems.append(f"n_kv_heads={cfg.n_kv_heads}, d_ff={cfg.d_ff}, sliding_window="
                       f"{cfg.sliding_window} (BLOOM: all heads, 4 x d_model, no window)")
   else:
-    problems += [f"{k}={getattr(cfg, k)} (BLOOM's)" for k in ("alibi", "layer_norm",
-                                                              "embed_norm", "out_bias")
-                 if getattr(cfg, k)]
-    if not cfg.mlp_gated:
-      problems.append("mlp_gated=False (BLOOM's)")
+    problems += [f"{k}={getattr(cfg, k)} (BLOOM's)" for k in BLOOM_ONLY
+                 if getattr(cfg, k) == BLOOM[k]]
   if bool(cfg.rope_local_theta) != (family == "gemma3"):
     problems.append(f"rope_local_theta={cfg.rope_local_theta}: only gemma3 has a local base "
                     "(always)")
@@ -502,7 +500,7 @@ def _layer_layouts(cfg: ModelConfig, moe: bool):
   d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
   ident, t = _ident, _t
   p = "model.layers.{i}."
-  # Phi-3 fuses q, k and v into one matrix, and gate and up: "fused|part" names (see _FUSED)
+  # Phi-3 fuses q, k and v into one matrix, and gate and up: "fused|part" names (_split_fused)
   qkv = {n: (p + "self_attn.qkv_proj.weight|" + n if cfg.family == "phi3"
              else p + f"self_attn.{n}_proj.weight") for n in ("q", "k", "v")}
   out = [

@@ -153,9 +153,13 @@ def generate(handle: ModelHandle, params, prompts: Sequence[Sequence[int]], max_
                       jnp.asarray(list(stop_ids) or [-1], jnp.int32),
                       jax.random.PRNGKey(fold_seed(seed)))
   out, logps = np.asarray(out)[:, :int(n)], np.asarray(logps)[:, :int(n)]
-  stops = set(stop_ids)
+  return _until_stop(out.tolist(), logps, set(stop_ids), keep_stop, with_logps)
+
+
+def _until_stop(rows, logps, stops: set, keep_stop: bool, with_logps: bool):
+  """Each row (and its log-probs) cut before its first stop id (`keep_stop`: after it)."""
   result, result_logps = [], []
-  for row, row_logps in zip(out.tolist(), logps):
+  for row, row_logps in zip(rows, logps):
     cut = next((j + keep_stop for j, tok in enumerate(row) if tok in stops), len(row))
     result.append(row[:cut])
     result_logps.append(row_logps[:cut])
@@ -179,14 +183,10 @@ def _longrope_generate(handle, params, prompts, max_new_tokens, first, stop_ids,
                                 max_new_tokens - first, stop_ids=stop_ids, with_logps=True,
                                 keep_stop=True, **{**kw, "seed": kw["seed"] + 1})
     tails, tail_logps = dict(zip(live, more)), dict(zip(live, more_logps))
-  result, result_logps = [], []
-  for r, row in enumerate(head):
-    row = row + tails.get(r, [])
-    logps = np.concatenate([head_logps[r], tail_logps.get(r, np.zeros(0, np.float32))])
-    cut = next((j + keep_stop for j, tok in enumerate(row) if tok in stops), len(row))
-    result.append(row[:cut])
-    result_logps.append(logps[:cut])
-  return (result, result_logps) if with_logps else result
+  rows = [row + tails.get(r, []) for r, row in enumerate(head)]
+  logps = [np.concatenate([head_logps[r], tail_logps.get(r, np.zeros(0, np.float32))])
+           for r in range(len(head))]
+  return _until_stop(rows, logps, stops, keep_stop, with_logps)
 
 
 # ----------------------------------------------------------------------------------------------

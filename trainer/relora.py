@@ -33,21 +33,20 @@ def prune_moments(opt_state, fraction: float):
   if fraction == 0.0:
     return opt_state
 
-  def prune(path, mu, nu):
+  def pruned(path, mu, moment):
+    """`moment` (mu or nu) zeroed where |mu| is among the smallest `fraction` of its tensor."""
     names = {str(getattr(k, "key", getattr(k, "name", k))) for k in path}
     if "peft" not in names or mu.size < 2:
-      return mu, nu
+      return moment
     keep = jnp.abs(mu) > jnp.quantile(jnp.abs(mu.astype(jnp.float32)), fraction)
-    return jnp.where(keep, mu, 0), jnp.where(keep, nu, 0)
+    return jnp.where(keep, moment, 0)
 
   def adam(state):
     if not isinstance(state, optax.ScaleByAdamState):
       return state
-    pairs = jax.tree_util.tree_map_with_path(prune, state.mu, state.nu)
-    is_pair = lambda x: isinstance(x, tuple) and len(x) == 2 and hasattr(x[0], "shape")
-    mu = jax.tree.map(lambda p: p[0], pairs, is_leaf=is_pair)
-    nu = jax.tree.map(lambda p: p[1], pairs, is_leaf=is_pair)
-    return state._replace(mu=mu, nu=nu)
+    return state._replace(
+        mu=jax.tree_util.tree_map_with_path(lambda p, mu: pruned(p, mu, mu), state.mu),
+        nu=jax.tree_util.tree_map_with_path(pruned, state.mu, state.nu))
 
   return jax.tree.map(adam, opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
 
@@ -82,4 +81,4 @@ def extra(peft: Peft, prune: float, seed: int) -> state_lib.Extra:
 
   return state_lib.Extra("relora", init=lambda params: jnp.zeros((), jnp.int32),
                          shardings=lambda shardings, replicated: replicated,
-                         after_update=after_update, with_opt_state=True)
+                         after_update=after_update)

@@ -107,16 +107,14 @@ class Slot:
 class Extra:
   """A feature's part of the state. `init(params by slot)` its initial value; `shardings(param
   shardings by slot, replicated)` where it lives; `after_update(step, slot params, slot
-  gradients, value) -> (params, value)` runs after the optimizer update of slot `slot` (AdaLoRA
-  reallocates ranks there)."""
+  gradients, value, slot optimizer state) -> (params, value, optimizer state)` runs after the
+  optimizer update of slot `slot` (AdaLoRA reallocates ranks there, ReLoRA merges its adapters
+  and prunes their moments)."""
   key: str
   init: Callable
   shardings: Callable
   slot: str = "policy"
   after_update: Callable | None = None
-  # after_update also takes and returns the slot's optimizer state (ReLoRA resets it):
-  # (step, params, gradients, value, opt_state) -> (params, value, opt_state)
-  with_opt_state: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

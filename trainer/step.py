@@ -246,12 +246,8 @@ def make_train_step(spec: StateSpec, objective: Objective, compute_dtype, grad_a
         new_state[e.key] = state[e.key]
         continue
       new_params, opt_state = after[e.slot]
-      if e.with_opt_state:
-        new_params, value, opt_state = e.after_update(state["step"] + 1, new_params,
-                                                      full_grads[e.slot], state[e.key], opt_state)
-      else:
-        new_params, value = e.after_update(state["step"] + 1, new_params, full_grads[e.slot],
-                                           state[e.key])
+      new_params, value, opt_state = e.after_update(state["step"] + 1, new_params,
+                                                    full_grads[e.slot], state[e.key], opt_state)
       after[e.slot] = (new_params, opt_state)
       new_state[e.key] = guard.keep_if(ok, value, state[e.key])
     for slot in slots:  # a non-finite step changes no weight and no moment

@@ -99,9 +99,9 @@ def write_run_config(cfg, mcfg, mesh_sizes: dict[str, int], workdir: str) -> Non
   resolved["model"] = json.loads(json.dumps(mcfg.to_dict()))  # tuples as lists, as read back
   resolved["execution"] = execution(cfg).to_dict()
   resolved["mesh"].update(mesh_sizes)
-  quant = quantization(cfg)
-  if quant is not None and not quant.fake:  # model.init_from's integers: the weights' format
-    resolved["quantized"] = quant.to_json()
+  stored = quant_model.integers(quantization(cfg))
+  if stored is not None:  # model.init_from's integers: the weights' format
+    resolved["quantized"] = stored.to_json()
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path) and os.path.isdir(os.path.join(workdir, "checkpoints")):
     with open(path) as f:
@@ -324,13 +324,12 @@ def policy_slot(cfg, mcfg, mesh, strategy, peft) -> state_lib.Slot:
   """The model being trained: its handle, placement, optimizer and what of it trains."""
   tc = cfg.train
   param_dtype = jnp.dtype(cfg.precision.param_dtype)
-  quant = quantization(cfg)
-  handle = model_handle(mcfg, peft, execution(cfg), quant)
+  handle = model_handle(mcfg, peft, execution(cfg), quantization(cfg))
   labels = None if peft is None else peft.labels(handle.abstract_params())
   if labels is None and mcfg.router_bias_update_rate:
     labels = routing_bias_frozen(handle.abstract_params())
-  if quant is not None and not quant.fake:  # a quantized model.init_from: its integers stay
-    labels = quant_model.stored_frozen(quant, handle.abstract_params())
+  if handle.integers is not None:  # a quantized model.init_from: its integers stay
+    labels = quant_model.stored_frozen(handle.integers, handle.abstract_params())
   restart = (peft.restart_every, cfg.peft.relora_warmup) if peft and peft.restart_every else None
   tx, schedule = optim.make_optimizer(tc, labels, cfg.peft.lora_plus_scale, restart)
   p_shardings = param_shardings(handle, mesh, strategy.params)
@@ -361,9 +360,9 @@ def routing_bias_frozen(params):
 def adalora_extra(allocator) -> state_lib.Extra:
   """AdaLoRA's allocator state: importance EMAs placed like their adapters, rank patterns
   replicated; ranks are reallocated after each update, as PEFT does."""
-  def after_update(step, params, grads, value):
+  def after_update(step, params, grads, value, opt_state):
     adapters, value = allocator.update(step, params["peft"], grads["peft"], value)
-    return {**params, "peft": adapters}, value
+    return {**params, "peft": adapters}, value, opt_state
 
   return state_lib.Extra(
       "adalora", init=lambda params: allocator.init_state(params["policy"]["peft"]),

@@ -160,7 +160,7 @@ def check_config(cfg) -> None:
   except ValueError as e:
     raise UserError(f"config key quant: {e}" if not str(e).startswith(("quant.", "model."))
                     else f"config key {e}") from None
-  if quant is not None and not quant.fake:  # a model.init_from folder of integers
+  if quant_model.integers(quant) is not None:  # a model.init_from folder of integers
     _require(peft is None, "peft.method",
              f"{cfg.peft.method}: model.init_from holds a quantized model, which takes no "
              "adapters yet; start from its float model with peft.base_quant=nf4 (QLoRA)")

@@ -216,6 +216,12 @@ class QuantModel:
     return self.logits(self.hidden(tokens_bt, positions_bt, segment_ids_bt))
 
 
+def integers(quant: Quantized | None) -> Quantized | None:
+  """`quant` when the parameters hold its integers and scales; None for float weights (no
+  quantization, or QAT's and qt's, which train floats)."""
+  return quant if quant is not None and not quant.fake else None
+
+
 def stored_frozen(quant: Quantized, params: Params) -> Params:
   """Optimizer labels of a model whose targets are stored as integers (a run starting from a
   folder trainer/quantize.py wrote): their integers, scales and zero points "frozen", the float
