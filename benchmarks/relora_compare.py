@@ -40,6 +40,8 @@ _LR = flags.DEFINE_float("adapter_lr", 0.0, "LoRA and ReLoRA learning rate (0: t
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/relora_cmp", "a folder for the runs")
 _PLOT = flags.DEFINE_string("plot", "", "a PNG of the held-out loss curves")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/relora_compare.json", "the JSON")
+_BATCH = flags.DEFINE_integer("batch_size", 0, "sequences per step (0: the recipe's)")
+_SEQ = flags.DEFINE_integer("seq_len", 0, "tokens per sequence (0: the recipe's)")
 
 
 def curve(workdir: str) -> list[tuple[int, float]]:
@@ -52,6 +54,10 @@ def config(**train):
   c = cli.load_recipe(_RECIPE.value)
   c.train.update(eval_every=_EVAL.value, checkpoint_every=_EVAL.value * 5, sample_tokens=0,
                  **train)
+  if _BATCH.value:
+    c.train.batch_size = _BATCH.value
+  if _SEQ.value:
+    c.train.seq_len = _SEQ.value
   return c
 
 
@@ -89,7 +95,8 @@ def main(argv):
   os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
   with open(_OUT.value, "w") as f:
     json.dump({"host": host.host_info(), "config": _RECIPE.value, "warm": _WARM.value,
-               "steps": _STEPS.value, "rank": _RANK.value, "relora_every": _EVERY.value,
+               "steps": _STEPS.value, "rank": _RANK.value,
+               "batch_size": _BATCH.value or None, "seq_len": _SEQ.value or None, "relora_every": _EVERY.value,
                "results": results}, f, indent=1)
   if _PLOT.value:
     import matplotlib

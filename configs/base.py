@@ -86,7 +86,8 @@ def get_config(arg=None):
   # Parameter-efficient fine-tuning (models/peft): which weights train.
   c.peft = ml_collections.ConfigDict(dict(
       # none (full fine-tuning) | lora | relora | dora | adalora | vera | ia3 | bitfit | adapter
-      # | lisa | prompt (prompt tuning) | ptuning (P-tuning) | prefix (prefix tuning, P-tuning v2)
+      # (Houlsby) | fusion (AdapterFusion) | mam (MAM adapter) | unipelt | lisa | prompt (prompt
+      # tuning) | ptuning (P-tuning) | prefix (prefix tuning, P-tuning v2)
       method="none",
       targets="all-linear",  # regex over module names (attn.q or q_proj, ...) | all-linear;
       # mixtures of experts: experts.gate|up|down (one pair per expert), shared.gate|up|down
@@ -112,12 +113,16 @@ def get_config(arg=None):
       relora_every=100,  # relora: steps between merging the adapters into the base
       relora_prune=0.99,  # relora: share of the adapters' Adam moments zeroed at each merge
       relora_warmup=10,  # relora: steps of linear warmup after each merge (a jagged schedule)
-      adapter_dim=16,  # adapter: Houlsby bottleneck size
-      num_virtual_tokens=20,  # prompt, ptuning, prefix: virtual tokens before every sequence
+      adapter_dim=16,  # adapter, fusion, mam, unipelt: the bottleneck adapters' size
+      adapter_drop=0,  # adapter, fusion: no adapters in this many lowest layers (AdapterDrop)
+      fusion_adapters="",  # fusion: comma-separated folders of adapters to fuse (method adapter
+      # runs written by trainer.export --format=adapters)
+      mam_scale=4.0,  # mam: scale of the parallel FFN adapter
+      num_virtual_tokens=20,  # prompt, ptuning, prefix, mam, unipelt: virtual tokens
       prompt_init="vocab",  # prompt, ptuning: vocab (embeddings of random tokens) | random
       ptuning_encoder="mlp",  # ptuning: mlp | lstm
       encoder_hidden=0,  # ptuning, prefix projection: encoder width; 0: the token width
-      prefix_projection=False,  # prefix: make the keys and values with an MLP (else stored)
+      prefix_projection=False,  # prefix, mam, unipelt: make the prefix with an MLP (else stored)
       lisa_activated_layers=2,  # lisa: layers that train at a time (+ embeddings, head)
       lisa_step_interval=20,  # lisa: steps between redrawing them
   ))

@@ -59,10 +59,15 @@ def neftune(x_btd, key, alpha: float):
   return x_btd + noise.astype(x_btd.dtype)
 
 
+def bottleneck_delta(h_btd, p, act=jax.nn.gelu):
+  """A bottleneck adapter's change to h: up(act(down(h)))."""
+  z = act(dense(h_btd, p["down"].astype(h_btd.dtype)) + p["down_bias"].astype(h_btd.dtype))
+  return dense(z, p["up"].astype(h_btd.dtype)) + p["up_bias"].astype(h_btd.dtype)
+
+
 def bottleneck(h_btd, p):
   """A Houlsby adapter: h + up(gelu(down(h)))."""
-  z = jax.nn.gelu(dense(h_btd, p["down"].astype(h_btd.dtype)) + p["down_bias"].astype(h_btd.dtype))
-  return h_btd + dense(z, p["up"].astype(h_btd.dtype)) + p["up_bias"].astype(h_btd.dtype)
+  return h_btd + bottleneck_delta(h_btd, p)
 
 
 class LayerSource(NamedTuple):
@@ -70,7 +75,9 @@ class LayerSource(NamedTuple):
   any tree with a leading layer axis (stored weights, adapters); `fn` turns one layer's slice
   into (that layer's parameters as a pure dict, extra keyword arguments of its Block:
   activation-space adapters), inside the scan, so only one layer's folded weights exist at a
-  time."""
+  time. A tuple of sources covers the layers in consecutive runs (their leading axes add up to
+  the layer count), each scanned apart: AdapterDrop's lowest layers, with nothing that trains,
+  then run without a backward pass."""
   params: Any
   fn: Callable
 
@@ -98,7 +105,8 @@ class Context:
   pairs, trainer/data/pairs.py: 2; GRPO's completions: their number), each answer seeing its
   group's prompt and not the other answers.
 
-  `layers`: a `LayerSource` (PEFT) instead of the decoder's own layer parameters.
+  `layers`: a `LayerSource` (PEFT) instead of the decoder's own layer parameters, or a tuple of
+  them over consecutive runs of layers.
   `stack`: what runs the layer stack instead of the scan, stack(body, x, layer parameters,
   LayerInputs) -> (x, LayerOut stacked over the layers it ran), with `scan_layers`'s
   signature; a pipeline schedule (parallel/pipeline.py) runs one chunk of it per call.
@@ -111,7 +119,7 @@ class Context:
   prefix_embeds: Any = None
   prefix_keys: int = 0
   shared_prompt: int = 0
-  layers: LayerSource | None = None
+  layers: LayerSource | tuple[LayerSource, ...] | None = None
   dropout_rng: Any = None
   router_rng: Any = None
   stack: Callable | None = None
@@ -209,25 +217,32 @@ class Block(nnx.Module):
     return getattr(self, norm)(x) if self.pre_norms else x
 
   def __call__(self, x_btd, cos, sin, mask, kv_cache=None, adapters=None, deltas=None,
-               prefix_kv=None, rng=None, positions=None):
-    """PEFT, in activation space: `adapters`, Houlsby bottlenecks {"attn": ..., "mlp": ...} on
-    the two outputs; `deltas`, {"attn": {"q": fn, ...}, "mlp": {...}}, fn(x) added to that
-    projection of x (LoRA with dropout); `prefix_kv`, this layer's key and value prefix (prefix
-    tuning, see Attention); `rng`, the FFN's training key (a mixture of experts' router jitter).
+               prefix_kv=None, rng=None, positions=None, parallel=None, prefix_gate=None):
+    """PEFT, in activation space: `adapters`, {"attn": fn, "mlp": fn} (either may be absent),
+    fn(h) -> h' replacing that sublayer's output before the residual sum (Houlsby bottlenecks,
+    AdapterFusion, UniPELT's gated adapter); `parallel`, fn(u) added to the FFN's output, u its
+    input (MAM's parallel adapter); `deltas`, {"attn": {"q": fn, ...}, "mlp": {...}}, fn(x)
+    added to that projection of x (LoRA with dropout, UniPELT's gated LoRA); `prefix_kv`, this
+    layer's key and value prefix (prefix tuning, see Attention) and `prefix_gate`, fn(x) -> a
+    gate per token scaling it (UniPELT); `rng`, the FFN's training key (a mixture of experts'
+    router jitter).
 
     Returns (x, kv_cache: the updated cache when decoding, else None, aux: the FFN's float32
     scalars, models/ffn.py)."""
-    deltas = deltas or {}
+    deltas, adapters = deltas or {}, adapters or {}
     h = self.attn(self._input("attn_norm", x_btd), cos, sin, mask, kv_cache, deltas.get("attn"),
-                  prefix_kv, positions)
+                  prefix_kv, positions, prefix_gate)
     if kv_cache is not None:
       h, kv_cache = h
-    if adapters is not None:
-      h = bottleneck(h, adapters["attn"])
+    if "attn" in adapters:
+      h = adapters["attn"](h)
     x_btd = x_btd + (self.post_attn_norm(h) if self.post_norms else h)
-    h, aux = ffn_lib.apply(self.mlp, self._input("mlp_norm", x_btd), deltas.get("mlp"), rng)
-    if adapters is not None:
-      h = bottleneck(h, adapters["mlp"])
+    u = self._input("mlp_norm", x_btd)
+    h, aux = ffn_lib.apply(self.mlp, u, deltas.get("mlp"), rng)
+    if parallel is not None:
+      h = h + parallel(u).astype(h.dtype)
+    if "mlp" in adapters:
+      h = adapters["mlp"](h)
     x_btd = x_btd + (self.post_mlp_norm(h) if self.post_norms else h)
     x_btd = constrain(x_btd, BTD)
     return x_btd, kv_cache, aux
@@ -342,15 +357,26 @@ class Decoder(nnx.Module):
     router_keys = None
     if ctx.router_rng is not None and self.cfg.router_jitter and self.cfg.n_experts:
       router_keys = jax.random.split(ctx.router_rng, self.cfg.n_layers)
-    source = ctx.layers
     runs = layer_runs(self.cfg.layer_kinds())
-    if source is not None and len(runs) > 1:
+    sources = (ctx.layers,) if isinstance(ctx.layers, LayerSource) else ctx.layers
+    if sources is not None and len(runs) > 1:
       raise ValueError("a model that mixes dense and MoE layers takes no layer source (PEFT)")
-    if ctx.stack is not None and len(runs) > 1:
-      raise ValueError("a model that mixes dense and MoE layers cannot be pipelined")
-    auxes, kvs = [], []
+    if ctx.stack is not None and (len(runs) > 1 or len(sources or ()) > 1):
+      raise ValueError("a model that mixes dense and MoE layers, or runs its lowest layers "
+                       "apart (AdapterDrop), cannot be pipelined")
+    # (kind, its stack's parameters or a layer source, (first, last) among all layers)
+    parts = []
     for kind, (lo, hi), (first, last) in runs:
       stack = self.dense_layers if kind == "mlp" and hasattr(self, "dense_layers") else self.layers
+      if sources is None:
+        parts.append((kind, stack, None, (lo, hi), (first, last)))
+        continue
+      for source in sources:  # one run (every layer of one kind), cut where the sources meet
+        size = jax.tree.leaves(source.params)[0].shape[0]
+        parts.append((kind, stack, source, None, (first, first + size)))
+        first += size
+    auxes, kvs = [], []
+    for kind, stack, source, own, (first, last) in parts:
       graphdef, layer_state = nnx.split(stack)
       shared = LayerShared(graphdef, layer_state, cos, sin, masks, start,
                            None if source is None else source.fn, local_rope,
@@ -360,8 +386,9 @@ class Decoder(nnx.Module):
         body = jax.checkpoint(body, policy=REMAT_POLICIES[self.run.remat], prevent_cse=False)
       layers_in = layer_state if source is None else source.params
       inputs = LayerInputs(local, kv, router_keys if kind == "moe" else None)
-      if len(runs) > 1:  # this run's slice of its stack and of the per-layer inputs
-        layers_in = jax.tree.map(lambda a: a[lo:hi], layers_in)
+      if len(parts) > 1:  # this part's layers and per-layer inputs
+        if own is not None:
+          layers_in = jax.tree.map(lambda a: a[own[0]:own[1]], layers_in)
         inputs = jax.tree.map(lambda a: a[first:last], inputs)
       x, out = (ctx.stack or scan_layers)(body, x, layers_in, inputs)
       auxes.append(ffn_lib.reduce_layers(out.aux))

@@ -143,9 +143,10 @@ def init_params(handle: ModelHandle, seed: int, shardings: Params | None = None,
   if handle.peft is None:
     return base
 
-  def add_adapters(base, key):
-    new_base, adapters = handle.peft.init(base, key)
+  def add_adapters(base, key, fixed):
+    new_base, adapters = handle.peft.init(base, key, fixed)
     return cast_floating({**new_base, **({"peft": adapters} if adapters else {})}, dtype)
 
+  fixed = handle.peft.load_fixed()  # AdapterFusion's stage-1 adapters, from their folders
   return jax.jit(add_adapters, out_shardings=shardings, donate_argnums=0)(
-      base, jax.random.PRNGKey(seed + 7))
+      base, jax.random.PRNGKey(seed + 7), fixed)

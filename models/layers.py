@@ -400,7 +400,7 @@ class Alibi(NamedTuple):
 
 
 def dot_product_attention(q_bthd, k_bskd, v_bskd, mask, scale=None, softcap=0.0, blocks=1,
-                          alibi: Alibi | None = None):
+                          alibi: Alibi | None = None, prefix_gate=None):
   """Grouped-query attention without repeating K/V; the output in q's dtype.
 
   On CPU bfloat16 / float16 q, k, v are upcast to float32 first: XLA:CPU converted them for
@@ -423,10 +423,16 @@ def dot_product_attention(q_bthd, k_bskd, v_bskd, mask, scale=None, softcap=0.0,
 
   `alibi` (BLOOM): each score plus -slope_h * (query position - key position), after the scale;
   positions count per document, so packed rows keep their own distances.
+
+  `prefix_gate` = (gate (batch, q_len), n), UniPELT's gated prefix: the first n keys and values
+  (the prefix) are multiplied by each query's gate, i.e. their scores and their probabilities
+  are (`gated_attend`, one block, plain autodiff).
   """
   b, t, h, d = q_bthd.shape
   s, kv = k_bskd.shape[1], k_bskd.shape[2]
   g = h // kv
+  if prefix_gate is not None and blocks > 1:
+    raise ValueError("a gated prefix runs as one query block")
   if blocks > 1 and (s != t or t % blocks):
     raise ValueError(f"{blocks} query blocks need as many keys as queries and a length they "
                      f"divide; got {t} queries and {s} keys")
@@ -445,8 +451,11 @@ def dot_product_attention(q_bthd, k_bskd, v_bskd, mask, scale=None, softcap=0.0,
     qi = q[:, :, :, lo:hi].reshape(b, kv, g * size, d)
     part = None if alibi is None else alibi._replace(q_pos=alibi.q_pos[:, lo:hi],
                                                      k_pos=alibi.k_pos[:, :end])
-    out = attend_block(qi, k[:, :, :end], v[:, :, :end], mask[..., lo:hi, :end], part, g,
-                       scale, softcap)
+    if prefix_gate is not None:
+      out = gated_attend(qi, k, v, mask, part, g, scale, softcap, *prefix_gate)
+    else:
+      out = attend_block(qi, k[:, :, :end], v[:, :, :end], mask[..., lo:hi, :end], part, g,
+                         scale, softcap)
     outs.append(out.reshape(b, kv, g, size, d))
   out = jnp.concatenate(outs, axis=3) if blocks > 1 else outs[0]
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(out_dtype)
@@ -455,11 +464,14 @@ def dot_product_attention(q_bthd, k_bskd, v_bskd, mask, scale=None, softcap=0.0,
 ATTENTION_BLOCK = "attention_block"  # the checkpoint name of attend_block's output and lse
 
 
-def _block_scores(q, k, mask, alibi, g, scale, softcap):
-  """Masked float32 scores (b, kv, g * q_len, k_len), and tanh(scores / softcap) if capped."""
+def _block_scores(q, k, mask, alibi, g, scale, softcap, weights=None):
+  """Masked float32 scores (b, kv, g * q_len, k_len), and tanh(scores / softcap) if capped.
+  `weights` (broadcasting to (b, kv, g, q_len, k_len)) multiply the scaled products first."""
   b, kv, gq, _ = q.shape
   scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
   scores = scores.reshape(b, kv, g, gq // g, k.shape[2]) * scale
+  if weights is not None:
+    scores = scores * weights
   capped = None
   if softcap:
     capped = jnp.tanh(scores / softcap)
@@ -518,6 +530,20 @@ def _attend_bwd(g, scale, softcap, saved, d_out):
 attend_block.defvjp(_attend_fwd, _attend_bwd)
 
 
+def gated_attend(q, k, v, mask, alibi, g, scale, softcap, gate, n: int):
+  """`attend_block`'s attention with the first n keys and values multiplied by a gate per
+  query, gate (b, q_len): their products q.k and their probabilities are scaled by it (the
+  softmax normalises over the gated scores). Plain autodiff, the probabilities kept."""
+  b, kv, gq, _ = q.shape
+  s = k.shape[2]
+  w = jnp.broadcast_to(gate.astype(jnp.float32)[:, None, None, :, None], (b, 1, 1, gq // g, n))
+  w = jnp.concatenate([w, jnp.ones((b, 1, 1, gq // g, s - n), jnp.float32)], axis=-1)
+  scores, _ = _block_scores(q, k, mask, alibi, g, scale, softcap, w)
+  probs = jax.nn.softmax(scores.reshape(b, kv, g, gq // g, s), axis=-1) * w
+  return jnp.einsum("bkqs,bksd->bkqd", probs.reshape(b, kv, gq, s).astype(v.dtype), v,
+                    preferred_element_type=jnp.float32)
+
+
 class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, run: Execution, rngs: nnx.Rngs):
     self.cfg, self.impl = cfg, run.attention_impl
@@ -543,14 +569,15 @@ class Attention(nnx.Module):
       self.o_bias = param(rngs, (d,), ("embed",), std=0)
 
   def __call__(self, x_btd, cos, sin, mask, kv_cache=None, deltas=None, prefix_kv=None,
-               positions=None):
+               positions=None, prefix_gate=None):
     """`mask` is what `attention_inputs` built for this attention_impl. `positions` (ALiBi):
     (query positions (b, t), key positions (b, keys), the cache's slots when decoding); the
     rope tables are unused then.
     `deltas` (PEFT): {"q": fn, ...}, fn(x) added to that projection (see `project`).
     `prefix_kv` (prefix tuning): (k, v), each (n, kv_heads, head_dim), keys and values placed
     before the sequence's own (not rotated, as in PEFT, where they enter as a KV cache); the
-    mask then covers n + t keys.
+    mask then covers n + t keys. `prefix_gate` (UniPELT), fn(x) -> (b, t): each query's gate on
+    the prefix (`dot_product_attention`); the xla path only.
 
     With `kv_cache` = (k (b, S, kv_heads, hd), v, start): decoding. The new keys and values are
     written at cache slots [start, start + t) and the queries attend over the whole cache, with
@@ -575,16 +602,22 @@ class Attention(nnx.Module):
                               axis=1) for p, x in zip(prefix_kv, (k, v)))
     cfg = self.cfg
     impl, scale, cap = self.impl, cfg.scale, cfg.attn_softcap
+    gate = None
+    if prefix_gate is not None:  # the prefix: the first n keys, or the cache's first n slots
+      gate = (prefix_gate(x_btd), prefix_kv[0].shape[0])
+      if impl != "xla" and kv_cache is None:
+        raise ValueError(f"a gated prefix (UniPELT) runs with attention_impl xla, not {impl}")
     if kv_cache is not None:
       k_cache, v_cache, start = kv_cache
       k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start, 1)
       v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, 1)
       out = dot_product_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask,
-                                  scale, cap, alibi=alibi)
+                                  scale, cap, alibi=alibi, prefix_gate=gate)
       return self._out(out, deltas), (k_cache, v_cache)
     if impl == "xla":
       blocks = query_blocks(q.shape[1]) if prefix_kv is None else 1
-      out = dot_product_attention(q, k, v, mask, scale, cap, blocks, alibi=alibi)
+      out = dot_product_attention(q, k, v, mask, scale, cap, blocks, alibi=alibi,
+                                  prefix_gate=gate)
     elif impl == "pallas" or (impl == "ring" and ring_attention_lib.sequence_parallel_size() == 1):
       if impl == "ring":  # no ring to run: the keys' vectors in natural order are the mask
         mask = fm.FlashMask(*mask[1][:4])

@@ -41,19 +41,39 @@ def plain_inv_freq(head_dim, theta):
 
 
 def forward(params, cfg, tokens, positions=None, segment_ids=None, inv_freq=None,
-            on_mlp_input=None, rope_scale=1.0):
+            on_mlp_input=None, rope_scale=1.0, hooks=None):
   """Logits (batch, length, vocab). `on_mlp_input(h)`, if given, sees each layer's normalised
-  MLP input, in layer order."""
+  MLP input, in layer order. `hooks` (adapters, dense layers), an object with any of:
+    delta(l, name, x): added to projection `name` (q k v o gate up down) of its input x
+        (batch, length, features in), the output flattened to (batch, length, features out);
+        None: nothing added;
+    prefix(l): (keys, values) each (n, kv_heads, head_dim) placed before the row's own (not
+        rotated, seen by every query); the real positions then count from n;
+    prefix_gate(l, h): (batch, length) multiplying each query's prefix keys and values;
+    attn_out(l, h), mlp_out(l, h): replace that sublayer's output;
+    mlp_parallel(l, u): added to the MLP's output, u its input."""
   b, t = tokens.shape
   positions = np.broadcast_to(np.arange(t), (b, t)) if positions is None else positions
   segment_ids = np.ones((b, t), np.int32) if segment_ids is None else segment_ids
   hd = cfg.head_dim
   inv_freq = plain_inv_freq(hd, cfg.rope_theta) if inv_freq is None else inv_freq
+  hook = lambda name: getattr(hooks, name, None)
+  n_prefix = 0 if hook("prefix") is None else hook("prefix")(0)[0].shape[0]
+  positions = positions + n_prefix
   i = np.arange(t)
   allowed = (i[None, :] <= i[:, None])
   if cfg.sliding_window:
     allowed = allowed & (i[:, None] - i[None, :] < cfg.sliding_window)
   allowed = allowed[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])  # (b, t, t)
+  allowed = np.concatenate([np.ones((b, t, n_prefix), bool), allowed], axis=2)
+
+  def proj(l, name, x, w, n_in=1):
+    y = jnp.tensordot(x, w, axes=n_in)
+    if hook("delta") is not None:
+      d = hook("delta")(l, name, x.reshape(b, t, -1))
+      y = y if d is None else y + d.reshape(y.shape)
+    return y
+
   x = params["embed"][tokens]
   kinds = cfg.layer_kinds()
   mixed = len(set(kinds)) > 1
@@ -62,30 +82,49 @@ def forward(params, cfg, tokens, positions=None, segment_ids=None, inv_freq=None
     index = sum(1 for j in range(l) if kinds[j] == kinds[l])  # its place in its stack
     p = jax.tree.map(lambda a: a[index], params[stack])
     h = rms_norm(x, p["attn_norm"]["scale"], cfg.norm_eps)
-    q = jnp.einsum("btd,dhk->bthk", h, p["attn"]["q"])
-    k = jnp.einsum("btd,dhk->bthk", h, p["attn"]["k"])
-    v = jnp.einsum("btd,dhk->bthk", h, p["attn"]["v"])
+    q = proj(l, "q", h, p["attn"]["q"])
+    k = proj(l, "k", h, p["attn"]["k"])
+    v = proj(l, "v", h, p["attn"]["v"])
     if cfg.qkv_bias:
       q, k, v = q + p["attn"]["q_bias"], k + p["attn"]["k_bias"], v + p["attn"]["v_bias"]
     if not cfg.alibi:
       q, k = rope(q, positions, inv_freq, rope_scale), rope(k, positions, inv_freq, rope_scale)
+    if n_prefix:
+      pk, pv = hook("prefix")(l)
+      k = jnp.concatenate([jnp.broadcast_to(pk, (b, *pk.shape)), k], axis=1)
+      v = jnp.concatenate([jnp.broadcast_to(pv, (b, *pv.shape)), v], axis=1)
     rep = cfg.n_heads // cfg.n_kv_heads
     k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
     s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd)
+    gated = np.ones((b, 1, t, n_prefix + t), np.float32)
+    if n_prefix and hook("prefix_gate") is not None:  # g * (q . k_prefix), g * v_prefix
+      g = hook("prefix_gate")(l, h)[:, None, :, None]
+      gated = jnp.concatenate([jnp.broadcast_to(g, (b, 1, t, n_prefix)),
+                               jnp.ones((b, 1, t, t))], axis=-1)
+    s = s * gated
     if cfg.alibi:  # minus slope_h times the distance within the document
       distance = positions[:, :, None] - positions[:, None, :]
       s = s - alibi_slopes(cfg.n_heads)[None, :, None, None] * distance[:, None]
     s = jnp.where(allowed[:, None], s, -jnp.inf)
-    a = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), v)
-    x = x + jnp.einsum("bthk,hkd->btd", a, p["attn"]["o"])
+    a = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1) * gated, v)
+    out = proj(l, "o", a, p["attn"]["o"], n_in=2)
+    if hook("attn_out") is not None:
+      out = hook("attn_out")(l, out)
+    x = x + out
     h = rms_norm(x, p["mlp_norm"]["scale"], cfg.norm_eps)
     if on_mlp_input is not None:
       on_mlp_input(h)
     if kinds[l] == "moe":
       x = x + moe(h.reshape(b * t, -1), p["mlp"], cfg).reshape(x.shape)
       continue
-    g = h @ p["mlp"]["gate"]
-    x = x + ((g * jax.nn.sigmoid(g)) * (h @ p["mlp"]["up"])) @ p["mlp"]["down"]
+    g = proj(l, "gate", h, p["mlp"]["gate"])
+    out = proj(l, "down", (g * jax.nn.sigmoid(g)) * proj(l, "up", h, p["mlp"]["up"]),
+               p["mlp"]["down"])
+    if hook("mlp_parallel") is not None:
+      out = out + hook("mlp_parallel")(l, h)
+    if hook("mlp_out") is not None:
+      out = hook("mlp_out")(l, out)
+    x = x + out
   x = rms_norm(x, params["final_norm"]["scale"], cfg.norm_eps)
   head = params["embed"].T if cfg.tie_embeddings else params["head"]
   return x @ head

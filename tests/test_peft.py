@@ -322,6 +322,12 @@ def pretrained(tmp_path_factory):
     ("bitfit", dict(method="bitfit"), 1e-1, 40),  # 384 biases in all: it learns slowly
     ("qlora", dict(method="lora", base_quant="nf4"), 2e-2, 20),
     ("houlsby", dict(method="adapter", adapter_dim=8), 1e-2, 20),
+    pytest.param("houlsby_drop", dict(method="adapter", adapter_dim=8, adapter_drop=1), 1e-2, 20,
+                 marks=pytest.mark.slow),
+    pytest.param("mam", dict(method="mam", adapter_dim=8, num_virtual_tokens=4), 1e-2, 20,
+                 marks=pytest.mark.slow),
+    ("unipelt", dict(method="unipelt", targets="q_proj|v_proj", adapter_dim=8,
+                     num_virtual_tokens=4), 1e-2, 20),
 ])
 def test_each_method_trains_only_its_parameters(pretrained, name, section, lr, steps):
   from models import peft as peft_lib
@@ -392,6 +398,109 @@ def test_exports_load_in_hf_peft_and_transformers(pretrained, section, tmp_path)
     with torch.no_grad():
       theirs = model(torch.tensor(TOKENS % handle.cfg.vocab_size)).logits.numpy()
     assert np.abs(theirs - ours).max() <= 1e-4, (fmt, np.abs(theirs - ours).max())
+
+
+@pytest.fixture(scope="module")
+def task_adapters(pretrained):
+  """AdapterFusion's first stage: a Houlsby adapter per task (two function templates; the second
+  with AdapterDrop 1), each written by `trainer.export --format=adapters`."""
+  from trainer import train
+  rng = np.random.default_rng(1)
+  with open(pretrained / "narrow_mul.jsonl", "w") as f:
+    for a, b in rng.integers(0, 100, (600, 2)):
+      f.write(json.dumps({"text": f"def mul_{a}_{b}(y):\n    return y * {a} * {b}\n"}) + "\n")
+  folders = []
+  for task, drop in (("narrow", 0), ("narrow_mul", 1)):
+    c = small_run.config(steps=10, eval_every=0, checkpoint_every=0, sample_tokens=0, lr=1e-2,
+                         warmup_steps=2)
+    c.model.init_from = f"hf:{pretrained / 'base'}"
+    c.data.update(source="files", train_files=str(pretrained / f"{task}.jsonl"), format="text")
+    c.peft.update(method="adapter", adapter_dim=8, adapter_drop=drop)
+    train.run(c, str(pretrained / f"stage1_{task}"))
+    out = pretrained / f"adapters_{task}"
+    code, _, err = small_run.run_tool("export", f"--workdir={pretrained / f'stage1_{task}'}",
+                                      "--format=adapters", f"--out={out}")
+    assert code == 0, err
+    folders.append(out)
+  return folders
+
+
+def fusion_config(pretrained, task_adapters, **train):
+  c = small_run.config(eval_every=0, sample_tokens=0, **train)
+  c.model.init_from = f"hf:{pretrained / 'base'}"
+  c.peft.update(method="fusion", adapter_dim=8, adapter_drop=1,
+                fusion_adapters=",".join(str(f) for f in task_adapters))
+  return c
+
+
+@pytest.mark.slow  # end-to-end: .ci/run runs the slow cases after the default suite
+def test_adapter_fusion_learns_over_frozen_task_adapters(pretrained, task_adapters, tmp_path):
+  """Stage 2 on both tasks' text: the loss falls; the task adapters (their top layer) stay as
+  their folders hold them, the base untouched; Adam keeps moments for the fusion alone. The
+  run's own adapter folder samples as the run does (`generate --hf --adapters`)."""
+  from models.peft import saved
+  from trainer import train
+  mixed = tmp_path / "mixed.jsonl"
+  mixed.write_text((pretrained / "narrow.jsonl").read_text()
+                   + (pretrained / "narrow_mul.jsonl").read_text())
+  c = fusion_config(pretrained, task_adapters, steps=20, checkpoint_every=20, log_every=1,
+                    lr=1e-2, warmup_steps=2)
+  c.data.update(source="files", train_files=str(mixed), format="text")
+  out = train.run(c, str(tmp_path / "fusion"))
+  with open(tmp_path / "fusion" / "metrics.jsonl") as f:
+    losses = [json.loads(l)["loss"] for l in f if '"loss"' in l]
+  assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.04, losses
+  params, opt_state = out["state"]["params"], out["state"]["opt_state"]
+  for n, (folder, held) in enumerate(zip(task_adapters, (2, 1))):
+    stage1 = saved.read(str(folder))[2]["adapter"]
+    for where in ("attn", "mlp"):
+      for k, v in stage1[where].items():
+        np.testing.assert_array_equal(np.asarray(params["peft"]["adapter"][where][k])[:, n],
+                                      v[held - 1:])
+  _, base = hf.load(str(pretrained / "base"))
+  np.testing.assert_array_equal(np.asarray(params["layers"]["attn"]["q"]),
+                                np.asarray(base["layers"]["attn"]["q"]))
+  fusion = sum(x.size for x in jax.tree.leaves(params["peft"]["fusion"]))
+  assert fusion == 2 * 3 * 64 * 64  # one layer (AdapterDrop 1 of 2), two sublayers, Q K V
+  moments = sum(x.size for x in jax.tree.leaves(opt_state))
+  assert 2 * fusion <= moments <= 2 * fusion + 16
+
+  code, _, err = small_run.run_tool("export", f"--workdir={tmp_path / 'fusion'}",
+                                    "--format=adapters", f"--out={tmp_path / 'fused'}")
+  assert code == 0, err
+  texts = []
+  for source in ([f"--workdir={tmp_path / 'fusion'}"],
+                 [f"--hf={pretrained / 'base'}", f"--adapters={tmp_path / 'fused'}"]):
+    code, text, err = small_run.run_tool("generate", *source, "--prompt=def mul_",
+                                         "--max_new_tokens=12")
+    assert code == 0, err
+    texts.append(text)
+  assert texts[0] == texts[1] and texts[0].strip()
+  code, _, err = small_run.run_tool("export", f"--workdir={tmp_path / 'fusion'}", "--format=hf",
+                                    f"--out={tmp_path / 'hf'}")
+  assert code == 2 and "--format=adapters" in err and "Traceback" not in err
+
+
+@pytest.mark.slow  # end-to-end: .ci/run runs the slow cases after the default suite
+@pytest.mark.parametrize("section", [
+    dict(method="mam", adapter_dim=8, num_virtual_tokens=4),
+    dict(method="unipelt", targets="q_proj|v_proj", adapter_dim=8, num_virtual_tokens=4),
+    None], ids=["mam", "unipelt", "fusion_drop"])
+def test_unified_methods_stop_and_resume_bit_identically(pretrained, task_adapters, section,
+                                                          tmp_path):
+  from trainer import train
+
+  def config(**extra):
+    c = fusion_config(pretrained, task_adapters, steps=4, checkpoint_every=2, lr=1e-2, **extra)
+    if section is not None:
+      c.peft.update(adapter_drop=0, fusion_adapters="", **section)
+    return c
+
+  whole = train.run(config(), str(tmp_path / "whole"))
+  train.run(config(stop_after_steps=2), str(tmp_path / "split"))
+  resumed = train.run(config(), str(tmp_path / "split"))
+  for part in ("params", "opt_state"):
+    jax.tree.map(np.testing.assert_array_equal, resumed["state"][part], whole["state"][part])
 
 
 def test_neftune_noise_scale_and_training_only(tmp_path):

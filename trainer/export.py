@@ -8,6 +8,10 @@ A run that started from a folder trainer/quantize.py wrote is written as such a 
 (integers and scales), which trainer.generate --hf and model.init_from read.
 --format=peft: the adapters alone (adapter_config.json + adapter_model.safetensors) for HF
 PEFT's PeftModel.from_pretrained(original base, DIR); LoRA, rsLoRA, PiSSA, DoRA, VeRA, IA3.
+--format=adapters: the adapters alone in the project's own folder (adapters.safetensors +
+adapters.json, models/peft/saved.py), for every method PEFT has no format for (Houlsby adapters,
+AdapterDrop, AdapterFusion, MAM, UniPELT) and the others: `trainer.generate --hf=BASE
+--adapters=DIR` samples with it, and `peft.fusion_adapters` fuses such folders.
 The checkpoint (latest, or --step) is restored onto this machine's devices, split over them
 (FSDP), and written one tensor at a time.
 """
@@ -24,6 +28,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import app, flags, logging
 
 import parallel
@@ -31,13 +36,13 @@ from models import hf
 from models import peft as peft_lib
 from models.config import Execution, ModelConfig, split_fields
 from models.handle import model_handle, param_shardings, stored_abstract
-from models.peft import hf_format
+from models.peft import hf_format, saved
 from models.quant import model as quant_model
 from trainer import checkpoint as ckpt_lib
 from trainer.data import tokenizer as tokenizer_lib
 from trainer.errors import UserError
 
-FORMATS = ("hf", "peft")
+FORMATS = ("hf", "peft", "adapters")
 
 
 def read_run(workdir: str, step: int | None = None):
@@ -152,25 +157,34 @@ def main(argv):
 
     dtype = jnp.dtype(flags.FLAGS.dtype or cfg.precision.param_dtype)
     with staged(flags.FLAGS.out) as tmp:
-      if flags.FLAGS.format == "peft":
+      if flags.FLAGS.format in ("peft", "adapters") and handle.peft is not None and \
+          handle.peft.restart_every:
+        raise UserError(f"--format={flags.FLAGS.format}: ReLoRA merged its adapters into the "
+                        "base weights as it trained; export the whole model with --format=hf")
+      if flags.FLAGS.format == "adapters":
+        if handle.peft is None or "peft" not in params:
+          raise UserError("--format=adapters needs a run with adapters (peft.method other than "
+                          "none, bitfit and lisa); use --format=hf for the whole model")
+        adapters = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params["peft"])
+        files = saved.write(tmp, cfg.peft.to_dict(), handle.cfg.to_dict(), adapters, dtype)
+      elif flags.FLAGS.format == "peft":
         if handle.peft is None or handle.peft.method not in hf_format.METHODS:
           raise UserError(f"--format=peft needs a run with peft.method one of "
-                          f"{', '.join(hf_format.METHODS)}; use --format=hf for the whole model")
-        if handle.peft.restart_every:
-          raise UserError("--format=peft: ReLoRA merged its adapters into the base weights as "
-                          "it trained; export the whole model with --format=hf")
+                          f"{', '.join(hf_format.METHODS)}; use --format=hf for the whole model, "
+                          "or --format=adapters for the adapters in the project's own folder")
         if handle.cfg.family in hf_format.FUSED_FAMILIES:
           raise UserError(f"--format=peft: {handle.cfg.family} fuses q, k and v into one "
                           "matrix, which PEFT adapts as one; merge the adapters with --format=hf "
                           "instead")
         files = hf_format.write(tmp, handle.peft, params, dtype)
       else:
-        if handle.peft is not None and handle.peft.method == "adapter":
-          raise UserError("Houlsby adapters act on activations and cannot be merged into a "
-                          "Hugging Face model; there is no export for them yet")
-        if handle.peft is not None and handle.peft.prompt is not None:
-          raise UserError(f"peft.method={handle.peft.method} adds virtual tokens, which no weights "
-                          "can hold; export them with --format=peft")
+        if handle.peft is not None and (handle.peft.method in peft_lib.ACTIVATION_METHODS
+                                        or handle.peft.prompt is not None):
+          raise UserError(f"--format=hf: peft.method={handle.peft.method} acts on activations "
+                          "(bottleneck adapters, gates, virtual tokens), which no Hugging Face "
+                          "weights can hold; export the adapters with --format=adapters"
+                          + (" or --format=peft" if handle.peft.method in hf_format.METHODS
+                             else ""))
         model_params = handle.peft.merge(params) if handle.peft is not None else params
         try:
           if handle.integers is not None:  # a run from a quantized folder

@@ -3,6 +3,7 @@
     python -m trainer.generate --workdir=DIR --prompt="def fib(n):" --max_new_tokens=64
     python -m trainer.generate --hf=DIR --prompt=... --temperature=0.8 --top_p=0.9
     python -m trainer.generate --hf=DIR --chat --prompt="What is 2+3?"
+    python -m trainer.generate --hf=BASE --adapters=DIR --prompt=...  # trainer.export's adapters
 
 The prompt is tokenized as the model's tokenizer defines a text's start (BOS for the project's
 own tokenizers and for Llama 3 or Gemma folders, none for Qwen2); with --chat it is one user turn
@@ -26,12 +27,15 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
 from models import hf
+from models.config import ModelConfig
 from models.decoder import Context
 from models.handle import ModelHandle, cast_floating, model_handle
+from models.peft import Peft, saved
 from models.quant import model as quant_model
 from trainer import export
 from trainer.data import templates, tokenizer as tokenizer_lib
@@ -230,11 +234,18 @@ def chat_template(f, run_cfg, tokenizer):
   raise UserError(f"--chat: {where}; give --template=one of {', '.join(templates.TEMPLATES)}")
 
 
-def load_model(workdir: str | None, hf_dir: str | None, step: int | None = None):
+def load_model(workdir: str | None, hf_dir: str | None, step: int | None = None,
+               adapters: str | None = None):
   """(run config or None, ModelHandle, params, tokenizer) of exactly one of a training run's
-  folder (its checkpoint at `step`, default the newest) and a Hugging Face folder."""
+  folder (its checkpoint at `step`, default the newest) and a Hugging Face folder, the latter
+  with `adapters` (a folder `trainer.export --format=adapters` wrote) when given."""
   if bool(workdir) == bool(hf_dir):
     raise UserError("give exactly one of --workdir and --hf")
+  if adapters and not hf_dir:
+    raise UserError("--adapters goes with --hf=the base model they were trained on")
+  if adapters:
+    run_cfg, handle, params, tokenizer = load_model(None, hf_dir)
+    return run_cfg, *with_adapters(handle, params, adapters), tokenizer
   if workdir:
     run_cfg, handle, params, _ = export.load_run(workdir, step)
     return run_cfg, handle, params, tokenizer_lib.load(workdir)
@@ -248,13 +259,41 @@ def load_model(workdir: str | None, hf_dir: str | None, step: int | None = None)
     raise UserError(f"--hf={hf_dir}: {e}") from None
 
 
+def with_adapters(handle: ModelHandle, params, folder: str):
+  """(handle, params) of a base model with the adapters of an own-format folder."""
+  try:
+    section, fields, adapters = saved.read(folder)
+  except ValueError as e:
+    raise UserError(f"--adapters={folder}: {e}") from None
+  if handle.quant is not None:
+    raise UserError(f"--adapters={folder}: --hf holds a quantized model, which takes no adapters")
+  theirs = ModelConfig.from_dict(fields)
+  for field in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                "d_ff"):
+    if getattr(theirs, field) != getattr(handle.cfg, field):
+      raise UserError(f"--adapters={folder} belongs to a model with {field}="
+                      f"{getattr(theirs, field)}; --hf's has {getattr(handle.cfg, field)}")
+  try:
+    peft = Peft.from_config(ml_collections.ConfigDict(section), handle.cfg)
+  except (ValueError, AttributeError, KeyError) as e:
+    raise UserError(f"--adapters={folder}: adapters.json: {e}") from None
+  if peft is None or peft.method == "bitfit":
+    raise UserError(f"--adapters={folder}: peft.method={section.get('method')} has no adapters")
+  adapted = model_handle(handle.cfg, peft, handle.run)
+  want = jax.tree.map(lambda x: x.shape, adapted.abstract_params()["peft"])
+  got = jax.tree.map(lambda x: x.shape, adapters)
+  if want != got:
+    raise UserError(f"--adapters={folder}: its tensors do not fit adapters.json's description")
+  return adapted, {**params, "peft": jax.tree.map(jnp.asarray, adapters)}
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
   try:
     check_flags(f)
-    run_cfg, handle, params, tokenizer = load_model(f.workdir, f.hf, f.step)
+    run_cfg, handle, params, tokenizer = load_model(f.workdir, f.hf, f.step, f.adapters)
     check_flags(f, handle.cfg.max_seq_len)
     stops = [tokenizer.eos_id] if tokenizer.eos_id >= 0 else []
     if f.chat:
@@ -283,6 +322,8 @@ def _define_flags():
   """Only when run as a program: the CLIs share flag names."""
   flags.DEFINE_string("workdir", None, "a training run's folder (latest checkpoint)")
   flags.DEFINE_string("hf", None, "a Hugging Face model folder")
+  flags.DEFINE_string("adapters", None, "with --hf: an adapter folder trainer.export "
+                      "--format=adapters wrote, trained on that base model")
   flags.DEFINE_string("prompt", "", "text to continue")
   flags.DEFINE_bool("chat", False, "the prompt is a user turn of the chat template, and the reply "
                     "ends at the template's end of turn")

@@ -145,12 +145,14 @@ def check_config(cfg) -> None:
            f"set it to 0 with peft.method={cfg.peft.method}")
   _require(not mc.alibi or run.attention_impl != "cudnn", "model.attention_impl",
            "cudnn takes no ALiBi bias (model.alibi): use xla, pallas or ring")
-  _require(not mc.alibi or cfg.peft.method != "prefix", "peft.method",
-           "prefix tuning's keys have no positions for ALiBi's distances (model.alibi)")
+  _require(not mc.alibi or cfg.peft.method not in ("prefix", "mam", "unipelt"), "peft.method",
+           f"{cfg.peft.method}: prefix tuning's keys have no positions for ALiBi's distances "
+           "(model.alibi)")
   try:
     peft = peft_lib.Peft.from_config(cfg.peft, mc, cfg.train.steps)
     if peft is not None:
       peft.check_run(run)
+      peft.load_fixed()  # AdapterFusion's folders: each readable and fitting this model
   except ValueError as e:
     raise UserError(f"config key {e}") from None
   try:
@@ -325,6 +327,9 @@ def check_pipeline(cfg, sizes: dict[str, int]) -> None:
            "(its router losses and loads are per batch); use mesh.stage=1")
   _require(cfg.peft.method != "lisa", "mesh.stage",
            "LISA picks layers across the whole stack; use mesh.stage=1 or another peft.method")
+  _require(not cfg.peft.get("adapter_drop", 0), "mesh.stage",
+           "AdapterDrop (peft.adapter_drop) runs its lowest layers apart, which pipeline stages "
+           "cannot yet; use mesh.stage=1 or peft.adapter_drop=0")
   _require(cfg.model.attention_impl != "ring", "mesh.stage",
            "ring attention inside pipeline stages is not built yet; use attention_impl=xla")
   _require(not objectives.from_config(cfg).needs_reference, "mesh.stage",

@@ -27,6 +27,15 @@ Methods (per targeted linear map W, seen as (in, out) per layer):
   adapter Houlsby bottleneck adapters: h + up(gelu(down(h))) on the attention and on the MLP
           output of every block, before the residual sum; up starts at 0 (identity). These act on
           activations: the decoder applies them (models/decoder.py Block), nothing is folded.
+          `adapter_drop` n (AdapterDrop, Rueckle et al. 2021): none in the lowest n layers,
+          which then run apart, without a backward pass (models/decoder.py LayerSource).
+  fusion  AdapterFusion's second stage (models/peft/unified.py): the Houlsby adapters of
+          several runs (`fusion_sources`, folders trainer.export --format=adapters wrote)
+          frozen, and per layer and sublayer an attention over their outputs that trains.
+          `adapter_drop` as for adapter.
+  mam     MAM adapter: prefix tuning plus a parallel FFN adapter scaled by `mam_scale`.
+  unipelt UniPELT: LoRA on the targets, prefix tuning and a Houlsby adapter on the FFN output,
+          each behind a learned gate (per token). Gated LoRA acts on activations too.
   prompt, ptuning, prefix: virtual tokens before the sequence, as input embeddings or as every
           layer's keys and values (models/peft/prompt.py); the decoder places them.
   QLoRA   (`base_quant="nf4"`, with lora or dora): the targeted base weights are stored as NF4
@@ -78,10 +87,16 @@ from models.config import ModelConfig
 from models.layers import LowRank
 from models.peft import adalora
 from models.peft import prompt as prompt_lib
+from models.peft import saved
 from models.quant import nf4
 
 METHODS = ("none", "lora", "relora", "dora", "adalora", "vera", "ia3", "bitfit", "adapter",
-           *prompt_lib.METHODS, "lisa")  # lisa: trainer/lisa.py
+           "fusion", "mam", "unipelt", *prompt_lib.METHODS, "lisa")  # lisa: trainer/lisa.py
+# the methods whose adapters act on activations (nothing folds into weights) besides the
+# virtual-token ones; those with a bottleneck size; those AdapterDrop applies to
+ACTIVATION_METHODS = ("adapter", "fusion", "mam", "unipelt")
+BOTTLENECK_METHODS = ("adapter", "fusion", "mam", "unipelt")
+DROP_METHODS = ("adapter", "fusion")
 INITS = ("default", "gaussian", "pissa")
 
 # (module, weight): (Hugging Face module name, number of input dims in our layout)
@@ -181,6 +196,9 @@ class Peft:
   # ReLoRA (method "relora", run as "lora"): every `restart_every` steps the adapters merge into
   # the base and start again (trainer/relora.py); 0: never
   restart_every: int = 0
+  adapter_drop: int = 0  # adapter, fusion: the lowest layers without adapters (AdapterDrop)
+  fusion_sources: tuple[str, ...] = ()  # fusion: the adapter folders fused (stage 1's runs)
+  mam_scale: float = 4.0  # mam: the parallel adapter's scale s
 
   @classmethod
   def from_config(cls, pc, mcfg: ModelConfig, total_steps: int = 0) -> "Peft | None":
@@ -238,7 +256,7 @@ class Peft:
         allocator.check()
       if pc.init != "default":
         raise ValueError(f"peft.init={pc.init} is for lora; adalora starts as PEFT does")
-    activations_only = pc.method == "adapter" or pc.method in prompt_lib.METHODS
+    activations_only = pc.method in ("adapter", "fusion", "mam", *prompt_lib.METHODS)
     if len(set(mcfg.layer_kinds())) > 1:  # the decoder takes one layer source for one stack
       raise ValueError(f"peft.method={pc.method} needs every layer of one kind: model.moe_every="
                        f"{mcfg.moe_every} and model.moe_first_dense={mcfg.moe_first_dense} mix "
@@ -248,13 +266,16 @@ class Peft:
     targets = () if activations_only else select_targets(spec, mcfg)
     _check_experts(pc, targets_key, spec, targets)
     prompt = None
-    if pc.method in prompt_lib.METHODS:
-      prompt = prompt_lib.Prompt(pc.method, mcfg, pc.num_virtual_tokens, pc.ptuning_encoder,
+    if pc.method in (*prompt_lib.METHODS, "mam", "unipelt"):  # MAM, UniPELT: prefix tuning
+      kind = pc.method if pc.method in prompt_lib.METHODS else "prefix"
+      prompt = prompt_lib.Prompt(kind, mcfg, pc.num_virtual_tokens, pc.ptuning_encoder,
                                  pc.encoder_hidden, pc.prefix_projection, pc.prompt_init)
       prompt.check()
-    if pc.method == "adapter" and pc.adapter_dim < 1:
+    if pc.method in BOTTLENECK_METHODS and pc.adapter_dim < 1:
       raise ValueError(f"peft.adapter_dim={pc.adapter_dim} must be positive")
-    if not targets and pc.method not in ("bitfit", "adapter", *prompt_lib.METHODS):
+    adapter_drop, sources = _check_unified(pc, mcfg)
+    if not targets and pc.method not in ("bitfit", "adapter", "fusion", "mam",
+                                         *prompt_lib.METHODS):
       raise ValueError(f"{targets_key}={spec!r} matches no linear module; names: "
                        + ", ".join(f"{m}.{n} ({' or '.join(hf)})"
                                    for (m, n), hf in linear(mcfg).items()))
@@ -264,7 +285,8 @@ class Peft:
                pc.vera_d_initial, pc.lora_plus_scale, pc.base_quant, pc.adapter_dim,
                pc.pissa_niter, pc.dropout, allocator,
                pc.adalora_orth_weight if pc.method == "adalora" else 0.0, prompt,
-               bool(pc.train_router), restart_every)
+               bool(pc.train_router), restart_every, adapter_drop, sources,
+               float(pc.get("mam_scale", 4.0)))
     if peft.train_router and not mcfg.n_experts:
       raise ValueError("peft.train_router=True needs a mixture of experts (model.n_experts)")
     if peft.train_router and prompt is not None:
@@ -278,6 +300,14 @@ class Peft:
     """ValueError naming the key when the model's Execution cannot run these adapters."""
     if self.prompt is not None:
       self.prompt.check_impl(run.attention_impl)
+    if self.method == "unipelt" and run.attention_impl != "xla":
+      raise ValueError("peft.method=unipelt gates its prefix per query, which runs with "
+                       f"model.attention_impl=xla, not {run.attention_impl}")
+
+  @property
+  def adapted_layers(self) -> int:
+    """The layers that hold adapters: all, or with AdapterDrop the top ones."""
+    return self.mcfg.n_layers - self.adapter_drop
 
   @property
   def scale(self) -> float:
@@ -299,6 +329,11 @@ class Peft:
   def _shapes(self) -> dict[str, Any]:
     """name -> (shape, logical axes) of every adapter array (tree as stored under "peft")."""
     L, r, out = self.mcfg.n_layers, self.rank, {}
+    d, m = self.mcfg.d_model, self.adapter_dim
+    bottleneck = {"down": ((L, d, m), ("layers", "embed", None)),
+                  "down_bias": ((L, m), ("layers", None)),
+                  "up": ((L, m, d), ("layers", None, "embed")),
+                  "up_bias": ((L, d), ("layers", "embed"))}
     for module, name in self.targets:
       n_in, n_out = _dims(self.mcfg, module, name)
       if module == "experts":  # lora only (from_config): one pair per expert
@@ -307,9 +342,11 @@ class Peft:
             "lora_a": ((L, *lead, n_in, r), ("layers", "expert", None, None)),
             "lora_b": ((L, *lead, r, n_out), ("layers", "expert", None, None))}
         continue
-      if self.method in ("lora", "dora"):
+      if self.method in ("lora", "dora", "unipelt"):
         entry = {"lora_a": ((L, n_in, r), ("layers", None, None)),
                  "lora_b": ((L, r, n_out), ("layers", None, None))}
+        if self.method == "unipelt":  # the gate sigma(x w + b) from the matrix's input
+          entry.update(gate=((L, n_in), ("layers", None)), gate_bias=((L,), ("layers",)))
         if self.method == "dora":
           entry["magnitude"] = ((L, n_out), ("layers", None))
         if self.init_kind == "pissa":  # kept frozen: exporting to PEFT needs the start point
@@ -325,11 +362,25 @@ class Peft:
         size = n_in if _feedforward(module, name) else n_out
         entry = {"ia3": ((L, size), ("layers", None))}
       out.setdefault(module, {})[name] = entry
+    top = self.adapted_layers  # AdapterDrop: only the top layers hold adapters
+    at_top = lambda spec: ((top, *spec[0][1:]), spec[1])
     if self.method == "adapter":
-      d, m = self.mcfg.d_model, self.adapter_dim
-      one = {"down": ((L, d, m), ("layers", "embed", None)), "down_bias": ((L, m), ("layers", None)),
-             "up": ((L, m, d), ("layers", None, "embed")), "up_bias": ((L, d), ("layers", "embed"))}
-      out["adapter"] = {"attn": dict(one), "mlp": dict(one)}
+      out["adapter"] = {where: {k: at_top(v) for k, v in bottleneck.items()}
+                        for where in ("attn", "mlp")}
+    if self.method == "fusion":  # N frozen adapters per layer, then the fusion attention
+      n = len(self.fusion_sources)
+      stacked = {k: ((top, n, *shape[1:]), (names[0], None, *names[1:]))
+                 for k, (shape, names) in bottleneck.items()}
+      square = ((top, d, d), ("layers", "embed", None))
+      out["adapter"] = {where: dict(stacked) for where in ("attn", "mlp")}
+      out["fusion"] = {where: {"query": square, "key": square, "value": square}
+                       for where in ("attn", "mlp")}
+    if self.method == "mam":
+      out["parallel"] = dict(bottleneck)
+    if self.method == "unipelt":
+      gate = {"gate": ((L, d), ("layers", "embed")), "gate_bias": ((L,), ("layers",))}
+      out["adapter"] = {"mlp": {**bottleneck, **gate}}
+      out["prefix_gate"] = {"w": ((L, d), ("layers", "embed")), "b": ((L,), ("layers",))}
     if self.prompt is not None:
       out["prompt"] = self.prompt.shapes()
     if self.method == "vera":
@@ -367,9 +418,21 @@ class Peft:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x[0], dtype), self._shapes(),
                         is_leaf=_is_spec)
 
-  def init(self, base: dict, key: jax.Array) -> tuple[dict, dict]:
+  def load_fixed(self) -> dict | None:
+    """What `init` takes from files, read on the host: AdapterFusion's stage-1 adapters, the
+    folders' Houlsby adapters stacked per leaf along a second axis (layers, N, ...), the top
+    `adapted_layers` layers of each. None for the other methods. ValueError naming the key."""
+    if self.method != "fusion":
+      return None
+    trees = []
+    for folder in self.fusion_sources:
+      trees.append(fusion_source(folder, self.mcfg, self.adapter_dim, self.adapted_layers))
+    return jax.tree.map(lambda *xs: np.stack(xs, axis=1), *trees)
+
+  def init(self, base: dict, key: jax.Array, fixed: dict | None = None) -> tuple[dict, dict]:
     """(base, adapters): adapters as PEFT initialises them; PiSSA also returns the residual
-    base. Runs under jit (shapes are static)."""
+    base; `fixed`, what `load_fixed` read (AdapterFusion's adapters). Runs under jit (shapes
+    are static)."""
     adapters: dict[str, Any] = {}
     if self.method == "bitfit":
       return base, adapters
@@ -381,7 +444,7 @@ class Peft:
       w = _get(base["layers"], path)
       L, lead = w.shape[0], _lead(self.mcfg, module)  # lead: the experts' axis, if any
       entry: dict[str, jax.Array] = {}
-      if self.method in ("lora", "dora"):
+      if self.method in ("lora", "dora", "unipelt"):
         if self.init_kind == "pissa":
           a, b, residual = _pissa(w.reshape(L, n_in, n_out).astype(jnp.float32), self.rank,
                                   self.scale, self.pissa_niter, next(keys))
@@ -397,6 +460,8 @@ class Peft:
                                    maxval=bound)
           b = jnp.zeros((L, *lead, self.rank, n_out))
         entry = {"lora_a": a, "lora_b": b}
+        if self.method == "unipelt":  # gates at 0.5
+          entry.update(gate=jnp.zeros((L, n_in)), gate_bias=jnp.zeros((L,)))
         if self.init_kind == "pissa":
           entry.update(lora_a_init=a, lora_b_init=b)
         if self.method == "dora":
@@ -414,13 +479,28 @@ class Peft:
         (shape, _), = self._shapes()[module][name].values()
         entry = {"ia3": jnp.ones(shape)}
       adapters.setdefault(module, {})[name] = entry
-    if self.method == "adapter":  # down small and random, up zero: the block starts unchanged
-      shapes = self._shapes()["adapter"]
+    shapes = self._shapes()
+    if self.method in ("adapter", "unipelt"):  # down small and random, up zero: the identity
       adapters["adapter"] = {
           where: {"down": 1e-3 * jax.random.normal(next(keys), spec["down"][0]),
-                  "down_bias": jnp.zeros(spec["down_bias"][0]), "up": jnp.zeros(spec["up"][0]),
-                  "up_bias": jnp.zeros(spec["up_bias"][0])}
-          for where, spec in shapes.items()}
+                  **{k: jnp.zeros(v[0]) for k, v in spec.items() if k != "down"}}
+          for where, spec in shapes["adapter"].items()}
+    if self.method == "fusion":  # Q, K normal(0, 0.02), V the identity (Pfeiffer et al.)
+      top, d = self.adapted_layers, self.mcfg.d_model
+      eye = jnp.broadcast_to(jnp.eye(d), (top, d, d))
+      adapters["adapter"] = jax.tree.map(jnp.asarray, fixed)
+      adapters["fusion"] = {
+          where: {"query": 0.02 * jax.random.normal(next(keys), (top, d, d)),
+                  "key": 0.02 * jax.random.normal(next(keys), (top, d, d)), "value": eye}
+          for where in ("attn", "mlp")}
+    if self.method == "mam":  # He et al.: LoRA's init, down kaiming-uniform and up zero
+      spec = shapes["parallel"]
+      bound = 1.0 / math.sqrt(self.mcfg.d_model)
+      adapters["parallel"] = {
+          "down": jax.random.uniform(next(keys), spec["down"][0], minval=-bound, maxval=bound),
+          **{k: jnp.zeros(v[0]) for k, v in spec.items() if k != "down"}}
+    if self.method == "unipelt":
+      adapters["prefix_gate"] = {k: jnp.zeros(v[0]) for k, v in shapes["prefix_gate"].items()}
     if self.prompt is not None:
       adapters["prompt"] = self.prompt.init(base["embed"], next(keys))
     if self.method == "vera":
@@ -446,9 +526,9 @@ class Peft:
     """Model parameters with the adapters folded in for good, every layer at once (export).
     The trainer folds layer by layer inside the decoder's scan instead (`fold_layer`)."""
     base = {k: v for k, v in params.items() if k != "peft"}
-    if self.method == "adapter" or self.prompt is not None:
-      raise ValueError(f"peft.method={self.method} acts on activations (Houlsby adapters, "
-                       "virtual tokens): it cannot be merged into weights")
+    if self.method in ACTIVATION_METHODS or self.prompt is not None:
+      raise ValueError(f"peft.method={self.method} acts on activations (bottleneck adapters, "
+                       "gates, virtual tokens): it cannot be merged into weights")
     if self.method == "bitfit" or ("peft" not in params and self.base_quant == "none"):
       return base
     adapters = params.get("peft", {})
@@ -460,7 +540,7 @@ class Peft:
   def fold_layer(self, layer: dict, adapters: dict, shared: dict | None = None) -> dict:
     """One layer's parameters (no layer axis) with its adapters folded into the targeted weights
     and NF4-stored weights dequantized."""
-    if self.method in ("bitfit", "adapter"):
+    if self.method in ("bitfit", *ACTIVATION_METHODS):  # unipelt: its LoRA is gated
       return layer
     for module, name in self.targets:
       path = (*PATHS[module], name)
@@ -552,6 +632,8 @@ class Peft:
         return TRAINABLE
       if keys[0] != "peft" or keys[1] == "vera_shared" or keys[-1].endswith("_init"):
         return FROZEN
+      if self.method == "fusion" and keys[1] == "adapter":  # stage 1's adapters
+        return FROZEN
       return LORA_B if keys[-1] == "lora_b" and self.lora_plus_scale != 1.0 else TRAINABLE
     return jax.tree_util.tree_map_with_path(label, params)
 
@@ -570,6 +652,60 @@ def _check_experts(pc, key: str, spec: str, targets) -> None:
   if pc.dropout:
     raise ValueError(f"peft.dropout={pc.dropout}: LoRA on the routed experts has no dropout, "
                      f"as in PEFT ({picked}); set it to 0 or leave experts.* out")
+
+
+def _check_unified(pc, mcfg: ModelConfig) -> tuple[int, tuple[str, ...]]:
+  """(adapter_drop, AdapterFusion's folders) of the peft section, checked."""
+  drop = int(pc.get("adapter_drop", 0))
+  if drop and pc.method not in DROP_METHODS:
+    raise ValueError(f"peft.adapter_drop={drop} applies to methods {', '.join(DROP_METHODS)}, "
+                     f"not {pc.method}")
+  if not 0 <= drop < mcfg.n_layers:
+    raise ValueError(f"peft.adapter_drop={drop} must be in 0..{mcfg.n_layers - 1} "
+                     "(model.n_layers - 1)")
+  listed = str(pc.get("fusion_adapters", ""))
+  sources = tuple(s.strip() for s in listed.split(",") if s.strip())
+  if pc.method == "fusion" and len(sources) < 2:
+    raise ValueError(f"peft.fusion_adapters={listed!r}: AdapterFusion fuses two or "
+                     "more adapter folders (comma-separated; trainer.export --format=adapters "
+                     "of peft.method=adapter runs)")
+  if sources and pc.method != "fusion":
+    raise ValueError(f"peft.fusion_adapters is for method fusion, not {pc.method}")
+  if pc.method == "mam" and pc.get("mam_scale", 4.0) <= 0:
+    raise ValueError(f"peft.mam_scale={pc.mam_scale} must be positive")
+  if pc.method == "unipelt" and pc.dropout:
+    raise ValueError("peft.method=unipelt has no LoRA dropout: set peft.dropout=0")
+  return drop, sources
+
+
+def fusion_source(folder: str, mcfg: ModelConfig, adapter_dim: int, top: int) -> dict:
+  """One folder's Houlsby adapters for AdapterFusion, the top `top` layers; ValueError naming
+  peft.fusion_adapters when the folder holds something else."""
+  key = f"peft.fusion_adapters: {folder}"
+  try:
+    section, fields, tree = saved.read(folder)
+  except ValueError as e:
+    raise ValueError(f"{key}: {e}") from None
+  if section.get("method") != "adapter":
+    raise ValueError(f"{key} holds peft.method={section.get('method')} adapters; AdapterFusion "
+                     "fuses Houlsby adapters (peft.method=adapter)")
+  for field in ("n_layers", "d_model"):
+    if fields.get(field) != getattr(mcfg, field):
+      raise ValueError(f"{key} belongs to a model with {field}={fields.get(field)}, this one "
+                       f"has {getattr(mcfg, field)}")
+  if section.get("adapter_dim") != adapter_dim:
+    raise ValueError(f"{key} has adapter_dim={section.get('adapter_dim')}: set "
+                     f"peft.adapter_dim={section.get('adapter_dim')}")
+  held = mcfg.n_layers - int(section.get("adapter_drop", 0))
+  if held < top:
+    raise ValueError(f"{key} holds adapters for the top {held} layers, and "
+                     f"peft.adapter_drop leaves {top}: set peft.adapter_drop >= "
+                     f"{mcfg.n_layers - held}")
+  try:
+    return {where: {k: np.asarray(tree["adapter"][where][k], np.float32)[held - top:]
+                    for k in ("down", "down_bias", "up", "up_bias")} for where in ("attn", "mlp")}
+  except KeyError as e:
+    raise ValueError(f"{key}: tensor {e} missing") from None
 
 
 def _dropout_delta(a, b, scale: float, rate: float, key):

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from models.decoder import Context, Decoder, LayerSource
+from models.decoder import Context, Decoder, LayerSource, bottleneck
 from models.kernels.flashmask import VIRTUAL
-from models.peft import Peft
+from models.peft import PATHS, Peft, _replace, unified
 
 Params = dict[str, Any]
 
@@ -25,32 +26,66 @@ class PeftModel:
     self.decoder, self.cfg, self.peft = decoder, decoder.cfg, peft
     adapters = params.get("peft", {})
     self._shared = adapters.get("vera_shared")
-    layer_adapters = {m: v for m, v in adapters.items()
-                      if m not in ("vera_shared", "adapter", "prompt")}
+    weight_adapters = {m: v for m, v in adapters.items() if m in PATHS}
+    # activation-space pieces, each with a leading layer axis (AdapterDrop: the top layers')
+    activations = {m: v for m, v in adapters.items()
+                   if m in ("adapter", "fusion", "parallel", "prefix_gate")}
     prefix_kv = None
     self._virtual = {}  # Context fields of the virtual tokens (no cache)
-    if "prompt" in adapters and peft.method == "prefix":
+    if "prompt" in adapters and peft.prompt.method == "prefix":
       prefix_kv = peft.prompt.prefix_kv(adapters["prompt"])  # (layers, 2, n, kv_heads, hd)
       self._virtual = {"prefix_keys": peft.prompt.n}
     elif "prompt" in adapters:
       self._virtual = {"prefix_embeds": peft.prompt.embeddings(adapters["prompt"])}
     self._prefix_kv = prefix_kv
-    self._layers = (params["layers"], layer_adapters, adapters.get("adapter"), prefix_kv)
+    drop = peft.adapter_drop
+    top = lambda tree: jax.tree.map(lambda a: a[drop:], tree)
+    self._layers = (top(params["layers"]), weight_adapters, activations, prefix_kv)
+    # AdapterDrop: the lowest layers hold no adapters and run as the base model's
+    self._below = jax.tree.map(lambda a: a[:drop], params["layers"]) if drop else None
 
   @property
   def n_virtual(self) -> int:
     return self.peft.prompt.n if self._virtual else 0
 
+  def _sources(self, layers):
+    """The decoder's layer sources: this model's, after the base model's lowest layers when
+    AdapterDrop leaves them without adapters."""
+    source = LayerSource(layers, self._layer)
+    if self._below is None:
+      return source
+    return LayerSource(self._below, lambda layer: (layer, {})), source
+
   def _layer(self, xs):
     """One layer's (parameters with adapters folded in, Block keyword arguments)."""
-    layer, adapters, houlsby, prefix_kv, *key = xs
-    extras = {} if houlsby is None else {"adapters": houlsby}
+    layer, adapters, activations, prefix_kv, *key = xs
+    peft, extras = self.peft, {}
     if prefix_kv is not None:
       extras["prefix_kv"] = (prefix_kv[0], prefix_kv[1])
+    houlsby = activations.get("adapter")
+    if not activations:  # no adapters in the parameters (DPO's reference: the base model)
+      pass
+    elif peft.method == "adapter":
+      extras["adapters"] = {w: functools.partial(bottleneck, p=p) for w, p in houlsby.items()}
+    elif peft.method == "fusion":
+      extras["adapters"] = {w: functools.partial(unified.fusion, adapters=p,
+                                                 p=activations["fusion"][w])
+                            for w, p in houlsby.items()}
+    elif peft.method == "mam":
+      extras["parallel"] = functools.partial(unified.parallel_adapter, p=activations["parallel"],
+                                             scale=peft.mam_scale)
+    elif peft.method == "unipelt":
+      extras["adapters"] = {"mlp": functools.partial(unified.gated_adapter, p=houlsby["mlp"])}
+      extras["prefix_gate"] = unified.prefix_gate(activations["prefix_gate"])
+      deltas: dict = {}
+      for module, name in peft.targets:
+        deltas = _replace(deltas, (*PATHS[module], name),
+                          unified.gated_low_rank(adapters[module][name], peft.scale))
+      extras["deltas"] = deltas
     if key:  # a lora / adalora training step: the low-rank path kept apart (split_layer)
-      layer, extras["deltas"] = self.peft.split_layer(layer, adapters, key[0])
+      layer, extras["deltas"] = peft.split_layer(layer, adapters, key[0])
       return layer, extras
-    return self.peft.fold_layer(layer, adapters, self._shared), extras
+    return peft.fold_layer(layer, adapters, self._shared), extras
 
   def _context(self, tokens_bt, positions_bt, ctx: Context | None):
     """(positions, the decoder's Context): this model's layer source and virtual tokens added
@@ -60,7 +95,7 @@ class PeftModel:
     ctx = ctx or Context()
     layers = self._layers
     if ctx.dropout_rng is not None and self.peft.splits_in_training:
-      layers = (*layers, jax.random.split(ctx.dropout_rng, self.cfg.n_layers))
+      layers = (*layers, jax.random.split(ctx.dropout_rng, self.peft.adapted_layers))
     virtual, start = self._virtual, ctx.start
     if ctx.cache is not None and self.n_virtual:  # the virtual tokens sit in the first slots
       b, t = tokens_bt.shape
@@ -68,7 +103,7 @@ class PeftModel:
         positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
       positions_bt, start, virtual = positions_bt + self.n_virtual, start + self.n_virtual, {}
     return positions_bt, dataclasses.replace(
-        ctx, start=start, layers=LayerSource(layers, self._layer), **virtual)
+        ctx, start=start, layers=self._sources(layers), **virtual)
 
   def hidden(self, tokens_bt, positions_bt=None, segment_ids_bt=None,
              ctx: Context | None = None):
@@ -98,7 +133,7 @@ class PeftModel:
     if self._prefix_kv is None:  # prompt, ptuning: run the virtual tokens through the layers
       empty = jnp.zeros((batch, 0), jnp.int32)
       _, cache = self.decoder.hidden(empty, empty, empty, Context(
-          cache=cache, layers=LayerSource(self._layers, self._layer), **self._virtual))
+          cache=cache, layers=self._sources(self._layers), **self._virtual))
       return cache
     kv = jnp.broadcast_to(self._prefix_kv[:, :, None].astype(dtype),
                           (self.cfg.n_layers, 2, batch, *self._prefix_kv.shape[2:]))
