@@ -15,6 +15,10 @@ from models.peft import Peft, saved
 from tests import hf_models, reference
 
 TOKENS = np.random.default_rng(0).integers(0, 97, (2, 15))
+VARIANTS = pytest.mark.parametrize("section", [
+    dict(method="unipelt", targets="q_proj|v_proj", rank=4, adapter_dim=6, num_virtual_tokens=3),
+    dict(method="mam", adapter_dim=6, num_virtual_tokens=3),
+    dict(method="adapter", adapter_dim=6, adapter_drop=1)], ids=["unipelt", "mam", "drop"])
 
 
 def peft_section(**overrides):
@@ -223,10 +227,7 @@ def greedy_by_full_forward(handle, params, prompt, n):
   return tokens[len(prompt):]
 
 
-@pytest.mark.parametrize("section", [
-    dict(method="unipelt", targets="q_proj|v_proj", rank=4, adapter_dim=6, num_virtual_tokens=3),
-    dict(method="mam", adapter_dim=6, num_virtual_tokens=3),
-    dict(method="adapter", adapter_dim=6, adapter_drop=1)], ids=["unipelt", "mam", "drop"])
+@VARIANTS
 def test_kv_cache_decoding_equals_the_full_forward(base, section):
   from trainer import generate as gen
   cfg, weights = base
@@ -291,10 +292,7 @@ def test_fusion_folders_that_do_not_fit_name_the_key(base, tmp_path):
       peft.load_fixed()
 
 
-@pytest.mark.parametrize("section", [
-    dict(method="unipelt", targets="q_proj|v_proj", rank=4, adapter_dim=6, num_virtual_tokens=3),
-    dict(method="mam", adapter_dim=6, num_virtual_tokens=3),
-    dict(method="adapter", adapter_dim=6, adapter_drop=1)], ids=["unipelt", "mam", "drop"])
+@VARIANTS
 def test_the_reference_model_is_the_base_model(base, section):
   """DPO's reference (`reference_params`): the adapters switched off, the base model's logits."""
   cfg, weights = base
