@@ -32,7 +32,8 @@ from models.peft import adalora
 from models.quant import model as quant_model
 from trainer import checkpoint as ckpt_lib, export as export_lib
 from trainer import evaluate as evaluate_lib, generate, metrics as metrics_lib, optim
-from trainer import guard, lisa, memory, objectives, relora, state as state_lib, step as step_lib
+from trainer import guard, lisa, memory, objectives, relora, run_status, state as state_lib
+from trainer import step as step_lib
 from trainer.objectives.base import Bound, Prepare
 from trainer.data import pipeline, tokenizer as tokenizer_lib
 from trainer.seeds import fold_seed
@@ -404,6 +405,17 @@ class Preemption:
       signal.signal(s, handler)
 
 
+class StopRequested(Exception):
+  """SIGTERM or SIGINT outside the training loop (while data, model and compilation get ready,
+  or in the final evaluation): the run ends there, "stopped"; its checkpoints are as the loop
+  left them (none before the first step)."""
+
+
+def _stop_outside_loop(signum, _frame):
+  raise StopRequested(f"{signal.Signals(signum).name} outside the training loop: stopped, the "
+                      "checkpoints as they were; rerun the same command to go on")
+
+
 class Diverged(UserError):
   """Too many non-finite steps in a row: the run stops, naming its newest intact checkpoint."""
 
@@ -421,7 +433,32 @@ def intact(step: int | None) -> str:
 
 def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
   """Train as the config says, on `devices` (default: all). Returns the final metrics (also
-  written to metrics.jsonl), the final state and the plan (`plan`: its models and steps)."""
+  written to metrics.jsonl), the final state and the plan (`plan`: its models and steps). The
+  workdir's status.json says how the run is going and how it ended (trainer/run_status.py)."""
+  leader = jax.process_index() == 0
+  previous = {}
+  if threading.current_thread() is threading.main_thread():  # until the loop's Preemption
+    previous = {s: signal.signal(s, _stop_outside_loop) for s in Preemption.SIGNALS}
+  try:
+    out = _run(cfg, workdir, devices)
+  except StopRequested as e:
+    if leader and os.path.isdir(workdir):
+      run_status.ended(workdir, "stopped", error=str(e))
+    raise
+  except BaseException as e:
+    if leader and os.path.isdir(workdir):
+      run_status.ended(workdir, "failed", error=str(e) or type(e).__name__)
+    raise
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+  if leader:
+    run_status.ended(workdir, "finished" if out["step"] >= cfg.train.steps else "stopped",
+                     out["step"])
+  return out
+
+
+def _run(cfg, workdir: str, devices=None) -> dict[str, Any]:
   t_start = time.time()
   check_config(cfg)
   tc = cfg.train
@@ -436,6 +473,8 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
   # --- Data -----------------------------------------------------------------------------------
   prepare_workdir(workdir)
   leader = jax.process_index() == 0
+  if leader:
+    run_status.started(workdir, tc.steps)
   sync = lambda: multihost_utils.sync_global_devices("tokenizer") if jax.process_count() > 1 else None
   data = pipeline.build(cfg, workdir, leader, sync)
   tokenizer, data_stats = data.tokenizer, data.stats
@@ -660,7 +699,11 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
                               tc.sample_tokens, max_len=tc.seq_len,
                               temperature=tc.sample_temperature, seed=seed,
                               stop_ids=(tokenizer.eos_id,), compute_dtype=pl.compute_dtype)[0]
-    _log("sample:\n" + tc.sample_prompt + tokenizer.decode(ids))
+    text = tokenizer.decode(ids)
+    _log("sample:\n" + tc.sample_prompt + text)
+    if leader:  # for the dashboard (trainer/dashboard)
+      with open(os.path.join(workdir, "samples.jsonl"), "a") as f:
+        f.write(json.dumps({"step": step, "prompt": tc.sample_prompt, "text": text}) + "\n")
   results = ", ".join(f"{k} {float(last[k]):.4f}" for k in ("loss", *final_eval) if k in last)
   _log(f"done: step {step}, {results + ', ' if results else ''}"
        f"{time.time() - t_start:.0f}s in all; workdir {workdir}")
