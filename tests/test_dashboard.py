@@ -131,6 +131,13 @@ def test_the_command_binds_loopback_and_asks_a_token_elsewhere():
   code, _, err = small_run.run_tool("dashboard", "--root=/nonexistent/x")
   assert code == 2 and err.strip() == ("error: --root=/nonexistent/x: give an existing folder "
                                        "(it holds the runs)")
+  with socket.socket() as taken:
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    code, _, err = small_run.run_tool("dashboard", "--root=/tmp", f"--port={port}")
+  assert code == 2 and err.strip() == (f"error: --host=127.0.0.1 --port={port}: Address already "
+                                       "in use")
 
 
 def test_a_launch_with_a_bad_value_shows_the_command_line_message(tmp_path):

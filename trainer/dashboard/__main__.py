@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import secrets
+import socket
 import sys
 
 import uvicorn
@@ -38,6 +39,14 @@ def main(argv):
   root = _ROOT.value
   if not root or not os.path.isdir(root):
     print(f"error: --root={root}: give an existing folder (it holds the runs)", file=sys.stderr)
+    sys.exit(2)
+  try:  # a taken port or an address not of this machine: one line, before uvicorn's log
+    family = socket.AF_INET6 if ":" in _HOST.value else socket.AF_INET
+    with socket.socket(family) as probe:
+      probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+      probe.bind((_HOST.value, _PORT.value))
+  except OSError as e:
+    print(f"error: --host={_HOST.value} --port={_PORT.value}: {e.strerror or e}", file=sys.stderr)
     sys.exit(2)
   token = None if loopback(_HOST.value) else secrets.token_urlsafe(24)
   where = f"http://{_HOST.value}:{_PORT.value}/"
