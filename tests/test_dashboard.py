@@ -173,6 +173,24 @@ def test_run_status_follows_a_run_to_its_end(tmp_path):
   assert status["state"] == "failed" and "train.lr" in status["error"]
 
 
+def test_chat_samples_a_model_folder_as_trainer_generate_does(tmp_path):
+  import hf_models
+  hf_models.make("llama", str(tmp_path / "exported"))
+  hf_models.make_tokenizer("qwen2", str(tmp_path / "exported"))
+  client = TestClient(app_lib.create_app(str(tmp_path)))
+  assert client.get("/api/runs").json()["models"] == ["exported"]
+  got = client.post("/api/chat", json={"model": "exported", "prompt": "def f", "max_new_tokens": 6,
+                                       "temperature": 0.8, "top_k": 20, "seed": 3})
+  assert got.status_code == 200, got.text
+  code, out, err = small_run.run_tool("generate", f"--hf={tmp_path / 'exported'}",
+                                      "--prompt=def f", "--max_new_tokens=6",
+                                      "--temperature=0.8", "--top_k=20", "--seed=3")
+  assert code == 0, err
+  assert got.json()["text"] == out[:-1] and got.json()["tokens"] == 6
+  bad = client.post("/api/chat", json={"model": "exported", "prompt": "x", "top_p": 0})
+  assert bad.status_code == 400 and "top_p" in bad.json()["error"]
+
+
 def test_sigterm_while_a_run_gets_ready_stops_it_cleanly(tmp_path):
   """A stop that lands before the training loop (data, compilation) ends the run as "stopped",
   exit code 0, no traceback (from the loop on, the trainer checkpoints first)."""

@@ -93,9 +93,8 @@ from models.quant import nf4
 METHODS = ("none", "lora", "relora", "dora", "adalora", "vera", "ia3", "bitfit", "adapter",
            "fusion", "mam", "unipelt", *prompt_lib.METHODS, "lisa")  # lisa: trainer/lisa.py
 # the methods whose adapters act on activations (nothing folds into weights) besides the
-# virtual-token ones; those with a bottleneck size; those AdapterDrop applies to
+# virtual-token ones, each with bottleneck adapters of `adapter_dim`; those AdapterDrop applies to
 ACTIVATION_METHODS = ("adapter", "fusion", "mam", "unipelt")
-BOTTLENECK_METHODS = ("adapter", "fusion", "mam", "unipelt")
 DROP_METHODS = ("adapter", "fusion")
 INITS = ("default", "gaussian", "pissa")
 
@@ -271,7 +270,7 @@ class Peft:
       prompt = prompt_lib.Prompt(kind, mcfg, pc.num_virtual_tokens, pc.ptuning_encoder,
                                  pc.encoder_hidden, pc.prefix_projection, pc.prompt_init)
       prompt.check()
-    if pc.method in BOTTLENECK_METHODS and pc.adapter_dim < 1:
+    if pc.method in ACTIVATION_METHODS and pc.adapter_dim < 1:
       raise ValueError(f"peft.adapter_dim={pc.adapter_dim} must be positive")
     adapter_drop, sources = _check_unified(pc, mcfg)
     if not targets and pc.method not in ("bitfit", "adapter", "fusion", "mam",
