@@ -485,7 +485,8 @@ def test_adapter_fusion_learns_over_frozen_task_adapters(pretrained, task_adapte
 @pytest.mark.parametrize("section", [
     dict(method="mam", adapter_dim=8, num_virtual_tokens=4),
     dict(method="unipelt", targets="q_proj|v_proj", adapter_dim=8, num_virtual_tokens=4),
-    None], ids=["mam", "unipelt", "fusion_drop"])
+    dict(method="adapter", adapter_dim=8, adapter_drop=1),
+    None], ids=["mam", "unipelt", "houlsby_drop", "fusion_drop"])
 def test_unified_methods_stop_and_resume_bit_identically(pretrained, task_adapters, section,
                                                           tmp_path):
   from trainer import train
@@ -493,7 +494,7 @@ def test_unified_methods_stop_and_resume_bit_identically(pretrained, task_adapte
   def config(**extra):
     c = fusion_config(pretrained, task_adapters, steps=4, checkpoint_every=2, lr=1e-2, **extra)
     if section is not None:
-      c.peft.update(adapter_drop=0, fusion_adapters="", **section)
+      c.peft.update(**{"adapter_drop": 0, "fusion_adapters": "", **section})
     return c
 
   whole = train.run(config(), str(tmp_path / "whole"))
