@@ -112,6 +112,16 @@ def test_nothing_outside_the_root_is_read_or_written(tmp_path):
   assert response.status_code == 400 and "is not one of configs/" in response.json()["error"]
 
 
+def test_the_launch_form_shows_a_recipes_settings(tmp_path):
+  client = TestClient(app_lib.create_app(str(tmp_path)))
+  assert "tiny.py" in client.get("/api/recipes").json()["recipes"]
+  fields = client.get("/api/recipes/tiny.py", params={"arg": "smoke"}).json()["fields"]
+  assert fields["train.steps"] == "40" and fields["model.n_layers"] == "2"
+  refused = client.get("/api/recipes/tiny.py", params={"arg": "huge"})
+  assert refused.status_code == 400 and "takes no argument or 'smoke'" in refused.json()["error"]
+  assert client.get("/api/recipes/..%2f..%2fetc%2fpasswd").status_code in (400, 404)
+
+
 def test_a_token_guards_every_request(tmp_path):
   fake_run(tmp_path, "a", [], "finished")
   client = TestClient(app_lib.create_app(str(tmp_path), token="sesame"))
@@ -305,16 +315,23 @@ def test_the_page_in_a_browser(served, browser, tmp_path):
   browser.find_element(By.ID, "launch").click()
   error = wait_for(lambda: browser.find_element(By.ID, "launch-error").text, 120, "the error")
   assert error == "config key train.lr: must be positive, got -1.0"
+  shot(browser, "dashboard_launch", tmp_path)
 
-  # a launched smoke run finishes and shows up as finished
+  # a launched smoke run finishes and shows up as finished; one setting edited in the table
   overrides.clear()
-  overrides.send_keys("train.steps=6\ntrain.eval_every=0\ntrain.checkpoint_every=0\n"
-                      "train.sample_tokens=6")
+  overrides.send_keys("train.eval_every=0\ntrain.checkpoint_every=0\ntrain.sample_tokens=6")
+  steps = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR,
+                                                 'input.field[data-key="train.steps"]'),
+                   30, "the recipe's settings")[0]
+  assert steps.get_attribute("value") == "40"  # tiny.py:smoke's
+  steps.clear()
+  steps.send_keys("6")
   browser.find_element(By.ID, "launch").click()
   wait_for(lambda: browser.find_element(By.ID, "launch-ok").text, 120, "the launch")
   wait_for(lambda: state_of("smoke") == "finished", 300, "the smoke run to finish")
   browser.find_element(By.CSS_SELECTOR, 'nav button[data-tab="samples"]').click()
-  shot(browser, "dashboard_launch", tmp_path)
+  wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#samples .sample"), 30, "the sample")
+  shot(browser, "dashboard_samples", tmp_path)
 
   # stop: SIGTERM, a checkpoint, "stopped"; resume from the page runs it on
   browser.find_element(By.CSS_SELECTOR, 'nav button[data-tab="launch"]').click()

@@ -10,6 +10,7 @@ network). `create_app(root)` is what `python -m trainer.dashboard` serves and th
     GET  /api/runs/{id}/log                the end of a launched run's log
     GET  /api/compare?ids=a&ids=b          the config keys whose values differ
     GET  /api/recipes                      configs/*.py
+    GET  /api/recipes/{file}?arg=          a recipe's settings, for the launch form
     POST /api/launch                       {name, recipe, arg, overrides}: start a run
     POST /api/runs/{id}/stop | resume      SIGTERM (it checkpoints) | run it again
     POST /api/chat                         {run | model, step, prompt, sampling...}: a reply
@@ -150,6 +151,10 @@ def create_app(root: str, token: str | None = None) -> FastAPI:
   @app.get("/api/recipes")
   def recipes():
     return {"recipes": launcher.recipes()}
+
+  @app.get("/api/recipes/{recipe}")
+  def recipe_fields(recipe: str, arg: str = ""):
+    return {"fields": launcher.fields(recipe, arg)}
 
   @app.post("/api/launch")
   def launch(body: Launch):

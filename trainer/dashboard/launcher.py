@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from trainer import run_status
+from trainer import cli, run_status
 from trainer.dashboard import runs
 from trainer.errors import UserError
 
@@ -38,6 +38,22 @@ def recipes() -> list[str]:
   """The recipe files in configs/ (base.py holds the defaults every recipe starts from)."""
   return sorted(f for f in os.listdir(CONFIGS)
                 if f.endswith(".py") and f != "__init__.py" and NAME.match(f))
+
+
+def fields(recipe: str, arg: str = "") -> dict[str, str]:
+  """The recipe's settings, flattened ("train.steps") and written as --config.KEY=VALUE takes
+  them, for the launch form. UserError when the recipe refuses the argument."""
+  if recipe not in recipes():
+    raise UserError(f"recipe {recipe!r} is not one of configs/: {', '.join(recipes())}")
+  spec = os.path.join(CONFIGS, recipe) + (f":{arg}" if arg else "")
+  try:
+    config = cli.load_recipe(spec)
+  except UserError:
+    raise
+  except Exception as e:  # noqa: BLE001 -- the recipe's own refusal, e.g. a missing argument
+    raise UserError(f"{recipe}{':' + arg if arg else ''}: {e}") from None
+  return {k: repr(v) if isinstance(v, (tuple, list)) else str(v)
+          for k, v in runs.flatten(config.to_dict()).items()}
 
 
 def reap() -> None:

@@ -189,6 +189,41 @@ async function loadRecipes() {
   document.getElementById("recipe").replaceChildren(
       ...recipes.map(r => el("option", {value: r}, r)));
   if (recipes.includes("tiny.py")) document.getElementById("recipe").value = "tiny.py";
+  loadFields();
+}
+
+// the recipe's settings as inputs; the ones edited become overrides
+async function loadFields() {
+  const recipe = document.getElementById("recipe").value;
+  const arg = document.getElementById("recipe-arg").value.trim();
+  const error = document.getElementById("fields-error");
+  error.textContent = "";
+  try {
+    const {fields} = await api(`/api/recipes/${encodeURIComponent(recipe)}?arg=` +
+                               encodeURIComponent(arg));
+    document.getElementById("fields").replaceChildren(...Object.entries(fields).map(([k, v]) =>
+        el("tr", {"data-key": k}, el("td", {}, k),
+           el("td", {}, el("input", {class: "field", "data-key": k, "data-default": v,
+                                     value: v})))));
+    filterFields();
+  } catch (e) {
+    document.getElementById("fields").replaceChildren();
+    error.textContent = e.message;
+  }
+}
+
+function filterFields() {
+  const text = document.getElementById("field-filter").value.trim();
+  document.querySelectorAll("#fields tr").forEach(
+      tr => tr.classList.toggle("hidden", !tr.dataset.key.includes(text)));
+}
+
+function editedFields() {
+  const out = {};
+  document.querySelectorAll("#fields input.field").forEach(input => {
+    if (input.value !== input.dataset.default) out[input.dataset.key] = input.value;
+  });
+  return out;
 }
 
 function parseOverrides(text) {
@@ -213,7 +248,8 @@ async function launch(event) {
       name: document.getElementById("run-name").value.trim(),
       recipe: document.getElementById("recipe").value,
       arg: document.getElementById("recipe-arg").value.trim(),
-      overrides: parseOverrides(document.getElementById("overrides").value)});
+      overrides: {...editedFields(),
+                  ...parseOverrides(document.getElementById("overrides").value)}});
     document.getElementById("launch-ok").textContent = `launched ${got.id}`;
     state.selected.add(got.id);
     state.focus = got.id;
@@ -257,6 +293,9 @@ document.querySelectorAll("nav button").forEach(b => b.addEventListener("click",
   else drawDetails().catch(() => {});
 }));
 document.getElementById("launch-form").addEventListener("submit", launch);
+document.getElementById("recipe").addEventListener("change", loadFields);
+document.getElementById("recipe-arg").addEventListener("change", loadFields);
+document.getElementById("field-filter").addEventListener("input", filterFields);
 document.getElementById("chat-form").addEventListener("submit", send);
 loadRecipes();
 poll();
