@@ -202,8 +202,8 @@ def test_chat_samples_a_model_folder_as_trainer_generate_does(tmp_path):
 
 
 def test_sigterm_while_a_run_gets_ready_stops_it_cleanly(tmp_path):
-  """A stop that lands before the training loop (data, compilation) ends the run as "stopped",
-  exit code 0, no traceback (from the loop on, the trainer checkpoints first)."""
+  """A stop that lands before the training loop (data, tokenizer, compilation) takes effect
+  after the first step: a checkpoint, "stopped", exit code 0, no traceback."""
   workdir = tmp_path / "run"
   proc = subprocess.Popen([sys.executable, "-m", "trainer.main", "--config=configs/tiny.py:smoke",
                            f"--workdir={workdir}", "--config.train.steps=100000"],
@@ -216,6 +216,7 @@ def test_sigterm_while_a_run_gets_ready_stops_it_cleanly(tmp_path):
   _, err = proc.communicate(timeout=300)
   assert proc.returncode == 0 and "Traceback" not in err, err
   assert run_status.read(str(workdir))["state"] == "stopped"
+  assert os.listdir(workdir / "checkpoints")
 
 
 # --- in a browser -------------------------------------------------------------------------------

@@ -68,8 +68,6 @@ def main(argv: list[str]) -> None:
       if not checkpoint.no_space(e):
         raise
       raise checkpoint.disk_full(os.path.join(workdir, "checkpoints")) from e
-  except train.StopRequested as e:  # SIGTERM while the run got ready: a stop, not an error
-    print(e, file=sys.stderr)
   except UserError as e:
     if cli.VERBOSE.value:
       raise

@@ -405,17 +405,6 @@ class Preemption:
       signal.signal(s, handler)
 
 
-class StopRequested(Exception):
-  """SIGTERM or SIGINT outside the training loop (while data, model and compilation get ready,
-  or in the final evaluation): the run ends there, "stopped"; its checkpoints are as the loop
-  left them (none before the first step)."""
-
-
-def _stop_outside_loop(signum, _frame):
-  raise StopRequested(f"{signal.Signals(signum).name} outside the training loop: stopped, the "
-                      "checkpoints as they were; rerun the same command to go on")
-
-
 class Diverged(UserError):
   """Too many non-finite steps in a row: the run stops, naming its newest intact checkpoint."""
 
@@ -436,29 +425,24 @@ def run(cfg, workdir: str, devices=None) -> dict[str, Any]:
   written to metrics.jsonl), the final state and the plan (`plan`: its models and steps). The
   workdir's status.json says how the run is going and how it ended (trainer/run_status.py)."""
   leader = jax.process_index() == 0
-  previous = {}
-  if threading.current_thread() is threading.main_thread():  # until the loop's Preemption
-    previous = {s: signal.signal(s, _stop_outside_loop) for s in Preemption.SIGNALS}
+  # from the start: a stop that comes while data and compilation get ready takes effect after
+  # the first step, with its checkpoint, as one in the loop does
+  preemption = Preemption()
   try:
-    out = _run(cfg, workdir, devices)
-  except StopRequested as e:
-    if leader and os.path.isdir(workdir):
-      run_status.ended(workdir, "stopped", error=str(e))
-    raise
+    out = _run(cfg, workdir, devices, preemption)
   except BaseException as e:
     if leader and os.path.isdir(workdir):
       run_status.ended(workdir, "failed", error=str(e) or type(e).__name__)
     raise
   finally:
-    for s, handler in previous.items():
-      signal.signal(s, handler)
+    preemption.close()
   if leader:
     run_status.ended(workdir, "finished" if out["step"] >= cfg.train.steps else "stopped",
                      out["step"])
   return out
 
 
-def _run(cfg, workdir: str, devices=None) -> dict[str, Any]:
+def _run(cfg, workdir: str, devices, preemption: Preemption) -> dict[str, Any]:
   t_start = time.time()
   check_config(cfg)
   tc = cfg.train
@@ -587,7 +571,7 @@ def _run(cfg, workdir: str, devices=None) -> dict[str, Any]:
   last: dict[str, float] = {}
   t_log, tokens_since = time.perf_counter(), 0.0
   step = start_step
-  preemption, preempted, previous = Preemption(), False, None
+  preempted, previous = False, None
   all_finite = jax.jit(guard.all_finite)
   # the newest checkpoint known to hold finite parameters
   finite_checkpoint = latest if latest is not None and bool(all_finite(state["params"])) else None
@@ -678,7 +662,6 @@ def _run(cfg, workdir: str, devices=None) -> dict[str, Any]:
       raise ckpt_lib.disk_full(checkpointer.directory) from None
     raise
   finally:
-    preemption.close()
     try:
       checkpointer.wait()
       checkpointer.close()

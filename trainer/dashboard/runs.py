@@ -117,16 +117,34 @@ def summary(root: str, run_id: str) -> dict:
   """What the list of runs shows: status, steps, the last value of each metric."""
   workdir = folder(root, run_id)
   status = run_status.read(workdir)
-  rows, _ = metrics(workdir)
-  last: dict = {}
-  for row in rows:
-    last.update({k: v for k, v in row.items() if k != "note"})
+  last = _last_values(workdir)
   # a run from before status.json: its state is not known
   state = status["state"] if status else "unknown"
   return {"id": run_id, "state": state, "status": status, "last": last,
           "steps": (status or {}).get("steps") or (config(workdir) or {}).get(
               "train", {}).get("steps"),
           "launched": os.path.isfile(os.path.join(workdir, "launch.json"))}
+
+
+_last: dict[str, tuple[int, int, dict]] = {}  # metrics path -> (size, lines read, last values)
+
+
+def _last_values(workdir: str) -> dict:
+  """The newest value of every metric; only the lines added since the last call are read."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  try:
+    size = os.path.getsize(path)
+  except OSError:
+    return {}
+  seen, upto, last = _last.get(path, (0, 0, {}))
+  if size < seen:  # rewritten from the start
+    upto, last = 0, {}
+  rows, upto = metrics(workdir, upto)
+  last = dict(last)
+  for row in rows:
+    last.update({k: v for k, v in row.items() if k != "note"})
+  _last[path] = (size, upto, last)
+  return last
 
 
 def flatten(tree, prefix: str = "") -> dict:
