@@ -75,3 +75,19 @@ def test_restarted_process_allocates_on_huge_pages():
   assert huge >= 128, huge  # most of the 256 MiB (the kernel may lack free huge pages)
   tunables, huge = _probe("glibc.malloc.hugetlb=0")  # opted out: 4 KiB pages
   assert tunables == "glibc.malloc.hugetlb=0" and huge < 64, huge
+
+
+@pytest.mark.skipif(hugepages.thp_mode() != "madvise" or (hugepages.glibc_version() or (0, 0))
+                    < (2, 35), reason="needs glibc >= 2.35 and transparent huge pages on madvise")
+def test_the_trainer_restarts_before_it_imports_jax():
+  """`python -m trainer.main` restarts itself for the tunable before its heavy imports, so they
+  happen once (in the restarted process), not once per process: -X importtime, which the
+  restarted command keeps, lists jax's top-level import once."""
+  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+  proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "trainer.main",
+                         "--config.train.stepz=3"], cwd=REPO, capture_output=True, text=True,
+                        env=env, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  top_level = [line for line in proc.stderr.splitlines()
+               if line.startswith("import time:") and line.split("|")[-1] == " jax"]
+  assert len(top_level) == 1, top_level

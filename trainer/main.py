@@ -7,16 +7,22 @@ prints one line on stderr and exits with code 2; `--verbose` shows the traceback
 
 from __future__ import annotations
 
-import logging as std_logging
-import os
-import sys
+if __name__ == "__main__":
+  # glibc's huge pages for XLA:CPU's per-step buffers (trainer/hugepages.py): a tunable read at
+  # process start, so the command starts again with it, before the imports below cost seconds
+  from trainer import hugepages
+  hugepages.reexec()
 
-import jax
-from absl import app, flags, logging
+import logging as std_logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
 
-from parallel import distributed
-from trainer import checkpoint, cli, hugepages, train
-from trainer.validate import UserError
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+
+from parallel import distributed  # noqa: E402
+from trainer import checkpoint, cli, train  # noqa: E402
+from trainer.validate import UserError  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Where checkpoints, metrics, the tokenizer and config.json go. Rerunning with "
@@ -75,5 +81,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  hugepages.reexec()  # glibc's huge pages for XLA:CPU's per-step buffers (trainer/hugepages.py)
   app.run(main, flags_parser=cli.parse_flags)
