@@ -69,7 +69,7 @@ def test_strategy_trains_like_one_device(name, one_device, tmp_path):
   assert moment.sharding.shard_shape(moment.shape)[1] == moment.shape[1] // shards
 
 
-@pytest.mark.parametrize("alibi", [False, True])
+@pytest.mark.parametrize("alibi", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_ring_attention_equals_plain_attention_with_gradients(alibi):
   """Ring attention over 4 sequence shards against the xla path: logits and gradients on
   packed rows; with ALiBi (its bias from each document's positions, inside the kernels) the

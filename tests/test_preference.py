@@ -139,8 +139,11 @@ def run_objective(tmp_path, objective, steps, **updates):
   return out, rows
 
 
-@pytest.mark.parametrize("loss,precompute", [("sigmoid", False), ("sigmoid", True), ("ipo", False),
-                                             ("simpo", False), ("orpo", False)])
+# the other losses' values are checked against TRL in tests/test_objectives.py; their end-to-end
+# runs are in `pytest -m slow`, which .ci/run runs after the default suite
+@pytest.mark.parametrize("loss,precompute", [
+    ("sigmoid", False), ("sigmoid", True),
+    *[pytest.param(loss, False, marks=pytest.mark.slow) for loss in ("ipo", "simpo", "orpo")]])
 def test_dpo_losses_train_end_to_end(tmp_path, loss, precompute):
   out, rows = run_objective(tmp_path, "dpo", 16, dpo=dict(loss=loss, precompute_ref=precompute))
   train = [r for r in rows if "accuracy" in r]

@@ -204,7 +204,10 @@ def hf_folder(tmp_path_factory):
   return folder, str(text)
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq", "smoothquant"])
+# each algorithm has its own test above; the folder's end to end for AWQ and SmoothQuant runs in
+# `pytest -m slow` (.ci/run), GPTQ's in the default suite
+@pytest.mark.parametrize("method", ["gptq", *[pytest.param(m, marks=pytest.mark.slow)
+                                             for m in ("awq", "smoothquant")]])
 def test_calibrated_folder_generates_and_reports(hf_folder, tmp_path, method, monkeypatch):
   folder, text = hf_folder
   out = str(tmp_path / "q")
