@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import parallel  # noqa: E402
 from benchmarks.host import host_info  # noqa: E402
 from configs import medium  # noqa: E402
+from models.kernels import matmul as matmul_lib  # noqa: E402
 from trainer import hugepages, metrics as metrics_lib, train  # noqa: E402
 from trainer.validate import model_config  # noqa: E402
 
@@ -285,6 +286,8 @@ def main():
              "peer_glibc_tunables": (os.environ.get("GLIBC_TUNABLES", "") if args.same_process
                                      else peer_tunables()),
              "timed_steps_per_round": args.steps, "warm_steps_per_round": args.warm_steps,
+             # models/kernels/matmul.py's bf16 forms: "1" / "0" forced, "" decided by the host
+             "matmul_forms_env": os.environ.get(matmul_lib.ENV, ""),
              "runs": {}}
   print(f"host: {host['cpu_model']} ({host['isa_summary']}), {results['cpus']} usable cores",
         flush=True)

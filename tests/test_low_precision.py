@@ -28,9 +28,17 @@ def forms(request, monkeypatch):
 def test_the_forms_are_used_on_hosts_with_bf16_instructions(monkeypatch):
   from benchmarks.host import host_info
   monkeypatch.setattr(matmul_lib, "FORMS", None)
+  monkeypatch.delenv(matmul_lib.ENV, raising=False)
   isa = host_info()["isa"]
   assert matmul_lib.library_forms() == (jax.default_backend() == "cpu" and
                                         bool(isa.get("amx_bf16") or isa.get("avx512_bf16")))
+
+
+def test_the_environment_turns_the_forms_on_or_off(monkeypatch):
+  monkeypatch.setattr(matmul_lib, "FORMS", None)
+  for value, expected in [("1", True), ("0", False)]:
+    monkeypatch.setenv(matmul_lib.ENV, value)
+    assert matmul_lib.library_forms() is expected
 
 
 def _rand(shape, dtype, seed):

@@ -14,12 +14,14 @@ host (benchmarks/matmul_cpu.py). Other dtypes: the plain product, as `@` writes 
 The forms are used where they pay: on CPU hosts with bf16 instructions (AMX-BF16 or
 AVX512-BF16 in /proc/cpuinfo), `library_forms()`. Elsewhere, accelerators and CPUs without
 them (AMD Zen 3, say), the low-precision products are the plain ones too, as before the forms
-existed; `FORMS` (True / False) overrides the check (tests run both).
+existed; `FORMS` (True / False) overrides the check (tests run both), and so does the
+environment variable JAXTRAIN_MATMUL_FORMS=1 / 0 (benchmarks compare the two on one host).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -27,13 +29,18 @@ import jax.numpy as jnp
 LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of hosts the forms are for
 FORMS: bool | None = None  # None: library_forms() decides from the backend and the host
+ENV = "JAXTRAIN_MATMUL_FORMS"  # "1" / "0": forms on / off whatever the host
 
 
 def library_forms() -> bool:
-  """Whether low-precision products take the library forms: FORMS when set, else on CPU hosts
-  whose /proc/cpuinfo lists bf16 instructions."""
+  """Whether low-precision products take the library forms: FORMS when set, else
+  JAXTRAIN_MATMUL_FORMS when set, else on CPU hosts whose /proc/cpuinfo lists bf16
+  instructions."""
   if FORMS is not None:
     return FORMS
+  env = os.environ.get(ENV, "").strip()
+  if env in ("0", "1"):
+    return env == "1"
   return jax.default_backend() == "cpu" and _host_has_bf16()
 
 
