@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 
 import small_run
 from trainer import run_status
-from trainer.dashboard import app as app_lib, launcher, runs
+from trainer.dashboard import app as app_lib, launcher
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 SCREENSHOTS = os.environ.get("JAXTRAIN_SCREENSHOTS", "")  # where to keep the page's pictures
