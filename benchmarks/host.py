@@ -91,5 +91,10 @@ def host_info(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
           "python": platform.python_version(), "versions": {p: _version(p) for p in PACKAGES}}
 
 
+def describe(host: dict) -> str:
+  """One line for a benchmark's output: "host: MODEL (ISA summary), N usable cores"."""
+  return f"host: {host['cpu_model']} ({host['isa_summary']}), {host['usable_cpus']} usable cores"
+
+
 if __name__ == "__main__":
   print(json.dumps(host_info(), indent=1))

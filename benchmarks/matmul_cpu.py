@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.host import host_info  # noqa: E402
+from benchmarks.host import describe, host_info  # noqa: E402
 from models.kernels.matmul import mm, mm_nt, mm_tn  # noqa: E402
 
 SHAPES = [(4096, 512, 1536), (4096, 1536, 512), (4096, 512, 512), (4096, 512, 8192)]
@@ -56,8 +56,7 @@ def main():
   import torch
   torch.set_num_threads(len(os.sched_getaffinity(0)))
   host = host_info()
-  print(f"host: {host['cpu_model']} ({host['isa_summary']}), "
-        f"{len(os.sched_getaffinity(0))} usable cores", flush=True)
+  print(describe(host), flush=True)
   rng = np.random.default_rng(0)
   rows = []
   for dtype in ("float32", "bfloat16"):

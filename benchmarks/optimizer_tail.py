@@ -34,7 +34,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.host import host_info  # noqa: E402
+from benchmarks.host import describe, host_info  # noqa: E402
 from configs import base  # noqa: E402
 from trainer import guard, optim  # noqa: E402
 
@@ -94,8 +94,7 @@ def main():
   import torch
   torch.set_num_threads(len(os.sched_getaffinity(0)))
   host = host_info()
-  print(f"host: {host['cpu_model']} ({host['isa_summary']}), "
-        f"{len(os.sched_getaffinity(0))} usable cores", flush=True)
+  print(describe(host), flush=True)
   tc = base.get_config().train
   rng = np.random.default_rng(0)
   p_np = {k: rng.standard_normal(s, dtype=np.float32) * 0.02 for k, s in SHAPES.items()}
