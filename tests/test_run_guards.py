@@ -11,7 +11,9 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import small_run
@@ -190,6 +192,22 @@ def test_an_update_that_would_make_parameters_infinite_is_skipped(tmp_path):
                      match="3 steps in a row.*checkpoint \\(step 2\\) holds finite"):
     train.run(small_run.config(steps=8, lr=1e39, checkpoint_every=2, max_nonfinite_steps=3,
                                **QUIET), str(tmp_path / "stops"))
+
+
+def test_parameters_that_an_update_made_infinite_are_never_checkpointed(tmp_path, monkeypatch):
+  """The step checks the gradients and the learning rate, not the new parameters (a pass over
+  them would cost more than the update, benchmarks/optimizer_tail.py). An update that overflows
+  anyway (forced here, in a run resumed from a finite step-2 checkpoint) is never written: the
+  run stops at its next checkpoint, naming the last finite one."""
+  workdir = str(tmp_path / "run")
+  train.run(small_run.config(steps=4, stop_after_steps=2, checkpoint_every=2, **QUIET), workdir)
+  monkeypatch.setattr(optax, "apply_updates", lambda params, updates: jax.tree.map(
+      lambda p, u: p + u * jnp.inf, params, updates))
+  with pytest.raises(train.Diverged, match="not finite at step 4.*checkpoint \\(step 2\\) "
+                     "holds finite"):
+    train.run(small_run.config(steps=4, checkpoint_every=2, max_nonfinite_steps=0, **QUIET),
+              workdir)
+  assert ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), 3).latest_step() == 2
 
 
 # --- stop_after_steps -----------------------------------------------------------------------

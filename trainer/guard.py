@@ -2,11 +2,12 @@
 
 The train state carries `guard`: {"skipped": steps skipped so far, "streak": skipped in a row}
 and, with float16 compute, {"scale": the loss scale, "good": finite steps since it last
-changed}. A step whose loss or gradients are not finite, or whose update would make a parameter
-non-finite, changes no parameter and no optimizer moment (`keep_if`); the trainer stops once `streak` reaches train.max_nonfinite_steps. With
-float16 the loss is multiplied by `scale` before the backward pass and the gradients divided by it
-after; an overflow halves the scale, `period` finite steps in a row double it (the scheme of
-mixed-precision training, Micikevicius et al. 2018).
+changed}. A step whose loss or gradients are not finite, or whose learning rate is not (then
+the update would be), changes no parameter and no optimizer moment (`keep_if`); the trainer
+stops once `streak` reaches train.max_nonfinite_steps. With float16 the loss is multiplied by
+`scale` before the backward pass and the gradients divided by it after; an overflow halves the
+scale, `period` finite steps in a row double it (the scheme of mixed-precision training,
+Micikevicius et al. 2018).
 """
 
 from __future__ import annotations

@@ -406,7 +406,8 @@ class Preemption:
 
 
 class Diverged(UserError):
-  """Too many non-finite steps in a row: the run stops, naming its newest intact checkpoint."""
+  """Too many non-finite steps in a row, or parameters not finite when a checkpoint is due: the
+  run stops, naming its newest intact checkpoint."""
 
 
 def intact(step: int | None) -> str:
@@ -578,9 +579,11 @@ def _run(cfg, workdir: str, devices, preemption: Preemption) -> dict[str, Any]:
 
   def save(step):
     nonlocal finite_checkpoint
+    if not bool(all_finite(state["params"])):  # an update that overflowed (trainer/step.py)
+      raise Diverged(f"the parameters are not finite at step {step}: an update overflowed "
+                     f"(lower train.lr); nothing of them was written; {intact(finite_checkpoint)}")
     checkpointer.save(step, state, train_iter.get_state())
-    if bool(all_finite(state["params"])):
-      finite_checkpoint = step
+    finite_checkpoint = step
   try:
     if start_step == 0 and tc.eval_exact_match and data.template is not None:
       before = evaluate(state)  # the baseline the run improves on
