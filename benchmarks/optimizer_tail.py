@@ -3,11 +3,13 @@
 count, the non-finite guard, clipping, AdamW and the update, against torch's AdamW.
 
 Variants, each jitted with the parameters and moments donated, as trainer/step.py runs them:
-  step       as trainer/step.py does it now: grads / count, all_finite(grads), the global norm,
-             the optimizer of trainer/optim.py (clip + AdamW), the update, all_finite(new
+  step       as trainer/step.py did it before 6f671d7: grads / count, all_finite(grads), the
+             optimizer of trainer/optim.py (clip + AdamW), the update, all_finite(new
              parameters), and keep_if (old parameters and moments where the step was not finite)
   no_check   the same without all_finite(new parameters): the guard's ok is known before the
              update
+  trainer    as trainer/step.py does it since: grads / count, ok from the gradients' norm and
+             the learning rate being finite, clip + AdamW, keep_if
   fused      the division and the clip folded into one scalar on the raw gradients, ok from the
              raw gradients' norm being finite (a non-finite entry makes it so), AdamW without its
              own clip, keep_if with that ok
@@ -46,7 +48,7 @@ COUNT = 1024.0  # tokens in the batch (4 x 256)
 
 
 def variants(tc):
-  tx, _ = optim.make_optimizer(tc)  # clip + AdamW, as the trainer builds it
+  tx, schedule = optim.make_optimizer(tc)  # clip + AdamW, as the trainer builds it
   bare, _ = optim.make_optimizer(_no_clip(tc))  # the same AdamW without its clip
 
   def step(p, s, g, count):
@@ -63,6 +65,12 @@ def variants(tc):
     u, s2 = tx.update(g, s, p)
     return guard.keep_if(ok, (optax.apply_updates(p, u), s2), (p, s))
 
+  def trainer(p, s, g, count):
+    g = jax.tree.map(lambda x: x / jnp.maximum(count, 1.0), g)
+    ok = guard.all_finite(optax.tree.norm(g)) & jnp.isfinite(schedule(s[-1][0].count))
+    u, s2 = tx.update(g, s, p)
+    return guard.keep_if(ok, (optax.apply_updates(p, u), s2), (p, s))
+
   def fused(p, s, g, count):
     denom = jnp.maximum(count, 1.0)
     raw = optax.tree.norm(g)
@@ -75,7 +83,8 @@ def variants(tc):
     u, s2 = bare.update(g, s, p)
     return optax.apply_updates(p, u), s2
 
-  return {"step": (step, tx), "no_check": (no_check, tx), "fused": (fused, bare),
+  return {"step": (step, tx), "no_check": (no_check, tx), "trainer": (trainer, tx),
+          "fused": (fused, bare),
           "adamw": (adamw, bare)}
 
 
