@@ -1,5 +1,5 @@
 """What the train step spends after the backward pass, on a Mixtral-shaped parameter set (the
-100.7M parameters of benchmarks/moe_throughput.py's model): the gradients' division by the token
+99.1M parameters of benchmarks/moe_throughput.py's model): the gradients' division by the token
 count, the non-finite guard, clipping, AdamW and the update, against torch's AdamW.
 
 Variants, each jitted with the parameters and moments donated, as trainer/step.py runs them:
@@ -51,8 +51,11 @@ def variants(tc):
   tx, schedule = optim.make_optimizer(tc)  # clip + AdamW, as the trainer builds it
   bare, _ = optim.make_optimizer(_no_clip(tc))  # the same AdamW without its clip
 
+  def per_token(g, count):  # the step's gradients / count, as trainer/step.mean_gradients
+    return jax.tree.map(lambda x: x / jnp.maximum(count, 1.0), g)
+
   def step(p, s, g, count):
-    g = jax.tree.map(lambda x: x / jnp.maximum(count, 1.0), g)
+    g = per_token(g, count)
     ok = guard.all_finite(g)
     u, s2 = tx.update(g, s, p)
     new = optax.apply_updates(p, u)
@@ -60,13 +63,13 @@ def variants(tc):
     return guard.keep_if(ok, (new, s2), (p, s))
 
   def no_check(p, s, g, count):
-    g = jax.tree.map(lambda x: x / jnp.maximum(count, 1.0), g)
+    g = per_token(g, count)
     ok = guard.all_finite(g)
     u, s2 = tx.update(g, s, p)
     return guard.keep_if(ok, (optax.apply_updates(p, u), s2), (p, s))
 
   def trainer(p, s, g, count):
-    g = jax.tree.map(lambda x: x / jnp.maximum(count, 1.0), g)
+    g = per_token(g, count)
     ok = guard.all_finite(optax.tree.norm(g)) & jnp.isfinite(schedule(s[-1][0].count))
     u, s2 = tx.update(g, s, p)
     return guard.keep_if(ok, (optax.apply_updates(p, u), s2), (p, s))
@@ -84,8 +87,7 @@ def variants(tc):
     return optax.apply_updates(p, u), s2
 
   return {"step": (step, tx), "no_check": (no_check, tx), "trainer": (trainer, tx),
-          "fused": (fused, bare),
-          "adamw": (adamw, bare)}
+          "fused": (fused, bare), "adamw": (adamw, bare)}
 
 
 def _no_clip(tc):
