@@ -239,6 +239,7 @@ def get_config(arg=None):
       kl_horizon=10000,  # the adaptive controller's horizon (completions)
       whiten_advantages=True,  # advantages standardised over each rollout
       missing_stop_penalty=0.0,  # score minus this for a reply cut off at rl.max_new_tokens
+      normalize_reward=True,  # a reward model's scores / the first rollout's mean and std
   ))
 
   # Distillation from a frozen teacher (train.objective=distill; trainer/objectives/distill.py).

@@ -105,7 +105,7 @@ def test_rollout_equals_each_completion_alone(ppo_run):
   rows, k, L = host["gather"].shape
   chosen = g.stream(3)
   coef, gamma, lam = g.kl.coef, g.gamma, g.lam
-  all_adv, checks = [], []
+  seen = []  # per completion: (row, index, length, policy and reference log-probs, values, score)
   for r in range(rows):
     for i in range(k):
       n = int(host["gather_mask"][r, i].sum())
@@ -122,21 +122,28 @@ def test_rollout_equals_each_completion_alone(ppo_run):
       at = np.arange(p - 1, p - 1 + n)  # positions whose next token is the completion's
       scaled = lambda lp: np.asarray(jax.nn.log_softmax(
           jnp.asarray(lp) / g.temperature, -1))[at, completion]
-      np.testing.assert_allclose(host["old_logps"][r, i, :n], scaled(lp_pol), rtol=1e-5,
-                                 atol=1e-5)
-      np.testing.assert_allclose(host["old_values"][r, i, :n], values[at], rtol=1e-5, atol=1e-5)
-      rewards = -coef * (host["old_logps"][r, i, :n] - scaled(lp_ref))
-      rewards[-1] += score[-1]  # the reward model reads the last token
-      adv, last = np.zeros(n), 0.0
-      for t in reversed(range(n)):
-        v_next = values[at][t + 1] if t + 1 < n else 0.0
-        delta = rewards[t] + gamma * v_next - values[at][t]
-        last = delta + gamma * lam * last
-        adv[t] = last
-      np.testing.assert_allclose(host["returns"][r, i, :n], adv + values[at], rtol=1e-4,
-                                 atol=1e-5)
-      all_adv.append(adv)
-      checks.append((r, i, n))
+      seen.append((r, i, n, scaled(lp_pol), scaled(lp_ref), values[at], score[-1]))
+  # rl.normalize_reward: the first rollout's scores standardise scores and the critic's values
+  assert g.normalize_reward and g.critic == "reward"
+  raw = np.array([x[-1] for x in seen])
+  mean, std = raw.mean(), raw.std()
+  np.testing.assert_allclose(host["score_norm"], np.tile([mean, std], (rows, 1)), rtol=1e-5)
+  all_adv, checks = [], []
+  for r, i, n, lp_pol, lp_ref, values, score in seen:
+    values = (values - mean) / std
+    np.testing.assert_allclose(host["old_logps"][r, i, :n], lp_pol, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(host["old_values"][r, i, :n], values, rtol=1e-5, atol=1e-5)
+    rewards = -coef * (host["old_logps"][r, i, :n] - lp_ref)
+    rewards[-1] += (score - mean) / std  # the reward model reads the last token
+    adv, last = np.zeros(n), 0.0
+    for t in reversed(range(n)):
+      v_next = values[t + 1] if t + 1 < n else 0.0
+      delta = rewards[t] + gamma * v_next - values[t]
+      last = delta + gamma * lam * last
+      adv[t] = last
+    np.testing.assert_allclose(host["returns"][r, i, :n], adv + values, rtol=1e-4, atol=1e-5)
+    all_adv.append(adv)
+    checks.append((r, i, n))
   flat = np.concatenate(all_adv)
   whitened = (flat - flat.mean()) / np.sqrt(flat.var(ddof=1) + 1e-8)
   got = np.concatenate([host["advantages"][r, i, :n] for r, i, n in checks])
@@ -160,11 +167,12 @@ def test_rollout_equals_each_completion_alone(ppo_run):
   assert float(count) == mask.sum()
 
 
-def test_adaptive_kl_coefficient_moves_by_the_last_rollout(ppo_run):
+def test_adaptive_kl_coefficient_and_score_norm_carry_over_from_the_last_rollout(ppo_run):
   _, out, _ = ppo_run
   pl, state = out["plan"], out["state"]
   g = pl.objective
-  previous = {"kl_coef": np.full((2, 1), 0.2, np.float32), "kl": np.full((2, 1), 9.0, np.float32)}
+  previous = {"kl_coef": np.full((2, 1), 0.2, np.float32), "kl": np.full((2, 1), 9.0, np.float32),
+              "score_norm": np.tile(np.float32([1.5, 2.0]), (2, 1))}
   saved = g.kl
   try:
     g.kl = type(saved)(0.05, target=6.0, horizon=40)
@@ -173,6 +181,8 @@ def test_adaptive_kl_coefficient_moves_by_the_last_rollout(ppo_run):
     g.kl = saved
   n = 2 * g.group  # completions of the previous rollout
   assert metrics["kl_coef"] == pytest.approx(0.2 * (1 + min(9.0 / 6.0 - 1, 0.2) * n / 40))
+  # later rollouts standardise the reward model's scores by the first one's mean and std
+  assert metrics["reward"] == pytest.approx((metrics["reward_model_score"] - 1.5) / 2.0, rel=1e-5)
 
 
 def test_lora_actor_uses_its_adapters_off_as_reference(rm, tmp_path):

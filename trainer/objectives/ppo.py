@@ -12,7 +12,14 @@ Without one the score is `rl.reward` (a Python function: trainer/objectives/grpo
 Each rollout (grpo.py's prompt stream, sampler and row layout; `rl.group_size` completions per
 prompt, 1 is plain PPO) is then scored in one jitted pass: the reference's log-probs of the
 sampled tokens, the critic's values before each token and the reward model's score of each
-completion (at its last token, as it was trained). Per-token rewards are -kl_coef x (log-prob -
+completion (at its last token, as it was trained). A reward model's scores have no scale of their
+own (the Bradley-Terry loss fixes only their differences, and two trainings of one model differ
+by a factor of 2), so with `rl.normalize_reward` they are standardised by the mean and standard
+deviation of the first rollout's scores (the starting policy's replies, as Ziegler et al. 2019
+normalise theirs), fixed for the run and carried in the state's copy of each rollout: the KL
+coefficient and the value clip then mean the same for any reward model. A critic that starts
+from the reward model reads its values through the same map, so that they start in the rewards'
+units. Per-token rewards are -kl_coef x (log-prob -
 reference log-prob) with the score added at the last token; GAE (`rl.gamma`, `rl.lam`) gives
 advantages (whitened over the rollout) and returns. The KL coefficient is fixed, or adaptive
 (`rl.kl_target`, Ziegler et al.): each rollout moves it by the previous rollout's KL, which the
@@ -57,6 +64,7 @@ class PPO(GRPO):
   kl: losses.KlController = dataclasses.field(default_factory=lambda: losses.KlController(0.05))
   whiten: bool = True
   missing_stop_penalty: float = 0.0
+  normalize_reward: bool = True
 
   @classmethod
   def from_config(cls, cfg) -> "PPO":
@@ -66,7 +74,8 @@ class PPO(GRPO):
                vf_coef=r.vf_coef, cliprange=r.eps_low, cliprange_value=r.cliprange_value,
                entropy_coef=r.entropy_coef,
                kl=losses.KlController(r.kl_coef, r.kl_target, r.kl_horizon),
-               whiten=r.whiten_advantages, missing_stop_penalty=r.missing_stop_penalty)
+               whiten=r.whiten_advantages, missing_stop_penalty=r.missing_stop_penalty,
+               normalize_reward=r.normalize_reward)
 
   @classmethod
   def problems(cls, cfg) -> list[tuple[str, str]]:
@@ -158,7 +167,17 @@ class PPO(GRPO):
     params = {k: b.params for k, b in models.items()}
     ref, values, scores = jax.device_get(self._scorer(models, compute_dtype)(
         params, {k: jnp.asarray(v) for k, v in host.items()}))
-    scores = checked.copy() if scores is None else scores
+    raw = scores
+    if scores is None:
+      scores = checked.copy()
+    elif self.normalize_reward:  # by the first rollout's statistics (module docstring)
+      if previous is None:
+        norm = np.array([scores.mean(), max(scores.std(), 1e-6)], np.float32)
+      else:
+        norm = np.asarray(previous["score_norm"][0], np.float32)
+      scores = (scores - norm[0]) / norm[1]
+      if self.critic == "reward":
+        values = (values - norm[0]) / norm[1]
     scores = scores - self.length_penalty * lengths / L
     scores = scores - self.missing_stop_penalty * ~stopped  # a reply cut off at the limit
     mask = host["gather_mask"].reshape(rows * c, L)
@@ -174,11 +193,15 @@ class PPO(GRPO):
                 old_values=shaped(np.asarray(values) * mask),
                 kl_coef=np.full((rows, 1), coef, np.float32),
                 kl=np.full((rows, 1), kl.sum(1).mean(), np.float32))
+    if self.reward_model and self.normalize_reward:
+      host["score_norm"] = np.tile(norm, (rows, 1))
     metrics = {"reward": float(scores.mean()), "accuracy": float(checked.mean()),
                "kl": float(kl.sum(1).mean()), "kl_coef": coef,
                "non_score_reward": float(rewards.sum(1).mean() - scores.mean()),
                "value": float((values * mask).sum() / mask.sum()),
                "response_length": float(lengths.mean()), "stopped": float(stopped.mean())}
+    if raw is not None:  # the reward model's own score, before normalising and penalties
+      metrics["reward_model_score"] = float(raw.mean())
     return host, metrics
 
   def batch_shapes(self, rows: int):
@@ -187,6 +210,8 @@ class PPO(GRPO):
     out.update(advantages=((rows, c, L), np.float32), returns=((rows, c, L), np.float32),
                old_values=((rows, c, L), np.float32), kl_coef=((rows, 1), np.float32),
                kl=((rows, 1), np.float32))
+    if self.reward_model and self.normalize_reward:
+      out["score_norm"] = ((rows, 2), np.float32)  # the reward model's score mean and std
     return out
 
   # -- loss -----------------------------------------------------------------------------------
@@ -203,7 +228,11 @@ class PPO(GRPO):
     pg, pm = losses.ppo_policy_loss(take(logps), flat("old_logps"), flat("advantages"), mask,
                                     self.cliprange)
     critic, hidden = models["critic"].forward(batch, shared_prompt=self.group)
-    vf, vm = losses.ppo_value_loss(take(critic.values(hidden)), flat("old_values"),
+    values = critic.values(hidden)
+    if "score_norm" in batch and self.critic == "reward":  # module docstring
+      norm = batch["score_norm"][0]
+      values = (values - norm[0]) / norm[1]
+    vf, vm = losses.ppo_value_loss(take(values), flat("old_values"),
                                    flat("returns"), mask, self.cliprange_value)
     ent = losses.masked_mean(take(losses.entropy(logits)), mask)
     loss = pg + self.vf_coef * vf - self.entropy_coef * ent
