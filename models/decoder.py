@@ -110,6 +110,11 @@ class Context:
   `stack`: what runs the layer stack instead of the scan, stack(body, x, layer parameters,
   LayerInputs) -> (x, LayerOut stacked over the layers it ran), with `scan_layers`'s
   signature; a pipeline schedule (parallel/pipeline.py) runs one chunk of it per call.
+  `layer_dtype`: mixed precision with the layer stack's parameters in float32; each layer's are
+  cast to this dtype inside the scan, one layer at a time. Their gradients then leave the scan
+  as float32 slices of the stacked gradient, where a stack cast before the scan has its
+  backward write low-precision slices and convert the whole stack after it (a pass over every
+  weight gradient). The values are the same either way.
   `dropout_rng` (training steps, read by `PeftModel`): lora and adalora keep the low-rank path
   apart from the weights, with LoRA dropout when the PEFT config has some; the plain decoder
   ignores it. `router_rng` (training steps): a mixture of experts' router jitter noise."""
@@ -123,6 +128,7 @@ class Context:
   dropout_rng: Any = None
   router_rng: Any = None
   stack: Callable | None = None
+  layer_dtype: Any = None
 
 
 def scan_layers(body, x_btd, layers, inputs: "LayerInputs"):
@@ -141,6 +147,7 @@ class LayerShared(NamedTuple):
   layer_fn: Callable | None  # LayerSource.fn, or None: the layer parameters are the Block's
   local_rope: tuple | None = None  # Gemma 3: (cos, sin) of the sliding-window layers
   positions: tuple | None = None  # ALiBi: (query positions, key positions)
+  layer_dtype: Any = None  # Context.layer_dtype
 
 
 class LayerInputs(NamedTuple):
@@ -173,6 +180,9 @@ def layer_body(shared: LayerShared, x_btd, layer, inputs: LayerInputs):
     params, extras = shared.layer_fn(layer)
     nnx.replace_by_pure_dict(filled, params)
     layer = filled
+  if shared.layer_dtype is not None:  # Context.layer_dtype
+    layer = jax.tree.map(lambda v: v.astype(shared.layer_dtype)
+                         if jnp.issubdtype(v.dtype, jnp.floating) else v, layer)
   block = nnx.merge(shared.graphdef, layer)
   kv = None if inputs.kv is None else (*inputs.kv, shared.start)
   x_btd, kv, aux = block(x_btd, cos, sin, mask, kv, rng=inputs.rng, positions=shared.positions,
@@ -380,7 +390,7 @@ class Decoder(nnx.Module):
       graphdef, layer_state = nnx.split(stack)
       shared = LayerShared(graphdef, layer_state, cos, sin, masks, start,
                            None if source is None else source.fn, local_rope,
-                           alibi_positions)
+                           alibi_positions, None if source is not None else ctx.layer_dtype)
       body = functools.partial(layer_body, shared)
       if self.run.remat != "none" and cache is None:
         body = jax.checkpoint(body, policy=REMAT_POLICIES[self.run.remat], prevent_cse=False)

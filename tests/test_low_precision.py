@@ -8,11 +8,15 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from flax import nnx
 
-from models import layers
+from models import Decoder, ModelConfig, layers
+from models.config import Execution
 from models.decoder import REMAT_POLICIES
+from models.handle import cast_floating, model_handle
 from models.kernels import matmul as matmul_lib
 from models.kernels.matmul import mm, mm_nt, mm_tn
+from trainer.objectives.base import Bound
 
 LOW = [jnp.bfloat16, jnp.float16]
 
@@ -166,3 +170,43 @@ def test_attention_on_bf16_inputs_gives_bf16_equal_to_float32_attention():
   assert got.dtype == jnp.bfloat16
   want = layers.dot_product_attention(*(jnp.asarray(a) for a in (q32, k32, v32)), mask)
   _close_to_rounded(got, np.asarray(want), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("n_experts", [0, 4])
+def test_the_layer_stack_cast_inside_its_scan_equals_a_cast_before_it(n_experts):
+  """`Bound` (trainer/objectives/base.py) keeps a plain model's layer stack in float32 and
+  casts each layer inside the scan (Context.layer_dtype): the loss and the float32 gradients
+  are those of the whole model cast to bfloat16 first, and the scan really takes float32
+  weights, so no pass converts the stacked weight gradients after it."""
+  moe = dict(n_experts=n_experts, experts_per_token=2, expert_d_ff=24) if n_experts else {}
+  cfg = ModelConfig(vocab_size=97, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64,
+                    max_seq_len=16, **moe)
+  run = Execution(remat="dots_no_batch")
+  params = nnx.to_pure_dict(nnx.split(Decoder(cfg, nnx.Rngs(0), run))[1])
+  handle = model_handle(cfg, run=run)
+  tok = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, 97))
+  batch = {"inputs": tok, "positions": np.broadcast_to(np.arange(16), (2, 16)),
+           "segment_ids": np.ones_like(tok)}
+  weights = jax.random.normal(jax.random.PRNGKey(2), (2, 16, 97))
+
+  def ours(p):
+    model, hidden = Bound(handle, p, jnp.bfloat16).forward(batch)
+    return jnp.sum(model.logits(hidden) * weights)
+
+  def cast_first(p):
+    model = handle.bind(cast_floating(p, jnp.bfloat16))
+    hidden, _ = model.forward(batch["inputs"], batch["positions"], batch["segment_ids"])
+    return jnp.sum(model.logits(hidden) * weights)
+
+  (a, ga), (b, gb) = (jax.jit(jax.value_and_grad(f))(params) for f in (ours, cast_first))
+  assert float(a) == float(b)
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), ga, gb)
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(ga))
+
+  def scanned_weight_dtypes(f):
+    """dtypes of the stacked (n_layers, ...) arrays the forward's scans take."""
+    eqns = [e for e in jax.make_jaxpr(f)(params).jaxpr.eqns if e.primitive.name == "scan"]
+    return {v.aval.dtype for e in eqns for v in e.invars
+            if len(v.aval.shape) >= 2 and v.aval.shape[0] == cfg.n_layers}
+  assert scanned_weight_dtypes(ours) == {jnp.dtype(jnp.float32)}
+  assert jnp.dtype(jnp.bfloat16) in scanned_weight_dtypes(cast_first)

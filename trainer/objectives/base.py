@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from models.decoder import Context
 from models.handle import ModelHandle, cast_floating
@@ -20,6 +21,7 @@ from trainer.data import tokenizer as tokenizer_lib
 from trainer.errors import UserError
 
 Batch = dict[str, jax.Array]
+STACKS = ("layers", "dense_layers")  # the decoder's scanned layer parameters (Context.layer_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +43,14 @@ class Bound:
   def forward(self, batch: Batch, shared_prompt: int = 0):
     """(module, final hidden states) of the batch's rows. `shared_prompt`: answers per prompt
     of rows laid out as trainer/data/pairs.py does (2: preference pairs)."""
-    model = self.handle.bind(cast_floating(self.params, self.compute_dtype))
+    params, layer_dtype = self.params, None
+    if self.handle.peft is None and self.handle.quant is None and \
+        jnp.dtype(self.compute_dtype) != jnp.float32:  # the layer stack cast inside its scan
+      layer_dtype = self.compute_dtype
+      params = {k: v if k in STACKS else cast_floating(v, layer_dtype) for k, v in params.items()}
+    else:
+      params = cast_floating(params, self.compute_dtype)
+    model = self.handle.bind(params)
     noise = (self.rng, self.neftune_alpha) if self.neftune_alpha and self.rng is not None else None
     dropout = None
     peft = self.handle.peft
@@ -51,7 +60,7 @@ class Bound:
     hidden, aux = model.forward(batch["inputs"], batch["positions"], batch["segment_ids"],
                                 Context(embed_noise=noise, shared_prompt=shared_prompt,
                                         dropout_rng=dropout, router_rng=router,
-                                        stack=self.stack))
+                                        stack=self.stack, layer_dtype=layer_dtype))
     if self.aux is not None:
       self.aux.append(aux)
     return model, hidden
