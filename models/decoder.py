@@ -111,10 +111,11 @@ class Context:
   LayerInputs) -> (x, LayerOut stacked over the layers it ran), with `scan_layers`'s
   signature; a pipeline schedule (parallel/pipeline.py) runs one chunk of it per call.
   `layer_dtype`: mixed precision with the layer stack's parameters in float32; each layer's are
-  cast to this dtype inside the scan, one layer at a time. Their gradients then leave the scan
-  as float32 slices of the stacked gradient, where a stack cast before the scan has its
-  backward write low-precision slices and convert the whole stack after it (a pass over every
-  weight gradient). The values are the same either way.
+  cast to this dtype inside the scan, one layer at a time, so no low-precision copy of the whole
+  stack exists (2 bytes per layer parameter less temporary memory) and the weight gradients
+  leave the scan as float32 slices, with no conversion pass over the stacked gradient after it.
+  The values are the same either way; on CPU the time was no different
+  (benchmarks/layer_cast.py).
   `dropout_rng` (training steps, read by `PeftModel`): lora and adalora keep the low-rank path
   apart from the weights, with LoRA dropout when the PEFT config has some; the plain decoder
   ignores it. `router_rng` (training steps): a mixture of experts' router jitter noise."""

@@ -13,8 +13,8 @@ Each rollout (grpo.py's prompt stream, sampler and row layout; `rl.group_size` c
 prompt, 1 is plain PPO) is then scored in one jitted pass: the reference's log-probs of the
 sampled tokens, the critic's values before each token and the reward model's score of each
 completion (at its last token, as it was trained). A reward model's scores have no scale of their
-own (the Bradley-Terry loss fixes only their differences, and two trainings of one model differ
-by a factor of 2), so with `rl.normalize_reward` they are standardised by the mean and standard
+own (the Bradley-Terry loss fixes only their differences; two reward models trained alike on
+two hosts spread their scores a factor of 2 apart), so with `rl.normalize_reward` they are standardised by the mean and standard
 deviation of the first rollout's scores (the starting policy's replies, as Ziegler et al. 2019
 normalise theirs), fixed for the run and carried in the state's copy of each rollout: the KL
 coefficient and the value clip then mean the same for any reward model. A critic that starts
