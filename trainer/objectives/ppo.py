@@ -12,14 +12,14 @@ Without one the score is `rl.reward` (a Python function: trainer/objectives/grpo
 Each rollout (grpo.py's prompt stream, sampler and row layout; `rl.group_size` completions per
 prompt, 1 is plain PPO) is then scored in one jitted pass: the reference's log-probs of the
 sampled tokens, the critic's values before each token and the reward model's score of each
-completion (at its last token, as it was trained). A reward model's scores have no scale of their
-own (the Bradley-Terry loss fixes only their differences; two reward models trained alike on
-two hosts spread their scores a factor of 2 apart), so with `rl.normalize_reward` they are standardised by the mean and standard
-deviation of the first rollout's scores (the starting policy's replies, as Ziegler et al. 2019
-normalise theirs), fixed for the run and carried in the state's copy of each rollout: the KL
-coefficient and the value clip then mean the same for any reward model. A critic that starts
-from the reward model reads its values through the same map, so that they start in the rewards'
-units. Per-token rewards are -kl_coef x (log-prob -
+completion (at its last token, as it was trained). A reward model's scores have no scale of
+their own (the Bradley-Terry loss fixes only their differences; two reward models trained alike
+on two hosts spread their scores a factor of 2 apart), so with `rl.normalize_reward` they are
+standardised by the mean and standard deviation of the first rollout's scores (the starting
+policy's replies, as Ziegler et al. 2019 normalise theirs), fixed for the run and carried in the
+state's copy of each rollout: the KL coefficient and the value clip then mean the same for any
+reward model. A critic that starts from the reward model reads its values through the same
+map, so that they start in the rewards' units. Per-token rewards are -kl_coef x (log-prob -
 reference log-prob) with the score added at the last token; GAE (`rl.gamma`, `rl.lam`) gives
 advantages (whitened over the rollout) and returns. The KL coefficient is fixed, or adaptive
 (`rl.kl_target`, Ziegler et al.): each rollout moves it by the previous rollout's KL, which the
@@ -46,6 +46,11 @@ from trainer.objectives.lm import LM
 from trainer.rl import losses
 
 CRITIC_INIT = ("reward", "policy")  # rl.critic: where the critic's weights start
+
+
+def standardised(x, norm):
+  """x in units of a reward model's first-rollout statistics `norm` = (mean, std)."""
+  return (x - norm[0]) / norm[1]
 
 
 @dataclasses.dataclass
@@ -112,6 +117,11 @@ class PPO(GRPO):
     return out
 
   @property
+  def normalizes(self) -> bool:
+    """Whether a reward model's scores are standardised (`rl.normalize_reward`)."""
+    return bool(self.reward_model) and self.normalize_reward
+
+  @property
   def needs_reference(self) -> bool:
     return bool(self.kl.coef or self.kl.target)
 
@@ -170,14 +180,15 @@ class PPO(GRPO):
     raw = scores
     if scores is None:
       scores = checked.copy()
-    elif self.normalize_reward:  # by the first rollout's statistics (module docstring)
+    elif self.normalizes:  # by the first rollout's statistics (module docstring)
       if previous is None:
         norm = np.array([scores.mean(), max(scores.std(), 1e-6)], np.float32)
       else:
         norm = np.asarray(previous["score_norm"][0], np.float32)
-      scores = (scores - norm[0]) / norm[1]
+      host["score_norm"] = np.tile(norm, (rows, 1))
+      scores = standardised(scores, norm)
       if self.critic == "reward":
-        values = (values - norm[0]) / norm[1]
+        values = standardised(values, norm)
     scores = scores - self.length_penalty * lengths / L
     scores = scores - self.missing_stop_penalty * ~stopped  # a reply cut off at the limit
     mask = host["gather_mask"].reshape(rows * c, L)
@@ -193,8 +204,6 @@ class PPO(GRPO):
                 old_values=shaped(np.asarray(values) * mask),
                 kl_coef=np.full((rows, 1), coef, np.float32),
                 kl=np.full((rows, 1), kl.sum(1).mean(), np.float32))
-    if self.reward_model and self.normalize_reward:
-      host["score_norm"] = np.tile(norm, (rows, 1))
     metrics = {"reward": float(scores.mean()), "accuracy": float(checked.mean()),
                "kl": float(kl.sum(1).mean()), "kl_coef": coef,
                "non_score_reward": float(rewards.sum(1).mean() - scores.mean()),
@@ -210,7 +219,7 @@ class PPO(GRPO):
     out.update(advantages=((rows, c, L), np.float32), returns=((rows, c, L), np.float32),
                old_values=((rows, c, L), np.float32), kl_coef=((rows, 1), np.float32),
                kl=((rows, 1), np.float32))
-    if self.reward_model and self.normalize_reward:
+    if self.normalizes:
       out["score_norm"] = ((rows, 2), np.float32)  # the reward model's score mean and std
     return out
 
@@ -229,9 +238,8 @@ class PPO(GRPO):
                                     self.cliprange)
     critic, hidden = models["critic"].forward(batch, shared_prompt=self.group)
     values = critic.values(hidden)
-    if "score_norm" in batch and self.critic == "reward":  # module docstring
-      norm = batch["score_norm"][0]
-      values = (values - norm[0]) / norm[1]
+    if self.normalizes and self.critic == "reward":  # module docstring
+      values = standardised(values, batch["score_norm"][0])
     vf, vm = losses.ppo_value_loss(take(values), flat("old_values"),
                                    flat("returns"), mask, self.cliprange_value)
     ent = losses.masked_mean(take(losses.entropy(logits)), mask)
