@@ -132,6 +132,13 @@ class Context:
   layer_dtype: Any = None
 
 
+def cast_floating(tree, dtype):
+  """The tree with its floating-point leaves cast to `dtype` (integers, e.g. quantized weights
+  and routing-bias steps, as they are)."""
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                      tree)
+
+
 def scan_layers(body, x_btd, layers, inputs: "LayerInputs"):
   """The layer stack as one scan of `body` over the layers' parameters and inputs."""
   return jax.lax.scan(lambda x, xs: body(x, *xs), x_btd, (layers, inputs))
@@ -182,8 +189,7 @@ def layer_body(shared: LayerShared, x_btd, layer, inputs: LayerInputs):
     nnx.replace_by_pure_dict(filled, params)
     layer = filled
   if shared.layer_dtype is not None:  # Context.layer_dtype
-    layer = jax.tree.map(lambda v: v.astype(shared.layer_dtype)
-                         if jnp.issubdtype(v.dtype, jnp.floating) else v, layer)
+    layer = cast_floating(layer, shared.layer_dtype)
   block = nnx.merge(shared.graphdef, layer)
   kv = None if inputs.kv is None else (*inputs.kv, shared.start)
   x_btd, kv, aux = block(x_btd, cos, sin, mask, kv, rng=inputs.rng, positions=shared.positions,

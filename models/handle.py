@@ -17,7 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from models.config import Execution, ModelConfig
-from models.decoder import Decoder
+from models.decoder import Decoder, cast_floating  # noqa: F401 (re-exported)
 from models.peft import Peft
 from models.peft.model import PeftModel
 from models.quant.model import QuantModel, Quantized, integers
@@ -118,11 +118,6 @@ def param_shardings(handle: ModelHandle, mesh: Mesh, rules: rules_lib.Rules) -> 
   """A NamedSharding per parameter (or per same-shaped gradient or optimizer moment)."""
   return jax.tree.map(lambda names, x: rules_lib.sharding(names, mesh, rules, x.shape),
                       handle.axes, handle.abstract_params(), is_leaf=is_axes)
-
-
-def cast_floating(tree, dtype):
-  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                      tree)
 
 
 def init_params(handle: ModelHandle, seed: int, shardings: Params | None = None,
