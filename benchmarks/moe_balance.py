@@ -1,13 +1,15 @@
-"""Does balancing keep a mixture of experts' load even? configs/moe_tiny.py trained three times on
-the default corpus: as configured (the Switch balancing loss and the auxiliary-loss-free routing
-bias, `model.router_bias_update_rate`), with the balancing loss only (`router_bias_update_rate=0`)
-and with neither (`router_aux_loss_weight=0` too), and the experts' load read from
-metrics.jsonl: moe_share_max and moe_share_min, the most and least loaded expert's share of the
-routed (token, expert) pairs times n_experts (1 is uniform; the extremes over the layers, per
-logged step: every step by default, so that step 1, the routing of the freshly initialised
-model, is in the figures). Also runs the
-balanced config twice for a few steps and compares their metrics bit for bit, so that the figures
-are those of a deterministic run (one run per setting is then enough).
+"""Does balancing keep a mixture of experts' load even? configs/moe_tiny.py trained four times on
+the default corpus: as configured (batch-balanced training routing, `router_batch_balance`,
+with the Switch balancing loss and the auxiliary-loss-free routing bias,
+`router_bias_update_rate`), without the batch balancing (loss and bias), with the balancing
+loss only, and with no balancing at all; the experts' load read from metrics.jsonl:
+moe_share_max and moe_share_min, the most and least loaded expert's share of the routed (token,
+expert) pairs times n_experts (1 is uniform; the extremes over the layers, per logged step:
+every step by default, so that step 1, the routing of the freshly initialised model, is in the
+figures), and at each evaluation the same shares of the evaluation routing (no batch
+balancing there) with the eval loss. Also runs the configured recipe twice for a few steps and
+compares their metrics bit for bit, so that the figures are those of a deterministic run (one
+run per setting is then enough).
 
 python benchmarks/moe_balance.py [--steps N --log_every 1 --repeat_steps 20
     --out benchmarks/results/moe_balance.json]
@@ -54,6 +56,8 @@ def summary(lines: list[dict]) -> dict:
       "within_band_from_step": later[0] if later else None,
       "share_max_worst_second_half": max(m["moe_share_max"] for m in steps[len(steps) // 2:]),
       "share_min_worst_second_half": min(m["moe_share_min"] for m in steps[len(steps) // 2:]),
+      "evals": [{k: m[k] for k in ("step", "eval_loss", "eval_moe_share_max",
+                                   "eval_moe_share_min")} for m in lines if "eval_loss" in m],
       "trace": [{k: m[k] for k in ("step", "loss", "moe_share_max", "moe_share_min")}
                 for m in steps]}
 
@@ -83,15 +87,20 @@ def main():
       results["repeat_steps"] = args.repeat_steps
       print(f"two {args.repeat_steps}-step runs alike bit for bit: "
             f"{results['bitwise_repeatable']}", flush=True)
+    no_batch = "--config.model.router_batch_balance=0"
     no_bias = "--config.model.router_bias_update_rate=0"
-    for name, extra in (("balanced", []), ("balance_loss_only", [no_bias]),
-                        ("no_balancing", [no_bias, "--config.model.router_aux_loss_weight=0"])):
+    for name, extra in (("balanced", []), ("loss_and_bias", [no_batch]),
+                        ("balance_loss_only", [no_batch, no_bias]),
+                        ("no_balancing", [no_batch, no_bias,
+                                          "--config.model.router_aux_loss_weight=0"])):
       s = summary(train(os.path.join(tmp, name), *steps, *extra))
       results[name] = {"overrides": steps + extra} | s
       print(f"{name}: loss {s['loss_first']:.3f} -> {s['loss_final']:.3f}; share max final "
             f"{s['share_max_final']:.2f}, worst {s['share_max_worst']:.2f}; share min final "
             f"{s['share_min_final']:.2f}, worst {s['share_min_worst']:.2f}; within "
-            f"[{BAND[0]}, {BAND[1]}] from step {s['within_band_from_step']}", flush=True)
+            f"[{BAND[0]}, {BAND[1]}] from step {s['within_band_from_step']}; eval "
+            + ", ".join(f"{e['step']}: {e['eval_loss']:.3f} ({e['eval_moe_share_max']:.2f} / "
+                        f"{e['eval_moe_share_min']:.2f})" for e in s["evals"]), flush=True)
   with open(args.out, "w") as f:
     json.dump(results, f, indent=2)
   print(f"wrote {args.out}")

@@ -74,6 +74,7 @@ def get_config(arg=None):
       router_aux_loss_weight=0.0,  # Switch load-balancing loss (1.0 x k when balanced)
       router_z_loss_weight=0.0,  # router z-loss: mean logsumexp(logits)^2
       router_bias_update_rate=0.0,  # DeepSeek-V3 routing bias: its step per train step; 0: off
+      router_batch_balance=0,  # training: each batch's routing balanced in this many rounds
       moe_impl="dropless",  # dropless (grouped matmuls) | capacity (drops overflow) | dense
       capacity_factor=1.25,  # moe_impl=capacity: slots per expert x tokens * k / n_experts
       grouped_matmul="auto",  # dropless kernel: auto | blocks (CPU) | ragged_dot | tokamax

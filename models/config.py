@@ -87,6 +87,10 @@ class ModelConfig:
   # auxiliary-loss-free balancing (DeepSeek-V3): a per-expert routing bias, used only to pick
   # the top k, moved by this much after each training step towards the less loaded experts
   router_bias_update_rate: float = 0.0  # 0: no routing bias
+  # training: each batch's routing balanced across the experts by per-expert offsets solved on
+  # that batch in this many rounds (models/moe.py `balanced_offsets`; 0: off); evaluation and
+  # generation route by the logits (and the routing bias) alone
+  router_batch_balance: int = 0
 
   def __post_init__(self):
     problems = []
@@ -122,7 +126,7 @@ class ModelConfig:
       problems.append(f"no layer is MoE with moe_every={self.moe_every} and moe_first_dense="
                       f"{self.moe_first_dense} over {self.n_layers} layers")
     for name in ("router_jitter", "router_aux_loss_weight", "router_z_loss_weight",
-                 "router_bias_update_rate"):
+                 "router_bias_update_rate", "router_batch_balance"):
       if not getattr(self, name) >= 0:
         problems.append(f"{name}={getattr(self, name)} must be >= 0")
     problems += self._rope_problems()

@@ -118,7 +118,8 @@ class Context:
   (benchmarks/layer_cast.py).
   `dropout_rng` (training steps, read by `PeftModel`): lora and adalora keep the low-rank path
   apart from the weights, with LoRA dropout when the PEFT config has some; the plain decoder
-  ignores it. `router_rng` (training steps): a mixture of experts' router jitter noise."""
+  ignores it. `router_rng` (training steps): a mixture of experts' router jitter noise; with it
+  (and `router_batch_balance`) the layers also balance each batch's routing."""
   cache: dict | None = None
   start: Any = 0
   embed_noise: tuple | None = None
@@ -372,7 +373,8 @@ class Decoder(nnx.Module):
       x = self.embed_norm(x)
     kv = None if cache is None else (cache["k"], cache["v"])
     router_keys = None
-    if ctx.router_rng is not None and self.cfg.router_jitter and self.cfg.n_experts:
+    training_router = self.cfg.router_jitter or self.cfg.router_batch_balance
+    if ctx.router_rng is not None and training_router and self.cfg.n_experts:
       router_keys = jax.random.split(ctx.router_rng, self.cfg.n_layers)
     runs = layer_runs(self.cfg.layer_kinds())
     sources = (ctx.layers,) if isinstance(ctx.layers, LayerSource) else ctx.layers

@@ -23,6 +23,19 @@ that integer (`router_bias_steps`, int32: exact and kept out of the float casts 
 parameters) and uses b = r * steps. It is saved in checkpoints with the model; Hugging Face
 export leaves it out (no family there has one) and import starts it at zero.
 
+Batch-balanced training routing (`router_batch_balance` n > 0): in training steps each batch's
+(each microbatch's) routing adds per-expert offsets, solved on that batch's logits, that give
+every expert the same number of (token, expert) pairs, as BASE layers (Lewis et al. 2021, arXiv
+2103.16716) balance their training assignment; evaluation and generation route by the logits
+(and the routing bias) alone, as BASE layers route greedily at test time. The offsets only pick
+the k experts, like the routing bias: the weights are those of the logits. `balanced_offsets`
+says how they are solved. Why: in a small model's first ~100 steps (configs/moe_tiny.py) the
+layers' inputs are mostly a part shared by every token, which moves from batch to batch by more
+than the tokens of a batch differ, so no router that sees one token and its stored weights keeps
+every step's load within 2x of uniform; BENCHMARKS.md "Load balancing" has the figures. The
+balancing loss and a routing bias's update then read the loads of the routing without the
+offsets (that of evaluation), so that the router and the bias still learn to balance it.
+
 The routed experts run one of three ways (`Execution.moe_impl`), all the same function when no
 token is dropped:
   dropless: the (token, expert) pairs sorted by expert, each expert's rows through its weights
@@ -107,6 +120,60 @@ def route(cfg: ModelConfig, logits_te, bias_e=None):
   if cfg.router_norm_topk:
     weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
   return weights, ids, probs
+
+
+BALANCE_KEEP = 0.2  # a balancing round keeps this much of the offsets before it (steadies them)
+QUANTILE_HALVINGS = 24  # bisection steps of `_column_quantile`: its error is 2^-24 of a range
+
+
+def balanced_offsets(logits_te, k: int, rounds: int):
+  """Per-expert offsets (E,) that, added to `logits_te` (T, E) to choose each token's k experts,
+  give each expert about C = T k / E of the T k pairs. They start as minus each expert's mean
+  logit over the batch; a round then moves every expert's offset at once, given the others':
+  a token picks expert e when its logit for e plus the offset beats the k-th largest of its
+  other experts' offset logits (the bar), so the offset that lets C tokens through is minus the
+  midpoint of the C-th and (C+1)-th largest of (logit - bar) over the tokens; the new offsets
+  are 0.8 of that and 0.2 of the old (BALANCE_KEEP). On the moe_tiny batches 3 rounds balance
+  every expert to within 1.06x of uniform (tests/test_moe.py checks the loads). No gradient
+  flows through them."""
+  t, n_exp = logits_te.shape
+  c = t * k // n_exp
+  if c < 1 or k >= n_exp:  # nothing to balance: too few pairs, or every expert picked
+    return jnp.zeros((n_exp,), jnp.float32)
+  logits = jax.lax.stop_gradient(logits_te.astype(jnp.float32))
+  offsets = -jnp.mean(logits, axis=0)
+  for _ in range(rounds):
+    z = logits + offsets
+    top = _largest(z, k + 1)
+    bar = jnp.where(z >= top[:, k - 1:k], top[:, k:], top[:, k - 1:k])
+    offsets = BALANCE_KEEP * offsets - (1 - BALANCE_KEEP) * _column_quantile(logits - bar, c)
+  return offsets
+
+
+def _largest(z_te, n: int):
+  """The n largest entries of each row of z (T, n), largest first (n argmax passes: cheaper on
+  CPU than lax.top_k over a few experts)."""
+  values = []
+  for _ in range(n):
+    i = jnp.argmax(z_te, axis=-1)
+    values.append(jnp.take_along_axis(z_te, i[:, None], axis=-1))
+    z_te = jnp.where(jax.nn.one_hot(i, z_te.shape[-1], dtype=bool), -jnp.inf, z_te)
+  return jnp.concatenate(values, axis=-1)
+
+
+def _column_quantile(m_te, c: int):
+  """Per column (E,), the midpoint between its c-th and (c+1)-th largest entries: c entries
+  above it, the rest below, none within rounding of it. Bisection on the count brackets the
+  (c+1)-th largest (to 2^-QUANTILE_HALVINGS of the column's range), then the nearest entries
+  either side of the bracket give the midpoint."""
+  lo, hi = jnp.min(m_te, axis=0), jnp.max(m_te, axis=0)
+  for _ in range(QUANTILE_HALVINGS):
+    mid = (lo + hi) / 2
+    above = jnp.sum(m_te > mid, axis=0) > c
+    lo, hi = jnp.where(above, mid, lo), jnp.where(above, hi, mid)
+  upper = jnp.min(jnp.where(m_te > hi, m_te, jnp.inf), axis=0)  # the c-th largest
+  lower = jnp.max(jnp.where(m_te > hi, -jnp.inf, m_te), axis=0)  # the (c+1)-th
+  return jnp.where(jnp.isfinite(upper), (upper + lower) / 2, hi)
 
 
 def expert_ffn(x_md, group_sizes, w: Experts, act, kernel: str = "auto"):
@@ -202,20 +269,27 @@ def bias_update(steps_le, load_le):
   return steps_le + jnp.sign(mean - load_le).astype(steps_le.dtype)
 
 
+def _counts(ids_tk, n_exp: int):
+  return jnp.bincount(ids_tk.reshape(-1), length=n_exp).astype(jnp.float32)
+
+
 def load_stats(cfg: ModelConfig, logits_te, probs_te, ids_tk, dropped, n_moe_layers: int,
-               bias_e=None):
-  """This layer's aux dict (module docstring)."""
+               bias_e=None, plain_ids_tk=None):
+  """This layer's aux dict (module docstring); `plain_ids_tk`: when the batch was balanced, the
+  experts that the logits (and the routing bias) alone pick, whose loads the balancing loss and
+  the routing bias's update read."""
   t, k = ids_tk.shape
   n_exp = cfg.n_experts
-  counts = jnp.bincount(ids_tk.reshape(-1), length=n_exp).astype(jnp.float32)
+  counts = _counts(ids_tk, n_exp)
   share = counts / (t * k)
+  plain_share = share if plain_ids_tk is None else _counts(plain_ids_tk, n_exp) / (t * k)
   aux = {"moe_share_max": jnp.max(share) * n_exp, "moe_share_min": jnp.min(share) * n_exp,
          "moe_dropped": dropped.astype(jnp.float32) / (t * k) / n_moe_layers}
   if cfg.router_bias_update_rate:  # what the step moves the routing bias by (trainer/step.py)
-    aux[LOAD_KEY] = counts
+    aux[LOAD_KEY] = plain_share * (t * k)
     aux["moe_bias_max"], aux["moe_bias_min"] = jnp.max(bias_e), jnp.min(bias_e)
   if cfg.router_aux_loss_weight:
-    balance = n_exp * jnp.sum(share * k * jnp.mean(probs_te, axis=0))
+    balance = n_exp * jnp.sum(plain_share * k * jnp.mean(probs_te, axis=0))
     aux["moe_balance_loss"] = cfg.router_aux_loss_weight * balance / n_moe_layers
   if cfg.router_z_loss_weight:
     z = jnp.mean(jnp.square(jax.nn.logsumexp(logits_te, axis=-1)))
@@ -246,7 +320,7 @@ class MoE(nnx.Module):
   def __call__(self, x_btd, deltas=None, rng=None):
     """(output (batch, length, embed), aux). `deltas` (PEFT): {"gate" | "up" | "down":
     LowRank with a leading expert axis on a and b, "shared": the shared MLP's deltas}; `rng`:
-    training (router jitter)."""
+    training (router jitter, batch-balanced routing)."""
     cfg = self.cfg
     deltas = deltas or {}
     b, t, d = x_btd.shape
@@ -259,7 +333,13 @@ class MoE(nnx.Module):
     bias = None
     if cfg.router_bias_update_rate:
       bias = cfg.router_bias_update_rate * getattr(self, BIAS_STEPS)[...].astype(jnp.float32)
-    weights, ids, probs = route(cfg, logits, bias)
+    choose, plain_ids = bias, None  # what picks the k experts; those picked without offsets
+    if rng is not None and cfg.router_batch_balance:
+      biased = logits if bias is None else logits + bias
+      plain_ids = jax.lax.top_k(biased, cfg.experts_per_token)[1]
+      offsets = balanced_offsets(biased, cfg.experts_per_token, cfg.router_batch_balance)
+      choose = offsets if bias is None else bias + offsets
+    weights, ids, probs = route(cfg, logits, choose)
     w = Experts(*(_with_delta(getattr(self, n)[...], deltas.get(n), x_td.dtype)
                   for n in ("gate", "up", "down")))
     y, dropped = routed(cfg, self.run, x_td, ids, weights, w)
@@ -271,7 +351,7 @@ class MoE(nnx.Module):
         shared = shared * scale
       y = y + shared
     n_moe = cfg.layer_kinds().count("moe")
-    return y, load_stats(cfg, logits, probs, ids, dropped, n_moe, bias)
+    return y, load_stats(cfg, logits, probs, ids, dropped, n_moe, bias, plain_ids)
 
 
 def _with_delta(w, delta, dtype):

@@ -4,6 +4,7 @@ Loops over layers, repeats K/V heads explicitly, builds the mask densely and app
 the textbook formula with rotate-half. Reads the same parameter dict layout as the model.
 """
 
+import functools
 import math
 
 import jax
@@ -51,6 +52,7 @@ def forward(params, cfg, tokens, positions=None, segment_ids=None, inv_freq=None
         rotated, seen by every query); the real positions then count from n;
     prefix_gate(l, h): (batch, length) multiplying each query's prefix keys and values;
     attn_out(l, h), mlp_out(l, h): replace that sublayer's output;
+    moe_bias(l, logits): (E,) added to a MoE layer's router logits to choose its experts;
     mlp_parallel(l, u): added to the MLP's output, u its input."""
   b, t = tokens.shape
   positions = np.broadcast_to(np.arange(t), (b, t)) if positions is None else positions
@@ -115,7 +117,8 @@ def forward(params, cfg, tokens, positions=None, segment_ids=None, inv_freq=None
     if on_mlp_input is not None:
       on_mlp_input(h)
     if kinds[l] == "moe":
-      x = x + moe(h.reshape(b * t, -1), p["mlp"], cfg).reshape(x.shape)
+      bias = None if hook("moe_bias") is None else functools.partial(hook("moe_bias"), l)
+      x = x + moe(h.reshape(b * t, -1), p["mlp"], cfg, bias=bias).reshape(x.shape)
       continue
     g = proj(l, "gate", h, p["mlp"]["gate"])
     out = proj(l, "down", (g * jax.nn.sigmoid(g)) * proj(l, "up", h, p["mlp"]["up"]),
@@ -130,11 +133,13 @@ def forward(params, cfg, tokens, positions=None, segment_ids=None, inv_freq=None
   return x @ head
 
 
-def route(logits, cfg):
-  """(weights (T, k), expert ids (T, k)) by numpy sorting, from float32 router logits."""
+def route(logits, cfg, bias=None):
+  """(weights (T, k), expert ids (T, k)) by numpy sorting, from float32 router logits; `bias`
+  (E,), if given, is added to the logits to choose the experts, not to weight them."""
   logits = np.asarray(logits, np.float64)
   k = cfg.experts_per_token
-  ids = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+  chosen = logits if bias is None else logits + np.asarray(bias, np.float64)
+  ids = np.argsort(-chosen, axis=-1, kind="stable")[:, :k]
   probs = np.exp(logits - logits.max(-1, keepdims=True))
   probs /= probs.sum(-1, keepdims=True)
   if cfg.router_order == "topk_softmax":
@@ -147,12 +152,13 @@ def route(logits, cfg):
   return w, ids
 
 
-def moe(h_td, p, cfg, dropped=None):
+def moe(h_td, p, cfg, dropped=None, bias=None):
   """A mixture of experts, token by token: each token's k experts' SwiGLU outputs (their
   weights gathered per pair) summed by the router weights, plus the (gated) shared expert.
-  `dropped` (T, k) bool: pairs that contribute nothing (capacity)."""
+  `dropped` (T, k) bool: pairs that contribute nothing (capacity); `bias(logits)` -> (E,):
+  added to the logits to choose the experts (`route`)."""
   logits = h_td @ p["router"]
-  w, ids = route(logits, cfg)
+  w, ids = route(logits, cfg, None if bias is None else bias(logits))
   if dropped is not None:
     w = np.where(dropped, 0.0, w)
   gate, up, down = p["gate"][ids], p["up"][ids], p["down"][ids]  # (T, k, ...)

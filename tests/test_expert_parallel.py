@@ -213,3 +213,17 @@ def test_expert_axis_accepted_for_an_moe_model():
   c.model.update(n_experts=8)
   c.mesh.update(data=1, fsdp=2, expert=4)
   assert check_mesh(c, 8)["expert"] == 4
+
+
+def test_batch_balanced_routing_trains_alike_on_the_expert_axis():
+  """router_batch_balance solves its offsets over the whole batch, also when the tokens and
+  experts are spread over 8 devices: three steps equal one device's."""
+  balanced = dict(router_batch_balance=3)
+  ref_losses, ref_metrics, ref_state = three_steps(config(dict(data=1), **balanced),
+                                                   jax.devices()[:1])
+  losses, metrics, state = three_steps(config(CASES["expert8"], **balanced), jax.devices())
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  assert metrics["moe_share_max"] == ref_metrics["moe_share_max"] < 1.1
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                                                       atol=1e-6),
+               state["params"], ref_state["params"])

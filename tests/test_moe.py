@@ -231,20 +231,6 @@ def test_a_training_run_logs_the_router_metrics(tmp_path):
 # --- auxiliary-loss-free balancing: the routing bias (router_bias_update_rate) ----------------
 
 
-def numpy_biased_route(logits, bias, cfg):
-  """(weights, ids): the top k of the logits plus `bias`, weights from the unbiased logits."""
-  logits = np.asarray(logits, np.float64)
-  probs = np.exp(logits - logits.max(-1, keepdims=True))
-  probs /= probs.sum(-1, keepdims=True)
-  ids = np.argsort(-(logits + bias), axis=-1, kind="stable")[:, :cfg.experts_per_token]
-  if cfg.router_order == "topk_softmax":
-    top = np.take_along_axis(logits, ids, -1)
-    w = np.exp(top - top.max(-1, keepdims=True))
-    return w / w.sum(-1, keepdims=True), ids
-  w = np.take_along_axis(probs, ids, -1)
-  return (w / w.sum(-1, keepdims=True) if cfg.router_norm_topk else w), ids
-
-
 @pytest.mark.parametrize("order,norm", [("softmax_topk", True), ("softmax_topk", False),
                                         ("topk_softmax", True)])
 def test_routing_bias_picks_the_experts_but_not_their_weights(order, norm):
@@ -253,7 +239,7 @@ def test_routing_bias_picks_the_experts_but_not_their_weights(order, norm):
   logits = jax.random.normal(jax.random.PRNGKey(1), (200, cfg.n_experts)) * 0.5
   bias = np.asarray([0.0, 3.0, -2.0, 1.0, 0.5], np.float32) * 0.5
   weights, ids, _ = moe.route(cfg, logits, jnp.asarray(bias))
-  want_w, want_ids = numpy_biased_route(logits, bias, cfg)
+  want_w, want_ids = reference.route(logits, cfg, bias)
   np.testing.assert_array_equal(ids, want_ids)
   np.testing.assert_allclose(weights, want_w, rtol=1e-6, atol=1e-7)
   plain_w, plain_ids, _ = moe.route(cfg, logits)
@@ -294,14 +280,17 @@ def test_bias_update_moves_each_layer_towards_its_mean_load():
   np.testing.assert_array_equal(got - steps, [[-1, 1, 0, 0, 0], [1, 1, 1, 1, -1]])
 
 
-def test_a_train_step_moves_the_bias_by_that_steps_loads():
+@pytest.mark.parametrize("balance", [0, 3])
+def test_a_train_step_moves_the_bias_by_that_steps_loads(balance):
   """One train step of a 2-layer MoE with the routing bias: each layer's bias steps become
   sign(mean - load) of the loads of tests/reference.py's routing of the step's batch (the bias
-  starts at zero); the optimizer keeps no state for it."""
+  starts at zero); the optimizer keeps no state for it. With batch-balanced routing the step
+  routes evenly, and the bias still reads the loads of the routing without the offsets."""
   import parallel  # noqa: PLC0415
   import small_run  # noqa: PLC0415
   from trainer import step as step_lib, train as train_lib  # noqa: PLC0415
-  cfg = ModelConfig(**{**SMALL, "router_bias_update_rate": 0.01})
+  cfg = ModelConfig(**{**SMALL, "router_bias_update_rate": 0.01,
+                       "router_batch_balance": balance})
   mesh = parallel.make_mesh(dict(data=1, fsdp=1, expert=1, sequence=1, tensor=1),
                             jax.devices()[:1])
   pl = train_lib.plan(small_run.config(), cfg, mesh)
@@ -321,9 +310,15 @@ def test_a_train_step_moves_the_bias_by_that_steps_loads():
     loads.append(np.bincount(ids.ravel(), minlength=cfg.n_experts))
 
   reference.forward(params, cfg, tokens[:, :-1], on_mlp_input=count)
-  new, _ = jax.jit(fn)(state, {k: jnp.asarray(v) for k, v in batch.items()})
+  new, metrics = jax.jit(fn)(state, {k: jnp.asarray(v) for k, v in batch.items()})
   loads = np.asarray(loads, np.float64)
   want = np.sign(loads.mean(-1, keepdims=True) - loads)
+  plain = loads / loads.sum(-1, keepdims=True) * cfg.n_experts
+  assert plain.max() > 1.2  # the plain routing is uneven here ...
+  if balance:  # ... and the balanced one even: 128 pairs over 5 experts, 25 or 26 each
+    assert 25 / 128 * 5 <= metrics["moe_share_min"] <= metrics["moe_share_max"] <= 26 / 128 * 5
+  else:
+    np.testing.assert_allclose(metrics["moe_share_max"], plain.max(), rtol=1e-6)
   got = np.asarray(new["params"]["layers"]["mlp"][moe.BIAS_STEPS])
   assert got.dtype == np.int32
   np.testing.assert_array_equal(got, want)
@@ -331,6 +326,83 @@ def test_a_train_step_moves_the_bias_by_that_steps_loads():
   # no optimizer moments for it: every moment leaf has a parameter's float shape
   assert not any(x.dtype == jnp.int32 and x.shape == got.shape
                  for x in jax.tree.leaves(new["opt_state"]))
+
+
+# --- batch-balanced training routing (router_batch_balance) -----------------------------------
+
+
+def numpy_loads(logits, bias, k):
+  """Pairs per expert when each row takes the k largest of logits + bias (numpy sorting)."""
+  ids = np.argsort(-(np.asarray(logits, np.float64) + bias), axis=-1, kind="stable")[:, :k]
+  return np.bincount(ids.ravel(), minlength=np.shape(logits)[-1])
+
+
+@pytest.mark.parametrize("n_exp,k", [(8, 2), (5, 2), (8, 1), (6, 3)])
+def test_balanced_offsets_even_out_a_skewed_batch(n_exp, k):
+  """Logits shaped like a small model's early MoE inputs (moe_tiny.py): a per-expert offset
+  shared by every token, a shared part that varies little, a small token-specific part. The
+  plain top k piles most pairs on a few experts; with 3 rounds of offsets every expert gets
+  within 3% of T k / E (counted by numpy), 8 rounds closer still; no gradient flows."""
+  t = 1000
+  keys = jax.random.split(jax.random.PRNGKey(n_exp * 10 + k), 3)
+  logits = (jax.random.normal(keys[0], (n_exp,)) * 0.4
+            + jax.random.normal(keys[1], (t, 1)) * jnp.linspace(-0.3, 0.3, n_exp)
+            + jax.random.normal(keys[2], (t, n_exp)) * 0.1)
+  plain = numpy_loads(logits, 0.0, k)
+  even = t * k / n_exp
+  assert plain.max() > 1.5 * even and plain.min() < 0.5 * even
+  for rounds, tol in [(3, 0.03), (8, 0.01)]:
+    offsets = np.asarray(moe.balanced_offsets(logits, k, rounds), np.float64)
+    loads = numpy_loads(logits, offsets, k)
+    assert loads.sum() == t * k
+    np.testing.assert_allclose(loads, even, rtol=tol, atol=1, err_msg=f"{rounds} rounds")
+  grad = jax.grad(lambda lg: jnp.sum(moe.balanced_offsets(lg, k, 3) * jnp.arange(n_exp)))(logits)
+  np.testing.assert_array_equal(grad, 0.0)
+  # nothing to balance: every expert picked, or fewer pairs than experts
+  np.testing.assert_array_equal(moe.balanced_offsets(logits, n_exp, 3), 0.0)
+  np.testing.assert_array_equal(moe.balanced_offsets(logits[:1], 1, 3), 0.0)
+
+
+def test_batch_balanced_routing_only_in_training():
+  """Training (a router key in the Context): each MoE layer picks its experts by the logits
+  plus `balanced_offsets` of its batch, weighted by the plain logits: the logits equal
+  tests/reference.py's with that routing; the balancing loss and the loads that move the routing
+  bias (zero here) read the routing without the offsets. Without the key (evaluation,
+  generation) the model is the plain one."""
+  cfg, model, params = build(router_batch_balance=3, router_aux_loss_weight=0.02,
+                             router_bias_update_rate=0.01)
+  tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(7), (4, 32), 0, 101))
+  ctx = Context(router_rng=jax.random.PRNGKey(4))
+  got, aux = jax.jit(lambda p: bind(cfg, p, Execution()).forward(tokens, ctx=ctx))(params)
+  k, e = cfg.experts_per_token, cfg.n_experts
+
+  class Balanced:
+    @staticmethod
+    def moe_bias(l, logits):
+      return np.asarray(moe.balanced_offsets(jnp.asarray(logits, jnp.float32), k, 3))
+
+  seen = []  # each layer's MoE input in the balanced forward
+  want = reference.forward(params, cfg, tokens, hooks=Balanced(), on_mlp_input=seen.append)
+  np.testing.assert_allclose(model.logits(got), want, atol=1e-5, rtol=1e-5)
+  plain_want = reference.forward(params, cfg, tokens)
+  assert not np.allclose(want, plain_want, atol=1e-3)  # the offsets moved some pairs
+  np.testing.assert_allclose(model(tokens), plain_want, atol=1e-5, rtol=1e-5)
+  shares, balance, plain = [], [], []
+  for layer, h in enumerate(seen):
+    p = jax.tree.map(lambda a: a[layer], params["layers"])["mlp"]
+    logits = np.asarray(h.reshape(-1, cfg.d_model) @ p["router"], np.float64)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    offsets = Balanced.moe_bias(layer, logits)
+    shares.append(numpy_loads(logits, offsets, k) / (len(logits) * k) * e)
+    plain.extend(numpy_loads(logits, 0.0, k))
+    balance.append(e * np.sum(numpy_loads(logits, 0.0, k) / len(logits) * probs.mean(0)))
+  np.testing.assert_allclose(aux["moe_share_max"], max(s.max() for s in shares), rtol=1e-6)
+  np.testing.assert_allclose(aux["moe_share_min"], min(s.min() for s in shares), rtol=1e-6)
+  assert aux["moe_share_max"] <= 54 / 256 * 5  # 256 pairs over 5 experts: 51.2 each
+  assert max(plain) > 60  # where the plain routing gives some expert far more
+  np.testing.assert_array_equal(aux[moe.LOAD_KEY], np.reshape(plain, (-1, e)))
+  np.testing.assert_allclose(aux["moe_balance_loss"], 0.02 * np.mean(balance), rtol=1e-5)
 
 
 @pytest.mark.slow  # end-to-end: .ci/run runs the slow cases after the default suite

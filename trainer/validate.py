@@ -227,7 +227,7 @@ def init_folder(cfg) -> str | None:
 # ModelConfig fields that shape no weight and only act in training: a run starting from a
 # Hugging Face folder takes them from its own config.
 TRAINING_ONLY = ("router_jitter", "router_aux_loss_weight", "router_z_loss_weight",
-                 "router_bias_update_rate")
+                 "router_bias_update_rate", "router_batch_balance")
 
 
 # ModelConfig fields of the rope's scaling: set in a run starting from a Hugging Face folder
