@@ -31,8 +31,8 @@ every expert the same number of (token, expert) pairs, as BASE layers (Lewis et 
 the k experts, like the routing bias: the weights are those of the logits. `balanced_offsets`
 says how they are solved. Why: in a small model's first ~100 steps (configs/moe_tiny.py) the
 layers' inputs are mostly a part shared by every token, which moves from batch to batch by more
-than the tokens of a batch differ, so no router that sees one token and its stored weights keeps
-every step's load within 2x of uniform; BENCHMARKS.md "Load balancing" has the figures. The
+than the tokens of a batch differ, and the balancing loss and the routing bias alone leave the
+load beyond 2x of uniform for most of them; BENCHMARKS.md "Load balancing" has the figures. The
 balancing loss and a routing bias's update then read the loads of the routing without the
 offsets (that of evaluation), so that the router and the bias still learn to balance it.
 
@@ -52,14 +52,15 @@ A shared expert (`shared_expert_d_ff`) runs on every token beside the routed one
 sigmoid(x @ shared_gate) when `shared_expert_gate` (Qwen2-MoE).
 
 aux (models/ffn.py): `moe_balance_loss` = weight * E * sum_e f_e P_e (Switch Transformer; f_e
-the share of the token-expert pairs that went to expert e, P_e its mean router probability: k
-when balanced), `moe_z_loss` = weight * mean(logsumexp(logits)^2) (ST-MoE), each only when its
-weight is set and divided by the number of MoE layers (the decoder sums over layers: their
-mean); `moe_dropped` the fraction of pairs dropped (mean over layers); `moe_share_max` and
-`moe_share_min`, the most and least loaded expert's share of the pairs times E (1 is uniform),
-the extremes over the layers (the decoder takes max and min of these keys); with a routing
-bias, `moe_load_by_layer`, the layer's pairs per expert (E,), which the decoder keeps per layer,
-and `moe_bias_max` / `moe_bias_min`, the largest and smallest b_e (over the layers too).
+the share of the token-expert pairs that went to expert e in the routing without batch-balance
+offsets, P_e its mean router probability: k when balanced), `moe_z_loss` = weight *
+mean(logsumexp(logits)^2) (ST-MoE), each only when its weight is set and divided by the number
+of MoE layers (the decoder sums over layers: their mean); `moe_dropped` the fraction of pairs
+dropped (mean over layers); `moe_share_max` and `moe_share_min`, the most and least loaded
+expert's share of the pairs as routed times E (1 is uniform), the extremes over the layers (the
+decoder takes max and min of these keys); with a routing bias, `moe_load_by_layer`, the layer's
+pairs per expert (E,) without batch-balance offsets, which the decoder keeps per layer, and
+`moe_bias_max` / `moe_bias_min`, the largest and smallest b_e (over the layers too).
 """
 
 from __future__ import annotations
