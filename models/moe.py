@@ -282,12 +282,12 @@ def load_stats(cfg: ModelConfig, logits_te, probs_te, ids_tk, dropped, n_moe_lay
   t, k = ids_tk.shape
   n_exp = cfg.n_experts
   counts = _counts(ids_tk, n_exp)
-  share = counts / (t * k)
-  plain_share = share if plain_ids_tk is None else _counts(plain_ids_tk, n_exp) / (t * k)
+  plain_counts = counts if plain_ids_tk is None else _counts(plain_ids_tk, n_exp)
+  share, plain_share = counts / (t * k), plain_counts / (t * k)
   aux = {"moe_share_max": jnp.max(share) * n_exp, "moe_share_min": jnp.min(share) * n_exp,
          "moe_dropped": dropped.astype(jnp.float32) / (t * k) / n_moe_layers}
   if cfg.router_bias_update_rate:  # what the step moves the routing bias by (trainer/step.py)
-    aux[LOAD_KEY] = plain_share * (t * k)
+    aux[LOAD_KEY] = plain_counts
     aux["moe_bias_max"], aux["moe_bias_min"] = jnp.max(bias_e), jnp.min(bias_e)
   if cfg.router_aux_loss_weight:
     balance = n_exp * jnp.sum(plain_share * k * jnp.mean(probs_te, axis=0))

@@ -395,8 +395,9 @@ def test_batch_balanced_routing_only_in_training():
     probs /= probs.sum(-1, keepdims=True)
     offsets = Balanced.moe_bias(layer, logits)
     shares.append(numpy_loads(logits, offsets, k) / (len(logits) * k) * e)
-    plain.extend(numpy_loads(logits, 0.0, k))
-    balance.append(e * np.sum(numpy_loads(logits, 0.0, k) / len(logits) * probs.mean(0)))
+    loads = numpy_loads(logits, 0.0, k)
+    plain.extend(loads)
+    balance.append(e * np.sum(loads / len(logits) * probs.mean(0)))
   np.testing.assert_allclose(aux["moe_share_max"], max(s.max() for s in shares), rtol=1e-6)
   np.testing.assert_allclose(aux["moe_share_min"], min(s.min() for s in shares), rtol=1e-6)
   assert aux["moe_share_max"] <= 54 / 256 * 5  # 256 pairs over 5 experts: 51.2 each
