@@ -57,8 +57,9 @@ def reduce_layers(aux_by_layer: dict, axis: int = 0) -> dict:
 
 def join_runs(auxes: list[dict]) -> dict:
   """The aux of runs of consecutive layers (each already `reduce_layers`'d), in layer order:
-  reduced across the runs, the `_by_layer` keys concatenated."""
-  keys = {k for a in auxes for k in a}
+  reduced across the runs, the `_by_layer` keys concatenated. Keys in sorted order: the step
+  adds the "_loss" ones to the loss in this order, which must not follow the string hash seed."""
+  keys = sorted({k for a in auxes for k in a})
   per_layer = {k: jnp.concatenate([a[k] for a in auxes if k in a])
                for k in keys if k.endswith(PER_LAYER)}
   rest = reduce_layers({k: jnp.stack([a[k] for a in auxes if k in a])

@@ -455,3 +455,14 @@ def test_hugging_face_export_leaves_the_bias_out_and_import_starts_it_at_zero(tm
   assert got.dtype == np.int32
   params["layers"]["mlp"].pop(moe.BIAS_STEPS)
   jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(loaded))
+
+
+def test_joined_aux_keys_come_in_sorted_order():
+  """The train step adds the "_loss" aux values to the loss in the order join_runs gives: that
+  order is sorted, never that of a set of strings (which follows the string hash seed and made
+  two runs' logged losses differ in the last bit)."""
+  from models import ffn  # noqa: PLC0415
+  names = ["moe_z_loss", "moe_balance_loss", "moe_share_max", "moe_load_by_layer", "moe_dropped"]
+  runs = [{n: jnp.ones((2, 3)) if n.endswith(ffn.PER_LAYER) else jnp.ones(()) for n in names}]
+  rest = [n for n in sorted(names) if not n.endswith(ffn.PER_LAYER)]
+  assert list(ffn.join_runs(runs)) == rest + ["moe_load_by_layer"]
